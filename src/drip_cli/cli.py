@@ -1,0 +1,267 @@
+"""The ``drip`` command line: parses options, calls the library, prints tables.
+
+Bad input ends with exit status 1 and one line on stderr naming the file and the problem
+(``--debug`` shows the traceback instead); usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from . import __version__
+from .console import console, error_line, fmt, key_value_table, progress_bar
+from .errors import DripError
+
+app = typer.Typer(
+    name="drip",
+    help="Learned regularization of inverse problems (DRIP): simulate measurements, "
+         "reconstruct with a guaranteed data fit, inspect files.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress display (results are still written).")
+DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
+
+
+@contextlib.contextmanager
+def _errors(debug: bool):
+    """Map every failure to one stderr line and exit status 1, unless ``--debug``."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except DripError as exc:
+        if debug:
+            raise
+        error_line(str(exc))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        error_line("interrupted; no output was written")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
+        if debug:
+            raise
+        error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        console.print(f"drip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version_callback,
+                                       is_eager=True, help="Print the version and exit.")) -> None:
+    """drip: Deep Regularizers for Inverse Problems."""
+
+
+class OperatorKind(str, Enum):
+    denoise = "denoise"
+    blur = "blur"
+    inpainting = "inpainting"
+    tomography = "tomography"
+    matrix = "matrix"
+
+
+@app.command()
+def simulate(
+    images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), folder "
+                                 "of PNG/JPEG files, phantom:ellipses, phantom:shepp-logan, or "
+                                 "skimage:NAME[,NAME] / skimage:photos."),
+    out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
+    operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind."),
+    noise_percent: str = typer.Option("2", "--noise-percent",
+                                      help="Noise percent P, or a range A:B drawn per sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed for images, mask and noise (reproducible)."),
+    blur_sigma: float = typer.Option(2.0, "--blur-sigma", help="blur: Gaussian PSF std (pixels)."),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
+                                            "(default 2*ceil(3 sigma)+1)."),
+    psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
+    keep_fraction: float = typer.Option(0.5, "--keep-fraction", help="inpainting: observed share."),
+    angles: int = typer.Option(32, "--angles", help="tomography: number of projection angles."),
+    angle_range: float = typer.Option(180.0, "--angle-range",
+                                      help="tomography: angular range in degrees (<180: limited angle)."),
+    angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
+    matrix: Optional[Path] = typer.Option(None, "--matrix", help="matrix: CSR .npz from "
+                                          "scipy.sparse.save_npz, shape (m, H*W)."),
+    channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3,
+                                           help="1 (grayscale) or 3 (colour); default: 1, or "
+                                           "the HDF5 file's own."),
+    image_size: int = typer.Option(64, "--image-size", min=4, help="phantoms: image side."),
+    num_images: int = typer.Option(64, "--num-images", min=1, help="phantoms: number of images."),
+    crop_size: Optional[int] = typer.Option(None, "--crop-size", min=4,
+                                            help="photographs: take random square crops."),
+    crops_per_image: int = typer.Option(8, "--crops-per-image", min=1,
+                                        help="photographs: crops per picture."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images simulated at a time."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Simulate noisy measurements b = A x + sigma e of ground-truth images."""
+    from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
+                       hdf5_image_dataset, iter_hdf5_images, load_images, parse_noise_percent,
+                       simulate_batch)
+    from .io import MeasurementWriter, atomic_h5, check_writable
+
+    with _errors(debug):
+        if channels == 2:
+            raise DripError("--channels must be 1 or 3")
+        try:
+            low, high = parse_noise_percent(noise_percent)
+        except ValueError as exc:
+            raise DripError(f"--noise-percent: {exc}") from exc
+        check_writable(out)
+        rng = np.random.default_rng(seed)
+        opened = hdf5_image_dataset(images) if Path(images).is_file() else None
+        try:
+            if opened is not None:
+                dset = opened[1]
+                n = dset.shape[0]
+                file_channels = 1 if dset.ndim == 3 else dset.shape[1]
+                channels = channels or file_channels
+                image_shape = (channels, *dset.shape[-2:])
+                batches = iter_hdf5_images(dset, channels, batch_size, images)
+            else:
+                options = SourceOptions(channels=channels or 1, image_size=image_size,
+                                        num_images=num_images, crop_size=crop_size,
+                                        crops_per_image=crops_per_image)
+                everything = load_images(images, options, rng)
+                n, image_shape = len(everything), everything.shape[1:]
+                batches = (everything[i:i + batch_size] for i in range(0, n, batch_size))
+            spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma, blur_size=blur_size,
+                                psf_file=psf, keep_fraction=keep_fraction, angles=angles,
+                                angle_range=angle_range, angle_start=angle_start, matrix_file=matrix)
+            op = build_operator(spec, tuple(image_shape), rng)
+            percent = draw_noise_percent(n, low, high, rng)
+            attrs = {"drip_version": __version__, "source": str(images), "seed": seed,
+                     "noise_percent_range": f"{low:g}:{high:g}"}
+            with atomic_h5(out) as handle, progress_bar("simulate", n, quiet) as update:
+                writer = MeasurementWriter(handle, op, n, with_ground_truth=True, attrs=attrs)
+                start = 0
+                for block in batches:
+                    stop = start + len(block)
+                    b, sigma = simulate_batch(op, block, percent[start:stop], rng)
+                    writer.write(start, measurements=b, noise_std=sigma, ground_truth=block,
+                                 noise_percent=percent[start:stop].astype(np.float32))
+                    start = stop
+                    update(stop)
+        finally:
+            if opened is not None:
+                opened[0].close()
+        console.print(key_value_table(f"wrote {out}", {
+            "samples": n, "image shape": str(tuple(image_shape)), "operator": op.kind,
+            "measurement shape": str(op.measurement_shape),
+            "noise percent": f"{low:g}" if low == high else f"{low:g}:{high:g}"}))
+
+
+class Method(str, Enum):
+    cgls = "cgls"
+    tv = "tv"
+
+
+@app.command()
+def reconstruct(
+    measurements: Path = typer.Argument(..., help="Measurement file (HDF5)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Reconstruction file to write (HDF5)."),
+    method: Optional[Method] = typer.Option(None, "--method",
+                                            help="cgls (discrepancy-stopped CGLS) or tv "
+                                            "(constrained total variation). Default: tv."),
+    noise_std: Optional[float] = typer.Option(None, "--noise-std",
+                                              help="Noise std for every sample (overrides the file)."),
+    tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant: fit means "
+                              "||A u - b|| <= tau sigma sqrt(M)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples solved together."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Reconstruct images from measurements; every sample must fit the data."""
+    from .io import check_writable, write_text
+    from .methods import CLASSICAL_METHODS
+    from .reconstruct import reconstruct_file, resolve_device
+
+    with _errors(debug):
+        if not np.isfinite(tau) or tau <= 0:
+            raise DripError(f"--tau must be positive, got {tau}")
+        if report is not None:
+            check_writable(report)
+        chosen = CLASSICAL_METHODS[(method or Method.tv).value]()
+        start = time.perf_counter()
+        with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
+            summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
+                                       batch_size=batch_size, device=resolve_device(device),
+                                       progress=update)
+        summary["seconds_total"] = time.perf_counter() - start
+        if report is not None:
+            write_text(report, json.dumps(summary, indent=2) + "\n")
+        console.print(summary_table(f"{summary['method']} on {measurements.name}", [summary]))
+        unfit = round((1 - summary["fit_fraction"]) * summary["n_samples"])
+        if unfit:
+            console.print(f"[yellow]{unfit} sample(s) do not fit the data "
+                          f"(converged = false in {out}).[/yellow]")
+
+
+def summary_table(title: str, summaries: list[dict]) -> Table:
+    """One row per summary: quality, data fit, iterations and time."""
+    table = Table(title=title, title_justify="left")
+    columns = [("method", "method"), ("samples", "n_samples"), ("PSNR", "psnr_mean"),
+               ("SSIM", "ssim_mean"), ("fit", "fit_fraction"),
+               ("max ratio", "discrepancy_ratio_max"), ("mean ratio", "discrepancy_ratio_mean"),
+               ("R mean", "regularizer_value_mean"), ("iters", "iterations_mean"),
+               ("s/image", "seconds_per_image")]
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for s in summaries:
+        table.add_row(*(fmt(s.get(key)) for _, key in columns))
+    return table
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A measurement or reconstruction file."),
+    samples: int = typer.Option(10, "--samples", min=0,
+                                help="Reconstruction files: rows of the per-sample table."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Summarize a drip file: datasets, operator (with ||A|| and adjointness), data fit, PSNR."""
+    from .info import file_kind, measurement_info, reconstruction_info
+
+    with _errors(debug):
+        kind = file_kind(file)
+        if kind == "measurements":
+            for title, rows in measurement_info(file):
+                console.print(key_value_table(title, rows))
+            return
+        sections, columns = reconstruction_info(file)
+        for title, rows in sections:
+            console.print(key_value_table(title, rows))
+        shown = [c for c in ("discrepancy_ratio", "relative_residual", "psnr", "ssim",
+                             "regularizer_value", "iterations", "converged") if c in columns]
+        n = len(next(iter(columns.values()))) if columns else 0
+        if samples and n:
+            table = Table(title=f"first {min(samples, n)} of {n} samples", title_justify="left")
+            table.add_column("sample", justify="right")
+            for name in shown:
+                table.add_column(name.replace("_", " "), justify="right")
+            for i in range(min(samples, n)):
+                table.add_row(str(i), *(fmt(columns[c][i].item()) for c in shown))
+            console.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,61 @@
+"""Console output: result tables on stdout, progress and errors on stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import sys
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+# Outside a terminal rich assumes 80 columns, which truncates the result tables; use the terminal's
+# width when there is one and 120 otherwise ($COLUMNS still wins).
+_WIDTH = shutil.get_terminal_size((120, 24)).columns
+console = Console(width=_WIDTH if not sys.stdout.isatty() else None)
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, quiet: bool):
+    """Yield ``update(done, total)``; a rich progress bar on stderr unless ``quiet``."""
+    if quiet:
+        yield lambda done, total=None: None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+                  transient=False) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(done: int, total_now: int | None = None) -> None:
+            progress.update(task, completed=done, total=total_now or total)
+
+        yield update
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A compact cell: floats to ``digits`` significant figures, None/NaN as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def key_value_table(title: str, rows: dict) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows.items():
+        table.add_row(str(key), fmt(value) if not isinstance(value, str) else value)
+    return table
+
+
+def error_line(message: str) -> None:
+    """One line on stderr, never wrapped (scripts grep it)."""
+    sys.stderr.write("drip: error: " + " ".join(str(message).split()) + "\n")

@@ -1,0 +1,111 @@
+"""Simulated measurements ``b = A x + sigma e`` under the contract's noise convention.
+
+Noise percent ``p`` means, per sample, ``sigma = p / 100 * mean(|A x|)``, the mean taken over the
+``M`` measured entries (for inpainting: the observed pixels). ``e`` is standard Gaussian; entries
+that are not data (unobserved pixels) stay 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DripError
+from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
+                         Tomography, gaussian_psf, limited_angles, load_matrix_file)
+
+
+def parse_noise_percent(text: str) -> tuple[float, float]:
+    """``"2"`` -> (2, 2); ``"1:5"`` -> (1, 5). Raises ``ValueError`` on anything else."""
+    parts = str(text).split(":")
+    if len(parts) not in (1, 2):
+        raise ValueError(f"expected P or A:B, got {text!r}")
+    try:
+        low, high = (float(parts[0]), float(parts[-1]))
+    except ValueError as exc:
+        raise ValueError(f"expected numbers as P or A:B, got {text!r}") from exc
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or high < low:
+        raise ValueError(f"noise percent must be positive (and A <= B), got {text!r}")
+    return low, high
+
+
+def draw_noise_percent(n: int, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
+    return np.full(n, low) if low == high else rng.uniform(low, high, size=n)
+
+
+def noise_std_for(op: LinearOperator, clean: torch.Tensor, percent: torch.Tensor) -> torch.Tensor:
+    """``sigma_i = p_i / 100 * mean(|A x_i|)`` from the clean measurements ``A x``."""
+    mean_abs = clean.abs().flatten(1).sum(1) / op.measured_count
+    return percent.to(clean) / 100.0 * mean_abs
+
+
+def add_noise(op: LinearOperator, clean: torch.Tensor, noise_std: torch.Tensor,
+              standard_normal: torch.Tensor) -> torch.Tensor:
+    """``b = A x + sigma e`` with non-data entries kept at 0."""
+    shape = (-1,) + (1,) * (clean.ndim - 1)
+    return op.project_measurements(clean + noise_std.view(shape) * standard_normal)
+
+
+@dataclass
+class OperatorSpec:
+    """How to build an operator from command-line options."""
+
+    kind: str
+    blur_sigma: float = 2.0
+    blur_size: int | None = None
+    psf_file: Path | None = None
+    keep_fraction: float = 0.5
+    angles: int = 32
+    angle_range: float = 180.0
+    angle_start: float = 0.0
+    matrix_file: Path | None = None
+
+
+def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
+                   rng: np.random.Generator) -> LinearOperator:
+    """The operator a user asked for; option errors raise :class:`DripError`."""
+    try:
+        if spec.kind == "denoise":
+            return Denoise(image_shape)
+        if spec.kind == "blur":
+            if spec.psf_file is not None:
+                try:
+                    psf = np.load(spec.psf_file, allow_pickle=False)
+                except (OSError, ValueError) as exc:
+                    raise DripError(f"cannot read PSF ({exc})", spec.psf_file) from exc
+                if not np.all(np.isfinite(psf)):
+                    raise DripError("PSF contains NaN or Inf", spec.psf_file)
+                return Blur(image_shape, psf)
+            return Blur(image_shape, gaussian_psf(spec.blur_sigma, spec.blur_size))
+        if spec.kind == "inpainting":
+            return Inpainting.random(image_shape, spec.keep_fraction, rng)
+        if spec.kind == "tomography":
+            return Tomography(image_shape, limited_angles(spec.angles, spec.angle_range, spec.angle_start))
+        if spec.kind == "matrix":
+            if spec.matrix_file is None:
+                raise DripError("the matrix operator needs --matrix FILE.npz (scipy.sparse.save_npz)")
+            try:
+                data, indices, indptr, shape = load_matrix_file(spec.matrix_file)
+                return SparseMatrixOperator.from_csr(image_shape, data, indices, indptr, shape)
+            except (OSError, KeyError, ValueError) as exc:
+                raise DripError(f"invalid sparse matrix ({exc})", spec.matrix_file) from exc
+    except ValueError as exc:
+        raise DripError(f"invalid {spec.kind} operator options: {exc}") from exc
+    raise DripError(f"unknown operator kind {spec.kind!r} "
+                    "(denoise, blur, inpainting, tomography, matrix)")
+
+
+@torch.no_grad()
+def simulate_batch(op: LinearOperator, images: np.ndarray, percent: np.ndarray,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Measurements and noise std (float32) for a batch of images, computed in float64."""
+    x = torch.from_numpy(images.astype(np.float64))
+    clean = op(x)
+    sigma = noise_std_for(op, clean, torch.from_numpy(percent))
+    e = torch.from_numpy(rng.standard_normal(clean.shape))
+    b = add_noise(op, clean, sigma, e)
+    return b.numpy().astype(np.float32), sigma.numpy().astype(np.float32)

@@ -1,0 +1,185 @@
+"""Where ``drip simulate`` gets its ground-truth images.
+
+``IMAGES`` may be
+
+- an HDF5 file with a dataset ``images`` or ``ground_truth`` shaped ``(N, H, W)`` or
+  ``(N, C, H, W)`` (uint8 is scaled to [0, 1]);
+- a folder of PNG/JPEG files;
+- ``phantom:ellipses`` (random ellipses) or ``phantom:shepp-logan``;
+- ``skimage:NAME[,NAME...]`` photographs bundled with scikit-image (``skimage:photos`` = all of
+  the natural photographs below), read from the installed package, never downloaded.
+
+Images that are not all of one size need ``crop_size``: random crops are then taken
+(``crops_per_image`` of them per image). Colour is converted to grayscale for ``channels = 1``
+(ITU-R 601 luma) and grayscale is repeated for ``channels = 3``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from ..errors import DripError
+from .phantoms import random_ellipses, shepp_logan
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass",
+                  "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left",
+                  "motorcycle_right", "page", "retina", "rocket", "text", "microaneurysms")
+_SKIMAGE_FILES = {"immunohistochemistry": "ihc.png", "hubble_deep_field": "hubble_deep_field.jpg",
+                  "retina": "retina.jpg", "rocket": "rocket.jpg"}
+
+
+@dataclass
+class SourceOptions:
+    channels: int = 1
+    image_size: int = 64            # phantoms: side of the generated images
+    num_images: int = 64            # phantoms: how many
+    crop_size: int | None = None    # photographs: crop side (None: use whole images)
+    crops_per_image: int = 8
+
+
+def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 3|4)`` or ``(C, H, W)`` -> ``(channels, H, W)`` float32 in [0, 1]."""
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        image = image.astype(np.float32) / 65535.0
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] not in (1, 3):
+        image = np.moveaxis(image[..., :3], -1, 0)
+    if image.ndim == 2:
+        image = image[None]
+    if image.shape[0] == channels:
+        return image
+    if image.shape[0] == 3 and channels == 1:
+        return (0.299 * image[0] + 0.587 * image[1] + 0.114 * image[2])[None]
+    if image.shape[0] == 1 and channels == 3:
+        return np.repeat(image, 3, axis=0)
+    raise ValueError(f"cannot convert {image.shape[0]} channels to {channels}")
+
+
+def _crops(images: list[np.ndarray], options: SourceOptions, rng: np.random.Generator,
+           source: str) -> np.ndarray:
+    if options.crop_size is None:
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise DripError("images differ in size; choose --crop-size to take crops", source)
+        return np.stack(images)
+    size = options.crop_size
+    out = []
+    for image in images:
+        _, h, w = image.shape
+        if h < size or w < size:
+            raise DripError(f"an image of size {h}x{w} is smaller than --crop-size {size}", source)
+        for _ in range(options.crops_per_image):
+            i, j = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+            out.append(image[:, i:i + size, j:j + size])
+    return np.stack(out)
+
+
+def _read_picture(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as picture:
+            if picture.mode not in ("L", "RGB"):
+                picture = picture.convert("RGB")
+            return np.asarray(picture)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DripError(f"cannot read image ({exc})", path) from exc
+
+
+def _skimage_picture(name: str) -> np.ndarray:
+    import skimage
+
+    filename = _SKIMAGE_FILES.get(name, f"{name}.png")
+    path = Path(skimage.__file__).parent / "data" / filename
+    if name not in SKIMAGE_PHOTOS or not path.exists():
+        raise DripError(f"unknown scikit-image photograph {name!r} "
+                        f"(available: {', '.join(SKIMAGE_PHOTOS)})", f"skimage:{name}")
+    return _read_picture(path)
+
+
+def load_images(source: str, options: SourceOptions, rng: np.random.Generator) -> np.ndarray:
+    """All ground-truth images of ``source`` as ``(N, C, H, W)`` float32.
+
+    Sources are read whole: they are image collections (a folder, a few photographs, generated
+    phantoms). HDF5 image files are the exception, see :func:`iter_hdf5_images`.
+    """
+    if source.startswith("phantom:"):
+        kind = source.split(":", 1)[1]
+        size = options.image_size
+        if kind == "ellipses":
+            return random_ellipses(options.num_images, size, size, options.channels, rng)
+        if kind in ("shepp-logan", "shepp_logan"):
+            return np.repeat(shepp_logan(size, size, options.channels), options.num_images, axis=0)
+        raise DripError("unknown phantom (use phantom:ellipses or phantom:shepp-logan)", source)
+    if source.startswith("skimage:"):
+        names = source.split(":", 1)[1].split(",")
+        if names == ["photos"]:
+            names = list(SKIMAGE_PHOTOS)
+        pictures = [_to_channels(_skimage_picture(n.strip()), options.channels) for n in names]
+        return _crops(pictures, options, rng, source)
+    path = Path(source)
+    if not path.exists():
+        raise DripError("no such file or folder", path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DripError("folder holds no PNG or JPEG files", path)
+        pictures = []
+        for f in files:
+            try:
+                pictures.append(_to_channels(_read_picture(f), options.channels))
+            except ValueError as exc:
+                raise DripError(str(exc), f) from exc
+        return _crops(pictures, options, rng, source)
+    raise DripError("not a folder, HDF5 file or built-in source", path)
+
+
+def hdf5_image_dataset(path: str | os.PathLike):
+    """Open an HDF5 image file and return ``(handle, dataset)`` after checking it."""
+    path = Path(path)
+    if not h5py.is_hdf5(path):
+        return None
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise DripError(f"cannot open HDF5 file ({exc})", path) from exc
+    name = next((n for n in ("images", "ground_truth") if n in handle), None)
+    if name is None:
+        handle.close()
+        raise DripError("has neither an 'images' nor a 'ground_truth' dataset", path)
+    dset = handle[name]
+    if dset.ndim not in (3, 4) or dset.dtype.kind not in "fu" or dset.shape[0] < 1:
+        handle.close()
+        raise DripError(f"dataset '{name}' must be (N, H, W) or (N, C, H, W) numbers, "
+                        f"got shape {dset.shape} dtype {dset.dtype}", path)
+    return handle, dset
+
+
+def iter_hdf5_images(dset, channels: int, batch_size: int, path) -> Iterator[np.ndarray]:
+    """Batches ``(n, channels, H, W)`` float32 from an HDF5 image dataset."""
+    for start in range(0, dset.shape[0], batch_size):
+        try:
+            block = np.asarray(dset[start:start + batch_size])
+        except OSError as exc:
+            raise DripError(f"cannot read file ({exc})", path) from exc
+        if block.ndim == 3:
+            block = block[:, None]
+        scale = 255.0 if block.dtype == np.uint8 else (65535.0 if block.dtype == np.uint16 else 1.0)
+        block = block.astype(np.float32) / np.float32(scale)
+        if not np.all(np.isfinite(block)):
+            raise DripError("images contain NaN or Inf", path)
+        if block.shape[1] != channels:
+            try:
+                block = np.stack([_to_channels(im, channels) for im in block])
+            except ValueError as exc:
+                raise DripError(str(exc), path) from exc
+        yield block

@@ -1,0 +1,19 @@
+"""The project's own error type.
+
+Every problem caused by the user's input (a file, an option, a model) is raised as a
+:class:`DripError`. The CLI turns it into one line on stderr and exit status 1; library users
+catch it like any exception.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class DripError(Exception):
+    """A bad input: names the offending file (or option) and what is wrong with it."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.message = message
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(f"{self.path}: {message}" if self.path else message)

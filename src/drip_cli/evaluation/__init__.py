@@ -1,0 +1,5 @@
+"""Quality metrics and summaries of reconstructions."""
+
+from .metrics import psnr, ssim
+
+__all__ = ["psnr", "ssim"]

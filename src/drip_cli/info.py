@@ -1,0 +1,86 @@
+"""What ``drip info`` knows about a file: a few titled sections of key/value pairs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .errors import DripError
+from .io import MeasurementFile, read_reconstruction_file
+from .io.measurements import file_format, reading
+from .operators import adjointness_error, estimate_norm
+
+
+def _range(values: np.ndarray) -> str:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return "-"
+    return f"{values.min():.4g} .. {values.max():.4g} (mean {values.mean():.4g})"
+
+
+def operator_section(op) -> dict:
+    """The operator's parameters plus a measured ``||A||`` and adjointness error (float64)."""
+    norm = estimate_norm(op)
+    section = {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in op.describe().items()}
+    section["measured entries M"] = op.measured_count
+    section["||A|| (power iteration)"] = f"{norm:.6g}"
+    for dtype in (torch.float64, torch.float32):
+        error = adjointness_error(op, dtype=dtype, norm=norm)
+        section[f"adjointness error ({str(dtype)[6:]})"] = f"{error:.2e}"
+    return section
+
+
+def measurement_info(path: Path) -> list[tuple[str, dict]]:
+    with MeasurementFile(path) as data, reading(path):
+        handle = data._handle
+        general = {"format": "drip measurements v1", "samples": data.n_samples,
+                   "image shape (C, H, W)": str(data.image_shape),
+                   "measurement shape": str(data.operator.measurement_shape),
+                   "ground truth": "yes" if data.has_ground_truth else "no",
+                   "noise std": _range(data.noise_std)}
+        if "noise_percent" in handle:
+            general["noise percent"] = _range(handle["noise_percent"][()])
+        for key, value in handle.attrs.items():
+            if key not in ("drip_format", "format_version"):
+                general[key] = value.decode() if isinstance(value, bytes) else str(value)
+        return [(f"{path.name}", general), ("operator", operator_section(data.operator))]
+
+
+def reconstruction_info(path: Path) -> tuple[list[tuple[str, dict]], dict[str, np.ndarray]]:
+    attrs, columns = read_reconstruction_file(path)
+    general = {"format": "drip reconstructions v1"}
+    for key, value in attrs.items():
+        if key not in ("drip_format", "format_version"):
+            general[key] = str(value) if not isinstance(value, (int, float, np.floating)) else value
+    tau = float(attrs.get("tau", 1.0))
+    stats = {}
+    if "discrepancy_ratio" in columns:
+        ratio = columns["discrepancy_ratio"]
+        stats["fit fraction (ratio <= tau)"] = f"{np.mean(ratio <= tau):.3f}"
+        stats["discrepancy ratio"] = _range(ratio)
+    for name in ("psnr", "ssim", "regularizer_value", "iterations", "seconds"):
+        if name in columns:
+            stats[name.replace("_", " ")] = _range(columns[name])
+    return [(path.name, general), ("per-sample summary", stats)], columns
+
+
+def file_kind(path: str | os.PathLike) -> str:
+    """``measurements`` or ``reconstructions`` (raises :class:`DripError` otherwise)."""
+    path = Path(path)
+    if not path.exists():
+        raise DripError("no such file", path)
+    if path.is_dir() or not h5py.is_hdf5(path):
+        raise DripError("not an HDF5 file drip knows (measurements or reconstructions)", path)
+    try:
+        with h5py.File(path, "r") as handle:
+            fmt = file_format(handle)
+    except OSError as exc:
+        raise DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path) from exc
+    if fmt not in ("measurements", "reconstructions"):
+        raise DripError(f"unknown drip_format {fmt!r} (expected measurements or reconstructions)", path)
+    return fmt

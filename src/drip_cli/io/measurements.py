@@ -1,0 +1,220 @@
+"""Measurement files (CONTRACT.md, ``drip_format = "measurements"``): validated on open,
+read in batches, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from ..errors import DripError
+from ..operators import LinearOperator, operator_from_hdf5
+from .atomic import atomic_h5
+
+FORMAT_VERSION = 1
+SCAN_ROWS = 256  # rows read at a time when checking a dataset for NaN/Inf
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Turn low-level read failures (truncated file, corrupt chunk) into a :class:`DripError`."""
+    try:
+        yield
+    except DripError:
+        raise
+    except (OSError, KeyError, RuntimeError, TypeError) as exc:
+        raise DripError(f"cannot read file ({exc})", path) from exc
+
+
+def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
+    """Open an HDF5 file for reading and check its ``drip_format`` / ``format_version``."""
+    path = Path(path)
+    if not path.exists():
+        raise DripError("no such file", path)
+    if path.is_dir():
+        raise DripError("is a folder, expected an HDF5 file", path)
+    if not h5py.is_hdf5(path):
+        raise DripError("not an HDF5 file", path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path) from exc
+    try:
+        fmt = file_format(handle)
+        if fmt != expected_format:
+            raise DripError(f"drip_format is {fmt!r}, expected {expected_format!r}", path)
+        version = handle.attrs.get("format_version")
+        if version is None or int(np.asarray(version).ravel()[0]) != FORMAT_VERSION:
+            raise DripError(f"unsupported format_version {version!r} (expected {FORMAT_VERSION})", path)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def file_format(handle: h5py.File) -> str | None:
+    fmt = handle.attrs.get("drip_format")
+    return fmt.decode() if isinstance(fmt, bytes) else (None if fmt is None else str(fmt))
+
+
+def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
+                  finite: bool = True, positive: bool = False) -> h5py.Dataset:
+    """Check that dataset ``name`` has ``shape`` (``None`` entries are free), a dtype of one of
+    ``dtype_kinds`` and (streaming through it) only finite / positive values."""
+    if name not in handle:
+        raise DripError(f"missing dataset '{name}'", path)
+    dset = handle[name]
+    if not isinstance(dset, h5py.Dataset):
+        raise DripError(f"'{name}' is not a dataset", path)
+    if len(dset.shape) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dset.shape)):
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        raise DripError(f"dataset '{name}' has shape {dset.shape}, expected {want}", path)
+    if dset.dtype.kind not in dtype_kinds:
+        raise DripError(f"dataset '{name}' has dtype {dset.dtype}, expected a "
+                        f"{'floating-point' if dtype_kinds == 'f' else dtype_kinds} type", path)
+    if finite or positive:
+        for start in range(0, dset.shape[0] if dset.ndim else 1, SCAN_ROWS):
+            block = np.asarray(dset[start:start + SCAN_ROWS] if dset.ndim else dset[()])
+            if finite and not np.all(np.isfinite(block)):
+                raise DripError(f"dataset '{name}' contains NaN or Inf", path)
+            if positive and not np.all(block > 0):
+                raise DripError(f"dataset '{name}' must be > 0 everywhere (noise std)", path)
+    return dset
+
+
+@dataclass
+class MeasurementBatch:
+    """Samples ``start:stop`` of a measurement file, as float32 NumPy arrays."""
+
+    start: int
+    stop: int
+    measurements: np.ndarray
+    noise_std: np.ndarray
+    ground_truth: np.ndarray | None
+
+
+class MeasurementFile:
+    """A validated measurement file, read lazily in batches.
+
+    Everything the contract lists is checked on open: format attributes, the operator group,
+    dataset ranks, shapes against the operator, dtypes, finiteness and ``noise_std > 0``.
+    ``noise_std`` (a scalar) replaces the file's noise levels, and is required when it has none.
+    """
+
+    def __init__(self, path: str | os.PathLike, noise_std: float | None = None,
+                 require_ground_truth: bool = False):
+        self.path = Path(path)
+        self._handle = open_h5(self.path, "measurements")
+        try:
+            with reading(self.path):
+                self._validate(noise_std, require_ground_truth)
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def _validate(self, noise_std, require_ground_truth) -> None:
+        h, path = self._handle, self.path
+        if "operator" not in h or not isinstance(h["operator"], h5py.Group):
+            raise DripError("missing group 'operator'", path)
+        try:
+            self.operator: LinearOperator = operator_from_hdf5(h["operator"])
+        except ValueError as exc:
+            raise DripError(f"invalid operator: {exc}", path) from exc
+        op = self.operator
+        if "measurements" not in h:
+            raise DripError("missing dataset 'measurements'", path)
+        n = h["measurements"].shape[0] if h["measurements"].ndim else 0
+        if n < 1:
+            raise DripError("dataset 'measurements' holds no samples", path)
+        self._measurements = check_dataset(h, "measurements", (n, *op.measurement_shape), path)
+        self._ground_truth = None
+        if "ground_truth" in h:
+            self._ground_truth = check_dataset(h, "ground_truth", (n, *op.image_shape), path)
+        elif require_ground_truth:
+            raise DripError("missing dataset 'ground_truth' (needed here)", path)
+        if noise_std is not None:
+            if not np.isfinite(noise_std) or noise_std <= 0:
+                raise DripError(f"--noise-std must be a positive number, got {noise_std}", path)
+            self.noise_std = np.full(n, noise_std, dtype=np.float32)
+        elif "noise_std" in h:
+            self.noise_std = np.asarray(
+                check_dataset(h, "noise_std", (n,), path, positive=True)[()], dtype=np.float32)
+        else:
+            raise DripError("has no dataset 'noise_std'; give the noise level with --noise-std", path)
+        self.n_samples = n
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.operator.image_shape
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return self._ground_truth is not None
+
+    def batches(self, batch_size: int) -> Iterator[MeasurementBatch]:
+        for start in range(0, self.n_samples, batch_size):
+            yield self.read(start, min(start + batch_size, self.n_samples))
+
+    def read(self, start: int, stop: int) -> MeasurementBatch:
+        with reading(self.path):
+            truth = None if self._ground_truth is None else \
+                np.asarray(self._ground_truth[start:stop], dtype=np.float32)
+            return MeasurementBatch(start, stop,
+                                    np.asarray(self._measurements[start:stop], dtype=np.float32),
+                                    self.noise_std[start:stop], truth)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class MeasurementWriter:
+    """Create a measurement file sample batch by sample batch; use inside :func:`atomic_h5`."""
+
+    def __init__(self, handle: h5py.File, operator: LinearOperator, n_samples: int,
+                 with_ground_truth: bool = True, attrs: dict | None = None):
+        handle.attrs["drip_format"] = "measurements"
+        handle.attrs["format_version"] = FORMAT_VERSION
+        for key, value in (attrs or {}).items():
+            handle.attrs[key] = value
+        operator.to_hdf5(handle.create_group("operator"))
+        rows = max(1, min(n_samples, 64))
+        self._datasets = {
+            "measurements": handle.create_dataset(
+                "measurements", (n_samples, *operator.measurement_shape), "float32",
+                chunks=(rows, *operator.measurement_shape), compression="gzip", compression_opts=4),
+            "noise_std": handle.create_dataset("noise_std", (n_samples,), "float32"),
+            "noise_percent": handle.create_dataset("noise_percent", (n_samples,), "float32"),
+        }
+        if with_ground_truth:
+            self._datasets["ground_truth"] = handle.create_dataset(
+                "ground_truth", (n_samples, *operator.image_shape), "float32",
+                chunks=(rows, *operator.image_shape), compression="gzip", compression_opts=4)
+
+    def write(self, start: int, **arrays: np.ndarray) -> None:
+        for name, values in arrays.items():
+            self._datasets[name][start:start + len(values)] = values
+
+
+def write_measurement_file(path, operator: LinearOperator, measurements: np.ndarray,
+                           noise_std: np.ndarray, ground_truth: np.ndarray | None = None,
+                           noise_percent: np.ndarray | None = None) -> None:
+    """Write a whole (small) measurement file at once; a convenience for tests and scripts."""
+    n = len(measurements)
+    with atomic_h5(path) as handle:
+        writer = MeasurementWriter(handle, operator, n, with_ground_truth=ground_truth is not None)
+        arrays = {"measurements": measurements, "noise_std": noise_std,
+                  "noise_percent": np.full(n, np.nan) if noise_percent is None else noise_percent}
+        if ground_truth is not None:
+            arrays["ground_truth"] = ground_truth
+        writer.write(0, **arrays)

@@ -1,0 +1,159 @@
+"""Linear forward operators ``A`` with exact adjoints.
+
+Every operator maps a batch of images ``x`` shaped ``(N, C, H, W)`` to measurements shaped
+``(N, C, *S)`` and back with its adjoint, channel by channel. Operators are ``torch.nn.Module``
+objects without trainable parameters: they follow the input's dtype and device (float32 or
+float64, CPU or CUDA), and they are differentiable, so a solver can be unrolled through them.
+
+An operator is stored in, and rebuilt from, the ``operator`` group of an HDF5 file
+(see CONTRACT.md); :func:`drip_cli.operators.operator_from_hdf5` dispatches on ``kind``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+
+class LinearOperator(torch.nn.Module):
+    """Base class: ``forward`` is ``A``, ``adjoint`` is ``A^T``.
+
+    Subclasses set ``kind`` and implement ``_forward_impl``, ``_adjoint_impl``, ``measurement_shape``,
+    ``_write_hdf5`` and ``_read_hdf5``.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, image_shape: tuple[int, int, int]):
+        super().__init__()
+        channels, height, width = (int(v) for v in image_shape)
+        if min(channels, height, width) < 1:
+            raise ValueError(f"image_shape must be positive, got {image_shape}")
+        self.image_shape = (channels, height, width)
+
+    # -- shapes --------------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        return self.image_shape[0]
+
+    @property
+    def measurement_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's measurements, ``(C, *S)``."""
+        raise NotImplementedError
+
+    @property
+    def measured_count(self) -> int:
+        """``M``: the number of measured entries of one sample (used by the discrepancy ratio)."""
+        return math.prod(self.measurement_shape)
+
+    def _check(self, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+        if tuple(t.shape[1:]) != tuple(shape):
+            raise ValueError(
+                f"{self.kind} operator expects {what} of shape (N, {', '.join(map(str, shape))}), "
+                f"got {tuple(t.shape)}"
+            )
+
+    # -- application ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` for ``x`` of shape ``(N, C, H, W)``."""
+        self._check(x, self.image_shape, "images")
+        return self._forward_impl(x)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``A^T y`` for ``y`` of shape ``(N, C, *S)``."""
+        self._check(y, self.measurement_shape, "measurements")
+        return self._adjoint_impl(y)
+
+    def normal(self, x: torch.Tensor) -> torch.Tensor:
+        """``A^T A x``."""
+        return self.adjoint(self.forward(x))
+
+    def project_measurements(self, b: torch.Tensor) -> torch.Tensor:
+        """Zero the entries of ``b`` that are not data (only inpainting has such entries)."""
+        return b
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _adjoint_impl(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- persistence ---------------------------------------------------------------------------
+    def to_hdf5(self, group) -> None:
+        """Write the operator to an (empty) h5py group, as CONTRACT.md specifies."""
+        group.attrs["kind"] = self.kind
+        group.attrs["image_shape"] = np.asarray(self.image_shape, dtype=np.int64)
+        self._write_hdf5(group)
+
+    def _write_hdf5(self, group) -> None:
+        pass
+
+    @classmethod
+    def _read_hdf5(cls, group, image_shape: tuple[int, int, int]) -> LinearOperator:
+        return cls(image_shape)
+
+    def describe(self) -> dict:
+        """Human-readable parameters, for ``drip info`` and reports."""
+        return {"kind": self.kind, "image_shape": list(self.image_shape),
+                "measurement_shape": list(self.measurement_shape)}
+
+    def extra_repr(self) -> str:
+        return f"image_shape={self.image_shape}, measurement_shape={self.measurement_shape}"
+
+
+def _batched_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).flatten(1).sum(1)
+
+
+@torch.no_grad()
+def estimate_norm(
+    op: LinearOperator,
+    iterations: int = 50,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> float:
+    """Spectral norm ``||A||`` by power iteration on ``A^T A`` (a lower bound that converges)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn((1, *op.image_shape), generator=gen, dtype=dtype).to(device)
+    x /= x.norm()
+    value = 0.0
+    for _ in range(iterations):
+        y = op.normal(x)
+        value = float(y.norm())
+        if value == 0.0:
+            return 0.0
+        x = y / value
+    return math.sqrt(value)
+
+
+@torch.no_grad()
+def adjointness_error(
+    op: LinearOperator,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    trials: int = 3,
+    seed: int = 0,
+    norm: float | None = None,
+) -> float:
+    """Largest ``|<A x, y> - <x, A^T y>| / (||A|| ||x|| ||y||)`` over random ``x``, ``y``.
+
+    Normalising by ``||A||`` (as ODL does) makes the figure independent of the operator's scale
+    and meaningful for operators with a large null space.
+    """
+    if norm is None:
+        norm = estimate_norm(op, dtype=torch.float64, device=device)
+    if norm == 0.0:
+        return 0.0
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn((trials, *op.image_shape), generator=gen, dtype=torch.float64)
+    y = torch.randn((trials, *op.measurement_shape), generator=gen, dtype=torch.float64)
+    x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+    y = op.project_measurements(y)
+    lhs = _batched_inner(op(x), y).double()
+    rhs = _batched_inner(x, op.adjoint(y)).double()
+    scale = norm * x.double().flatten(1).norm(dim=1) * y.double().flatten(1).norm(dim=1)
+    return float(((lhs - rhs).abs() / scale).max())

@@ -1,0 +1,90 @@
+"""Periodic convolution with a point-spread function, applied with FFTs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .base import LinearOperator
+
+
+def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
+    """Normalised Gaussian PSF; ``size`` defaults to ``2 * ceil(3 sigma) + 1`` (always odd)."""
+    if sigma <= 0:
+        raise ValueError("blur sigma must be positive")
+    if size is None:
+        size = 2 * math.ceil(3 * sigma) + 1
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"PSF size must be odd, got {size}")
+    r = np.arange(size, dtype=np.float64) - size // 2
+    g = np.exp(-0.5 * (r / sigma) ** 2)
+    psf = np.outer(g, g)
+    return psf / psf.sum()
+
+
+class Blur(LinearOperator):
+    """Circular convolution per channel (CONTRACT.md)::
+
+        b[i, j] = sum_{p,q} psf[p, q] * x[(i - p + kh//2) mod H, (j - q + kw//2) mod W]
+
+    The PSF is embedded in an ``H x W`` kernel ``k`` with ``psf[p, q]`` at
+    ``((p - kh//2) mod H, (q - kw//2) mod W)``, so ``A x = ifft(fft(k) fft(x))`` and the adjoint
+    multiplies by the complex conjugate of ``fft(k)``. PSF taps that wrap onto the same pixel (a PSF
+    larger than the image) add up, which is what the formula above says.
+    """
+
+    kind = "blur"
+
+    def __init__(self, image_shape: tuple[int, int, int], psf: np.ndarray | torch.Tensor):
+        super().__init__(image_shape)
+        psf = torch.as_tensor(np.asarray(psf, dtype=np.float64))
+        if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
+            raise ValueError(f"PSF must be 2-D with odd sizes, got shape {tuple(psf.shape)}")
+        _, height, width = self.image_shape
+        kh, kw = psf.shape
+        rows = (torch.arange(kh) - kh // 2) % height
+        cols = (torch.arange(kw) - kw // 2) % width
+        kernel = torch.zeros((height, width), dtype=torch.float64)
+        kernel.index_put_((rows[:, None].expand(kh, kw), cols[None, :].expand(kh, kw)), psf,
+                          accumulate=True)
+        self.register_buffer("psf", psf, persistent=False)
+        self.register_buffer("transfer", torch.fft.rfft2(kernel), persistent=False)
+
+    @property
+    def measurement_shape(self) -> tuple[int, ...]:
+        return self.image_shape
+
+    def _transfer_like(self, x: torch.Tensor) -> torch.Tensor:
+        complex_dtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+        return self.transfer.to(device=x.device, dtype=complex_dtype)
+
+    def _filter(self, x: torch.Tensor, conjugate: bool) -> torch.Tensor:
+        transfer = self._transfer_like(x)
+        if conjugate:
+            transfer = transfer.conj()
+        spectrum = torch.fft.rfft2(x) * transfer
+        return torch.fft.irfft2(spectrum, s=x.shape[-2:])
+
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        return self._filter(x, conjugate=False)
+
+    def _adjoint_impl(self, y: torch.Tensor) -> torch.Tensor:
+        return self._filter(y, conjugate=True)
+
+    def _write_hdf5(self, group) -> None:
+        group.create_dataset("psf", data=self.psf.cpu().numpy())
+        group.attrs["boundary"] = "periodic"
+
+    @classmethod
+    def _read_hdf5(cls, group, image_shape):
+        boundary = group.attrs.get("boundary", "periodic")
+        if isinstance(boundary, bytes):
+            boundary = boundary.decode()
+        if boundary != "periodic":
+            raise ValueError(f"unsupported blur boundary {boundary!r} (only 'periodic')")
+        return cls(image_shape, group["psf"][()])
+
+    def describe(self) -> dict:
+        return {**super().describe(), "psf_shape": list(self.psf.shape)}

@@ -21,13 +21,17 @@ err_console = Console(stderr=True)
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, quiet: bool):
-    """Yield ``update(done, total)``; a rich progress bar on stderr unless ``quiet``."""
+    """Yield ``update(done, total)``; a rich progress bar on stderr unless ``quiet``.
+
+    The bar is transient: it disappears when the work ends, so an error message stays the only
+    line on stderr and result tables follow a clean screen.
+    """
     if quiet:
         yield lambda done, total=None: None
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-                  transient=False) as progress:
+                  transient=True) as progress:
         task = progress.add_task(description, total=total)
 
         def update(done: int, total_now: int | None = None) -> None:

@@ -1,0 +1,235 @@
+"""The command line end to end on small files, including every bad input of CONTRACT.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import make_operator
+from helpers import run_cli, write_small_file
+from test_io import BAD_FILES, corrupt
+
+
+def simulate(tmp_path, kind: str, *extra: str, name: str = "m.h5", n: int = 6):
+    out = tmp_path / name
+    result = run_cli("simulate", "phantom:ellipses", out, "--operator", kind, "--num-images", n,
+                     "--image-size", 24, "--quiet", *extra)
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("denoise", []), ("blur", ["--blur-sigma", "1.5"]), ("inpainting", ["--keep-fraction", "0.4"]),
+    ("tomography", ["--angles", "20", "--angle-range", "120"]),
+])
+def test_simulate_every_operator(kind, extra, tmp_path):
+    out = simulate(tmp_path, kind, *extra, "--noise-percent", "1:5", "--seed", "3")
+    with h5py.File(out) as f:
+        assert f["operator"].attrs["kind"] == kind
+        percent = f["noise_percent"][()]
+        assert np.all((percent >= 1) & (percent <= 5)) and len(set(percent.tolist())) > 1
+        assert f["measurements"].shape[0] == 6 and np.all(f["noise_std"][()] > 0)
+        truth, b = f["ground_truth"][()], f["measurements"][()]
+    op = make_operator("denoise", (1, 24, 24))  # noise convention: sigma = p/100 mean|Ax|
+    if kind == "denoise":
+        sigma = percent / 100 * np.abs(truth).reshape(6, -1).mean(1)
+        np.testing.assert_allclose(h5py.File(out)["noise_std"][()], sigma, rtol=1e-5)
+        residual = (b - truth).reshape(6, -1)
+        assert np.all(np.abs(residual.std(1) / sigma - 1) < 0.1)
+    assert op is not None
+
+
+def test_simulate_is_reproducible(tmp_path):
+    a = simulate(tmp_path, "inpainting", "--seed", "7", name="a.h5")
+    b = simulate(tmp_path, "inpainting", "--seed", "7", name="b.h5")
+    c = simulate(tmp_path, "inpainting", "--seed", "8", name="c.h5")
+    with h5py.File(a) as fa, h5py.File(b) as fb, h5py.File(c) as fc:
+        np.testing.assert_array_equal(fa["measurements"][()], fb["measurements"][()])
+        np.testing.assert_array_equal(fa["operator/mask"][()], fb["operator/mask"][()])
+        assert not np.array_equal(fa["measurements"][()], fc["measurements"][()])
+
+
+def test_simulate_matrix_from_npz(tmp_path):
+    from conftest import random_csr
+
+    data, indices, indptr, shape, dense = random_csr(200, 24 * 24, 0.05, np.random.default_rng(0))
+    npz = tmp_path / "A.npz"
+    np.savez(npz, data=data, indices=indices, indptr=indptr, shape=np.array(shape), format=b"csr")
+    out = simulate(tmp_path, "matrix", "--matrix", npz)
+    with h5py.File(out) as f:
+        assert f["measurements"].shape == (6, 1, 200)
+        expected = np.einsum("mp,np->nm", dense, f["ground_truth"][:, 0].reshape(6, -1))
+        clean_error = np.linalg.norm(f["measurements"][:, 0] - expected) / np.linalg.norm(expected)
+        assert clean_error < 0.1  # only the 2% noise
+
+
+def test_simulate_from_hdf5_folder_and_photos_in_colour(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images.h5"
+    with h5py.File(images, "w") as f:
+        f["images"] = (rng.random((3, 3, 20, 20)) * 255).astype(np.uint8)
+    out = tmp_path / "from_h5.h5"
+    assert run_cli("simulate", images, out, "--operator", "blur", "-q").exit_code == 0
+    with h5py.File(out) as f:
+        assert f["ground_truth"].shape == (3, 3, 20, 20) and f["ground_truth"][()].max() <= 1.0
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "from_folder.h5"
+    result = run_cli("simulate", folder, out, "--operator", "denoise", "--crop-size", 16,
+                     "--crops-per-image", 3, "--channels", 3, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f["ground_truth"].shape == (6, 3, 16, 16)
+    out = tmp_path / "photos.h5"
+    result = run_cli("simulate", "skimage:camera,coffee", out, "--operator", "tomography",
+                     "--crop-size", 16, "--crops-per-image", 2, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f["ground_truth"].shape == (4, 1, 16, 16)
+
+
+@pytest.mark.parametrize("method", ["cgls", "tv"])
+def test_reconstruct_writes_the_contract_file(method, tmp_path):
+    data = simulate(tmp_path, "blur", "--noise-percent", "2")
+    out, report = tmp_path / "r.h5", tmp_path / "r.json"
+    result = run_cli("reconstruct", data, "--out", out, "--method", method, "--report", report, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["drip_format"] == "reconstructions" and f.attrs["format_version"] == 1
+        assert f.attrs["method"] == method and f.attrs["tau"] == 1.0
+        assert "source_file" in f.attrs and "drip_version" in f.attrs
+        assert f["reconstructions"].shape == (6, 1, 24, 24) and f["reconstructions"].dtype == np.float32
+        ratio = f["discrepancy_ratio"][()]
+        assert np.all(ratio <= 1.0) and np.all(f["converged"][()])
+        for name in ("relative_residual", "regularizer_value", "iterations", "psnr", "ssim"):
+            assert f[name].shape == (6,)
+        assert np.all(np.isnan(f["regularizer_value"][()])) == (method == "cgls")
+    summary = json.loads(report.read_text())
+    assert summary["fit_fraction"] == 1.0 and summary["n_samples"] == 6
+    assert "PSNR" in result.stdout
+    info = run_cli("info", out)
+    assert info.exit_code == 0 and "fit fraction" in info.stdout
+
+
+def test_reconstruct_with_noise_std_option_and_tau(tmp_path):
+    data = tmp_path / "m.h5"
+    op = make_operator("tomography", (1, 16, 20))
+    write_small_file(data, op)
+    with h5py.File(data, "a") as f:
+        sigma = f["noise_std"][()]
+        del f["noise_std"]
+        del f["ground_truth"]
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", data, "--out", out, "--method", "cgls", "--tau", "1.5",
+                     "--noise-std", float(sigma.mean()), "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert np.all(f["discrepancy_ratio"][()] <= 1.5) and "psnr" not in f
+
+
+def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):
+    data = simulate(tmp_path, "tomography")
+    result = run_cli("info", data)
+    assert result.exit_code == 0, result.stderr
+    assert "||A||" in result.stdout and "adjointness error" in result.stdout
+
+
+def assert_clean_failure(result, path, tmp_path, before: set[str]):
+    """Exit 1, one line on stderr naming the file, no traceback, no new file left behind."""
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0] and lines[0].startswith("drip: error:")
+    assert "Traceback" not in result.stderr + result.stdout
+    assert {p.name for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("how", BAD_FILES)
+def test_reconstruct_bad_file(how, tmp_path):
+    data = tmp_path / "bad.h5"
+    write_small_file(data, make_operator("blur", (1, 16, 20)))
+    corrupt(data, how)
+    before = {p.name for p in tmp_path.iterdir()}
+    result = run_cli("reconstruct", data, "--out", tmp_path / "r.h5", "--method", "cgls")
+    assert_clean_failure(result, data, tmp_path, before)
+    result = run_cli("info", data)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+
+
+def test_reconstruct_missing_file_and_unwritable_output(tmp_path):
+    missing = tmp_path / "missing.h5"
+    result = run_cli("reconstruct", missing, "--out", tmp_path / "r.h5", "--method", "cgls")
+    assert_clean_failure(result, missing, tmp_path, set())
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("denoise"))
+    target = tmp_path / "no-such-folder" / "r.h5"
+    result = run_cli("reconstruct", data, "--out", target, "--method", "cgls")
+    assert_clean_failure(result, target, tmp_path, {"m.h5"})
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        result = run_cli("reconstruct", data, "--out", locked / "r.h5", "--method", "cgls")
+        assert result.exit_code == 1
+
+
+def test_reconstruct_negative_noise_option(tmp_path):
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("denoise"))
+    result = run_cli("reconstruct", data, "--out", tmp_path / "r.h5", "--method", "cgls",
+                     "--noise-std", "-0.1")
+    assert_clean_failure(result, data, tmp_path, {"m.h5"})
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--noise-percent", "-2"], "--noise-percent"),
+    (["--noise-percent", "abc"], "--noise-percent"),
+    (["--blur-size", "4"], "odd"),
+])
+def test_simulate_bad_options(args, needle, tmp_path):
+    result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "blur",
+                     "--num-images", 2, "--image-size", 16, *args)
+    assert result.exit_code == 1 and needle in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_simulate_bad_sources(tmp_path):
+    nan_images = tmp_path / "nan.h5"
+    with h5py.File(nan_images, "w") as f:
+        f["images"] = np.full((2, 8, 8), np.nan, np.float32)
+    result = run_cli("simulate", nan_images, tmp_path / "m.h5", "--operator", "denoise")
+    assert_clean_failure(result, nan_images, tmp_path, {"nan.h5"})
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as f:
+        f["other"] = np.zeros(3)
+    result = run_cli("simulate", empty, tmp_path / "m.h5", "--operator", "denoise")
+    assert_clean_failure(result, empty, tmp_path, {"nan.h5", "empty.h5"})
+    result = run_cli("simulate", "phantom:unicorns", tmp_path / "m.h5", "--operator", "denoise")
+    assert result.exit_code == 1 and "phantom:unicorns" in result.stderr
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert run_cli("reconstruct").exit_code == 2
+    assert run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "fourier").exit_code == 2
+    assert run_cli("reconstruct", tmp_path / "x.h5", "--out", tmp_path / "r.h5",
+                   "--method", "magic").exit_code == 2
+
+
+def test_module_entry_point_and_debug_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "drip_cli", "info", str(tmp_path / "nope.h5")],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"drip: error: {tmp_path / 'nope.h5'}: no such file"
+    done = subprocess.run([sys.executable, "-m", "drip_cli", "info", str(tmp_path / "nope.h5"),
+                           "--debug"], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "Traceback" in done.stderr

@@ -1,0 +1,115 @@
+"""HDF5 contract: round trips, validation on open, batched reading, atomic writes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import KINDS, make_operator
+from drip_cli.errors import DripError
+from drip_cli.io import MeasurementFile, atomic_h5, write_measurement_file
+from helpers import write_small_file
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_measurement_round_trip(kind, tmp_path):
+    op = make_operator(kind, (3, 16, 20))
+    path = tmp_path / "m.h5"
+    truth = write_small_file(path, op, n=5)
+    with h5py.File(path) as f:
+        assert f.attrs["drip_format"] == "measurements" and f.attrs["format_version"] == 1
+        assert f["measurements"].dtype == np.float32 and f["ground_truth"].shape == (5, 3, 16, 20)
+    with MeasurementFile(path) as data:
+        assert data.n_samples == 5 and data.operator.kind == kind
+        batches = list(data.batches(2))
+        assert [(b.start, b.stop) for b in batches] == [(0, 2), (2, 4), (4, 5)]
+        np.testing.assert_array_equal(np.concatenate([b.ground_truth for b in batches]), truth)
+        assert np.all(np.concatenate([b.noise_std for b in batches]) > 0)
+
+
+def test_noise_std_override_and_requirement(tmp_path):
+    op = make_operator("denoise")
+    path = tmp_path / "m.h5"
+    write_small_file(path, op)
+    with h5py.File(path, "a") as f:
+        del f["noise_std"]
+    with pytest.raises(DripError, match="noise_std"):
+        MeasurementFile(path)
+    with MeasurementFile(path, noise_std=0.1) as data:
+        assert np.all(data.noise_std == np.float32(0.1))
+    with pytest.raises(DripError, match="positive"):
+        MeasurementFile(path, noise_std=-1.0)
+
+
+def corrupt(path, how: str) -> None:
+    """Break a valid measurement file in one of the ways CONTRACT.md lists."""
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return
+    if how == "not-hdf5":
+        path.write_text("this is not HDF5\n")
+        return
+    with h5py.File(path, "a") as f:
+        if how == "missing-measurements":
+            del f["measurements"]
+        elif how == "wrong-shape":
+            del f["measurements"]
+            f["measurements"] = np.zeros((4, 1, 16, 19), np.float32)
+        elif how == "wrong-dtype":
+            values = f["measurements"][()]
+            del f["measurements"]
+            f["measurements"] = values.astype("S8")
+        elif how == "nan":
+            f["measurements"][1, 0, 3, 3] = np.nan
+        elif how == "inf-truth":
+            f["ground_truth"][2, 0, 0, 0] = np.inf
+        elif how == "unknown-kind":
+            f["operator"].attrs["kind"] = "fourier"
+        elif how == "negative-noise":
+            f["noise_std"][0] = -0.5
+        elif how == "wrong-format":
+            f.attrs["drip_format"] = "reconstructions"
+        elif how == "wrong-version":
+            f.attrs["format_version"] = 7
+        elif how == "missing-operator":
+            del f["operator"]
+        elif how == "noise-shape":
+            del f["noise_std"]
+            f["noise_std"] = np.ones(3, np.float32)
+        else:
+            raise ValueError(how)
+
+
+BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
+             "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
+             "missing-operator", "noise-shape"]
+
+
+@pytest.mark.parametrize("how", BAD_FILES)
+def test_bad_files_raise_drip_error(how, tmp_path):
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator("blur", (1, 16, 20)))
+    corrupt(path, how)
+    with pytest.raises(DripError) as info:
+        MeasurementFile(path)
+    assert info.value.path == str(path)
+
+
+def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.h5"
+    with pytest.raises(RuntimeError):
+        with atomic_h5(target) as handle:
+            handle["x"] = np.zeros(3)
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_h5(target) as handle:
+        handle["x"] = np.zeros(3)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
+
+
+def test_write_refuses_missing_folder(tmp_path):
+    with pytest.raises(DripError, match="does not exist"):
+        write_measurement_file(tmp_path / "nope" / "m.h5", make_operator("denoise"),
+                               np.zeros((1, 1, 16, 20), np.float32), np.ones(1, np.float32))

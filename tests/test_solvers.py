@@ -1,0 +1,100 @@
+"""Solvers: the data-fit guarantee as an inequality on every sample, and TV beating CGLS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICES, make_operator
+from drip_cli.data import add_noise, noise_std_for
+from drip_cli.evaluation import psnr
+from drip_cli.operators import Blur, Inpainting, Tomography, gaussian_psf, limited_angles
+from drip_cli.solvers import cgls, constrained_tv, discrepancy_radius, discrepancy_ratio, total_variation
+
+
+def noisy(op, x: torch.Tensor, percent: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    clean = op(x)
+    sigma = noise_std_for(op, clean, torch.full((len(x),), percent))
+    b = add_noise(op, clean, sigma, torch.randn(clean.shape, generator=gen, dtype=clean.dtype))
+    return b, sigma
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tau", [1.0, 1.3])
+@pytest.mark.parametrize("kind", ["denoise", "blur", "inpainting", "tomography", "matrix"])
+def test_cgls_fits_every_sample(kind, tau, device):
+    op = make_operator(kind, (1, 16, 20)).to(device)
+    x = torch.rand(6, 1, 16, 20, dtype=torch.float64, device=device)
+    percent = torch.tensor([0.5, 1, 2, 5, 10, 20.0])
+    clean = op(x)
+    sigma = noise_std_for(op, clean, percent.to(device))
+    b = add_noise(op, clean, sigma, torch.randn_like(clean))
+    result = cgls(op, b, discrepancy_radius(op, sigma, tau))
+    ratio = discrepancy_ratio(op, result.solution, b, sigma)
+    assert bool((ratio <= tau).all()), ratio
+    assert bool(result.converged.all())
+    # stopped early: the first iterate inside the set, close to its boundary (not overfitting)
+    assert bool((ratio >= 0.99 * tau).all()), ratio
+
+
+def test_cgls_stops_per_sample():
+    """Each sample stops at its own iteration, unaffected by the rest of the batch."""
+    op = Blur((1, 24, 24), gaussian_psf(1.5))
+    x = torch.rand(4, 1, 24, 24, dtype=torch.float64)
+    b, sigma = noisy(op, x, 2.0)
+    sigma = sigma * torch.tensor([1.0, 2.0, 4.0, 1.5], dtype=torch.float64)
+    batch = cgls(op, b, discrepancy_radius(op, sigma, 1.0))
+    assert len(set(batch.iterations.tolist())) > 1
+    for i in range(4):
+        alone = cgls(op, b[i:i + 1], discrepancy_radius(op, sigma[i:i + 1], 1.0))
+        assert int(alone.iterations[0]) == int(batch.iterations[i])
+        assert torch.allclose(alone.solution[0], batch.solution[i], rtol=1e-9, atol=1e-12)
+
+
+def test_cgls_flags_an_unreachable_target():
+    op = Tomography((1, 12, 12), limited_angles(4, 90.0))
+    x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    b, sigma = noisy(op, x, 5.0)
+    result = cgls(op, b, discrepancy_radius(op, sigma * 1e-6, 1.0), max_iterations=30)
+    assert not bool(result.converged.any())
+
+
+def test_cgls_is_differentiable():
+    op = Blur((1, 10, 10), gaussian_psf(1.0))
+    b = torch.randn(2, 1, 10, 10, dtype=torch.float64)
+    radius = torch.full((2,), 0.5, dtype=torch.float64)
+
+    def run(u0):
+        return cgls(op, b, radius, u0=u0, max_iterations=3).solution
+
+    u0 = torch.randn(2, 1, 10, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (u0,), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography"])
+def test_tv_fits_every_sample_and_lowers_tv(kind, photo_crops):
+    x = torch.from_numpy(photo_crops[:6]).double()
+    op = {"blur": Blur((1, 32, 32), gaussian_psf(2.0)),
+          "inpainting": Inpainting.random((1, 32, 32), 0.5, np.random.default_rng(0)),
+          "tomography": Tomography((1, 32, 32), limited_angles(16, 120.0))}[kind]
+    b, sigma = noisy(op, x, 2.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    result = constrained_tv(op, b, radius, max_iterations=3000)
+    ratio = discrepancy_ratio(op, result.solution, b, sigma)
+    assert bool((ratio <= 1.0).all()), ratio
+    baseline = cgls(op, b, radius).solution
+    assert bool((total_variation(result.solution) < total_variation(baseline)).all())
+
+
+@pytest.mark.parametrize("kind", ["blur", "inpainting"])
+def test_tv_beats_cgls_in_mean_psnr(kind, photo_crops):
+    x = torch.from_numpy(photo_crops).double()
+    op = {"blur": Blur((1, 32, 32), gaussian_psf(2.0)),
+          "inpainting": Inpainting.random((1, 32, 32), 0.5, np.random.default_rng(0))}[kind]
+    b, sigma = noisy(op, x, 2.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    tv = constrained_tv(op, b, radius, max_iterations=3000).solution.numpy()
+    cg = cgls(op, b, radius).solution.numpy()
+    assert psnr(tv, photo_crops).mean() > psnr(cg, photo_crops).mean() + 0.5

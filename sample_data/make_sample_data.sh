@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Regenerates every file in sample_data/ with `drip simulate` (run from the repository root,
+# with drip installed: `make install`, then `. .venv/bin/activate`).
+# Ground truth: 64x64 grayscale crops of photographs bundled with scikit-image (4 crops from
+# each of camera, coffee, astronaut and chelsea: 16 images per file). These four photographs are
+# held out for testing; training data should be drawn from the other bundled photographs.
+set -euo pipefail
+cd "$(dirname "$0")"
+PHOTOS="skimage:camera,coffee,astronaut,chelsea"
+CROPS="--crop-size 64 --crops-per-image 4 --seed 0 --quiet"
+
+drip simulate "$PHOTOS" blur.h5        --operator blur --blur-sigma 2 --noise-percent 2 $CROPS
+drip simulate "$PHOTOS" inpainting.h5  --operator inpainting --keep-fraction 0.5 --noise-percent 2 $CROPS
+drip simulate "$PHOTOS" tomography.h5  --operator tomography --angles 32 --angle-range 120 --noise-percent 2 $CROPS
+drip simulate "$PHOTOS" denoise.h5     --operator denoise --noise-percent 10 $CROPS
+
+# A user-supplied operator: 2x2 average pooling (64x64 -> 32x32) as a CSR matrix.
+python - <<'PY'
+import numpy as np
+side, half = 64, 32
+rows = np.repeat(np.arange(half * half), 4)
+r, c = np.divmod(np.arange(half * half), half)
+cols = np.stack([(2 * r + dr) * side + 2 * c + dc for dr in (0, 1) for dc in (0, 1)], 1).ravel()
+np.savez("downsample2x_64.npz", data=np.full(rows.size, 0.25), indices=cols,
+         indptr=np.arange(0, rows.size + 1, 4), shape=np.array([half * half, side * side]),
+         format=np.bytes_(b"csr"))
+PY
+drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz --noise-percent 1 $CROPS

@@ -233,3 +233,20 @@ def test_module_entry_point_and_debug_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "drip_cli", "info", str(tmp_path / "nope.h5"),
                            "--debug"], capture_output=True, text=True, env=env)
     assert done.returncode == 1 and "Traceback" in done.stderr
+
+
+def test_output_that_is_a_folder(tmp_path):
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("denoise"))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = run_cli("reconstruct", data, "--out", folder, "--method", "cgls")
+    assert_clean_failure(result, folder, tmp_path, {"m.h5", "out"})
+
+
+def test_colour_images_end_to_end(tmp_path):
+    out = simulate(tmp_path, "inpainting", "--channels", "3", n=3)
+    result = run_cli("reconstruct", out, "--out", tmp_path / "r.h5", "--method", "tv", "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert f["reconstructions"].shape == (3, 3, 24, 24) and np.all(f["converged"][()])

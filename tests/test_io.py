@@ -113,3 +113,16 @@ def test_write_refuses_missing_folder(tmp_path):
     with pytest.raises(DripError, match="does not exist"):
         write_measurement_file(tmp_path / "nope" / "m.h5", make_operator("denoise"),
                                np.zeros((1, 1, 16, 20), np.float32), np.ones(1, np.float32))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.9, 0.99])
+def test_truncation_anywhere_raises_drip_error(fraction, tmp_path):
+    """A file cut at any point fails with the project's error, never an h5py/OS exception."""
+    path = tmp_path / "cut.h5"
+    write_small_file(path, make_operator("tomography", (1, 16, 20)), n=8)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(DripError):
+        with MeasurementFile(path) as opened:
+            for _ in opened.batches(3):
+                pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 import time
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,7 @@ import typer
 from rich.table import Table
 
 from . import __version__
-from .console import console, error_line, fmt, key_value_table, progress_bar
+from .console import console, error_line, fmt, key_value_table, progress_bar, show_warning
 from .errors import DripError
 
 app = typer.Typer(
@@ -167,7 +168,69 @@ def simulate(
             "noise percent": f"{low:g}" if low == high else f"{low:g}:{high:g}"}))
 
 
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (model, checkpoint, history)."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
+                                                help="Stop cleanly after this long, keeping the best model."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Passes over the training images."),
+    noise_percent: str = typer.Option("1:5", "--noise-percent",
+                                      help="Noise percent range A:B, drawn per sample and batch."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    lr: float = typer.Option(2e-3, "--lr", help="Adam learning rate."),
+    latent_channels: int = typer.Option(4, "--latent-channels", min=1),
+    filters: int = typer.Option(32, "--filters", min=2, help="Regularizer filters."),
+    kernel_size: int = typer.Option(5, "--kernel-size", help="Regularizer filter size (odd)."),
+    unroll_steps: int = typer.Option(3, "--unroll-steps", min=1,
+                                     help="Projected-gradient steps differentiated at the solution."),
+    tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
+                                            help="Stop after this many optimiser steps (this call)."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Train a DRIP model (bi-level: the regularizer and embedding that make the constrained
+    solutions closest to the ground truth)."""
+    from .data import parse_noise_percent
+    from .reconstruct import resolve_device
+    from .regularizers.model import ModelConfig
+    from .training import TrainConfig, Trainer
+
+    with _errors(debug):
+        try:
+            low, high = parse_noise_percent(noise_percent)
+        except ValueError as exc:
+            raise DripError(f"--noise-percent: {exc}") from exc
+        if kernel_size % 2 == 0 or kernel_size < 3:
+            raise DripError(f"--kernel-size must be odd and at least 3, got {kernel_size}")
+        if out.exists() and not out.is_dir():
+            raise DripError("exists and is not a folder", out)
+        config = TrainConfig(data=str(data), out=str(out), epochs=epochs, max_minutes=max_minutes,
+                             batch_size=batch_size, lr=lr, noise_percent=(low, high), tau=tau,
+                             seed=seed, unroll_steps=unroll_steps, max_steps=max_steps,
+                             model=ModelConfig(latent_channels=latent_channels, n_filters=filters,
+                                               kernel_size=kernel_size))
+        trainer = Trainer(config, resolve_device(device),
+                          log=(lambda row: None) if quiet else
+                          (lambda row: console.print(
+                              f"epoch {row['epoch']}: loss {row['train_loss']:.4g}, validation "
+                              f"PSNR {row['val_psnr']:.2f} dB, fit {row['val_fit_fraction']:.2f}")))
+        with progress_bar("train", config.epochs * trainer.steps_per_epoch, quiet) as update:
+            trainer.progress = lambda step, total, **_: update(step, total)
+            result = trainer.fit(resume=resume)
+        console.print(key_value_table(f"run {out}", {
+            "epochs done": result["epochs_done"], "steps": result["global_step"],
+            "best validation PSNR": result["best_val_psnr"], "minutes": result["seconds"] / 60,
+            "stopped by time or step limit": result["stopped_early"],
+            "model": str(out / "model.safetensors")}))
+
+
 class Method(str, Enum):
+    drip = "drip"
     cgls = "cgls"
     tv = "tv"
 
@@ -176,9 +239,12 @@ class Method(str, Enum):
 def reconstruct(
     measurements: Path = typer.Argument(..., help="Measurement file (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Reconstruction file to write (HDF5)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m",
+                                         help="Run folder or model file (for --method drip)."),
     method: Optional[Method] = typer.Option(None, "--method",
-                                            help="cgls (discrepancy-stopped CGLS) or tv "
-                                            "(constrained total variation). Default: tv."),
+                                            help="drip (learned; needs --model), cgls "
+                                            "(discrepancy-stopped CGLS) or tv (constrained total "
+                                            "variation). Default: drip with --model, else tv."),
     noise_std: Optional[float] = typer.Option(None, "--noise-std",
                                               help="Noise std for every sample (overrides the file)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant: fit means "
@@ -199,12 +265,20 @@ def reconstruct(
             raise DripError(f"--tau must be positive, got {tau}")
         if report is not None:
             check_writable(report)
-        chosen = CLASSICAL_METHODS[(method or Method.tv).value]()
+        method = method or (Method.drip if model is not None else Method.tv)
+        if method == Method.drip:
+            if model is None:
+                raise DripError("--method drip needs --model RUN_DIR (train one with drip train)")
+            from .methods import DripMethod
+
+            chosen = DripMethod.load(model)
+        else:
+            chosen = CLASSICAL_METHODS[method.value]()
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
                                        batch_size=batch_size, device=resolve_device(device),
-                                       progress=update)
+                                       progress=update, check=chosen.check)
         summary["seconds_total"] = time.perf_counter() - start
         if report is not None:
             write_text(report, json.dumps(summary, indent=2) + "\n")
@@ -264,4 +338,5 @@ def info(
 
 
 def main() -> None:
+    warnings.showwarning = show_warning
     app()

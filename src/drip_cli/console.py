@@ -63,3 +63,8 @@ def key_value_table(title: str, rows: dict) -> Table:
 def error_line(message: str) -> None:
     """One line on stderr, never wrapped (scripts grep it)."""
     sys.stderr.write("drip: error: " + " ".join(str(message).split()) + "\n")
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the CLI: one line, no source location."""
+    sys.stderr.write("drip: warning: " + " ".join(str(message).split()) + "\n")

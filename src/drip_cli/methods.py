@@ -1,12 +1,13 @@
 """Reconstruction methods behind ``drip reconstruct --method``.
 
 A method turns a batch of measurements into images that satisfy the data-fit constraint
-``||A u - b|| <= radius`` and reports a regularizer value per sample (NaN when it has none).
+``||A u - b|| <= radius``; its result carries the regularizer value per sample when the method has
+a regularizer (the file then stores NaN for CGLS).
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import torch
 
@@ -21,8 +22,9 @@ class ReconstructionMethod:
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> SolverResult:
         raise NotImplementedError
 
-    def regularizer_value(self, u: torch.Tensor) -> torch.Tensor:
-        return torch.full((u.shape[0],), math.nan, dtype=torch.float64)
+    def check(self, data) -> dict:
+        """Refuse (or warn about) data this method cannot serve; return extra output attributes."""
+        return {}
 
 
 class CGLSMethod(ReconstructionMethod):
@@ -51,11 +53,41 @@ class TVMethod(ReconstructionMethod):
         key = id(op)
         if key not in self._norms:  # one power iteration per operator, not per batch
             self._norms[key] = estimate_norm(op, device=b.device)
-        return constrained_tv(op, b, radius, op_norm=self._norms[key],
-                              max_iterations=self.max_iterations, tolerance=self.tolerance)
-
-    def regularizer_value(self, u):
-        return total_variation(u.double())
+        result = constrained_tv(op, b, radius, op_norm=self._norms[key],
+                                max_iterations=self.max_iterations, tolerance=self.tolerance)
+        result.regularizer_value = total_variation(result.solution.double())
+        return result
 
 
 CLASSICAL_METHODS = {"cgls": CGLSMethod, "tv": TVMethod}
+
+
+class DripMethod(ReconstructionMethod):
+    """The learned regularizer: ``u = E z*``, ``z*`` minimising ``R(z)`` under the data fit."""
+
+    name = "drip"
+    needs_model = True
+
+    def __init__(self, model, info, sha256: str):
+        self.model, self.info, self.sha256 = model, info, sha256
+
+    @classmethod
+    def load(cls, path) -> DripMethod:
+        from .io.models import load_model
+
+        return cls(*load_model(path))
+
+    def check(self, data) -> dict:
+        from .errors import DripError
+
+        if tuple(self.info.image_shape) != tuple(data.image_shape):
+            raise DripError(f"the model was trained on images of shape {tuple(self.info.image_shape)}"
+                            f", this file has {tuple(data.image_shape)}", data.path)
+        if self.info.operator_kind != data.operator.kind:
+            warnings.warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
+                          f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
+        return {"model_sha256": self.sha256}
+
+    def solve(self, op, b, radius):
+        self.model.to(b.device)
+        return self.model.solve(op, b, radius)  # regularizer_value = R(z*) at the latent solution

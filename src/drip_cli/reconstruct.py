@@ -63,6 +63,7 @@ def reconstruct_file(
     device: str | torch.device = "cpu",
     progress=None,
     extra_attrs: dict | None = None,
+    check=None,
 ) -> dict:
     """Reconstruct every sample of ``measurements_path`` into ``out_path``; return the summary.
 
@@ -72,12 +73,13 @@ def reconstruct_file(
     device = torch.device(device)
     check_writable(out_path)
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
+        extra_attrs = {**(extra_attrs or {}), **(check(data) if check is not None else {})}
         op = data.operator.to(device)
         n = data.n_samples
         columns: dict[str, list] = {}
         attrs = {"method": method.name, "tau": float(tau),
                  "source_file": str(Path(measurements_path).resolve()),
-                 "drip_version": __version__, "operator_kind": op.kind, **(extra_attrs or {})}
+                 "drip_version": __version__, "operator_kind": op.kind, **extra_attrs}
         with atomic_h5(out_path) as handle:
             writer = ReconstructionWriter(handle, n, data.image_shape, data.has_ground_truth, attrs)
             for batch in data.batches(batch_size):
@@ -97,7 +99,8 @@ def reconstruct_file(
                     "reconstructions": images,
                     "discrepancy_ratio": ratio,
                     "relative_residual": rel,
-                    "regularizer_value": method.regularizer_value(u).detach().cpu().double().numpy(),
+                    "regularizer_value": (np.full(len(b), np.nan) if result.regularizer_value is None
+                                          else result.regularizer_value.detach().cpu().double().numpy()),
                     "iterations": result.iterations.cpu().numpy(),
                     "converged": ratio <= tau,
                     "solver_converged": result.converged.cpu().numpy(),

@@ -39,3 +39,4 @@ class SolverResult:
     solution: torch.Tensor          # (N, C, H, W)
     iterations: torch.Tensor        # (N,) int64: iterations this sample used
     converged: torch.Tensor         # (N,) bool: the solver's own stopping rule was met
+    regularizer_value: torch.Tensor | None = None  # (N,): the regularizer at the solution, if any

@@ -1,0 +1,100 @@
+"""Model files: weights in ``safetensors`` (no pickle), metadata as JSON in the same header.
+
+A model file records the model config, the operator kind and image shape it was trained for, the
+training noise range, a hash of the training data and the drip version. ``--model`` accepts the
+file itself or a training run folder (which holds ``model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import DripError
+from ..regularizers.model import DripModel, ModelConfig
+from .atomic import atomic_path
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class ModelInfo:
+    """What a model file says about the model besides its weights."""
+
+    config: ModelConfig
+    operator_kind: str
+    image_shape: tuple[int, int, int]
+    noise_percent: tuple[float, float]
+    training_data_sha256: str = ""
+    drip_version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"drip_format": "model", "format_version": "1",
+                "config": json.dumps(self.config.to_dict()), "operator_kind": self.operator_kind,
+                "image_shape": json.dumps(list(self.image_shape)),
+                "noise_percent": json.dumps(list(self.noise_percent)),
+                "training_data_sha256": self.training_data_sha256,
+                "drip_version": self.drip_version, "extra": json.dumps(self.extra)}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str]) -> ModelInfo:
+        return cls(config=ModelConfig.from_dict(json.loads(meta["config"])),
+                   operator_kind=meta["operator_kind"],
+                   image_shape=tuple(json.loads(meta["image_shape"])),
+                   noise_percent=tuple(json.loads(meta["noise_percent"])),
+                   training_data_sha256=meta.get("training_data_sha256", ""),
+                   drip_version=meta.get("drip_version", ""),
+                   extra=json.loads(meta.get("extra", "{}")))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(path: str | os.PathLike, model: DripModel, info: ModelInfo) -> None:
+    """Write ``model`` atomically as safetensors with ``info`` in the header."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=info.to_metadata())
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.exists():
+        raise DripError("no such model file (expected a run folder or a .safetensors file)", path)
+    return path
+
+
+def load_model(path: str | os.PathLike) -> tuple[DripModel, ModelInfo, str]:
+    """Load a model without pickle; returns ``(model, info, sha256 of the file)``."""
+    path = resolve_model_path(path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("drip_format") != "model":
+            raise DripError("not a drip model file (no drip_format = model in its header)", path)
+        info = ModelInfo.from_metadata(meta)
+        model = DripModel(info.config)
+        model.load_state_dict(load_file(str(path)))
+    except DripError:
+        raise
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+        raise DripError(f"cannot load model ({exc})", path) from exc
+    return model.eval(), info, file_sha256(path)

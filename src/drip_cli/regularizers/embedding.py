@@ -1,0 +1,45 @@
+"""The learned embedding ``E``: latent variable ``z`` -> image ``u = E z``.
+
+``E`` is a ``kernel_size x kernel_size`` convolution from ``latent_channels`` to the image's
+``C`` channels with zero padding; its adjoint is the transposed convolution with the same weights.
+It starts as the identity on the first ``C`` latent channels (``E z = z[:, :C]``), so an untrained
+model reconstructs in image space.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Embedding(torch.nn.Module):
+    def __init__(self, latent_channels: int, image_channels: int, kernel_size: int = 3):
+        super().__init__()
+        if latent_channels < image_channels:
+            raise ValueError("latent_channels must be at least the number of image channels")
+        if kernel_size % 2 == 0:
+            raise ValueError("the embedding kernel size must be odd")
+        self.latent_channels, self.image_channels = latent_channels, image_channels
+        weight = torch.zeros(image_channels, latent_channels, kernel_size, kernel_size)
+        for c in range(image_channels):
+            weight[c, c, kernel_size // 2, kernel_size // 2] = 1.0
+        self.weight = torch.nn.Parameter(weight)
+
+    @property
+    def padding(self) -> int:
+        return self.weight.shape[-1] // 2
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``u = E z``: ``(N, latent_channels, H, W) -> (N, C, H, W)``."""
+        return F.conv2d(z, self.weight.to(z.dtype), padding=self.padding)
+
+    def adjoint(self, u: torch.Tensor) -> torch.Tensor:
+        """``E^T u``: ``(N, C, H, W) -> (N, latent_channels, H, W)``."""
+        return F.conv_transpose2d(u, self.weight.to(u.dtype), padding=self.padding)
+
+    def lift(self, u: torch.Tensor) -> torch.Tensor:
+        """A latent ``z`` with ``E z`` close to ``u`` for an untrained ``E``: ``u`` in the first
+        channels, zeros elsewhere (a starting point, not an inverse)."""
+        z = u.new_zeros((u.shape[0], self.latent_channels, *u.shape[2:]))
+        z[:, : self.image_channels] = u
+        return z

@@ -1,0 +1,66 @@
+"""A DRIP model: embedding ``E``, scalar regularizer ``R`` and the settings of its solver."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from ..operators import LinearOperator
+from .convex import ConvexFilterRegularizer
+from .embedding import Embedding
+
+ARCHITECTURES = ("convex",)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and solver settings; saved with every model file."""
+
+    image_channels: int = 1
+    latent_channels: int = 4
+    architecture: str = "convex"
+    n_filters: int = 32
+    kernel_size: int = 5
+    embedding_kernel_size: int = 3
+    eps: float = 0.01
+    # lower-level solver at inference
+    max_iterations: int = 300
+    tolerance: float = 1e-4
+    projection_iterations: int = 50
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DripModel(torch.nn.Module):
+    """``u = E z`` with ``z`` the minimiser of ``R(z)`` under the data-fit constraint."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {config.architecture!r} "
+                             f"(available: {', '.join(ARCHITECTURES)})")
+        self.config = config
+        self.embedding = Embedding(config.latent_channels, config.image_channels,
+                                   config.embedding_kernel_size)
+        self.regularizer = ConvexFilterRegularizer(
+            config.latent_channels, config.image_channels, config.n_filters, config.kernel_size,
+            config.eps)
+
+    def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, **overrides):
+        """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`."""
+        from ..solvers.drip import solve_drip
+
+        settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,
+                        projection_iterations=self.config.projection_iterations)
+        settings.update(overrides)
+        return solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)

@@ -1,0 +1,295 @@
+"""Bi-level training of a DRIP model.
+
+Upper level: ``theta`` (regularizer) and ``E`` (embedding) minimise, over training images ``x``
+with noise drawn per sample from a range of noise percents,
+
+    loss = ||E z - x||^2 / ||x||^2 + 1/2 ||E z_pre - x||^2 / ||x||^2 + 1/2 ||A E z - A x||^2 / ||A x||^2
+
+where ``z`` is the lower-level solution and ``z_pre`` the iterate before its last projection.
+
+Lower level: the solution is computed the way ``drip reconstruct`` computes it (accelerated
+projected gradient with steps bounded by ``1/L``), without gradients; gradients then flow through
+``unroll_steps`` projected-gradient steps taken *from that solution* (Jacobian-free
+backpropagation at the fixed point). The model is thus trained on the solutions the solver
+converges to, not on a fixed number of unrolled steps it could learn to exploit.
+
+Runs are reproducible and resumable: one seeded ``torch.Generator`` drives the data order and the
+noise, and the checkpoint holds the model, the optimiser, the position in the epoch and the
+generator state, so a resumed run ends with exactly the weights of an uninterrupted one (CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..data import add_noise, noise_std_for
+from ..errors import DripError
+from ..evaluation import psnr
+from ..io import MeasurementFile, atomic_path, write_text
+from ..io.models import MODEL_FILE, ModelInfo, file_sha256, save_model
+from ..operators.composed import EmbeddedOperator
+from ..regularizers.model import DripModel, ModelConfig
+from ..solvers import discrepancy_radius, discrepancy_ratio
+from ..solvers.drip import drip_step
+
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint_state.pt"
+HISTORY = "history.csv"
+CONFIG = "config.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as ``config.json`` in the run folder."""
+
+    data: str
+    out: str
+    epochs: int = 100
+    max_minutes: float | None = None
+    batch_size: int = 16
+    lr: float = 2e-3
+    noise_percent: tuple[float, float] = (1.0, 5.0)
+    tau: float = 1.0
+    val_fraction: float = 0.1
+    val_max_samples: int = 32
+    seed: int = 0
+    unroll_steps: int = 3
+    train_solver_iterations: int = 100
+    train_solver_tolerance: float = 1e-3
+    max_steps: int | None = None   # stop after this many optimiser steps in this invocation
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["noise_percent"] = list(self.noise_percent)
+        return values
+
+
+def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||estimate - target||^2 / ||target||^2`` per sample."""
+    return (estimate - target).flatten(1).pow(2).sum(1) / target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, device: torch.device, progress=None, log=None):
+        self.config = config
+        self.device = device
+        self.progress = progress or (lambda **kw: None)
+        self.log = log or (lambda message: None)
+        self.out = Path(config.out)
+        # Training draws fresh noise for every batch, so the file's own noise levels are not
+        # needed (a placeholder noise_std skips their check); only its ground truth and operator.
+        with MeasurementFile(config.data, require_ground_truth=True, noise_std=1.0) as data:
+            self.op = data.operator.to(device)
+            truth = np.concatenate([batch.ground_truth for batch in data.batches(1024)])
+        if truth.shape[1] != config.model.image_channels:
+            config.model.image_channels = truth.shape[1]
+        self.truth = torch.from_numpy(truth)
+        n = len(truth)
+        n_val = min(config.val_max_samples, max(1, int(round(config.val_fraction * n)))) if n > 1 else 0
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+        self.val_index, self.train_index = order[:n_val], order[n_val:]
+        if len(self.train_index) == 0:
+            raise DripError("too few samples to train on", config.data)
+        self.data_sha256 = file_sha256(config.data)
+
+        torch.manual_seed(config.seed)
+        self.model = DripModel(config.model).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.generator = torch.Generator().manual_seed(config.seed + 1)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.permutation = self._new_permutation()
+        self.best_psnr = -math.inf
+        self.elapsed = 0.0
+        self._validation_noise = self._fixed_validation_noise()
+
+    def _new_permutation(self) -> torch.Tensor:
+        return self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
+
+    def _fixed_validation_noise(self):
+        """Noise percents and noise draws for validation, fixed for the whole run."""
+        gen = torch.Generator().manual_seed(self.config.seed + 2)
+        low, high = self.config.noise_percent
+        percent = low + (high - low) * torch.rand(len(self.val_index), generator=gen, dtype=torch.float64)
+        noise = torch.randn((len(self.val_index), *self.op.measurement_shape), generator=gen,
+                            dtype=torch.float64)
+        return percent, noise
+
+    # -- data ----------------------------------------------------------------------------------
+    def _simulate(self, x: torch.Tensor, percent: torch.Tensor, noise: torch.Tensor):
+        clean = self.op(x)
+        sigma = noise_std_for(self.op, clean, percent.to(self.device))
+        b = add_noise(self.op, clean, sigma, noise.to(device=self.device, dtype=x.dtype))
+        return clean, b, sigma
+
+    def _training_batch(self):
+        cfg = self.config
+        start = self.step_in_epoch * cfg.batch_size
+        index = self.permutation[start:start + cfg.batch_size]
+        x = self.truth[index].to(self.device)
+        low, high = cfg.noise_percent
+        percent = low + (high - low) * torch.rand(len(index), generator=self.generator, dtype=torch.float64)
+        noise = torch.randn((len(index), *self.op.measurement_shape), generator=self.generator,
+                            dtype=torch.float64)
+        return (x, *self._simulate(x, percent, noise))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_index) / self.config.batch_size)
+
+    # -- one optimisation step -----------------------------------------------------------------
+    def train_step(self) -> float:
+        cfg = self.config
+        x, clean, b, sigma = self._training_batch()
+        radius = discrepancy_radius(self.op, sigma, cfg.tau)
+        self.model.train()
+        solution = self.model.solve(self.op, b, radius, max_iterations=cfg.train_solver_iterations,
+                                    tolerance=cfg.train_solver_tolerance)
+        z = solution.latent.detach()
+        forward_op = EmbeddedOperator(self.op, self.model.embedding)
+        regularizer = self.model.regularizer
+        step = (1.0 / regularizer.lipschitz_bound()).expand(len(z))
+        z_pre = z
+        for _ in range(cfg.unroll_steps):
+            z_pre = z - step.view(-1, 1, 1, 1) * regularizer.gradient(z)
+            z = drip_step(forward_op, regularizer, b, radius, z, step,
+                          cfg.model.projection_iterations).solution
+        u = self.model.embedding(z)
+        loss = (relative_error(u, x) + 0.5 * relative_error(self.model.embedding(z_pre), x)
+                + 0.5 * relative_error(self.op(u), clean)).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    # -- validation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        if len(self.val_index) == 0:
+            return {"val_psnr": float("nan"), "val_fit_fraction": float("nan")}
+        self.model.eval()
+        x = self.truth[self.val_index].to(self.device)
+        percent, noise = self._validation_noise
+        _, b, sigma = self._simulate(x, percent, noise)
+        solution = self.model.solve(self.op, b, discrepancy_radius(self.op, sigma, self.config.tau))
+        ratio = discrepancy_ratio(self.op, solution.solution, b, sigma)
+        return {"val_psnr": float(psnr(solution.solution.cpu().numpy(), x.cpu().numpy()).mean()),
+                "val_fit_fraction": float((ratio <= self.config.tau).double().mean()),
+                "val_iterations": float(solution.iterations.double().mean())}
+
+    # -- files ---------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(config=self.config.model, operator_kind=self.op.kind,
+                         image_shape=self.op.image_shape,
+                         noise_percent=tuple(self.config.noise_percent),
+                         training_data_sha256=self.data_sha256,
+                         extra={"epoch": self.epoch, "global_step": self.global_step,
+                                "val_psnr": self.best_psnr})
+
+    def save_checkpoint(self) -> None:
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(self.out / CHECKPOINT_WEIGHTS) as tmp:
+            save_file(weights, tmp)
+        state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                 "permutation": self.permutation, "generator": self.generator.get_state(),
+                 "best_psnr": self.best_psnr, "elapsed": self.elapsed,
+                 "torch_rng": torch.get_rng_state()}
+        with atomic_path(self.out / CHECKPOINT_STATE) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self) -> None:
+        weights_path, state_path = self.out / CHECKPOINT_WEIGHTS, self.out / CHECKPOINT_STATE
+        if not weights_path.exists() or not state_path.exists():
+            raise DripError("no checkpoint to resume from", self.out)
+        saved = json.loads((self.out / CONFIG).read_text())
+        if saved.get("model") != self.config.model.to_dict():
+            raise DripError("--resume: the architecture options differ from the run's config.json",
+                            self.out)
+        try:
+            self.model.load_state_dict(load_file(str(weights_path)))
+            state = torch.load(state_path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure here means a damaged checkpoint
+            raise DripError(f"cannot read checkpoint ({exc})", state_path) from exc
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.permutation = state["global_step"], state["permutation"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_psnr, self.elapsed = state["best_psnr"], state["elapsed"]
+
+    def _append_history(self, row: dict) -> None:
+        path = self.out / HISTORY
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.load_checkpoint()
+        else:
+            for name in (HISTORY, CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
+                (self.out / name).unlink(missing_ok=True)
+            write_text(self.out / CONFIG, json.dumps({**cfg.to_dict(), "drip_version": __version__},
+                                                     indent=2) + "\n")
+        started = time.perf_counter() - self.elapsed
+        steps_here, stopped_early, losses = 0, False, []
+        total_steps = cfg.epochs * self.steps_per_epoch
+        while self.epoch < cfg.epochs:
+            while self.step_in_epoch < self.steps_per_epoch:
+                if cfg.max_steps is not None and steps_here >= cfg.max_steps:
+                    stopped_early = True
+                    break
+                if cfg.max_minutes is not None and time.perf_counter() - started >= 60 * cfg.max_minutes:
+                    stopped_early = True
+                    break
+                losses.append(self.train_step())
+                self.step_in_epoch += 1
+                self.global_step += 1
+                steps_here += 1
+                self.progress(step=self.global_step, total=total_steps, loss=losses[-1],
+                              epoch=self.epoch, best=self.best_psnr)
+            if stopped_early:
+                break
+            self.elapsed = time.perf_counter() - started
+            self._end_epoch(losses)
+            losses = []
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.permutation = self._new_permutation()
+            self.save_checkpoint()
+        self.elapsed = time.perf_counter() - started
+        if stopped_early:
+            self.save_checkpoint()
+        if not (self.out / MODEL_FILE).exists():  # stopped before the first validation
+            self._end_epoch(losses)
+        return {"epochs_done": self.epoch, "global_step": self.global_step,
+                "best_val_psnr": self.best_psnr, "seconds": self.elapsed,
+                "stopped_early": stopped_early}
+
+    def _end_epoch(self, losses: list[float]) -> None:
+        metrics = self.validate()
+        row = {"epoch": self.epoch, "step": self.global_step,
+               "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
+               "seconds": round(self.elapsed, 2)}
+        self._append_history(row)
+        self.log(row)
+        if not (metrics["val_psnr"] <= self.best_psnr):  # also true for NaN (no validation set)
+            self.best_psnr = metrics["val_psnr"]
+            save_model(self.out / MODEL_FILE, self.model, self.model_info())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 import time
 from enum import Enum
 from pathlib import Path
@@ -19,7 +18,7 @@ import typer
 from rich.table import Table
 
 from . import __version__
-from .console import console, error_line, fmt, key_value_table, progress_bar, show_warning
+from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
 from .errors import DripError
 
 app = typer.Typer(
@@ -278,7 +277,7 @@ def reconstruct(
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
                                        batch_size=batch_size, device=resolve_device(device),
-                                       progress=update, check=chosen.check)
+                                       progress=update, warn=warning_line)
         summary["seconds_total"] = time.perf_counter() - start
         if report is not None:
             write_text(report, json.dumps(summary, indent=2) + "\n")
@@ -338,5 +337,4 @@ def info(
 
 
 def main() -> None:
-    warnings.showwarning = show_warning
     app()

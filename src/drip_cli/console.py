@@ -65,6 +65,7 @@ def error_line(message: str) -> None:
     sys.stderr.write("drip: error: " + " ".join(str(message).split()) + "\n")
 
 
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` for the CLI: one line, no source location."""
+
+def warning_line(message: str) -> None:
+    """One warning line on stderr."""
     sys.stderr.write("drip: warning: " + " ".join(str(message).split()) + "\n")

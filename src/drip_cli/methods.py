@@ -7,7 +7,6 @@ a regularizer (the file then stores NaN for CGLS).
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 
@@ -22,8 +21,9 @@ class ReconstructionMethod:
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> SolverResult:
         raise NotImplementedError
 
-    def check(self, data) -> dict:
-        """Refuse (or warn about) data this method cannot serve; return extra output attributes."""
+    def check(self, data, warn) -> dict:
+        """Refuse data this method cannot serve (raise), ``warn(message)`` about doubtful data,
+        and return extra attributes for the output file."""
         return {}
 
 
@@ -77,15 +77,15 @@ class DripMethod(ReconstructionMethod):
 
         return cls(*load_model(path))
 
-    def check(self, data) -> dict:
+    def check(self, data, warn) -> dict:
         from .errors import DripError
 
         if tuple(self.info.image_shape) != tuple(data.image_shape):
             raise DripError(f"the model was trained on images of shape {tuple(self.info.image_shape)}"
                             f", this file has {tuple(data.image_shape)}", data.path)
         if self.info.operator_kind != data.operator.kind:
-            warnings.warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
-                          f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
+            warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
+                 f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
         return {"model_sha256": self.sha256}
 
     def solve(self, op, b, radius):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,17 +64,18 @@ def reconstruct_file(
     device: str | torch.device = "cpu",
     progress=None,
     extra_attrs: dict | None = None,
-    check=None,
+    warn=warnings.warn,
 ) -> dict:
     """Reconstruct every sample of ``measurements_path`` into ``out_path``; return the summary.
 
-    ``progress(done, total)`` is called after each batch. The output appears only when every
+    ``progress(done, total)`` is called after each batch; ``warn(message)`` receives the method's
+    doubts about the data (a model used on another operator). The output appears only when every
     batch succeeded.
     """
     device = torch.device(device)
     check_writable(out_path)
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
-        extra_attrs = {**(extra_attrs or {}), **(check(data) if check is not None else {})}
+        extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         op = data.operator.to(device)
         n = data.n_samples
         columns: dict[str, list] = {}

@@ -1,0 +1,87 @@
+"""Training: exact resume, model files without pickle, the model/data checks of reconstruct."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_operator
+from drip_cli.io.models import load_model
+from helpers import run_cli, write_small_file
+
+TINY = ["--batch-size", "4", "--latent-channels", "2", "--filters", "4", "--kernel-size", "3",
+        "--unroll-steps", "1", "--device", "cpu", "--seed", "5", "-q"]
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "train.h5"
+    from drip_cli.operators import Blur, gaussian_psf
+
+    write_small_file(path, Blur((1, 12, 12), gaussian_psf(1.0)), n=12)
+    return path
+
+
+def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert run_cli("train", train_file, "--out", whole, "--epochs", 2, *TINY).exit_code == 0
+    first = run_cli("train", train_file, "--out", split, "--epochs", 2, "--max-steps", 3, *TINY)
+    assert first.exit_code == 0, first.stderr
+    second = run_cli("train", train_file, "--out", split, "--epochs", 2, "--resume", *TINY)
+    assert second.exit_code == 0, second.stderr
+    a = load_file(str(whole / "checkpoint.safetensors"))
+    b = load_file(str(split / "checkpoint.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    history = (split / "history.csv").read_text().splitlines()
+    assert len(history) == 3  # header + one row per epoch
+    assert json.loads((split / "config.json").read_text())["model"]["n_filters"] == 4
+
+
+def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    model, info, sha = load_model(run)  # safetensors: no pickle involved
+    assert info.operator_kind == "blur" and info.image_shape == (1, 12, 12)
+    assert info.noise_percent == (1.0, 5.0) and len(info.training_data_sha256) == 64
+    assert model.config.latent_channels == 2 and len(sha) == 64
+    state = torch.load(run / "checkpoint_state.pt", weights_only=True)  # refuses pickled objects
+    assert "optimizer" in state and "generator" in state
+
+
+def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", train_file, "--model", run, "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["method"] == "drip" and len(f.attrs["model_sha256"]) == 64
+        ratio, converged = f["discrepancy_ratio"][()], f["converged"][()]
+        assert np.all(converged == (ratio <= 1.0)) and np.all(ratio <= 1.0)
+        assert np.all(np.isfinite(f["regularizer_value"][()]))
+
+
+def test_model_and_data_that_do_not_match(train_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    other = tmp_path / "other.h5"
+    write_small_file(other, make_operator("denoise", (1, 16, 20)))
+    result = run_cli("reconstruct", other, "--model", run, "--out", tmp_path / "r.h5")
+    assert result.exit_code == 1 and "shape" in result.stderr and not (tmp_path / "r.h5").exists()
+    inpaint = tmp_path / "inpaint.h5"
+    write_small_file(inpaint, make_operator("inpainting", (1, 12, 12)))
+    result = run_cli("reconstruct", inpaint, "--model", run, "--out", tmp_path / "r.h5", "-q")
+    assert result.exit_code == 0 and "warning" in result.stderr.lower()
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    result = run_cli("reconstruct", inpaint, "--model", broken, "--out", tmp_path / "r2.h5")
+    assert result.exit_code == 1 and str(broken) in result.stderr
+    result = run_cli("reconstruct", inpaint, "--method", "drip", "--out", tmp_path / "r3.h5")
+    assert result.exit_code == 1 and "--model" in result.stderr

@@ -3,7 +3,8 @@
     R(z) = sum_j w_j sum_pixels psi_j((K z)_j + beta_j),     psi_j(t) = sqrt(t^2 + eps_j^2) - eps_j
 
 ``K`` is a bank of learned convolution filters (``n_filters`` of size ``kernel_size``, acting on
-all latent channels, zero padding), ``w_j = softplus(rho_j) >= 0`` and ``eps_j > 0``. Each
+all latent channels, zero padding), each kept zero-mean per channel by construction (so ``R`` is
+blind to constant offsets, as in fields of experts, and cannot learn to pull intensities down), ``w_j = softplus(rho_j) >= 0`` and ``eps_j > 0``. Each
 ``psi_j`` is convex and ``K`` is linear, so ``R`` is convex in ``z`` for every value of the
 parameters: the lower-level problem stays convex throughout training.
 
@@ -80,8 +81,13 @@ class ConvexFilterRegularizer(torch.nn.Module):
     def padding(self) -> int:
         return self.filters.shape[-1] // 2
 
+    @property
+    def kernels(self) -> torch.Tensor:
+        """The filters actually applied: the parameters minus their mean per (filter, channel)."""
+        return self.filters - self.filters.mean(dim=(2, 3), keepdim=True)
+
     def _responses(self, z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(z, self.filters.to(z.dtype), self.bias.to(z.dtype), padding=self.padding)
+        return F.conv2d(z, self.kernels.to(z.dtype), self.bias.to(z.dtype), padding=self.padding)
 
     # -- the functional --------------------------------------------------------------------------
     def value(self, z: torch.Tensor) -> torch.Tensor:
@@ -97,11 +103,11 @@ class ConvexFilterRegularizer(torch.nn.Module):
         eps = self.eps.to(z.dtype).view(1, -1, 1, 1)
         dpsi = t / torch.sqrt(t * t + eps * eps)
         scaled = self.weights.to(z.dtype).view(1, -1, 1, 1) * dpsi
-        return F.conv_transpose2d(scaled, self.filters.to(z.dtype), padding=self.padding)
+        return F.conv_transpose2d(scaled, self.kernels.to(z.dtype), padding=self.padding)
 
     def lipschitz_bound(self, grid: int = 128, margin: float = 1.02) -> torch.Tensor:
         """An upper bound on the Lipschitz constant of ``grad R`` (see the module docstring)."""
-        spectra = torch.fft.fft2(self.filters.double(), s=(grid, grid)).permute(2, 3, 0, 1)
+        spectra = torch.fft.fft2(self.kernels.double(), s=(grid, grid)).permute(2, 3, 0, 1)
         curvature = (self.weights / self.eps).double().to(spectra.dtype)
         hessian = torch.einsum("xyjc,xyjd,j->xycd", spectra.conj(), spectra, curvature)
         return margin * torch.linalg.eigvalsh(hessian).max().to(self.filters.dtype)

@@ -64,8 +64,8 @@ class TrainConfig:
     val_max_samples: int = 32
     seed: int = 0
     unroll_steps: int = 3
-    train_solver_iterations: int = 100
-    train_solver_tolerance: float = 1e-3
+    train_solver_iterations: int = 300
+    train_solver_tolerance: float = 1e-4
     max_steps: int | None = None   # stop after this many optimiser steps in this invocation
     model: ModelConfig = field(default_factory=ModelConfig)
 

@@ -98,3 +98,47 @@ def test_tv_beats_cgls_in_mean_psnr(kind, photo_crops):
     tv = constrained_tv(op, b, radius, max_iterations=3000).solution.numpy()
     cg = cgls(op, b, radius).solution.numpy()
     assert psnr(tv, photo_crops).mean() > psnr(cg, photo_crops).mean() + 0.5
+
+
+def _perturbed_model(latent=3, seed=0):
+    from drip_cli.regularizers.model import DripModel, ModelConfig
+
+    model = DripModel(ModelConfig(latent_channels=latent, n_filters=8, kernel_size=3, eps=0.05))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model.double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix"])
+def test_drip_solver_fits_every_sample_or_flags_it(kind, device):
+    op = make_operator(kind, (1, 16, 20)).to(device)
+    model = _perturbed_model().to(device)
+    x = torch.rand(4, 1, 16, 20, dtype=torch.float64, device=device)
+    b, sigma = noisy(op, x, 3.0)
+    sigma = sigma.to(device)
+    result = model.solve(op, b.to(device), discrepancy_radius(op, sigma, 1.0), max_iterations=60)
+    ratio = discrepancy_ratio(op, result.solution, b.to(device), sigma)
+    assert bool((ratio <= 1.0).all()), ratio
+    assert result.regularizer_value.shape == (4,) and bool(torch.isfinite(result.regularizer_value).all())
+    # an unreachable data fit is flagged, never passed silently
+    hopeless = model.solve(op, b.to(device), discrepancy_radius(op, sigma * 1e-9, 1.0),
+                           max_iterations=5, final_projection_iterations=5)
+    if kind != "inpainting":  # inpainting can fit exactly: nothing to flag there
+        assert not bool(hopeless.converged.any())
+
+
+def test_drip_solver_lowers_the_regularizer_from_the_cgls_start():
+    op = Blur((1, 16, 16), gaussian_psf(1.5))
+    model = _perturbed_model()
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64)
+    b, sigma = noisy(op, x, 2.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    from drip_cli.operators.composed import EmbeddedOperator
+
+    start = cgls(EmbeddedOperator(op, model.embedding), b, radius).solution
+    result = model.solve(op, b, radius, max_iterations=200)
+    with torch.no_grad():
+        assert bool((result.regularizer_value < model.regularizer.value(start)).all())

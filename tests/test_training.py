@@ -40,7 +40,7 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     history = (split / "history.csv").read_text().splitlines()
-    assert len(history) == 3  # header + one row per epoch
+    assert len(history) == 4  # header, the untrained start, one row per epoch
     assert json.loads((split / "config.json").read_text())["model"]["n_filters"] == 4
 
 

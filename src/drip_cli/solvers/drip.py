@@ -58,13 +58,17 @@ def solve_drip(
     projection_iterations: int = 50,
     final_projection_iterations: int = 1000,
 ) -> DripSolution:
-    """Solve the lower-level problem for a batch (see the module docstring)."""
+    """Solve the lower-level problem for a batch (see the module docstring).
+
+    ``projection_iterations`` caps the CGLS projection inside each step;
+    ``final_projection_iterations`` caps the CGLS runs that start (from zero) and end the solve.
+    """
     forward_op = EmbeddedOperator(op, embedding)
     radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
     step = (step_scale / regularizer.lipschitz_bound()).to(b.dtype).expand(n)
     if z0 is None:  # the discrepancy-principle CGLS solution in latent space: feasible
-        z0 = cgls(forward_op, b, radius).solution
+        z0 = cgls(forward_op, b, radius, max_iterations=final_projection_iterations).solution
     solution = z0.clone()
     iterations = torch.full((n,), max_iterations, dtype=torch.int64, device=b.device)
     stopped = torch.zeros(n, dtype=torch.bool, device=b.device)

@@ -248,6 +248,7 @@ class Trainer:
                 (self.out / name).unlink(missing_ok=True)
             write_text(self.out / CONFIG, json.dumps({**cfg.to_dict(), "drip_version": __version__},
                                                      indent=2) + "\n")
+            self._end_epoch([], label="start")  # the untrained model (smoothed TV) as a reference
         started = time.perf_counter() - self.elapsed
         steps_here, stopped_early, losses = 0, False, []
         total_steps = cfg.epochs * self.steps_per_epoch
@@ -283,9 +284,9 @@ class Trainer:
                 "best_val_psnr": self.best_psnr, "seconds": self.elapsed,
                 "stopped_early": stopped_early}
 
-    def _end_epoch(self, losses: list[float]) -> None:
+    def _end_epoch(self, losses: list[float], label: str | None = None) -> None:
         metrics = self.validate()
-        row = {"epoch": self.epoch, "step": self.global_step,
+        row = {"epoch": self.epoch if label is None else label, "step": self.global_step,
                "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
                "seconds": round(self.elapsed, 2)}
         self._append_history(row)

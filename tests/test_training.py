@@ -85,3 +85,12 @@ def test_model_and_data_that_do_not_match(train_file, tmp_path):
     assert result.exit_code == 1 and str(broken) in result.stderr
     result = run_cli("reconstruct", inpaint, "--method", "drip", "--out", tmp_path / "r3.h5")
     assert result.exit_code == 1 and "--model" in result.stderr
+
+
+def test_info_on_a_model(train_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    for target in (run, run / "model.safetensors"):
+        result = run_cli("info", target)
+        assert result.exit_code == 0, result.stderr
+        assert "blur" in result.stdout and "latent_channels" in result.stdout

@@ -305,19 +305,21 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
 
 @app.command()
 def info(
-    file: Path = typer.Argument(..., help="A measurement or reconstruction file."),
+    file: Path = typer.Argument(..., help="A measurement file, reconstruction file, model file "
+                                "or training run folder."),
     samples: int = typer.Option(10, "--samples", min=0,
                                 help="Reconstruction files: rows of the per-sample table."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Summarize a drip file: datasets, operator (with ||A|| and adjointness), data fit, PSNR."""
-    from .info import file_kind, measurement_info, reconstruction_info
+    """Summarize a drip file: datasets, operator (with ||A|| and adjointness), data fit, PSNR,
+    or a model's metadata."""
+    from .info import file_kind, measurement_info, model_info, reconstruction_info
 
     with _errors(debug):
         kind = file_kind(file)
-        if kind == "measurements":
-            for title, rows in measurement_info(file):
+        if kind in ("measurements", "model"):
+            for title, rows in (measurement_info if kind == "measurements" else model_info)(file):
                 console.print(key_value_table(title, rows))
             return
         sections, columns = reconstruction_info(file)

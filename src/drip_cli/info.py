@@ -69,13 +69,32 @@ def reconstruction_info(path: Path) -> tuple[list[tuple[str, dict]], dict[str, n
     return [(path.name, general), ("per-sample summary", stats)], columns
 
 
+def model_info(path: Path) -> list[tuple[str, dict]]:
+    """A model file or run folder: its header metadata and a few derived figures."""
+    from .io.models import load_model, resolve_model_path
+
+    model, info, sha = load_model(path)
+    general = {"format": "drip model v1 (safetensors)", "file": str(resolve_model_path(path)),
+               "sha256": sha, "operator kind": info.operator_kind,
+               "image shape (C, H, W)": str(tuple(info.image_shape)),
+               "training noise percent": f"{info.noise_percent[0]:g}:{info.noise_percent[1]:g}",
+               "training data sha256": info.training_data_sha256 or "-",
+               "drip version": info.drip_version,
+               "parameters": sum(p.numel() for p in model.parameters()),
+               "Lipschitz bound of grad R": f"{float(model.regularizer.lipschitz_bound().detach()):.4g}"}
+    general.update({k: str(v) for k, v in info.extra.items()})
+    return [(Path(path).name, general), ("config", info.config.to_dict())]
+
+
 def file_kind(path: str | os.PathLike) -> str:
-    """``measurements`` or ``reconstructions`` (raises :class:`DripError` otherwise)."""
+    """``measurements``, ``reconstructions`` or ``model`` (raises :class:`DripError` otherwise)."""
     path = Path(path)
     if not path.exists():
         raise DripError("no such file", path)
+    if path.is_dir() and (path / "model.safetensors").exists() or path.suffix == ".safetensors":
+        return "model"
     if path.is_dir() or not h5py.is_hdf5(path):
-        raise DripError("not an HDF5 file drip knows (measurements or reconstructions)", path)
+        raise DripError("not a file drip knows (measurements, reconstructions or a model)", path)
     try:
         with h5py.File(path, "r") as handle:
             fmt = file_format(handle)

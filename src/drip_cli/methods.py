@@ -16,7 +16,6 @@ from .solvers import SolverResult, cgls, constrained_tv, total_variation
 
 class ReconstructionMethod:
     name: str = ""
-    needs_model: bool = False
 
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> SolverResult:
         raise NotImplementedError
@@ -66,7 +65,6 @@ class DripMethod(ReconstructionMethod):
     """The learned regularizer: ``u = E z*``, ``z*`` minimising ``R(z)`` under the data fit."""
 
     name = "drip"
-    needs_model = True
 
     def __init__(self, model, info, sha256: str):
         self.model, self.info, self.sha256 = model, info, sha256

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import DripError
 from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
 from .methods import ReconstructionMethod
@@ -20,8 +21,6 @@ from .solvers import discrepancy_radius, discrepancy_ratio, residual_norm
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
-    from .errors import DripError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -2,16 +2,19 @@
 
 ``TV(u) = sum_{c,i,j} ||(grad u_c)_{ij}||_2`` (isotropic, per channel). Solved with the
 primal-dual hybrid gradient method (Chambolle & Pock) on ``min_u F(K u)`` with
-``K = [grad; A / ||A||]`` and ``F(p, q) = ||p||_{2,1} + indicator(||q - b/||A|| || <= radius/||A||)``:
+``K = [grad; w A / ||A||]`` and
+``F(p, q) = ||p||_{2,1} + indicator(||q - w b / ||A|| || <= w radius / ||A||)``:
 
     u+  = u - tau K^T y
     y+  = prox_{sigma F*}(y + sigma K (2 u+ - u))
 
-with ``tau * sigma * ||K||^2 <= 1`` and ``||K||^2 <= 8 + 1``. A small primal step converges much
-faster than balanced steps on this problem. Each sample stops when it fits the data to within
-``feasibility_slack`` and its iterate changes by less than ``tolerance`` (relative, over
-``check_every`` iterations); stopped samples are frozen. PDHG is only feasible in the limit, so a
-last CGLS pass started at the PDHG point enforces the constraint exactly.
+with ``tau * sigma * ||K||^2 <= 1``, ``||K||^2 <= 8 + w^2``. The data block weight ``w``
+(``DATA_WEIGHT``) balances the two dual variables; the steps are adapted per sample to balance
+the primal and dual residuals (Goldstein, Li & Yuan, 2015), keeping ``tau * sigma`` fixed.
+A sample stops when both residuals are below ``tolerance`` relative to the terms they compare and
+it fits the data to within ``feasibility_slack``; stopped samples leave the batch. PDHG is only
+feasible in the limit, so a last CGLS pass started at the PDHG point enforces the constraint
+exactly (``converged`` is False for a sample that reached ``max_iterations``).
 """
 
 from __future__ import annotations

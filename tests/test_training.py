@@ -94,3 +94,48 @@ def test_info_on_a_model(train_file, tmp_path):
         result = run_cli("info", target)
         assert result.exit_code == 0, result.stderr
         assert "blur" in result.stdout and "latent_channels" in result.stdout
+
+
+def test_implicit_gradient_matches_finite_differences():
+    """dL/dtheta through the converged lower-level solution, against central differences of L."""
+    from drip_cli.operators import Blur, gaussian_psf
+    from drip_cli.regularizers.model import DripModel, ModelConfig
+    from drip_cli.training.implicit import implicit_surrogate
+
+    torch.manual_seed(0)
+    op = Blur((1, 10, 10), gaussian_psf(1.0))
+    model = DripModel(ModelConfig(latent_channels=1, n_filters=4, kernel_size=3, eps=0.1)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(2, 1, 10, 10, dtype=torch.float64)
+    b = op(x) + 0.05 * torch.randn(2, 1, 10, 10, dtype=torch.float64)
+    radius = torch.full((2,), 0.5, dtype=torch.float64)
+
+    def loss_of(z):
+        u = model.embedding(z)
+        return ((u - x).flatten(1).pow(2).sum(1) / x.flatten(1).pow(2).sum(1)).mean()
+
+    def solve():
+        return model.solve(op, b, radius, max_iterations=3000, tolerance=1e-13,
+                           final_projection_iterations=2000).latent
+
+    z = solve().requires_grad_(True)
+    loss = loss_of(z)
+    (v,) = torch.autograd.grad(loss, z, retain_graph=True)
+    surrogate = implicit_surrogate(op, model.embedding, model.regularizer, b, z, v, cg_iterations=200)
+    model.zero_grad()
+    (loss + surrogate).backward()
+    probes = [(model.regularizer.bias, (0,)), (model.regularizer.filters, (0, 0, 1, 1)),
+              (model.embedding.weight, (0, 0, 1, 2))]
+    h = 1e-5
+    for param, index in probes:
+        implicit = float(param.grad[index])
+        with torch.no_grad():
+            param[index] += h
+            plus = float(loss_of(solve()))
+            param[index] -= 2 * h
+            minus = float(loss_of(solve()))
+            param[index] += h
+        numeric = (plus - minus) / (2 * h)
+        assert abs(implicit - numeric) <= 0.1 * abs(numeric), (implicit, numeric)

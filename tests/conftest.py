@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drip_cli.operators import (Blur, Denoise, Inpainting, SparseMatrixOperator, Tomography,
-                                gaussian_psf, limited_angles)
+                                limited_angles)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[CUDA, pytest.mark.cuda])]

@@ -7,7 +7,6 @@ a regularizer (the file then stores NaN for CGLS).
 
 from __future__ import annotations
 
-
 import torch
 
 from .operators import LinearOperator, estimate_norm

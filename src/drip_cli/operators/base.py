@@ -17,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..batching import batch_dot
 
 class LinearOperator(torch.nn.Module):
     """Base class: ``forward`` is ``A``, ``adjoint`` is ``A^T``.
@@ -104,10 +105,6 @@ class LinearOperator(torch.nn.Module):
         return f"image_shape={self.image_shape}, measurement_shape={self.measurement_shape}"
 
 
-def _batched_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).flatten(1).sum(1)
-
-
 @torch.no_grad()
 def estimate_norm(
     op: LinearOperator,
@@ -153,7 +150,7 @@ def adjointness_error(
     y = torch.randn((trials, *op.measurement_shape), generator=gen, dtype=torch.float64)
     x, y = x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
     y = op.project_measurements(y)
-    lhs = _batched_inner(op(x), y).double()
-    rhs = _batched_inner(x, op.adjoint(y)).double()
+    lhs = batch_dot(op(x), y).double()
+    rhs = batch_dot(x, op.adjoint(y)).double()
     scale = norm * x.double().flatten(1).norm(dim=1) * y.double().flatten(1).norm(dim=1)
     return float(((lhs - rhs).abs() / scale).max())

@@ -15,16 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import batch_dot, per_sample
 from ..operators import LinearOperator
 from .datafit import SolverResult
-
-
-def _sq(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).pow(2).sum(1)
-
-
-def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.ndim - 1)))
 
 
 def cgls(
@@ -51,7 +44,7 @@ def cgls(
     r = b - op(u)
     s = op.adjoint(r)
     p = s
-    gamma = _sq(s)
+    gamma = batch_dot(s, s)
     # A step aimed exactly at the target lands within rounding of it: accept that as arrived.
     stop_level = target * (1 + 1e-6)
     residual = r.flatten(1).norm(dim=1)
@@ -62,7 +55,7 @@ def cgls(
         if not bool(active.any()):
             break
         q = op(p)
-        qq = _sq(q)
+        qq = batch_dot(q, q)
         # A vanishing search direction means the residual cannot shrink further.
         active = active & (qq > tiny) & (gamma > tiny)
         alpha = gamma / qq.clamp_min(tiny)
@@ -74,12 +67,12 @@ def cgls(
         alpha_hit = (rq - disc.clamp_min(0).sqrt()) / qq.clamp_min(tiny)
         alpha = torch.where((disc >= 0) & (alpha_hit < alpha), alpha_hit, alpha)
         alpha = torch.where(active, alpha, torch.zeros_like(alpha))
-        u = u + _per_sample(alpha, u) * p
-        r = r - _per_sample(alpha, r) * q
+        u = u + per_sample(alpha, u) * p
+        r = r - per_sample(alpha, r) * q
         s = op.adjoint(r)
-        gamma_new = _sq(s)
+        gamma_new = batch_dot(s, s)
         beta = torch.where(active, gamma_new / gamma.clamp_min(tiny), torch.zeros_like(gamma))
-        p = torch.where(_per_sample(active, p), s + _per_sample(beta, p) * p, p)
+        p = torch.where(per_sample(active, p), s + per_sample(beta, p) * p, p)
         gamma = torch.where(active, gamma_new, gamma)
         iterations = iterations + active.long()
         residual = r.flatten(1).norm(dim=1)

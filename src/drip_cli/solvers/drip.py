@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..batching import per_sample
 from ..operators import LinearOperator
 from ..operators.composed import EmbeddedOperator
-from .cgls import _per_sample, cgls
+from .cgls import cgls
 from .datafit import SolverResult
 
 
@@ -40,7 +41,7 @@ def project(forward_op: EmbeddedOperator, b, radius, z, max_iterations: int):
 
 def drip_step(forward_op, regularizer, b, radius, z, step, projection_iterations):
     """One projected-gradient step ``P(z - step grad R(z))`` (differentiable)."""
-    moved = z - _per_sample(step, z) * regularizer.gradient(z)
+    moved = z - per_sample(step, z) * regularizer.gradient(z)
     return project(forward_op, b, radius, moved, projection_iterations)
 
 
@@ -80,13 +81,13 @@ def solve_drip(
     for it in range(1, max_iterations + 1):
         t_next = (1 + torch.sqrt(1 + 4 * momentum_t**2)) / 2
         beta = (momentum_t - 1) / t_next
-        y = z + _per_sample(beta, z) * (z - z_prev)
+        y = z + per_sample(beta, z) * (z - z_prev)
         z_new = drip_step(forward_op, regularizer, b_work, radius_work, y, step[: len(rows)],
                           projection_iterations).solution
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
-        z_prev, z = torch.where(_per_sample(against, z), z_new, z), z_new
+        z_prev, z = torch.where(per_sample(against, z), z_new, z), z_new
         small = change <= tolerance
         done = small | (it == max_iterations)
         if bool(done.any()):  # retire finished samples; keep iterating on the rest only

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import per_sample
 from ..operators import LinearOperator, estimate_norm
 from ..operators.finite_differences import GRADIENT_NORM_SQUARED_BOUND, gradient, gradient_adjoint
-from .cgls import _per_sample, cgls
+from .cgls import cgls
 from .datafit import SolverResult
 
 
@@ -37,7 +38,7 @@ def _project_ball(w: torch.Tensor, centre: torch.Tensor, radius: torch.Tensor) -
     norm = offset.flatten(1).norm(dim=1)
     scale = torch.where(norm > radius, radius / norm.clamp_min(torch.finfo(w.dtype).tiny),
                         torch.ones_like(norm))
-    return centre + _per_sample(scale, offset) * offset
+    return centre + per_sample(scale, offset) * offset
 
 
 # Weight of the data block in K. ||grad||^2 = 8 dwarfs ||A / ||A|| ||^2 = 1; weighting the data
@@ -98,9 +99,9 @@ def constrained_tv(
     p, q = torch.zeros_like(ku_p), torch.zeros_like(ku_q)
     kty = torch.zeros_like(u)
     for it in range(1, max_iterations + 1):
-        u_new = u - _per_sample(tau, u) * kty
+        u_new = u - per_sample(tau, u) * kty
         kun_p, kun_q = apply_k(u_new)
-        sig_p, sig_q = _per_sample(sigma, p), _per_sample(sigma, q)
+        sig_p, sig_q = per_sample(sigma, p), per_sample(sigma, q)
         # dual step at the extrapolated point K(2 u_new - u), by linearity
         p_new = p + sig_p * (2 * kun_p - ku_p)
         p_new = p_new / p_new.pow(2).sum(1, keepdim=True).sqrt().clamp_min(1.0)
@@ -110,7 +111,7 @@ def constrained_tv(
         kty_new = kty_p + kty_q
         # residuals of the optimality conditions (Goldstein, Li & Yuan, 2015); at the solution
         # K^T y = 0, i.e. the TV and data terms of K^T y cancel
-        primal_res = _norms((u - u_new) / _per_sample(tau, u) - (kty - kty_new))
+        primal_res = _norms((u - u_new) / per_sample(tau, u) - (kty - kty_new))
         dual_res = _norms((p - p_new) / sig_p - (ku_p - kun_p), (q - q_new) / sig_q - (ku_q - kun_q))
         # balance the two residuals with per-sample steps (tau * sigma stays fixed)
         grow, shrink = primal_res > 1.5 * dual_res, dual_res > 1.5 * primal_res

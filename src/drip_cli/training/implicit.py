@@ -23,15 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import batch_dot, per_sample
 from ..operators.composed import EmbeddedOperator
-
-
-def _dot(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return (p * q).flatten(1).sum(1)
-
-
-def _ps(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.ndim - 1)))
 
 
 def hessian_vector(regularizer, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -50,31 +43,31 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
     with torch.no_grad():
         forward_op = EmbeddedOperator(op, embedding)
         g = forward_op.adjoint(forward_op(z) - b)
-        gg = _dot(g, g).clamp_min(torch.finfo(z.dtype).tiny)
-        mu = (-_dot(regularizer.gradient(z), g) / gg).clamp_min(0)
+        gg = batch_dot(g, g).clamp_min(torch.finfo(z.dtype).tiny)
+        mu = (-batch_dot(regularizer.gradient(z), g) / gg).clamp_min(0)
 
         def project(t):
-            return t - _ps(_dot(g, t) / gg, t) * g
+            return t - per_sample(batch_dot(g, t) / gg, t) * g
 
         def hessian(t):
             return (hessian_vector(regularizer, z, t)
-                    + _ps(mu, t) * forward_op.adjoint(forward_op(t)) + damping * t)
+                    + per_sample(mu, t) * forward_op.adjoint(forward_op(t)) + damping * t)
 
         lam = torch.zeros_like(v)
         residual = project(v)
         direction = residual
-        rr = _dot(residual, residual)
+        rr = batch_dot(residual, residual)
         for _ in range(cg_iterations):
             h_dir = project(hessian(direction))
-            alpha = rr / _dot(direction, h_dir).clamp_min(1e-30)
-            lam = lam + _ps(alpha, lam) * direction
-            residual = residual - _ps(alpha, residual) * h_dir
-            rr_new = _dot(residual, residual)
-            direction = residual + _ps(rr_new / rr.clamp_min(1e-30), direction) * direction
+            alpha = rr / batch_dot(direction, h_dir).clamp_min(1e-30)
+            lam = lam + per_sample(alpha, lam) * direction
+            residual = residual - per_sample(alpha, residual) * h_dir
+            rr_new = batch_dot(residual, residual)
+            direction = residual + per_sample(rr_new / rr.clamp_min(1e-30), direction) * direction
             rr = rr_new
-        lam_mu = _dot(g, v - hessian(lam)) / gg
+        lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)
     data_residual = forward_op(z) - b
-    stationarity = regularizer.gradient(z) + _ps(mu, z) * forward_op.adjoint(data_residual)
-    phi = _dot(lam, stationarity) + lam_mu * 0.5 * _dot(data_residual, data_residual)
+    stationarity = regularizer.gradient(z) + per_sample(mu, z) * forward_op.adjoint(data_residual)
+    phi = batch_dot(lam, stationarity) + lam_mu * 0.5 * batch_dot(data_residual, data_residual)
     return -phi.sum()

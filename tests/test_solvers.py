@@ -142,3 +142,61 @@ def test_drip_solver_lowers_the_regularizer_from_the_cgls_start():
     result = model.solve(op, b, radius, max_iterations=200)
     with torch.no_grad():
         assert bool((result.regularizer_value < model.regularizer.value(start)).all())
+
+
+def _dense_projection(op, v, b, radius):
+    """The Euclidean projection of one sample by dense linear algebra and bisection on lam."""
+    n = v.numel()
+    basis = torch.eye(n, dtype=torch.float64).view(n, *op.image_shape)
+    matrix = op(basis).reshape(n, -1).T                      # (M, n)
+    vv, bb = v.flatten().double(), b.flatten().double()
+    if (matrix @ vv - bb).norm() <= radius:
+        return vv
+    lo, hi = -30.0, 30.0
+    for _ in range(200):
+        lam = 10 ** ((lo + hi) / 2)
+        d = torch.linalg.solve(torch.eye(n, dtype=torch.float64) + lam * matrix.T @ matrix,
+                               lam * matrix.T @ (bb - matrix @ vv))
+        lo, hi = ((lo + hi) / 2, hi) if (matrix @ (vv + d) - bb).norm() > radius else (lo, (lo + hi) / 2)
+    return vv + d
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix"])
+def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
+    from drip_cli.solvers.projection import project_onto_datafit
+
+    op = make_operator(kind, (1, 8, 10))  # operators follow the dtype of their input
+    gen = torch.Generator().manual_seed(1)
+    v = torch.rand(4, 1, 8, 10, dtype=torch.float64, generator=gen)
+    b = op(torch.rand(4, 1, 8, 10, dtype=torch.float64, generator=gen))
+    start = (op(v) - b).flatten(1).norm(dim=1)
+    radius = start * torch.tensor([0.1, 0.5, 0.95, 1.2], dtype=torch.float64)  # last: inside
+    z, steps = project_onto_datafit(op, b.to(dtype), radius.to(dtype), v.to(dtype),
+                                    max_steps=80, tolerance=1e-10)
+    assert int(steps[3]) == 0 and torch.equal(z[3], v[3].to(dtype))
+    accuracy = 1e-8 if dtype == torch.float64 else 2e-3
+    for i in range(3):
+        exact = _dense_projection(op, v[i], b[i], radius[i])
+        moved = (exact - v[i].flatten()).norm().clamp_min(1e-12)
+        assert float((z[i].flatten().double() - exact).norm() / moved) <= accuracy
+
+
+def test_drip_solution_satisfies_the_kkt_conditions():
+    """At the solution grad R is anti-parallel to the data-fit gradient B^T (B z - b): the solver
+    converges to the constrained minimiser, not just to some feasible point."""
+    from drip_cli.batching import batch_dot
+    from drip_cli.operators.composed import EmbeddedOperator
+
+    op = Blur((1, 16, 16), gaussian_psf(1.5))
+    model = _perturbed_model(latent=1)  # extra latent channels converge too slowly for a unit test
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b, sigma = noisy(op, x, 2.0)
+    result = model.solve(op, b, discrepancy_radius(op, sigma, 1.0), max_iterations=300,
+                         tolerance=1e-10, projection_tolerance=1e-10, projection_iterations=100)
+    forward_op = EmbeddedOperator(op, model.embedding)
+    with torch.no_grad():
+        grad_r = model.regularizer.gradient(result.latent)
+        g = forward_op.adjoint(forward_op(result.latent) - b)
+    cosine = batch_dot(grad_r, g) / (grad_r.flatten(1).norm(dim=1) * g.flatten(1).norm(dim=1))
+    assert bool((cosine < -0.9999).all()), cosine

@@ -1,7 +1,8 @@
 """The learned embedding ``E``: latent variable ``z`` -> image ``u = E z``.
 
 ``E`` is a ``kernel_size x kernel_size`` convolution from ``latent_channels`` to the image's
-``C`` channels with zero padding; its adjoint is the transposed convolution with the same weights.
+``C`` channels with zero padding; its adjoint is the transposed convolution with the same weights
+(:func:`drip_cli.operators.convolution.conv2d_adjoint`).
 It starts as the identity on the first ``C`` latent channels (``E z = z[:, :C]``), so an untrained
 model reconstructs in image space.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..operators.convolution import conv2d_adjoint
 
 
 class Embedding(torch.nn.Module):
@@ -35,7 +38,7 @@ class Embedding(torch.nn.Module):
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         """``E^T u``: ``(N, C, H, W) -> (N, latent_channels, H, W)``."""
-        return F.conv_transpose2d(u, self.weight.to(u.dtype), padding=self.padding)
+        return conv2d_adjoint(u, self.weight.to(u.dtype), self.padding)
 
     def lift(self, u: torch.Tensor) -> torch.Tensor:
         """A latent ``z`` with ``E z`` close to ``u`` for an untrained ``E``: ``u`` in the first

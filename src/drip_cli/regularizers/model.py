@@ -24,6 +24,7 @@ class ModelConfig:
     kernel_size: int = 5
     embedding_kernel_size: int = 3
     eps: float = 0.01
+    group_size: int = 2            # 2: smoothed isotropic-TV-like pairs; 1: one potential per filter
     # lower-level solver at inference
     max_iterations: int = 300
     tolerance: float = 1e-4
@@ -54,7 +55,7 @@ class DripModel(torch.nn.Module):
                                    config.embedding_kernel_size)
         self.regularizer = ConvexFilterRegularizer(
             config.latent_channels, config.image_channels, config.n_filters, config.kernel_size,
-            config.eps)
+            config.eps, config.group_size)
 
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, **overrides):
         """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`."""

@@ -19,6 +19,8 @@ from ..batching import batch_dot, per_sample
 from ..operators import LinearOperator
 from .datafit import SolverResult
 
+MARGIN = 1e-3  # relative safety margin below the radius, so fits survive float32 rounding
+
 
 def cgls(
     op: LinearOperator,
@@ -26,7 +28,7 @@ def cgls(
     radius: torch.Tensor,
     u0: torch.Tensor | None = None,
     max_iterations: int = 500,
-    margin: float = 1e-3,
+    margin: float = MARGIN,
 ) -> SolverResult:
     """Run CGLS on each sample until ``||A u - b|| <= (1 - margin) * radius``.
 

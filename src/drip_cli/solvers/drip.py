@@ -2,18 +2,23 @@
 
     minimize_z  R(z)   subject to   ||A E z - b|| <= radius         (u = E z)
 
-solved by accelerated projected gradient: a gradient step on ``R`` of length ``step_scale / L``
-(``L`` an upper bound on the Lipschitz constant of ``grad R``, so the step can never exceed
-``1/L`` however the parameters were trained), then a projection onto the data-fit set computed by
-CGLS on ``A E``, warm-started at that point and stopped as soon as the sample fits. Nesterov
+solved by accelerated projected gradient: a gradient step on ``R``, then the Euclidean projection
+onto the data-fit set (:mod:`.projection`, a Krylov method on ``A E``), so that the fixed points
+are exactly the minimisers. The step is chosen per sample by backtracking: it starts from the regularizer's
+curvature estimate on the infinite grid and is halved whenever the sufficient-decrease condition
+fails, but never below ``1 / L`` for the guaranteed bound ``L`` on the Lipschitz constant of
+``grad R`` (4x the estimate, from the symmetric padding), where the condition always holds. So
+however the parameters were trained, the solver never takes a step longer than the local
+curvature allows. Nesterov
 momentum is restarted per sample when the step turns against the momentum,
 ``<y - z_new, z_new - z> > 0`` (the gradient restart of O'Donoghue & Candes), which needs no
 evaluation of ``R``.
 
 A sample stops when its latent iterate changes by less than ``tolerance`` (relative) between two
 iterations; stopped samples leave the batch. The
-last operation on every sample is a projection, so every returned ``z`` fits the data unless
-CGLS could not get there, which is reported as ``converged = False``.
+last operation on every sample is a CGLS run into the set (with a small margin, so the figure
+survives rounding), so every returned ``z`` fits the data unless CGLS could not get there, which
+is reported as ``converged = False``.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import per_sample
+from ..batching import batch_dot, per_sample
 from ..operators import LinearOperator
 from ..operators.composed import EmbeddedOperator
-from .cgls import cgls
+from .cgls import MARGIN, cgls
 from .datafit import SolverResult
+from .projection import project_onto_datafit
 
 
 @dataclass
@@ -39,12 +45,6 @@ def project(forward_op: EmbeddedOperator, b, radius, z, max_iterations: int):
     return cgls(forward_op, b, radius, u0=z, max_iterations=max_iterations)
 
 
-def drip_step(forward_op, regularizer, b, radius, z, step, projection_iterations):
-    """One projected-gradient step ``P(z - step grad R(z))`` (differentiable)."""
-    moved = z - per_sample(step, z) * regularizer.gradient(z)
-    return project(forward_op, b, radius, moved, projection_iterations)
-
-
 @torch.no_grad()
 def solve_drip(
     op: LinearOperator,
@@ -55,19 +55,22 @@ def solve_drip(
     z0: torch.Tensor | None = None,
     max_iterations: int = 300,
     tolerance: float = 1e-4,
-    step_scale: float = 1.0,
     projection_iterations: int = 50,
     final_projection_iterations: int = 1000,
+    projection_tolerance: float = 1e-3,
 ) -> DripSolution:
     """Solve the lower-level problem for a batch (see the module docstring).
 
-    ``projection_iterations`` caps the CGLS projection inside each step;
+    ``projection_iterations`` caps the Krylov steps of the projection inside each step, and
+    ``projection_tolerance`` is its relative accuracy (:mod:`.projection`);
     ``final_projection_iterations`` caps the CGLS runs that start (from zero) and end the solve.
     """
     forward_op = EmbeddedOperator(op, embedding)
     radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
-    step = (step_scale / regularizer.lipschitz_bound()).to(b.dtype).expand(n)
+    curvature = regularizer.fourier_curvature().to(b.dtype)
+    safe_step = 1.0 / regularizer.lipschitz_bound().to(b.dtype)   # guaranteed: 1 / L
+    step = (1.0 / curvature).expand(n).clone()                    # first guess, backtracked
     if z0 is None:  # the discrepancy-principle CGLS solution in latent space: feasible
         z0 = cgls(forward_op, b, radius, max_iterations=final_projection_iterations).solution
     solution = z0.clone()
@@ -76,14 +79,16 @@ def solve_drip(
     rows = torch.arange(n, device=b.device)
 
     z, z_prev = z0, z0
-    b_work, radius_work = b, radius
+    # Iterate on the set CGLS will aim at, so the closing CGLS run finds every converged sample
+    # already in place and leaves the minimiser where it is.
+    b_work, radius_work = b, (1 - MARGIN) * radius
     momentum_t = torch.ones(n, dtype=b.dtype, device=b.device)
     for it in range(1, max_iterations + 1):
         t_next = (1 + torch.sqrt(1 + 4 * momentum_t**2)) / 2
         beta = (momentum_t - 1) / t_next
         y = z + per_sample(beta, z) * (z - z_prev)
-        z_new = drip_step(forward_op, regularizer, b_work, radius_work, y, step[: len(rows)],
-                          projection_iterations).solution
+        z_new, step = _backtracking_step(forward_op, regularizer, b_work, radius_work, y, step,
+                                         safe_step, projection_iterations, projection_tolerance)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -95,7 +100,7 @@ def solve_drip(
             solution[finished], iterations[finished], stopped[finished] = z[done], it, small[done]
             keep = ~done
             rows = rows[keep]
-            z, z_prev, momentum_t = z[keep], z_prev[keep], momentum_t[keep]
+            z, z_prev, momentum_t, step = z[keep], z_prev[keep], momentum_t[keep], step[keep]
             b_work, radius_work = b_work[keep], radius_work[keep]
         if len(rows) == 0:
             break
@@ -106,3 +111,30 @@ def solve_drip(
     return DripSolution(solution=embedding(latent), iterations=iterations + final.iterations,
                         converged=stopped & final.converged, latent=latent,
                         regularizer_value=regularizer.value(latent))
+
+
+def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
+                       projection_iterations, projection_tolerance):
+    """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
+    until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
+    ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``."""
+    value_y, gradient_y = regularizer.value_and_gradient(y)
+    step = torch.maximum(step, safe_step.expand_as(step))
+    def projected(rows, t):
+        return project_onto_datafit(forward_op, b[rows], radius[rows],
+                                    y[rows] - per_sample(t, y[rows]) * gradient_y[rows],
+                                    projection_iterations, projection_tolerance)[0]
+
+    z = projected(slice(None), step)
+    pending = torch.arange(len(y), device=y.device)
+    while True:
+        d = z[pending] - y[pending]
+        model = (value_y[pending] + batch_dot(gradient_y[pending], d)
+                 + batch_dot(d, d) / (2 * step[pending]))
+        slack = 1e-6 * value_y[pending].abs()   # rounding in R must not trigger a backtrack
+        failed = (regularizer.value(z[pending]) > model + slack) & (step[pending] > safe_step)
+        if not bool(failed.any()):
+            return z, step
+        pending = pending[failed]
+        step[pending] = torch.maximum(step[pending] / 2, safe_step)
+        z[pending] = projected(pending, step[pending])

@@ -1,0 +1,130 @@
+"""Euclidean projection onto the data-fit set ``{z : ||B z - b|| <= radius}``, per sample.
+
+The projection of ``v`` is ``v + d`` with ``d`` the smallest correction that reaches the radius:
+
+    d(lam) = (I + lam B^T B)^{-1} lam B^T (b - B v),    ||B (v + d(lam)) - b|| = radius,
+
+a Tikhonov problem whose weight ``lam`` is fixed by the radius. It is solved in a Krylov subspace
+(a "hybrid" method): ``k`` steps of Golub-Kahan bidiagonalisation started at ``b - B v`` give
+``B V_k = U_{k+1} C_k`` with a small ``(k+1) x k`` bidiagonal ``C_k``, and with ``d = V_k y``
+the problem becomes ``min ||y|| s.t. ||C_k y - beta e_1|| <= radius``. Through the SVD of ``C_k``
+the residual is a decreasing function of ``lam`` (the secular equation), solved by safeguarded
+Newton steps. Steps are added until ``d`` changes by less than ``tolerance`` (relative) from one
+step to the next; both Krylov bases are re-orthogonalised, so float32 runs stay accurate.
+
+Warm-started CGLS, which the published DRIP code uses instead, also lands in the set but not at
+the nearest point; projected gradient with it converges to a point that is not a minimiser of the
+constrained problem (measured: KKT stationarity residuals of 3-63% of ``||grad R||`` on 64x64
+blur). With the Euclidean projection, fixed points of ``z = P(z - t grad R(z))`` are exactly the
+KKT points, whatever the step ``t``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..batching import per_sample
+from ..operators import LinearOperator
+
+
+def _normalise(x: torch.Tensor, tiny: float):
+    norm = x.flatten(1).norm(dim=1)
+    return x / per_sample(norm.clamp_min(tiny), x), norm
+
+
+def _orthogonalise(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Remove from each ``x_i`` its components along the rows of ``basis_i`` (``(N, k, D)``);
+    classical Gram-Schmidt applied twice, which is as accurate as the modified form."""
+    flat = x.flatten(1).unsqueeze(2)
+    for _ in range(2):
+        flat = flat - basis.transpose(1, 2) @ (basis @ flat)
+    return flat.view_as(x)
+
+
+def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Tensor,
+                          lam0: torch.Tensor | None = None, newton_steps: int = 30):
+    """``argmin ||y|| s.t. ||C y - beta e1|| <= radius`` per sample, ``C`` of shape ``(N, k+1, k)``;
+    where even ``lam -> infinity`` cannot reach the radius, the least-squares solution.
+
+    With ``C = U S W^T`` the squared residual is ``F(lam) = sum_i c_i^2 / (1 + lam s_i^2)^2 + o``
+    (``o`` the part of ``beta e1`` outside the range of ``C``): decreasing in ``lam``. Newton's
+    method runs on ``F^{-1/2}``, nearly linear in ``lam`` (as in More & Sorensen's trust-region
+    solver), from ``lam0`` (the root for a smaller subspace, which lies above this one's), with a
+    bracket and bisection as safeguard. Returns ``(y, lam)``."""
+    n, _, k = c.shape
+    u, s, vh = torch.linalg.svd(c, full_matrices=False)          # (N,k+1,k), (N,k), (N,k,k)
+    coeff = u[:, 0, :] * beta.unsqueeze(1)                        # beta e1 in the left basis
+    outside = (beta.pow(2) - coeff.pow(2).sum(1)).clamp_min(0)
+    s2 = s.pow(2)
+    target = radius.pow(2)
+    reachable = outside < target
+    accuracy = max(1e-10, 16 * torch.finfo(c.dtype).eps)   # float32: 2e-6 on ||residual||^2
+    lam = torch.zeros_like(beta) if lam0 is None else lam0
+    lo, hi = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
+    for _ in range(newton_steps):
+        q = 1 + lam.unsqueeze(1) * s2
+        f = (coeff.pow(2) / q.pow(2)).sum(1) + outside
+        df = (-2 * coeff.pow(2) * s2 / q.pow(3)).sum(1)
+        above = f > target
+        lo, hi = torch.where(above, lam, lo), torch.where(above, hi, lam)
+        # Newton on g = f^(-1/2) = target^(-1/2):  g' = -f'/(2 f^(3/2))
+        g, dg = f.rsqrt(), -df / (2 * f.pow(1.5))
+        step = (target.rsqrt() - g) / dg.clamp_min(torch.finfo(c.dtype).tiny)
+        candidate = lam + step
+        bisect = torch.where(torch.isinf(hi), 2 * lam + 1 / s2[:, 0].clamp_min(1e-30), (lo + hi) / 2)
+        inside_bracket = (candidate > lo) & (candidate < hi) & torch.isfinite(candidate)
+        lam = torch.where(inside_bracket, candidate, bisect)
+        if bool(((f - target).abs() <= accuracy * target).all()):
+            break
+    lam = torch.where(torch.isfinite(hi), hi, lam)  # prefer the side of the root that fits
+    q = 1 + lam.unsqueeze(1) * s2
+    filt = torch.where(reachable.unsqueeze(1), lam.unsqueeze(1) * s / q,
+                       1 / s.clamp_min(torch.finfo(c.dtype).tiny))   # unreachable: least squares
+    filt = torch.where(s > 0, filt, torch.zeros_like(filt))
+    y = torch.einsum("nkj,nk->nj", vh, filt * coeff)
+    y = torch.where((beta <= radius).unsqueeze(1), torch.zeros_like(y), y)
+    return y, torch.where(reachable, lam, torch.zeros_like(lam))
+
+
+@torch.no_grad()
+def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor,
+                         v: torch.Tensor, max_steps: int = 30, tolerance: float = 1e-3):
+    """The projection of each ``v`` onto ``{||B z - b|| <= radius}`` (see the module docstring).
+
+    Returns ``(z, steps)``: ``steps`` is the number of Krylov steps each sample needed (0 for a
+    sample already inside the set). A sample whose correction has not settled after ``max_steps``
+    gets the best correction found (still ``||B z - b||`` as small as that subspace allows).
+    """
+    tiny = torch.finfo(v.dtype).tiny
+    n = len(v)
+    radius = radius.to(dtype=v.dtype, device=v.device)
+    u_vec, beta = _normalise(b - op(v), tiny)
+    w, alpha = _normalise(op.adjoint(u_vec), tiny)
+    us, vs = u_vec.flatten(1).unsqueeze(1), w.flatten(1).unsqueeze(1)   # (N, k, M), (N, k, D)
+    c = torch.zeros(n, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)
+    c[:, 0, 0] = alpha
+    y_settled = torch.zeros(n, max_steps, dtype=v.dtype, device=v.device)
+    y_prev, lam = y_settled[:, :0], None
+    steps = torch.zeros(n, dtype=torch.int64, device=v.device)
+    settled = beta <= radius
+    for k in range(1, max_steps + 1):
+        p = _orthogonalise(op(w) - per_sample(alpha, u_vec) * u_vec, us)
+        u_vec, beta_next = _normalise(p, tiny)
+        c[:, k, k - 1] = beta_next
+        y, lam = _tikhonov_in_subspace(c[:, : k + 1, :k], beta, radius, lam)
+        # V is orthonormal: the change of the correction is the change of its coordinates.
+        change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1)
+        done_now = ~settled & ((change <= tolerance * y.norm(dim=1)) | (beta_next <= tiny) | (k == max_steps))
+        y_settled[done_now, :k] = y[done_now]
+        steps = steps + (~settled).long()
+        settled = settled | done_now
+        if bool(settled.all()):
+            break
+        y_prev = y
+        us = torch.cat([us, u_vec.flatten(1).unsqueeze(1)], 1)
+        w, alpha = _normalise(_orthogonalise(op.adjoint(u_vec) - per_sample(beta_next, w) * w, vs), tiny)
+        vs = torch.cat([vs, w.flatten(1).unsqueeze(1)], 1)
+        c[:, k, k] = alpha
+    k_used = vs.shape[1]
+    correction = (y_settled[:, :k_used].unsqueeze(1) @ vs).view_as(v)
+    return v + correction, steps

@@ -30,7 +30,7 @@ def train_file(tmp_path_factory):
 def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run_cli("train", train_file, "--out", whole, "--epochs", 2, *TINY).exit_code == 0
-    first = run_cli("train", train_file, "--out", split, "--epochs", 2, "--max-steps", 3, *TINY)
+    first = run_cli("train", train_file, "--out", split, "--epochs", 2, "--max-steps", 2, *TINY)
     assert first.exit_code == 0, first.stderr
     second = run_cli("train", train_file, "--out", split, "--epochs", 2, "--resume", *TINY)
     assert second.exit_code == 0, second.stderr
@@ -40,19 +40,35 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     history = (split / "history.csv").read_text().splitlines()
-    assert len(history) == 4  # header, the untrained start, one row per epoch
+    # header, the untrained start, the validation where the first call stopped (mid-epoch), one
+    # row per epoch
+    assert len(history) == 5 and history[2].startswith("stop")
     assert json.loads((split / "config.json").read_text())["model"]["n_filters"] == 4
 
 
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     run = tmp_path / "run"
-    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5", *TINY)
+    assert result.exit_code == 0, result.stderr
     model, info, sha = load_model(run)  # safetensors: no pickle involved
     assert info.operator_kind == "blur" and info.image_shape == (1, 12, 12)
     assert info.noise_percent == (1.0, 5.0) and len(info.training_data_sha256) == 64
     assert model.config.latent_channels == 2 and len(sha) == 64
     state = torch.load(run / "checkpoint_state.pt", weights_only=True)  # refuses pickled objects
     assert "optimizer" in state and "generator" in state
+
+
+def test_training_on_the_files_own_measurements(train_file, tmp_path):
+    """Without --noise-percent the file's measurements and noise levels are the training data
+    (the file holds 2% noise), and the model records that range."""
+    run = tmp_path / "run"
+    result = run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY)
+    assert result.exit_code == 0, result.stderr
+    _, info, _ = load_model(run)
+    assert info.noise_percent == pytest.approx((2.0, 2.0), rel=1e-5)
+    assert json.loads((run / "config.json").read_text())["noise_percent"] is None
+    history = (run / "history.csv").read_text().splitlines()
+    assert float(history[-1].split(",")[4]) == 1.0  # validation fit fraction
 
 
 def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path):
@@ -143,3 +159,14 @@ def test_implicit_gradient_matches_finite_differences():
             param[index] += h
         numeric = (plus - minus) / (2 * h)
         assert abs(implicit - numeric) <= 0.1 * abs(numeric), (implicit, numeric)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--filters", "5"], "--filters"),
+    (["--kernel-size", "4"], "--kernel-size"),
+    (["--noise-percent", "0:3"], "--noise-percent"),
+])
+def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options, message):
+    result = run_cli("train", train_file, "--out", tmp_path / "run", *options, "-q")
+    assert result.exit_code == 1 and message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -174,12 +174,15 @@ def train(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
                                                 help="Stop cleanly after this long, keeping the best model."),
     epochs: int = typer.Option(100, "--epochs", min=1, help="Passes over the training images."),
-    noise_percent: str = typer.Option("1:5", "--noise-percent",
-                                      help="Noise percent range A:B, drawn per sample and batch."),
+    noise_percent: Optional[str] = typer.Option(
+        None, "--noise-percent",
+        help="Draw fresh noise of A:B percent per sample and batch from the ground truth "
+             "(recommended: 1:5, for a model robust to the noise level). "
+             "Default: train on the file's own measurements."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    latent_channels: int = typer.Option(4, "--latent-channels", min=1),
-    filters: int = typer.Option(32, "--filters", min=2, help="Regularizer filters."),
+    latent_channels: int = typer.Option(2, "--latent-channels", min=1),
+    filters: int = typer.Option(16, "--filters", min=2, help="Regularizer filters (in pairs)."),
     kernel_size: int = typer.Option(5, "--kernel-size", help="Regularizer filter size (odd)."),
     cg_iterations: int = typer.Option(50, "--cg-iterations", min=1,
                                       help="CG iterations of the implicit-gradient KKT solve."),
@@ -201,15 +204,17 @@ def train(
 
     with _errors(debug):
         try:
-            low, high = parse_noise_percent(noise_percent)
+            noise_range = None if noise_percent is None else parse_noise_percent(noise_percent)
         except ValueError as exc:
             raise DripError(f"--noise-percent: {exc}") from exc
         if kernel_size % 2 == 0 or kernel_size < 3:
             raise DripError(f"--kernel-size must be odd and at least 3, got {kernel_size}")
+        if filters % 2:
+            raise DripError(f"--filters must be even (the filters come in pairs), got {filters}")
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         config = TrainConfig(data=str(data), out=str(out), epochs=epochs, max_minutes=max_minutes,
-                             batch_size=batch_size, lr=lr, noise_percent=(low, high), tau=tau,
+                             batch_size=batch_size, lr=lr, noise_percent=noise_range, tau=tau,
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
                              model=ModelConfig(latent_channels=latent_channels, n_filters=filters,
                                                kernel_size=kernel_size))

@@ -18,9 +18,9 @@ class ModelConfig:
     """Architecture and solver settings; saved with every model file."""
 
     image_channels: int = 1
-    latent_channels: int = 4
+    latent_channels: int = 2
     architecture: str = "convex"
-    n_filters: int = 32
+    n_filters: int = 16
     kernel_size: int = 5
     embedding_kernel_size: int = 3
     eps: float = 0.01

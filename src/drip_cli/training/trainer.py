@@ -58,20 +58,21 @@ class TrainConfig:
     max_minutes: float | None = None
     batch_size: int = 8
     lr: float = 1e-3
-    noise_percent: tuple[float, float] = (1.0, 5.0)
+    # (A, B): fresh noise of A..B percent for every batch; None: the file's own measurements
+    noise_percent: tuple[float, float] | None = (1.0, 5.0)
     tau: float = 1.0
     val_fraction: float = 0.1
     val_max_samples: int = 32
     seed: int = 0
     cg_iterations: int = 50
-    train_solver_iterations: int = 300
-    train_solver_tolerance: float = 1e-5
+    train_solver_iterations: int = 150
+    train_solver_tolerance: float = 1e-4
     max_steps: int | None = None   # stop after this many optimiser steps in this invocation
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        values["noise_percent"] = list(self.noise_percent)
+        values["noise_percent"] = None if self.noise_percent is None else list(self.noise_percent)
         return values
 
 
@@ -87,11 +88,17 @@ class Trainer:
         self.progress = progress or (lambda **kw: None)
         self.log = log or (lambda message: None)
         self.out = Path(config.out)
-        # Training draws fresh noise for every batch, so the file's own noise levels are not
-        # needed (a placeholder noise_std skips their check); only its ground truth and operator.
-        with MeasurementFile(config.data, require_ground_truth=True, noise_std=1.0) as data:
+        # With fresh noise only the ground truth and the operator are needed (a placeholder
+        # noise_std skips the check of the file's noise levels); otherwise the measurements too.
+        fresh = config.noise_percent is not None
+        with MeasurementFile(config.data, require_ground_truth=True,
+                             noise_std=1.0 if fresh else None) as data:
             self.op = data.operator.to(device)
-            truth = np.concatenate([batch.ground_truth for batch in data.batches(1024)])
+            batches = list(data.batches(1024))
+        truth = np.concatenate([batch.ground_truth for batch in batches])
+        self.file_measurements = None if fresh else (
+            torch.from_numpy(np.concatenate([batch.measurements for batch in batches])),
+            torch.from_numpy(np.concatenate([batch.noise_std for batch in batches]).astype(np.float64)))
         if truth.shape[1] != config.model.image_channels:
             config.model.image_channels = truth.shape[1]
         self.truth = torch.from_numpy(truth)
@@ -118,6 +125,8 @@ class Trainer:
 
     def _fixed_validation_noise(self):
         """Noise percents and noise draws for validation, fixed for the whole run."""
+        if self.file_measurements is not None:
+            return None
         gen = torch.Generator().manual_seed(self.config.seed + 2)
         low, high = self.config.noise_percent
         percent = low + (high - low) * torch.rand(len(self.val_index), generator=gen, dtype=torch.float64)
@@ -126,6 +135,11 @@ class Trainer:
         return percent, noise
 
     # -- data ----------------------------------------------------------------------------------
+    def _from_file(self, index: torch.Tensor, x: torch.Tensor):
+        measurements, noise_std = self.file_measurements
+        b = measurements[index].to(device=self.device, dtype=x.dtype)
+        return self.op(x), b, noise_std[index].to(device=self.device, dtype=x.dtype)
+
     def _simulate(self, x: torch.Tensor, percent: torch.Tensor, noise: torch.Tensor):
         clean = self.op(x)
         sigma = noise_std_for(self.op, clean, percent.to(self.device))
@@ -137,6 +151,8 @@ class Trainer:
         start = self.step_in_epoch * cfg.batch_size
         index = self.permutation[start:start + cfg.batch_size]
         x = self.truth[index].to(self.device)
+        if self.file_measurements is not None:
+            return (x, *self._from_file(index, x))
         low, high = cfg.noise_percent
         percent = low + (high - low) * torch.rand(len(index), generator=self.generator, dtype=torch.float64)
         noise = torch.randn((len(index), *self.op.measurement_shape), generator=self.generator,
@@ -172,8 +188,10 @@ class Trainer:
             return {"val_psnr": float("nan"), "val_fit_fraction": float("nan")}
         self.model.eval()
         x = self.truth[self.val_index].to(self.device)
-        percent, noise = self._validation_noise
-        _, b, sigma = self._simulate(x, percent, noise)
+        if self.file_measurements is not None:
+            _, b, sigma = self._from_file(self.val_index, x)
+        else:
+            _, b, sigma = self._simulate(x, *self._validation_noise)
         solution = self.model.solve(self.op, b, discrepancy_radius(self.op, sigma, self.config.tau))
         ratio = discrepancy_ratio(self.op, solution.solution, b, sigma)
         return {"val_psnr": float(psnr(solution.solution.cpu().numpy(), x.cpu().numpy()).mean()),
@@ -184,10 +202,21 @@ class Trainer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(config=self.config.model, operator_kind=self.op.kind,
                          image_shape=self.op.image_shape,
-                         noise_percent=tuple(self.config.noise_percent),
+                         noise_percent=self.training_noise_percent(),
                          training_data_sha256=self.data_sha256,
                          extra={"epoch": self.epoch, "global_step": self.global_step,
                                 "val_psnr": self.best_psnr})
+
+    def training_noise_percent(self) -> tuple[float, float]:
+        """The noise range the model saw: the configured one, or the file's (in percent)."""
+        if self.file_measurements is None:
+            return tuple(self.config.noise_percent)
+        _, noise_std = self.file_measurements
+        index = self.train_index
+        with torch.no_grad():
+            clean = self.op(self.truth[index].to(self.device))
+        percent = noise_std[index].to(clean.device) / (clean.abs().flatten(1).sum(1) / self.op.measured_count) * 100
+        return float(percent.min()), float(percent.max())
 
     def save_checkpoint(self) -> None:
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
@@ -269,10 +298,11 @@ class Trainer:
             self.permutation = self._new_permutation()
             self.save_checkpoint()
         self.elapsed = time.perf_counter() - started
+        if (stopped_early and self.step_in_epoch > 0) or not (self.out / MODEL_FILE).exists():
+            # a run stopped mid-epoch validates where it stopped, so its last steps are not lost
+            self._end_epoch(losses, label=f"stop (epoch {self.epoch})")
         if stopped_early:
             self.save_checkpoint()
-        if not (self.out / MODEL_FILE).exists():  # stopped before the first validation
-            self._end_epoch(losses)
         return {"epochs_done": self.epoch, "global_step": self.global_step,
                 "best_val_psnr": self.best_psnr, "seconds": self.elapsed,
                 "stopped_early": stopped_early}

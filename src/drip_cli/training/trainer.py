@@ -8,11 +8,14 @@ Lower level: the solution is computed the way ``drip reconstruct`` computes it (
 projected gradient with steps bounded by ``1/L``, run to a tight tolerance), without gradients;
 the gradient then comes from implicit differentiation of its KKT conditions
 (:mod:`.implicit`). The model is thus trained on the solutions the solver converges to, not on a
-fixed number of unrolled steps it could learn to exploit. (Measured on 64x64 blur with 16
-validation crops of one photograph at 2%, converged solves: 30 implicit-gradient steps of 8 images
-took the smoothed-TV start from 31.56 to 32.46 dB, where Jacobian-free steps from the solution
-moved it by at most +0.2 dB. A 10-minute run on 1005 crops of 15 photographs did not yet improve
-held-out photographs: 31.06 vs 31.15 dB untrained at 2% noise.)
+fixed number of unrolled steps it could learn to exploit.
+
+Measured so far (64x64 blur, noise 1-5%, 2 CPU cores): with the earlier CGLS-projection solver, 30
+implicit-gradient steps took 16 validation crops of one photograph from 31.56 to 32.46 dB, but
+10-minute runs on 1000 crops of natural photographs moved held-out PSNR by at most +0.1 dB. With
+the exact-projection solver, 10-minute runs (about 120 steps of 8 images at lr 5e-4 and 2e-3) did
+not beat the untrained start on validation (31.23 -> 31.23 / 31.03 dB) and made the solves slower
+(88 -> 250-290 iterations); the trainer then keeps the untrained start as the best model.
 
 Runs are reproducible and resumable: one seeded ``torch.Generator`` drives the data order and the
 noise, and the checkpoint holds the model, the optimiser, the position in the epoch and the

@@ -4,9 +4,11 @@
     psi_g(t) = sqrt(|t|^2 + eps_g^2) - eps_g
 
 ``K`` is a bank of learned convolution filters (``n_filters`` of size ``kernel_size``, acting on
-all latent channels, with half-sample symmetric padding, so that a constant image has zero response
-up to the border and the border pixels are not pulled towards zero), each kept zero-mean per channel by construction (so ``R`` is
-blind to constant offsets, as in fields of experts, and cannot learn to pull intensities down).
+all latent channels), each kept zero-mean per channel by construction (so ``R`` is blind to
+constant offsets, as in fields of experts, and cannot learn to pull intensities down). The image is
+extended by half-sample symmetric padding, so a constant image has zero response up to the border
+and border pixels are not pulled towards zero (zero padding did that, and cost 0.6 dB of PSNR on
+64x64 blur, all of it in the outer pixels).
 The filters come in groups of ``group_size`` consecutive filters whose responses are combined by
 a smoothed Euclidean norm (``group_size = 1``: a smoothed ``|t|`` per filter; ``2``: a smoothed
 gradient magnitude, as in isotropic TV). ``w_g = softplus(rho_g) >= 0`` and ``eps_g > 0``. Each

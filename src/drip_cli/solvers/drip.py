@@ -4,13 +4,13 @@
 
 solved by accelerated projected gradient: a gradient step on ``R``, then the Euclidean projection
 onto the data-fit set (:mod:`.projection`, a Krylov method on ``A E``), so that the fixed points
-are exactly the minimisers. The step is chosen per sample by backtracking: it starts from the regularizer's
-curvature estimate on the infinite grid and is halved whenever the sufficient-decrease condition
-fails, but never below ``1 / L`` for the guaranteed bound ``L`` on the Lipschitz constant of
-``grad R`` (4x the estimate, from the symmetric padding), where the condition always holds. So
-however the parameters were trained, the solver never takes a step longer than the local
-curvature allows. Nesterov
-momentum is restarted per sample when the step turns against the momentum,
+are exactly the minimisers. The step is chosen per sample by backtracking: it starts from the
+regularizer's curvature estimate on the infinite grid and is halved whenever the
+sufficient-decrease condition fails, but never below ``1 / L`` for the guaranteed bound ``L`` on
+the Lipschitz constant of ``grad R`` (4x the estimate, from the symmetric padding), where the
+condition always holds. So however the parameters were trained, the solver never takes a step
+longer than the local curvature allows. Nesterov momentum is restarted per sample when the step
+turns against the momentum,
 ``<y - z_new, z_new - z> > 0`` (the gradient restart of O'Donoghue & Candes), which needs no
 evaluation of ``R``.
 
@@ -120,6 +120,7 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
     ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``."""
     value_y, gradient_y = regularizer.value_and_gradient(y)
     step = torch.maximum(step, safe_step.expand_as(step))
+
     def projected(rows, t):
         return project_onto_datafit(forward_op, b[rows], radius[rows],
                                     y[rows] - per_sample(t, y[rows]) * gradient_y[rows],

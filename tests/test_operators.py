@@ -144,3 +144,15 @@ def test_hdf5_round_trip(kind, tmp_path):
     x = torch.randn(2, 3, 16, 20, dtype=torch.float64)
     assert type(again) is type(op)
     assert torch.allclose(again(x), op(x), atol=1e-12)
+
+
+def test_blur_survives_module_dtype_casts():
+    """Module.double()/float() must not drop the imaginary part of the transfer function."""
+    from drip_cli.operators import Blur, gaussian_psf
+
+    x = torch.rand(2, 1, 12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = Blur((1, 12, 10), gaussian_psf(1.5))
+    for cast in (lambda m: m.double(), lambda m: m.float().double()):
+        op = cast(Blur((1, 12, 10), gaussian_psf(1.5)))
+        assert torch.allclose(op(x), reference(x), atol=1e-6)
+        assert adjointness_error(op) <= 1e-5

@@ -50,15 +50,17 @@ class Blur(LinearOperator):
         kernel.index_put_((rows[:, None].expand(kh, kw), cols[None, :].expand(kh, kw)), psf,
                           accumulate=True)
         self.register_buffer("psf", psf, persistent=False)
-        self.register_buffer("transfer", torch.fft.rfft2(kernel), persistent=False)
+        # Stored as (real, imaginary) pairs: Module.float()/double() would drop the imaginary part
+        # of a complex buffer.
+        self.register_buffer("transfer", torch.view_as_real(torch.fft.rfft2(kernel)), persistent=False)
 
     @property
     def measurement_shape(self) -> tuple[int, ...]:
         return self.image_shape
 
     def _transfer_like(self, x: torch.Tensor) -> torch.Tensor:
-        complex_dtype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
-        return self.transfer.to(device=x.device, dtype=complex_dtype)
+        real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.view_as_complex(self.transfer.to(device=x.device, dtype=real_dtype).contiguous())
 
     def _filter(self, x: torch.Tensor, conjugate: bool) -> torch.Tensor:
         transfer = self._transfer_like(x)

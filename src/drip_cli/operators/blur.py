@@ -50,7 +50,7 @@ class Blur(LinearOperator):
         kernel.index_put_((rows[:, None].expand(kh, kw), cols[None, :].expand(kh, kw)), psf,
                           accumulate=True)
         self.register_buffer("psf", psf, persistent=False)
-        # Stored as (real, imaginary) pairs: Module.float()/double() would drop the imaginary part
+        # Stored as (real, imaginary) pairs: Module.to(torch.float32) would drop the imaginary part
         # of a complex buffer.
         self.register_buffer("transfer", torch.view_as_real(torch.fft.rfft2(kernel)), persistent=False)
 

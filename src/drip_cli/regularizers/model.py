@@ -29,6 +29,9 @@ class ModelConfig:
     max_iterations: int = 300
     tolerance: float = 1e-4
     projection_iterations: int = 50
+    # relative accuracy of each inner projection: 3e-2 gave the same PSNR and R (to 1e-4) as 1e-3
+    # on 32 held-out 64x64 blur crops, at 0.26 instead of 0.40 s/image
+    projection_tolerance: float = 3e-2
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
@@ -62,6 +65,7 @@ class DripModel(torch.nn.Module):
         from ..solvers.drip import solve_drip
 
         settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,
-                        projection_iterations=self.config.projection_iterations)
+                        projection_iterations=self.config.projection_iterations,
+                        projection_tolerance=self.config.projection_tolerance)
         settings.update(overrides)
         return solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)

@@ -162,11 +162,16 @@ class ConvexFilterRegularizer(torch.nn.Module):
 
     def lipschitz_bound(self, grid: int = 128, margin: float = 1.02) -> torch.Tensor:
         """An upper bound on the Lipschitz constant of ``grad R`` (see the module docstring)."""
-        return 4 * self.fourier_curvature(grid, margin)
+        return self.curvature_and_lipschitz_bound(grid, margin)[1]
 
-    def fourier_curvature(self, grid: int = 128, margin: float = 1.02) -> torch.Tensor:
-        """``max_f lambda_max(f)``: the curvature bound of ``R`` on the infinite grid, a
-        quarter of :meth:`lipschitz_bound` and the solver's first step estimate."""
+    def curvature_and_lipschitz_bound(self, grid: int = 128, margin: float = 1.02):
+        """``(max_f lambda_max(f), 4 max_f lambda_max(f))``: the curvature of ``R`` on the
+        infinite grid (the solver's first step estimate) and the guaranteed bound on the
+        Lipschitz constant of ``grad R`` with symmetric padding, from one computation."""
+        curvature = self._fourier_curvature(grid, margin)
+        return curvature, 4 * curvature
+
+    def _fourier_curvature(self, grid: int, margin: float) -> torch.Tensor:
         spectra = torch.fft.fft2(self.kernels.double(), s=(grid, grid)).permute(2, 3, 0, 1)
         curvature = (self.weights / self.eps).repeat_interleave(self.group_size)
         curvature = curvature.double().to(spectra.dtype)

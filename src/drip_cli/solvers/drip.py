@@ -68,8 +68,8 @@ def solve_drip(
     forward_op = EmbeddedOperator(op, embedding)
     radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
-    curvature = regularizer.fourier_curvature().to(b.dtype)
-    safe_step = 1.0 / regularizer.lipschitz_bound().to(b.dtype)   # guaranteed: 1 / L
+    curvature, lipschitz = (t.to(b.dtype) for t in regularizer.curvature_and_lipschitz_bound())
+    safe_step = 1.0 / lipschitz                                   # guaranteed: 1 / L
     step = (1.0 / curvature).expand(n).clone()                    # first guess, backtracked
     if z0 is None:  # the discrepancy-principle CGLS solution in latent space: feasible
         z0 = cgls(forward_op, b, radius, max_iterations=final_projection_iterations).solution

@@ -51,7 +51,6 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
     method runs on ``F^{-1/2}``, nearly linear in ``lam`` (as in More & Sorensen's trust-region
     solver), from ``lam0`` (the root for a smaller subspace, which lies above this one's), with a
     bracket and bisection as safeguard. Returns ``(y, lam)``."""
-    n, _, k = c.shape
     u, s, vh = torch.linalg.svd(c, full_matrices=False)          # (N,k+1,k), (N,k), (N,k,k)
     coeff = u[:, 0, :] * beta.unsqueeze(1)                        # beta e1 in the left basis
     outside = (beta.pow(2) - coeff.pow(2).sum(1)).clamp_min(0)

@@ -122,6 +122,7 @@ class Trainer:
         self.best_psnr = -math.inf
         self.elapsed = 0.0
         self._validation_noise = self._fixed_validation_noise()
+        self.noise_range = self._noise_range()
 
     def _new_permutation(self) -> torch.Tensor:
         return self.train_index[torch.randperm(len(self.train_index), generator=self.generator)]
@@ -139,15 +140,17 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
     def _from_file(self, index: torch.Tensor, x: torch.Tensor):
+        """``(b, sigma)``: the file's own measurements and noise levels for these samples."""
         measurements, noise_std = self.file_measurements
         b = measurements[index].to(device=self.device, dtype=x.dtype)
-        return self.op(x), b, noise_std[index].to(device=self.device, dtype=x.dtype)
+        return b, noise_std[index].to(device=self.device, dtype=x.dtype)
 
     def _simulate(self, x: torch.Tensor, percent: torch.Tensor, noise: torch.Tensor):
+        """``(b, sigma)``: fresh measurements of ``x`` at these noise percents."""
         clean = self.op(x)
         sigma = noise_std_for(self.op, clean, percent.to(self.device))
         b = add_noise(self.op, clean, sigma, noise.to(device=self.device, dtype=x.dtype))
-        return clean, b, sigma
+        return b, sigma
 
     def _training_batch(self):
         cfg = self.config
@@ -169,7 +172,7 @@ class Trainer:
     # -- one optimisation step -----------------------------------------------------------------
     def train_step(self) -> float:
         cfg = self.config
-        x, clean, b, sigma = self._training_batch()
+        x, b, sigma = self._training_batch()
         radius = discrepancy_radius(self.op, sigma, cfg.tau)
         self.model.train()
         solution = self.model.solve(self.op, b, radius, max_iterations=cfg.train_solver_iterations,
@@ -192,9 +195,9 @@ class Trainer:
         self.model.eval()
         x = self.truth[self.val_index].to(self.device)
         if self.file_measurements is not None:
-            _, b, sigma = self._from_file(self.val_index, x)
+            b, sigma = self._from_file(self.val_index, x)
         else:
-            _, b, sigma = self._simulate(x, *self._validation_noise)
+            b, sigma = self._simulate(x, *self._validation_noise)
         solution = self.model.solve(self.op, b, discrepancy_radius(self.op, sigma, self.config.tau))
         ratio = discrepancy_ratio(self.op, solution.solution, b, sigma)
         return {"val_psnr": float(psnr(solution.solution.cpu().numpy(), x.cpu().numpy()).mean()),
@@ -205,20 +208,20 @@ class Trainer:
     def model_info(self) -> ModelInfo:
         return ModelInfo(config=self.config.model, operator_kind=self.op.kind,
                          image_shape=self.op.image_shape,
-                         noise_percent=self.training_noise_percent(),
+                         noise_percent=self.noise_range,
                          training_data_sha256=self.data_sha256,
                          extra={"epoch": self.epoch, "global_step": self.global_step,
                                 "val_psnr": self.best_psnr})
 
-    def training_noise_percent(self) -> tuple[float, float]:
-        """The noise range the model saw: the configured one, or the file's (in percent)."""
+    def _noise_range(self) -> tuple[float, float]:
+        """The noise range the model sees: the configured one, or the file's (in percent)."""
         if self.file_measurements is None:
             return tuple(self.config.noise_percent)
         _, noise_std = self.file_measurements
-        index = self.train_index
         with torch.no_grad():
-            clean = self.op(self.truth[index].to(self.device))
-        percent = noise_std[index].to(clean.device) / (clean.abs().flatten(1).sum(1) / self.op.measured_count) * 100
+            clean = self.op(self.truth[self.train_index].to(self.device))
+            one_percent = noise_std_for(self.op, clean, torch.ones(len(clean), dtype=torch.float64))
+        percent = noise_std[self.train_index].to(clean.device) / one_percent
         return float(percent.min()), float(percent.max())
 
     def save_checkpoint(self) -> None:

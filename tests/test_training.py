@@ -120,14 +120,16 @@ def test_implicit_gradient_matches_finite_differences():
 
     torch.manual_seed(0)
     op = Blur((1, 10, 10), gaussian_psf(1.0))
-    model = DripModel(ModelConfig(latent_channels=1, n_filters=4, kernel_size=3, eps=0.1)).double()
+    # eps = 0.3: with 0.1 this tiny problem converges so slowly that differences of L scatter
+    # (0.025-0.14 for h = 1e-6-1e-3 along one direction); at 0.3 they agree to 1e-6
+    model = DripModel(ModelConfig(latent_channels=1, n_filters=4, kernel_size=3, eps=0.3)).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x = torch.rand(2, 1, 10, 10, dtype=torch.float64)
     b = op(x) + 0.05 * torch.randn(2, 1, 10, 10, dtype=torch.float64)
     # Only the first sample: the second converges too slowly (KKT residual 7e-7 after 3000
-    # iterations) for central differences at h = 1e-5 to be meaningful.
+    # iterations) for central differences to be meaningful.
     x, b = x[:1], b[:1]
     radius = torch.full((1,), 0.5, dtype=torch.float64)
 
@@ -146,19 +148,24 @@ def test_implicit_gradient_matches_finite_differences():
     surrogate = implicit_surrogate(op, model.embedding, model.regularizer, b, z, v, cg_iterations=200)
     model.zero_grad()
     (loss + surrogate).backward()
-    probes = [(model.regularizer.bias, (0,)), (model.regularizer.filters, (0, 0, 1, 1)),
-              (model.embedding.weight, (0, 0, 1, 2))]
-    h = 1e-5
-    for param, index in probes:
-        implicit = float(param.grad[index])
+    # directional derivatives along random directions, over all parameters and over E alone
+    gen = torch.Generator().manual_seed(1)
+    params = list(model.parameters())
+    h = 1e-4
+    for group in (params, [model.embedding.weight]):
+        directions = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in group]
+        implicit = sum(float((p.grad * d).sum()) for p, d in zip(group, directions))
         with torch.no_grad():
-            param[index] += h
+            for p, d in zip(group, directions):
+                p.add_(h * d)
             plus = float(loss_of(solve()))
-            param[index] -= 2 * h
+            for p, d in zip(group, directions):
+                p.sub_(2 * h * d)
             minus = float(loss_of(solve()))
-            param[index] += h
+            for p, d in zip(group, directions):
+                p.add_(h * d)
         numeric = (plus - minus) / (2 * h)
-        assert abs(implicit - numeric) <= 0.1 * abs(numeric), (implicit, numeric)
+        assert abs(implicit - numeric) <= 0.05 * abs(numeric), (implicit, numeric)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -180,8 +180,8 @@ def train(
              "(recommended: 1:5, for a model robust to the noise level). "
              "Default: train on the file's own measurements."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    latent_channels: int = typer.Option(2, "--latent-channels", min=1),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
+    latent_channels: int = typer.Option(1, "--latent-channels", min=1),
     filters: int = typer.Option(16, "--filters", min=2, help="Regularizer filters (in pairs)."),
     kernel_size: int = typer.Option(5, "--kernel-size", help="Regularizer filter size (odd)."),
     cg_iterations: int = typer.Option(50, "--cg-iterations", min=1,

@@ -18,7 +18,7 @@ class ModelConfig:
     """Architecture and solver settings; saved with every model file."""
 
     image_channels: int = 1
-    latent_channels: int = 2
+    latent_channels: int = 1
     architecture: str = "convex"
     n_filters: int = 16
     kernel_size: int = 5

@@ -36,7 +36,8 @@ def hessian_vector(regularizer, z: torch.Tensor, h: torch.Tensor) -> torch.Tenso
 
 
 def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Tensor,
-                       v: torch.Tensor, cg_iterations: int = 50, damping: float = 1e-6) -> torch.Tensor:
+                       v: torch.Tensor, cg_iterations: int = 50, damping: float = 1e-6,
+                       cg_tolerance: float = 1e-4) -> torch.Tensor:
     """A scalar whose gradient in the parameters is ``dL/dtheta`` through the solution ``z``
     (see the module docstring); add it to the loss's direct part and call ``backward``."""
     z, v = z.detach(), v.detach()
@@ -57,13 +58,24 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
         residual = project(v)
         direction = residual
         rr = batch_dot(residual, residual)
+        # per sample, CG stops at a relative residual of ``cg_tolerance`` or where the curvature
+        # along the direction is not positive (rounding, once converged): carrying on there
+        # divided by ~0 and turned a float32 training run into NaN after 7 steps
+        stop = rr * cg_tolerance**2
+        active = rr > stop
         for _ in range(cg_iterations):
+            if not bool(active.any()):
+                break
             h_dir = project(hessian(direction))
-            alpha = rr / batch_dot(direction, h_dir).clamp_min(1e-30)
+            curvature = batch_dot(direction, h_dir)
+            active = active & (curvature > 0)
+            alpha = torch.where(active, rr / torch.where(active, curvature, 1.0), 0.0)
             lam = lam + per_sample(alpha, lam) * direction
             residual = residual - per_sample(alpha, residual) * h_dir
             rr_new = batch_dot(residual, residual)
-            direction = residual + per_sample(rr_new / rr.clamp_min(1e-30), direction) * direction
+            active = active & (rr_new > stop)
+            ratio = torch.where(active, rr_new / torch.where(active, rr, 1.0), 0.0)
+            direction = residual + per_sample(ratio, direction) * direction
             rr = rr_new
         lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)

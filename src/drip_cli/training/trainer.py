@@ -60,7 +60,7 @@ class TrainConfig:
     epochs: int = 100
     max_minutes: float | None = None
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     # (A, B): fresh noise of A..B percent for every batch; None: the file's own measurements
     noise_percent: tuple[float, float] | None = (1.0, 5.0)
     tau: float = 1.0

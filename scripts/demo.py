@@ -5,7 +5,7 @@ and JSON reports to demo_out/, and prints one table: PSNR, SSIM and discrepancy 
 operator and method. Every reconstruction must fit its data (fit = 1).
 
 DRIP runs with the pretrained model where sample_data/ ships one; elsewhere with an untrained model
-(the regularizer's starting point, smoothed isotropic TV in the latent space), written to
+(the regularizer's starting point: smoothed isotropic TV plus a weak random filter bank), written to
 demo_out/ and labelled "drip (untrained)" in the table.
 """
 

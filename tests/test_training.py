@@ -177,3 +177,20 @@ def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options,
     result = run_cli("train", train_file, "--out", tmp_path / "run", *options, "-q")
     assert result.exit_code == 1 and message in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_shipped_sample_model_beats_tv_on_the_sample_blur_data(tmp_path):
+    """sample_data/drip_blur.safetensors (made by `drip train`, see sample_data/README.md) on the
+    held-out sample photographs: every sample fits, and DRIP is above constrained TV."""
+    from pathlib import Path
+
+    samples = Path(__file__).resolve().parent.parent / "sample_data"
+    reports = {}
+    for method, extra in (("drip", ["--model", samples / "drip_blur.safetensors"]), ("tv", [])):
+        report = tmp_path / f"{method}.json"
+        result = run_cli("reconstruct", samples / "blur.h5", "--method", method, *extra,
+                         "--out", tmp_path / f"{method}.h5", "--report", report, "-q")
+        assert result.exit_code == 0, result.stderr
+        reports[method] = json.loads(report.read_text())
+    assert reports["drip"]["fit_fraction"] == 1.0
+    assert reports["drip"]["psnr_mean"] > reports["tv"]["psnr_mean"] + 0.3

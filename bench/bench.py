@@ -4,7 +4,7 @@
 2. CGLS, converged constrained TV and DRIP on 64 held-out 64x64 photo crops, Gaussian blur
    sigma 2, 2% noise: seconds, PSNR and the largest discrepancy ratio. DRIP uses ``--model``
    (default: the pretrained sample model when present, else an untrained model, i.e. the
-   regularizer's smoothed-TV starting point, reported as such).
+   regularizer's starting point: smoothed TV plus a weak random filter bank, reported as such).
 
 Prints rich tables and writes bench_out/bench.json.
 """
@@ -42,7 +42,7 @@ def drip_method(path: Path):
     else:
         model = DripModel(ModelConfig())
         method = DripMethod(model.eval(), None, "")
-        method.label = "drip (untrained: smoothed-TV start)"
+        method.label = "drip (untrained)"
     return method
 
 

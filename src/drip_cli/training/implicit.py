@@ -35,6 +35,11 @@ def hessian_vector(regularizer, z: torch.Tensor, h: torch.Tensor) -> torch.Tenso
     return product
 
 
+def _ratio_where(active: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor):
+    """``numerator / denominator`` for active samples, 0 for the others (never divides there)."""
+    return torch.where(active, numerator / torch.where(active, denominator, 1.0), 0.0)
+
+
 def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Tensor,
                        v: torch.Tensor, cg_iterations: int = 50, damping: float = 1e-6,
                        cg_tolerance: float = 1e-4) -> torch.Tensor:
@@ -69,13 +74,12 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
             h_dir = project(hessian(direction))
             curvature = batch_dot(direction, h_dir)
             active = active & (curvature > 0)
-            alpha = torch.where(active, rr / torch.where(active, curvature, 1.0), 0.0)
+            alpha = _ratio_where(active, rr, curvature)
             lam = lam + per_sample(alpha, lam) * direction
             residual = residual - per_sample(alpha, residual) * h_dir
             rr_new = batch_dot(residual, residual)
             active = active & (rr_new > stop)
-            ratio = torch.where(active, rr_new / torch.where(active, rr, 1.0), 0.0)
-            direction = residual + per_sample(ratio, direction) * direction
+            direction = residual + per_sample(_ratio_where(active, rr_new, rr), direction) * direction
             rr = rr_new
         lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)

@@ -79,7 +79,8 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
             residual = residual - per_sample(alpha, residual) * h_dir
             rr_new = batch_dot(residual, residual)
             active = active & (rr_new > stop)
-            direction = residual + per_sample(_ratio_where(active, rr_new, rr), direction) * direction
+            beta = _ratio_where(active, rr_new, rr)
+            direction = residual + per_sample(beta, direction) * direction
             rr = rr_new
         lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)

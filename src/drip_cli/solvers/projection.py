@@ -72,10 +72,15 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
         candidate = lam + step
         bisect = torch.where(torch.isinf(hi), 2 * lam + 1 / s2[:, 0].clamp_min(1e-30), (lo + hi) / 2)
         inside_bracket = (candidate > lo) & (candidate < hi) & torch.isfinite(candidate)
-        lam = torch.where(inside_bracket, candidate, bisect)
-        if bool(((f - target).abs() <= accuracy * target).all()):
+        converged = (f - target).abs() <= accuracy * target
+        if bool(converged.all()):
             break
-    lam = torch.where(torch.isfinite(hi), hi, lam)  # prefer the side of the root that fits
+        lam = torch.where(inside_bracket, candidate, bisect)
+    # A converged lam is the root (to ``accuracy``); otherwise prefer the bracket's side that
+    # fits. (Taking ``hi`` even when converged was wrong: when Newton approached the root from
+    # the side that does not fit, ``hi`` was still the warm start from the previous subspace,
+    # and the projection landed 0.5% inside the radius, off the KKT point of the set.)
+    lam = torch.where(converged | torch.isinf(hi), lam, hi)
     q = 1 + lam.unsqueeze(1) * s2
     filt = torch.where(reachable.unsqueeze(1), lam.unsqueeze(1) * s / q,
                        1 / s.clamp_min(torch.finfo(c.dtype).tiny))   # unreachable: least squares

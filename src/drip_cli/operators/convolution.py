@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
-def conv2d_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int = 0) -> torch.Tensor:
-    """Adjoint of ``F.conv2d(x, weight, padding=padding)`` (stride 1, odd square kernels):
-    correlation with the flipped, channel-transposed kernel, padded by ``k - 1 - padding``."""
+def conv2d_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int = 0,
+                   dilation: int = 1) -> torch.Tensor:
+    """Adjoint of ``F.conv2d(x, weight, padding=padding, dilation=dilation)`` (stride 1, odd
+    square kernels): correlation with the flipped, channel-transposed kernel at the same
+    dilation, padded by ``dilation (k - 1) - padding``."""
     flipped = weight.flip(-1, -2).transpose(0, 1)
-    return F.conv2d(y, flipped, padding=weight.shape[-1] - 1 - padding)
+    return F.conv2d(y, flipped, padding=dilation * (weight.shape[-1] - 1) - padding,
+                    dilation=dilation)

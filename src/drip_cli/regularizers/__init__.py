@@ -2,5 +2,6 @@
 
 from .convex import ConvexFilterRegularizer
 from .embedding import Embedding
+from .leapfrog import LeapfrogRegularizer
 
-__all__ = ["ConvexFilterRegularizer", "Embedding"]
+__all__ = ["ConvexFilterRegularizer", "Embedding", "LeapfrogRegularizer"]

@@ -1,7 +1,7 @@
 """A learned convex scalar regularizer on the latent variable ``z``.
 
-    R(z) = sum_g w_g sum_pixels psi_g(t_g),   t_g = ((K z)_j)_{j in group g},
-    psi_g(t) = sqrt(|t|^2 + eps_g^2) - eps_g
+    R(z) = sum_g sum_k w_gk sum_pixels psi_gk(t_g),   t_g = ((K z)_j)_{j in group g},
+    psi_gk(t) = sqrt(|t|^2 + eps_gk^2) - eps_gk
 
 ``K`` is a bank of learned convolution filters (``n_filters`` of size ``kernel_size``, acting on
 all latent channels), each kept zero-mean per channel by construction (so ``R`` is blind to
@@ -11,22 +11,42 @@ and border pixels are not pulled towards zero (zero padding did that, and cost 0
 64x64 blur, all of it in the outer pixels).
 The filters come in groups of ``group_size`` consecutive filters whose responses are combined by
 a smoothed Euclidean norm (``group_size = 1``: a smoothed ``|t|`` per filter; ``2``: a smoothed
-gradient magnitude, as in isotropic TV). ``w_g = softplus(rho_g) >= 0`` and ``eps_g > 0``. Each
-``psi_g`` is convex and ``K`` is linear, so ``R`` is convex in ``z`` for every value of the
-parameters: the lower-level problem stays convex throughout training.
+gradient magnitude, as in isotropic TV). ``w_gk = softplus(rho_gk) >= 0`` and ``eps_gk > 0``.
+Each ``psi_gk`` is convex, a non-negative sum of convex functions is convex, and ``K`` is linear,
+so ``R`` is convex in ``z`` for every value of the parameters: the lower-level problem stays
+convex throughout training.
+
+Two options widen the family:
+
+* ``potential_scales = S``: each group's potential is a learned non-negative mix of ``S``
+  smoothed norms at smoothing ``eps, 4 eps, 16 eps, ...`` (starting weights ``1, 0.3, 0.09``
+  times the group's), so training can shape the potential between ``|t|`` and ``t^2``.
+* ``dilation_levels = D``: the filter groups are split evenly over dilations ``1, 2, ..., 2^(D-1)``
+  (the TV pair at dilation 1), a multi-scale bank whose support grows without more weights.
+  The model's default is ``D = 2``; the class's own default (1) is the single-scale bank.
+
+Measured with 60 training steps on 1000 natural-photo crops (blur sigma 2, noise 1-5%), validation
+PSNR gain over each model's start: default +0.156 dB, ``kernel_size 7`` +0.163 dB (1.7x slower per
+step), ``potential_scales 3`` +0.145 dB from a start 0.04 dB lower, ``dilation_levels 2``
++0.206 dB (to 31.51 dB, where the single-scale bank got after 278 steps). With the faster
+training settings of :mod:`drip_cli.training.trainer`: ``dilation_levels 2`` 31.487 dB,
+``dilation_levels 3`` 31.486, 24 filters at two levels 31.478. A 10-minute run at two levels
+reached 31.56 dB (single-scale, earlier settings: 31.51).
 
 ``value`` and ``gradient`` are closed-form::
 
-    grad R(z) = K^T [ w_g t_g / sqrt(|t_g|^2 + eps_g^2) ]
+    grad R(z) = K^T [ t_g sum_k w_gk / sqrt(|t_g|^2 + eps_gk^2) ]
 
-and ``grad R`` is Lipschitz with ``L <= ||K^T diag(w / eps) K||`` (the Hessian of ``psi_g`` is
-at most ``1 / eps_g`` times the identity; ``w / eps`` is repeated over each group's filters).
+and ``grad R`` is Lipschitz with ``L <= ||K^T diag(c) K||``, ``c_g = sum_k w_gk / eps_gk`` (the
+Hessian of ``psi_gk`` is at most ``1 / eps_gk`` times the identity; ``c`` is repeated over each
+group's filters; ``w_j / eps_j`` below stands for it).
 That norm is bounded in the Fourier domain: on the infinite grid ``K^T diag(w/eps) K`` is, at each
 frequency, the latent-channel matrix ``lambda(f) = sum_j (w_j / eps_j) conj(k_j(f)) k_j(f)^T``.
 The symmetrically padded image is one quarter of a ``2H x 2W``-periodic image of energy
 ``4 ||z||^2``, so ``sum_j (w_j/eps_j) ||K_j z||^2 <= 4 max_f lambda_max(f) ||z||^2``: the bound
 is ``4 max_f lambda_max(f)``, the maximum sampled on a 128x128 grid and raised by 2% for the
-frequencies in between (5x5 filters vary slowly in frequency). Power iteration on random filters
+frequencies in between (5x5 filters vary slowly in frequency; a dilated filter enters with its
+zeros, as the dense filter it is). Power iteration on random filters
 finds the true constant close to ``max_f lambda_max(f)`` itself, so the solver starts from that
 step and backtracks, never going below the guaranteed ``1 / L``.
 
@@ -48,8 +68,6 @@ gradient was large and noisy (a sign step of 0.01 raised the loss by 2%).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -57,10 +75,12 @@ from ..operators.convolution import conv2d_adjoint
 
 
 EXTRA_WEIGHT = 0.3   # initial weight of the filters beyond the TV pair (see the module docstring)
+SCALE_RATIO = 4.0    # smoothing of a group's successive potentials: eps, 4 eps, 16 eps, ...
+SCALE_WEIGHT = 0.3   # and their initial weights relative to the first
 
 
-def _inverse_softplus(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
+def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    return y + torch.log(-torch.expm1(-y))
 
 
 def _mirror_index(n: int, pad: int, device) -> torch.Tensor:
@@ -92,7 +112,8 @@ class ConvexFilterRegularizer(torch.nn.Module):
     convex = True
 
     def __init__(self, latent_channels: int, image_channels: int = 1, n_filters: int = 32,
-                 kernel_size: int = 5, eps: float = 0.01, group_size: int = 2, seed: int = 0):
+                 kernel_size: int = 5, eps: float = 0.01, group_size: int = 2, seed: int = 0,
+                 potential_scales: int = 1, dilation_levels: int = 1):
         super().__init__()
         if group_size not in (1, 2):
             raise ValueError("group_size must be 1 (per filter) or 2 (pairs, as isotropic TV)")
@@ -104,23 +125,37 @@ class ConvexFilterRegularizer(torch.nn.Module):
             raise ValueError("n_filters must be at least 2 * image channels (the TV start)")
         if latent_channels < image_channels:
             raise ValueError("latent_channels must be at least the number of image channels")
+        if potential_scales < 1:
+            raise ValueError("potential_scales must be at least 1")
+        if not 1 <= dilation_levels <= n_filters // group_size:
+            raise ValueError("dilation_levels must be between 1 and the number of filter groups")
         gen = torch.Generator().manual_seed(seed)
         filters = 0.05 * torch.randn(n_filters, latent_channels, kernel_size, kernel_size, generator=gen)
         filters -= filters.mean(dim=(2, 3), keepdim=True)  # zero-mean: blind to constants
         centre = kernel_size // 2
         self.group_size = group_size
         n_groups = n_filters // group_size
-        weights = torch.full((n_groups,), _inverse_softplus(EXTRA_WEIGHT))
+        # filter group g acts at dilation 2**level(g): the groups are split evenly over the
+        # levels, the TV pair in level 0 (dilation 1)
+        level = torch.arange(n_groups) * dilation_levels // n_groups
+        self.levels = [(2**lv, slice(group_size * int((level < lv).sum()),
+                                      group_size * int((level <= lv).sum())))
+                       for lv in range(dilation_levels)]
+        weights = torch.full((n_groups,), EXTRA_WEIGHT)
         for c in range(image_channels):
             for j, (dy, dx) in enumerate(((1, 0), (0, 1))):
                 k = 2 * c + j
                 filters[k].zero_()
                 filters[k, c, centre, centre] = -1.0
                 filters[k, c, centre + dy, centre + dx] = 1.0
-                weights[k // group_size] = _inverse_softplus(1.0)
+                weights[k // group_size] = 1.0
+        # potential k of each group: smoothing eps * SCALE_RATIO**k, weight SCALE_WEIGHT**k
+        ladder = torch.arange(potential_scales, dtype=torch.float64)
+        weights = weights[:, None] * SCALE_WEIGHT ** ladder[None, :]
+        scales = (eps * SCALE_RATIO ** ladder).expand(n_groups, -1)
         self.filters = torch.nn.Parameter(filters)
-        self.weight_logits = torch.nn.Parameter(weights)
-        self.eps_logits = torch.nn.Parameter(torch.full((n_groups,), _inverse_softplus(eps)))
+        self.weight_logits = torch.nn.Parameter(_inverse_softplus(weights).float())
+        self.eps_logits = torch.nn.Parameter(_inverse_softplus(scales).float())
 
     # -- parameters in their constrained form ---------------------------------------------------
     @property
@@ -132,40 +167,46 @@ class ConvexFilterRegularizer(torch.nn.Module):
         return F.softplus(self.eps_logits) + 1e-4
 
     @property
-    def padding(self) -> int:
-        return self.filters.shape[-1] // 2
-
-    @property
     def kernels(self) -> torch.Tensor:
         """The filters actually applied: the parameters minus their mean per (filter, channel)."""
         return self.filters - self.filters.mean(dim=(2, 3), keepdim=True)
 
+    @property
+    def reach(self) -> int:
+        """The widest padding: images must be at least this many pixels on each side."""
+        return self.levels[-1][0] * (self.filters.shape[-1] // 2)
+
     def _responses(self, z: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(symmetric_pad(z, self.padding), self.kernels.to(z.dtype))
+        kernels, half = self.kernels.to(z.dtype), self.filters.shape[-1] // 2
+        return torch.cat([F.conv2d(symmetric_pad(z, d * half), kernels[part], dilation=d)
+                          for d, part in self.levels], dim=1)
+
+    def _responses_adjoint(self, t: torch.Tensor) -> torch.Tensor:
+        kernels, half = self.kernels.to(t.dtype), self.filters.shape[-1] // 2
+        return sum(symmetric_pad_adjoint(conv2d_adjoint(t[:, part], kernels[part], dilation=d),
+                                         d * half)
+                   for d, part in self.levels)
 
     # -- the functional --------------------------------------------------------------------------
-    def _grouped(self, z: torch.Tensor):
-        """Responses as ``(N, groups, group_size, H, W)`` and ``sqrt(|t_g|^2 + eps_g^2)``."""
-        t = self._responses(z)
-        t = t.view(t.shape[0], -1, self.group_size, *t.shape[2:])
-        eps = self.eps.to(z.dtype).view(1, -1, 1, 1)
-        return t, torch.sqrt(t.pow(2).sum(2) + eps * eps), eps
+    def potential(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sum_g sum_k w_gk psi_gk(t_g), dpsi/dt)`` per sample for filter responses ``t`` of
+        shape ``(N, n_filters, H, W)``: the value and its gradient in ``t``."""
+        grouped = t.view(t.shape[0], -1, self.group_size, *t.shape[2:])
+        eps = self.eps.to(t.dtype)[None, :, :, None, None]
+        weights = self.weights.to(t.dtype)[None, :, :, None, None]
+        smoothed_norm = torch.sqrt(grouped.pow(2).sum(2, keepdim=True) + eps * eps)
+        value = (weights * (smoothed_norm - eps)).flatten(1).sum(1)
+        return value, (grouped * (weights / smoothed_norm).sum(2, keepdim=True)).flatten(1, 2)
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)``."""
-        _, smoothed_norm, eps = self._grouped(z)
-        return (self.weights.to(z.dtype).view(1, -1, 1, 1) * (smoothed_norm - eps)).flatten(1).sum(1)
+        return self.potential(self._responses(z))[0]
 
     def value_and_gradient(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R(z), grad R(z))`` from one pass over the filter responses (closed form,
         differentiable in the parameters)."""
-        t, smoothed_norm, eps = self._grouped(z)
-        weights = self.weights.to(z.dtype).view(1, -1, 1, 1)
-        value = (weights * (smoothed_norm - eps)).flatten(1).sum(1)
-        scaled = (t * (weights / smoothed_norm).unsqueeze(2)).flatten(1, 2)
-        gradient = symmetric_pad_adjoint(conv2d_adjoint(scaled, self.kernels.to(z.dtype)),
-                                         self.padding)
-        return value, gradient
+        value, dpsi = self.potential(self._responses(z))
+        return value, self._responses_adjoint(dpsi)
 
     def gradient(self, z: torch.Tensor) -> torch.Tensor:
         """``grad R(z)``, same shape as ``z``."""
@@ -183,8 +224,13 @@ class ConvexFilterRegularizer(torch.nn.Module):
         return curvature, 4 * curvature
 
     def _fourier_curvature(self, grid: int, margin: float) -> torch.Tensor:
-        spectra = torch.fft.fft2(self.kernels.double(), s=(grid, grid)).permute(2, 3, 0, 1)
-        curvature = (self.weights / self.eps).repeat_interleave(self.group_size)
+        kernels = self.kernels.double()
+        size = self.levels[-1][0] * (kernels.shape[-1] - 1) + 1    # the widest dilated support
+        dense = kernels.new_zeros((*kernels.shape[:2], size, size))
+        for d, part in self.levels:
+            dense[part, :, :d * (kernels.shape[-1] - 1) + 1:d, :d * (kernels.shape[-1] - 1) + 1:d] = kernels[part]
+        spectra = torch.fft.fft2(dense, s=(grid, grid)).permute(2, 3, 0, 1)
+        curvature = (self.weights / self.eps).sum(1).repeat_interleave(self.group_size)
         curvature = curvature.double().to(spectra.dtype)
         hessian = torch.einsum("xyjc,xyjd,j->xycd", spectra.conj(), spectra, curvature)
         return margin * torch.linalg.eigvalsh(hessian).max().to(self.filters.dtype)

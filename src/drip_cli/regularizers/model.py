@@ -9,8 +9,10 @@ import torch
 from ..operators import LinearOperator
 from .convex import ConvexFilterRegularizer
 from .embedding import Embedding
+from .leapfrog import LeapfrogRegularizer
 
-ARCHITECTURES = ("convex",)
+# convex: the default, a convex lower-level problem; leapfrog: deeper and non-convex (see its module)
+ARCHITECTURES = ("convex", "leapfrog")
 
 
 @dataclass
@@ -18,13 +20,16 @@ class ModelConfig:
     """Architecture and solver settings; saved with every model file."""
 
     image_channels: int = 1
-    latent_channels: int = 1
+    latent_channels: int = 0       # 0: as many as the image has channels
     architecture: str = "convex"
     n_filters: int = 16
     kernel_size: int = 5
     embedding_kernel_size: int = 3
     eps: float = 0.01
     group_size: int = 2            # 2: smoothed isotropic-TV-like pairs; 1: one potential per filter
+    potential_scales: int = 1      # smoothed norms per group, at smoothing eps, 4 eps, 16 eps, ...
+    dilation_levels: int = 2       # filter groups split over dilations 1, 2, 4, ... (multi-scale)
+    layers: int = 3                # leapfrog layers (architecture "leapfrog" only)
     # lower-level solver at inference
     max_iterations: int = 300
     tolerance: float = 1e-4
@@ -53,12 +58,18 @@ class DripModel(torch.nn.Module):
         if config.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {config.architecture!r} "
                              f"(available: {', '.join(ARCHITECTURES)})")
+        latent = config.latent_channels or config.image_channels
         self.config = config
-        self.embedding = Embedding(config.latent_channels, config.image_channels,
+        self.embedding = Embedding(latent, config.image_channels,
                                    config.embedding_kernel_size)
-        self.regularizer = ConvexFilterRegularizer(
-            config.latent_channels, config.image_channels, config.n_filters, config.kernel_size,
-            config.eps, config.group_size)
+        common = dict(latent_channels=latent, image_channels=config.image_channels,
+                      n_filters=config.n_filters, kernel_size=config.kernel_size, eps=config.eps,
+                      group_size=config.group_size, potential_scales=config.potential_scales,
+                      dilation_levels=config.dilation_levels)
+        if config.architecture == "leapfrog":
+            self.regularizer = LeapfrogRegularizer(**common, layers=config.layers)
+        else:
+            self.regularizer = ConvexFilterRegularizer(**common)
 
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, **overrides):
         """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`."""

@@ -40,7 +40,7 @@ def untrained_model(name: str) -> Path:
 
     with MeasurementFile(SAMPLES / f"{name}.h5") as data:
         shape, kind = tuple(data.image_shape), data.operator.kind
-    model = DripModel(ModelConfig(image_channels=shape[0]))
+    model = DripModel(ModelConfig(image_channels=shape[0], latent_channels=shape[0]))
     path = OUT / f"drip_untrained_{name}.safetensors"
     save_model(path, model, ModelInfo(config=model.config, operator_kind=kind, image_shape=shape,
                                       noise_percent=(1.0, 5.0), extra={"untrained": True}))

@@ -180,11 +180,34 @@ def train(
              "(recommended: 1:5, for a model robust to the noise level). "
              "Default: train on the file's own measurements."),
     batch_size: int = typer.Option(8, "--batch-size", min=1),
-    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
-    latent_channels: int = typer.Option(1, "--latent-channels", min=1),
+    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate (at the start)."),
+    lr_schedule: str = typer.Option(
+        "cosine", "--lr-schedule",
+        help="cosine: decay to 5% of --lr over the budget (--epochs or --max-minutes); constant."),
+    latent_channels: Optional[int] = typer.Option(
+        None, "--latent-channels", min=1,
+        help="Channels of the latent variable z. Default: the images' channel count."),
+    architecture: str = typer.Option(
+        "convex", "--architecture",
+        help="convex: a convex lower-level problem (default); leapfrog: a deeper, non-convex "
+             "regularizer (a leapfrog network on the filter responses; no convexity guarantee)."),
+    layers: int = typer.Option(3, "--layers", min=1, help="Leapfrog layers (--architecture leapfrog)."),
     filters: int = typer.Option(16, "--filters", min=2, help="Regularizer filters (in pairs)."),
     kernel_size: int = typer.Option(5, "--kernel-size", help="Regularizer filter size (odd)."),
-    cg_iterations: int = typer.Option(50, "--cg-iterations", min=1,
+    eps: float = typer.Option(
+        0.01, "--eps", min=1e-4,
+        help="Starting smoothing of the potentials (learned; smaller is closer to exact TV)."),
+    potential_scales: int = typer.Option(
+        1, "--potential-scales", min=1,
+        help="Learned mix of this many smoothed norms per filter group (smoothing eps, 4 eps, ...)."),
+    dilation_levels: int = typer.Option(
+        2, "--dilation-levels", min=1,
+        help="Multi-scale filter bank: the filters are split over dilations 1, 2, 4, ..."),
+    loss_weights: str = typer.Option(
+        "1,0,0", "--loss-weights",
+        help="Weights of the loss terms: solution, pre-projection iterate, predicted data "
+             "(the paper uses 1,1,1)."),
+    cg_iterations: int = typer.Option(20, "--cg-iterations", min=1,
                                       help="CG iterations of the implicit-gradient KKT solve."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed"),
@@ -199,8 +222,9 @@ def train(
     solutions closest to the ground truth)."""
     from .data import parse_noise_percent
     from .reconstruct import resolve_device
-    from .regularizers.model import ModelConfig
+    from .regularizers.model import ARCHITECTURES, ModelConfig
     from .training import TrainConfig, Trainer
+    from .training.trainer import LR_SCHEDULES
 
     with _errors(debug):
         try:
@@ -209,15 +233,34 @@ def train(
             raise DripError(f"--noise-percent: {exc}") from exc
         if kernel_size % 2 == 0 or kernel_size < 3:
             raise DripError(f"--kernel-size must be odd and at least 3, got {kernel_size}")
+        try:
+            weights = tuple(float(w) for w in loss_weights.split(","))
+        except ValueError:
+            weights = ()
+        if len(weights) != 3 or min(weights) < 0 or weights[0] <= 0:
+            raise DripError(f"--loss-weights must be three non-negative numbers, the first "
+                            f"positive, as in 1,1,1; got {loss_weights!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise DripError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                            f"got {lr_schedule!r}")
+        if architecture not in ARCHITECTURES:
+            raise DripError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, "
+                            f"got {architecture!r}")
         if filters % 2:
             raise DripError(f"--filters must be even (the filters come in pairs), got {filters}")
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         config = TrainConfig(data=str(data), out=str(out), epochs=epochs, max_minutes=max_minutes,
-                             batch_size=batch_size, lr=lr, noise_percent=noise_range, tau=tau,
+                             batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
+                             loss_weights=weights,
+                             noise_percent=noise_range, tau=tau,
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
-                             model=ModelConfig(latent_channels=latent_channels, n_filters=filters,
-                                               kernel_size=kernel_size))
+                             model=ModelConfig(architecture=architecture, layers=layers,
+                                               latent_channels=latent_channels or 0,
+                                               n_filters=filters,
+                                               kernel_size=kernel_size, eps=eps,
+                                               potential_scales=potential_scales,
+                                               dilation_levels=dilation_levels))
         trainer = Trainer(config, resolve_device(device),
                           log=(lambda row: None) if quiet else
                           (lambda row: console.print(

@@ -75,6 +75,23 @@ def test_convex_on_random_pairs(seed, variant):
 
 
 @pytest.mark.parametrize("variant", CONVEX_VARIANTS)
+def test_filter_bank_adjoint(variant):
+    """<K z, t> = <z, K^T t> for the (padded, dilated) filter bank, normalised as for operators."""
+    reg = trained_looking(**CONVEX_VARIANTS[variant])
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 3, 9, 11, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        t = torch.randn(reg.responses(z).shape, dtype=torch.float64, generator=gen)
+        lhs, rhs = (reg.responses(z) * t).sum(), (z * reg.responses_adjoint(t)).sum()
+        v = torch.randn(z.shape, dtype=torch.float64, generator=gen)
+        for _ in range(50):   # ||K|| by power iteration on K^T K
+            v = reg.responses_adjoint(reg.responses(v))
+            norm_sq, v = v.norm(), v / v.norm()
+        scale = norm_sq.sqrt() * z.norm() * t.norm()
+    assert float((lhs - rhs).abs() / scale) <= 1e-12
+
+
+@pytest.mark.parametrize("variant", CONVEX_VARIANTS)
 def test_lipschitz_bound_holds(variant):
     reg = trained_looking(**CONVEX_VARIANTS[variant])
     gen = torch.Generator().manual_seed(3)

@@ -176,12 +176,14 @@ class ConvexFilterRegularizer(torch.nn.Module):
         """The widest padding: images must be at least this many pixels on each side."""
         return self.levels[-1][0] * (self.filters.shape[-1] // 2)
 
-    def _responses(self, z: torch.Tensor) -> torch.Tensor:
+    def responses(self, z: torch.Tensor) -> torch.Tensor:
+        """``K z``: all filter responses, ``(N, n_filters, H, W)`` (symmetric padding per level)."""
         kernels, half = self.kernels.to(z.dtype), self.filters.shape[-1] // 2
         return torch.cat([F.conv2d(symmetric_pad(z, d * half), kernels[part], dilation=d)
                           for d, part in self.levels], dim=1)
 
-    def _responses_adjoint(self, t: torch.Tensor) -> torch.Tensor:
+    def responses_adjoint(self, t: torch.Tensor) -> torch.Tensor:
+        """``K^T t``, the exact adjoint of :meth:`responses`."""
         kernels, half = self.kernels.to(t.dtype), self.filters.shape[-1] // 2
         return sum(symmetric_pad_adjoint(conv2d_adjoint(t[:, part], kernels[part], dilation=d),
                                          d * half)
@@ -200,13 +202,13 @@ class ConvexFilterRegularizer(torch.nn.Module):
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)``."""
-        return self.potential(self._responses(z))[0]
+        return self.potential(self.responses(z))[0]
 
     def value_and_gradient(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R(z), grad R(z))`` from one pass over the filter responses (closed form,
         differentiable in the parameters)."""
-        value, dpsi = self.potential(self._responses(z))
-        return value, self._responses_adjoint(dpsi)
+        value, dpsi = self.potential(self.responses(z))
+        return value, self.responses_adjoint(dpsi)
 
     def gradient(self, z: torch.Tensor) -> torch.Tensor:
         """``grad R(z)``, same shape as ``z``."""

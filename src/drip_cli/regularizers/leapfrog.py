@@ -64,7 +64,7 @@ class LeapfrogRegularizer(torch.nn.Module):
 
     def final_state(self, z: torch.Tensor) -> torch.Tensor:
         """``y_L``, the responses after the leapfrog layers."""
-        y_prev = y = self.head._responses(z)
+        y_prev = y = self.head.responses(z)
         pad = self.layer_filters.shape[-1] // 2
         scales = FORCE_SCALE * self.layer_log_scale.exp()
         for weight, bias, scale in zip(self.layer_filters, self.layer_bias, scales):

@@ -15,9 +15,9 @@ solutions the solver converges to, not on a fixed number of unrolled steps it co
 exploit.
 
 Measured (64x64 Gaussian blur sigma 2, noise 1-5%, 2 CPU cores, 1000 crops of five scikit-image
-photographs, tested on 32 crops of four others): a 10-minute run (343 steps of 8 images, about
-1.75 s each) raised validation PSNR from 31.31 to 31.56 dB, and held-out PSNR to 0.79 / 0.77 /
-0.62 / 0.44 dB above converged constrained TV at 1 / 2 / 5 / 10% noise. Before the extra filters
+photographs, tested on 32 crops of four others): a 10-minute run (478 steps of 8 images, about
+1.26 s each) raised validation PSNR from 31.31 to 31.56 dB, and held-out PSNR to 0.78 / 0.75 /
+0.63 / 0.46 dB above converged constrained TV at 1 / 2 / 5 / 10% noise. Before the extra filters
 started switched on (weight 0.3 instead of 1e-3, see :mod:`..regularizers.convex`), the same runs
 did not beat the untrained start: only the TV pair could learn.
 
@@ -114,7 +114,7 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 
 
 def upper_loss(model: DripModel, op, z: torch.Tensor, x: torch.Tensor,
-               weights: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> torch.Tensor:
+               weights: tuple[float, float, float]) -> torch.Tensor:
     """The training loss at the lower-level solution ``z``: weighted relative squared errors of
     the solution ``E z``, of the pre-projection iterate ``E (z - t grad R(z))`` (``t = 1 /
     curvature``, the step the solver starts from; at a solution the projection of that iterate

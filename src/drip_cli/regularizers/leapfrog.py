@@ -19,7 +19,14 @@ the solver backtracks from the filter bank's curvature, down to a step floor of
 
 Initialisation: ``a_j = 2e-4`` and random ``W_j`` with responses of order one, so the network
 starts close to the identity (``R`` starts close to the convex model, itself smoothed TV plus a
-filter bank) and its parameters have non-vanishing gradients from the first step.
+filter bank) and its parameters have non-vanishing gradients from the first step. ``a_j`` is
+trained in log space: as a raw parameter, Adam's first step multiplied it by 15 and validation
+PSNR fell from 31.3 to 29.9 dB within 60 steps.
+
+Measured (blur sigma 2, noise 1-5%, 10 minutes on 2 CPU cores, the data of the sample model):
+168 steps of 3.5 s; held-out PSNR 33.05 / 32.29 / 30.96 / 29.69 dB at 1 / 2 / 5 / 10% noise,
+level with the convex default (33.07 / 32.30 / 31.00 / 29.73 after 478 steps) at twice its
+reconstruction time (0.41-0.50 s per 64x64 image).
 """
 
 from __future__ import annotations

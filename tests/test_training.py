@@ -214,7 +214,7 @@ def test_cosine_schedule_decays_from_lr_to_its_floor():
     (["--lr-schedule", "step"], "--lr-schedule"),
     (["--loss-weights", "1,1"], "--loss-weights"),
     (["--loss-weights", "0,1,1"], "--loss-weights"),
-    (["--dilation-levels", "9"], "dilation_levels"),
+    (["--dilation-levels", "9"], "--dilation-levels"),
     (["--dilation-levels", "3", "--kernel-size", "9"], "reach"),
 ])
 def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options, message):

@@ -248,6 +248,9 @@ def train(
                             f"got {architecture!r}")
         if filters % 2:
             raise DripError(f"--filters must be even (the filters come in pairs), got {filters}")
+        if dilation_levels > filters // 2:
+            raise DripError(f"--dilation-levels must be at most the number of filter pairs "
+                            f"({filters // 2}), got {dilation_levels}")
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         config = TrainConfig(data=str(data), out=str(out), epochs=epochs, max_minutes=max_minutes,

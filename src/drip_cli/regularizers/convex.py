@@ -137,9 +137,11 @@ class ConvexFilterRegularizer(torch.nn.Module):
         n_groups = n_filters // group_size
         # filter group g acts at dilation 2**level(g): the groups are split evenly over the
         # levels, the TV pair in level 0 (dilation 1)
+        # ``levels``: (dilation, symmetric padding, the level's slice of the filters)
         level = torch.arange(n_groups) * dilation_levels // n_groups
-        self.levels = [(2**lv, slice(group_size * int((level < lv).sum()),
-                                      group_size * int((level <= lv).sum())))
+        self.levels = [(2**lv, 2**lv * (kernel_size // 2),
+                        slice(group_size * int((level < lv).sum()),
+                              group_size * int((level <= lv).sum())))
                        for lv in range(dilation_levels)]
         weights = torch.full((n_groups,), EXTRA_WEIGHT)
         for c in range(image_channels):
@@ -174,40 +176,48 @@ class ConvexFilterRegularizer(torch.nn.Module):
     @property
     def reach(self) -> int:
         """The widest padding: images must be at least this many pixels on each side."""
-        return self.levels[-1][0] * (self.filters.shape[-1] // 2)
+        return self.levels[-1][1]
 
     def responses(self, z: torch.Tensor) -> torch.Tensor:
         """``K z``: all filter responses, ``(N, n_filters, H, W)`` (symmetric padding per level)."""
-        kernels, half = self.kernels.to(z.dtype), self.filters.shape[-1] // 2
-        return torch.cat([F.conv2d(symmetric_pad(z, d * half), kernels[part], dilation=d)
-                          for d, part in self.levels], dim=1)
+        kernels = self.kernels.to(z.dtype)
+        return torch.cat([F.conv2d(symmetric_pad(z, pad), kernels[part], dilation=d)
+                          for d, pad, part in self.levels], dim=1)
 
     def responses_adjoint(self, t: torch.Tensor) -> torch.Tensor:
         """``K^T t``, the exact adjoint of :meth:`responses`."""
-        kernels, half = self.kernels.to(t.dtype), self.filters.shape[-1] // 2
-        return sum(symmetric_pad_adjoint(conv2d_adjoint(t[:, part], kernels[part], dilation=d),
-                                         d * half)
-                   for d, part in self.levels)
+        kernels = self.kernels.to(t.dtype)
+        return sum(symmetric_pad_adjoint(conv2d_adjoint(t[:, part], kernels[part], dilation=d), pad)
+                   for d, pad, part in self.levels)
 
     # -- the functional --------------------------------------------------------------------------
-    def potential(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum_g sum_k w_gk psi_gk(t_g), dpsi/dt)`` per sample for filter responses ``t`` of
-        shape ``(N, n_filters, H, W)``: the value and its gradient in ``t``."""
+    def _smoothed(self, t: torch.Tensor):
+        """Responses ``t`` as ``(N, groups, group_size, H, W)``, their smoothed group norms
+        ``sqrt(|t_g|^2 + eps_gk^2)`` as ``(N, groups, scales, H, W)``, and the weights."""
         grouped = t.view(t.shape[0], -1, self.group_size, *t.shape[2:])
         eps = self.eps.to(t.dtype)[None, :, :, None, None]
         weights = self.weights.to(t.dtype)[None, :, :, None, None]
         smoothed_norm = torch.sqrt(grouped.pow(2).sum(2, keepdim=True) + eps * eps)
-        value = (weights * (smoothed_norm - eps)).flatten(1).sum(1)
+        return grouped, smoothed_norm, (weights * (smoothed_norm - eps)).flatten(1).sum(1), weights
+
+    def potential(self, t: torch.Tensor) -> torch.Tensor:
+        """``sum_g sum_k w_gk psi_gk(t_g)`` per sample for filter responses ``t`` of shape
+        ``(N, n_filters, H, W)``."""
+        return self._smoothed(t)[2]
+
+    def potential_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The potential and its gradient in ``t`` (same shape as ``t``)."""
+        grouped, smoothed_norm, value, weights = self._smoothed(t)
         return value, (grouped * (weights / smoothed_norm).sum(2, keepdim=True)).flatten(1, 2)
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)``."""
-        return self.potential(self.responses(z))[0]
+        return self.potential(self.responses(z))
 
     def value_and_gradient(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R(z), grad R(z))`` from one pass over the filter responses (closed form,
         differentiable in the parameters)."""
-        value, dpsi = self.potential(self.responses(z))
+        value, dpsi = self.potential_and_derivative(self.responses(z))
         return value, self.responses_adjoint(dpsi)
 
     def gradient(self, z: torch.Tensor) -> torch.Tensor:
@@ -227,10 +237,9 @@ class ConvexFilterRegularizer(torch.nn.Module):
 
     def _fourier_curvature(self, grid: int, margin: float) -> torch.Tensor:
         kernels = self.kernels.double()
-        size = self.levels[-1][0] * (kernels.shape[-1] - 1) + 1    # the widest dilated support
-        dense = kernels.new_zeros((*kernels.shape[:2], size, size))
-        for d, part in self.levels:
-            dense[part, :, :d * (kernels.shape[-1] - 1) + 1:d, :d * (kernels.shape[-1] - 1) + 1:d] = kernels[part]
+        dense = kernels.new_zeros((*kernels.shape[:2], 2 * self.reach + 1, 2 * self.reach + 1))
+        for d, pad, part in self.levels:   # each level's filters with their dilation's zeros
+            dense[part, :, :2 * pad + 1:d, :2 * pad + 1:d] = kernels[part]
         spectra = torch.fft.fft2(dense, s=(grid, grid)).permute(2, 3, 0, 1)
         curvature = (self.weights / self.eps).sum(1).repeat_interleave(self.group_size)
         curvature = curvature.double().to(spectra.dtype)

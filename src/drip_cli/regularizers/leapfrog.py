@@ -83,7 +83,7 @@ class LeapfrogRegularizer(torch.nn.Module):
 
     def value(self, z: torch.Tensor) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)``."""
-        return self.head.potential(self.final_state(z))[0]
+        return self.head.potential(self.final_state(z))
 
     def value_and_gradient(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R(z), grad R(z))`` by automatic differentiation. Where gradients are being

@@ -11,8 +11,8 @@ the Lipschitz constant of ``grad R`` (4x the estimate, from the symmetric paddin
 condition always holds. So however the parameters were trained, the solver never takes a step
 longer than the local curvature allows. (For the non-convex leapfrog regularizer there is no such
 bound: its floor is a safeguard, and the solver finds a stationary point, not necessarily the
-global minimiser; the data fit is enforced all the same.) Nesterov momentum is restarted per sample when the step
-turns against the momentum,
+global minimiser; the data fit is enforced all the same.) Nesterov momentum is restarted per
+sample when the step turns against the momentum,
 ``<y - z_new, z_new - z> > 0`` (the gradient restart of O'Donoghue & Candes), which needs no
 evaluation of ``R``.
 

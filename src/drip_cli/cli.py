@@ -190,8 +190,14 @@ def train(
     architecture: str = typer.Option(
         "convex", "--architecture",
         help="convex: a convex lower-level problem (default); leapfrog: a deeper, non-convex "
-             "regularizer (a leapfrog network on the filter responses; no convexity guarantee)."),
-    layers: int = typer.Option(3, "--layers", min=1, help="Leapfrog layers (--architecture leapfrog)."),
+             "regularizer (a leapfrog network on the filter responses; no convexity guarantee); "
+             "unrolled: the paper's baseline, a learned proximal-gradient network (no "
+             "regularizer value, no data-fit guarantee)."),
+    layers: Optional[int] = typer.Option(
+        None, "--layers", min=1,
+        help="Leapfrog layers (default 3) or unrolled steps (default 6)."),
+    width: int = typer.Option(32, "--width", min=1,
+                              help="Channels of each residual CNN (--architecture unrolled)."),
     filters: int = typer.Option(16, "--filters", min=2, help="Regularizer filters (in pairs)."),
     kernel_size: int = typer.Option(5, "--kernel-size", help="Regularizer filter size (odd)."),
     eps: float = typer.Option(
@@ -219,38 +225,22 @@ def train(
     debug: bool = DEBUG,
 ) -> None:
     """Train a DRIP model (bi-level: the regularizer and embedding that make the constrained
-    solutions closest to the ground truth)."""
+    solutions closest to the ground truth), or with --architecture unrolled the baseline network."""
     from .data import parse_noise_percent
     from .reconstruct import resolve_device
-    from .regularizers.model import ARCHITECTURES, ModelConfig
+    from .regularizers.model import ModelConfig
     from .training import TrainConfig, Trainer
-    from .training.trainer import LR_SCHEDULES
 
     with _errors(debug):
         try:
             noise_range = None if noise_percent is None else parse_noise_percent(noise_percent)
         except ValueError as exc:
             raise DripError(f"--noise-percent: {exc}") from exc
-        if kernel_size % 2 == 0 or kernel_size < 3:
-            raise DripError(f"--kernel-size must be odd and at least 3, got {kernel_size}")
         try:
             weights = tuple(float(w) for w in loss_weights.split(","))
         except ValueError:
-            weights = ()
-        if len(weights) != 3 or min(weights) < 0 or weights[0] <= 0:
-            raise DripError(f"--loss-weights must be three non-negative numbers, the first "
-                            f"positive, as in 1,1,1; got {loss_weights!r}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise DripError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
-                            f"got {lr_schedule!r}")
-        if architecture not in ARCHITECTURES:
-            raise DripError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, "
-                            f"got {architecture!r}")
-        if filters % 2:
-            raise DripError(f"--filters must be even (the filters come in pairs), got {filters}")
-        if dilation_levels > filters // 2:
-            raise DripError(f"--dilation-levels must be at most the number of filter pairs "
-                            f"({filters // 2}), got {dilation_levels}")
+            raise DripError(f"--loss-weights must be three numbers, as in 1,1,1; "
+                            f"got {loss_weights!r}") from None
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         config = TrainConfig(data=str(data), out=str(out), epochs=epochs, max_minutes=max_minutes,
@@ -258,12 +248,13 @@ def train(
                              loss_weights=weights,
                              noise_percent=noise_range, tau=tau,
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
-                             model=ModelConfig(architecture=architecture, layers=layers,
+                             model=ModelConfig(architecture=architecture, layers=layers or 0,
                                                latent_channels=latent_channels or 0,
                                                n_filters=filters,
                                                kernel_size=kernel_size, eps=eps,
                                                potential_scales=potential_scales,
-                                               dilation_levels=dilation_levels))
+                                               dilation_levels=dilation_levels, width=width))
+        config.validate()
         trainer = Trainer(config, resolve_device(device),
                           log=(lambda row: None) if quiet else
                           (lambda row: console.print(
@@ -283,6 +274,7 @@ class Method(str, Enum):
     drip = "drip"
     cgls = "cgls"
     tv = "tv"
+    unrolled = "unrolled"
 
 
 @app.command()
@@ -293,8 +285,9 @@ def reconstruct(
                                          help="Run folder or model file (for --method drip)."),
     method: Optional[Method] = typer.Option(None, "--method",
                                             help="drip (learned; needs --model), cgls "
-                                            "(discrepancy-stopped CGLS) or tv (constrained total "
-                                            "variation). Default: drip with --model, else tv."),
+                                            "(discrepancy-stopped CGLS), tv (constrained total "
+                                            "variation) or unrolled (the baseline network; needs "
+                                            "--model). Default: the model's with --model, else tv."),
     noise_std: Optional[float] = typer.Option(None, "--noise-std",
                                               help="Noise std for every sample (overrides the file)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant: fit means "
@@ -315,15 +308,18 @@ def reconstruct(
             raise DripError(f"--tau must be positive, got {tau}")
         if report is not None:
             check_writable(report)
-        method = method or (Method.drip if model is not None else Method.tv)
-        if method == Method.drip:
-            if model is None:
-                raise DripError("--method drip needs --model RUN_DIR (train one with drip train)")
-            from .methods import DripMethod
+        if model is not None and method in (None, Method.drip, Method.unrolled):
+            from .methods import LearnedMethod
 
-            chosen = DripMethod.load(model)
+            chosen = LearnedMethod.load(model)
+            if method is not None and chosen.kind != method.value:
+                raise DripError(f"--method {method.value} needs a {method.value} model; this "
+                                f"one is {chosen.kind}", model)
+        elif method in (Method.drip, Method.unrolled):
+            raise DripError(f"--method {method.value} needs --model RUN_DIR (train one with "
+                            f"drip train)")
         else:
-            chosen = CLASSICAL_METHODS[method.value]()
+            chosen = CLASSICAL_METHODS[(method or Method.tv).value]()
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
@@ -337,6 +333,67 @@ def reconstruct(
         if unfit:
             console.print(f"[yellow]{unfit} sample(s) do not fit the data "
                           f"(converged = false in {out}).[/yellow]")
+
+
+@app.command()
+def evaluate(
+    data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder (created if needed)."),
+    model: Optional[list[Path]] = typer.Option(
+        None, "--model", "-m", help="Run folder or model file; repeat to compare several "
+        "(DRIP or unrolled models)."),
+    noise_percent: str = typer.Option("1,2,5,10", "--noise-percent",
+                                      help="Comma-separated noise percents to evaluate."),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help="Comma-separated subset of drip, cgls, tv, unrolled "
+        "(drip and unrolled use the --model files of that kind). Default: cgls, tv and every model."),
+    operator_from: Optional[Path] = typer.Option(
+        None, "--operator-from", help="Measure with the operator of this file instead (operator "
+        "transfer, e.g. a blur model on inpainting)."),
+    tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the re-simulated noise."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
+                                              help="Evaluate only the first N images."),
+    preview_noise: Optional[float] = typer.Option(
+        None, "--preview-noise", help="Noise percent shown in previews.png (default: the "
+        "middle level)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples solved together."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Compare methods across noise levels on re-simulated measurements: PSNR, SSIM, data fit,
+    regularizer values; tables, a plot and previews."""
+    from .evaluation.report import console_table, regularizer_table, write_report
+    from .evaluation.robustness import choose_methods
+    from .evaluation.robustness import evaluate as run_evaluation
+    from .reconstruct import resolve_device
+
+    with _errors(debug):
+        try:
+            levels = sorted({float(p) for p in noise_percent.split(",")})
+        except ValueError:
+            raise DripError(f"--noise-percent must be numbers separated by commas, "
+                            f"got {noise_percent!r}") from None
+        if not levels or min(levels) <= 0 or not all(np.isfinite(levels)):
+            raise DripError(f"--noise-percent must be positive, got {noise_percent!r}")
+        if not np.isfinite(tau) or tau <= 0:
+            raise DripError(f"--tau must be positive, got {tau}")
+        if out.exists() and not out.is_dir():
+            raise DripError("exists and is not a folder", out)
+        chosen = choose_methods(model or [], None if methods is None else methods.split(","))
+        with progress_bar("evaluate", 1, quiet) as update:
+            evaluation = run_evaluation(data, chosen, levels, tau=tau, seed=seed,
+                                        batch_size=batch_size, device=resolve_device(device),
+                                        operator_from=operator_from, max_samples=max_samples,
+                                        preview_level=preview_noise, progress=update,
+                                        warn=warning_line)
+        written = write_report(evaluation, out)
+        console.print(console_table(evaluation))
+        regularizer = regularizer_table(evaluation)
+        if regularizer is not None:
+            console.print(regularizer)
+        console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
 
 
 def summary_table(title: str, summaries: list[dict]) -> Table:

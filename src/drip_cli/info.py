@@ -80,8 +80,11 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
                "training noise percent": f"{info.noise_percent[0]:g}:{info.noise_percent[1]:g}",
                "training data sha256": info.training_data_sha256 or "-",
                "drip version": info.drip_version,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "Lipschitz bound of grad R": f"{float(model.regularizer.lipschitz_bound().detach()):.4g}"}
+               "architecture": info.config.architecture,
+               "parameters": sum(p.numel() for p in model.parameters())}
+    if not info.config.is_unrolled:
+        bound = float(model.regularizer.lipschitz_bound().detach())
+        general["Lipschitz bound of grad R"] = f"{bound:.4g}"
     general.update({k: str(v) for k, v in info.extra.items()})
     return [(Path(path).name, general), ("config", info.config.to_dict())]
 

@@ -60,19 +60,20 @@ class TVMethod(ReconstructionMethod):
 CLASSICAL_METHODS = {"cgls": CGLSMethod, "tv": TVMethod}
 
 
-class DripMethod(ReconstructionMethod):
-    """The learned regularizer: ``u = E z*``, ``z*`` minimising ``R(z)`` under the data fit."""
+class LearnedMethod(ReconstructionMethod):
+    """A trained model: ``drip`` (``u = E z*``, ``z*`` minimising ``R(z)`` under the data fit)
+    or ``unrolled`` (the baseline network; its data fit is whatever its steps reach)."""
 
-    name = "drip"
-
-    def __init__(self, model, info, sha256: str):
+    def __init__(self, model, info, sha256: str, label: str | None = None):
         self.model, self.info, self.sha256 = model, info, sha256
+        self.kind = "unrolled" if info.config.is_unrolled else "drip"
+        self.name = label or self.kind
 
     @classmethod
-    def load(cls, path) -> DripMethod:
+    def load(cls, path, label: str | None = None) -> LearnedMethod:
         from .io.models import load_model
 
-        return cls(*load_model(path))
+        return cls(*load_model(path), label=label)
 
     def check(self, data, warn) -> dict:
         from .errors import DripError
@@ -87,4 +88,5 @@ class DripMethod(ReconstructionMethod):
 
     def solve(self, op, b, radius):
         self.model.to(b.device)
-        return self.model.solve(op, b, radius)  # regularizer_value = R(z*) at the latent solution
+        # drip: regularizer_value = R(z*) at the latent solution; unrolled: none
+        return self.model.solve(op, b, radius)

@@ -53,6 +53,43 @@ def summarize(columns: dict[str, np.ndarray], tau: float) -> dict:
     return summary
 
 
+def reconstruct_batch(method: ReconstructionMethod, op, measurements: np.ndarray,
+                      noise_std: np.ndarray, tau: float, ground_truth: np.ndarray | None = None,
+                      device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Solve one batch and measure it: the columns of the contract's reconstruction file
+    (``reconstructions``, ``discrepancy_ratio``, ``relative_residual``, ``regularizer_value``,
+    ``iterations``, ``converged``, and ``psnr``/``ssim`` with ground truth) plus
+    ``solver_converged`` and ``seconds`` (per image, the batch's wall time shared out)."""
+    device = torch.device(device)
+    b = op.project_measurements(torch.from_numpy(measurements).to(device))
+    sigma = torch.from_numpy(noise_std).to(device=device, dtype=b.dtype)
+    start = time.perf_counter()
+    result = method.solve(op, b, discrepancy_radius(op, sigma, tau))
+    u = result.solution.detach()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = (time.perf_counter() - start) / len(b)
+    ratio = discrepancy_ratio(op, u, b, sigma).cpu().numpy()
+    rel = (residual_norm(op, u.double(), b.double())
+           / b.double().flatten(1).norm(dim=1)).cpu().numpy()
+    images = u.float().cpu().numpy()
+    row = {
+        "reconstructions": images,
+        "discrepancy_ratio": ratio,
+        "relative_residual": rel,
+        "regularizer_value": (np.full(len(b), np.nan) if result.regularizer_value is None
+                              else result.regularizer_value.detach().cpu().double().numpy()),
+        "iterations": result.iterations.cpu().numpy(),
+        "converged": ratio <= tau,
+        "solver_converged": result.converged.cpu().numpy(),
+        "seconds": np.full(len(b), seconds),
+    }
+    if ground_truth is not None:
+        row["psnr"] = psnr(images, ground_truth)
+        row["ssim"] = ssim(images, ground_truth)
+    return row
+
+
 def reconstruct_file(
     measurements_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -84,32 +121,8 @@ def reconstruct_file(
         with atomic_h5(out_path) as handle:
             writer = ReconstructionWriter(handle, n, data.image_shape, data.has_ground_truth, attrs)
             for batch in data.batches(batch_size):
-                b = op.project_measurements(torch.from_numpy(batch.measurements).to(device))
-                sigma = torch.from_numpy(batch.noise_std).to(device=device, dtype=b.dtype)
-                start = time.perf_counter()
-                result = method.solve(op, b, discrepancy_radius(op, sigma, tau))
-                u = result.solution.detach()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                seconds = (time.perf_counter() - start) / len(b)
-                ratio = discrepancy_ratio(op, u, b, sigma).cpu().numpy()
-                rel = (residual_norm(op, u.double(), b.double())
-                       / b.double().flatten(1).norm(dim=1)).cpu().numpy()
-                images = u.float().cpu().numpy()
-                row = {
-                    "reconstructions": images,
-                    "discrepancy_ratio": ratio,
-                    "relative_residual": rel,
-                    "regularizer_value": (np.full(len(b), np.nan) if result.regularizer_value is None
-                                          else result.regularizer_value.detach().cpu().double().numpy()),
-                    "iterations": result.iterations.cpu().numpy(),
-                    "converged": ratio <= tau,
-                    "solver_converged": result.converged.cpu().numpy(),
-                    "seconds": np.full(len(b), seconds),
-                }
-                if batch.ground_truth is not None:
-                    row["psnr"] = psnr(images, batch.ground_truth)
-                    row["ssim"] = ssim(images, batch.ground_truth)
+                row = reconstruct_batch(method, op, batch.measurements, batch.noise_std, tau,
+                                        batch.ground_truth, device)
                 writer.write(batch.start, **row)
                 for key, value in row.items():
                     if key != "reconstructions":

@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import DripError
-from ..regularizers.model import DripModel, ModelConfig
+from ..regularizers.model import ModelConfig, build_model
 from .atomic import atomic_path
 
 MODEL_FILE = "model.safetensors"
@@ -63,7 +64,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def save_model(path: str | os.PathLike, model: DripModel, info: ModelInfo) -> None:
+def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo) -> None:
     """Write ``model`` atomically as safetensors with ``info`` in the header."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -79,8 +80,8 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike) -> tuple[DripModel, ModelInfo, str]:
-    """Load a model without pickle; returns ``(model, info, sha256 of the file)``."""
+def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str]:
+    """Load a model (DRIP or unrolled) without pickle; returns ``(model, info, sha256 of the file)``."""
     path = resolve_model_path(path)
     try:
         from safetensors import safe_open
@@ -90,7 +91,7 @@ def load_model(path: str | os.PathLike) -> tuple[DripModel, ModelInfo, str]:
         if meta.get("drip_format") != "model":
             raise DripError("not a drip model file (no drip_format = model in its header)", path)
         info = ModelInfo.from_metadata(meta)
-        model = DripModel(info.config)
+        model = build_model(info.config)
         model.load_state_dict(load_file(str(path)))
     except DripError:
         raise

@@ -1,4 +1,5 @@
-"""A DRIP model: embedding ``E``, scalar regularizer ``R`` and the settings of its solver."""
+"""Learned models: a DRIP model (embedding ``E``, scalar regularizer ``R`` and the settings of its
+solver) or the unrolled baseline network, both built from one :class:`ModelConfig`."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ from ..operators import LinearOperator
 from .convex import ConvexFilterRegularizer
 from .embedding import Embedding
 from .leapfrog import LeapfrogRegularizer
+from .unrolled import UnrolledNetwork
 
-# convex: the default, a convex lower-level problem; leapfrog: deeper and non-convex (see its module)
-ARCHITECTURES = ("convex", "leapfrog")
+# convex: the default, a convex lower-level problem; leapfrog: deeper and non-convex (see its
+# module); unrolled: the paper's baseline network, no regularizer and no data-fit guarantee
+ARCHITECTURES = ("convex", "leapfrog", "unrolled")
+DEFAULT_LAYERS = {"convex": 3, "leapfrog": 3, "unrolled": 6}
 
 
 @dataclass
@@ -29,7 +33,8 @@ class ModelConfig:
     group_size: int = 2            # 2: smoothed isotropic-TV-like pairs; 1: one potential per filter
     potential_scales: int = 1      # smoothed norms per group, at smoothing eps, 4 eps, 16 eps, ...
     dilation_levels: int = 2       # filter groups split over dilations 1, 2, 4, ... (multi-scale)
-    layers: int = 3                # leapfrog layers (architecture "leapfrog" only)
+    layers: int = 0                # leapfrog layers / unrolled steps (0: DEFAULT_LAYERS)
+    width: int = 32                # unrolled: channels of each residual CNN
     # lower-level solver at inference
     max_iterations: int = 300
     tolerance: float = 1e-4
@@ -37,6 +42,14 @@ class ModelConfig:
     # relative accuracy of each inner projection: 3e-2 gave the same PSNR and R (to 1e-4) as 1e-3
     # on 32 held-out 64x64 blur crops, at 0.26 instead of 0.40 s/image
     projection_tolerance: float = 3e-2
+
+    def __post_init__(self):
+        if self.layers == 0:
+            self.layers = DEFAULT_LAYERS.get(self.architecture, 3)
+
+    @property
+    def is_unrolled(self) -> bool:
+        return self.architecture == "unrolled"
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
@@ -48,6 +61,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def build_model(config: ModelConfig) -> torch.nn.Module:
+    """The model a config describes: :class:`DripModel` or :class:`UnrolledNetwork`."""
+    if config.is_unrolled:
+        return UnrolledNetwork(config.image_channels, config.layers, config.width)
+    return DripModel(config)
 
 
 class DripModel(torch.nn.Module):
@@ -70,6 +90,11 @@ class DripModel(torch.nn.Module):
             self.regularizer = LeapfrogRegularizer(**common, layers=config.layers)
         else:
             self.regularizer = ConvexFilterRegularizer(**common)
+
+    @property
+    def reach(self) -> int:
+        """The smallest image side the regularizer's filters fit in."""
+        return self.regularizer.reach
 
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, **overrides):
         """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`."""

@@ -1,0 +1,212 @@
+"""The files and the console table of ``drip evaluate`` (every file written atomically).
+
+``robustness.json`` (CONTRACT.md: ``{"rows": [...]}`` plus the settings), ``robustness.csv`` (the
+rows), ``robustness.md`` (PSNR and fit fraction per method and level, then every figure),
+``robustness.png`` (PSNR and fit fraction against the noise percent, training ranges shaded),
+``samples.csv`` (one record per sample, method and level) and ``previews.png`` (a few samples:
+ground truth, the naive scaled adjoint and every method, PSNR in each title).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from ..io import atomic_path, write_text
+from .metrics import psnr
+from .robustness import Evaluation
+
+ROW_FIELDS = ("method", "noise_percent", "n_samples", "psnr_mean", "ssim_mean", "fit_fraction",
+              "discrepancy_ratio_max", "discrepancy_ratio_mean", "regularizer_value_mean",
+              "regularizer_value_truth_mean", "truth_more_regular_fraction", "iterations_mean",
+              "seconds_per_image", "in_training_range")
+SAMPLE_FIELDS = ("method", "noise_percent", "sample", "psnr", "ssim", "discrepancy_ratio", "fits",
+                 "regularizer_value", "iterations", "seconds")
+FILES = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "samples.csv",
+         "previews.png")
+
+
+def method_names(evaluation: Evaluation) -> list[str]:
+    return list(dict.fromkeys(row["method"] for row in evaluation.rows))
+
+
+def _cell(row: dict | None) -> str:
+    return "-" if row is None else f"{row['psnr_mean']:.2f} ({row['fit_fraction']:.2f})"
+
+
+def _lookup(evaluation: Evaluation):
+    table = {(r["method"], r["noise_percent"]): r for r in evaluation.rows}
+    return lambda name, level: table.get((name, float(level)))
+
+
+def _level_label(evaluation: Evaluation, level: float) -> str:
+    trained = any(lo <= level <= hi for lo, hi in evaluation.training_ranges.values())
+    return f"{level:g}" + (" *" if trained else "")
+
+
+def _ranges_text(evaluation: Evaluation) -> str:
+    if not evaluation.training_ranges:
+        return "no learned model"
+    return ", ".join(f"{name} trained on {lo:g}-{hi:g}%"
+                     for name, (lo, hi) in evaluation.training_ranges.items())
+
+
+def _title(evaluation: Evaluation) -> str:
+    source = Path(evaluation.data).name
+    operator = evaluation.operator_kind
+    if evaluation.operator_from:
+        operator += f" operator of {Path(evaluation.operator_from).name} (transfer)"
+    return f"{source}, {operator}, tau {evaluation.tau:g}"
+
+
+def console_table(evaluation: Evaluation) -> Table:
+    """PSNR (fit fraction) per level and method; ``*`` marks levels inside a training range."""
+    get = _lookup(evaluation)
+    names = method_names(evaluation)
+    table = Table(title=f"robustness: {_title(evaluation)}", title_justify="left",
+                  caption=f"PSNR dB (fit fraction); * inside the training noise range "
+                          f"({_ranges_text(evaluation)})", caption_justify="left")
+    table.add_column("noise %", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for level in evaluation.levels:
+        table.add_row(_level_label(evaluation, level), *(_cell(get(n, level)) for n in names))
+    return table
+
+
+def regularizer_table(evaluation: Evaluation) -> Table | None:
+    """Mean ``R`` at the reconstructions and at the truth's best latent, per DRIP model and level."""
+    rows = [r for r in evaluation.rows if r.get("regularizer_value_truth_mean") is not None]
+    if not rows:
+        return None
+    table = Table(title="learned regularizer: mean R at the reconstructions and at the truth",
+                  title_justify="left")
+    for header in ("model", "noise %", "R reconstructions", "R truth", "truth ranked more regular"):
+        table.add_column(header, justify="left" if header == "model" else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['noise_percent']:g}", f"{r['regularizer_value_mean']:.4g}",
+                      f"{r['regularizer_value_truth_mean']:.4g}",
+                      f"{r['truth_more_regular_fraction']:.2f}")
+    return table
+
+
+def markdown(evaluation: Evaluation) -> str:
+    get = _lookup(evaluation)
+    names = method_names(evaluation)
+    lines = [f"# drip evaluate: {_title(evaluation)}", "",
+             f"PSNR in dB (fit fraction: share of samples with discrepancy ratio <= tau); "
+             f"`*` marks noise levels inside the training range ({_ranges_text(evaluation)}).", "",
+             "| noise % | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for level in evaluation.levels:
+        lines.append(f"| {_level_label(evaluation, level)} | "
+                     + " | ".join(_cell(get(n, level)) for n in names) + " |")
+    lines += ["", "| method | noise % | samples | PSNR | SSIM | fit | max ratio | R mean "
+              "| R truth mean | R truth < R share | s/image |", "|---" * 11 + "|"]
+
+    def f(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for name in names:
+        for level in evaluation.levels:
+            r = get(name, level)
+            lines.append(f"| {name} | {level:g} | {r['n_samples']} | {r['psnr_mean']:.2f} | "
+                         f"{r['ssim_mean']:.3f} | {r['fit_fraction']:.2f} | "
+                         f"{r['discrepancy_ratio_max']:.3f} | {f(r['regularizer_value_mean'], '.4g')} | "
+                         f"{f(r.get('regularizer_value_truth_mean'), '.4g')} | "
+                         f"{f(r.get('truth_more_regular_fraction'), '.2f')} | "
+                         f"{r['seconds_per_image']:.3f} |")
+    lines += ["", "`R truth`: the learned regularizer at the ground truth's best latent "
+              "representation (min R(z) subject to E z = x); `R truth < R share`: the share of "
+              "samples whose truth the regularizer ranks as more regular than their reconstruction.",
+              ""]
+    return "\n".join(lines)
+
+
+def _csv(rows: list[dict], fields) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def robustness_plot(evaluation: Evaluation, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    get = _lookup(evaluation)
+    figure, (ax_psnr, ax_fit) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (lo, hi) in set(evaluation.training_ranges.values()):
+        for ax in (ax_psnr, ax_fit):
+            ax.axvspan(lo, hi, color="0.85", zorder=0)
+    for name in method_names(evaluation):
+        levels = [lv for lv in evaluation.levels if get(name, lv) is not None]
+        ax_psnr.plot(levels, [get(name, lv)["psnr_mean"] for lv in levels], marker="o", label=name)
+        ax_fit.plot(levels, [get(name, lv)["fit_fraction"] for lv in levels], marker="o", label=name)
+    for ax, label in ((ax_psnr, "mean PSNR (dB)"), (ax_fit, "fit fraction")):
+        ax.set_xscale("log")
+        ax.set_xticks(evaluation.levels, [f"{lv:g}" for lv in evaluation.levels])
+        ax.minorticks_off()
+        ax.set_xlabel("noise percent")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    ax_fit.set_ylim(-0.05, 1.05)
+    ax_psnr.legend(title="grey band: training noise" if evaluation.training_ranges else None)
+    figure.suptitle(_title(evaluation))
+    _save_figure(figure, path)
+
+
+def previews_plot(evaluation: Evaluation, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(evaluation.previews)
+    truth = evaluation.previews["ground truth"]
+    n = len(truth)
+    figure, axes = plt.subplots(n, len(columns), figsize=(2.1 * len(columns), 2.3 * n),
+                                squeeze=False)
+    for j, name in enumerate(columns):
+        images = evaluation.previews[name]
+        scores = psnr(images, truth)
+        for i in range(n):
+            image = np.clip(images[i], 0, 1)
+            image = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+            ax = axes[i, j]
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(name if name == "ground truth" else f"{name}\n{scores[i]:.2f} dB",
+                         fontsize=9)
+    figure.suptitle(f"{_title(evaluation)}, {evaluation.preview_level:g}% noise", fontsize=10)
+    _save_figure(figure, path)
+
+
+def write_report(evaluation: Evaluation, out: str | os.PathLike) -> list[Path]:
+    """Write every file of the report into the folder ``out`` (created if needed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "robustness.json", json.dumps(evaluation.to_dict(), indent=2) + "\n")
+    write_text(out / "robustness.csv", _csv(evaluation.rows, ROW_FIELDS))
+    write_text(out / "robustness.md", markdown(evaluation))
+    write_text(out / "samples.csv", _csv(evaluation.samples, SAMPLE_FIELDS))
+    robustness_plot(evaluation, out / "robustness.png")
+    previews_plot(evaluation, out / "previews.png")
+    return [out / name for name in FILES]

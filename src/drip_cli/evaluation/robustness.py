@@ -1,0 +1,221 @@
+"""``drip evaluate``: every method on the same re-simulated measurements at several noise levels.
+
+The ground truth of ``DATA.h5`` is measured again at each noise percent with a seed fixed per
+level (``seed`` and the level itself: adding a level leaves the others' noise unchanged), through
+the file's operator or, for an operator-transfer study, the operator of another file. Each method
+reconstructs the same measurements, in batches, through
+:func:`drip_cli.reconstruct.reconstruct_batch` (the code behind ``drip reconstruct``), so the
+figures are those ``reconstruct`` would report.
+
+Besides one summary row per method and level (:func:`drip_cli.reconstruct.summarize`), it keeps
+one record per sample, the reconstructions of a few samples at one level for the previews, and,
+for each DRIP model, ``R`` of the ground truth's best latent representation,
+``min R(z) s.t. E z = x`` (solved as the DRIP problem with the identity operator and a radius of
+``TRUTH_RADIUS ||x||``), to set next to ``R`` at the reconstructions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ..data import simulate_batch
+from ..errors import DripError
+from ..io import MeasurementFile
+from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
+from ..operators import Denoise, LinearOperator
+
+TRUTH_RADIUS = 1e-4      # E z matches x to this relative accuracy in the truth's R
+SIMULATION_CHUNK = 256   # images simulated at a time (the noise stream does not depend on it)
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured; :mod:`.report` writes it out."""
+
+    data: str
+    operator_kind: str
+    operator_from: str | None
+    tau: float
+    seed: int
+    levels: list[float]
+    preview_level: float
+    rows: list[dict] = field(default_factory=list)        # one per method and level
+    samples: list[dict] = field(default_factory=list)     # one per sample, method and level
+    training_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    previews: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (n, C, H, W)
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "data": self.data, "operator_kind": self.operator_kind,
+                "operator_from": self.operator_from, "tau": self.tau, "seed": self.seed,
+                "noise_percent": self.levels,
+                "training_noise_percent": {k: list(v) for k, v in self.training_ranges.items()}}
+
+
+METHOD_KINDS = ("drip", "cgls", "tv", "unrolled")
+
+
+def choose_methods(model_paths: list, wanted: list[str] | None) -> list[ReconstructionMethod]:
+    """The methods to compare: ``wanted`` kinds (default: CGLS, TV and every model), ``drip``
+    and ``unrolled`` standing for the models of that kind. Several models of one kind are named
+    ``kind:run-folder``."""
+    learned = [LearnedMethod.load(path) for path in model_paths]
+    for method, path in zip(learned, model_paths):
+        if sum(m.kind == method.kind for m in learned) > 1:
+            path = Path(path)
+            method.name = f"{method.kind}:{path.parent.name if path.is_file() else path.name}"
+    if len({m.name for m in learned}) < len(learned):
+        raise DripError("--model: two models of one kind in folders of the same name; "
+                        "rename a run folder")
+    if wanted is None:
+        wanted = ["cgls", "tv", *(m.kind for m in learned)]
+    wanted = list(dict.fromkeys(w.strip() for w in wanted if w.strip()))
+    unknown = [w for w in wanted if w not in METHOD_KINDS]
+    if unknown or not wanted:
+        raise DripError(f"--methods: unknown {', '.join(unknown) or 'empty list'} "
+                        f"(choose from {', '.join(METHOD_KINDS)})")
+    chosen: list[ReconstructionMethod] = []
+    for name in wanted:
+        if name in CLASSICAL_METHODS:
+            chosen.append(CLASSICAL_METHODS[name]())
+            continue
+        of_kind = [m for m in learned if m.kind == name]
+        if not of_kind:
+            raise DripError(f"--methods {name} needs a {name} model: --model RUN_DIR")
+        chosen.extend(of_kind)
+    return chosen
+
+
+def load_ground_truth(path: str | os.PathLike, operator_from: str | os.PathLike | None):
+    """``(ground truth (N, C, H, W), operator)``: the truth of ``path`` and the operator of
+    ``operator_from`` (default: of ``path`` itself), which must act on images of that shape."""
+    with MeasurementFile(path, require_ground_truth=True, noise_std=1.0) as data:
+        truth = np.concatenate([batch.ground_truth for batch in data.batches(1024)])
+        op = data.operator
+    if operator_from is not None:
+        with MeasurementFile(operator_from, noise_std=1.0) as other:
+            op = other.operator
+        if tuple(op.image_shape) != tuple(truth.shape[1:]):
+            raise DripError(f"its operator acts on images of shape {tuple(op.image_shape)}, "
+                            f"the ground truth of {path} has {tuple(truth.shape[1:])}",
+                            operator_from)
+    return truth, op
+
+
+def simulate_level(op: LinearOperator, truth: np.ndarray, percent: float, seed: int):
+    """``(measurements, noise_std)`` of every image at ``percent``, reproducible per level."""
+    rng = np.random.default_rng([seed, int(round(percent * 1e6))])
+    parts = [simulate_batch(op, truth[i:i + SIMULATION_CHUNK],
+                            np.full(len(truth[i:i + SIMULATION_CHUNK]), percent), rng)
+             for i in range(0, len(truth), SIMULATION_CHUNK)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+@torch.no_grad()
+def truth_regularizer_values(method: LearnedMethod, truth: np.ndarray, batch_size: int,
+                             device: torch.device) -> np.ndarray:
+    """``min_z R(z) s.t. E z = x`` per ground-truth image (DRIP models only)."""
+    model = method.model.to(device)
+    identity = Denoise(truth.shape[1:]).to(device)
+    values = []
+    for i in range(0, len(truth), batch_size):
+        x = torch.from_numpy(truth[i:i + batch_size]).to(device)
+        radius = TRUTH_RADIUS * x.flatten(1).norm(dim=1)
+        values.append(model.solve(identity, x, radius).regularizer_value.double().cpu().numpy())
+    return np.concatenate(values)
+
+
+def naive_reconstruction(op: LinearOperator, b: np.ndarray) -> np.ndarray:
+    """The scaled adjoint ``s A^T b`` (zero-filled for inpainting), ``s`` by exact line search."""
+    from ..regularizers.unrolled import steepest_descent_step
+
+    b = torch.from_numpy(b).double()
+    zero = b.new_zeros((b.shape[0], *op.image_shape))
+    with torch.no_grad():
+        return steepest_descent_step(op, zero, op.project_measurements(b)).float().numpy()
+
+
+def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], levels: list[float],
+             tau: float = 1.0, seed: int = 0, batch_size: int = 64,
+             device: torch.device = torch.device("cpu"), operator_from=None,
+             max_samples: int | None = None, n_previews: int = 4,
+             preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
+    """Run every method at every level (see the module docstring); ``progress(done, total)``
+    counts solved batches, ``warn(message)`` receives the methods' doubts about the data."""
+    from ..reconstruct import reconstruct_batch
+
+    truth, op = load_ground_truth(data, operator_from)
+    if max_samples is not None:
+        truth = truth[:max_samples]
+    op_cpu, op = op, op.to(device)
+    description = SimpleNamespace(image_shape=tuple(truth.shape[1:]), operator=op,
+                                  path=Path(operator_from or data))
+    for method in methods:
+        method.check(description, warn or (lambda message: None))
+    preview_level = levels[len(levels) // 2] if preview_level is None else preview_level
+    if preview_level not in levels:
+        raise DripError(f"--preview-noise {preview_level:g} is not one of the evaluated levels")
+    result = Evaluation(data=str(data), operator_kind=op.kind,
+                        operator_from=None if operator_from is None else str(operator_from),
+                        tau=float(tau), seed=seed, levels=list(levels), preview_level=preview_level)
+    truth_values = {}
+    for method in methods:
+        if isinstance(method, LearnedMethod):
+            result.training_ranges[method.name] = tuple(method.info.noise_percent)
+            if method.kind == "drip":
+                truth_values[method.name] = truth_regularizer_values(method, truth, batch_size, device)
+    n_batches = -(-len(truth) // batch_size)
+    total, done = len(levels) * len(methods) * n_batches, 0
+    shown = slice(0, min(n_previews, len(truth)))
+    result.previews["ground truth"] = truth[shown]
+    for percent in levels:
+        measurements, noise_std = simulate_level(op_cpu, truth, percent, seed)
+        if percent == preview_level:
+            result.previews["naive"] = naive_reconstruction(op_cpu, measurements[shown])
+        for method in methods:
+            columns: dict[str, list] = {}
+            for i in range(0, len(truth), batch_size):
+                part = slice(i, i + batch_size)
+                row = reconstruct_batch(method, op, measurements[part], noise_std[part], tau,
+                                        truth[part], device)
+                for key, value in row.items():
+                    columns.setdefault(key, []).append(value)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            merged = {k: np.concatenate(v) for k, v in columns.items()}
+            images = merged.pop("reconstructions")
+            if percent == preview_level:
+                result.previews[method.name] = images[shown]
+            result.rows.append(_row(method, percent, merged, tau, truth_values.get(method.name),
+                                    result.training_ranges.get(method.name)))
+            result.samples.extend(_sample_records(method.name, percent, merged, tau))
+    return result
+
+
+def _row(method, percent, columns, tau, truth_values, training_range) -> dict:
+    from ..reconstruct import summarize
+
+    row = {"method": method.name, "noise_percent": float(percent), **summarize(columns, tau)}
+    row["in_training_range"] = (None if training_range is None
+                                else bool(training_range[0] <= percent <= training_range[1]))
+    if truth_values is not None:
+        row["regularizer_value_truth_mean"] = float(np.mean(truth_values))
+        row["truth_more_regular_fraction"] = float(np.mean(truth_values < columns["regularizer_value"]))
+    return row
+
+
+def _sample_records(name: str, percent: float, columns: dict, tau: float) -> list[dict]:
+    return [{"method": name, "noise_percent": float(percent), "sample": i,
+             "psnr": float(columns["psnr"][i]), "ssim": float(columns["ssim"][i]),
+             "discrepancy_ratio": float(columns["discrepancy_ratio"][i]),
+             "fits": bool(columns["discrepancy_ratio"][i] <= tau),
+             "regularizer_value": float(columns["regularizer_value"][i]),
+             "iterations": int(columns["iterations"][i]),
+             "seconds": float(columns["seconds"][i])}
+            for i in range(len(columns["psnr"]))]

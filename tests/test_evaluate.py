@@ -1,0 +1,201 @@
+"""The unrolled baseline network and `drip evaluate` (robustness tables, plot, previews)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICES, make_operator
+from drip_cli.io.models import load_model
+from helpers import run_cli, write_small_file
+
+TINY = ["--batch-size", "4", "--filters", "4", "--kernel-size", "3", "--cg-iterations", "5",
+        "--device", "cpu", "--seed", "5", "-q"]
+CONTRACT_ROW_KEYS = {"method", "noise_percent", "n_samples", "psnr_mean", "ssim_mean",
+                     "discrepancy_ratio_max", "fit_fraction", "regularizer_value_mean",
+                     "seconds_per_image"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A small blur file, a DRIP model and an unrolled model trained on it for one epoch."""
+    from drip_cli.operators import Blur, gaussian_psf
+
+    folder = tmp_path_factory.mktemp("evaluate")
+    data = folder / "blur.h5"
+    write_small_file(data, Blur((1, 12, 12), gaussian_psf(1.0)), n=6)
+    for name, extra in (("drip_run", []), ("unrolled_run", ["--architecture", "unrolled",
+                                                            "--layers", "2", "--width", "4"])):
+        result = run_cli("train", data, "--out", folder / name, "--epochs", 1,
+                         "--noise-percent", "1:5", *TINY, *extra)
+        assert result.exit_code == 0, result.stderr
+    return folder
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["blur", "tomography", "inpainting"])
+def test_exact_line_search_minimises_the_residual_along_the_gradient(kind, device):
+    from drip_cli.regularizers.unrolled import steepest_descent_step
+
+    op = make_operator(kind).to(device).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((3, *op.image_shape), generator=gen, dtype=torch.float64).to(device)
+    b = op(torch.rand((3, *op.image_shape), generator=gen, dtype=torch.float64).to(device))
+    step = steepest_descent_step(op, x, b)
+    g = op.adjoint(op(x) - b)
+
+    def residual(a):
+        return ((op(x - a[:, None, None, None] * g) - b) ** 2).flatten(1).sum(1)
+
+    a = ((x - step).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1))
+    for factor in (0.9, 1.1):   # the line-search step beats a shorter and a longer one, per sample
+        assert torch.all(residual(a) < residual(factor * a))
+    assert torch.all(residual(a) < residual(torch.zeros_like(a)))
+
+
+def test_untrained_unrolled_network_is_steepest_descent_and_trains_by_backprop(tmp_path):
+    from drip_cli.regularizers.unrolled import UnrolledNetwork, steepest_descent_step
+
+    op = make_operator("blur", (1, 12, 12))
+    b = op(torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1)))
+    network = UnrolledNetwork(1, layers=3, width=4)
+    expected = torch.zeros(2, 1, 12, 12)
+    for _ in range(4):
+        expected = steepest_descent_step(op, expected, b)
+    assert torch.allclose(network(op, b), expected, atol=1e-6)
+    network(op, b).pow(2).sum().backward()   # the zero last layers still receive gradients
+    assert all(block.layers[-1].weight.grad.abs().sum() > 0 for block in network.blocks)
+    result = network.solve(op, b)
+    assert result.regularizer_value is None and torch.all(result.iterations == 3)
+
+
+def test_unrolled_model_reconstructs_and_reports_its_fit_as_it_is(runs, tmp_path):
+    import h5py
+
+    model, info, _ = load_model(runs / "unrolled_run")
+    assert info.config.architecture == "unrolled" and len(model.blocks) == 2
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
+                     "--out", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["method"] == "unrolled"
+        ratio = f["discrepancy_ratio"][()]
+        assert np.array_equal(f["converged"][()], ratio <= 1.0)
+        assert np.all(np.isnan(f["regularizer_value"][()]))
+    wrong = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
+                    "--method", "drip", "--out", tmp_path / "r2.h5")
+    assert wrong.exit_code == 1 and "unrolled" in wrong.stderr and not (tmp_path / "r2.h5").exists()
+    shown = run_cli("info", runs / "unrolled_run")
+    assert shown.exit_code == 0 and "unrolled" in shown.stdout and "Lipschitz" not in shown.stdout
+    refused = run_cli("train", runs / "blur.h5", "--out", tmp_path / "run", "--architecture",
+                      "unrolled", "--loss-weights", "1,1,0", "-q")
+    assert refused.exit_code == 1 and "--loss-weights" in refused.stderr
+
+
+def test_evaluate_writes_every_file_with_the_contract_keys(runs, tmp_path):
+    report = tmp_path / "report"
+    result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run",
+                     "--model", runs / "unrolled_run", "--out", report,
+                     "--noise-percent", "2,10", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    for name in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png",
+                 "samples.csv", "previews.png"):
+        assert (report / name).stat().st_size > 0, name
+    rows = json.loads((report / "robustness.json").read_text())["rows"]
+    assert {(r["method"], r["noise_percent"]) for r in rows} == {
+        (m, p) for m in ("cgls", "tv", "drip", "unrolled") for p in (2.0, 10.0)}
+    for row in rows:
+        assert CONTRACT_ROW_KEYS <= row.keys()
+        assert row["n_samples"] == 6
+        if row["method"] != "unrolled":   # the methods with a data-fit guarantee keep it
+            assert row["fit_fraction"] == 1.0 and row["discrepancy_ratio_max"] <= 1.0
+    drip = [r for r in rows if r["method"] == "drip"]
+    assert all(np.isfinite(r["regularizer_value_mean"]) and r["in_training_range"] is not None
+               for r in drip)
+    assert [r["in_training_range"] for r in drip] == [True, False]   # trained on 1-5%
+    # the truth, measured through E z = x, is a feasible point: min R over the data-fit set is below it
+    assert all(r["regularizer_value_truth_mean"] >= r["regularizer_value_mean"] for r in drip)
+    with open(report / "samples.csv") as handle:
+        samples = list(csv.DictReader(handle))
+    assert len(samples) == 4 * 2 * 6
+    markdown = (report / "robustness.md").read_text()
+    assert "| 2 * |" in markdown and "| 10 |" in markdown and "unrolled" in markdown
+    assert "2 *" in result.stdout   # the console table marks the training range
+
+
+def test_evaluate_noise_is_fixed_per_level(runs, tmp_path):
+    """The same level gets the same noise whatever the other levels: equal PSNR for CGLS."""
+    psnr = {}
+    for levels in ("2,10", "5,10"):
+        out = tmp_path / levels.replace(",", "_")
+        result = run_cli("evaluate", runs / "blur.h5", "--out", out, "--noise-percent", levels,
+                         "--methods", "cgls", "-q")
+        assert result.exit_code == 0, result.stderr
+        rows = json.loads((out / "robustness.json").read_text())["rows"]
+        psnr[levels] = {r["noise_percent"]: r["psnr_mean"] for r in rows}
+    assert psnr["2,10"][10.0] == psnr["5,10"][10.0]
+    assert psnr["2,10"][2.0] != psnr["5,10"][5.0]
+
+
+def test_evaluate_with_the_operator_of_another_file(runs, tmp_path):
+    inpaint = tmp_path / "inpaint.h5"
+    write_small_file(inpaint, make_operator("inpainting", (1, 12, 12)))
+    out = tmp_path / "report"
+    result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run", "--out", out,
+                     "--operator-from", inpaint, "--noise-percent", "2", "--methods", "drip,tv")
+    assert result.exit_code == 0, result.stderr
+    assert "warning" in result.stderr.lower()            # blur model, inpainting operator
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["operator_kind"] == "inpainting" and report["operator_from"] == str(inpaint)
+    assert all(r["fit_fraction"] == 1.0 for r in report["rows"])
+    assert "transfer" in (out / "robustness.md").read_text()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--methods", "drip"], "--methods drip"),
+    (["--methods", "cgls,magic"], "magic"),
+    (["--noise-percent", "2,x"], "--noise-percent"),
+    (["--noise-percent", "0,2"], "--noise-percent"),
+    (["--preview-noise", "7"], "--preview-noise"),
+])
+def test_bad_evaluate_options_are_one_line_errors(runs, tmp_path, options, message):
+    out = tmp_path / "report"
+    result = run_cli("evaluate", runs / "blur.h5", "--out", out, *options, "-q")
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_truth_regularizer_value_of_an_identity_embedding_is_r_of_the_truth():
+    from drip_cli.evaluation.robustness import truth_regularizer_values
+    from drip_cli.methods import LearnedMethod
+    from drip_cli.io.models import ModelInfo
+    from drip_cli.regularizers.model import DripModel, ModelConfig
+
+    config = ModelConfig(n_filters=4, kernel_size=3, eps=0.05)
+    model = DripModel(config).double()
+    method = LearnedMethod(model, ModelInfo(config, "blur", (1, 12, 12), (1.0, 5.0)), "0" * 64)
+    truth = np.random.default_rng(0).random((3, 1, 12, 12))
+    values = truth_regularizer_values(method, truth, batch_size=2, device=torch.device("cpu"))
+    direct = model.regularizer.value(torch.from_numpy(truth)).detach().numpy()
+    assert values == pytest.approx(direct, rel=1e-3)
+    assert np.all(values <= direct * (1 + 1e-6))   # a minimum over a set that holds x itself
+
+
+def test_several_models_of_one_kind_are_named_by_their_run_folders(runs, tmp_path):
+    import shutil
+
+    from drip_cli.errors import DripError
+    from drip_cli.evaluation.robustness import choose_methods
+
+    copy = tmp_path / "longer_run"
+    shutil.copytree(runs / "drip_run", copy)
+    names = [m.name for m in choose_methods([runs / "drip_run", copy / "model.safetensors"], None)]
+    assert names == ["cgls", "tv", "drip:drip_run", "drip:longer_run"]
+    assert [m.name for m in choose_methods([copy], ["drip", "tv"])] == ["drip", "tv"]
+    with pytest.raises(DripError, match="same name"):
+        choose_methods([runs / "drip_run", runs / "drip_run"], None)

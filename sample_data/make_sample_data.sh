@@ -27,7 +27,8 @@ np.savez("downsample2x_64.npz", data=np.full(rows.size, 0.25), indices=cols,
 PY
 drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz --noise-percent 1 $CROPS
 
-# The pretrained sample model (about 12 minutes on 2 CPU cores; only with --with-model).
+# The pretrained sample models (about 22 minutes on 2 CPU cores; only with --with-model): DRIP
+# and the unrolled baseline, each trained for 10 minutes on the same data.
 # Training data: 1000 crops of five other photographs, never the four test photographs above.
 if [[ "${1:-}" == "--with-model" ]]; then
     TRAIN="$(mktemp -d)"
@@ -36,5 +37,9 @@ if [[ "${1:-}" == "--with-model" ]]; then
     drip train "$TRAIN/train_blur.h5" --out "$TRAIN/run" --noise-percent 1:5 --max-minutes 10 --quiet
     cp "$TRAIN/run/model.safetensors" drip_blur.safetensors
     cp "$TRAIN/run/history.csv" drip_blur_history.csv
+    drip train "$TRAIN/train_blur.h5" --out "$TRAIN/unrolled" --noise-percent 1:5 --max-minutes 10 \
+        --architecture unrolled --quiet
+    cp "$TRAIN/unrolled/model.safetensors" unrolled_blur.safetensors
+    cp "$TRAIN/unrolled/history.csv" unrolled_blur_history.csv
     rm -rf "$TRAIN"
 fi

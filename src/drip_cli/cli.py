@@ -23,8 +23,9 @@ from .errors import DripError
 
 app = typer.Typer(
     name="drip",
-    help="Learned regularization of inverse problems (DRIP): simulate measurements, "
-         "reconstruct with a guaranteed data fit, inspect files.",
+    help="Learned regularization of inverse problems (DRIP): simulate measurements, train "
+         "models, reconstruct with a guaranteed data fit, compare methods across noise levels, "
+         "inspect files.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -282,7 +283,7 @@ def reconstruct(
     measurements: Path = typer.Argument(..., help="Measurement file (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Reconstruction file to write (HDF5)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m",
-                                         help="Run folder or model file (for --method drip)."),
+                                         help="Run folder or model file (a drip or unrolled model)."),
     method: Optional[Method] = typer.Option(None, "--method",
                                             help="drip (learned; needs --model), cgls "
                                             "(discrepancy-stopped CGLS), tv (constrained total "

@@ -18,6 +18,13 @@ def run_cli(*args: str):
     return _runner.invoke(app, [str(a) for a in args])
 
 
+def assert_one_line_error(result, message: str, not_written) -> None:
+    """A bad-input failure: exit status 1, ``message`` on stderr, no traceback, and no output
+    at ``not_written``."""
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not not_written.exists()
+
+
 def write_small_file(path, op, n: int = 4, percent: float = 2.0, seed: int = 0,
                      with_truth: bool = True) -> np.ndarray:
     """A valid measurement file of smooth random images; returns the ground truth."""

@@ -57,6 +57,11 @@ def _errors(debug: bool):
         raise typer.Exit(1) from None
 
 
+def _check_tau(tau: float) -> None:
+    if not np.isfinite(tau) or tau <= 0:
+        raise DripError(f"--tau must be positive, got {tau}")
+
+
 def _version_callback(value: bool) -> None:
     if value:
         console.print(f"drip {__version__}")
@@ -305,8 +310,7 @@ def reconstruct(
     from .reconstruct import reconstruct_file, resolve_device
 
     with _errors(debug):
-        if not np.isfinite(tau) or tau <= 0:
-            raise DripError(f"--tau must be positive, got {tau}")
+        _check_tau(tau)
         if report is not None:
             check_writable(report)
         if model is not None and method in (None, Method.drip, Method.unrolled):
@@ -378,8 +382,7 @@ def evaluate(
                             f"got {noise_percent!r}") from None
         if not levels or min(levels) <= 0 or not all(np.isfinite(levels)):
             raise DripError(f"--noise-percent must be positive, got {noise_percent!r}")
-        if not np.isfinite(tau) or tau <= 0:
-            raise DripError(f"--tau must be positive, got {tau}")
+        _check_tau(tau)
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         chosen = choose_methods(model or [], None if methods is None else methods.split(","))

@@ -64,16 +64,16 @@ class LearnedMethod(ReconstructionMethod):
     """A trained model: ``drip`` (``u = E z*``, ``z*`` minimising ``R(z)`` under the data fit)
     or ``unrolled`` (the baseline network; its data fit is whatever its steps reach)."""
 
-    def __init__(self, model, info, sha256: str, label: str | None = None):
+    def __init__(self, model, info, sha256: str):
         self.model, self.info, self.sha256 = model, info, sha256
         self.kind = "unrolled" if info.config.is_unrolled else "drip"
-        self.name = label or self.kind
+        self.name = self.kind   # drip evaluate renames models that share a kind
 
     @classmethod
-    def load(cls, path, label: str | None = None) -> LearnedMethod:
+    def load(cls, path) -> LearnedMethod:
         from .io.models import load_model
 
-        return cls(*load_model(path), label=label)
+        return cls(*load_model(path))
 
     def check(self, data, warn) -> dict:
         from .errors import DripError

@@ -136,20 +136,24 @@ def _csv(rows: list[dict], fields) -> str:
     return buffer.getvalue()
 
 
-def _save_figure(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-
-
-def robustness_plot(evaluation: Evaluation, path: Path) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(figure)
+
+
+def robustness_plot(evaluation: Evaluation, path: Path) -> None:
+    plt = _pyplot()
     get = _lookup(evaluation)
     figure, (ax_psnr, ax_fit) = plt.subplots(1, 2, figsize=(11, 4.2))
     for (lo, hi) in set(evaluation.training_ranges.values()):
@@ -173,11 +177,7 @@ def robustness_plot(evaluation: Evaluation, path: Path) -> None:
 
 
 def previews_plot(evaluation: Evaluation, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     columns = list(evaluation.previews)
     truth = evaluation.previews["ground truth"]
     n = len(truth)

@@ -29,6 +29,7 @@ from ..errors import DripError
 from ..io import MeasurementFile
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
 from ..operators import Denoise, LinearOperator
+from ..reconstruct import reconstruct_batch, summarize
 
 TRUTH_RADIUS = 1e-4      # E z matches x to this relative accuracy in the truth's R
 SIMULATION_CHUNK = 256   # images simulated at a time (the noise stream does not depend on it)
@@ -147,12 +148,9 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
              preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
     """Run every method at every level (see the module docstring); ``progress(done, total)``
     counts solved batches, ``warn(message)`` receives the methods' doubts about the data."""
-    from ..reconstruct import reconstruct_batch
-
     truth, op = load_ground_truth(data, operator_from)
     if max_samples is not None:
         truth = truth[:max_samples]
-    op_cpu, op = op, op.to(device)
     description = SimpleNamespace(image_shape=tuple(truth.shape[1:]), operator=op,
                                   path=Path(operator_from or data))
     for method in methods:
@@ -163,6 +161,12 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     result = Evaluation(data=str(data), operator_kind=op.kind,
                         operator_from=None if operator_from is None else str(operator_from),
                         tau=float(tau), seed=seed, levels=list(levels), preview_level=preview_level)
+    # measure on the CPU (float64, reproducible), before the operator moves to the device
+    measured = {percent: simulate_level(op, truth, percent, seed) for percent in levels}
+    shown = slice(0, min(n_previews, len(truth)))
+    result.previews["ground truth"] = truth[shown]
+    result.previews["naive"] = naive_reconstruction(op, measured[preview_level][0][shown])
+    op = op.to(device)
     truth_values = {}
     for method in methods:
         if isinstance(method, LearnedMethod):
@@ -171,12 +175,8 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                 truth_values[method.name] = truth_regularizer_values(method, truth, batch_size, device)
     n_batches = -(-len(truth) // batch_size)
     total, done = len(levels) * len(methods) * n_batches, 0
-    shown = slice(0, min(n_previews, len(truth)))
-    result.previews["ground truth"] = truth[shown]
     for percent in levels:
-        measurements, noise_std = simulate_level(op_cpu, truth, percent, seed)
-        if percent == preview_level:
-            result.previews["naive"] = naive_reconstruction(op_cpu, measurements[shown])
+        measurements, noise_std = measured[percent]
         for method in methods:
             columns: dict[str, list] = {}
             for i in range(0, len(truth), batch_size):
@@ -199,8 +199,6 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
 
 
 def _row(method, percent, columns, tau, truth_values, training_range) -> dict:
-    from ..reconstruct import summarize
-
     row = {"method": method.name, "noise_percent": float(percent), **summarize(columns, tau)}
     row["in_training_range"] = (None if training_range is None
                                 else bool(training_range[0] <= percent <= training_range[1]))

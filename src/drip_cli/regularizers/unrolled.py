@@ -70,7 +70,7 @@ class UnrolledNetwork(torch.nn.Module):
             x = steepest_descent_step(op, x + block(x), b)
         return x
 
-    def solve(self, op, b: torch.Tensor, radius: torch.Tensor | None = None, **_) -> SolverResult:
+    def solve(self, op, b: torch.Tensor, radius: torch.Tensor | None = None) -> SolverResult:
         """Reconstruct a batch. ``radius`` is ignored: the network has no data-fit constraint
         (``converged`` says whether it happened to fit, when ``radius`` is given)."""
         with torch.no_grad():

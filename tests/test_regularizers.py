@@ -48,6 +48,26 @@ def test_gradient_matches_autograd_and_finite_differences(device, variant):
     assert torch.allclose(fd, (closed * direction).flatten(1).sum(1), rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("variant", CONVEX_VARIANTS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_closed_form_hessian_matches_autograd(device, variant):
+    """The implicit trainer's Hessian products, and its preconditioner: where the filters do
+    not reach the border and each potential has one filter, the diagonal is exact."""
+    reg = trained_looking(**CONVEX_VARIANTS[variant]).to(device)
+    z = torch.randn(2, 3, 10, 12, dtype=torch.float64, device=device)
+    apply, diagonal = reg.hessian_at(z)
+    h = torch.randn_like(z)
+    assert torch.allclose(apply(h), hessian_vector(reg, z, h), rtol=1e-10, atol=1e-12)
+    assert bool((diagonal > 0).all())
+    if reg.group_size == 1:
+        reach = reg.reach
+        for c, y, x in ((0, 5, 6), (2, reach, 12 - 1 - reach)):
+            unit = torch.zeros_like(z)
+            unit[:, c, y, x] = 1.0
+            exact = apply(unit)[:, c, y, x]
+            assert torch.allclose(diagonal[:, c, y, x], exact, rtol=1e-10)
+
+
 @pytest.mark.parametrize("architecture", [ConvexFilterRegularizer, LeapfrogRegularizer])
 def test_gradient_is_differentiable_in_the_parameters(architecture):
     reg = trained_looking(architecture=architecture)

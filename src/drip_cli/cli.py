@@ -219,7 +219,7 @@ def train(
         "1,0,0", "--loss-weights",
         help="Weights of the loss terms: solution, pre-projection iterate, predicted data "
              "(the paper uses 1,1,1)."),
-    cg_iterations: int = typer.Option(20, "--cg-iterations", min=1,
+    cg_iterations: int = typer.Option(50, "--cg-iterations", min=1,
                                       help="CG iterations of the implicit-gradient KKT solve."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed"),

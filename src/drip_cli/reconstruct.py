@@ -90,6 +90,11 @@ def reconstruct_batch(method: ReconstructionMethod, op, measurements: np.ndarray
     return row
 
 
+def concatenate_rows(rows: list[dict]) -> dict:
+    """The per-batch rows of :func:`reconstruct_batch` as one row over all samples."""
+    return {key: np.concatenate([row[key] for row in rows]) for key in rows[0]}
+
+
 def reconstruct_file(
     measurements_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -114,7 +119,7 @@ def reconstruct_file(
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         op = data.operator.to(device)
         n = data.n_samples
-        columns: dict[str, list] = {}
+        rows = []
         attrs = {"method": method.name, "tau": float(tau),
                  "source_file": str(Path(measurements_path).resolve()),
                  "drip_version": __version__, "operator_kind": op.kind, **extra_attrs}
@@ -124,12 +129,10 @@ def reconstruct_file(
                 row = reconstruct_batch(method, op, batch.measurements, batch.noise_std, tau,
                                         batch.ground_truth, device)
                 writer.write(batch.start, **row)
-                for key, value in row.items():
-                    if key != "reconstructions":
-                        columns.setdefault(key, []).append(value)
+                rows.append({k: v for k, v in row.items() if k != "reconstructions"})
                 if progress is not None:
                     progress(batch.stop, n)
-    merged = {k: np.concatenate(v) for k, v in columns.items()}
     summary = {"file": str(measurements_path), "output": str(out_path), "method": method.name,
-               "tau": float(tau), "operator_kind": op.kind, **summarize(merged, tau)}
+               "tau": float(tau), "operator_kind": op.kind,
+               **summarize(concatenate_rows(rows), tau)}
     return summary

@@ -29,7 +29,7 @@ from ..errors import DripError
 from ..io import MeasurementFile
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
 from ..operators import Denoise, LinearOperator
-from ..reconstruct import reconstruct_batch, summarize
+from ..reconstruct import concatenate_rows, reconstruct_batch, summarize
 
 TRUTH_RADIUS = 1e-4      # E z matches x to this relative accuracy in the truth's R
 SIMULATION_CHUNK = 256   # images simulated at a time (the noise stream does not depend on it)
@@ -178,17 +178,15 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     for percent in levels:
         measurements, noise_std = measured[percent]
         for method in methods:
-            columns: dict[str, list] = {}
+            rows = []
             for i in range(0, len(truth), batch_size):
                 part = slice(i, i + batch_size)
-                row = reconstruct_batch(method, op, measurements[part], noise_std[part], tau,
-                                        truth[part], device)
-                for key, value in row.items():
-                    columns.setdefault(key, []).append(value)
+                rows.append(reconstruct_batch(method, op, measurements[part], noise_std[part],
+                                              tau, truth[part], device))
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            merged = {k: np.concatenate(v) for k, v in columns.items()}
+            merged = concatenate_rows(rows)
             images = merged.pop("reconstructions")
             if percent == preview_level:
                 result.previews[method.name] = images[shown]

@@ -1,12 +1,16 @@
 """`make bench`: speed figures on this machine (never asserted in unit tests).
 
 1. Forward + adjoint throughput of each operator on 64 images of 64x64 (float32).
-2. CGLS, converged constrained TV and DRIP on 64 held-out 64x64 photo crops, Gaussian blur
-   sigma 2, 2% noise: seconds, PSNR and the largest discrepancy ratio. DRIP uses ``--model``
-   (default: the pretrained sample model when present, else an untrained model, i.e. the
-   regularizer's starting point: smoothed TV plus a weak random filter bank, reported as such).
+2. CGLS, converged constrained TV, DRIP and the unrolled baseline on 64 held-out 64x64 photo
+   crops, Gaussian blur sigma 2, 2% noise: seconds, images per second, PSNR and the largest
+   discrepancy ratio. DRIP uses ``--model`` (default: the pretrained sample model when present,
+   else an untrained model, i.e. the regularizer's starting point, reported as such); the
+   unrolled baseline uses ``--unrolled`` (default: its sample model, skipped when absent).
+3. Training throughput: images per second of ``drip train``'s optimisation step (default
+   settings, batch 8, fresh 1-5% noise) for DRIP and the unrolled baseline, from untrained
+   models on the same crops, after one warm-up step.
 
-Prints rich tables and writes bench_out/bench.json.
+``--device cuda`` runs all three on a GPU. Prints rich tables and writes bench_out/bench.json.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,27 +27,34 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from drip_cli.data import SourceOptions, load_images, noise_std_for, add_noise
+from drip_cli.data import SourceOptions, add_noise, load_images, noise_std_for, simulate_batch
 from drip_cli.evaluation import psnr
-from drip_cli.methods import CGLSMethod, DripMethod, TVMethod
+from drip_cli.io import write_measurement_file
+from drip_cli.io.models import ModelInfo
+from drip_cli.methods import CGLSMethod, LearnedMethod, TVMethod
 from drip_cli.operators import (Blur, Denoise, Inpainting, SparseMatrixOperator, Tomography,
                                 gaussian_psf, limited_angles)
-from drip_cli.regularizers.model import DripModel, ModelConfig
+from drip_cli.regularizers.model import ModelConfig, build_model
 from drip_cli.solvers import discrepancy_radius, discrepancy_ratio
+from drip_cli.training import TrainConfig, Trainer
 
 SHAPE = (1, 64, 64)
-SAMPLE_MODEL = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 
 
-def drip_method(path: Path):
-    """The DRIP method from a model file, or an untrained one when there is none."""
-    if path.exists():
-        method = DripMethod.load(path)
-        method.label = f"drip ({path.name})"
-    else:
-        model = DripModel(ModelConfig())
-        method = DripMethod(model.eval(), None, "")
-        method.label = "drip (untrained)"
+def learned_method(path: Path | None, architecture: str):
+    """The learned method from a model file, an untrained DRIP model when there is none, or
+    None (an unrolled network is only benchmarked trained)."""
+    if path is not None and path.exists():
+        method = LearnedMethod.load(path)
+        method.label = f"{method.kind} ({path.name})"
+        return method
+    if architecture != "convex":
+        return None
+    config = ModelConfig()
+    info = ModelInfo(config=config, operator_kind="blur", image_shape=SHAPE, noise_percent=(1, 5))
+    method = LearnedMethod(build_model(config).eval(), info, "")
+    method.label = "drip (untrained)"
     return method
 
 
@@ -64,62 +76,130 @@ def operators() -> dict:
     }
 
 
-def time_it(fn, repeats: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, repeats: int, device: torch.device) -> float:
     fn()  # warm-up (caches, allocator)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize(device)
     return (time.perf_counter() - start) / repeats
+
+
+def table(title: str, *headers: str) -> Table:
+    result = Table(title=title, title_justify="left")
+    for i, header in enumerate(headers):
+        result.add_column(header, justify="left" if i == 0 else "right")
+    return result
+
+
+def bench_operators(n: int, device: torch.device, where: str) -> tuple[Table, dict]:
+    x = torch.rand(n, *SHAPE, device=device)
+    out = table(f"forward + adjoint, {n} images of 64x64, float32, {where}",
+                "operator", "ms per batch", "images/s")
+    figures = {}
+    for name, op in operators().items():
+        op = op.to(device)
+        seconds = time_it(lambda: op.adjoint(op(x)), 20, device)
+        figures[name] = {"ms_per_batch": seconds * 1e3, "images_per_s": n / seconds}
+        out.add_row(name, f"{seconds * 1e3:.2f}", f"{n / seconds:,.0f}")
+    return out, figures
+
+
+def bench_reconstruction(truth: np.ndarray, methods, device: torch.device,
+                         where: str) -> tuple[Table, dict]:
+    op = Blur(SHAPE, gaussian_psf(2.0))
+    x = torch.from_numpy(truth)
+    clean = op(x)
+    sigma = noise_std_for(op, clean, torch.full((len(x),), 2.0))
+    b = add_noise(op, clean, sigma, torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)))
+    op, b, sigma = op.to(device), b.to(device), sigma.to(device)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    out = table(f"reconstruction of {len(x)} photo crops 64x64, blur sigma 2, 2% noise, tau = 1, "
+                f"{where} float32", "method", "seconds", "s/image", "images/s", "PSNR",
+                "max ratio", "iters (mean)")
+    figures = {}
+    for method in methods:
+        label = getattr(method, "label", method.name)
+        method.solve(op, b[:2], radius[:2])   # warm-up (kernels, allocator)
+        synchronize(device)
+        start = time.perf_counter()
+        result = method.solve(op, b, radius)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        quality = float(psnr(result.solution.detach().cpu().numpy(), truth).mean())
+        ratio = float(discrepancy_ratio(op, result.solution.detach(), b, sigma).max())
+        iters = float(result.iterations.double().mean())
+        figures[label] = {"seconds": seconds, "images_per_s": len(x) / seconds, "psnr": quality,
+                          "max_ratio": ratio, "iterations_mean": iters}
+        out.add_row(label, f"{seconds:.2f}", f"{seconds / len(x):.4f}", f"{len(x) / seconds:.1f}",
+                    f"{quality:.2f}", f"{ratio:.4f}", f"{iters:.0f}")
+    return out, figures
+
+
+def bench_training(truth: np.ndarray, steps: int, device: torch.device,
+                   where: str) -> tuple[Table, dict]:
+    """Images per second of the training step, DRIP and unrolled, from untrained models."""
+    op = Blur(SHAPE, gaussian_psf(2.0))
+    b, sigma = simulate_batch(op, truth, np.full(len(truth), 2.0), np.random.default_rng(0))
+    out = table(f"training step, batch 8 of 64x64 photo crops, blur sigma 2, 1-5% noise, "
+                f"{where} float32", "architecture", "steps", "s/step", "images/s")
+    figures = {}
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "train.h5"
+        write_measurement_file(data, op, b, sigma, truth)
+        for architecture in ("convex", "unrolled"):
+            config = TrainConfig(data=str(data), out=str(Path(folder) / architecture),
+                                 model=ModelConfig(architecture=architecture))
+            trainer = Trainer(config, device)
+            trainer.train_step()   # warm-up
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step()
+            synchronize(device)
+            per_step = (time.perf_counter() - start) / steps
+            name = "drip (convex)" if architecture == "convex" else architecture
+            figures[name] = {"seconds_per_step": per_step,
+                             "images_per_s": config.batch_size / per_step}
+            out.add_row(name, str(steps), f"{per_step:.3f}", f"{config.batch_size / per_step:.1f}")
+    return out, figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
-    parser.add_argument("--model", type=Path, default=SAMPLE_MODEL)
+    parser.add_argument("--model", type=Path, default=SAMPLES / "drip_blur.safetensors")
+    parser.add_argument("--unrolled", type=Path, default=SAMPLES / "unrolled_blur.safetensors")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--train-steps", type=int, default=10,
+                        help="timed training steps per architecture (0: skip)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
     console = Console()
-    results = {"machine": platform.processor() or platform.machine(),
+    results = {"machine": platform.processor() or platform.machine(), "device": where,
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
-    x = torch.rand(args.images, *SHAPE)
-    table = Table(title=f"forward + adjoint, {args.images} images of 64x64, float32, CPU "
-                        f"({torch.get_num_threads()} threads)", title_justify="left")
-    for header in ("operator", "ms per batch", "images/s"):
-        table.add_column(header, justify="left" if header == "operator" else "right")
-    results["operators"] = {}
-    for name, op in operators().items():
-        seconds = time_it(lambda: op.adjoint(op(x)), repeats=20)
-        results["operators"][name] = {"ms_per_batch": seconds * 1e3, "images_per_s": args.images / seconds}
-        table.add_row(name, f"{seconds * 1e3:.2f}", f"{args.images / seconds:,.0f}")
-    console.print(table)
-
-    options = SourceOptions(channels=1, crop_size=64, crops_per_image=args.images // 4)
+    out, results["operators"] = bench_operators(args.images, device, where)
+    console.print(out)
+    options = SourceOptions(channels=1, crop_size=64, crops_per_image=max(1, args.images // 4))
     truth = load_images("skimage:camera,coffee,astronaut,chelsea", options, np.random.default_rng(0))
-    op = Blur(SHAPE, gaussian_psf(2.0))
-    x = torch.from_numpy(truth)
-    clean = op(x)
-    sigma = noise_std_for(op, clean, torch.full((len(x),), 2.0))
-    b = add_noise(op, clean, sigma, torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)))
-    radius = discrepancy_radius(op, sigma, 1.0)
-    table = Table(title=f"reconstruction of {len(x)} photo crops 64x64, blur sigma 2, 2% noise, "
-                        "tau = 1, CPU float32", title_justify="left")
-    for header in ("method", "seconds", "s/image", "PSNR", "max ratio", "iters (mean)"):
-        table.add_column(header, justify="left" if header == "method" else "right")
-    results["reconstruction"] = {}
-    for method in (CGLSMethod(), TVMethod(), drip_method(args.model)):
-        label = getattr(method, "label", method.name)
-        start = time.perf_counter()
-        result = method.solve(op, b, radius)
-        seconds = time.perf_counter() - start
-        quality = float(psnr(result.solution.numpy(), truth).mean())
-        ratio = float(discrepancy_ratio(op, result.solution, b, sigma).max())
-        iters = float(result.iterations.double().mean())
-        results["reconstruction"][label] = {"seconds": seconds, "psnr": quality,
-                                                  "max_ratio": ratio, "iterations_mean": iters}
-        table.add_row(label, f"{seconds:.2f}", f"{seconds / len(x):.4f}", f"{quality:.2f}",
-                      f"{ratio:.4f}", f"{iters:.0f}")
-    console.print(table)
+    methods = [CGLSMethod(), TVMethod(), learned_method(args.model, "convex"),
+               learned_method(args.unrolled, "unrolled")]
+    out, results["reconstruction"] = bench_reconstruction(
+        truth, [m for m in methods if m is not None], device, where)
+    console.print(out)
+    if args.train_steps > 0:
+        out, results["training"] = bench_training(truth, args.train_steps, device, where)
+        console.print(out)
     args.out.mkdir(exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     console.print(f"written {args.out / 'bench.json'}")

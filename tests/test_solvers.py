@@ -211,3 +211,26 @@ def test_drip_solution_satisfies_the_kkt_conditions():
 
     ratio = discrepancy_ratio(op, result.solution, b, sigma)
     assert torch.allclose(ratio, torch.full_like(ratio, 1 - MARGIN), rtol=1e-7), ratio
+
+
+def test_drip_solver_does_not_stop_on_short_steps(photo_crops):
+    """A sharp regularizer (eps = 0.001) has a small 1/L: the first steps barely move the CGLS
+    start, so the iterate change alone said 'converged' after one iteration (training then
+    learned from the start point and collapsed). The stationarity condition keeps it going."""
+    from drip_cli.regularizers.model import DripModel, ModelConfig
+
+    op = Tomography((1, 32, 32), limited_angles(16, 120.0))
+    x = torch.from_numpy(photo_crops[:4])
+    b, sigma = noisy(op, x, 2.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    model = DripModel(ModelConfig(eps=0.001))
+    loose = model.solve(op, b, radius, max_iterations=400, tolerance=1e-3)
+    tight = model.solve(op, b, radius, max_iterations=2000, tolerance=1e-6, stationarity_tolerance=1e-3)
+    blind = model.solve(op, b, radius, max_iterations=400, tolerance=1e-3,
+                        stationarity_tolerance=float("inf"))
+    # before: 1 iteration for every sample; now 62-138, 0.5-7% of the start's distance away
+    start_gap = (blind.latent - tight.latent).flatten(1).norm(dim=1)
+    gap = (loose.latent - tight.latent).flatten(1).norm(dim=1)
+    assert bool((gap < 0.2 * start_gap).all()), (gap, start_gap)
+    assert bool((loose.iterations > blind.iterations).all())
+    assert bool(loose.converged.all())

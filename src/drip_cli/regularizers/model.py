@@ -38,6 +38,7 @@ class ModelConfig:
     # lower-level solver at inference
     max_iterations: int = 300
     tolerance: float = 1e-4
+    stationarity_tolerance: float = 0.05   # and the projected gradient this small (solvers.drip)
     projection_iterations: int = 50
     # relative accuracy of each inner projection: 3e-2 gave the same PSNR and R (to 1e-4) as 1e-3
     # on 32 held-out 64x64 blur crops, at 0.26 instead of 0.40 s/image
@@ -101,6 +102,7 @@ class DripModel(torch.nn.Module):
         from ..solvers.drip import solve_drip
 
         settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,
+                        stationarity_tolerance=self.config.stationarity_tolerance,
                         projection_iterations=self.config.projection_iterations,
                         projection_tolerance=self.config.projection_tolerance)
         settings.update(overrides)

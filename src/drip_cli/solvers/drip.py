@@ -17,7 +17,16 @@ sample when the step turns against the momentum,
 evaluation of ``R``.
 
 A sample stops when its latent iterate changes by less than ``tolerance`` (relative) between two
-iterations; stopped samples leave the batch. The
+iterations *and* its stationarity, ``||y - z_new|| / (t ||grad R(y)||)`` (the projected-gradient
+step per unit step length, relative to the gradient: the share of ``grad R`` that the data-fit
+constraint does not balance; 1 far from the solution, 0 at it), is at most
+``stationarity_tolerance``; stopped samples leave the batch. The change alone is fooled by short
+steps: with a sharp regularizer (``eps = 0.001``, so ``1 / L`` is small) on limited-angle
+tomography, the first step moved the CGLS start by less than 1e-3, and every training solve
+stopped after one iteration, at stationarity 0.9; the training gradient then pointed at cosine
+0.2 to the true one and runs collapsed (validation 30.5 -> 28.1 dB in two epochs). On the blur
+sample model the stationarity is 0.02-0.06 where the change reaches 1e-3 and below 2e-3 where
+it reaches 1e-4, so ``stationarity_tolerance = 0.05`` costs a few iterations at most there. The
 last operation on every sample is a CGLS run into the set (with a small margin, so the figure
 survives rounding), so every returned ``z`` fits the data unless CGLS could not get there, which
 is reported as ``converged = False``.
@@ -57,6 +66,7 @@ def solve_drip(
     z0: torch.Tensor | None = None,
     max_iterations: int = 300,
     tolerance: float = 1e-4,
+    stationarity_tolerance: float = 0.05,
     projection_iterations: int = 50,
     final_projection_iterations: int = 1000,
     projection_tolerance: float = 1e-3,
@@ -89,13 +99,14 @@ def solve_drip(
         t_next = (1 + torch.sqrt(1 + 4 * momentum_t**2)) / 2
         beta = (momentum_t - 1) / t_next
         y = z + per_sample(beta, z) * (z - z_prev)
-        z_new, step = _backtracking_step(forward_op, regularizer, b_work, radius_work, y, step,
-                                         safe_step, projection_iterations, projection_tolerance)
+        z_new, step, stationarity = _backtracking_step(
+            forward_op, regularizer, b_work, radius_work, y, step, safe_step,
+            projection_iterations, projection_tolerance)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
         z_prev, z = torch.where(per_sample(against, z), z_new, z), z_new
-        small = change <= tolerance
+        small = (change <= tolerance) & (stationarity <= stationarity_tolerance)
         done = small | (it == max_iterations)
         if bool(done.any()):  # retire finished samples; keep iterating on the rest only
             finished = rows[done]
@@ -119,7 +130,8 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
                        projection_iterations, projection_tolerance):
     """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
     until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
-    ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``."""
+    ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``.
+    Returns ``z``, the steps and the stationarity ``||d|| / (t ||grad R(y)||)`` per sample."""
     value_y, gradient_y = regularizer.value_and_gradient(y)
     step = torch.maximum(step, safe_step.expand_as(step))
 
@@ -137,7 +149,9 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
         slack = 1e-6 * value_y[pending].abs()   # rounding in R must not trigger a backtrack
         failed = (regularizer.value(z[pending]) > model + slack) & (step[pending] > safe_step)
         if not bool(failed.any()):
-            return z, step
+            stationarity = ((z - y).flatten(1).norm(dim=1)
+                            / (step * gradient_y.flatten(1).norm(dim=1)).clamp_min(1e-30))
+            return z, step, stationarity
         pending = pending[failed]
         step[pending] = torch.maximum(step[pending] / 2, safe_step)
         z[pending] = projected(pending, step[pending])

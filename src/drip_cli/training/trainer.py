@@ -86,9 +86,9 @@ class TrainConfig:
     seed: int = 0
     # Training solves stop at a relative change of 1e-3 (inference: 1e-4): on 8 crops at 1-5%
     # blur noise that cut a step from 4.1 to 1.6 s. The implicit solve runs up to 50 projected
-    # preconditioned CG iterations: at the trained sample model, 20 plain ones gave a parameter
-    # gradient at cosine 0.36-0.40 from the exact one; 50 preconditioned ones with the closed-form
-    # Hessian take 0.33 s for 8 crops, less than the 0.42 s of the earlier 20 (see .implicit).
+    # preconditioned CG iterations: at the trained sample model, 20 gave a parameter gradient at
+    # cosine 0.36-0.41 to the exact one; 50 with the closed-form Hessian take 0.33 s for 8
+    # crops, less than the 0.42 s of the earlier 20 plain ones (see .implicit).
     cg_iterations: int = 50
     train_solver_iterations: int = 150
     train_solver_tolerance: float = 1e-3

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import batch_dot, per_sample
-from ..solvers.datafit import SolverResult
+from ..solvers.datafit import SolverResult, residual_norm
 
 
 def steepest_descent_step(op, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,5 +78,5 @@ class UnrolledNetwork(torch.nn.Module):
         n = b.shape[0]
         iterations = torch.full((n,), len(self.blocks), dtype=torch.int64, device=b.device)
         fits = (torch.ones(n, dtype=torch.bool, device=b.device) if radius is None else
-                (op(x) - b).flatten(1).norm(dim=1) <= radius.to(b.device))
+                residual_norm(op, x, b) <= radius.to(b.device))
         return SolverResult(solution=x, iterations=iterations, converged=fits)

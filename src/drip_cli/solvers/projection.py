@@ -50,7 +50,7 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
     (``o`` the part of ``beta e1`` outside the range of ``C``): decreasing in ``lam``. Newton's
     method runs on ``F^{-1/2}``, nearly linear in ``lam`` (as in More & Sorensen's trust-region
     solver), from ``lam0`` (the root for a smaller subspace, which lies above this one's), with a
-    bracket and bisection as safeguard. Returns ``(y, lam)``."""
+    bracket and bisection as safeguard. Returns ``(y, lam, newton_iterations)``."""
     u, s, vh = torch.linalg.svd(c, full_matrices=False)          # (N,k+1,k), (N,k), (N,k,k)
     coeff = u[:, 0, :] * beta.unsqueeze(1)                        # beta e1 in the left basis
     outside = (beta.pow(2) - coeff.pow(2).sum(1)).clamp_min(0)
@@ -62,7 +62,8 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
     lo, hi = torch.zeros_like(beta), torch.full_like(beta, float("inf"))
     # no root to find: inside the set already (the correction is 0) or out of reach (least squares)
     settled = (beta <= radius) | ~reachable
-    for _ in range(newton_steps):
+    iterations = 0
+    for iterations in range(1, newton_steps + 1):
         q = 1 + lam.unsqueeze(1) * s2
         f = (coeff.pow(2) / q.pow(2)).sum(1) + outside
         df = (-2 * coeff.pow(2) * s2 / q.pow(3)).sum(1)
@@ -92,7 +93,7 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
     filt = torch.where(s > 0, filt, torch.zeros_like(filt))
     y = torch.einsum("nkj,nk->nj", vh, filt * coeff)
     y = torch.where((beta <= radius).unsqueeze(1), torch.zeros_like(y), y)
-    return y, torch.where(reachable, lam, torch.zeros_like(lam))
+    return y, torch.where(reachable, lam, torch.zeros_like(lam)), iterations
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
         p = _orthogonalise(op(w) - per_sample(alpha, u_vec) * u_vec, us)
         u_vec, beta_next = _normalise(p, tiny)
         c[:, k, k - 1] = beta_next
-        y, lam = _tikhonov_in_subspace(c[:, : k + 1, :k], beta, radius, lam)
+        y, lam, _ = _tikhonov_in_subspace(c[:, : k + 1, :k], beta, radius, lam)
         # V is orthonormal: the change of the correction is the change of its coordinates.
         change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1)
         done_now = ~settled & ((change <= tolerance * y.norm(dim=1)) | (beta_next <= tiny) | (k == max_steps))

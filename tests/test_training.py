@@ -48,8 +48,11 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
 
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     run = tmp_path / "run"
-    result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5", *TINY)
+    result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5",
+                     "--solver-tolerance", "5e-4", "--solver-iterations", "40", *TINY)
     assert result.exit_code == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    assert (config["train_solver_tolerance"], config["train_solver_iterations"]) == (5e-4, 40)
     model, info, sha = load_model(run)  # safetensors: no pickle involved
     assert info.operator_kind == "blur" and info.image_shape == (1, 12, 12)
     assert info.noise_percent == (1.0, 5.0) and len(info.training_data_sha256) == 64
@@ -66,7 +69,9 @@ def test_training_on_the_files_own_measurements(train_file, tmp_path):
     assert result.exit_code == 0, result.stderr
     _, info, _ = load_model(run)
     assert info.noise_percent == pytest.approx((2.0, 2.0), rel=1e-5)
-    assert json.loads((run / "config.json").read_text())["noise_percent"] is None
+    config = json.loads((run / "config.json").read_text())
+    assert config["noise_percent"] is None
+    assert (config["train_solver_tolerance"], config["train_solver_iterations"]) == (1e-3, 150)
     history = (run / "history.csv").read_text().splitlines()
     assert float(history[-1].split(",")[4]) == 1.0  # validation fit fraction
 

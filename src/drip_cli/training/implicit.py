@@ -22,16 +22,16 @@ parameter of ``R`` and ``E``.
 
 How accurately ``lam`` is solved sets how accurate the training gradient is. ``H`` is badly
 conditioned once ``R`` is trained: ``hess R`` is large on flat regions and nearly zero across
-edges, the directions the solution is most sensitive to. At the sample model (blur, 16 crops),
-20 CG iterations, plain or preconditioned, gave a parameter gradient at cosine 0.36-0.41 to
-the exact one (and up to twice as long); 100 preconditioned ones 0.93, 200 0.98. Two things make more iterations affordable:
-the convex regularizer's Hessian product in closed form (two convolutions instead of autograd's
-second-order pass: 20 iterations for 8 crops in 0.16 instead of 0.42 s) and a diagonal (Jacobi)
-preconditioner from its diagonal plus ``mu`` times the mean diagonal of ``B^T B`` (estimated with
-Rademacher probes). The more accurate gradient did not, however, lift where training levels off:
-10-minute runs with 100 iterations reached the same validation PSNR as with 20 (blur 31.555 vs
-31.562 dB; tomography 30.59 vs 30.52), so the stall after about one epoch is the model family's,
-not the gradient's.
+edges, the directions the solution is most sensitive to. At the sample model (blur, 16 crops), 20
+CG iterations, plain or preconditioned, gave a parameter gradient at cosine 0.36-0.41 to the exact
+one (and up to twice as long); 100 preconditioned ones 0.93, 200 0.98. Two things make more
+iterations affordable: the convex regularizer's Hessian product in closed form (two convolutions
+instead of autograd's second-order pass: 20 iterations for 8 crops in 0.16 instead of 0.42 s) and
+a diagonal (Jacobi) preconditioner from its diagonal plus ``mu`` times the mean diagonal of
+``B^T B`` (estimated with Rademacher probes). The more accurate gradient did not, however, lift where
+training levels off: 10-minute runs with 100 iterations reached the same validation PSNR as with
+20 (blur 31.555 vs 31.562 dB; tomography 30.59 vs 30.52), so the stall after about one epoch is
+the model family's, not the gradient's.
 """
 
 from __future__ import annotations

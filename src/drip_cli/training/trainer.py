@@ -84,17 +84,18 @@ class TrainConfig:
     val_fraction: float = 0.1
     val_max_samples: int = 32
     seed: int = 0
+    # The implicit solve runs up to 50 projected preconditioned CG iterations: at the trained
+    # sample model, 20 gave a parameter gradient at cosine 0.36-0.41 to the exact one; 50 with
+    # the closed-form Hessian take 0.33 s for 8 crops, less than the 0.42 s of the earlier 20
+    # plain ones (see .implicit).
+    cg_iterations: int = 50
     # Training solves stop at a relative change of 1e-3 (inference: 1e-4): on 8 crops at 1-5%
     # blur noise that cut a step from 4.1 to 1.6 s. Sharp models need tighter solves: with
     # eps 0.001 on limited-angle tomography, 1e-3 / 150 iterations left solutions 1.2% from the
     # converged ones (0.23-0.32 dB below them), and a 10-minute run with 3e-4 / 300 (the CLI's
     # --solver-tolerance / --solver-iterations) ended 0.09-0.16 dB higher on held-out crops.
     # On blur it gained nothing: validation 31.57 against 31.56 dB (453 steps instead of 478),
-    # held out -0.04 to +0.00 dB. The implicit solve runs up to 50 projected
-    # preconditioned CG iterations: at the trained sample model, 20 gave a parameter gradient at
-    # cosine 0.36-0.41 to the exact one; 50 with the closed-form Hessian take 0.33 s for 8
-    # crops, less than the 0.42 s of the earlier 20 plain ones (see .implicit).
-    cg_iterations: int = 50
+    # held out -0.04 to +0.00 dB.
     train_solver_iterations: int = 150
     train_solver_tolerance: float = 1e-3
     max_steps: int | None = None   # stop after this many optimiser steps in this invocation

@@ -248,3 +248,28 @@ def test_colour_images_end_to_end(tmp_path):
     assert result.exit_code == 0, result.stderr
     with h5py.File(tmp_path / "r.h5") as f:
         assert f["reconstructions"].shape == (3, 3, 24, 24) and np.all(f["converged"][()])
+
+
+def test_train_option_defaults_are_the_configs_defaults():
+    """`drip train`'s defaults are written out in the CLI (so that --help does not import
+    torch); they must be the ones TrainConfig and ModelConfig document."""
+    import typer
+
+    from drip_cli.cli import app
+    from drip_cli.regularizers.model import ModelConfig
+    from drip_cli.training import TrainConfig
+
+    options = {p.name: p.default for p in typer.main.get_command(app).commands["train"].params}
+    train_fields = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+                    "lr_schedule": "lr_schedule", "cg_iterations": "cg_iterations", "tau": "tau",
+                    "seed": "seed", "solver_tolerance": "train_solver_tolerance",
+                    "solver_iterations": "train_solver_iterations"}
+    model_fields = {"architecture": "architecture", "width": "width", "filters": "n_filters",
+                    "kernel_size": "kernel_size", "eps": "eps",
+                    "potential_scales": "potential_scales", "dilation_levels": "dilation_levels"}
+    for option, name in train_fields.items():
+        assert options[option] == getattr(TrainConfig, name), option
+    for option, name in model_fields.items():
+        assert options[option] == getattr(ModelConfig, name), option
+    weights = tuple(float(w) for w in options["loss_weights"].split(","))
+    assert weights == TrainConfig.__dataclass_fields__["loss_weights"].default

@@ -173,6 +173,8 @@ def simulate(
             "noise percent": f"{low:g}" if low == high else f"{low:g}:{high:g}"}))
 
 
+# The defaults of `train` repeat those of TrainConfig and ModelConfig, so that `--help` does not
+# import torch; tests/test_cli.py checks that the two agree.
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
@@ -221,14 +223,13 @@ def train(
              "(the paper uses 1,1,1)."),
     cg_iterations: int = typer.Option(50, "--cg-iterations", min=1,
                                       help="CG iterations of the implicit-gradient KKT solve."),
-    solver_tolerance: Optional[float] = typer.Option(
-        None, "--solver-tolerance", min=1e-8,
-        help="Relative change at which a training solve stops. Default: 1e-3 (inference uses "
-             "the model's 1e-4). Sharp models (small --eps, as for limited-angle tomography) "
-             "train better with --solver-tolerance 3e-4 --solver-iterations 300."),
-    solver_iterations: Optional[int] = typer.Option(
-        None, "--solver-iterations", min=1,
-        help="Iteration cap of each training solve. Default: 150."),
+    solver_tolerance: float = typer.Option(
+        1e-3, "--solver-tolerance", min=1e-8,
+        help="Relative change at which a training solve stops (inference uses the model's "
+             "1e-4). Sharp models (small --eps, as for limited-angle tomography) train better "
+             "with --solver-tolerance 3e-4 --solver-iterations 300."),
+    solver_iterations: int = typer.Option(150, "--solver-iterations", min=1,
+                                          help="Iteration cap of each training solve."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -262,10 +263,8 @@ def train(
                              loss_weights=weights,
                              noise_percent=noise_range, tau=tau,
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
-                             **{name: value for name, value in (
-                                 ("train_solver_tolerance", solver_tolerance),
-                                 ("train_solver_iterations", solver_iterations))
-                                if value is not None},
+                             train_solver_tolerance=solver_tolerance,
+                             train_solver_iterations=solver_iterations,
                              model=ModelConfig(architecture=architecture, layers=layers or 0,
                                                latent_channels=latent_channels or 0,
                                                n_filters=filters,

@@ -54,7 +54,10 @@ Initialisation: the first ``2 C`` filters are vertical and horizontal difference
 channels with weight 1, i.e. smoothed total variation of ``z[:, :C]`` (isotropic with groups of
 2, anisotropic with groups of 1); the other filters are small random zero-mean filters with
 weight ``EXTRA_WEIGHT = 0.3``. An untrained model is therefore smoothed TV plus a weak random
-filter bank, and training starts at (slightly above) TV's quality. The extra filters must start
+filter bank. Measured on 32 held-out natural-photo crops at 1 / 2 / 5 / 10% noise: on blur the
+smoothing alone (``eps = 0.01``) is 0.40 / 0.36 / 0.29 / 0.22 dB above exact constrained TV and
+the random bank changes that by +0.06 to -0.07 dB; on limited-angle tomography (``eps = 0.001``)
+the bank costs 0.47 / 0.34 / 0.18 / 0.09 dB, which training wins back. The extra filters must start
 *alive*: with the earlier weight of 1e-3 their implicit gradients were 1e-5 of the TV filters'
 and a step on them changed the loss by 0.02% -- training could not use them. At weight 0.3,
 on 32 natural-photo crops at 2% blur noise, the untrained model gains 0.14 dB over weight 1e-3

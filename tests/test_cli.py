@@ -117,6 +117,14 @@ def test_reconstruct_writes_the_contract_file(method, tmp_path):
     assert "PSNR" in result.stdout
     info = run_cli("info", out)
     assert info.exit_code == 0 and "fit fraction" in info.stdout
+    # a cap too small for the constraint: the samples are flagged, not passed
+    capped = run_cli("reconstruct", data, "--out", out, "--method", method, "--max-iterations", 1,
+                     "--report", report, "-q")
+    assert capped.exit_code == 0, capped.stderr
+    assert json.loads(report.read_text())["solver_converged_fraction"] < 1.0
+    if method == "cgls":
+        with h5py.File(out) as f:
+            assert f["iterations"][()].max() <= 1 and not np.all(f["converged"][()])
 
 
 def test_reconstruct_with_noise_std_option_and_tau(tmp_path):

@@ -90,6 +90,9 @@ def test_unrolled_model_reconstructs_and_reports_its_fit_as_it_is(runs, tmp_path
     wrong = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
                     "--method", "drip", "--out", tmp_path / "r2.h5")
     assert wrong.exit_code == 1 and "unrolled" in wrong.stderr and not (tmp_path / "r2.h5").exists()
+    capped = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
+                     "--max-iterations", 5, "--out", tmp_path / "r2.h5")
+    assert capped.exit_code == 1 and "--layers" in capped.stderr and not (tmp_path / "r2.h5").exists()
     shown = run_cli("info", runs / "unrolled_run")
     assert shown.exit_code == 0 and "unrolled" in shown.stdout and "Lipschitz" not in shown.stdout
     refused = run_cli("train", runs / "blur.h5", "--out", tmp_path / "run", "--architecture",

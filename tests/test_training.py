@@ -242,3 +242,35 @@ def test_shipped_sample_model_beats_tv_on_the_sample_blur_data(tmp_path):
         reports[method] = json.loads(report.read_text())
     assert reports["drip"]["fit_fraction"] == 1.0
     assert reports["drip"]["psnr_mean"] > reports["tv"]["psnr_mean"] + 0.3
+
+
+def test_reconstruct_reports_samples_stopped_at_the_iteration_cap(train_file, tmp_path):
+    """A model whose solver cap is too small still fits every sample (the final projection),
+    and says which samples stopped short of the minimiser: per sample in the file, as a fraction
+    in the report, and in a console note."""
+    from drip_cli.io.models import ModelInfo, save_model
+    from drip_cli.regularizers.model import DripModel, ModelConfig
+
+    config = ModelConfig(latent_channels=1, n_filters=4, kernel_size=3, max_iterations=2)
+    model_path = tmp_path / "capped.safetensors"
+    save_model(model_path, DripModel(config), ModelInfo(config, "blur", (1, 12, 12), (2.0, 2.0)))
+    out, report = tmp_path / "r.h5", tmp_path / "r.json"
+    result = run_cli("reconstruct", train_file, "--model", model_path, "--out", out,
+                     "--report", report, "-q")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(report.read_text())
+    with h5py.File(out) as f:
+        solved = f["solver_converged"][()]
+        assert np.all(f["converged"][()]) and not np.all(solved)
+        assert np.all(f["iterations"][()][~solved] >= 2)
+    assert summary["fit_fraction"] == 1.0
+    assert summary["solver_converged_fraction"] == pytest.approx(solved.mean())
+    assert f"{int((~solved).sum())} sample(s) fit the data but reached the solver's" in \
+        " ".join(result.stdout.split())
+    # --max-iterations overrides the model's cap
+    result = run_cli("reconstruct", train_file, "--model", model_path, "--out", out,
+                     "--max-iterations", 1000, "--report", report, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(report.read_text())["solver_converged_fraction"] == 1.0
+    with h5py.File(out) as f:
+        assert np.all(f["solver_converged"][()]) and np.all(f["iterations"][()] > 2)

@@ -311,6 +311,10 @@ def reconstruct(
                               "||A u - b|| <= tau sigma sqrt(M)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples solved together."),
+    max_iterations: Optional[int] = typer.Option(
+        None, "--max-iterations", min=1,
+        help="Iteration cap of the solver. Default: the model's (1000 for new models), 5000 "
+             "for tv, 1000 for cgls."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -336,6 +340,8 @@ def reconstruct(
                             f"drip train)")
         else:
             chosen = CLASSICAL_METHODS[(method or Method.tv).value]()
+        if max_iterations is not None:
+            chosen.set_max_iterations(max_iterations)
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
@@ -349,6 +355,11 @@ def reconstruct(
         if unfit:
             console.print(f"[yellow]{unfit} sample(s) do not fit the data "
                           f"(converged = false in {out}).[/yellow]")
+        capped = round((1 - summary["solver_converged_fraction"]) * summary["n_samples"]) - unfit
+        if capped > 0:
+            console.print(f"[yellow]{capped} sample(s) fit the data but reached the solver's "
+                          f"iteration cap before converging (solver_converged = false in "
+                          f"{out}; raise it with --max-iterations).[/yellow]")
 
 
 @app.command()

@@ -24,6 +24,10 @@ class ReconstructionMethod:
         and return extra attributes for the output file."""
         return {}
 
+    def set_max_iterations(self, n: int) -> None:
+        """Cap the solver's iterations (``drip reconstruct --max-iterations``)."""
+        self.max_iterations = n
+
 
 class CGLSMethod(ReconstructionMethod):
     """CGLS from zero, stopped per sample by the discrepancy principle (no regularizer)."""
@@ -85,6 +89,14 @@ class LearnedMethod(ReconstructionMethod):
             warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
                  f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
         return {"model_sha256": self.sha256}
+
+    def set_max_iterations(self, n: int) -> None:
+        from .errors import DripError
+
+        if self.kind == "unrolled":
+            raise DripError("--max-iterations: the unrolled network runs its fixed number of "
+                            "steps (set when it was trained with --layers)")
+        self.model.config.max_iterations = n
 
     def solve(self, op, b, radius):
         self.model.to(b.device)

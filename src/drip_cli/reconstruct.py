@@ -43,6 +43,8 @@ def summarize(columns: dict[str, np.ndarray], tau: float) -> dict:
         "discrepancy_ratio_max": float(ratio.max()),
         "discrepancy_ratio_mean": float(ratio.mean()),
         "iterations_mean": float(np.mean(columns["iterations"])),
+        # samples whose solver stopped by its own criterion, not at its iteration cap
+        "solver_converged_fraction": float(np.mean(columns["solver_converged"])),
         "seconds_per_image": float(np.mean(columns["seconds"])),
         "regularizer_value_mean": (None if np.all(np.isnan(columns["regularizer_value"]))
                                    else float(np.nanmean(columns["regularizer_value"]))),

@@ -126,6 +126,11 @@ def test_evaluate_writes_every_file_with_the_contract_keys(runs, tmp_path):
     with open(report / "samples.csv") as handle:
         samples = list(csv.DictReader(handle))
     assert len(samples) == 4 * 2 * 6
+    # per sample and per row: how many stopped by the solver's own criterion, not its cap
+    for row in rows:
+        solved = [s["solver_converged"] == "True" for s in samples
+                  if (s["method"], float(s["noise_percent"])) == (row["method"], row["noise_percent"])]
+        assert row["solver_converged_fraction"] == pytest.approx(np.mean(solved))
     markdown = (report / "robustness.md").read_text()
     assert "| 2 * |" in markdown and "| 10 |" in markdown and "unrolled" in markdown
     assert "2 *" in result.stdout   # the console table marks the training range

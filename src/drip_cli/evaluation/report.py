@@ -27,7 +27,7 @@ ROW_FIELDS = ("method", "noise_percent", "n_samples", "psnr_mean", "ssim_mean", 
               "regularizer_value_truth_mean", "truth_more_regular_fraction", "iterations_mean",
               "solver_converged_fraction", "seconds_per_image", "in_training_range")
 SAMPLE_FIELDS = ("method", "noise_percent", "sample", "psnr", "ssim", "discrepancy_ratio", "fits",
-                 "regularizer_value", "iterations", "seconds")
+                 "solver_converged", "regularizer_value", "iterations", "seconds")
 FILES = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "samples.csv",
          "previews.png")
 

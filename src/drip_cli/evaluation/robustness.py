@@ -211,6 +211,7 @@ def _sample_records(name: str, percent: float, columns: dict, tau: float) -> lis
              "psnr": float(columns["psnr"][i]), "ssim": float(columns["ssim"][i]),
              "discrepancy_ratio": float(columns["discrepancy_ratio"][i]),
              "fits": bool(columns["discrepancy_ratio"][i] <= tau),
+             "solver_converged": bool(columns["solver_converged"][i]),
              "regularizer_value": float(columns["regularizer_value"][i]),
              "iterations": int(columns["iterations"][i]),
              "seconds": float(columns["seconds"][i])}

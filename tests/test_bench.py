@@ -20,6 +20,7 @@ def test_bench_runs_every_section(tmp_path):
     methods = figures["reconstruction"]
     assert {"cgls", "tv"} <= set(methods) and any(m.startswith("drip") for m in methods)
     assert all(row["images_per_s"] > 0 for row in methods.values())
+    assert all(0.0 <= row["solver_converged_fraction"] <= 1.0 for row in methods.values())
     # every method but the unrolled network guarantees the data fit
     assert all(row["max_ratio"] <= 1.0 for name, row in methods.items() if "unrolled" not in name)
     assert set(figures["training"]) == {"drip (convex)", "unrolled"}

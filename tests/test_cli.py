@@ -274,7 +274,8 @@ def test_train_option_defaults_are_the_configs_defaults():
                     "solver_iterations": "train_solver_iterations"}
     model_fields = {"architecture": "architecture", "width": "width", "filters": "n_filters",
                     "kernel_size": "kernel_size", "eps": "eps",
-                    "potential_scales": "potential_scales", "dilation_levels": "dilation_levels"}
+                    "potential_scales": "potential_scales", "dilation_levels": "dilation_levels",
+                    "max_iterations": "max_iterations"}
     for option, name in train_fields.items():
         assert options[option] == getattr(TrainConfig, name), option
     for option, name in model_fields.items():

@@ -14,8 +14,9 @@ from conftest import make_operator
 from drip_cli.io.models import load_model
 from helpers import assert_one_line_error, run_cli, write_small_file
 
+# two latent channels make solves slow (hundreds of iterations): validation stops at 300
 TINY = ["--batch-size", "4", "--latent-channels", "2", "--filters", "4", "--kernel-size", "3",
-        "--cg-iterations", "5", "--device", "cpu", "--seed", "5", "-q"]
+        "--cg-iterations", "5", "--max-iterations", "300", "--device", "cpu", "--seed", "5", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,9 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     # row per epoch
     assert len(history) == 5 and history[2].startswith("stop")
     assert json.loads((split / "config.json").read_text())["model"]["n_filters"] == 4
+    other = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", *TINY,
+                    "--filters", "6")
+    assert other.exit_code == 1 and "n_filters (run: 4, now: 6)" in other.stderr
 
 
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
@@ -56,7 +60,8 @@ def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     model, info, sha = load_model(run)  # safetensors: no pickle involved
     assert info.operator_kind == "blur" and info.image_shape == (1, 12, 12)
     assert info.noise_percent == (1.0, 5.0) and len(info.training_data_sha256) == 64
-    assert model.config.latent_channels == 2 and len(sha) == 64
+    assert model.config.latent_channels == 2 and model.config.max_iterations == 300
+    assert len(sha) == 64
     state = torch.load(run / "checkpoint_state.pt", weights_only=True)  # refuses pickled objects
     assert "optimizer" in state and "generator" in state
 

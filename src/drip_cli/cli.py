@@ -230,6 +230,9 @@ def train(
              "with --solver-tolerance 3e-4 --solver-iterations 300."),
     solver_iterations: int = typer.Option(150, "--solver-iterations", min=1,
                                           help="Iteration cap of each training solve."),
+    max_iterations: int = typer.Option(
+        1000, "--max-iterations", min=1,
+        help="The model's solver cap, in validation and in drip reconstruct."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -270,7 +273,8 @@ def train(
                                                n_filters=filters,
                                                kernel_size=kernel_size, eps=eps,
                                                potential_scales=potential_scales,
-                                               dilation_levels=dilation_levels, width=width))
+                                               dilation_levels=dilation_levels, width=width,
+                                               max_iterations=max_iterations))
         config.validate()
         trainer = Trainer(config, resolve_device(device),
                           log=(lambda row: None) if quiet else

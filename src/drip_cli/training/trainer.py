@@ -347,10 +347,13 @@ class Trainer:
         weights_path, state_path = self.out / CHECKPOINT_WEIGHTS, self.out / CHECKPOINT_STATE
         if not weights_path.exists() or not state_path.exists():
             raise DripError("no checkpoint to resume from", self.out)
-        saved = json.loads((self.out / CONFIG).read_text())
-        if saved.get("model") != self.config.model.to_dict():
-            raise DripError("--resume: the architecture options differ from the run's config.json",
-                            self.out)
+        saved = json.loads((self.out / CONFIG).read_text()).get("model") or {}
+        current = self.config.model.to_dict()
+        differ = [f"{key} (run: {saved.get(key)}, now: {current.get(key)})"
+                  for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        if differ:
+            raise DripError(f"--resume: the model options differ from the run's config.json: "
+                            f"{', '.join(differ)}", self.out)
         try:
             self.model.load_state_dict(load_file(str(weights_path)))
             state = torch.load(state_path, weights_only=True)

@@ -282,3 +282,19 @@ def test_train_option_defaults_are_the_configs_defaults():
         assert options[option] == getattr(ModelConfig, name), option
     weights = tuple(float(w) for w in options["loss_weights"].split(","))
     assert weights == TrainConfig.__dataclass_fields__["loss_weights"].default
+
+
+def test_reconstruct_max_iterations_help_names_the_methods_defaults():
+    """`drip reconstruct --max-iterations`'s help writes out each solver's default cap (so that
+    --help does not import torch); they must be the caps the methods and models really use."""
+    import typer
+
+    from drip_cli.cli import app
+    from drip_cli.methods import CGLSMethod, TVMethod
+    from drip_cli.regularizers.model import ModelConfig
+
+    options = {p.name: p for p in typer.main.get_command(app).commands["reconstruct"].params}
+    text = " ".join(options["max_iterations"].help.split())
+    assert f"({ModelConfig.max_iterations} for new models)" in text
+    assert f"{TVMethod().max_iterations} for tv" in text
+    assert f"{CGLSMethod().max_iterations} for cgls" in text

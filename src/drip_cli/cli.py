@@ -355,15 +355,14 @@ def reconstruct(
         if report is not None:
             write_text(report, json.dumps(summary, indent=2) + "\n")
         console.print(summary_table(f"{summary['method']} on {measurements.name}", [summary]))
-        unfit = round((1 - summary["fit_fraction"]) * summary["n_samples"])
-        if unfit:
-            console.print(f"[yellow]{unfit} sample(s) do not fit the data "
+        if summary["n_unfit"]:
+            console.print(f"[yellow]{summary['n_unfit']} sample(s) do not fit the data "
                           f"(converged = false in {out}).[/yellow]")
-        capped = round((1 - summary["solver_converged_fraction"]) * summary["n_samples"]) - unfit
-        if capped > 0:
-            console.print(f"[yellow]{capped} sample(s) fit the data but reached the solver's "
-                          f"iteration cap before converging (solver_converged = false in "
-                          f"{out}; raise it with --max-iterations).[/yellow]")
+        if summary["n_stopped_at_cap"]:
+            console.print(f"[yellow]{summary['n_stopped_at_cap']} sample(s) fit the data but "
+                          f"reached the solver's iteration cap before converging "
+                          f"(solver_converged = false in {out}; raise it with "
+                          f"--max-iterations).[/yellow]")
 
 
 @app.command()

@@ -37,14 +37,18 @@ def resolve_device(name: str) -> torch.device:
 def summarize(columns: dict[str, np.ndarray], tau: float) -> dict:
     """Aggregate figures of a reconstruction (the ``--report`` JSON and the console table)."""
     ratio = columns["discrepancy_ratio"]
+    fits, solved = ratio <= tau, columns["solver_converged"].astype(bool)
     summary = {
         "n_samples": int(len(ratio)),
-        "fit_fraction": float(np.mean(ratio <= tau)),
+        "fit_fraction": float(np.mean(fits)),
+        "n_unfit": int(np.sum(~fits)),
+        # fit the data, but the solver stopped at its iteration cap short of its minimiser
+        "n_stopped_at_cap": int(np.sum(fits & ~solved)),
         "discrepancy_ratio_max": float(ratio.max()),
         "discrepancy_ratio_mean": float(ratio.mean()),
         "iterations_mean": float(np.mean(columns["iterations"])),
         # samples whose solver stopped by its own criterion, not at its iteration cap
-        "solver_converged_fraction": float(np.mean(columns["solver_converged"])),
+        "solver_converged_fraction": float(np.mean(solved)),
         "seconds_per_image": float(np.mean(columns["seconds"])),
         "regularizer_value_mean": (None if np.all(np.isnan(columns["regularizer_value"]))
                                    else float(np.nanmean(columns["regularizer_value"]))),

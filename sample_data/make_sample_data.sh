@@ -27,9 +27,10 @@ np.savez("downsample2x_64.npz", data=np.full(rows.size, 0.25), indices=cols,
 PY
 drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz --noise-percent 1 $CROPS
 
-# The pretrained sample models (about 33 minutes on 2 CPU cores; only with --with-model): for
+# The pretrained sample models (about 44 minutes on 2 CPU cores; only with --with-model): for
 # blur, DRIP and the unrolled baseline, each trained for 10 minutes on the same data; for
-# limited-angle tomography, DRIP with a sharp start (eps 0.001) and tighter training solves.
+# limited-angle tomography, DRIP with a sharp start (eps 0.001) and tighter training solves; for
+# inpainting, DRIP with the defaults.
 # Training data: 1000 crops of five other photographs, never the four test photographs above.
 if [[ "${1:-}" == "--with-model" ]]; then
     TRAIN="$(mktemp -d)"
@@ -49,5 +50,11 @@ if [[ "${1:-}" == "--with-model" ]]; then
         --eps 0.001 --solver-tolerance 3e-4 --solver-iterations 300 --quiet
     cp "$TRAIN/tomo/model.safetensors" drip_tomography.safetensors
     cp "$TRAIN/tomo/history.csv" drip_tomography_history.csv
+    drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$TRAIN/train_inp.h5" \
+        --operator inpainting --keep-fraction 0.5 --noise-percent 2 --crop-size 64 \
+        --crops-per-image 200 --seed 3 --quiet
+    drip train "$TRAIN/train_inp.h5" --out "$TRAIN/inp" --noise-percent 1:5 --max-minutes 10 --quiet
+    cp "$TRAIN/inp/model.safetensors" drip_inpainting.safetensors
+    cp "$TRAIN/inp/history.csv" drip_inpainting_history.csv
     rm -rf "$TRAIN"
 fi

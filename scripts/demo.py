@@ -32,7 +32,8 @@ RUNS = [("blur", "Gaussian blur, sigma 2, 2% noise"),
         ("matrix", "user CSR matrix: 2x2 downsampling, 1% noise")]
 METHODS = ["cgls", "tv"]
 MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample models, where shipped
-          "tomography": SAMPLES / "drip_tomography.safetensors"}
+          "tomography": SAMPLES / "drip_tomography.safetensors",
+          "inpainting": SAMPLES / "drip_inpainting.safetensors"}
 UNROLLED = SAMPLES / "unrolled_blur.safetensors"       # the baseline, same data and budget
 
 

@@ -50,6 +50,33 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert other.exit_code == 1 and "n_filters (run: 4, now: 6)" in other.stderr
 
 
+def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):
+    """--init: a run starts where the given model is (its architecture and weights, the file's
+    sha256 recorded); architecture options that contradict the model are refused by name."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli("train", train_file, "--out", first, "--epochs", 1, *TINY).exit_code == 0
+    _, start_info, start_sha = load_model(first)
+    # TINY without its architecture options: those come from the model
+    plain = [a for i, a in enumerate(TINY) if a not in ("--latent-channels", "--filters",
+             "--kernel-size") and TINY[i - 1] not in ("--latent-channels", "--filters",
+                                                      "--kernel-size")]
+    result = run_cli("train", train_file, "--out", second, "--epochs", 1, "--max-steps", 1,
+                     "--init", first, *plain)
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((second / "config.json").read_text())
+    assert config["init_sha256"] == start_sha
+    assert {k: config["model"][k] for k in ("latent_channels", "n_filters", "kernel_size")} == \
+        {"latent_channels": 2, "n_filters": 4, "kernel_size": 3}
+    # the same validation set and noise: the new run's start is the first run's best model
+    start_row = (second / "history.csv").read_text().splitlines()[1].split(",")
+    assert start_row[0] == "start"
+    assert float(start_row[3]) == pytest.approx(start_info.extra["val_psnr"], rel=1e-6)
+    assert load_model(second)[1].extra["init_model_sha256"] == start_sha
+    refused = run_cli("train", train_file, "--out", tmp_path / "third", "--epochs", 1,
+                      "--init", first, *plain, "--filters", "6")
+    assert_one_line_error(refused, "n_filters (model: 4, given: 6)", tmp_path / "third")
+
+
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5",

@@ -237,6 +237,11 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    init: Optional[Path] = typer.Option(
+        None, "--init",
+        help="Start from this model's weights (run folder or model file) instead of the "
+             "untrained start, e.g. to fine-tune a model on your data; its architecture is "
+             "used (leave the architecture options out)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Stop after this many optimiser steps (this call)."),
     quiet: bool = QUIET,
@@ -268,6 +273,7 @@ def train(
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
                              train_solver_tolerance=solver_tolerance,
                              train_solver_iterations=solver_iterations,
+                             init=None if init is None else str(init),
                              model=ModelConfig(architecture=architecture, layers=layers or 0,
                                                latent_channels=latent_channels or 0,
                                                n_filters=filters,

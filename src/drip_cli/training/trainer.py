@@ -48,7 +48,7 @@ from ..data import add_noise, noise_std_for
 from ..errors import DripError
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_text
-from ..io.models import MODEL_FILE, ModelInfo, file_sha256, save_model
+from ..io.models import MODEL_FILE, ModelInfo, file_sha256, load_model, save_model
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate
@@ -99,6 +99,10 @@ class TrainConfig:
     train_solver_iterations: int = 150
     train_solver_tolerance: float = 1e-3
     max_steps: int | None = None   # stop after this many optimiser steps in this invocation
+    # start from this model's weights (run folder or model file; its architecture is adopted)
+    # instead of the untrained start; the file's sha256 is recorded in init_sha256
+    init: str | None = None
+    init_sha256: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
@@ -130,6 +134,36 @@ class TrainConfig:
         values["noise_percent"] = None if self.noise_percent is None else list(self.noise_percent)
         values["loss_weights"] = list(self.loss_weights)
         return values
+
+
+# the options that shape a model's parameters: --init takes them from the model it starts from
+ARCHITECTURE_FIELDS = ("architecture", "latent_channels", "n_filters", "kernel_size",
+                       "embedding_kernel_size", "eps", "group_size", "potential_scales",
+                       "dilation_levels", "layers", "width")
+
+
+def adopt_initial_model(config: TrainConfig, image_channels: int) -> dict[str, torch.Tensor]:
+    """``--init``: set ``config.model``'s architecture to the starting model's and return its
+    weights. An architecture option left at its default takes the model's value; one set to
+    another value than the model's is refused, naming it."""
+    model, info, sha = load_model(config.init)
+    start = info.config
+    if start.image_channels != image_channels:
+        raise DripError(f"--init: the model is for {start.image_channels}-channel images, the "
+                        f"training data has {image_channels}", config.init)
+    # the defaults: the number of layers depends on the architecture asked for
+    defaults = ModelConfig(architecture=config.model.architecture)
+    defaults.architecture = ModelConfig.architecture
+    differ = [f"{name} (model: {getattr(start, name)}, given: {getattr(config.model, name)})"
+              for name in ARCHITECTURE_FIELDS
+              if getattr(config.model, name) not in (getattr(start, name), getattr(defaults, name))]
+    if differ:
+        raise DripError(f"--init: options differ from the model's: {', '.join(differ)} (leave "
+                        f"them out to take the model's)", config.init)
+    for name in ARCHITECTURE_FIELDS:
+        setattr(config.model, name, getattr(start, name))
+    config.init_sha256 = sha
+    return model.state_dict()
 
 
 LR_FLOOR = 0.05
@@ -194,6 +228,8 @@ class Trainer:
         self.file_measurements = None if fresh else (
             torch.from_numpy(np.concatenate([batch.measurements for batch in batches])),
             torch.from_numpy(np.concatenate([batch.noise_std for batch in batches]).astype(np.float64)))
+        initial_weights = (None if config.init is None
+                           else adopt_initial_model(config, truth.shape[1]))
         config.model.image_channels = truth.shape[1]
         if 0 < config.model.latent_channels < truth.shape[1]:
             raise DripError(f"--latent-channels must be at least the images' channel count "
@@ -209,7 +245,10 @@ class Trainer:
         self.data_sha256 = file_sha256(config.data)
 
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model).to(device)
+        self.model = build_model(config.model)
+        if initial_weights is not None:
+            self.model.load_state_dict(initial_weights)
+        self.model.to(device)
         reach = self.model.reach
         if reach > min(truth.shape[-2:]):
             raise DripError(f"images of {truth.shape[-2]}x{truth.shape[-1]} pixels are smaller "
@@ -318,7 +357,9 @@ class Trainer:
                          noise_percent=self.noise_range,
                          training_data_sha256=self.data_sha256,
                          extra={"epoch": self.epoch, "global_step": self.global_step,
-                                "val_psnr": self.best_psnr})
+                                "val_psnr": self.best_psnr,
+                                **({} if self.config.init_sha256 is None
+                                   else {"init_model_sha256": self.config.init_sha256})})
 
     def _noise_range(self) -> tuple[float, float]:
         """The noise range the model sees: the configured one, or the file's (in percent)."""

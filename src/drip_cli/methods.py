@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import DripError
 from .operators import LinearOperator, estimate_norm
 from .solvers import SolverResult, cgls, constrained_tv, total_variation
 
@@ -80,8 +81,6 @@ class LearnedMethod(ReconstructionMethod):
         return cls(*load_model(path))
 
     def check(self, data, warn) -> dict:
-        from .errors import DripError
-
         if tuple(self.info.image_shape) != tuple(data.image_shape):
             raise DripError(f"the model was trained on images of shape {tuple(self.info.image_shape)}"
                             f", this file has {tuple(data.image_shape)}", data.path)
@@ -91,8 +90,6 @@ class LearnedMethod(ReconstructionMethod):
         return {"model_sha256": self.sha256}
 
     def set_max_iterations(self, n: int) -> None:
-        from .errors import DripError
-
         if self.kind == "unrolled":
             raise DripError("--max-iterations: the unrolled network runs its fixed number of "
                             "steps (set when it was trained with --layers)")

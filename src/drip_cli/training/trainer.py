@@ -142,6 +142,12 @@ ARCHITECTURE_FIELDS = ("architecture", "latent_channels", "n_filters", "kernel_s
                        "dilation_levels", "layers", "width")
 
 
+def describe_differences(names, left: dict, right: dict, labels: tuple[str, str]) -> str:
+    """``"name (left: x, right: y), ..."`` for the refusals of ``--resume`` and ``--init``."""
+    return ", ".join(f"{name} ({labels[0]}: {left.get(name)}, {labels[1]}: {right.get(name)})"
+                     for name in names)
+
+
 def adopt_initial_model(config: TrainConfig, image_channels: int) -> dict[str, torch.Tensor]:
     """``--init``: set ``config.model``'s architecture to the starting model's and return its
     weights. An architecture option left at its default takes the model's value; one set to
@@ -154,12 +160,13 @@ def adopt_initial_model(config: TrainConfig, image_channels: int) -> dict[str, t
     # the defaults: the number of layers depends on the architecture asked for
     defaults = ModelConfig(architecture=config.model.architecture)
     defaults.architecture = ModelConfig.architecture
-    differ = [f"{name} (model: {getattr(start, name)}, given: {getattr(config.model, name)})"
-              for name in ARCHITECTURE_FIELDS
-              if getattr(config.model, name) not in (getattr(start, name), getattr(defaults, name))]
+    given = config.model.to_dict()
+    differ = [name for name in ARCHITECTURE_FIELDS
+              if given[name] not in (getattr(start, name), getattr(defaults, name))]
     if differ:
-        raise DripError(f"--init: options differ from the model's: {', '.join(differ)} (leave "
-                        f"them out to take the model's)", config.init)
+        raise DripError(f"--init: options differ from the model's: "
+                        f"{describe_differences(differ, start.to_dict(), given, ('model', 'given'))}"
+                        f" (leave them out to take the model's)", config.init)
     for name in ARCHITECTURE_FIELDS:
         setattr(config.model, name, getattr(start, name))
     config.init_sha256 = sha
@@ -390,11 +397,12 @@ class Trainer:
             raise DripError("no checkpoint to resume from", self.out)
         saved = json.loads((self.out / CONFIG).read_text()).get("model") or {}
         current = self.config.model.to_dict()
-        differ = [f"{key} (run: {saved.get(key)}, now: {current.get(key)})"
-                  for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+        differ = [key for key in sorted(set(saved) | set(current))
+                  if saved.get(key) != current.get(key)]
         if differ:
             raise DripError(f"--resume: the model options differ from the run's config.json: "
-                            f"{', '.join(differ)}", self.out)
+                            f"{describe_differences(differ, saved, current, ('run', 'now'))}",
+                            self.out)
         try:
             self.model.load_state_dict(load_file(str(weights_path)))
             state = torch.load(state_path, weights_only=True)

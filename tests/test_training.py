@@ -60,7 +60,7 @@ def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path
     plain = [a for i, a in enumerate(TINY) if a not in ("--latent-channels", "--filters",
              "--kernel-size") and TINY[i - 1] not in ("--latent-channels", "--filters",
                                                       "--kernel-size")]
-    result = run_cli("train", train_file, "--out", second, "--epochs", 1, "--max-steps", 1,
+    result = run_cli("train", train_file, "--out", second, "--epochs", 2, "--max-steps", 1,
                      "--init", first, *plain)
     assert result.exit_code == 0, result.stderr
     config = json.loads((second / "config.json").read_text())
@@ -72,6 +72,18 @@ def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path
     assert start_row[0] == "start"
     assert float(start_row[3]) == pytest.approx(start_info.extra["val_psnr"], rel=1e-6)
     assert load_model(second)[1].extra["init_model_sha256"] == start_sha
+    # resuming takes the architecture and the starting model's record from the run, so neither
+    # the options nor the starting model's file are needed again
+    moved = first.rename(tmp_path / "moved")
+    resumed = run_cli("train", train_file, "--out", second, "--epochs", 2, "--resume", *plain)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads((second / "config.json").read_text())["init_sha256"] == start_sha
+    assert load_model(second)[1].extra["init_model_sha256"] == start_sha
+    other = run_cli("train", train_file, "--out", second, "--epochs", 3, "--resume", *plain,
+                    "--init", second)
+    assert other.exit_code == 1 and "Traceback" not in other.stderr
+    assert "--init names another model than the run started from" in other.stderr
+    first = moved
     refused = run_cli("train", train_file, "--out", tmp_path / "third", "--epochs", 1,
                       "--init", first, *plain, "--filters", "6")
     assert_one_line_error(refused, "n_filters (model: 4, given: 6)", tmp_path / "third")

@@ -282,14 +282,14 @@ def train(
                                                dilation_levels=dilation_levels, width=width,
                                                max_iterations=max_iterations))
         config.validate()
-        trainer = Trainer(config, resolve_device(device),
+        trainer = Trainer(config, resolve_device(device), resume=resume,
                           log=(lambda row: None) if quiet else
                           (lambda row: console.print(
                               f"epoch {row['epoch']}: loss {row['train_loss']:.4g}, validation "
                               f"PSNR {row['val_psnr']:.2f} dB, fit {row['val_fit_fraction']:.2f}")))
         with progress_bar("train", config.epochs * trainer.steps_per_epoch, quiet) as update:
             trainer.progress = lambda step, total, **_: update(step, total)
-            result = trainer.fit(resume=resume)
+            result = trainer.fit()
         console.print(key_value_table(f"run {out}", {
             "epochs done": result["epochs_done"], "steps": result["global_step"],
             "best validation PSNR": result["best_val_psnr"], "minutes": result["seconds"] / 60,

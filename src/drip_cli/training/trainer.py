@@ -48,7 +48,8 @@ from ..data import add_noise, noise_std_for
 from ..errors import DripError
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_text
-from ..io.models import MODEL_FILE, ModelInfo, file_sha256, load_model, save_model
+from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
+                         save_model)
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate
@@ -148,6 +149,22 @@ def describe_differences(names, left: dict, right: dict, labels: tuple[str, str]
                      for name in names)
 
 
+def take_unset_options(model: ModelConfig, source: dict, names, refusal: str,
+                       labels: tuple[str, str], where) -> None:
+    """Set each option in ``names`` that ``model`` leaves at its default to ``source``'s value;
+    refuse (``refusal``, then the differences by name) the ones given another value."""
+    # the defaults: the number of layers depends on the architecture asked for
+    defaults = ModelConfig(architecture=model.architecture)
+    defaults.architecture = ModelConfig.architecture
+    given = model.to_dict()
+    differ = [name for name in names
+              if given[name] not in (source.get(name), getattr(defaults, name))]
+    if differ:
+        raise DripError(f"{refusal}: {describe_differences(differ, source, given, labels)}", where)
+    for name in names:
+        setattr(model, name, source[name])
+
+
 def adopt_initial_model(config: TrainConfig, image_channels: int) -> dict[str, torch.Tensor]:
     """``--init``: set ``config.model``'s architecture to the starting model's and return its
     weights. An architecture option left at its default takes the model's value; one set to
@@ -157,20 +174,31 @@ def adopt_initial_model(config: TrainConfig, image_channels: int) -> dict[str, t
     if start.image_channels != image_channels:
         raise DripError(f"--init: the model is for {start.image_channels}-channel images, the "
                         f"training data has {image_channels}", config.init)
-    # the defaults: the number of layers depends on the architecture asked for
-    defaults = ModelConfig(architecture=config.model.architecture)
-    defaults.architecture = ModelConfig.architecture
-    given = config.model.to_dict()
-    differ = [name for name in ARCHITECTURE_FIELDS
-              if given[name] not in (getattr(start, name), getattr(defaults, name))]
-    if differ:
-        raise DripError(f"--init: options differ from the model's: "
-                        f"{describe_differences(differ, start.to_dict(), given, ('model', 'given'))}"
-                        f" (leave them out to take the model's)", config.init)
-    for name in ARCHITECTURE_FIELDS:
-        setattr(config.model, name, getattr(start, name))
+    take_unset_options(config.model, start.to_dict(), ARCHITECTURE_FIELDS,
+                       "--init: options differ from the model's (leave them out to take the "
+                       "model's)", ("model", "given"), config.init)
     config.init_sha256 = sha
     return model.state_dict()
+
+
+def adopt_run_options(config: TrainConfig) -> None:
+    """``--resume``: model options left at their defaults take the run's values (its
+    ``config.json``), others must equal them; a run started with ``--init`` keeps its record of
+    the starting model without reading that file again (the checkpoint holds the weights)."""
+    path = Path(config.out) / CONFIG
+    if not path.exists():
+        raise DripError("no checkpoint to resume from", config.out)
+    saved = json.loads(path.read_text())
+    names = [name for name in (saved.get("model") or {}) if name != "image_channels"]
+    take_unset_options(config.model, saved.get("model") or {}, names,
+                       "--resume: the model options differ from the run's config.json",
+                       ("run", "now"), config.out)
+    if (config.init is not None
+            and file_sha256(resolve_model_path(config.init)) != saved.get("init_sha256")):
+        raise DripError(f"--resume: --init names another model than the run started from "
+                        f"(sha256 {str(saved.get('init_sha256'))[:12]}...; leave --init out)",
+                        config.init)
+    config.init, config.init_sha256 = saved.get("init"), saved.get("init_sha256")
 
 
 LR_FLOOR = 0.05
@@ -218,8 +246,11 @@ def upper_loss(model: DripModel, op, z: torch.Tensor, x: torch.Tensor,
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, device: torch.device, progress=None, log=None):
+    def __init__(self, config: TrainConfig, device: torch.device, progress=None, log=None,
+                 resume: bool = False):
+        """``resume``: continue the run in ``config.out`` (:meth:`fit` loads its checkpoint)."""
         self.config = config
+        self.resume = resume
         self.device = device
         self.progress = progress or (lambda **kw: None)
         self.log = log or (lambda message: None)
@@ -235,7 +266,9 @@ class Trainer:
         self.file_measurements = None if fresh else (
             torch.from_numpy(np.concatenate([batch.measurements for batch in batches])),
             torch.from_numpy(np.concatenate([batch.noise_std for batch in batches]).astype(np.float64)))
-        initial_weights = (None if config.init is None
+        if resume:
+            adopt_run_options(config)
+        initial_weights = (None if config.init is None or resume
                            else adopt_initial_model(config, truth.shape[1]))
         config.model.image_channels = truth.shape[1]
         if 0 < config.model.latent_channels < truth.shape[1]:
@@ -425,10 +458,10 @@ class Trainer:
             writer.writerow(row)
 
     # -- the loop ------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self) -> dict:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume:
+        if self.resume:
             self.load_checkpoint()
         else:
             for name in (HISTORY, CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):

@@ -33,7 +33,9 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert run_cli("train", train_file, "--out", whole, "--epochs", 2, *TINY).exit_code == 0
     first = run_cli("train", train_file, "--out", split, "--epochs", 2, "--max-steps", 2, *TINY)
     assert first.exit_code == 0, first.stderr
-    second = run_cli("train", train_file, "--out", split, "--epochs", 2, "--resume", *TINY)
+    # the options left out (all but the device) are the run's: seed, batch size, architecture...
+    second = run_cli("train", train_file, "--out", split, "--epochs", 2, "--resume",
+                     "--device", "cpu", "-q")
     assert second.exit_code == 0, second.stderr
     a = load_file(str(whole / "checkpoint.safetensors"))
     b = load_file(str(split / "checkpoint.safetensors"))
@@ -46,8 +48,9 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert len(history) == 5 and history[2].startswith("stop")
     assert json.loads((split / "config.json").read_text())["model"]["n_filters"] == 4
     other = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", *TINY,
-                    "--filters", "6")
-    assert other.exit_code == 1 and "n_filters (run: 4, now: 6)" in other.stderr
+                    "--filters", "6", "--lr", "0.01")
+    assert other.exit_code == 1 and "Traceback" not in other.stderr
+    assert "n_filters (run: 4, now: 6)" in other.stderr and "lr (run: 0.003, now: 0.01)" in other.stderr
 
 
 def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):

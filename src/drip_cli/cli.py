@@ -173,10 +173,25 @@ def simulate(
             "noise percent": f"{low:g}" if low == high else f"{low:g}:{high:g}"}))
 
 
+# train's options that set a config field of another name (the others share their field's name)
+TRAIN_OPTION_FIELDS = {"filters": "n_filters", "solver_tolerance": "train_solver_tolerance",
+                       "solver_iterations": "train_solver_iterations"}
+
+
+def _options_given(ctx: typer.Context) -> set[str]:
+    """The config fields whose options were given on the command line (or by the environment),
+    not left at their defaults."""
+    # by name: typer >= 0.2x vendors click, so its ParameterSource enum is not importable alike
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {TRAIN_OPTION_FIELDS.get(name, name) for name, source in sources.items()
+            if source is not None and source.name != "DEFAULT"}
+
+
 # The defaults of `train` repeat those of TrainConfig and ModelConfig, so that `--help` does not
 # import torch; tests/test_cli.py checks that the two agree.
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (model, checkpoint, history)."),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes",
@@ -236,7 +251,10 @@ def train(
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly."),
+    resume: bool = typer.Option(
+        False, "--resume",
+        help="Continue the run in --out exactly: options left out take the run's values "
+             "(config.json), given ones must equal them; --epochs and --max-minutes may change."),
     init: Optional[Path] = typer.Option(
         None, "--init",
         help="Start from this model's weights (run folder or model file) instead of the "
@@ -282,7 +300,7 @@ def train(
                                                dilation_levels=dilation_levels, width=width,
                                                max_iterations=max_iterations))
         config.validate()
-        trainer = Trainer(config, resolve_device(device), resume=resume,
+        trainer = Trainer(config, resolve_device(device), resume=resume, given=_options_given(ctx),
                           log=(lambda row: None) if quiet else
                           (lambda row: console.print(
                               f"epoch {row['epoch']}: loss {row['train_loss']:.4g}, validation "

@@ -143,56 +143,83 @@ ARCHITECTURE_FIELDS = ("architecture", "latent_channels", "n_filters", "kernel_s
                        "dilation_levels", "layers", "width")
 
 
-def describe_differences(names, left: dict, right: dict, labels: tuple[str, str]) -> str:
-    """``"name (left: x, right: y), ..."`` for the refusals of ``--resume`` and ``--init``."""
-    return ", ".join(f"{name} ({labels[0]}: {left.get(name)}, {labels[1]}: {right.get(name)})"
-                     for name in names)
+# the options that set a run's course: --resume takes them from the run's config.json
+RUN_FIELDS = ("batch_size", "lr", "lr_schedule", "loss_weights", "noise_percent", "tau",
+              "val_fraction", "val_max_samples", "seed", "cg_iterations",
+              "train_solver_iterations", "train_solver_tolerance")
 
 
-def take_unset_options(model: ModelConfig, source: dict, names, refusal: str,
-                       labels: tuple[str, str], where) -> None:
-    """Set each option in ``names`` that ``model`` leaves at its default to ``source``'s value;
-    refuse (``refusal``, then the differences by name) the ones given another value."""
-    # the defaults: the number of layers depends on the architecture asked for
-    defaults = ModelConfig(architecture=model.architecture)
-    defaults.architecture = ModelConfig.architecture
-    given = model.to_dict()
-    differ = [name for name in names
-              if given[name] not in (source.get(name), getattr(defaults, name))]
-    if differ:
-        raise DripError(f"{refusal}: {describe_differences(differ, source, given, labels)}", where)
+def _plain(value):
+    """A setting as ``config.json`` holds it (tuples as lists), for comparisons."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def options_changed(config: TrainConfig) -> set[str]:
+    """The settings of ``config`` (its own and its model's) that differ from the defaults: what
+    counts as given when the caller does not say (library use of :class:`Trainer`)."""
+    defaults = TrainConfig(data=config.data, out=config.out,
+                           model=ModelConfig(architecture=config.model.architecture))
+    defaults.model.architecture = ModelConfig.architecture
+    return ({name for name in RUN_FIELDS
+             if _plain(getattr(config, name)) != _plain(getattr(defaults, name))}
+            | {name for name in ModelConfig.__dataclass_fields__
+               if getattr(config.model, name) != getattr(defaults.model, name)})
+
+
+def differences(target, source: dict, names, given: set[str], labels: tuple[str, str]) -> list[str]:
+    """``"name (label0: source's value, label1: target's)"`` for each of the ``given`` options
+    among ``names`` whose value in ``target`` differs from ``source``'s."""
+    current = {name: _plain(getattr(target, name)) for name in names}
+    return [f"{name} ({labels[0]}: {source.get(name)}, {labels[1]}: {current[name]})"
+            for name in names if name in given and current[name] != source.get(name)]
+
+
+def take_options(target, source: dict, names) -> None:
+    """Set the options ``names`` of ``target`` to ``source``'s values."""
     for name in names:
-        setattr(model, name, source[name])
+        value = source[name]
+        setattr(target, name, tuple(value) if isinstance(value, list) else value)
 
 
-def adopt_initial_model(config: TrainConfig, image_channels: int) -> dict[str, torch.Tensor]:
+def adopt_initial_model(config: TrainConfig, image_channels: int,
+                        given: set[str]) -> dict[str, torch.Tensor]:
     """``--init``: set ``config.model``'s architecture to the starting model's and return its
-    weights. An architecture option left at its default takes the model's value; one set to
-    another value than the model's is refused, naming it."""
+    weights. Architecture options not given take the model's values; given ones that differ
+    from the model's are refused, naming them."""
     model, info, sha = load_model(config.init)
     start = info.config
     if start.image_channels != image_channels:
         raise DripError(f"--init: the model is for {start.image_channels}-channel images, the "
                         f"training data has {image_channels}", config.init)
-    take_unset_options(config.model, start.to_dict(), ARCHITECTURE_FIELDS,
-                       "--init: options differ from the model's (leave them out to take the "
-                       "model's)", ("model", "given"), config.init)
+    differ = differences(config.model, start.to_dict(), ARCHITECTURE_FIELDS, given,
+                         ("model", "given"))
+    if differ:
+        raise DripError(f"--init: options differ from the model's (leave them out to take the "
+                        f"model's): {', '.join(differ)}", config.init)
+    take_options(config.model, start.to_dict(), ARCHITECTURE_FIELDS)
     config.init_sha256 = sha
     return model.state_dict()
 
 
-def adopt_run_options(config: TrainConfig) -> None:
-    """``--resume``: model options left at their defaults take the run's values (its
-    ``config.json``), others must equal them; a run started with ``--init`` keeps its record of
-    the starting model without reading that file again (the checkpoint holds the weights)."""
+def adopt_run_options(config: TrainConfig, given: set[str]) -> None:
+    """``--resume``: the run's settings (its ``config.json``: the model's and those that set the
+    run's course) replace the ones not given, and given ones must equal them; a run started with
+    ``--init`` keeps its record of the starting model without reading that file again (the
+    checkpoint holds the weights). ``--epochs`` and ``--max-minutes`` may change."""
     path = Path(config.out) / CONFIG
     if not path.exists():
         raise DripError("no checkpoint to resume from", config.out)
     saved = json.loads(path.read_text())
-    names = [name for name in (saved.get("model") or {}) if name != "image_channels"]
-    take_unset_options(config.model, saved.get("model") or {}, names,
-                       "--resume: the model options differ from the run's config.json",
-                       ("run", "now"), config.out)
+    model = saved.get("model") or {}
+    model_names = [name for name in model if name != "image_channels"]
+    run_names = [name for name in RUN_FIELDS if name in saved]
+    differ = (differences(config.model, model, model_names, given, ("run", "now"))
+              + differences(config, saved, run_names, given, ("run", "now")))
+    if differ:
+        raise DripError(f"--resume: options differ from the run's config.json (leave them out "
+                        f"to take the run's): {', '.join(differ)}", config.out)
+    take_options(config.model, model, model_names)
+    take_options(config, saved, run_names)
     if (config.init is not None
             and file_sha256(resolve_model_path(config.init)) != saved.get("init_sha256")):
         raise DripError(f"--resume: --init names another model than the run started from "
@@ -247,8 +274,12 @@ def upper_loss(model: DripModel, op, z: torch.Tensor, x: torch.Tensor,
 
 class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device, progress=None, log=None,
-                 resume: bool = False):
-        """``resume``: continue the run in ``config.out`` (:meth:`fit` loads its checkpoint)."""
+                 resume: bool = False, given: set[str] | None = None):
+        """``resume``: continue the run in ``config.out`` (:meth:`fit` loads its checkpoint).
+        ``given``: the settings (field names of ``config`` and its model) the user set; the
+        others are taken from the run (``resume``) or the starting model (``config.init``).
+        Default: those that differ from the defaults."""
+        given = options_changed(config) if given is None else set(given)
         self.config = config
         self.resume = resume
         self.device = device
@@ -267,9 +298,9 @@ class Trainer:
             torch.from_numpy(np.concatenate([batch.measurements for batch in batches])),
             torch.from_numpy(np.concatenate([batch.noise_std for batch in batches]).astype(np.float64)))
         if resume:
-            adopt_run_options(config)
+            adopt_run_options(config, given)
         initial_weights = (None if config.init is None or resume
-                           else adopt_initial_model(config, truth.shape[1]))
+                           else adopt_initial_model(config, truth.shape[1], given))
         config.model.image_channels = truth.shape[1]
         if 0 < config.model.latent_channels < truth.shape[1]:
             raise DripError(f"--latent-channels must be at least the images' channel count "
@@ -428,14 +459,11 @@ class Trainer:
         weights_path, state_path = self.out / CHECKPOINT_WEIGHTS, self.out / CHECKPOINT_STATE
         if not weights_path.exists() or not state_path.exists():
             raise DripError("no checkpoint to resume from", self.out)
-        saved = json.loads((self.out / CONFIG).read_text()).get("model") or {}
-        current = self.config.model.to_dict()
-        differ = [key for key in sorted(set(saved) | set(current))
-                  if saved.get(key) != current.get(key)]
-        if differ:
-            raise DripError(f"--resume: the model options differ from the run's config.json: "
-                            f"{describe_differences(differ, saved, current, ('run', 'now'))}",
-                            self.out)
+        # every other model option was taken from the run (adopt_run_options)
+        saved = (json.loads((self.out / CONFIG).read_text()).get("model") or {}).get("image_channels")
+        if saved != self.config.model.image_channels:
+            raise DripError(f"--resume: the run was trained on {saved}-channel images, the data "
+                            f"has {self.config.model.image_channels}", self.out)
         try:
             self.model.load_state_dict(load_file(str(weights_path)))
             state = torch.load(state_path, weights_only=True)

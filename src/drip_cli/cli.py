@@ -265,8 +265,10 @@ def train(
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Train a DRIP model (bi-level: the regularizer and embedding that make the constrained
-    solutions closest to the ground truth), or with --architecture unrolled the baseline network."""
+    """Train a DRIP model on ground-truth images (or the unrolled baseline).
+
+    Bi-level: learns the regularizer and embedding whose constrained solutions best fit the truth.
+    """
     from .data import parse_noise_percent
     from .reconstruct import resolve_device
     from .regularizers.model import ModelConfig
@@ -416,8 +418,10 @@ def evaluate(
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Compare methods across noise levels on re-simulated measurements: PSNR, SSIM, data fit,
-    regularizer values; tables, a plot and previews."""
+    """Compare methods across noise levels: PSNR, SSIM, data fit, regularizer values.
+
+    Re-simulates the measurements at each level; writes tables, a plot and previews.
+    """
     from .evaluation.report import console_table, regularizer_table, write_report
     from .evaluation.robustness import choose_methods
     from .evaluation.robustness import evaluate as run_evaluation
@@ -473,8 +477,10 @@ def info(
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Summarize a drip file: datasets, operator (with ||A|| and adjointness), data fit, PSNR,
-    or a model's metadata."""
+    """Summarize a drip file: measurements, reconstructions or a model.
+
+    Datasets, operator (||A||, adjointness), data fit and PSNR, or a model's metadata.
+    """
     from .info import file_kind, measurement_info, model_info, reconstruction_info
 
     with _errors(debug):

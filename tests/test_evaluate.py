@@ -62,7 +62,10 @@ def test_untrained_unrolled_network_is_steepest_descent_and_trains_by_backprop(t
 
     op = make_operator("blur", (1, 12, 12))
     b = op(torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1)))
-    network = UnrolledNetwork(1, layers=3, width=4)
+    # seeded, and 8 channels: at width 4, 3 of 300 random starts had a block whose ReLUs were
+    # all off on this input, so its last layer got no gradient (a flaky failure)
+    torch.manual_seed(0)
+    network = UnrolledNetwork(1, layers=3, width=8)
     expected = torch.zeros(2, 1, 12, 12)
     for _ in range(4):
         expected = steepest_descent_step(op, expected, b)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import make_operator
-from helpers import run_cli, write_small_file
+from helpers import assert_one_line_error, run_cli, write_small_file
 from test_io import BAD_FILES, corrupt
 
 
@@ -298,3 +298,12 @@ def test_reconstruct_max_iterations_help_names_the_methods_defaults():
     assert f"({ModelConfig.max_iterations} for new models)" in text
     assert f"{TVMethod().max_iterations} for tv" in text
     assert f"{CGLSMethod().max_iterations} for cgls" in text
+
+
+def test_reweight_options_are_refused_where_they_do_not_apply(tmp_path):
+    data = tmp_path / "d.h5"
+    write_small_file(data, make_operator("blur", (1, 12, 12)))
+    for options, message in ((["--method", "tv", "--reweight", "1"], "--reweight applies to --method drip"),
+                             (["--method", "tv", "--edge-scale", "0.1"], "--edge-scale applies with --reweight")):
+        result = run_cli("reconstruct", data, "--out", tmp_path / "r.h5", *options)
+        assert_one_line_error(result, message, tmp_path / "r.h5")

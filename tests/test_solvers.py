@@ -148,6 +148,31 @@ def test_drip_solver_lowers_the_regularizer_from_the_cgls_start(architecture):
         assert bool((result.regularizer_value < model.regularizer.value(start)).all())
 
 
+def test_reweighted_solve_fits_every_sample_and_uniform_weights_change_nothing():
+    """drip reconstruct --reweight: uniform pixel weights give the unweighted solve; a
+    reweighting pass fits every sample, counts all iterations and reports the unweighted R."""
+    op = make_operator("tomography", (1, 16, 20))
+    model = _perturbed_model()
+    x = torch.rand(4, 1, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    b, sigma = noisy(op, x, 3.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    plain = model.solve(op, b, radius, max_iterations=200)
+    uniform = model.solve(op, b, radius, max_iterations=200,
+                          pixel_weights=torch.ones(4, 1, 16, 20, dtype=torch.float64))
+    assert torch.allclose(uniform.solution, plain.solution, rtol=0, atol=1e-12)
+    model.config.reweight = 1
+    again = model.solve(op, b, radius, max_iterations=200)
+    assert bool((discrepancy_ratio(op, again.solution, b, sigma) <= 1.0).all())
+    assert bool((again.iterations > plain.iterations).all())
+    assert not torch.allclose(again.solution, plain.solution, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(again.regularizer_value, model.regularizer.value(again.latent))
+    leapfrog = _perturbed_model(architecture="leapfrog")
+    leapfrog.config.reweight = 1
+    with pytest.raises(ValueError, match="convex"):
+        leapfrog.solve(op, b, radius, max_iterations=5)
+
+
 def _dense_projection(op, v, b, radius):
     """The Euclidean projection of one sample by dense linear algebra and bisection on lam."""
     n = v.numel()

@@ -51,6 +51,10 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
                     "--filters", "6", "--lr", "0.01")
     assert other.exit_code == 1 and "Traceback" not in other.stderr
     assert "n_filters (run: 4, now: 6)" in other.stderr and "lr (run: 0.003, now: 0.01)" in other.stderr
+    (split / "config.json").write_text("{not json")
+    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+    assert damaged.exit_code == 1 and "cannot read the run's settings" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
 
 
 def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):
@@ -140,6 +144,18 @@ def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path, archi
         ratio, converged = f["discrepancy_ratio"][()], f["converged"][()]
         assert np.all(converged == (ratio <= 1.0)) and np.all(ratio <= 1.0)
         assert np.all(np.isfinite(f["regularizer_value"][()]))
+        plain_iterations = f["iterations"][()]
+    reweighted = run_cli("reconstruct", train_file, "--model", run, "--out", tmp_path / "w.h5",
+                         "--reweight", "1", "--edge-scale", "0.1", "-q")
+    if architecture:   # the leapfrog regularizer is not convex: refused, nothing written
+        assert_one_line_error(reweighted, "--reweight needs a model with the convex regularizer",
+                              tmp_path / "w.h5")
+        return
+    assert reweighted.exit_code == 0, reweighted.stderr
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert f.attrs["reweight"] == 1 and f.attrs["edge_scale"] == 0.1
+        assert np.all(f["discrepancy_ratio"][()] <= 1.0) and np.all(f["converged"][()])
+        assert np.all(f["iterations"][()] > plain_iterations)   # both passes are counted
 
 
 def test_colour_training_and_reconstruction(tmp_path):

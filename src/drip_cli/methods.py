@@ -87,13 +87,27 @@ class LearnedMethod(ReconstructionMethod):
         if self.info.operator_kind != data.operator.kind:
             warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
                  f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
-        return {"model_sha256": self.sha256}
+        extra = {"model_sha256": self.sha256}
+        if self.kind == "drip" and self.model.config.reweight:
+            extra["reweight"] = self.model.config.reweight
+            extra["edge_scale"] = self.model.config.edge_scale
+        return extra
 
     def set_max_iterations(self, n: int) -> None:
         if self.kind == "unrolled":
             raise DripError("--max-iterations: the unrolled network runs its fixed number of "
                             "steps (set when it was trained with --layers)")
         self.model.config.max_iterations = n
+
+    def set_reweight(self, passes: int, edge_scale: float | None = None) -> None:
+        """Passes of edge-adaptive reweighting and their edge scale (``drip reconstruct
+        --reweight --edge-scale``; ``None``: the model's)."""
+        if self.kind == "unrolled" or not self.model.regularizer.convex:
+            raise DripError("--reweight needs a model with the convex regularizer (this one is "
+                            f"{self.info.config.architecture})")
+        self.model.config.reweight = passes
+        if edge_scale is not None:
+            self.model.config.edge_scale = edge_scale
 
     def solve(self, op, b, radius):
         self.model.to(b.device)

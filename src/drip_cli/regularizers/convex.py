@@ -194,38 +194,42 @@ class ConvexFilterRegularizer(torch.nn.Module):
                    for d, pad, part in self.levels)
 
     # -- the functional --------------------------------------------------------------------------
-    def _smoothed(self, t: torch.Tensor):
+    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """Responses ``t`` as ``(N, groups, group_size, H, W)``, their smoothed group norms
-        ``sqrt(|t_g|^2 + eps_gk^2)`` as ``(N, groups, scales, H, W)``, and the weights."""
+        ``sqrt(|t_g|^2 + eps_gk^2)`` as ``(N, groups, scales, H, W)``, and the weights (times
+        ``pixel_weights``, ``(N, 1, H, W)``, where given)."""
         grouped = t.view(t.shape[0], -1, self.group_size, *t.shape[2:])
         eps = self.eps.to(t.dtype)[None, :, :, None, None]
         weights = self.weights.to(t.dtype)[None, :, :, None, None]
+        if pixel_weights is not None:
+            weights = weights * pixel_weights.to(t.dtype)[:, :, None]
         smoothed_norm = torch.sqrt(grouped.pow(2).sum(2, keepdim=True) + eps * eps)
         return grouped, smoothed_norm, (weights * (smoothed_norm - eps)).flatten(1).sum(1), weights
 
-    def potential(self, t: torch.Tensor) -> torch.Tensor:
+    def potential(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_g sum_k w_gk psi_gk(t_g)`` per sample for filter responses ``t`` of shape
-        ``(N, n_filters, H, W)``."""
-        return self._smoothed(t)[2]
+        ``(N, n_filters, H, W)``; with ``pixel_weights`` ``m`` (``(N, 1, H, W)``, non-negative)
+        each pixel's terms are multiplied by ``m`` there (:mod:`.adaptive`)."""
+        return self._smoothed(t, pixel_weights)[2]
 
-    def potential_and_derivative(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def potential_and_derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """The potential and its gradient in ``t`` (same shape as ``t``)."""
-        grouped, smoothed_norm, value, weights = self._smoothed(t)
+        grouped, smoothed_norm, value, weights = self._smoothed(t, pixel_weights)
         return value, (grouped * (weights / smoothed_norm).sum(2, keepdim=True)).flatten(1, 2)
 
-    def value(self, z: torch.Tensor) -> torch.Tensor:
-        """``R(z)`` per sample, shape ``(N,)``."""
-        return self.potential(self.responses(z))
+    def value(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``R(z)`` per sample, shape ``(N,)`` (with ``pixel_weights``: the weighted sum)."""
+        return self.potential(self.responses(z), pixel_weights)
 
-    def value_and_gradient(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """``(R(z), grad R(z))`` from one pass over the filter responses (closed form,
         differentiable in the parameters)."""
-        value, dpsi = self.potential_and_derivative(self.responses(z))
+        value, dpsi = self.potential_and_derivative(self.responses(z), pixel_weights)
         return value, self.responses_adjoint(dpsi)
 
-    def gradient(self, z: torch.Tensor) -> torch.Tensor:
+    def gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``grad R(z)``, same shape as ``z``."""
-        return self.value_and_gradient(z)[1]
+        return self.value_and_gradient(z, pixel_weights)[1]
 
     def hessian_at(self, z: torch.Tensor):
         """``(h -> hess R(z) h, d)``: the exact Hessian-vector product at ``z`` in closed form,

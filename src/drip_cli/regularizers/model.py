@@ -46,6 +46,10 @@ class ModelConfig:
     # relative accuracy of each inner projection: 3e-2 gave the same PSNR and R (to 1e-4) as 1e-3
     # on 32 held-out 64x64 blur crops, at 0.26 instead of 0.40 s/image
     projection_tolerance: float = 3e-2
+    # inference: passes of edge-adaptive reweighting after the first solve (0: none; convex
+    # regularizers only; drip reconstruct --reweight) and their edge scale, see .adaptive
+    reweight: int = 0
+    edge_scale: float = 0.05
 
     def __post_init__(self):
         if self.layers == 0:
@@ -101,12 +105,29 @@ class DripModel(torch.nn.Module):
         return self.regularizer.reach
 
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, **overrides):
-        """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`."""
+        """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`.
+
+        With ``config.reweight = K > 0`` the solve is repeated ``K`` times with the edge weights
+        of the previous solution (:mod:`.adaptive`), each pass started, like the first, from the
+        CGLS solution: a warm start at the previous solution met the stopping rule early (0.09
+        dB short of the weighted minimiser on tomography; from the CGLS start the same rule
+        ends within 0.04 dB of it). ``iterations`` counts all passes; ``regularizer_value`` is
+        the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip
+        from .adaptive import edge_weights
 
         settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,
                         stationarity_tolerance=self.config.stationarity_tolerance,
                         projection_iterations=self.config.projection_iterations,
                         projection_tolerance=self.config.projection_tolerance)
         settings.update(overrides)
-        return solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)
+        result = solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)
+        if self.config.reweight and not self.regularizer.convex:
+            raise ValueError("reweighting needs a convex regularizer")
+        for _ in range(self.config.reweight):
+            weights = edge_weights(result.solution, self.config.edge_scale)
+            again = solve_drip(op, self.embedding, self.regularizer, b, radius,
+                               pixel_weights=weights, **settings)
+            again.iterations = again.iterations + result.iterations
+            result = again
+        return result

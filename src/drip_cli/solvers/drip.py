@@ -70,19 +70,26 @@ def solve_drip(
     projection_iterations: int = 50,
     final_projection_iterations: int = 1000,
     projection_tolerance: float = 1e-3,
+    pixel_weights: torch.Tensor | None = None,
 ) -> DripSolution:
     """Solve the lower-level problem for a batch (see the module docstring).
 
     ``projection_iterations`` caps the Krylov steps of the projection inside each step, and
     ``projection_tolerance`` is its relative accuracy (:mod:`.projection`);
     ``final_projection_iterations`` caps the CGLS runs that start (from zero) and end the solve.
+    ``pixel_weights`` (``(N, 1, H, W)``, positive; convex regularizers only) weighs ``R``'s
+    terms per pixel (:mod:`drip_cli.regularizers.adaptive`); the steps and their bound scale
+    with each sample's largest weight. The returned ``regularizer_value`` is the unweighted ``R``.
     """
     forward_op = EmbeddedOperator(op, embedding)
     radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
     curvature, lipschitz = (t.to(b.dtype) for t in regularizer.curvature_and_lipschitz_bound())
-    safe_step = 1.0 / lipschitz                                   # guaranteed: 1 / L
-    step = (1.0 / curvature).expand(n).clone()                    # first guess, backtracked
+    # a pixel weight m scales R's curvature by at most max(m)
+    scale = (torch.ones(n, dtype=b.dtype, device=b.device) if pixel_weights is None
+             else pixel_weights.to(b.dtype).flatten(1).amax(1))
+    safe_step = 1.0 / (lipschitz * scale)                         # guaranteed: 1 / L
+    step = 1.0 / (curvature * scale)                              # first guess, backtracked
     if z0 is None:  # the discrepancy-principle CGLS solution in latent space: feasible
         z0 = cgls(forward_op, b, radius, max_iterations=final_projection_iterations).solution
     solution = z0.clone()
@@ -101,7 +108,7 @@ def solve_drip(
         y = z + per_sample(beta, z) * (z - z_prev)
         z_new, step, stationarity = _backtracking_step(
             forward_op, regularizer, b_work, radius_work, y, step, safe_step,
-            projection_iterations, projection_tolerance)
+            projection_iterations, projection_tolerance, pixel_weights)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -114,7 +121,9 @@ def solve_drip(
             keep = ~done
             rows = rows[keep]
             z, z_prev, momentum_t, step = z[keep], z_prev[keep], momentum_t[keep], step[keep]
-            b_work, radius_work = b_work[keep], radius_work[keep]
+            b_work, radius_work, safe_step = b_work[keep], radius_work[keep], safe_step[keep]
+            if pixel_weights is not None:
+                pixel_weights = pixel_weights[keep]
         if len(rows) == 0:
             break
     # Every iterate was projected, but a projection capped at projection_iterations may have
@@ -127,13 +136,16 @@ def solve_drip(
 
 
 def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
-                       projection_iterations, projection_tolerance):
+                       projection_iterations, projection_tolerance, pixel_weights=None):
     """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
     until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
     ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``.
     Returns ``z``, the steps and the stationarity ``||d|| / (t ||grad R(y)||)`` per sample."""
-    value_y, gradient_y = regularizer.value_and_gradient(y)
-    step = torch.maximum(step, safe_step.expand_as(step))
+    def weighted(rows):   # R's keyword for the pixel weights of these rows, if any
+        return {} if pixel_weights is None else {"pixel_weights": pixel_weights[rows]}
+
+    value_y, gradient_y = regularizer.value_and_gradient(y, **weighted(slice(None)))
+    step = torch.maximum(step, safe_step)
 
     def projected(rows, t):
         return project_onto_datafit(forward_op, b[rows], radius[rows],
@@ -147,11 +159,12 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
         model = (value_y[pending] + batch_dot(gradient_y[pending], d)
                  + batch_dot(d, d) / (2 * step[pending]))
         slack = 1e-6 * value_y[pending].abs()   # rounding in R must not trigger a backtrack
-        failed = (regularizer.value(z[pending]) > model + slack) & (step[pending] > safe_step)
+        failed = ((regularizer.value(z[pending], **weighted(pending)) > model + slack)
+                  & (step[pending] > safe_step[pending]))
         if not bool(failed.any()):
             stationarity = ((z - y).flatten(1).norm(dim=1)
                             / (step * gradient_y.flatten(1).norm(dim=1)).clamp_min(1e-30))
             return z, step, stationarity
         pending = pending[failed]
-        step[pending] = torch.maximum(step[pending] / 2, safe_step)
+        step[pending] = torch.maximum(step[pending] / 2, safe_step[pending])
         z[pending] = projected(pending, step[pending])

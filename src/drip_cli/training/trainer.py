@@ -209,9 +209,13 @@ def adopt_run_options(config: TrainConfig, given: set[str]) -> None:
     path = Path(config.out) / CONFIG
     if not path.exists():
         raise DripError("no checkpoint to resume from", config.out)
-    saved = json.loads(path.read_text())
-    model = saved.get("model") or {}
-    model_names = [name for name in model if name != "image_channels"]
+    try:
+        saved = json.loads(path.read_text())
+        model = saved.get("model") or {}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DripError(f"cannot read the run's settings ({exc})", path) from exc
+    model_names = [name for name in model
+                   if name in ModelConfig.__dataclass_fields__ and name != "image_channels"]
     run_names = [name for name in RUN_FIELDS if name in saved]
     differ = (differences(config.model, model, model_names, given, ("run", "now"))
               + differences(config, saved, run_names, given, ("run", "now")))

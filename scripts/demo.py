@@ -35,6 +35,7 @@ MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample model
           "tomography": SAMPLES / "drip_tomography.safetensors",
           "inpainting": SAMPLES / "drip_inpainting.safetensors"}
 UNROLLED = SAMPLES / "unrolled_blur.safetensors"       # the baseline, same data and budget
+REWEIGHTED = ["tomography"]   # also shown with one edge-adaptive pass (--reweight 1), where it helps
 
 
 def untrained_model(name: str) -> Path:
@@ -67,15 +68,19 @@ def main() -> None:
         pretrained = model is not None and model.exists()
         if not pretrained:
             model = untrained_model(name)
-        for method in METHODS + ["drip"]:
-            console.rule(f"{name} ({description}): {method}")
-            report = OUT / f"{name}_{method}.json"
-            extra = ["--model", str(model)] if method == "drip" else []
-            drip("reconstruct", str(SAMPLES / f"{name}.h5"), "--out", str(OUT / f"{name}_{method}.h5"),
+        runs = [(method, []) for method in METHODS] + [("drip", [])]
+        if pretrained and name in REWEIGHTED:
+            runs.append(("drip", ["--reweight", "1"]))
+        for method, options in runs:
+            label = " ".join([method, *options])
+            console.rule(f"{name} ({description}): {label}")
+            stem = f"{name}_{method}" + ("_reweight" if options else "")
+            report = OUT / f"{stem}.json"
+            extra = ["--model", str(model), *options] if method == "drip" else []
+            drip("reconstruct", str(SAMPLES / f"{name}.h5"), "--out", str(OUT / f"{stem}.h5"),
                  "--method", method, "--report", str(report), "--device", "cpu", *extra)
             summary = json.loads(report.read_text())
-            if method == "drip" and not pretrained:
-                summary["method"] = "drip (untrained)"
+            summary["method"] = label if pretrained or method != "drip" else "drip (untrained)"
             rows.append((name, summary))
     table = Table(title="drip demo: 16 held-out 64x64 photo crops per operator (tau = 1)",
                   title_justify="left")

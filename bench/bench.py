@@ -4,7 +4,8 @@
 2. CGLS, converged constrained TV, DRIP and the unrolled baseline on 64 held-out 64x64 photo
    crops, Gaussian blur sigma 2, 2% noise: seconds, images per second, PSNR and the largest
    discrepancy ratio. DRIP uses ``--model`` (default: the pretrained sample model when present,
-   else an untrained model, i.e. the regularizer's starting point, reported as such); the
+   else an untrained model, i.e. the regularizer's starting point, reported as such), and a
+   model trained with reweighting also runs as a single pass (``--reweight 0``); the
    unrolled baseline uses ``--unrolled`` (default: its sample model, skipped when absent).
 3. Training throughput: images per second of ``drip train``'s optimisation step (default
    settings, batch 8, fresh 1-5% noise) for DRIP and the unrolled baseline, from untrained
@@ -55,6 +56,16 @@ def learned_method(path: Path | None, architecture: str):
     info = ModelInfo(config=config, operator_kind="blur", image_shape=SHAPE, noise_percent=(1, 5))
     method = LearnedMethod(build_model(config).eval(), info, "")
     method.label = "drip (untrained)"
+    return method
+
+
+def single_pass(path: Path | None, drip) -> LearnedMethod | None:
+    """The same model without its reweighting passes (``--reweight 0``), where it has some."""
+    if not drip.model.config.reweight:
+        return None
+    method = learned_method(path, "convex")
+    method.set_reweight(0)
+    method.label = f"{drip.label} --reweight 0"
     return method
 
 
@@ -202,7 +213,8 @@ def main() -> None:
     console.print(out)
     options = SourceOptions(channels=1, crop_size=64, crops_per_image=max(1, args.images // 4))
     truth = load_images("skimage:camera,coffee,astronaut,chelsea", options, np.random.default_rng(0))
-    methods = [CGLSMethod(), TVMethod(), learned_method(args.model, "convex"),
+    drip = learned_method(args.model, "convex")
+    methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.model, drip),
                learned_method(args.unrolled, "unrolled")]
     out, results["reconstruction"] = bench_reconstruction(
         truth, [m for m in methods if m is not None], device, where)

@@ -35,7 +35,8 @@ MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample model
           "tomography": SAMPLES / "drip_tomography.safetensors",
           "inpainting": SAMPLES / "drip_inpainting.safetensors"}
 UNROLLED = SAMPLES / "unrolled_blur.safetensors"       # the baseline, same data and budget
-REWEIGHTED = ["tomography"]   # also shown with one edge-adaptive pass (--reweight 1), where it helps
+# models trained with edge-adaptive reweighting, also shown as a single pass (--reweight 0)
+REWEIGHTED = ["blur", "tomography"]
 
 
 def untrained_model(name: str) -> Path:
@@ -70,11 +71,11 @@ def main() -> None:
             model = untrained_model(name)
         runs = [(method, []) for method in METHODS] + [("drip", [])]
         if pretrained and name in REWEIGHTED:
-            runs.append(("drip", ["--reweight", "1"]))
+            runs.append(("drip", ["--reweight", "0"]))
         for method, options in runs:
             label = " ".join([method, *options])
             console.rule(f"{name} ({description}): {label}")
-            stem = f"{name}_{method}" + ("_reweight" if options else "")
+            stem = f"{name}_{method}" + ("_single_pass" if options else "")
             report = OUT / f"{stem}.json"
             extra = ["--model", str(model), *options] if method == "drip" else []
             drip("reconstruct", str(SAMPLES / f"{name}.h5"), "--out", str(OUT / f"{stem}.h5"),

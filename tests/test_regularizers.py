@@ -180,6 +180,9 @@ def test_pixel_weights_weigh_each_pixels_terms(device):
         assert torch.allclose(reg.value(z, a) + reg.value(z, b), reg.value(z, a + b), rtol=1e-12)
     (auto,) = torch.autograd.grad(reg.value(z, a).sum(), z)
     assert torch.allclose(auto, reg.gradient(z, a), rtol=1e-10, atol=1e-12)
+    h = torch.randn_like(z)   # the closed-form Hessian product of the weighted R (training)
+    (second,) = torch.autograd.grad(reg.gradient(z, a), z, grad_outputs=h)
+    assert torch.allclose(reg.hessian_at(z.detach(), a)[0](h), second, rtol=1e-10, atol=1e-12)
 
 
 def test_edge_weights_are_lower_at_edges_and_average_one():

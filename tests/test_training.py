@@ -96,6 +96,25 @@ def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path
     assert_one_line_error(refused, "n_filters (model: 4, given: 6)", tmp_path / "third")
 
 
+def test_training_with_reweighting_makes_it_the_models_default(train_file, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--reweight", "1", *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert load_model(run)[0].config.reweight == 1
+    out = tmp_path / "r.h5"
+    assert run_cli("reconstruct", train_file, "--model", run, "--out", out, "-q").exit_code == 0
+    with h5py.File(out) as f:
+        assert f.attrs["reweight"] == 1 and np.all(f["discrepancy_ratio"][()] <= 1.0)
+    off = tmp_path / "off.h5"   # --reweight 0 turns the model's default off
+    assert run_cli("reconstruct", train_file, "--model", run, "--out", off, "--reweight", "0",
+                   "-q").exit_code == 0
+    with h5py.File(off) as f:
+        assert "reweight" not in f.attrs
+    refused = run_cli("train", train_file, "--out", tmp_path / "lf", "--epochs", 1,
+                      "--reweight", "1", "--architecture", "leapfrog", *TINY)
+    assert_one_line_error(refused, "--reweight needs the convex architecture", tmp_path / "lf")
+
+
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5",
@@ -208,8 +227,10 @@ def test_info_on_a_model(train_file, tmp_path):
         assert "blur" in result.stdout and "latent_channels" in result.stdout
 
 
-def test_implicit_gradient_matches_finite_differences():
-    """dL/dtheta through the converged lower-level solution, against central differences of L."""
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "pixel-weights"])
+def test_implicit_gradient_matches_finite_differences(weighted):
+    """dL/dtheta through the converged lower-level solution, against central differences of L;
+    also for a solve with pixel weights (a reweighting pass; the weights held fixed)."""
     from drip_cli.operators import Blur, gaussian_psf
     from drip_cli.regularizers.model import DripModel, ModelConfig
     from drip_cli.training.implicit import implicit_surrogate
@@ -229,6 +250,8 @@ def test_implicit_gradient_matches_finite_differences():
     # iterations) for central differences to be meaningful.
     x, b = x[:1], b[:1]
     radius = torch.full((1,), 0.5, dtype=torch.float64)
+    weights = ({"pixel_weights": 0.5 + torch.rand(1, 1, 10, 10, dtype=torch.float64)}
+               if weighted else {})
 
     def loss_of(z):  # all three terms: solution, pre-projection iterate, predicted data
         return upper_loss(model, op, z, x, (1.0, 1.0, 1.0))
@@ -236,12 +259,13 @@ def test_implicit_gradient_matches_finite_differences():
     def solve():
         return model.solve(op, b, radius, max_iterations=1000, tolerance=1e-13,
                            final_projection_iterations=2000, projection_iterations=100,
-                           projection_tolerance=1e-12).latent
+                           projection_tolerance=1e-12, **weights).latent
 
     z = solve().requires_grad_(True)
     loss = loss_of(z)
     (v,) = torch.autograd.grad(loss, z, retain_graph=True)
-    surrogate = implicit_surrogate(op, model.embedding, model.regularizer, b, z, v, cg_iterations=200)
+    surrogate = implicit_surrogate(op, model.embedding, model.regularizer, b, z, v, cg_iterations=200,
+                                   **weights)
     model.zero_grad()
     (loss + surrogate).backward()
     # directional derivatives along random directions, over all parameters and over E alone
@@ -290,11 +314,12 @@ def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options,
     assert_one_line_error(result, message, tmp_path / "run")
 
 
-@pytest.mark.parametrize("name, margin", [("blur", 0.3), ("tomography", 0.1), ("inpainting", 0.5)])
+@pytest.mark.parametrize("name, margin", [("blur", 0.6), ("tomography", 0.3), ("inpainting", 0.5)])
 def test_shipped_sample_models_beat_tv_on_the_sample_data(tmp_path, name, margin):
     """sample_data/drip_NAME.safetensors (made by `drip train`, see sample_data/README.md) on the
     held-out sample photographs: every sample fits, and DRIP is above constrained TV (measured:
-    by 0.88 dB on blur.h5, 0.33 dB on tomography.h5, 0.95 dB on inpainting.h5)."""
+    by 1.05 dB on blur.h5 and 0.62 dB on tomography.h5, those two models reweighting once by
+    default, and 0.95 dB on inpainting.h5)."""
     from pathlib import Path
 
     samples = Path(__file__).resolve().parent.parent / "sample_data"

@@ -248,6 +248,10 @@ def train(
     max_iterations: int = typer.Option(
         1000, "--max-iterations", min=1,
         help="The model's solver cap, in validation and in drip reconstruct."),
+    reweight: int = typer.Option(
+        0, "--reweight", min=0,
+        help="Train (and by default reconstruct) with this many edge-adaptive reweighting "
+             "passes after each solve (see drip reconstruct --reweight; convex models)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -300,7 +304,8 @@ def train(
                                                kernel_size=kernel_size, eps=eps,
                                                potential_scales=potential_scales,
                                                dilation_levels=dilation_levels, width=width,
-                                               max_iterations=max_iterations))
+                                               max_iterations=max_iterations,
+                                               reweight=reweight))
         config.validate()
         trainer = Trainer(config, resolve_device(device), resume=resume, given=_options_given(ctx),
                           log=(lambda row: None) if quiet else
@@ -345,15 +350,15 @@ def reconstruct(
         None, "--max-iterations", min=1,
         help="Iteration cap of the solver. Default: the model's (1000 for new models), 5000 "
              "for tv, 1000 for cgls."),
-    reweight: int = typer.Option(
-        0, "--reweight", min=0,
+    reweight: Optional[int] = typer.Option(
+        None, "--reweight", min=0,
         help="drip: solve this many more times with each pixel's regularizer terms weighted "
              "down at the edges of the previous solution (convex models; every pass fits the "
-             "data)."),
+             "data). Default: the model's (0 unless trained with --reweight)."),
     edge_scale: Optional[float] = typer.Option(
         None, "--edge-scale", min=1e-6,
-        help="With --reweight: gradient magnitude at which a pixel's weight halves (intensities "
-             "in [0, 1]). Default: the model's (0.05, measured best for tomography)."),
+        help="With reweighting: gradient magnitude at which a pixel's weight halves "
+             "(intensities in [0, 1]). Default: the model's (0.05)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -381,12 +386,11 @@ def reconstruct(
             chosen = CLASSICAL_METHODS[(method or Method.tv).value]()
         if max_iterations is not None:
             chosen.set_max_iterations(max_iterations)
-        if reweight:
+        if reweight is not None or edge_scale is not None:
             if not hasattr(chosen, "set_reweight"):
-                raise DripError(f"--reweight applies to --method drip, not {chosen.name}")
+                raise DripError(f"--reweight and --edge-scale apply to --method drip, not "
+                                f"{chosen.name}")
             chosen.set_reweight(reweight, edge_scale)
-        elif edge_scale is not None:
-            raise DripError("--edge-scale applies with --reweight")
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,

@@ -99,15 +99,23 @@ class LearnedMethod(ReconstructionMethod):
                             "steps (set when it was trained with --layers)")
         self.model.config.max_iterations = n
 
-    def set_reweight(self, passes: int, edge_scale: float | None = None) -> None:
+    def set_reweight(self, passes: int | None, edge_scale: float | None = None) -> None:
         """Passes of edge-adaptive reweighting and their edge scale (``drip reconstruct
         --reweight --edge-scale``; ``None``: the model's)."""
-        if self.kind == "unrolled" or not self.model.regularizer.convex:
-            raise DripError("--reweight needs a model with the convex regularizer (this one is "
-                            f"{self.info.config.architecture})")
-        self.model.config.reweight = passes
+        config = self.model.config
+        if self.kind == "unrolled":
+            raise DripError("--reweight and --edge-scale apply to drip models, not the unrolled "
+                            "network")
+        if passes is not None:
+            if passes and not self.model.regularizer.convex:
+                raise DripError("--reweight needs a model with the convex regularizer (this one "
+                                f"is {config.architecture})")
+            config.reweight = passes
         if edge_scale is not None:
-            self.model.config.edge_scale = edge_scale
+            if not config.reweight:
+                raise DripError("--edge-scale applies with reweighting (--reweight K; this "
+                                "model does not reweight by default)")
+            config.edge_scale = edge_scale
 
     def solve(self, op, b, radius):
         self.model.to(b.device)

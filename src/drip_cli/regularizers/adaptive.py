@@ -13,6 +13,11 @@ data-fit guarantee, warm-started at the previous solution; the passes together a
 majorise-minimise iteration of a non-convex (log-like) penalty, as in reweighted l1 (Candes,
 Wakin & Boyd 2008). The ``regularizer_value`` reported is the model's unweighted ``R`` at the
 final solution, so it stays comparable between methods and files.
+
+``drip train --reweight K`` trains the model on the last pass's solutions: the implicit gradient
+(:mod:`drip_cli.training.implicit`) is taken through that pass with its weights held constant
+(their own dependence on the parameters, through the first pass, is left out), and ``K``
+becomes the model's default in ``drip reconstruct``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# the edge scale c, in image units (intensities in [0, 1]): see REWEIGHT_MEASURED in the README
+# the edge scale c, in image units (intensities in [0, 1]); chosen on tomography crops of the
+# training photographs (README, "Quality against TV")
 DEFAULT_EDGE_SCALE = 0.05
 
 

@@ -231,7 +231,7 @@ class ConvexFilterRegularizer(torch.nn.Module):
         """``grad R(z)``, same shape as ``z``."""
         return self.value_and_gradient(z, pixel_weights)[1]
 
-    def hessian_at(self, z: torch.Tensor):
+    def hessian_at(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """``(h -> hess R(z) h, d)``: the exact Hessian-vector product at ``z`` in closed form,
         ``K^T J K h`` with ``J`` the potentials' Jacobian (per group
         ``sum_k w_k (I / s_k - t t^T / s_k^3)``, ``s_k = sqrt(|t|^2 + eps_k^2)``), computed once
@@ -239,7 +239,7 @@ class ConvexFilterRegularizer(torch.nn.Module):
         preconditioning (zero instead of symmetric padding, ``J``'s in-group off-diagonal
         terms left out). No graph is kept."""
         with torch.no_grad():
-            grouped, smoothed_norm, _, weights = self._smoothed(self.responses(z))
+            grouped, smoothed_norm, _, weights = self._smoothed(self.responses(z), pixel_weights)
             first = (weights / smoothed_norm).sum(2, keepdim=True)
             second = (weights / smoothed_norm**3).sum(2, keepdim=True)
             # J's diagonal, sum_k w_k eps_k^2 / s_k^3 at least: positive

@@ -46,8 +46,9 @@ class ModelConfig:
     # relative accuracy of each inner projection: 3e-2 gave the same PSNR and R (to 1e-4) as 1e-3
     # on 32 held-out 64x64 blur crops, at 0.26 instead of 0.40 s/image
     projection_tolerance: float = 3e-2
-    # inference: passes of edge-adaptive reweighting after the first solve (0: none; convex
-    # regularizers only; drip reconstruct --reweight) and their edge scale, see .adaptive
+    # passes of edge-adaptive reweighting after the first solve (0: none; convex regularizers
+    # only; drip train --reweight trains with them, drip reconstruct --reweight overrides) and
+    # their edge scale, see .adaptive
     reweight: int = 0
     edge_scale: float = 0.05
 

@@ -49,6 +49,7 @@ from .projection import project_onto_datafit
 @dataclass
 class DripSolution(SolverResult):
     latent: torch.Tensor | None = None     # (N, latent_channels, H, W); solution = E latent
+    pixel_weights: torch.Tensor | None = None   # (N, 1, H, W) where R was weighted per pixel
 
 
 def project(forward_op: EmbeddedOperator, b, radius, z, max_iterations: int):
@@ -100,7 +101,7 @@ def solve_drip(
     z, z_prev = z0, z0
     # Iterate on the set CGLS will aim at, so the closing CGLS run finds every converged sample
     # already in place and leaves the minimiser where it is.
-    b_work, radius_work = b, (1 - MARGIN) * radius
+    b_work, radius_work, weights_work = b, (1 - MARGIN) * radius, pixel_weights
     momentum_t = torch.ones(n, dtype=b.dtype, device=b.device)
     for it in range(1, max_iterations + 1):
         t_next = (1 + torch.sqrt(1 + 4 * momentum_t**2)) / 2
@@ -108,7 +109,7 @@ def solve_drip(
         y = z + per_sample(beta, z) * (z - z_prev)
         z_new, step, stationarity = _backtracking_step(
             forward_op, regularizer, b_work, radius_work, y, step, safe_step,
-            projection_iterations, projection_tolerance, pixel_weights)
+            projection_iterations, projection_tolerance, weights_work)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
@@ -122,8 +123,8 @@ def solve_drip(
             rows = rows[keep]
             z, z_prev, momentum_t, step = z[keep], z_prev[keep], momentum_t[keep], step[keep]
             b_work, radius_work, safe_step = b_work[keep], radius_work[keep], safe_step[keep]
-            if pixel_weights is not None:
-                pixel_weights = pixel_weights[keep]
+            if weights_work is not None:
+                weights_work = weights_work[keep]
         if len(rows) == 0:
             break
     # Every iterate was projected, but a projection capped at projection_iterations may have
@@ -132,7 +133,7 @@ def solve_drip(
     latent = final.solution
     return DripSolution(solution=embedding(latent), iterations=iterations + final.iterations,
                         converged=stopped & final.converged, latent=latent,
-                        regularizer_value=regularizer.value(latent))
+                        regularizer_value=regularizer.value(latent), pixel_weights=pixel_weights)
 
 
 def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,

@@ -50,9 +50,12 @@ def hessian_vector(regularizer, z: torch.Tensor, h: torch.Tensor) -> torch.Tenso
     return product
 
 
-def hessian_at(regularizer, z: torch.Tensor):
+def hessian_at(regularizer, z: torch.Tensor, pixel_weights: torch.Tensor | None = None):
     """``(h -> hess R(z) h, diagonal or None)``: the regularizer's own closed form where it has
-    one, automatic differentiation (and no diagonal) otherwise."""
+    one, automatic differentiation (and no diagonal) otherwise. ``pixel_weights``: of a
+    reweighted solve (convex regularizers only)."""
+    if pixel_weights is not None:
+        return regularizer.hessian_at(z, pixel_weights)
     if hasattr(regularizer, "hessian_at"):
         return regularizer.hessian_at(z)
     return (lambda h: hessian_vector(regularizer, z, h)), None
@@ -73,16 +76,19 @@ def _ratio_where(active: torch.Tensor, numerator: torch.Tensor, denominator: tor
 
 def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Tensor,
                        v: torch.Tensor, cg_iterations: int = 50, damping: float = 1e-6,
-                       cg_tolerance: float = 1e-4) -> torch.Tensor:
+                       cg_tolerance: float = 1e-4,
+                       pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """A scalar whose gradient in the parameters is ``dL/dtheta`` through the solution ``z``
-    (see the module docstring); add it to the loss's direct part and call ``backward``."""
+    (see the module docstring); add it to the loss's direct part and call ``backward``.
+    ``pixel_weights``: those of the solve that gave ``z`` (a reweighting pass), held constant."""
     z, v = z.detach(), v.detach()
+    weighted = {} if pixel_weights is None else {"pixel_weights": pixel_weights.detach()}
     with torch.no_grad():
         forward_op = EmbeddedOperator(op, embedding)
         g = forward_op.adjoint(forward_op(z) - b)
         gg = batch_dot(g, g).clamp_min(torch.finfo(z.dtype).tiny)
-        mu = (-batch_dot(regularizer.gradient(z), g) / gg).clamp_min(0)
-        hessian_r, diagonal = hessian_at(regularizer, z)
+        mu = (-batch_dot(regularizer.gradient(z, **weighted), g) / gg).clamp_min(0)
+        hessian_r, diagonal = hessian_at(regularizer, z, **weighted)
 
         def hessian(t):
             return hessian_r(t) + per_sample(mu, t) * forward_op.adjoint(forward_op(t)) + damping * t
@@ -125,6 +131,7 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
         lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)
     data_residual = forward_op(z) - b
-    stationarity = regularizer.gradient(z) + per_sample(mu, z) * forward_op.adjoint(data_residual)
+    stationarity = (regularizer.gradient(z, **weighted)
+                    + per_sample(mu, z) * forward_op.adjoint(data_residual))
     phi = batch_dot(lam, stationarity) + lam_mu * 0.5 * batch_dot(data_residual, data_residual)
     return -phi.sum()

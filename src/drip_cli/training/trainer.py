@@ -122,6 +122,8 @@ class TrainConfig:
         if m.is_unrolled and w[1]:
             raise DripError("--loss-weights: the unrolled network has no pre-projection iterate "
                             "(the second weight must be 0)")
+        if m.reweight and m.architecture != "convex":
+            raise DripError(f"--reweight needs the convex architecture, got {m.architecture!r}")
         if m.kernel_size % 2 == 0 or m.kernel_size < 3:
             raise DripError(f"--kernel-size must be odd and at least 3, got {m.kernel_size}")
         if m.n_filters % 2:
@@ -402,7 +404,8 @@ class Trainer:
             # direct dependence on E, plus the implicit part through the solution
             objective = loss + implicit_surrogate(self.op, self.model.embedding,
                                                   self.model.regularizer, b, z, dloss_dz,
-                                                  cfg.cg_iterations)
+                                                  cfg.cg_iterations,
+                                                  pixel_weights=solution.pixel_weights)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         self.optimizer.step()

@@ -65,7 +65,7 @@ def single_pass(path: Path | None, drip) -> LearnedMethod | None:
         return None
     method = learned_method(path, "convex")
     method.set_reweight(0)
-    method.label = f"{drip.label} --reweight 0"
+    method.label = "drip --reweight 0"
     return method
 
 

@@ -122,9 +122,9 @@ class DripModel(torch.nn.Module):
                         projection_iterations=self.config.projection_iterations,
                         projection_tolerance=self.config.projection_tolerance)
         settings.update(overrides)
-        result = solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)
         if self.config.reweight and not self.regularizer.convex:
             raise ValueError("reweighting needs a convex regularizer")
+        result = solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)
         for _ in range(self.config.reweight):
             weights = edge_weights(result.solution, self.config.edge_scale)
             again = solve_drip(op, self.embedding, self.regularizer, b, radius,

@@ -203,11 +203,12 @@ def adopt_initial_model(config: TrainConfig, image_channels: int,
     return model.state_dict()
 
 
-def adopt_run_options(config: TrainConfig, given: set[str]) -> None:
+def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str]) -> None:
     """``--resume``: the run's settings (its ``config.json``: the model's and those that set the
     run's course) replace the ones not given, and given ones must equal them; a run started with
     ``--init`` keeps its record of the starting model without reading that file again (the
-    checkpoint holds the weights). ``--epochs`` and ``--max-minutes`` may change."""
+    checkpoint holds the weights). ``--epochs`` and ``--max-minutes`` may change; the data's
+    channel count may not."""
     path = Path(config.out) / CONFIG
     if not path.exists():
         raise DripError("no checkpoint to resume from", config.out)
@@ -216,6 +217,9 @@ def adopt_run_options(config: TrainConfig, given: set[str]) -> None:
         model = saved.get("model") or {}
     except (OSError, ValueError, AttributeError) as exc:
         raise DripError(f"cannot read the run's settings ({exc})", path) from exc
+    if model.get("image_channels") != image_channels:
+        raise DripError(f"--resume: the run was trained on {model.get('image_channels')}-channel "
+                        f"images, the data has {image_channels}", config.out)
     model_names = [name for name in model
                    if name in ModelConfig.__dataclass_fields__ and name != "image_channels"]
     run_names = [name for name in RUN_FIELDS if name in saved]
@@ -304,7 +308,7 @@ class Trainer:
             torch.from_numpy(np.concatenate([batch.measurements for batch in batches])),
             torch.from_numpy(np.concatenate([batch.noise_std for batch in batches]).astype(np.float64)))
         if resume:
-            adopt_run_options(config, given)
+            adopt_run_options(config, truth.shape[1], given)
         initial_weights = (None if config.init is None or resume
                            else adopt_initial_model(config, truth.shape[1], given))
         config.model.image_channels = truth.shape[1]
@@ -466,11 +470,6 @@ class Trainer:
         weights_path, state_path = self.out / CHECKPOINT_WEIGHTS, self.out / CHECKPOINT_STATE
         if not weights_path.exists() or not state_path.exists():
             raise DripError("no checkpoint to resume from", self.out)
-        # every other model option was taken from the run (adopt_run_options)
-        saved = (json.loads((self.out / CONFIG).read_text()).get("model") or {}).get("image_channels")
-        if saved != self.config.model.image_channels:
-            raise DripError(f"--resume: the run was trained on {saved}-channel images, the data "
-                            f"has {self.config.model.image_channels}", self.out)
         try:
             self.model.load_state_dict(load_file(str(weights_path)))
             state = torch.load(state_path, weights_only=True)

@@ -45,9 +45,10 @@ def noise_std_for(op: LinearOperator, clean: torch.Tensor, percent: torch.Tensor
 
 def add_noise(op: LinearOperator, clean: torch.Tensor, noise_std: torch.Tensor,
               standard_normal: torch.Tensor) -> torch.Tensor:
-    """``b = A x + sigma e`` with non-data entries kept at 0."""
+    """``b = A x + sigma e`` with non-data entries kept at 0. ``e`` may come from another device
+    (drawn by a CPU generator, a seed gives the same noise on every device)."""
     shape = (-1,) + (1,) * (clean.ndim - 1)
-    return op.project_measurements(clean + noise_std.view(shape) * standard_normal)
+    return op.project_measurements(clean + noise_std.view(shape) * standard_normal.to(clean))
 
 
 @dataclass

@@ -109,6 +109,11 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     n = len(v)
     radius = radius.to(dtype=v.dtype, device=v.device)
     u_vec, beta = _normalise(b - op(v), tiny)
+    # The small problem in the subspace (an SVD of a (k+1) x k matrix and a few Newton steps,
+    # each ending in a test of all samples) runs on the CPU: on a GPU it was a string of tiny
+    # kernels and host synchronisations per Krylov step. Only C, and y back, cross over.
+    host = torch.device("cpu")
+    beta_host, radius_host = beta.to(host), radius.to(host)
     w, alpha = _normalise(op.adjoint(u_vec), tiny)
     us, vs = u_vec.flatten(1).unsqueeze(1), w.flatten(1).unsqueeze(1)   # (N, k, M), (N, k, D)
     c = torch.zeros(n, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)
@@ -121,11 +126,12 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
         p = _orthogonalise(op(w) - per_sample(alpha, u_vec) * u_vec, us)
         u_vec, beta_next = _normalise(p, tiny)
         c[:, k, k - 1] = beta_next
-        y, lam, _ = _tikhonov_in_subspace(c[:, : k + 1, :k], beta, radius, lam)
+        y, lam, _ = _tikhonov_in_subspace(c[:, : k + 1, :k].to(host), beta_host, radius_host, lam)
+        y = y.to(v.device)
         # V is orthonormal: the change of the correction is the change of its coordinates.
         change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1)
         done_now = ~settled & ((change <= tolerance * y.norm(dim=1)) | (beta_next <= tiny) | (k == max_steps))
-        y_settled[done_now, :k] = y[done_now]
+        y_settled[:, :k] = torch.where(done_now.unsqueeze(1), y, y_settled[:, :k])
         steps = steps + (~settled).long()
         settled = settled | done_now
         if bool(settled.all()):

@@ -1,33 +1,62 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 3 in one run, for a machine with CUDA (about 6 minutes on an H100):
-# the CUDA tests, `make bench` on the GPU (reconstruction and training images per second), a
-# 2-minute training run and `drip evaluate` on the sample data. Results go to ${OUT:-gpu_out}.
-#   usage: scripts/gpu_check.sh            (DEVICE=cpu MINUTES=0.5 to rehearse it on a CPU)
-set -euo pipefail
+# The GPU figures of issue 3 in one run, for a machine with CUDA: the CUDA tests, `make bench` on
+# the GPU (reconstruction and training images per second, at 64 and at 512 images), a short
+# training run, `drip evaluate` on the blur sample and a tomography reconstruction.
+# Each stage has its own time limit and a failed stage does not stop the others. Logs and
+# figures go to ${OUT:-gpu_out}: summary.txt (one line per stage), log.txt (every stage's
+# output), bench.json, bench512.json, history.csv, evaluate.json, tomography.json.
+#   usage: scripts/gpu_check.sh            (DEVICE=cpu MINUTES=0.2 to rehearse it on a CPU)
+set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
-MINUTES="${MINUTES:-2}"
+MINUTES="${MINUTES:-1}"
 OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS=140
+WORK="$(mktemp -d)"
 mkdir -p "$OUT"
-drip() { "$PY" -m drip_cli "$@"; }
+: > "$OUT/summary.txt"
+
+# stage NAME SECONDS COMMAND...: run it under a time limit, log it, record its status and time
+stage() {
+    local name="$1" limit="$2" start rc
+    shift 2
+    start=$(date +%s)
+    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+    rc=$?
+    echo "$name: rc=$rc, $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+    { echo "===== $name (rc=$rc)"; cat "$WORK/$name.log"; } >> "$OUT/log.txt"
+    tail -n 30 "$WORK/$name.log"
+}
 
 if [[ "$DEVICE" == cuda* ]]; then
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-    "$PY" -m pytest -q -m cuda tests 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
+    stage gpu 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    stage versions 30 "$PY" -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.get_device_name())"
+    stage cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+    stage bench 100 "$PY" bench/bench.py --device "$DEVICE" --train-steps 20 --out "$WORK/bench"
+    stage bench512 60 "$PY" bench/bench.py --device "$DEVICE" --images 512 --train-steps 0 \
+        --out "$WORK/bench512"
+else
+    stage bench 300 "$PY" bench/bench.py --device "$DEVICE" --train-steps 2 --out "$WORK/bench"
 fi
-"$PY" bench/bench.py --device "$DEVICE" --train-steps 20 --out "$OUT" | tee "$OUT/bench.txt"
 
 # training throughput over a real run: 1000 crops of the training photographs, blur sigma 2
-drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$OUT/train_blur.h5" \
-    --operator blur --blur-sigma 2 --noise-percent 2 --crop-size 64 --crops-per-image 200 \
-    --seed 3 --quiet
-drip train "$OUT/train_blur.h5" --out "$OUT/run" --noise-percent 1:5 --max-minutes "$MINUTES" \
+stage simulate 30 "$PY" -m drip_cli simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" \
+    "$WORK/train_blur.h5" --operator blur --blur-sigma 2 --noise-percent 2 --crop-size 64 \
+    --crops-per-image 200 --seed 3 --quiet
+stage train "$(python3 -c "print(int(60 * $MINUTES) + 40)")" "$PY" -m drip_cli train \
+    "$WORK/train_blur.h5" --out "$WORK/run" --noise-percent 1:5 --max-minutes "$MINUTES" \
     --device "$DEVICE" --quiet
-tail -3 "$OUT/run/history.csv" | tee "$OUT/train.txt"
-TIMEFORMAT="evaluate: %R s wall"
-{ time drip evaluate sample_data/blur.h5 --model "$OUT/run" \
-    --model sample_data/unrolled_blur.safetensors --out "$OUT/evaluate" --device "$DEVICE" \
-    --quiet; } 2>&1 | tee "$OUT/evaluate.txt"
-rm -f "$OUT/train_blur.h5"
+stage evaluate 60 "$PY" -m drip_cli evaluate sample_data/blur.h5 --model "$WORK/run" \
+    --model sample_data/drip_blur.safetensors --out "$WORK/evaluate" --device "$DEVICE"
+stage tomography 40 "$PY" -m drip_cli reconstruct sample_data/tomography.h5 --out "$WORK/tomo.h5" \
+    --model sample_data/drip_tomography.safetensors --device "$DEVICE" \
+    --report "$WORK/tomography.json"
+
+cp "$WORK/bench/bench.json" "$OUT/bench.json" 2>/dev/null
+cp "$WORK/bench512/bench.json" "$OUT/bench512.json" 2>/dev/null
+cp "$WORK/run/history.csv" "$OUT/history.csv" 2>/dev/null
+cp "$WORK"/evaluate/*.json "$OUT/evaluate.json" 2>/dev/null
+cp "$WORK/tomography.json" "$OUT/tomography.json" 2>/dev/null
+rm -rf "$WORK"
+cat "$OUT/summary.txt"

@@ -33,6 +33,7 @@ from drip_cli.evaluation import psnr
 from drip_cli.io import write_measurement_file
 from drip_cli.io.models import ModelInfo
 from drip_cli.methods import CGLSMethod, LearnedMethod, TVMethod
+from drip_cli.reconstruct import resolve_device
 from drip_cli.operators import (Blur, Denoise, Inpainting, SparseMatrixOperator, Tomography,
                                 gaussian_psf, limited_angles)
 from drip_cli.regularizers.model import ModelConfig, build_model
@@ -202,7 +203,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=10,
                         help="timed training steps per architecture (0: skip)")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)   # as the CLI sets it up
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({torch.get_num_threads()} threads)")
     console = Console()

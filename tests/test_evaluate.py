@@ -139,6 +139,19 @@ def test_evaluate_writes_every_file_with_the_contract_keys(runs, tmp_path):
     assert "2 *" in result.stdout   # the console table marks the training range
 
 
+def test_evaluate_reweight_applies_to_the_drip_models(runs, tmp_path):
+    iterations = {}
+    for passes in ("0", "1"):
+        out = tmp_path / passes
+        result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run", "--out", out,
+                         "--methods", "drip", "--noise-percent", "2", "--reweight", passes, "-q")
+        assert result.exit_code == 0, result.stderr
+        (row,) = json.loads((out / "robustness.json").read_text())["rows"]
+        assert row["fit_fraction"] == 1.0
+        iterations[passes] = row["iterations_mean"]
+    assert iterations["1"] > iterations["0"]   # a second, weighted solve
+
+
 def test_evaluate_noise_is_fixed_per_level(runs, tmp_path):
     """The same level gets the same noise whatever the other levels: equal PSNR for CGLS."""
     psnr = {}
@@ -173,6 +186,7 @@ def test_evaluate_with_the_operator_of_another_file(runs, tmp_path):
     (["--noise-percent", "2,x"], "--noise-percent"),
     (["--noise-percent", "0,2"], "--noise-percent"),
     (["--preview-noise", "7"], "--preview-noise"),
+    (["--methods", "cgls", "--reweight", "1"], "--reweight and --edge-scale apply to drip models"),
 ])
 def test_bad_evaluate_options_are_one_line_errors(runs, tmp_path, options, message):
     out = tmp_path / "report"

@@ -33,6 +33,15 @@ app = typer.Typer(
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress display (results are still written).")
 DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
+REWEIGHT = typer.Option(
+    None, "--reweight", min=0,
+    help="drip: solve this many more times with each pixel's regularizer terms weighted down "
+         "at the edges of the previous solution (convex models; every pass fits the data). "
+         "Default: the model's (0 unless trained with --reweight).")
+EDGE_SCALE = typer.Option(
+    None, "--edge-scale", min=1e-6,
+    help="With reweighting: gradient magnitude at which a pixel's weight halves (intensities "
+         "in [0, 1]). Default: the model's (0.05).")
 
 
 @contextlib.contextmanager
@@ -350,15 +359,8 @@ def reconstruct(
         None, "--max-iterations", min=1,
         help="Iteration cap of the solver. Default: the model's (1000 for new models), 5000 "
              "for tv, 1000 for cgls."),
-    reweight: Optional[int] = typer.Option(
-        None, "--reweight", min=0,
-        help="drip: solve this many more times with each pixel's regularizer terms weighted "
-             "down at the edges of the previous solution (convex models; every pass fits the "
-             "data). Default: the model's (0 unless trained with --reweight)."),
-    edge_scale: Optional[float] = typer.Option(
-        None, "--edge-scale", min=1e-6,
-        help="With reweighting: gradient magnitude at which a pixel's weight halves "
-             "(intensities in [0, 1]). Default: the model's (0.05)."),
+    reweight: Optional[int] = REWEIGHT,
+    edge_scale: Optional[float] = EDGE_SCALE,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -434,6 +436,8 @@ def evaluate(
         "middle level)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Samples solved together."),
+    reweight: Optional[int] = REWEIGHT,
+    edge_scale: Optional[float] = EDGE_SCALE,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -458,6 +462,12 @@ def evaluate(
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         chosen = choose_methods(model or [], None if methods is None else methods.split(","))
+        if reweight is not None or edge_scale is not None:   # for every drip model compared
+            drip_models = [m for m in chosen if getattr(m, "kind", None) == "drip"]
+            if not drip_models:
+                raise DripError("--reweight and --edge-scale apply to drip models (--model)")
+            for method in drip_models:
+                method.set_reweight(reweight, edge_scale)
         with progress_bar("evaluate", 1, quiet) as update:
             evaluation = run_evaluation(data, chosen, levels, tau=tau, seed=seed,
                                         batch_size=batch_size, device=resolve_device(device),

@@ -66,8 +66,8 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
     bracket and bisection as safeguard. Returns ``(y, lam, newton_iterations)``.
 
     The arithmetic is NumPy's, in the tensors' precision: on these ``(N, k)`` arrays each
-    operation is overhead, and this ran in 2.7 instead of 4.8 ms per call with PyTorch (64
-    samples, ``k = 10``), a fifth of a whole DRIP solve on the CPU."""
+    operation is overhead: 2.7 ms per call against 4.8 ms with PyTorch (64 samples, ``k = 10``),
+    whose calls had taken a fifth of a whole DRIP solve on the CPU."""
     c, beta, radius = c.numpy(), beta.numpy(), radius.numpy()
     tiny = np.finfo(c.dtype).tiny
     u, s, vh = np.linalg.svd(c, full_matrices=False)              # (N,k+1,k), (N,k), (N,k,k)

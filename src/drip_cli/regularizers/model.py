@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..operators import LinearOperator
+from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
 from .convex import ConvexFilterRegularizer
 from .embedding import Embedding
 from .leapfrog import LeapfrogRegularizer
@@ -50,7 +51,7 @@ class ModelConfig:
     # only; drip train --reweight trains with them, drip reconstruct --reweight overrides) and
     # their edge scale, see .adaptive
     reweight: int = 0
-    edge_scale: float = 0.05
+    edge_scale: float = DEFAULT_EDGE_SCALE
     # stopping tolerance of the passes whose solution only sets the edge weights (every pass but
     # the last; the stationarity test stays): at 1e-2 instead of 1e-4 the reweighted solve took
     # 14.0 instead of 17.4 s on 32 blur crops and 21.2 instead of 26.9 s on 32 tomography crops
@@ -122,7 +123,6 @@ class DripModel(torch.nn.Module):
         ``config.guide_tolerance``. ``iterations`` counts all passes; ``regularizer_value`` is
         the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip
-        from .adaptive import edge_weights
 
         settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,
                         stationarity_tolerance=self.config.stationarity_tolerance,

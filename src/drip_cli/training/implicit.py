@@ -54,10 +54,10 @@ def hessian_at(regularizer, z: torch.Tensor, pixel_weights: torch.Tensor | None 
     """``(h -> hess R(z) h, diagonal or None)``: the regularizer's own closed form where it has
     one, automatic differentiation (and no diagonal) otherwise. ``pixel_weights``: of a
     reweighted solve (convex regularizers only)."""
-    if pixel_weights is not None:
-        return regularizer.hessian_at(z, pixel_weights)
     if hasattr(regularizer, "hessian_at"):
-        return regularizer.hessian_at(z)
+        return regularizer.hessian_at(z, pixel_weights)
+    if pixel_weights is not None:
+        raise ValueError("pixel weights need a regularizer with a closed-form Hessian")
     return (lambda h: hessian_vector(regularizer, z, h)), None
 
 

@@ -152,6 +152,27 @@ def test_evaluate_reweight_applies_to_the_drip_models(runs, tmp_path):
     assert iterations["1"] > iterations["0"]   # a second, weighted solve
 
 
+def test_evaluate_runs_every_method_at_every_tau_and_finds_each_best(runs, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run", "--out", out,
+                     "--methods", "tv,drip", "--noise-percent", "2", "--tau", "1,0.97", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["tau"] == [0.97, 1.0]
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"tv@0.97", "tv@1", "drip@0.97", "drip@1"}
+    for row in rows.values():   # each row is judged against its own constant
+        assert row["fit_fraction"] == 1.0 and row["discrepancy_ratio_max"] <= row["tau"]
+    assert rows["tv@0.97"]["discrepancy_ratio_max"] <= 0.97 < rows["tv@1"]["discrepancy_ratio_max"]
+    for base in ("tv", "drip"):
+        best = max((rows[f"{base}@{t}"] for t in ("0.97", "1")), key=lambda r: r["psnr_mean"])
+        line = f"| {base} | 2 | {best['tau']:g} | {best['psnr_mean']:.2f} |"
+        assert line in (out / "robustness.md").read_text()
+    assert "best tau" in result.stdout
+    with open(out / "samples.csv") as handle:
+        assert {s["tau"] for s in csv.DictReader(handle)} == {"0.97", "1.0"}
+
+
 def test_evaluate_noise_is_fixed_per_level(runs, tmp_path):
     """The same level gets the same noise whatever the other levels: equal PSNR for CGLS."""
     psnr = {}
@@ -186,6 +207,8 @@ def test_evaluate_with_the_operator_of_another_file(runs, tmp_path):
     (["--noise-percent", "2,x"], "--noise-percent"),
     (["--noise-percent", "0,2"], "--noise-percent"),
     (["--preview-noise", "7"], "--preview-noise"),
+    (["--tau", "1,x"], "--tau"),
+    (["--tau", "0.9,-1"], "--tau"),
     (["--methods", "cgls", "--reweight", "1"], "--reweight and --edge-scale apply to drip models"),
 ])
 def test_bad_evaluate_options_are_one_line_errors(runs, tmp_path, options, message):

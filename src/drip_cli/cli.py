@@ -427,7 +427,9 @@ def evaluate(
     operator_from: Optional[Path] = typer.Option(
         None, "--operator-from", help="Measure with the operator of this file instead (operator "
         "transfer, e.g. a blur model on inpainting)."),
-    tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant."),
+    tau: str = typer.Option("1", "--tau", help="Discrepancy constant; several, comma-separated "
+                            "(e.g. 0.95,0.98,1), run every method at each and show each "
+                            "method's best."),
     seed: int = typer.Option(0, "--seed", help="Seed of the re-simulated noise."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
                                               help="Evaluate only the first N images."),
@@ -445,7 +447,7 @@ def evaluate(
 
     Re-simulates the measurements at each level; writes tables, a plot and previews.
     """
-    from .evaluation.report import console_table, regularizer_table, write_report
+    from .evaluation.report import best_tau_table, console_table, regularizer_table, write_report
     from .evaluation.robustness import choose_methods
     from .evaluation.robustness import evaluate as run_evaluation
     from .reconstruct import resolve_device
@@ -458,7 +460,12 @@ def evaluate(
                             f"got {noise_percent!r}") from None
         if not levels or min(levels) <= 0 or not all(np.isfinite(levels)):
             raise DripError(f"--noise-percent must be positive, got {noise_percent!r}")
-        _check_tau(tau)
+        try:
+            taus = sorted({float(t) for t in tau.split(",")})
+        except ValueError:
+            raise DripError(f"--tau must be numbers separated by commas, got {tau!r}") from None
+        for value in taus:
+            _check_tau(value)
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         chosen = choose_methods(model or [], None if methods is None else methods.split(","))
@@ -469,16 +476,16 @@ def evaluate(
             for method in drip_models:
                 method.set_reweight(reweight, edge_scale)
         with progress_bar("evaluate", 1, quiet) as update:
-            evaluation = run_evaluation(data, chosen, levels, tau=tau, seed=seed,
+            evaluation = run_evaluation(data, chosen, levels, tau=taus, seed=seed,
                                         batch_size=batch_size, device=resolve_device(device),
                                         operator_from=operator_from, max_samples=max_samples,
                                         preview_level=preview_noise, progress=update,
                                         warn=warning_line)
         written = write_report(evaluation, out)
         console.print(console_table(evaluation))
-        regularizer = regularizer_table(evaluation)
-        if regularizer is not None:
-            console.print(regularizer)
+        for extra in (best_tau_table(evaluation), regularizer_table(evaluation)):
+            if extra is not None:
+                console.print(extra)
         console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
 
 

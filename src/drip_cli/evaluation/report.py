@@ -1,7 +1,8 @@
 """The files and the console table of ``drip evaluate`` (every file written atomically).
 
 ``robustness.json`` (CONTRACT.md: ``{"rows": [...]}`` plus the settings), ``robustness.csv`` (the
-rows), ``robustness.md`` (PSNR and fit fraction per method and level, then every figure),
+rows), ``robustness.md`` (PSNR and fit fraction per method and level, with several discrepancy
+constants each method's best, then every figure),
 ``robustness.png`` (PSNR and fit fraction against the noise percent, training ranges shaded),
 ``samples.csv`` (one record per sample, method and level) and ``previews.png`` (a few samples:
 ground truth, the naive scaled adjoint and every method, PSNR in each title).
@@ -20,14 +21,15 @@ from rich.table import Table
 
 from ..io import atomic_path, write_text
 from .metrics import psnr
-from .robustness import Evaluation
+from .robustness import Evaluation, best_taus
 
-ROW_FIELDS = ("method", "noise_percent", "n_samples", "psnr_mean", "ssim_mean", "fit_fraction",
-              "discrepancy_ratio_max", "discrepancy_ratio_mean", "regularizer_value_mean",
-              "regularizer_value_truth_mean", "truth_more_regular_fraction", "iterations_mean",
-              "solver_converged_fraction", "seconds_per_image", "in_training_range")
-SAMPLE_FIELDS = ("method", "noise_percent", "sample", "psnr", "ssim", "discrepancy_ratio", "fits",
-                 "solver_converged", "regularizer_value", "iterations", "seconds")
+ROW_FIELDS = ("method", "noise_percent", "tau", "n_samples", "psnr_mean", "ssim_mean",
+              "fit_fraction", "discrepancy_ratio_max", "discrepancy_ratio_mean",
+              "regularizer_value_mean", "regularizer_value_truth_mean",
+              "truth_more_regular_fraction", "iterations_mean", "solver_converged_fraction",
+              "seconds_per_image", "in_training_range")
+SAMPLE_FIELDS = ("method", "noise_percent", "tau", "sample", "psnr", "ssim", "discrepancy_ratio",
+                 "fits", "solver_converged", "regularizer_value", "iterations", "seconds")
 FILES = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "samples.csv",
          "previews.png")
 
@@ -62,7 +64,21 @@ def _title(evaluation: Evaluation) -> str:
     operator = evaluation.operator_kind
     if evaluation.operator_from:
         operator += f" operator of {Path(evaluation.operator_from).name} (transfer)"
-    return f"{source}, {operator}, tau {evaluation.tau:g}"
+    return f"{source}, {operator}, tau {', '.join(f'{t:g}' for t in evaluation.taus)}"
+
+
+def best_tau_table(evaluation: Evaluation) -> Table | None:
+    """With several discrepancy constants: each method's best per level (None with one)."""
+    if len(evaluation.taus) < 2:
+        return None
+    table = Table(title="each method at its best tau (highest mean PSNR of those tried)",
+                  title_justify="left")
+    for header in ("method", "noise %", "best tau", "PSNR", "SSIM", "fit"):
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for r in best_taus(evaluation):
+        table.add_row(r["base_method"], f"{r['noise_percent']:g}", f"{r['tau']:g}",
+                      f"{r['psnr_mean']:.2f}", f"{r['ssim_mean']:.3f}", f"{r['fit_fraction']:.2f}")
+    return table
 
 
 def console_table(evaluation: Evaluation) -> Table:
@@ -106,6 +122,12 @@ def markdown(evaluation: Evaluation) -> str:
     for level in evaluation.levels:
         lines.append(f"| {_level_label(evaluation, level)} | "
                      + " | ".join(_cell(get(n, level)) for n in names) + " |")
+    if len(evaluation.taus) > 1:
+        lines += ["", "Each method at its best tau (highest mean PSNR of those tried):", "",
+                  "| method | noise % | best tau | PSNR | SSIM | fit |", "|---" * 6 + "|"]
+        lines += [f"| {r['base_method']} | {r['noise_percent']:g} | {r['tau']:g} | "
+                  f"{r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} | {r['fit_fraction']:.2f} |"
+                  for r in best_taus(evaluation)]
     lines += ["", "| method | noise % | samples | PSNR | SSIM | fit | max ratio | R mean "
               "| R truth mean | R truth < R share | s/image |", "|---" * 11 + "|"]
 

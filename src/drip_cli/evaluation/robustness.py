@@ -5,7 +5,8 @@ level (``seed`` and the level itself: adding a level leaves the others' noise un
 the file's operator or, for an operator-transfer study, the operator of another file. Each method
 reconstructs the same measurements, in batches, through
 :func:`drip_cli.reconstruct.reconstruct_batch` (the code behind ``drip reconstruct``), so the
-figures are those ``reconstruct`` would report.
+figures are those ``reconstruct`` would report. With several discrepancy constants every method
+is run at each (rows named ``method@tau``), so that methods can be compared each at its best.
 
 Besides one summary row per method and level (:func:`drip_cli.reconstruct.summarize`), it keeps
 one record per sample, the reconstructions of a few samples at one level for the previews, and,
@@ -42,7 +43,7 @@ class Evaluation:
     data: str
     operator_kind: str
     operator_from: str | None
-    tau: float
+    taus: list[float]
     seed: int
     levels: list[float]
     preview_level: float
@@ -53,7 +54,8 @@ class Evaluation:
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "data": self.data, "operator_kind": self.operator_kind,
-                "operator_from": self.operator_from, "tau": self.tau, "seed": self.seed,
+                "operator_from": self.operator_from,
+                "tau": self.taus[0] if len(self.taus) == 1 else self.taus, "seed": self.seed,
                 "noise_percent": self.levels,
                 "training_noise_percent": {k: list(v) for k, v in self.training_ranges.items()}}
 
@@ -142,12 +144,14 @@ def naive_reconstruction(op: LinearOperator, b: np.ndarray) -> np.ndarray:
 
 
 def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], levels: list[float],
-             tau: float = 1.0, seed: int = 0, batch_size: int = 64,
+             tau: float | list[float] = 1.0, seed: int = 0, batch_size: int = 64,
              device: torch.device = torch.device("cpu"), operator_from=None,
              max_samples: int | None = None, n_previews: int = 4,
              preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
     """Run every method at every level (see the module docstring); ``progress(done, total)``
-    counts solved batches, ``warn(message)`` receives the methods' doubts about the data."""
+    counts solved batches, ``warn(message)`` receives the methods' doubts about the data.
+    ``tau``: one discrepancy constant or several (each method at each)."""
+    taus = sorted({float(t) for t in np.atleast_1d(tau)})
     truth, op = load_ground_truth(data, operator_from)
     if max_samples is not None:
         truth = truth[:max_samples]
@@ -160,7 +164,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
         raise DripError(f"--preview-noise {preview_level:g} is not one of the evaluated levels")
     result = Evaluation(data=str(data), operator_kind=op.kind,
                         operator_from=None if operator_from is None else str(operator_from),
-                        tau=float(tau), seed=seed, levels=list(levels), preview_level=preview_level)
+                        taus=taus, seed=seed, levels=list(levels), preview_level=preview_level)
     # measure on the CPU (float64, reproducible), before the operator moves to the device
     measured = {percent: simulate_level(op, truth, percent, seed) for percent in levels}
     shown = slice(0, min(n_previews, len(truth)))
@@ -174,10 +178,11 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
             if method.kind == "drip":
                 truth_values[method.name] = truth_regularizer_values(method, truth, batch_size, device)
     n_batches = -(-len(truth) // batch_size)
-    total, done = len(levels) * len(methods) * n_batches, 0
+    total, done = len(levels) * len(methods) * len(taus) * n_batches, 0
     for percent in levels:
         measurements, noise_std = measured[percent]
-        for method in methods:
+        for method, tau in ((m, t) for m in methods for t in taus):
+            name = method.name if len(taus) == 1 else f"{method.name}@{tau:g}"
             rows = []
             for i in range(0, len(truth), batch_size):
                 part = slice(i, i + batch_size)
@@ -189,15 +194,27 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
             merged = concatenate_rows(rows)
             images = merged.pop("reconstructions")
             if percent == preview_level:
-                result.previews[method.name] = images[shown]
-            result.rows.append(_row(method, percent, merged, tau, truth_values.get(method.name),
+                result.previews[name] = images[shown]
+            result.rows.append(_row(name, method.name, percent, merged, tau,
+                                    truth_values.get(method.name),
                                     result.training_ranges.get(method.name)))
-            result.samples.extend(_sample_records(method.name, percent, merged, tau))
+            result.samples.extend(_sample_records(name, percent, merged, tau))
     return result
 
 
-def _row(method, percent, columns, tau, truth_values, training_range) -> dict:
-    row = {"method": method.name, "noise_percent": float(percent), **summarize(columns, tau)}
+def best_taus(evaluation: Evaluation) -> list[dict]:
+    """Per method and level, its row with the highest mean PSNR over the constants tried."""
+    best: dict[tuple[str, float], dict] = {}
+    for row in evaluation.rows:
+        key = (row["base_method"], row["noise_percent"])
+        if key not in best or row["psnr_mean"] > best[key]["psnr_mean"]:
+            best[key] = row
+    return list(best.values())
+
+
+def _row(name, base_method, percent, columns, tau, truth_values, training_range) -> dict:
+    row = {"method": name, "base_method": base_method, "noise_percent": float(percent),
+           "tau": float(tau), **summarize(columns, tau)}
     row["in_training_range"] = (None if training_range is None
                                 else bool(training_range[0] <= percent <= training_range[1]))
     if truth_values is not None:
@@ -207,7 +224,7 @@ def _row(method, percent, columns, tau, truth_values, training_range) -> dict:
 
 
 def _sample_records(name: str, percent: float, columns: dict, tau: float) -> list[dict]:
-    return [{"method": name, "noise_percent": float(percent), "sample": i,
+    return [{"method": name, "noise_percent": float(percent), "tau": float(tau), "sample": i,
              "psnr": float(columns["psnr"][i]), "ssim": float(columns["ssim"][i]),
              "discrepancy_ratio": float(columns["discrepancy_ratio"][i]),
              "fits": bool(columns["discrepancy_ratio"][i] <= tau),

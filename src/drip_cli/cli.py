@@ -71,6 +71,18 @@ def _check_tau(tau: float) -> None:
         raise DripError(f"--tau must be positive, got {tau}")
 
 
+def _positive_numbers(text: str, option: str) -> list[float]:
+    """A comma-separated option (``1,2,5``) as its distinct values, sorted; each must be a
+    positive finite number."""
+    try:
+        values = sorted({float(part) for part in text.split(",")})
+    except ValueError:
+        raise DripError(f"{option} must be numbers separated by commas, got {text!r}") from None
+    if not all(np.isfinite(values)) or min(values) <= 0:
+        raise DripError(f"{option} must be positive, got {text!r}")
+    return values
+
+
 def _version_callback(value: bool) -> None:
     if value:
         console.print(f"drip {__version__}")
@@ -453,19 +465,8 @@ def evaluate(
     from .reconstruct import resolve_device
 
     with _errors(debug):
-        try:
-            levels = sorted({float(p) for p in noise_percent.split(",")})
-        except ValueError:
-            raise DripError(f"--noise-percent must be numbers separated by commas, "
-                            f"got {noise_percent!r}") from None
-        if not levels or min(levels) <= 0 or not all(np.isfinite(levels)):
-            raise DripError(f"--noise-percent must be positive, got {noise_percent!r}")
-        try:
-            taus = sorted({float(t) for t in tau.split(",")})
-        except ValueError:
-            raise DripError(f"--tau must be numbers separated by commas, got {tau!r}") from None
-        for value in taus:
-            _check_tau(value)
+        levels = _positive_numbers(noise_percent, "--noise-percent")
+        taus = _positive_numbers(tau, "--tau")
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         chosen = choose_methods(model or [], None if methods is None else methods.split(","))

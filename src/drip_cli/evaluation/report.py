@@ -30,6 +30,8 @@ ROW_FIELDS = ("method", "noise_percent", "tau", "n_samples", "psnr_mean", "ssim_
               "seconds_per_image", "in_training_range")
 SAMPLE_FIELDS = ("method", "noise_percent", "tau", "sample", "psnr", "ssim", "discrepancy_ratio",
                  "fits", "solver_converged", "regularizer_value", "iterations", "seconds")
+BEST_TAU = "best tau (highest mean PSNR of those tried)"
+BEST_TAU_HEADERS = ("method", "noise %", "best tau", "PSNR", "SSIM", "fit")
 FILES = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "samples.csv",
          "previews.png")
 
@@ -71,14 +73,18 @@ def best_tau_table(evaluation: Evaluation) -> Table | None:
     """With several discrepancy constants: each method's best per level (None with one)."""
     if len(evaluation.taus) < 2:
         return None
-    table = Table(title="each method at its best tau (highest mean PSNR of those tried)",
-                  title_justify="left")
-    for header in ("method", "noise %", "best tau", "PSNR", "SSIM", "fit"):
+    table = Table(title=f"each method at its {BEST_TAU}", title_justify="left")
+    for header in BEST_TAU_HEADERS:
         table.add_column(header, justify="left" if header == "method" else "right")
-    for r in best_taus(evaluation):
-        table.add_row(r["base_method"], f"{r['noise_percent']:g}", f"{r['tau']:g}",
-                      f"{r['psnr_mean']:.2f}", f"{r['ssim_mean']:.3f}", f"{r['fit_fraction']:.2f}")
+    for cells in _best_tau_cells(evaluation):
+        table.add_row(*cells)
     return table
+
+
+def _best_tau_cells(evaluation: Evaluation) -> list[tuple[str, ...]]:
+    """The cells of the best-tau table (console and Markdown), one tuple per method and level."""
+    return [(r["base_method"], f"{r['noise_percent']:g}", f"{r['tau']:g}", f"{r['psnr_mean']:.2f}",
+             f"{r['ssim_mean']:.3f}", f"{r['fit_fraction']:.2f}") for r in best_taus(evaluation)]
 
 
 def console_table(evaluation: Evaluation) -> Table:
@@ -123,11 +129,9 @@ def markdown(evaluation: Evaluation) -> str:
         lines.append(f"| {_level_label(evaluation, level)} | "
                      + " | ".join(_cell(get(n, level)) for n in names) + " |")
     if len(evaluation.taus) > 1:
-        lines += ["", "Each method at its best tau (highest mean PSNR of those tried):", "",
-                  "| method | noise % | best tau | PSNR | SSIM | fit |", "|---" * 6 + "|"]
-        lines += [f"| {r['base_method']} | {r['noise_percent']:g} | {r['tau']:g} | "
-                  f"{r['psnr_mean']:.2f} | {r['ssim_mean']:.3f} | {r['fit_fraction']:.2f} |"
-                  for r in best_taus(evaluation)]
+        lines += ["", f"Each method at its {BEST_TAU}:", "",
+                  "| " + " | ".join(BEST_TAU_HEADERS) + " |", "|---" * len(BEST_TAU_HEADERS) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in _best_tau_cells(evaluation)]
     lines += ["", "| method | noise % | samples | PSNR | SSIM | fit | max ratio | R mean "
               "| R truth mean | R truth < R share | s/image |", "|---" * 11 + "|"]
 

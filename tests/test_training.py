@@ -308,6 +308,10 @@ def test_cosine_schedule_decays_from_lr_to_its_floor():
     (["--loss-weights", "0,1,1"], "--loss-weights"),
     (["--dilation-levels", "9"], "--dilation-levels"),
     (["--dilation-levels", "3", "--kernel-size", "9"], "reach"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--tau", "0"], "--tau must be positive"),
+    (["--max-minutes", "-1"], "--max-minutes must be positive"),
 ])
 def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options, message):
     result = run_cli("train", train_file, "--out", tmp_path / "run", *options, "-q")

@@ -241,6 +241,30 @@ def test_module_entry_point_and_debug_traceback(tmp_path):
     assert done.returncode == 1 and "Traceback" in done.stderr
 
 
+def test_outputs_never_replace_the_commands_own_files(tmp_path):
+    """An output named like the input (or like another output) is refused before anything is
+    written: reconstruct --out / --report, and simulate from an HDF5 file."""
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("denoise"))
+    before = data.read_bytes()
+    result = run_cli("reconstruct", data, "--out", data, "--method", "cgls")
+    assert_clean_failure(result, data, tmp_path, {"m.h5"})
+    same = tmp_path / "." / "m.h5"   # another spelling of the same file
+    result = run_cli("reconstruct", data, "--out", same, "--method", "cgls")
+    assert_clean_failure(result, same, tmp_path, {"m.h5"})
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", data, "--out", out, "--report", out, "--method", "cgls")
+    assert_clean_failure(result, out, tmp_path, {"m.h5"})
+    images = tmp_path / "images.h5"
+    with h5py.File(images, "w") as f:
+        f["images"] = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
+    result = run_cli("simulate", images, images, "--operator", "denoise")
+    assert_clean_failure(result, images, tmp_path, {"m.h5", "images.h5"})
+    assert data.read_bytes() == before
+    with h5py.File(images) as f:
+        assert f["images"].shape == (2, 8, 8)
+
+
 def test_output_that_is_a_folder(tmp_path):
     data = tmp_path / "m.h5"
     write_small_file(data, make_operator("denoise"))

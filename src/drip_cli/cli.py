@@ -150,7 +150,8 @@ def simulate(
             low, high = parse_noise_percent(noise_percent)
         except ValueError as exc:
             raise DripError(f"--noise-percent: {exc}") from exc
-        check_writable(out)
+        check_writable(out, keep={"the images file": images if Path(images).is_file() else None,
+                                  "the --psf file": psf, "the --matrix file": matrix})
         rng = np.random.default_rng(seed)
         opened = hdf5_image_dataset(images) if Path(images).is_file() else None
         try:
@@ -384,8 +385,10 @@ def reconstruct(
 
     with _errors(debug):
         _check_tau(tau)
+        inputs = {"the measurement file": measurements, "the model": model}
+        check_writable(out, keep=inputs)
         if report is not None:
-            check_writable(report)
+            check_writable(report, keep={**inputs, "the --out file": out})
         if model is not None and method in (None, Method.drip, Method.unrolled):
             from .methods import LearnedMethod
 

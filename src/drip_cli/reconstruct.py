@@ -125,7 +125,7 @@ def reconstruct_file(
     batch succeeded.
     """
     device = torch.device(device)
-    check_writable(out_path)
+    check_writable(out_path, keep={"the measurement file": measurements_path})
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         op = data.operator.to(device)

@@ -13,12 +13,23 @@ import h5py
 from ..errors import DripError
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, naming ``path``, when its folder is missing or not writable."""
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
+    """Fail early, naming ``path``, when its folder is missing or not writable, or when it is
+    one of the files in ``keep`` (``{what it is: path or None}``: the command's inputs and
+    other outputs, which writing ``path`` would replace)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise DripError("is a folder, expected a file name", path)
+    for role, other in (keep or {}).items():
+        if other is not None and _same_file(path, Path(other)):
+            raise DripError(f"cannot write output: this is {role}; choose another name", path)
     if not folder.is_dir():
         raise DripError(f"cannot write output: folder {folder} does not exist", path)
     if not os.access(folder, os.W_OK):

@@ -57,6 +57,26 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert "Traceback" not in damaged.stderr
 
 
+def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkeypatch):
+    """Ctrl-C in drip train: exit status 130 and one line that points to --resume where the
+    run folder has a checkpoint, and says there is nothing to resume where it has none."""
+    from drip_cli.training import Trainer
+
+    def interrupt(self):
+        raise KeyboardInterrupt
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "fit", interrupt)
+        result = run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY)
+    assert result.exit_code == 130 and "nothing to resume" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    monkeypatch.setattr(Trainer, "fit", interrupt)
+    result = run_cli("train", train_file, "--out", run, "--epochs", 2, "--resume", "-q")
+    assert result.exit_code == 130 and f"--out {run} --resume" in result.stderr
+
+
 def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):
     """--init: a run starts where the given model is (its architecture and weights, the file's
     sha256 recorded); architecture options that contradict the model are refused by name."""

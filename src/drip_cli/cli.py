@@ -45,8 +45,9 @@ EDGE_SCALE = typer.Option(
 
 
 @contextlib.contextmanager
-def _errors(debug: bool):
-    """Map every failure to one stderr line and exit status 1, unless ``--debug``."""
+def _errors(debug: bool, interrupted=lambda: "interrupted; no output was written"):
+    """Map every failure to one stderr line and exit status 1, unless ``--debug``; Ctrl-C to
+    the line ``interrupted()`` returns and exit status 130."""
     try:
         yield
     except (typer.Exit, typer.Abort):
@@ -57,7 +58,7 @@ def _errors(debug: bool):
         error_line(str(exc))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        error_line("interrupted; no output was written")
+        error_line(interrupted())
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
         if debug:
@@ -299,8 +300,16 @@ def train(
     from .reconstruct import resolve_device
     from .regularizers.model import ModelConfig
     from .training import TrainConfig, Trainer
+    from .training.trainer import CHECKPOINT_STATE
 
-    with _errors(debug):
+    def interrupted() -> str:
+        if (out / CHECKPOINT_STATE).exists():
+            return (f"interrupted; {out} keeps the last checkpoint (written at the end of each "
+                    f"epoch): continue with drip train {data} --out {out} --resume")
+        return ("interrupted before the first checkpoint (written at the end of the first "
+                "epoch); nothing to resume")
+
+    with _errors(debug, interrupted):
         try:
             noise_range = None if noise_percent is None else parse_noise_percent(noise_percent)
         except ValueError as exc:

@@ -151,10 +151,11 @@ def simulate(
             low, high = parse_noise_percent(noise_percent)
         except ValueError as exc:
             raise DripError(f"--noise-percent: {exc}") from exc
-        check_writable(out, keep={"the images file": images if Path(images).is_file() else None,
-                                  "the --psf file": psf, "the --matrix file": matrix})
+        source_file = Path(images) if Path(images).is_file() else None
+        check_writable(out, keep={"the images file": source_file, "the --psf file": psf,
+                                  "the --matrix file": matrix})
         rng = np.random.default_rng(seed)
-        opened = hdf5_image_dataset(images) if Path(images).is_file() else None
+        opened = hdf5_image_dataset(images) if source_file else None
         try:
             if opened is not None:
                 dset = opened[1]
@@ -421,7 +422,8 @@ def reconstruct(
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
                                        batch_size=batch_size, device=resolve_device(device),
-                                       progress=update, warn=warning_line)
+                                       progress=update, warn=warning_line,
+                                       keep={"the model": model})
         summary["seconds_total"] = time.perf_counter() - start
         if report is not None:
             write_text(report, json.dumps(summary, indent=2) + "\n")

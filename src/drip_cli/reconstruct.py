@@ -117,15 +117,17 @@ def reconstruct_file(
     progress=None,
     extra_attrs: dict | None = None,
     warn=warnings.warn,
+    keep: dict | None = None,
 ) -> dict:
     """Reconstruct every sample of ``measurements_path`` into ``out_path``; return the summary.
 
     ``progress(done, total)`` is called after each batch; ``warn(message)`` receives the method's
     doubts about the data (a model used on another operator). The output appears only when every
-    batch succeeded.
+    batch succeeded, and never replaces the measurements or the other files in ``keep``
+    (``{what it is: path}``, e.g. the model; see :func:`drip_cli.io.check_writable`).
     """
     device = torch.device(device)
-    check_writable(out_path, keep={"the measurement file": measurements_path})
+    check_writable(out_path, keep={"the measurement file": measurements_path, **(keep or {})})
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         op = data.operator.to(device)

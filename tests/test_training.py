@@ -328,10 +328,14 @@ def test_cosine_schedule_decays_from_lr_to_its_floor():
     (["--loss-weights", "0,1,1"], "--loss-weights"),
     (["--dilation-levels", "9"], "--dilation-levels"),
     (["--dilation-levels", "3", "--kernel-size", "9"], "reach"),
-    (["--lr", "0"], "--lr must be positive"),
-    (["--lr", "-1"], "--lr must be positive"),
-    (["--tau", "0"], "--tau must be positive"),
-    (["--max-minutes", "-1"], "--max-minutes must be positive"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--tau", "0"], "--tau must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--tau", "inf"], "--tau must be a positive number"),
+    (["--tau", "nan"], "--tau must be a positive number"),
+    (["--max-minutes", "-1"], "--max-minutes must be a positive number"),
+    (["--max-minutes", "inf"], "--max-minutes must be a positive number"),
 ])
 def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options, message):
     result = run_cli("train", train_file, "--out", tmp_path / "run", *options, "-q")

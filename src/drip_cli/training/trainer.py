@@ -109,11 +109,11 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse inconsistent settings with one line naming the command-line option."""
         m = self.model
-        # "not x > 0" also refuses NaN
+        # finite, as drip reconstruct's --tau (no limit on time is --max-minutes left out)
         for option, value in (("--lr", self.lr), ("--tau", self.tau),
                               ("--max-minutes", self.max_minutes)):
-            if value is not None and not value > 0:
-                raise DripError(f"{option} must be positive, got {value:g}")
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise DripError(f"{option} must be a positive number, got {value:g}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise DripError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                             f"got {self.lr_schedule!r}")

@@ -166,6 +166,21 @@ def test_training_on_the_files_own_measurements(train_file, tmp_path):
     assert float(history[-1].split(",")[4]) == 1.0  # validation fit fraction
 
 
+def test_one_sample_trains_without_validation_and_says_so(tmp_path):
+    """A file of one sample leaves nothing to validate on: the run says so once, its epoch
+    lines say "no validation" instead of NaN, and it keeps the last weights."""
+    from drip_cli.operators import Blur, gaussian_psf
+
+    data = tmp_path / "one.h5"
+    write_small_file(data, Blur((1, 12, 12), gaussian_psf(1.0)), n=1)
+    run = tmp_path / "run"
+    result = run_cli("train", data, "--out", run, "--epochs", 2, *TINY[:-1])
+    assert result.exit_code == 0, result.stderr
+    assert "one sample, so no validation split" in result.stderr
+    assert "no validation" in result.stdout and "nan" not in result.stdout
+    assert (run / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("architecture", [[], ["--architecture", "leapfrog", "--layers", "2"]],
                          ids=["convex", "leapfrog"])
 def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path, architecture):

@@ -340,10 +340,10 @@ def train(
                                                reweight=reweight))
         config.validate()
         trainer = Trainer(config, resolve_device(device), resume=resume, given=_options_given(ctx),
-                          log=(lambda row: None) if quiet else
-                          (lambda row: console.print(
-                              f"epoch {row['epoch']}: loss {row['train_loss']:.4g}, validation "
-                              f"PSNR {row['val_psnr']:.2f} dB, fit {row['val_fit_fraction']:.2f}")))
+                          log=(lambda row: None) if quiet else _print_epoch)
+        if len(trainer.val_index) == 0:
+            warning_line(f"{data}: one sample, so no validation split: the model kept is the last, "
+                         f"not the best by validation PSNR")
         with progress_bar("train", config.epochs * trainer.steps_per_epoch, quiet) as update:
             trainer.progress = lambda step, total, **_: update(step, total)
             result = trainer.fit()
@@ -352,6 +352,14 @@ def train(
             "best validation PSNR": result["best_val_psnr"], "minutes": result["seconds"] / 60,
             "stopped by time or step limit": result["stopped_early"],
             "model": str(out / "model.safetensors")}))
+
+
+def _print_epoch(row: dict) -> None:
+    """One line per epoch of drip train (the start has no loss; one sample, no validation)."""
+    parts = [] if np.isnan(row["train_loss"]) else [f"loss {row['train_loss']:.4g}"]
+    parts.append("no validation" if np.isnan(row["val_psnr"]) else
+                 f"validation PSNR {row['val_psnr']:.2f} dB, fit {row['val_fit_fraction']:.2f}")
+    console.print(f"epoch {row['epoch']}: {', '.join(parts)}")
 
 
 class Method(str, Enum):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 # the edge scale c, in image units (intensities in [0, 1]); chosen on tomography crops of the
-# training photographs (README, "Quality against TV")
+# training photographs (docs/quality.md, "Edge-adaptive reweighting at inference only")
 DEFAULT_EDGE_SCALE = 0.05
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from drip_cli.console import console
 from drip_cli.data import SourceOptions, add_noise, load_images, noise_std_for
 from drip_cli.evaluation import psnr
 from drip_cli.io import write_measurement_file
@@ -206,7 +206,6 @@ def main() -> None:
     device = resolve_device(args.device)   # as the CLI sets it up
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({torch.get_num_threads()} threads)")
-    console = Console()
     results = {"machine": platform.processor() or platform.machine(), "device": where,
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 

@@ -4,6 +4,7 @@ asserted; speed figures live in the benchmark, not in tests)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,13 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench.py"
 
 
 def test_bench_runs_every_section(tmp_path):
+    # as `make bench > log`: no terminal and no $COLUMNS (pytest sets it to 80)
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     result = subprocess.run([sys.executable, str(BENCH), "--images", "4", "--train-steps", "1",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=env)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "…" not in result.stdout   # the tables are printed whole
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert len(figures["operators"]) == 6
     methods = figures["reconstruction"]

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
-from .errors import DripError
+from .errors import DripError, require_positive
 
 app = typer.Typer(
     name="drip",
@@ -65,11 +65,6 @@ def _errors(debug: bool, interrupted=lambda: "interrupted; no output was written
             raise
         error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         raise typer.Exit(1) from None
-
-
-def _check_tau(tau: float) -> None:
-    if not np.isfinite(tau) or tau <= 0:
-        raise DripError(f"--tau must be positive, got {tau}")
 
 
 def _positive_numbers(text: str, option: str) -> list[float]:
@@ -402,7 +397,9 @@ def reconstruct(
     from .reconstruct import reconstruct_file, resolve_device
 
     with _errors(debug):
-        _check_tau(tau)
+        require_positive("--tau", tau)
+        # reconstruct_file checks --out again, but only after the progress bar has started,
+        # which would leave a blank line above the error: fail here first
         inputs = {"the measurement file": measurements, "the model": model}
         check_writable(out, keep=inputs)
         if report is not None:

@@ -7,6 +7,7 @@ catch it like any exception.
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -17,3 +18,9 @@ class DripError(Exception):
         self.message = message
         self.path = None if path is None else os.fspath(path)
         super().__init__(f"{self.path}: {message}" if self.path else message)
+
+
+def require_positive(option: str, value: float) -> None:
+    """Refuse a numeric option unless it is positive and finite (so NaN and inf too)."""
+    if not (math.isfinite(value) and value > 0):
+        raise DripError(f"{option} must be a positive number, got {value:g}")

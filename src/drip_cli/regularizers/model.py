@@ -122,8 +122,8 @@ class DripModel(torch.nn.Module):
         ends within 0.04 dB of it). Measured again with the looser guide pass, on 32 held-out
         crops at 2 / 5% noise, the warm start saves 23% of the time on blur at -0.002 / -0.006
         dB and 21-37% on tomography at -0.06 / -0.02 dB. The passes before the last stop at
-        the looser ``config.guide_tolerance``. ``iterations`` counts all passes; ``regularizer_value`` is
-        the unweighted ``R`` at the final solution."""
+        the looser ``config.guide_tolerance``. ``iterations`` counts all passes;
+        ``regularizer_value`` is the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip
 
         settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,

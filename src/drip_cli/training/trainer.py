@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data import add_noise, noise_std_for
-from ..errors import DripError
+from ..errors import DripError, require_positive
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_text
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
@@ -109,11 +109,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Refuse inconsistent settings with one line naming the command-line option."""
         m = self.model
-        # finite, as drip reconstruct's --tau (no limit on time is --max-minutes left out)
         for option, value in (("--lr", self.lr), ("--tau", self.tau),
-                              ("--max-minutes", self.max_minutes)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise DripError(f"{option} must be a positive number, got {value:g}")
+                              ("--max-minutes", self.max_minutes)):   # None: no time limit
+            if value is not None:
+                require_positive(option, value)
         if self.lr_schedule not in LR_SCHEDULES:
             raise DripError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                             f"got {self.lr_schedule!r}")

@@ -24,9 +24,10 @@ def progress_bar(description: str, total: int, quiet: bool):
     """Yield ``update(done, total)``; a rich progress bar on stderr unless ``quiet``.
 
     The bar is transient: it disappears when the work ends, so an error message stays the only
-    line on stderr and result tables follow a clean screen.
+    line on stderr and result tables follow a clean screen. It is drawn on a terminal only: into
+    a file or a pipe rich cannot erase it, and it left a blank line above an error message.
     """
-    if quiet:
+    if quiet or not err_console.is_terminal:
         yield lambda done, total=None: None
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

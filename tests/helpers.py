@@ -19,9 +19,10 @@ def run_cli(*args: str):
 
 
 def assert_one_line_error(result, message: str, not_written) -> None:
-    """A bad-input failure: exit status 1, ``message`` on stderr, no traceback, and no output
-    at ``not_written``."""
+    """A bad-input failure: exit status 1, ``message`` in the one line on stderr (no blank line
+    above it), no traceback, and no output at ``not_written``."""
     assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and not not_written.exists()
 
 

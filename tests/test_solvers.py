@@ -11,6 +11,7 @@ from drip_cli.data import add_noise, noise_std_for
 from drip_cli.evaluation import psnr
 from drip_cli.operators import Blur, Inpainting, Tomography, gaussian_psf, limited_angles
 from drip_cli.solvers import cgls, constrained_tv, discrepancy_radius, discrepancy_ratio, total_variation
+from drip_cli.solvers.drip import solve_drip
 
 
 def noisy(op, x: torch.Tensor, percent: float, seed: int = 0):
@@ -167,6 +168,15 @@ def test_reweighted_solve_fits_every_sample_and_uniform_weights_change_nothing()
     assert not torch.allclose(again.solution, plain.solution, atol=1e-4)
     with torch.no_grad():
         assert torch.allclose(again.regularizer_value, model.regularizer.value(again.latent))
+        # the last pass starts from the first pass's solution and ends lower in the weighted R
+        # than the same pass started from CGLS (the earlier default)
+        weights, config = again.pixel_weights, model.config
+        cold = solve_drip(op, model.embedding, model.regularizer, b, radius,
+                          pixel_weights=weights, max_iterations=200, tolerance=config.tolerance,
+                          projection_iterations=config.projection_iterations,
+                          projection_tolerance=config.projection_tolerance)
+        reached = model.regularizer.value(again.latent, pixel_weights=weights)
+        assert bool((reached < model.regularizer.value(cold.latent, pixel_weights=weights)).all())
     leapfrog = _perturbed_model(architecture="leapfrog")
     leapfrog.config.reweight = 1
     with pytest.raises(ValueError, match="convex"):

@@ -361,7 +361,7 @@ def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options,
 def test_shipped_sample_models_beat_tv_on_the_sample_data(tmp_path, name, margin):
     """sample_data/drip_NAME.safetensors (made by `drip train`, see sample_data/README.md) on the
     held-out sample photographs: every sample fits, and DRIP is above constrained TV (measured:
-    by 1.05 dB on blur.h5 and 0.62 dB on tomography.h5, those two models reweighting once by
+    by 1.07 dB on blur.h5 and 0.50 dB on tomography.h5, those two models reweighting once by
     default, and 0.95 dB on inpainting.h5)."""
     from pathlib import Path
 

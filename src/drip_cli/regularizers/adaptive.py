@@ -9,7 +9,7 @@ regions. Reweighting solves the lower-level problem again with each pixel's term
 maximum so both sides of an edge are relieved; ``m`` normalised to mean 1 per sample, which does
 not move the constrained minimiser and keeps the solver's step sizes comparable). Edges found by
 the first pass are penalised less in the next one. Every pass is a convex problem with the same
-data-fit guarantee, started from CGLS like the first (see ``DripModel.solve``); the passes
+data-fit guarantee, started from the previous pass's solution (see ``DripModel.solve``); the passes
 together are the majorise-minimise iteration of a non-convex (log-like) penalty, as in
 reweighted l1 (Candes, Wakin & Boyd 2008). The ``regularizer_value`` reported is the model's
 unweighted ``R`` at the final solution, so it stays comparable between methods and files.

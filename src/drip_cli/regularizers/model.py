@@ -127,13 +127,13 @@ class DripModel(torch.nn.Module):
         ``config.reweight_stationarity_tolerance``. Against the earlier default, a pass started
         like the first from the CGLS solution, measured with the sample models on the held-out
         crops (32 per level; 64 for the second set): the pass ends with a lower weighted ``R``
-        in every case (blur and tomography, 1-10% noise, both sets) after 25-32% fewer
-        iterations on blur and 31-38% fewer on tomography. Blur PSNR moves by at most 0.005 dB;
-        tomography's falls by 0.07 / 0.06 / 0.01 / 0.01 dB at 1 / 2 / 5 / 10%, but a pass run
-        far tighter (tolerance 1e-6, stationarity 0.005, 2.5 times the iterations) lands at
-        32.10 / 29.94 dB at 2 / 5%, where the CGLS start stopped at 32.16 / 29.97 and this one
-        at 32.10 / 29.95: the CGLS start's extra 0.05 dB came from stopping early on its path,
-        not from the minimiser. The passes before the last stop at the looser
+        in every case (blur and tomography, 1-10% noise on the first set, 2 and 5% on the
+        second) after 25-32% fewer iterations on blur and 31-38% fewer on tomography. Blur PSNR
+        moves by at most 0.006 dB; tomography's falls by 0.07 / 0.06 / 0.01 / 0.01 dB at 1 / 2
+        / 5 / 10%, but a pass run far tighter (tolerance 1e-6, stationarity 0.005, 2.4 times the
+        iterations) lands at 32.10 / 29.94 dB at 2 / 5%, where the CGLS start stopped at 32.16 /
+        29.97 and this one at 32.10 / 29.95: the CGLS start's extra 0.05 dB came from stopping
+        early on its path, not from the minimiser. The passes before the last stop at the looser
         ``config.guide_tolerance``. ``iterations`` counts all passes; ``regularizer_value`` is
         the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip

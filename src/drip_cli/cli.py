@@ -398,8 +398,8 @@ def reconstruct(
 
     with _errors(debug):
         require_positive("--tau", tau)
-        # reconstruct_file checks --out again, but only after the progress bar has started,
-        # which would leave a blank line above the error: fail here first
+        # fail before the model is loaded and anything solved (reconstruct_file checks --out
+        # again for library callers; --report is the command's alone)
         inputs = {"the measurement file": measurements, "the model": model}
         check_writable(out, keep=inputs)
         if report is not None:

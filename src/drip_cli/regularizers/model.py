@@ -147,15 +147,14 @@ class DripModel(torch.nn.Module):
             raise ValueError("reweighting needs a convex regularizer")
         passes = self.config.reweight
         guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
+        warm = {"stationarity_tolerance": self.config.reweight_stationarity_tolerance}
         result = solve_drip(op, self.embedding, self.regularizer, b, radius,
                             **(guide if passes else settings))
         for i in range(passes):
             weights = edge_weights(result.solution, self.config.edge_scale)
+            stop = settings if i == passes - 1 else guide
             again = solve_drip(op, self.embedding, self.regularizer, b, radius, z0=result.latent,
-                               pixel_weights=weights,
-                               **{**(settings if i == passes - 1 else guide),
-                                  "stationarity_tolerance":
-                                      self.config.reweight_stationarity_tolerance})
+                               pixel_weights=weights, **{**stop, **warm})
             again.iterations = again.iterations + result.iterations
             result = again
         return result

@@ -200,6 +200,10 @@ def test_reconstruct_negative_noise_option(tmp_path):
     (["--noise-percent", "-2"], "--noise-percent"),
     (["--noise-percent", "abc"], "--noise-percent"),
     (["--blur-size", "4"], "odd"),
+    (["--blur-sigma", "nan"], "blur sigma must be a positive number"),
+    # the default PSF of this sigma would take terabytes: refused before it is built
+    (["--blur-sigma", "1e6"], "choose a smaller --blur-sigma"),
+    (["--blur-size", "99"], "at most 65"),
 ])
 def test_simulate_bad_options(args, needle, tmp_path):
     result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "blur",
@@ -228,6 +232,12 @@ def test_usage_errors_exit_2(tmp_path):
     assert run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "fourier").exit_code == 2
     assert run_cli("reconstruct", tmp_path / "x.h5", "--out", tmp_path / "r.h5",
                    "--method", "magic").exit_code == 2
+    data = simulate(tmp_path, "denoise")
+    for args in (("simulate", "phantom:ellipses", tmp_path / "o.h5", "--operator", "denoise"),
+                 ("train", data, "--out", tmp_path / "run"),
+                 ("evaluate", data, "--out", tmp_path / "report", "--methods", "cgls")):
+        assert run_cli(*args, "--seed", "-1").exit_code == 2  # NumPy takes no negative seed
+        assert not any(p.name in ("o.h5", "run", "report") for p in tmp_path.iterdir())
 
 
 def test_module_entry_point_and_debug_traceback(tmp_path):

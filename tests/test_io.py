@@ -78,13 +78,18 @@ def corrupt(path, how: str) -> None:
         elif how == "noise-shape":
             del f["noise_std"]
             f["noise_std"] = np.ones(3, np.float32)
+        elif how == "measurements-group":
+            del f["measurements"]
+            f.create_group("measurements")
+        elif how == "nan-psf":
+            f["operator/psf"][0, 0] = np.nan
         else:
             raise ValueError(how)
 
 
 BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
              "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
-             "missing-operator", "noise-shape"]
+             "missing-operator", "noise-shape", "measurements-group", "nan-psf"]
 
 
 @pytest.mark.parametrize("how", BAD_FILES)

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import DEVICES, DTYPES, KINDS, make_operator, random_csr
-from drip_cli.operators import (Blur, SparseMatrixOperator, Tomography, adjointness_error,
-                                estimate_norm, gaussian_psf, limited_angles, operator_from_hdf5)
+from drip_cli.operators import (Blur, Inpainting, SparseMatrixOperator, Tomography,
+                                adjointness_error, estimate_norm, gaussian_psf, limited_angles,
+                                operator_from_hdf5)
 from drip_cli.operators.finite_differences import gradient, gradient_adjoint
 
 
@@ -155,3 +156,16 @@ def test_blur_survives_module_dtype_casts():
         op = cast(Blur((1, 12, 10), psf))
         assert torch.allclose(op(x), reference(x), atol=1e-6)
         assert adjointness_error(op) <= 1e-5
+
+
+@pytest.mark.parametrize("build,needle", [
+    (lambda: Blur((1, 8, 8), np.full((3, 3), np.nan)), "NaN"),
+    (lambda: Inpainting((1, 8, 8), np.zeros((8, 8), np.uint8)), "observes no pixel"),
+    (lambda: SparseMatrixOperator.from_csr((1, 8, 8), np.zeros(0), np.zeros(0, np.int64),
+                                           np.zeros(1, np.int64), (0, 64)), "measures nothing"),
+])
+def test_degenerate_operators_are_refused(build, needle):
+    """A NaN PSF, a mask with no observed pixel, a matrix with no rows: each would give NaN
+    discrepancy ratios (M = 0, or NaN data) downstream, so each is refused where it is built."""
+    with pytest.raises(ValueError, match=needle):
+        build()

@@ -108,7 +108,8 @@ def simulate(
     operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind."),
     noise_percent: str = typer.Option("2", "--noise-percent",
                                       help="Noise percent P, or a range A:B drawn per sample."),
-    seed: int = typer.Option(0, "--seed", help="Seed for images, mask and noise (reproducible)."),
+    seed: int = typer.Option(0, "--seed", min=0,
+                             help="Seed for images, mask and noise (reproducible)."),
     blur_sigma: float = typer.Option(2.0, "--blur-sigma", help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
                                             "(default 2*ceil(3 sigma)+1)."),
@@ -272,7 +273,7 @@ def train(
         help="Train (and by default reconstruct) with this many edge-adaptive reweighting "
              "passes after each solve (see drip reconstruct --reweight; convex models)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(
         False, "--resume",
@@ -461,7 +462,7 @@ def evaluate(
     tau: str = typer.Option("1", "--tau", help="Discrepancy constant; several, comma-separated "
                             "(e.g. 0.95,0.98,1), run every method at each and show each "
                             "method's best."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the re-simulated noise."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the re-simulated noise."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
                                               help="Evaluate only the first N images."),
     preview_noise: Optional[float] = typer.Option(

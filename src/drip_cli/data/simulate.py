@@ -16,7 +16,8 @@ import torch
 
 from ..errors import DripError
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
-                         Tomography, gaussian_psf, limited_angles, load_matrix_file)
+                         Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
+                         load_matrix_file)
 
 
 def parse_noise_percent(text: str) -> tuple[float, float]:
@@ -81,6 +82,16 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                 if not np.all(np.isfinite(psf)):
                     raise DripError("PSF contains NaN or Inf", spec.psf_file)
                 return Blur(image_shape, psf)
+            # a PSF many times the image's size wraps around into a near-constant kernel, and a
+            # huge one (--blur-sigma 1e6) would not fit in memory: refuse it by name
+            size = spec.blur_size
+            if size is None and math.isfinite(spec.blur_sigma) and spec.blur_sigma > 0:
+                size = gaussian_psf_size(spec.blur_sigma)
+            limit = 4 * max(image_shape[1:]) + 1
+            if size is not None and size > limit:
+                raise DripError(f"the PSF would be {size}x{size} pixels, more than four times the "
+                                f"{image_shape[1]}x{image_shape[2]} images (at most {limit}): "
+                                "choose a smaller --blur-sigma or --blur-size")
             return Blur(image_shape, gaussian_psf(spec.blur_sigma, spec.blur_size))
         if spec.kind == "inpainting":
             return Inpainting.random(image_shape, spec.keep_fraction, rng)

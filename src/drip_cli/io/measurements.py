@@ -126,12 +126,10 @@ class MeasurementFile:
         except ValueError as exc:
             raise DripError(f"invalid operator: {exc}", path) from exc
         op = self.operator
-        if "measurements" not in h:
-            raise DripError("missing dataset 'measurements'", path)
-        n = h["measurements"].shape[0] if h["measurements"].ndim else 0
+        self._measurements = check_dataset(h, "measurements", (None, *op.measurement_shape), path)
+        n = self._measurements.shape[0]
         if n < 1:
             raise DripError("dataset 'measurements' holds no samples", path)
-        self._measurements = check_dataset(h, "measurements", (n, *op.measurement_shape), path)
         self._ground_truth = None
         if "ground_truth" in h:
             self._ground_truth = check_dataset(h, "ground_truth", (n, *op.image_shape), path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import LinearOperator, adjointness_error, estimate_norm
-from .blur import Blur, gaussian_psf
+from .blur import Blur, gaussian_psf, gaussian_psf_size
 from .simple import Denoise, Inpainting
 from .sparse import SparseMatrixOperator, load_matrix_file
 from .tomography import Tomography, limited_angles
@@ -38,5 +38,5 @@ def operator_from_hdf5(group) -> LinearOperator:
 __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
     "OPERATORS", "operator_from_hdf5", "adjointness_error", "estimate_norm", "gaussian_psf",
-    "limited_angles", "load_matrix_file",
+    "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

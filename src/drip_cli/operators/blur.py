@@ -10,12 +10,16 @@ import torch
 from .base import LinearOperator
 
 
+def gaussian_psf_size(sigma: float) -> int:
+    """The default PSF size for a Gaussian of std ``sigma``: ``2 * ceil(3 sigma) + 1`` (odd)."""
+    return 2 * math.ceil(3 * sigma) + 1
+
+
 def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
-    """Normalised Gaussian PSF; ``size`` defaults to ``2 * ceil(3 sigma) + 1`` (always odd)."""
-    if sigma <= 0:
-        raise ValueError("blur sigma must be positive")
-    if size is None:
-        size = 2 * math.ceil(3 * sigma) + 1
+    """Normalised Gaussian PSF; ``size`` defaults to :func:`gaussian_psf_size`."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"blur sigma must be a positive number, got {sigma}")
+    size = gaussian_psf_size(sigma) if size is None else size
     if size < 1 or size % 2 == 0:
         raise ValueError(f"PSF size must be odd, got {size}")
     r = np.arange(size, dtype=np.float64) - size // 2
@@ -42,6 +46,8 @@ class Blur(LinearOperator):
         psf = torch.as_tensor(np.asarray(psf, dtype=np.float64))
         if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
             raise ValueError(f"PSF must be 2-D with odd sizes, got shape {tuple(psf.shape)}")
+        if not bool(torch.isfinite(psf).all()):
+            raise ValueError("PSF contains NaN or Inf")
         _, height, width = self.image_shape
         kh, kw = psf.shape
         rows = (torch.arange(kh) - kh // 2) % height

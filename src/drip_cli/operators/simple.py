@@ -41,6 +41,8 @@ class Inpainting(LinearOperator):
             raise ValueError(f"mask shape {tuple(mask.shape)} != image size {self.image_shape[1:]}")
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must contain only 0 and 1")
+        if not bool(mask.any()):
+            raise ValueError("mask observes no pixel (all entries are 0)")
         self.register_buffer("mask", mask.to(torch.float64), persistent=False)
         self._observed = int(mask.sum())
 

@@ -47,6 +47,8 @@ def _csr(indptr, indices, data, shape) -> torch.Tensor:
 def validate_csr(indptr, indices, data, shape) -> None:
     """Raise ``ValueError`` unless the arrays form a valid CSR matrix with finite entries."""
     rows, cols = (int(s) for s in shape)
+    if rows < 1:
+        raise ValueError(f"matrix has shape {[rows, cols]}: it measures nothing")
     indptr, indices, data = np.asarray(indptr), np.asarray(indices), np.asarray(data)
     if indptr.ndim != 1 or indices.ndim != 1 or data.ndim != 1:
         raise ValueError("CSR arrays data, indices and indptr must be 1-D")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -149,6 +150,41 @@ def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     assert len(sha) == 64
     state = torch.load(run / "checkpoint_state.pt", weights_only=True)  # refuses pickled objects
     assert "optimizer" in state and "generator" in state
+
+
+@pytest.mark.parametrize("damage,message", [
+    ({"config": '{"n_filters": "16"}'}, "n_filters = '16' is not an integer"),
+    ({"config": '{"max_iterations": 0}'}, "max_iterations = 0 must be at least 1"),
+    ({"config": '{"edge_scale": -1}'}, "edge_scale = -1 must be positive"),
+    ({"config": "[1, 2]"}, "not a JSON object"),
+    ({"image_shape": "5"}, "is not [C, H, W]"),
+    ({"noise_percent": '["a", 2]'}, "is not [low, high]"),
+    ({"extra": "[]"}, "extra is not a JSON object"),
+    ("nan", "weights contain NaN or Inf"),
+])
+def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
+    """A model file whose header was edited or whose weights are not finite: one line that
+    names the file and the entry, before anything is reconstructed (these were a TypeError,
+    an AttributeError, or an SVD that did not converge)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shipped = str(Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors")
+    with safe_open(shipped, framework="pt") as handle:
+        meta = handle.metadata()
+    weights = load_file(shipped)
+    if damage == "nan":
+        weights["embedding.weight"] = weights["embedding.weight"] * float("nan")
+    else:
+        meta = {**meta, **damage}
+    bad = tmp_path / "bad.safetensors"
+    save_file(weights, bad, metadata=meta)
+    data = tmp_path / "blur.h5"
+    write_small_file(data, make_operator("blur", (1, 64, 64)), n=1)
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", data, "--model", bad, "--out", out, "-q")
+    assert_one_line_error(result, message, out)
+    assert str(bad) in result.stderr
 
 
 def test_training_on_the_files_own_measurements(train_file, tmp_path):
@@ -363,7 +399,6 @@ def test_shipped_sample_models_beat_tv_on_the_sample_data(tmp_path, name, margin
     held-out sample photographs: every sample fits, and DRIP is above constrained TV (measured:
     by 1.07 dB on blur.h5 and 0.50 dB on tomography.h5, those two models reweighting once by
     default, and 0.95 dB on inpainting.h5)."""
-    from pathlib import Path
 
     samples = Path(__file__).resolve().parent.parent / "sample_data"
     reports = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +48,28 @@ class ModelInfo:
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> ModelInfo:
+        """Read the header's entries, checking each (``ValueError`` names the one that is wrong)."""
+        image_shape = json.loads(meta["image_shape"])
+        if not (isinstance(image_shape, list) and len(image_shape) == 3
+                and all(_is_number(v) and v == int(v) and v >= 1 for v in image_shape)):
+            raise ValueError(f"image_shape {meta['image_shape']} is not [C, H, W]")
+        noise = json.loads(meta["noise_percent"])
+        if not (isinstance(noise, list) and len(noise) == 2 and all(_is_number(v) for v in noise)):
+            raise ValueError(f"noise_percent {meta['noise_percent']} is not [low, high]")
+        extra = json.loads(meta.get("extra", "{}"))
+        if not isinstance(extra, dict):
+            raise ValueError("extra is not a JSON object")
         return cls(config=ModelConfig.from_dict(json.loads(meta["config"])),
                    operator_kind=meta["operator_kind"],
-                   image_shape=tuple(json.loads(meta["image_shape"])),
-                   noise_percent=tuple(json.loads(meta["noise_percent"])),
+                   image_shape=tuple(int(v) for v in image_shape),
+                   noise_percent=tuple(float(v) for v in noise),
                    training_data_sha256=meta.get("training_data_sha256", ""),
-                   drip_version=meta.get("drip_version", ""),
-                   extra=json.loads(meta.get("extra", "{}")))
+                   drip_version=meta.get("drip_version", ""), extra=extra)
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -93,6 +109,8 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str
         info = ModelInfo.from_metadata(meta)
         model = build_model(info.config)
         model.load_state_dict(load_file(str(path)))
+        if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+            raise DripError("the model's weights contain NaN or Inf", path)
     except DripError:
         raise
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:

@@ -3,6 +3,7 @@ solver) or the unrolled baseline network, both built from one :class:`ModelConfi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -75,10 +76,31 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        """The config a model file or run folder recorded, checked setting by setting (a file may
+        have been edited or damaged): each must have its default's type and a usable value."""
+        if not isinstance(values, dict):
+            raise ValueError("the model settings are not a JSON object")
+        known = {f.name: f.default for f in fields(cls)}
+        unknown = set(values) - set(known)
         if unknown:
             raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
+        for name, value in values.items():
+            default = known[name]
+            if isinstance(default, str):
+                fits = isinstance(value, str)
+            elif isinstance(default, int):
+                fits = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                fits = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                        and math.isfinite(value))
+            if not fits:
+                kind = {str: "a string", int: "an integer"}.get(type(default), "a finite number")
+                raise ValueError(f"model setting {name} = {value!r} is not {kind}")
+            least = 0 if name in ("latent_channels", "layers", "reweight") else 1
+            if isinstance(default, int) and value < least:
+                raise ValueError(f"model setting {name} = {value} must be at least {least}")
+            if isinstance(default, float) and value <= 0:
+                raise ValueError(f"model setting {name} = {value} must be positive")
         return cls(**values)
 
     def to_dict(self) -> dict:

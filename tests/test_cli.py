@@ -150,6 +150,31 @@ def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):
     assert "||A||" in result.stdout and "adjointness error" in result.stdout
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("group", "'reconstructions' is not a dataset"),
+    ("tau", "attribute tau = 'x' is not a positive number"),
+    ("ratio", "'discrepancy_ratio' has dtype |S1, expected a numeric type"),
+])
+def test_info_on_a_damaged_reconstruction_file(damage, message, tmp_path):
+    """A reconstruction file edited by hand: one line naming it and what is wrong (the first two
+    were an AttributeError and a ValueError)."""
+    data = simulate(tmp_path, "denoise")
+    out = tmp_path / "r.h5"
+    assert run_cli("reconstruct", data, "--out", out, "--method", "cgls", "-q").exit_code == 0
+    with h5py.File(out, "a") as f:
+        if damage == "group":
+            del f["reconstructions"]
+            f.create_group("reconstructions")
+        elif damage == "tau":
+            f.attrs["tau"] = "x"
+        else:
+            del f["discrepancy_ratio"]
+            f["discrepancy_ratio"] = np.array([b"a"] * 6)
+    result = run_cli("info", out)
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"{out}: " in result.stderr and message in result.stderr
+
+
 def assert_clean_failure(result, path, tmp_path, before: set[str]):
     """Exit 1, one line on stderr naming the file, no traceback, no new file left behind."""
     assert result.exit_code == 1, (result.stdout, result.stderr)

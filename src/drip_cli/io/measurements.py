@@ -76,7 +76,7 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
         raise DripError(f"dataset '{name}' has shape {dset.shape}, expected {want}", path)
     if dset.dtype.kind not in dtype_kinds:
         raise DripError(f"dataset '{name}' has dtype {dset.dtype}, expected a "
-                        f"{'floating-point' if dtype_kinds == 'f' else dtype_kinds} type", path)
+                        f"{'floating-point' if dtype_kinds == 'f' else 'numeric'} type", path)
     if finite or positive:
         for start in range(0, dset.shape[0] if dset.ndim else 1, SCAN_ROWS):
             block = np.asarray(dset[start:start + SCAN_ROWS] if dset.ndim else dset[()])

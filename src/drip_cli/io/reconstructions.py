@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -51,10 +52,17 @@ def read_reconstruction_file(path: str | os.PathLike) -> tuple[dict, dict[str, n
     """Attributes and per-sample columns of a reconstruction file (not the images)."""
     path = Path(path)
     with open_h5(path, "reconstructions") as handle, reading(path):
-        if "reconstructions" not in handle:
-            raise DripError("missing dataset 'reconstructions'", path)
-        n = handle["reconstructions"].shape[0]
+        images = check_dataset(handle, "reconstructions", (None,) * 4, path, finite=False)
+        n = images.shape[0]
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in handle.attrs.items()}
+        if "tau" in attrs:
+            try:
+                attrs["tau"] = float(attrs["tau"])
+            except (TypeError, ValueError):
+                attrs["tau"] = math.nan
+            if not attrs["tau"] > 0:
+                raise DripError(f"attribute tau = {handle.attrs['tau']!r} is not a positive number",
+                                path)
         columns = {}
         for name in ("discrepancy_ratio", "relative_residual", "regularizer_value", "iterations",
                      "converged", "solver_converged", "seconds", "psnr", "ssim"):
@@ -62,5 +70,5 @@ def read_reconstruction_file(path: str | os.PathLike) -> tuple[dict, dict[str, n
                 columns[name] = np.asarray(check_dataset(handle, name, (n,), path, dtype_kinds="fiub",
                                                          finite=False)[()])
         attrs["n_samples"] = n
-        attrs["image_shape"] = list(handle["reconstructions"].shape[1:])
+        attrs["image_shape"] = list(images.shape[1:])
         return attrs, columns

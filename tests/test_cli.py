@@ -250,6 +250,32 @@ def test_simulate_bad_sources(tmp_path):
     assert_clean_failure(result, empty, tmp_path, {"nan.h5", "empty.h5"})
     result = run_cli("simulate", "phantom:unicorns", tmp_path / "m.h5", "--operator", "denoise")
     assert result.exit_code == 1 and "phantom:unicorns" in result.stderr
+    # the message is made before the file is closed (it read the closed dataset's shape)
+    for name, images in (("5d", np.zeros((2, 1, 1, 8, 8), np.float32)),
+                         ("bool", np.zeros((2, 8, 8), bool)), ("group", None)):
+        path = tmp_path / f"{name}.h5"
+        with h5py.File(path, "w") as f:
+            if images is None:
+                f.create_group("images")
+            else:
+                f["images"] = images
+        result = run_cli("simulate", path, tmp_path / "m.h5", "--operator", "denoise")
+        assert_clean_failure(result, path, tmp_path, {p.name for p in tmp_path.iterdir()})
+        assert "must be an (N, H, W) or (N, C, H, W) dataset" in result.stderr
+
+
+def test_simulate_warns_about_images_outside_0_1(tmp_path):
+    """Float images in [0, 255] are kept as they are (the contract scales only uint8), but PSNR
+    and SSIM assume a data range of 1, so simulate says so, naming the file."""
+    path = tmp_path / "bright.h5"
+    with h5py.File(path, "w") as f:
+        f["images"] = np.full((2, 8, 8), 200.0, np.float32)
+    result = run_cli("simulate", path, tmp_path / "m.h5", "--operator", "denoise", "-q")
+    assert result.exit_code == 0 and (tmp_path / "m.h5").exists()
+    assert result.stderr.startswith(f"drip: warning: {path}: the images take values in [200, 200]")
+    result = run_cli("simulate", "phantom:shepp-logan", tmp_path / "p.h5", "--operator", "denoise",
+                     "--num-images", 1, "--image-size", 16, "-q")
+    assert result.exit_code == 0 and result.stderr == ""
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -176,9 +176,11 @@ def simulate(
                      "noise_percent_range": f"{low:g}:{high:g}"}
             with atomic_h5(out) as handle, progress_bar("simulate", n, quiet) as update:
                 writer = MeasurementWriter(handle, op, n, with_ground_truth=True, attrs=attrs)
-                start = 0
+                start, low_value, high_value = 0, np.inf, -np.inf
                 for block in batches:
                     stop = start + len(block)
+                    low_value = min(low_value, float(block.min()))
+                    high_value = max(high_value, float(block.max()))
                     b, sigma = simulate_batch(op, block, percent[start:stop], rng)
                     writer.write(start, measurements=b, noise_std=sigma, ground_truth=block,
                                  noise_percent=percent[start:stop].astype(np.float32))
@@ -187,6 +189,10 @@ def simulate(
         finally:
             if opened is not None:
                 opened[0].close()
+        if low_value < -0.01 or high_value > 1.01:  # PNG/JPEG and uint8/16 are scaled already
+            warning_line(f"{images}: the images take values in [{low_value:.4g}, "
+                         f"{high_value:.4g}], not [0, 1]: PSNR and SSIM use a data range of 1 "
+                         "(scale floats to [0, 1])")
         console.print(key_value_table(f"wrote {out}", {
             "samples": n, "image shape": str(tuple(image_shape)), "operator": op.kind,
             "measurement shape": str(op.measurement_shape),

@@ -157,11 +157,15 @@ def hdf5_image_dataset(path: str | os.PathLike):
         handle.close()
         raise DripError("has neither an 'images' nor a 'ground_truth' dataset", path)
     dset = handle[name]
-    if dset.ndim not in (3, 4) or dset.dtype.kind not in "fu" or dset.shape[0] < 1:
-        handle.close()
-        raise DripError(f"dataset '{name}' must be (N, H, W) or (N, C, H, W) numbers, "
-                        f"got shape {dset.shape} dtype {dset.dtype}", path)
-    return handle, dset
+    if not isinstance(dset, h5py.Dataset):
+        problem = "is a group"
+    elif dset.ndim not in (3, 4) or dset.dtype.kind not in "fu" or dset.shape[0] < 1:
+        problem = f"has shape {dset.shape} and dtype {dset.dtype}"
+    else:
+        return handle, dset
+    handle.close()  # after the message is made: a closed file's dataset has no shape
+    raise DripError(f"'{name}' must be an (N, H, W) or (N, C, H, W) dataset of numbers "
+                    f"(N >= 1); it {problem}", path)
 
 
 def iter_hdf5_images(dset, channels: int, batch_size: int, path) -> Iterator[np.ndarray]:

@@ -52,10 +52,22 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
                     "--filters", "6", "--lr", "0.01")
     assert other.exit_code == 1 and "Traceback" not in other.stderr
     assert "n_filters (run: 4, now: 6)" in other.stderr and "lr (run: 0.003, now: 0.01)" in other.stderr
-    (split / "config.json").write_text("{not json")
+    # a damaged run folder: one line naming the file that is damaged, and what is wrong
+    settings = json.loads((split / "config.json").read_text())
+    checkpoint = split / "checkpoint.safetensors"
+    intact = checkpoint.read_bytes()
+    checkpoint.write_bytes(intact[:100])
     damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
-    assert damaged.exit_code == 1 and "cannot read the run's settings" in damaged.stderr
-    assert "Traceback" not in damaged.stderr
+    assert_one_line_error(damaged, f"{checkpoint}: cannot read checkpoint", split / "nothing")
+    checkpoint.write_bytes(intact)
+    for text, message in (("{not json", ""), ("[]", "not a JSON object"),
+                          (json.dumps({**settings, "lr": "fast"}), "setting lr = 'fast' is not a finite"),
+                          (json.dumps({**settings, "model": {**settings["model"], "n_filters": 4.5}}),
+                           "model setting n_filters = 4.5 is not an integer")):
+        (split / "config.json").write_text(text)
+        damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+        assert_one_line_error(damaged, f"config.json: cannot read the run's settings ({message}",
+                              split / "nothing")
 
 
 def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkeypatch):

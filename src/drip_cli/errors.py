@@ -24,3 +24,30 @@ def require_positive(option: str, value: float) -> None:
     """Refuse a numeric option unless it is positive and finite (so NaN and inf too)."""
     if not (math.isfinite(value) and value > 0):
         raise DripError(f"{option} must be a positive number, got {value:g}")
+
+
+def is_finite_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def setting_type_problem(name: str, value, default) -> str | None:
+    """Why ``value``, read from a file (a model header, a run's ``config.json``), cannot be the
+    setting ``name`` whose default is ``default``: it must have the default's type (a list of
+    numbers, or null, for a tuple). ``None`` when it can."""
+    if default is None:
+        return None
+    if isinstance(default, str):
+        fits, kind = isinstance(value, str), "a string"
+    elif isinstance(default, bool):
+        fits, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        fits, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        fits, kind = is_finite_number(value), "a finite number"
+    elif isinstance(default, tuple):
+        fits = value is None or (isinstance(value, list) and all(map(is_finite_number, value)))
+        kind = "a list of numbers"
+    else:
+        return None
+    return None if fits else f"setting {name} = {value!r} is not {kind}"

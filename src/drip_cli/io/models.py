@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..errors import DripError
+from ..errors import DripError, is_finite_number
 from ..regularizers.model import ModelConfig, build_model
 from .atomic import atomic_path
 
@@ -51,10 +50,10 @@ class ModelInfo:
         """Read the header's entries, checking each (``ValueError`` names the one that is wrong)."""
         image_shape = json.loads(meta["image_shape"])
         if not (isinstance(image_shape, list) and len(image_shape) == 3
-                and all(_is_number(v) and v == int(v) and v >= 1 for v in image_shape)):
+                and all(is_finite_number(v) and v == int(v) and v >= 1 for v in image_shape)):
             raise ValueError(f"image_shape {meta['image_shape']} is not [C, H, W]")
         noise = json.loads(meta["noise_percent"])
-        if not (isinstance(noise, list) and len(noise) == 2 and all(_is_number(v) for v in noise)):
+        if not (isinstance(noise, list) and len(noise) == 2 and all(is_finite_number(v) for v in noise)):
             raise ValueError(f"noise_percent {meta['noise_percent']} is not [low, high]")
         extra = json.loads(meta.get("extra", "{}"))
         if not isinstance(extra, dict):
@@ -65,11 +64,6 @@ class ModelInfo:
                    noise_percent=tuple(float(v) for v in noise),
                    training_data_sha256=meta.get("training_data_sha256", ""),
                    drip_version=meta.get("drip_version", ""), extra=extra)
-
-
-def _is_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

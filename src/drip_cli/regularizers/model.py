@@ -3,11 +3,11 @@ solver) or the unrolled baseline network, both built from one :class:`ModelConfi
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from ..errors import setting_type_problem
 from ..operators import LinearOperator
 from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
 from .convex import ConvexFilterRegularizer
@@ -86,16 +86,9 @@ class ModelConfig:
             raise ValueError(f"unknown model settings: {', '.join(sorted(unknown))}")
         for name, value in values.items():
             default = known[name]
-            if isinstance(default, str):
-                fits = isinstance(value, str)
-            elif isinstance(default, int):
-                fits = isinstance(value, int) and not isinstance(value, bool)
-            else:
-                fits = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                        and math.isfinite(value))
-            if not fits:
-                kind = {str: "a string", int: "an integer"}.get(type(default), "a finite number")
-                raise ValueError(f"model setting {name} = {value!r} is not {kind}")
+            problem = setting_type_problem(name, value, default)
+            if problem:
+                raise ValueError(f"model {problem}")
             least = 0 if name in ("latent_channels", "layers", "reweight") else 1
             if isinstance(default, int) and value < least:
                 raise ValueError(f"model setting {name} = {value} must be at least {least}")

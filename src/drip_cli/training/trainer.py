@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data import add_noise, noise_std_for
-from ..errors import DripError, require_positive
+from ..errors import DripError, require_positive, setting_type_problem
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_text
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
@@ -216,10 +216,18 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
     path = Path(config.out) / CONFIG
     if not path.exists():
         raise DripError("no checkpoint to resume from", config.out)
+    defaults = TrainConfig(data="", out="")
     try:
         saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
         model = saved.get("model") or {}
-    except (OSError, ValueError, AttributeError) as exc:
+        ModelConfig.from_dict(model)  # checks each setting's type and value
+        problem = next(filter(None, (setting_type_problem(name, saved[name], getattr(defaults, name))
+                                     for name in RUN_FIELDS if name in saved)), None)
+        if problem:
+            raise ValueError(problem)
+    except (OSError, ValueError) as exc:
         raise DripError(f"cannot read the run's settings ({exc})", path) from exc
     if model.get("image_channels") != image_channels:
         raise DripError(f"--resume: the run was trained on {model.get('image_channels')}-channel "
@@ -474,10 +482,14 @@ class Trainer:
         weights_path, state_path = self.out / CHECKPOINT_WEIGHTS, self.out / CHECKPOINT_STATE
         if not weights_path.exists() or not state_path.exists():
             raise DripError("no checkpoint to resume from", self.out)
+        # any failure here means a damaged checkpoint: name the file that is
         try:
             self.model.load_state_dict(load_file(str(weights_path)))
+        except Exception as exc:  # noqa: BLE001
+            raise DripError(f"cannot read checkpoint ({exc})", weights_path) from exc
+        try:
             state = torch.load(state_path, weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any failure here means a damaged checkpoint
+        except Exception as exc:  # noqa: BLE001
             raise DripError(f"cannot read checkpoint ({exc})", state_path) from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 
 from drip_cli.operators import (Blur, Denoise, Inpainting, SparseMatrixOperator, Tomography,
                                 limited_angles)
+
+# Under pytest-xdist (`make test` runs one worker per core), each worker gets its share of the
+# cores: small tensors gain little from intra-op threads, and oversubscribed threads slow every
+# worker down. OMP_NUM_THREADS passes the share on to the subprocesses some tests start.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[CUDA, pytest.mark.cuda])]

@@ -96,6 +96,10 @@ def test_unrolled_model_reconstructs_and_reports_its_fit_as_it_is(runs, tmp_path
     capped = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
                      "--max-iterations", 5, "--out", tmp_path / "r2.h5")
     assert capped.exit_code == 1 and "--layers" in capped.stderr and not (tmp_path / "r2.h5").exists()
+    reweighted = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
+                         "--reweight", 1, "--out", tmp_path / "r2.h5")
+    assert reweighted.exit_code == 1 and not (tmp_path / "r2.h5").exists()
+    assert "apply to drip models, not the unrolled network" in reweighted.stderr
     shown = run_cli("info", runs / "unrolled_run")
     assert shown.exit_code == 0 and "unrolled" in shown.stdout and "Lipschitz" not in shown.stdout
     refused = run_cli("train", runs / "blur.h5", "--out", tmp_path / "run", "--architecture",
@@ -204,6 +208,7 @@ def test_evaluate_with_the_operator_of_another_file(runs, tmp_path):
 @pytest.mark.parametrize("options, message", [
     (["--methods", "drip"], "--methods drip"),
     (["--methods", "cgls,magic"], "magic"),
+    (["--methods", " , "], "--methods: no method named"),
     (["--noise-percent", "2,x"], "--noise-percent"),
     (["--noise-percent", "0,2"], "--noise-percent"),
     (["--preview-noise", "7"], "--preview-noise"),

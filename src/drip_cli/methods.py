@@ -102,10 +102,10 @@ class LearnedMethod(ReconstructionMethod):
     def set_reweight(self, passes: int | None, edge_scale: float | None = None) -> None:
         """Passes of edge-adaptive reweighting and their edge scale (``drip reconstruct
         --reweight --edge-scale``; ``None``: the model's)."""
-        config = self.model.config
-        if self.kind == "unrolled":
+        if self.kind == "unrolled":   # (an unrolled network has no solver config)
             raise DripError("--reweight and --edge-scale apply to drip models, not the unrolled "
                             "network")
+        config = self.model.config
         if passes is not None:
             if passes and not self.model.regularizer.convex:
                 raise DripError("--reweight needs a model with the convex regularizer (this one "

@@ -80,8 +80,8 @@ def choose_methods(model_paths: list, wanted: list[str] | None) -> list[Reconstr
     wanted = list(dict.fromkeys(w.strip() for w in wanted if w.strip()))
     unknown = [w for w in wanted if w not in METHOD_KINDS]
     if unknown or not wanted:
-        raise DripError(f"--methods: unknown {', '.join(unknown) or 'empty list'} "
-                        f"(choose from {', '.join(METHOD_KINDS)})")
+        problem = f"unknown {', '.join(unknown)}" if unknown else "no method named"
+        raise DripError(f"--methods: {problem} (choose from {', '.join(METHOD_KINDS)})")
     chosen: list[ReconstructionMethod] = []
     for name in wanted:
         if name in CLASSICAL_METHODS:

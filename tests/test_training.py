@@ -90,6 +90,18 @@ def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkey
     assert result.exit_code == 130 and f"--out {run} --resume" in result.stderr
 
 
+def test_a_new_run_never_overwrites_a_trained_one(train_file, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY).exit_code == 0
+    model = (run / "model.safetensors").read_bytes()
+    history = (run / "history.csv").read_text()
+    result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--seed", 3, *TINY)
+    assert_one_line_error(result, "already holds a training run (model.safetensors): continue it "
+                          "with --resume", tmp_path / "nothing")
+    assert (run / "model.safetensors").read_bytes() == model
+    assert (run / "history.csv").read_text() == history
+
+
 def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):
     """--init: a run starts where the given model is (its architecture and weights, the file's
     sha256 recorded); architecture options that contradict the model are refused by name."""
@@ -399,6 +411,10 @@ def test_cosine_schedule_decays_from_lr_to_its_floor():
     (["--tau", "nan"], "--tau must be a positive number"),
     (["--max-minutes", "-1"], "--max-minutes must be a positive number"),
     (["--max-minutes", "inf"], "--max-minutes must be a positive number"),
+    (["--eps", "inf"], "--eps must be a positive number"),
+    (["--solver-tolerance", "inf"], "--solver-tolerance must be a positive number"),
+    (["--loss-weights", "nan,1,1"], "--loss-weights"),
+    (["--loss-weights", "1,inf,1"], "--loss-weights"),
 ])
 def test_bad_training_options_are_one_line_errors(train_file, tmp_path, options, message):
     result = run_cli("train", train_file, "--out", tmp_path / "run", *options, "-q")

@@ -110,14 +110,15 @@ class TrainConfig:
         """Refuse inconsistent settings with one line naming the command-line option."""
         m = self.model
         for option, value in (("--lr", self.lr), ("--tau", self.tau),
-                              ("--max-minutes", self.max_minutes)):   # None: no time limit
+                              ("--max-minutes", self.max_minutes),   # None: no time limit
+                              ("--eps", m.eps), ("--solver-tolerance", self.train_solver_tolerance)):
             if value is not None:
                 require_positive(option, value)
         if self.lr_schedule not in LR_SCHEDULES:
             raise DripError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                             f"got {self.lr_schedule!r}")
         w = self.loss_weights
-        if len(w) != 3 or min(w) < 0 or w[0] <= 0:
+        if len(w) != 3 or not all(map(math.isfinite, w)) or min(w) < 0 or w[0] <= 0:
             raise DripError(f"--loss-weights must be three non-negative numbers, the first "
                             f"positive, as in 1,1,1; got {','.join(map(str, w))}")
         if m.architecture not in ARCHITECTURES:
@@ -308,6 +309,11 @@ class Trainer:
         self.progress = progress or (lambda **kw: None)
         self.log = log or (lambda message: None)
         self.out = Path(config.out)
+        held = [name for name in (MODEL_FILE, CHECKPOINT_WEIGHTS) if (self.out / name).exists()]
+        if held and not resume:   # never discard a trained model without being told to
+            raise DripError(f"already holds a training run ({held[0]}): continue it with --resume, "
+                            "or choose another --out (or remove this folder to start over)",
+                            self.out)
         # With fresh noise only the ground truth and the operator are needed (a placeholder
         # noise_std skips the check of the file's noise levels); otherwise the measurements too.
         fresh = config.noise_percent is not None

@@ -102,6 +102,20 @@ def test_a_new_run_never_overwrites_a_trained_one(train_file, tmp_path):
     assert (run / "history.csv").read_text() == history
 
 
+def test_options_the_architecture_ignores_are_named_in_a_warning(train_file, tmp_path):
+    result = run_cli("train", train_file, "--out", tmp_path / "unrolled", "--architecture",
+                     "unrolled", "--layers", 1, "--width", 4, "--filters", 4, "--eps", 0.1,
+                     "--max-steps", 1, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert ("warning: --filters, --eps: not used by --architecture unrolled (ignored)"
+            in result.stderr)
+    result = run_cli("train", train_file, "--out", tmp_path / "convex", "--width", 4,
+                     "--max-steps", 1, *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: --width: not used by --architecture convex" in result.stderr
+    assert "--filters" not in result.stderr   # TINY's options all shape the convex model
+
+
 def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):
     """--init: a run starts where the given model is (its architecture and weights, the file's
     sha256 recorded); architecture options that contradict the model are refused by name."""

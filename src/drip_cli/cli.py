@@ -303,7 +303,7 @@ def train(
     from .reconstruct import resolve_device
     from .regularizers.model import ModelConfig
     from .training import TrainConfig, Trainer
-    from .training.trainer import CHECKPOINT_STATE
+    from .training.trainer import CHECKPOINT_STATE, unused_settings
 
     def interrupted() -> str:
         if (out / CHECKPOINT_STATE).exists():
@@ -341,8 +341,15 @@ def train(
                                                max_iterations=max_iterations,
                                                reweight=reweight))
         config.validate()
-        trainer = Trainer(config, resolve_device(device), resume=resume, given=_options_given(ctx),
+        given = _options_given(ctx)
+        trainer = Trainer(config, resolve_device(device), resume=resume, given=given,
                           log=(lambda row: None) if quiet else _print_epoch)
+        unused = unused_settings(trainer.config, given)
+        if unused:
+            options = {field: option for option, field in TRAIN_OPTION_FIELDS.items()}
+            names = ", ".join("--" + options.get(n, n).replace("_", "-") for n in unused)
+            warning_line(f"{names}: not used by --architecture {trainer.config.model.architecture} "
+                         "(ignored)")
         if len(trainer.val_index) == 0:
             warning_line(f"{data}: one sample, so no validation split: the model kept is the last, "
                          f"not the best by validation PSNR")

@@ -102,6 +102,7 @@ def test_unrolled_model_reconstructs_and_reports_its_fit_as_it_is(runs, tmp_path
     assert "apply to drip models, not the unrolled network" in reweighted.stderr
     shown = run_cli("info", runs / "unrolled_run")
     assert shown.exit_code == 0 and "unrolled" in shown.stdout and "Lipschitz" not in shown.stdout
+    assert "width" in shown.stdout and "n_filters" not in shown.stdout   # only what it uses
     refused = run_cli("train", runs / "blur.h5", "--out", tmp_path / "run", "--architecture",
                       "unrolled", "--loss-weights", "1,1,0", "-q")
     assert refused.exit_code == 1 and "--loss-weights" in refused.stderr

@@ -334,6 +334,7 @@ def test_info_on_a_model(train_file, tmp_path):
         result = run_cli("info", target)
         assert result.exit_code == 0, result.stderr
         assert "blur" in result.stdout and "latent_channels" in result.stdout
+        assert "│ width" not in result.stdout   # the unrolled network's setting
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "pixel-weights"])

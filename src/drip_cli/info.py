@@ -86,7 +86,9 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
         bound = float(model.regularizer.lipschitz_bound().detach())
         general["Lipschitz bound of grad R"] = f"{bound:.4g}"
     general.update({k: str(v) for k, v in info.extra.items()})
-    return [(Path(path).name, general), ("config", info.config.to_dict())]
+    unused = info.config.unused_fields()
+    config = {k: v for k, v in info.config.to_dict().items() if k not in unused}
+    return [(Path(path).name, general), ("config", config)]
 
 
 def file_kind(path: str | os.PathLike) -> str:

@@ -99,6 +99,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def unused_fields(self) -> tuple[str, ...]:
+        """The settings this architecture has no use for (drip train warns when one is given;
+        drip info leaves them out)."""
+        if self.is_unrolled:   # its own steps: no regularizer, embedding or solver
+            return tuple(f.name for f in fields(self)
+                         if f.name not in ("image_channels", "architecture", "layers", "width"))
+        return ("width",) if self.architecture == "leapfrog" else ("layers", "width")
+
 
 def build_model(config: ModelConfig) -> torch.nn.Module:
     """The model a config describes: :class:`DripModel` or :class:`UnrolledNetwork`."""

@@ -150,20 +150,12 @@ ARCHITECTURE_FIELDS = ("architecture", "latent_channels", "n_filters", "kernel_s
                        "dilation_levels", "layers", "width")
 
 
-# settings an architecture has no use for: drip train warns when one of them is given
-UNUSED_FIELDS = {
-    "convex": ("layers", "width"),
-    "leapfrog": ("width",),
-    # the baseline network: its own steps, trained by backpropagation (no solve, no KKT system)
-    "unrolled": ("latent_channels", "n_filters", "kernel_size", "embedding_kernel_size", "eps",
-                 "group_size", "potential_scales", "dilation_levels", "max_iterations",
-                 "cg_iterations", "train_solver_iterations", "train_solver_tolerance"),
-}
-
-
 def unused_settings(config: TrainConfig, given: set[str]) -> list[str]:
-    """The ``given`` settings that ``config``'s architecture ignores, in a stable order."""
-    return [name for name in UNUSED_FIELDS.get(config.model.architecture, ()) if name in given]
+    """The ``given`` settings that ``config``'s architecture ignores (model fields first)."""
+    unused = config.model.unused_fields()
+    if config.model.is_unrolled:   # trained by backpropagation: no solve, no KKT system
+        unused += ("cg_iterations", "train_solver_iterations", "train_solver_tolerance")
+    return [name for name in unused if name in given]
 
 
 # the options that set a run's course: --resume takes them from the run's config.json

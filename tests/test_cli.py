@@ -237,6 +237,43 @@ def test_simulate_bad_options(args, needle, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["array.npy", "text.txt", "missing.npz"])
+def test_simulate_refuses_a_matrix_file_that_is_not_an_npz_archive(tmp_path, name):
+    matrices = tmp_path / "in"
+    matrices.mkdir()
+    if name == "array.npy":
+        np.save(matrices / name, np.eye(256))   # np.load returned the array: a TypeError
+    elif name == "text.txt":
+        (matrices / name).write_text("1 0\n0 1\n")   # np.load called it pickled data
+    result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "matrix",
+                     "--matrix", matrices / name, "--num-images", 2, "--image-size", 16)
+    message = "no such file" if name == "missing.npz" else "not an .npz archive"
+    assert result.exit_code == 1 and message in result.stderr and name in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.h5").exists()
+
+
+@pytest.mark.parametrize("name, psf, message", [
+    ("psf.npz", None, "not an .npz archive"),                   # was a TypeError in isfinite
+    ("psf.txt", None, "not a .npy array"),                      # was "pickled (object) data"
+    ("zero.npy", np.zeros((3, 3)), "invalid PSF: PSF is all zeros"),   # A = 0 was simulated
+    ("complex.npy", np.ones((3, 3), complex), "expected real numbers"),
+    ("missing.npy", None, "No such file"),
+])
+def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    if name == "psf.npz":
+        np.savez(inputs / name, psf=np.ones((3, 3)))
+    elif name == "psf.txt":
+        (inputs / name).write_text("0 1 0\n1 1 1\n0 1 0\n")
+    elif psf is not None:
+        np.save(inputs / name, psf)
+    result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "blur",
+                     "--psf", inputs / name, "--num-images", 2, "--image-size", 16)
+    assert result.exit_code == 1 and message in result.stderr and name in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.h5").exists()
+
+
 def test_simulate_bad_sources(tmp_path):
     nan_images = tmp_path / "nan.h5"
     with h5py.File(nan_images, "w") as f:

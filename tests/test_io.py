@@ -83,13 +83,16 @@ def corrupt(path, how: str) -> None:
             f.create_group("measurements")
         elif how == "nan-psf":
             f["operator/psf"][0, 0] = np.nan
+        elif how == "zero-psf":
+            f["operator/psf"][...] = 0.0
         else:
             raise ValueError(how)
 
 
 BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
              "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
-             "missing-operator", "noise-shape", "measurements-group", "nan-psf"]
+             "missing-operator", "noise-shape", "measurements-group", "nan-psf",
+             "zero-psf"]
 
 
 @pytest.mark.parametrize("how", BAD_FILES)

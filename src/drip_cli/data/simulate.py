@@ -67,6 +67,24 @@ class OperatorSpec:
     matrix_file: Path | None = None
 
 
+def read_psf_file(path) -> np.ndarray:
+    """The PSF array of a ``numpy.save`` file (``--psf``), without pickle; :class:`DripError`
+    naming the file for anything else."""
+    try:
+        psf = np.load(path, allow_pickle=False)
+    except OSError as exc:
+        raise DripError(f"cannot read PSF ({exc.strerror or exc})", path) from exc
+    except ValueError as exc:   # a text file reads as "pickled data"
+        raise DripError("cannot read PSF: not a .npy array (save it with numpy.save)", path) from exc
+    if not isinstance(psf, np.ndarray):   # an .npz archive
+        psf.close()
+        raise DripError("cannot read PSF: expected one array saved with numpy.save, not an .npz "
+                        "archive", path)
+    if psf.dtype.kind not in "fiu":
+        raise DripError(f"cannot read PSF: expected real numbers, got dtype {psf.dtype}", path)
+    return psf
+
+
 def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                    rng: np.random.Generator) -> LinearOperator:
     """The operator a user asked for; option errors raise :class:`DripError`."""
@@ -75,13 +93,11 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             return Denoise(image_shape)
         if spec.kind == "blur":
             if spec.psf_file is not None:
+                psf = read_psf_file(spec.psf_file)
                 try:
-                    psf = np.load(spec.psf_file, allow_pickle=False)
-                except (OSError, ValueError) as exc:
-                    raise DripError(f"cannot read PSF ({exc})", spec.psf_file) from exc
-                if not np.all(np.isfinite(psf)):
-                    raise DripError("PSF contains NaN or Inf", spec.psf_file)
-                return Blur(image_shape, psf)
+                    return Blur(image_shape, psf)
+                except ValueError as exc:
+                    raise DripError(f"invalid PSF: {exc}", spec.psf_file) from exc
             # a PSF many times the image's size wraps around into a near-constant kernel, and a
             # huge one (--blur-sigma 1e6) would not fit in memory: refuse it by name
             size = spec.blur_size

@@ -48,6 +48,8 @@ class Blur(LinearOperator):
             raise ValueError(f"PSF must be 2-D with odd sizes, got shape {tuple(psf.shape)}")
         if not bool(torch.isfinite(psf).all()):
             raise ValueError("PSF contains NaN or Inf")
+        if not bool(psf.any()):   # A = 0: nothing is measured
+            raise ValueError("PSF is all zeros")
         _, height, width = self.image_shape
         kh, kw = psf.shape
         rows = (torch.arange(kh) - kh // 2) % height

@@ -10,6 +10,8 @@ whose backward is the other direction, so gradients (and gradients of gradients)
 from __future__ import annotations
 
 import warnings
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -146,6 +148,10 @@ class SparseMatrixOperator(LinearOperator):
 
 def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     """Read a CSR matrix from a ``scipy.sparse.save_npz`` file, without pickle."""
+    if not Path(path).is_file():
+        raise ValueError("no such file")
+    if not zipfile.is_zipfile(path):   # np.load would read a .npy array or call it pickled data
+        raise ValueError("not an .npz archive; save the matrix with scipy.sparse.save_npz")
     with np.load(path, allow_pickle=False) as npz:
         fmt = npz["format"].item() if "format" in npz else b"csr"
         fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)

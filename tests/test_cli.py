@@ -274,6 +274,33 @@ def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.h5").exists()
 
 
+def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):
+    """sigma = p% of mean |A x| is 0 for a black image: simulate, train with fresh noise and
+    evaluate refuse it by index (simulate wrote a file that every command then refused), while
+    training on the file's own measurements keeps it."""
+    images = tmp_path / "images.h5"
+    truth = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
+    truth[2] = 0.0
+    with h5py.File(images, "w") as f:
+        f["images"] = truth
+    result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)
+    assert_clean_failure(result, images, tmp_path, {"images.h5"})
+    assert "ground-truth image 2 gives all-zero measurements" in result.stderr
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("blur", (1, 16, 20)), n=4)
+    with h5py.File(data, "r+") as f:
+        f["ground_truth"][1] = 0.0
+    for command in (["train", data, "--out", tmp_path / "run", "--noise-percent", "1:5"],
+                    ["evaluate", data, "--out", tmp_path / "report", "--methods", "cgls"]):
+        result = run_cli(*command, "-q")
+        assert result.exit_code == 1 and "ground-truth image 1 gives all-zero" in result.stderr
+        assert not (tmp_path / "run" / "model.safetensors").exists()
+        assert not (tmp_path / "report").exists()
+    result = run_cli("train", data, "--out", tmp_path / "run", "--max-steps", 1,
+                     "--solver-iterations", 3, "-q")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_simulate_bad_sources(tmp_path):
     nan_images = tmp_path / "nan.h5"
     with h5py.File(nan_images, "w") as f:

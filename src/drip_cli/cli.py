@@ -137,7 +137,7 @@ def simulate(
     """Simulate noisy measurements b = A x + sigma e of ground-truth images."""
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
                        hdf5_image_dataset, iter_hdf5_images, load_images, parse_noise_percent,
-                       simulate_batch)
+                       require_measurable, simulate_batch)
     from .io import MeasurementWriter, atomic_h5, check_writable
 
     with _errors(debug):
@@ -182,6 +182,7 @@ def simulate(
                     low_value = min(low_value, float(block.min()))
                     high_value = max(high_value, float(block.max()))
                     b, sigma = simulate_batch(op, block, percent[start:stop], rng)
+                    require_measurable(sigma, images, start)
                     writer.write(start, measurements=b, noise_std=sigma, ground_truth=block,
                                  noise_percent=percent[start:stop].astype(np.float32))
                     start = stop

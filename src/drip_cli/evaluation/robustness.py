@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..data import simulate_batch
+from ..data import require_measurable, simulate_batch
 from ..errors import DripError
 from ..io import MeasurementFile
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
@@ -167,6 +167,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                         taus=taus, seed=seed, levels=list(levels), preview_level=preview_level)
     # measure on the CPU (float64, reproducible), before the operator moves to the device
     measured = {percent: simulate_level(op, truth, percent, seed) for percent in levels}
+    require_measurable(measured[levels[0]][1], data)
     shown = slice(0, min(n_previews, len(truth)))
     result.previews["ground truth"] = truth[shown]
     result.previews["naive"] = naive_reconstruction(op, measured[preview_level][0][shown])

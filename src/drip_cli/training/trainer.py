@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..data import add_noise, noise_std_for
+from ..data import add_noise, noise_std_for, require_measurable
 from ..errors import DripError, require_positive, setting_type_problem
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_text
@@ -343,6 +343,12 @@ class Trainer:
                             f"({truth.shape[1]}), got {config.model.latent_channels}", config.data)
         config.model.latent_channels = config.model.latent_channels or truth.shape[1]
         self.truth = torch.from_numpy(truth)
+        if fresh:   # fresh noise is a percent of mean |A x|: it needs A x != 0
+            with torch.no_grad():
+                for start in range(0, len(truth), 256):
+                    clean = self.op(self.truth[start:start + 256].to(device))
+                    require_measurable(noise_std_for(self.op, clean, torch.ones(len(clean))).cpu(),
+                                       config.data, start)
         n = len(truth)
         n_val = min(config.val_max_samples, max(1, int(round(config.val_fraction * n)))) if n > 1 else 0
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
@@ -477,7 +483,10 @@ class Trainer:
         with torch.no_grad():
             clean = self.op(self.truth[self.train_index].to(self.device))
             one_percent = noise_std_for(self.op, clean, torch.ones(len(clean), dtype=torch.float64))
-        percent = noise_std[self.train_index].to(clean.device) / one_percent
+        seen = one_percent > 0   # a black image has no percent: its noise is all there is
+        if not bool(seen.any()):
+            require_measurable(one_percent.cpu(), self.config.data)
+        percent = noise_std[self.train_index].to(clean.device)[seen] / one_percent[seen]
         return float(percent.min()), float(percent.max())
 
     def save_checkpoint(self) -> None:

@@ -85,6 +85,8 @@ def corrupt(path, how: str) -> None:
             f["operator/psf"][0, 0] = np.nan
         elif how == "zero-psf":
             f["operator/psf"][...] = 0.0
+        elif how == "float32-overflow":   # finite, but its squared norm is Inf in float32
+            f["measurements"][0] = 1e30
         else:
             raise ValueError(how)
 
@@ -92,7 +94,7 @@ def corrupt(path, how: str) -> None:
 BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
              "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
              "missing-operator", "noise-shape", "measurements-group", "nan-psf",
-             "zero-psf"]
+             "zero-psf", "float32-overflow"]
 
 
 @pytest.mark.parametrize("how", BAD_FILES)

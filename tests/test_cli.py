@@ -277,7 +277,8 @@ def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
 def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):
     """sigma = p% of mean |A x| is 0 for a black image: simulate, train with fresh noise and
     evaluate refuse it by index (simulate wrote a file that every command then refused), while
-    training on the file's own measurements keeps it."""
+    training on the file's own measurements keeps it. Simulate refuses images too large for
+    float32 measurements likewise."""
     images = tmp_path / "images.h5"
     truth = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
     truth[2] = 0.0
@@ -286,6 +287,11 @@ def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):
     result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)
     assert_clean_failure(result, images, tmp_path, {"images.h5"})
     assert "ground-truth image 2 gives all-zero measurements" in result.stderr
+    with h5py.File(images, "w") as f:   # finite, but their measurements overflow float32
+        f["images"] = np.full((2, 16, 16), 1e30, np.float32)
+    result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)
+    assert_clean_failure(result, images, tmp_path, {"images.h5"})
+    assert "overflow float32" in result.stderr
     data = tmp_path / "m.h5"
     write_small_file(data, make_operator("blur", (1, 16, 20)), n=4)
     with h5py.File(data, "r+") as f:

@@ -138,7 +138,7 @@ def simulate(
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
                        hdf5_image_dataset, iter_hdf5_images, load_images, parse_noise_percent,
                        require_measurable, simulate_batch)
-    from .io import MeasurementWriter, atomic_h5, check_writable
+    from .io import MeasurementWriter, atomic_h5, check_writable, overflows_float32
 
     with _errors(debug):
         if channels == 2:
@@ -183,6 +183,9 @@ def simulate(
                     high_value = max(high_value, float(block.max()))
                     b, sigma = simulate_batch(op, block, percent[start:stop], rng)
                     require_measurable(sigma, images, start)
+                    if overflows_float32(b):   # drip's readers would refuse the file
+                        raise DripError("the images are too large: their measurements overflow "
+                                        "float32 arithmetic (scale them to [0, 1])", images)
                     writer.write(start, measurements=b, noise_std=sigma, ground_truth=block,
                                  noise_percent=percent[start:stop].astype(np.float32))
                     start = stop

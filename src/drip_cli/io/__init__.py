@@ -2,11 +2,12 @@
 
 from .atomic import atomic_h5, atomic_path, check_writable, write_text
 from .measurements import (MeasurementBatch, MeasurementFile, MeasurementWriter, file_format,
-                           open_h5, write_measurement_file)
+                           open_h5, overflows_float32, write_measurement_file)
 from .reconstructions import ReconstructionWriter, read_reconstruction_file
 
 __all__ = [
     "atomic_h5", "atomic_path", "check_writable", "write_text", "MeasurementBatch",
-    "MeasurementFile", "MeasurementWriter", "file_format", "open_h5", "write_measurement_file",
+    "MeasurementFile", "MeasurementWriter", "file_format", "open_h5", "overflows_float32",
+    "write_measurement_file",
     "ReconstructionWriter", "read_reconstruction_file",
 ]

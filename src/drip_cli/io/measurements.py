@@ -65,6 +65,13 @@ def file_format(handle: h5py.File) -> str | None:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+def overflows_float32(block: np.ndarray) -> bool:
+    """Whether a sample of ``block`` (samples along the first axis) has a squared norm beyond
+    float32's range: the solvers work in float32, where it would turn into Inf and NaN."""
+    rows = len(block) if block.ndim else 1
+    return bool(np.any(np.square(block.astype(np.float64)).reshape(rows, -1).sum(1) > FLOAT32_MAX))
+
+
 def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
                   finite: bool = True, positive: bool = False) -> h5py.Dataset:
     """Check that dataset ``name`` has ``shape`` (``None`` entries are free), a dtype of one of
@@ -85,10 +92,7 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
             block = np.asarray(dset[start:start + SCAN_ROWS] if dset.ndim else dset[()])
             if finite and not np.all(np.isfinite(block)):
                 raise DripError(f"dataset '{name}' contains NaN or Inf", path)
-            # the solvers work in float32: a sample whose squared norm overflows it would turn
-            # into Inf and NaN there
-            if finite and np.any(np.square(block.astype(np.float64)).reshape(len(block) if block.ndim
-                                 else 1, -1).sum(1) > FLOAT32_MAX):
+            if finite and overflows_float32(block):
                 raise DripError(f"dataset '{name}' holds values too large for float32 arithmetic "
                                 f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}): rescale "
                                 "the data", path)

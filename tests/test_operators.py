@@ -163,9 +163,13 @@ def test_blur_survives_module_dtype_casts():
     (lambda: Inpainting((1, 8, 8), np.zeros((8, 8), np.uint8)), "observes no pixel"),
     (lambda: SparseMatrixOperator.from_csr((1, 8, 8), np.zeros(0), np.zeros(0, np.int64),
                                            np.zeros(1, np.int64), (0, 64)), "measures nothing"),
+    (lambda: Blur((1, 8, 8), np.zeros((3, 3))), "all zeros"),
+    (lambda: SparseMatrixOperator.from_csr((1, 8, 8), np.zeros(2), np.array([0, 5]),
+                                           np.array([0, 1, 2]), (2, 64)), "no nonzero entry"),
 ])
 def test_degenerate_operators_are_refused(build, needle):
-    """A NaN PSF, a mask with no observed pixel, a matrix with no rows: each would give NaN
-    discrepancy ratios (M = 0, or NaN data) downstream, so each is refused where it is built."""
+    """A NaN PSF, a mask with no observed pixel, a matrix with no rows, an all-zero PSF or
+    matrix: each would give NaN discrepancy ratios (M = 0, NaN data, or noise levels of 0)
+    downstream, so each is refused where it is built."""
     with pytest.raises(ValueError, match=needle):
         build()

@@ -68,6 +68,8 @@ def validate_csr(indptr, indices, data, shape) -> None:
         raise ValueError(f"column indices out of range [0, {cols})")
     if not np.all(np.isfinite(data)):
         raise ValueError("matrix entries contain NaN or Inf")
+    if not np.any(data):
+        raise ValueError(f"matrix has shape {[rows, cols]} but no nonzero entry: it measures nothing")
 
 
 class SparseMatrixOperator(LinearOperator):

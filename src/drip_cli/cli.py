@@ -137,8 +137,8 @@ def simulate(
     """Simulate noisy measurements b = A x + sigma e of ground-truth images."""
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
                        hdf5_image_dataset, iter_hdf5_images, load_images, parse_noise_percent,
-                       require_measurable, simulate_batch)
-    from .io import MeasurementWriter, atomic_h5, check_writable, overflows_float32
+                       simulate_batch)
+    from .io import MeasurementWriter, atomic_h5, check_writable
 
     with _errors(debug):
         if channels == 2:
@@ -181,11 +181,7 @@ def simulate(
                     stop = start + len(block)
                     low_value = min(low_value, float(block.min()))
                     high_value = max(high_value, float(block.max()))
-                    b, sigma = simulate_batch(op, block, percent[start:stop], rng)
-                    require_measurable(sigma, images, start)
-                    if overflows_float32(b):   # drip's readers would refuse the file
-                        raise DripError("the images are too large: their measurements overflow "
-                                        "float32 arithmetic (scale them to [0, 1])", images)
+                    b, sigma = simulate_batch(op, block, percent[start:stop], rng, images, start)
                     writer.write(start, measurements=b, noise_std=sigma, ground_truth=block,
                                  noise_percent=percent[start:stop].astype(np.float32))
                     start = stop

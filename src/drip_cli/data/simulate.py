@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DripError
+from ..io.measurements import overflows_float32
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
                          Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
                          load_matrix_file)
@@ -140,11 +141,18 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
 
 @torch.no_grad()
 def simulate_batch(op: LinearOperator, images: np.ndarray, percent: np.ndarray,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Measurements and noise std (float32) for a batch of images, computed in float64."""
+                   rng: np.random.Generator, source=None,
+                   offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Measurements and noise std (float32) for a batch of images, computed in float64.
+    Measurements no drip file may hold (a noise level of 0, or too large for float32) raise
+    :class:`DripError` naming ``source``; ``offset``: the index of ``images[0]`` there."""
     x = torch.from_numpy(images.astype(np.float64))
     clean = op(x)
     sigma = noise_std_for(op, clean, torch.from_numpy(percent))
+    require_measurable(sigma.numpy(), source, offset)
     e = torch.from_numpy(rng.standard_normal(clean.shape))
-    b = add_noise(op, clean, sigma, e)
-    return b.numpy().astype(np.float32), sigma.numpy().astype(np.float32)
+    b = add_noise(op, clean, sigma, e).numpy()
+    if overflows_float32(b):
+        raise DripError("the images are too large: their measurements overflow float32 "
+                        "arithmetic (scale them to [0, 1])", source)
+    return b.astype(np.float32), sigma.numpy().astype(np.float32)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ..data import require_measurable, simulate_batch
+from ..data import simulate_batch
 from ..errors import DripError
 from ..io import MeasurementFile
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
@@ -110,11 +110,13 @@ def load_ground_truth(path: str | os.PathLike, operator_from: str | os.PathLike 
     return truth, op
 
 
-def simulate_level(op: LinearOperator, truth: np.ndarray, percent: float, seed: int):
-    """``(measurements, noise_std)`` of every image at ``percent``, reproducible per level."""
+def simulate_level(op: LinearOperator, truth: np.ndarray, percent: float, seed: int,
+                   source=None):
+    """``(measurements, noise_std)`` of every image at ``percent``, reproducible per level;
+    ``source``: the file the ground truth came from (named by errors)."""
     rng = np.random.default_rng([seed, int(round(percent * 1e6))])
     parts = [simulate_batch(op, truth[i:i + SIMULATION_CHUNK],
-                            np.full(len(truth[i:i + SIMULATION_CHUNK]), percent), rng)
+                            np.full(len(truth[i:i + SIMULATION_CHUNK]), percent), rng, source, i)
              for i in range(0, len(truth), SIMULATION_CHUNK)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
@@ -166,8 +168,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                         operator_from=None if operator_from is None else str(operator_from),
                         taus=taus, seed=seed, levels=list(levels), preview_level=preview_level)
     # measure on the CPU (float64, reproducible), before the operator moves to the device
-    measured = {percent: simulate_level(op, truth, percent, seed) for percent in levels}
-    require_measurable(measured[levels[0]][1], data)
+    measured = {percent: simulate_level(op, truth, percent, seed, data) for percent in levels}
     shown = slice(0, min(n_previews, len(truth)))
     result.previews["ground truth"] = truth[shown]
     result.previews["naive"] = naive_reconstruction(op, measured[preview_level][0][shown])

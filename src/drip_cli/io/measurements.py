@@ -66,10 +66,12 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def overflows_float32(block: np.ndarray) -> bool:
-    """Whether a sample of ``block`` (samples along the first axis) has a squared norm beyond
-    float32's range: the solvers work in float32, where it would turn into Inf and NaN."""
+    """Whether a sample of ``block`` (samples along the first axis) holds NaN or Inf or has a
+    squared norm beyond float32's range: the solvers work in float32, where it would turn into
+    Inf and NaN."""
     rows = len(block) if block.ndim else 1
-    return bool(np.any(np.square(block.astype(np.float64)).reshape(rows, -1).sum(1) > FLOAT32_MAX))
+    squared_norms = np.square(block.astype(np.float64)).reshape(rows, -1).sum(1)
+    return not bool(np.all(squared_norms <= FLOAT32_MAX))   # NaN compares False
 
 
 def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
@@ -90,9 +92,9 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
     if finite or positive:
         for start in range(0, dset.shape[0] if dset.ndim else 1, SCAN_ROWS):
             block = np.asarray(dset[start:start + SCAN_ROWS] if dset.ndim else dset[()])
-            if finite and not np.all(np.isfinite(block)):
-                raise DripError(f"dataset '{name}' contains NaN or Inf", path)
-            if finite and overflows_float32(block):
+            if finite and overflows_float32(block):   # one pass in the common, valid case
+                if not np.all(np.isfinite(block)):
+                    raise DripError(f"dataset '{name}' contains NaN or Inf", path)
                 raise DripError(f"dataset '{name}' holds values too large for float32 arithmetic "
                                 f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}): rescale "
                                 "the data", path)

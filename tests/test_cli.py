@@ -127,6 +127,32 @@ def test_reconstruct_writes_the_contract_file(method, tmp_path):
             assert f["iterations"][()].max() <= 1 and not np.all(f["converged"][()])
 
 
+def test_images_smaller_than_the_ssim_window_have_no_ssim_and_the_reports_stay_json(tmp_path):
+    """SSIM's 7x7 window does not fit a 5-pixel-wide image: its SSIM is NaN in the file and null
+    in the JSON reports (which hold no NaN, so strict parsers read them), PSNR as usual."""
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("blur", (1, 5, 12)))
+    out, report = tmp_path / "r.h5", tmp_path / "r.json"
+    result = run_cli("reconstruct", data, "--out", out, "--method", "cgls", "--report", report,
+                     "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert np.all(np.isnan(f["ssim"][()])) and np.all(np.isfinite(f["psnr"][()]))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+    summary = strict(report.read_text())
+    assert summary["ssim_mean"] is None and summary["regularizer_value_mean"] is None
+    assert summary["psnr_mean"] > 0
+    result = run_cli("evaluate", data, "--out", tmp_path / "rep", "--methods", "cgls",
+                     "--noise-percent", "2", "-q")
+    assert result.exit_code == 0, result.stderr
+    rows = strict((tmp_path / "rep" / "robustness.json").read_text())["rows"]
+    assert rows[0]["ssim_mean"] is None and rows[0]["psnr_mean"] > 0
+    assert "nan" not in (tmp_path / "rep" / "robustness.md").read_text()
+
+
 def test_reconstruct_with_noise_std_option_and_tau(tmp_path):
     data = tmp_path / "m.h5"
     op = make_operator("tomography", (1, 16, 20))
@@ -281,12 +307,12 @@ def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):
     float32 measurements likewise."""
     images = tmp_path / "images.h5"
     truth = np.random.default_rng(0).random((3, 16, 16)).astype(np.float32)
-    truth[2] = 0.0
+    truth[[0, 2]] = 0.0
     with h5py.File(images, "w") as f:
         f["images"] = truth
     result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)
     assert_clean_failure(result, images, tmp_path, {"images.h5"})
-    assert "ground-truth image 2 gives all-zero measurements" in result.stderr
+    assert "ground-truth images 0, 2 give all-zero measurements" in result.stderr
     with h5py.File(images, "w") as f:   # finite, but their measurements overflow float32
         f["images"] = np.full((2, 16, 16), 1e30, np.float32)
     result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)

@@ -7,7 +7,6 @@ Bad input ends with exit status 1 and one line on stderr naming the file and the
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from enum import Enum
 from pathlib import Path
@@ -406,7 +405,7 @@ def reconstruct(
     debug: bool = DEBUG,
 ) -> None:
     """Reconstruct images from measurements; every sample must fit the data."""
-    from .io import check_writable, write_text
+    from .io import check_writable, write_json
     from .methods import CLASSICAL_METHODS
     from .reconstruct import reconstruct_file, resolve_device
 
@@ -445,7 +444,7 @@ def reconstruct(
                                        keep={"the model": model})
         summary["seconds_total"] = time.perf_counter() - start
         if report is not None:
-            write_text(report, json.dumps(summary, indent=2) + "\n")
+            write_json(report, summary)
         console.print(summary_table(f"{summary['method']} on {measurements.name}", [summary]))
         if summary["n_unfit"]:
             console.print(f"[yellow]{summary['n_unfit']} sample(s) do not fit the data "

@@ -49,11 +49,13 @@ def require_measurable(noise_std, path, offset: int = 0) -> None:
     """Refuse ground truth whose clean measurements are all zero (a black image, or one the
     operator does not see): a noise level of p% of ``mean(|A x|)`` is then 0, which no
     measurement file can hold. ``offset``: the index of ``noise_std[0]`` in the file."""
-    silent = np.flatnonzero(np.asarray(noise_std) <= 0)
+    silent = offset + np.flatnonzero(np.asarray(noise_std) <= 0)
     if len(silent):
-        raise DripError(f"ground-truth image {offset + int(silent[0])} gives all-zero measurements "
-                        "A x, so its noise level (a percent of mean |A x|) would be 0: leave such "
-                        "images out", path)
+        which = ", ".join(str(i) for i in silent[:5]) + (" ..." if len(silent) > 5 else "")
+        images = "image" if len(silent) == 1 else "images"
+        raise DripError(f"ground-truth {images} {which} give{'s' * (len(silent) == 1)} all-zero "
+                        "measurements A x, so the noise level (a percent of mean |A x|) would be "
+                        "0: leave such images out", path)
 
 
 def add_noise(op: LinearOperator, clean: torch.Tensor, noise_std: torch.Tensor,

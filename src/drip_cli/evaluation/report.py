@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 from rich.table import Table
 
-from ..io import atomic_path, write_text
+from ..io import atomic_path, write_json, write_text
 from .metrics import psnr
 from .robustness import Evaluation, best_taus
 
@@ -81,10 +81,17 @@ def best_tau_table(evaluation: Evaluation) -> Table | None:
     return table
 
 
+def _number(value, spec: str) -> str:
+    """A table cell: ``value`` formatted, or a dash for a figure that is missing or NaN (R for
+    methods without one, SSIM of images smaller than its window)."""
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
 def _best_tau_cells(evaluation: Evaluation) -> list[tuple[str, ...]]:
     """The cells of the best-tau table (console and Markdown), one tuple per method and level."""
     return [(r["base_method"], f"{r['noise_percent']:g}", f"{r['tau']:g}", f"{r['psnr_mean']:.2f}",
-             f"{r['ssim_mean']:.3f}", f"{r['fit_fraction']:.2f}") for r in best_taus(evaluation)]
+             _number(r["ssim_mean"], ".3f"), f"{r['fit_fraction']:.2f}")
+            for r in best_taus(evaluation)]
 
 
 def console_table(evaluation: Evaluation) -> Table:
@@ -135,17 +142,15 @@ def markdown(evaluation: Evaluation) -> str:
     lines += ["", "| method | noise % | samples | PSNR | SSIM | fit | max ratio | R mean "
               "| R truth mean | R truth < R share | s/image |", "|---" * 11 + "|"]
 
-    def f(value, spec):
-        return "-" if value is None else format(value, spec)
-
     for name in names:
         for level in evaluation.levels:
             r = get(name, level)
             lines.append(f"| {name} | {level:g} | {r['n_samples']} | {r['psnr_mean']:.2f} | "
-                         f"{r['ssim_mean']:.3f} | {r['fit_fraction']:.2f} | "
-                         f"{r['discrepancy_ratio_max']:.3f} | {f(r['regularizer_value_mean'], '.4g')} | "
-                         f"{f(r.get('regularizer_value_truth_mean'), '.4g')} | "
-                         f"{f(r.get('truth_more_regular_fraction'), '.2f')} | "
+                         f"{_number(r['ssim_mean'], '.3f')} | {r['fit_fraction']:.2f} | "
+                         f"{r['discrepancy_ratio_max']:.3f} | "
+                         f"{_number(r['regularizer_value_mean'], '.4g')} | "
+                         f"{_number(r.get('regularizer_value_truth_mean'), '.4g')} | "
+                         f"{_number(r.get('truth_more_regular_fraction'), '.2f')} | "
                          f"{r['seconds_per_image']:.3f} |")
     lines += ["", "`R truth`: the learned regularizer at the ground truth's best latent "
               "representation (min R(z) subject to E z = x); `R truth < R share`: the share of "
@@ -229,7 +234,7 @@ def write_report(evaluation: Evaluation, out: str | os.PathLike) -> list[Path]:
     """Write every file of the report into the folder ``out`` (created if needed)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "robustness.json", json.dumps(evaluation.to_dict(), indent=2) + "\n")
+    write_json(out / "robustness.json", evaluation.to_dict())
     write_text(out / "robustness.csv", _csv(evaluation.rows, ROW_FIELDS))
     write_text(out / "robustness.md", markdown(evaluation))
     write_text(out / "samples.csv", _csv(evaluation.samples, SAMPLE_FIELDS))

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -70,3 +72,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def _strict(value):
+    """``value`` with every non-finite float as ``None``: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    """Write ``value`` as indented, standard JSON (a NaN or infinite figure as ``null``)."""
+    write_text(path, json.dumps(_strict(value), indent=2, allow_nan=False) + "\n")

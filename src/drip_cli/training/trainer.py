@@ -47,7 +47,7 @@ from .. import __version__
 from ..data import add_noise, noise_std_for, require_measurable
 from ..errors import DripError, require_positive, setting_type_problem
 from ..evaluation import psnr
-from ..io import MeasurementFile, atomic_path, write_text
+from ..io import MeasurementFile, atomic_path, write_json
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
                          save_model)
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
@@ -539,8 +539,7 @@ class Trainer:
         else:
             for name in (HISTORY, CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
                 (self.out / name).unlink(missing_ok=True)
-            write_text(self.out / CONFIG, json.dumps({**cfg.to_dict(), "drip_version": __version__},
-                                                     indent=2) + "\n")
+            write_json(self.out / CONFIG, {**cfg.to_dict(), "drip_version": __version__})
             self._end_epoch([], label="start")  # the untrained model (smoothed TV) as a reference
         started = time.perf_counter() - self.elapsed
         steps_here, stopped_early, losses = 0, False, []

@@ -374,6 +374,16 @@ def test_simulate_warns_about_images_outside_0_1(tmp_path):
     assert result.exit_code == 0 and result.stderr == ""
 
 
+def test_random_ellipse_phantoms_are_never_black():
+    """Dark ellipses can clip a whole phantom to 0, which simulate refuses (noise would be 0):
+    such a draw is redrawn. Seed 0 drew 5 black ones among 200 before."""
+    from drip_cli.data.phantoms import random_ellipses
+
+    images = random_ellipses(200, 64, 64, 1, np.random.default_rng(0))
+    assert images.shape == (200, 1, 64, 64) and images.min() >= 0 and images.max() <= 1
+    assert np.all(images.reshape(200, -1).max(axis=1) > 0)
+
+
 def test_usage_errors_exit_2(tmp_path):
     assert run_cli("reconstruct").exit_code == 2
     assert run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "fourier").exit_code == 2

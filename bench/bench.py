@@ -10,6 +10,9 @@
 3. Training throughput: images per second of ``drip train``'s optimisation step (default
    settings, batch 8, fresh 1-5% noise) for DRIP and the unrolled baseline, from untrained
    models on the same crops, after one warm-up step.
+4. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
+   (CGLS, blur) on phantom files of two sizes, 8 times apart. The command streams a file batch
+   by batch, so its peak should not grow with the file.
 
 ``--device cuda`` runs all three on a GPU. Prints rich tables and writes bench_out/bench.json.
 """
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -193,6 +199,35 @@ def bench_training(truth: np.ndarray, steps: int, device: torch.device,
     return out, figures
 
 
+def peak_memory(*args) -> tuple[float, float]:
+    """Run ``drip ARGS`` in a fresh process: its seconds and peak resident memory in MiB."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "drip_cli", *map(str, args), "-q"],
+                             stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        raise SystemExit(f"drip {' '.join(map(str, args))} failed")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux: ru_maxrss in KiB
+
+
+def bench_memory(sizes: list[int]) -> tuple[Table, dict]:
+    """Peak memory of ``drip reconstruct --method cgls`` on blurred phantom files of ``sizes``."""
+    out = table("drip reconstruct --method cgls on large files (64x64 phantoms, blur, CPU)",
+                "images", "file MiB", "seconds", "peak MiB")
+    figures = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for n in sizes:
+            data, recon = Path(folder) / f"m{n}.h5", Path(folder) / f"r{n}.h5"
+            peak_memory("simulate", "phantom:ellipses", data, "--operator", "blur",
+                        "--noise-percent", 2, "--num-images", n)
+            seconds, peak = peak_memory("reconstruct", data, "--out", recon, "--method", "cgls",
+                                        "--device", "cpu")
+            size = data.stat().st_size / 2**20
+            figures[str(n)] = {"file_mib": size, "seconds": seconds, "peak_mib": peak}
+            out.add_row(str(n), f"{size:.0f}", f"{seconds:.1f}", f"{peak:.0f}")
+    return out, figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
@@ -202,6 +237,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--train-steps", type=int, default=10,
                         help="timed training steps per architecture (0: skip)")
+    parser.add_argument("--memory-images", type=int, default=4096,
+                        help="the larger file of the memory section, in images (the smaller one "
+                             "has an eighth; 0: skip)")
     args = parser.parse_args()
     device = resolve_device(args.device)   # as the CLI sets it up
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -221,6 +259,9 @@ def main() -> None:
     console.print(out)
     if args.train_steps > 0:
         out, results["training"] = bench_training(truth, args.train_steps, device, where)
+        console.print(out)
+    if args.memory_images > 0:
+        out, results["memory"] = bench_memory([max(1, args.memory_images // 8), args.memory_images])
         console.print(out)
     args.out.mkdir(exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -16,7 +16,7 @@ def test_bench_runs_every_section(tmp_path):
     # as `make bench > log`: no terminal and no $COLUMNS (pytest sets it to 80)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     result = subprocess.run([sys.executable, str(BENCH), "--images", "4", "--train-steps", "1",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                             "--memory-images", "16", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
                             env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "…" not in result.stdout   # the tables are printed whole
@@ -30,3 +30,5 @@ def test_bench_runs_every_section(tmp_path):
     assert all(row["max_ratio"] <= 1.0 for name, row in methods.items() if "unrolled" not in name)
     assert set(figures["training"]) == {"drip (convex)", "unrolled"}
     assert all(row["images_per_s"] > 0 for row in figures["training"].values())
+    assert set(figures["memory"]) == {"2", "16"}
+    assert all(row["peak_mib"] > 0 for row in figures["memory"].values())

@@ -47,6 +47,11 @@ class ReconstructionWriter:
         for name, values in arrays.items():
             self._datasets[name][start:start + len(values)] = values
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """The per-sample columns (everything but the images), read back once all are written."""
+        return {name: dataset[()] for name, dataset in self._datasets.items()
+                if name != "reconstructions"}
+
 
 def read_reconstruction_file(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """Attributes and per-sample columns of a reconstruction file (not the images)."""

@@ -384,6 +384,29 @@ def test_random_ellipse_phantoms_are_never_black():
     assert np.all(images.reshape(200, -1).max(axis=1) > 0)
 
 
+def test_sigterm_removes_the_output_in_progress(tmp_path):
+    """``kill`` (SIGTERM, as a batch system's time limit sends) is handled as Ctrl-C: one line,
+    exit status 143, and neither the output nor its temporary file is left behind."""
+    import signal
+    import time
+
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("blur", (1, 48, 48)), n=64)
+    out = tmp_path / "r.h5"
+    child = subprocess.Popen([sys.executable, "-m", "drip_cli", "reconstruct", data, "--out", out,
+                              "--method", "tv", "--max-iterations", "100000", "-q"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".r.h5.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)   # the temporary output exists: the solve has started
+    assert child.poll() is None, child.communicate()
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 143, stderr
+    assert stderr.strip() == "drip: error: terminated; no output was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
+
+
 def test_usage_errors_exit_2(tmp_path):
     assert run_cli("reconstruct").exit_code == 2
     assert run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "fourier").exit_code == 2

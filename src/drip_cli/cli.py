@@ -7,6 +7,8 @@ Bad input ends with exit status 1 and one line on stderr naming the file and the
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -43,12 +45,35 @@ EDGE_SCALE = typer.Option(
          "in [0, 1]). Default: the model's (0.05).")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch system's time limit) is handled as Ctrl-C is: the output in
+    progress is removed, a training run keeps its last checkpoint."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 @contextlib.contextmanager
-def _errors(debug: bool, interrupted=lambda: "interrupted; no output was written"):
-    """Map every failure to one stderr line and exit status 1, unless ``--debug``; Ctrl-C to
-    the line ``interrupted()`` returns and exit status 130."""
+def _on_sigterm(handler):
+    if threading.current_thread() is not threading.main_thread():  # (signals: main thread only)
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was written"):
+    """Map every failure to one stderr line and exit status 1, unless ``--debug``; Ctrl-C and
+    SIGTERM to the line ``interrupted("interrupted" or "terminated")`` returns and exit status
+    130 or 143 (128 + the signal's number, as shells report)."""
+    try:
+        with _on_sigterm(_terminate):
+            yield
     except (typer.Exit, typer.Abort):
         raise
     except DripError as exc:
@@ -56,9 +81,10 @@ def _errors(debug: bool, interrupted=lambda: "interrupted; no output was written
             raise
         error_line(str(exc))
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        error_line(interrupted())
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        error_line(interrupted("terminated" if terminated else "interrupted"))
+        raise typer.Exit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
     except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
         if debug:
             raise
@@ -304,11 +330,11 @@ def train(
     from .training import TrainConfig, Trainer
     from .training.trainer import CHECKPOINT_STATE, unused_settings
 
-    def interrupted() -> str:
+    def interrupted(cause: str) -> str:
         if (out / CHECKPOINT_STATE).exists():
-            return (f"interrupted; {out} keeps the last checkpoint (written at the end of each "
+            return (f"{cause}; {out} keeps the last checkpoint (written at the end of each "
                     f"epoch): continue with drip train {data} --out {out} --resume")
-        return ("interrupted before the first checkpoint (written at the end of the first "
+        return (f"{cause} before the first checkpoint (written at the end of the first "
                 "epoch); nothing to resume")
 
     with _errors(debug, interrupted):

@@ -73,6 +73,10 @@ def corrupt(path, how: str) -> None:
             f.attrs["drip_format"] = "reconstructions"
         elif how == "wrong-version":
             f.attrs["format_version"] = 7
+        elif how == "text-version":   # was "unexpected ValueError"
+            f.attrs["format_version"] = "one"
+        elif how == "kind-array":     # was "cannot read file (unhashable type ...)"
+            f["operator"].attrs["kind"] = ["blur", "blur"]
         elif how == "missing-operator":
             del f["operator"]
         elif how == "noise-shape":
@@ -93,8 +97,8 @@ def corrupt(path, how: str) -> None:
 
 BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
              "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
-             "missing-operator", "noise-shape", "measurements-group", "nan-psf",
-             "zero-psf", "float32-overflow"]
+             "text-version", "kind-array", "missing-operator", "noise-shape",
+             "measurements-group", "nan-psf", "zero-psf", "float32-overflow"]
 
 
 @pytest.mark.parametrize("how", BAD_FILES)

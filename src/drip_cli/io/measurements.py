@@ -49,8 +49,13 @@ def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
         if fmt != expected_format:
             raise DripError(f"drip_format is {fmt!r}, expected {expected_format!r}", path)
         version = handle.attrs.get("format_version")
-        if version is None or int(np.asarray(version).ravel()[0]) != FORMAT_VERSION:
-            raise DripError(f"unsupported format_version {version!r} (expected {FORMAT_VERSION})", path)
+        try:
+            number = float(np.asarray(version).item())
+        except (TypeError, ValueError):   # missing, not a number, or not one value
+            number = None
+        if number != FORMAT_VERSION:
+            shown = "missing" if version is None else repr(np.asarray(version).tolist())
+            raise DripError(f"unsupported format_version {shown} (expected {FORMAT_VERSION})", path)
     except BaseException:
         handle.close()
         raise

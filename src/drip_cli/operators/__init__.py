@@ -25,8 +25,9 @@ def operator_from_hdf5(group) -> LinearOperator:
         kind = kind.decode()
     if kind is None:
         raise ValueError("operator group lacks attribute 'kind'")
-    if kind not in OPERATORS:
-        raise ValueError(f"unknown operator kind {kind!r} (known: {', '.join(OPERATORS)})")
+    if not isinstance(kind, str) or kind not in OPERATORS:
+        shown = kind if isinstance(kind, str) else np.asarray(kind).tolist()
+        raise ValueError(f"unknown operator kind {shown!r} (known: {', '.join(OPERATORS)})")
     if "image_shape" not in group.attrs:
         raise ValueError("operator group lacks attribute 'image_shape'")
     image_shape = np.asarray(group.attrs["image_shape"]).ravel()

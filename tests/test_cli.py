@@ -382,6 +382,8 @@ def test_random_ellipse_phantoms_are_never_black():
     images = random_ellipses(200, 64, 64, 1, np.random.default_rng(0))
     assert images.shape == (200, 1, 64, 64) and images.min() >= 0 and images.max() <= 1
     assert np.all(images.reshape(200, -1).max(axis=1) > 0)
+    # a 1x1 grid (its one pixel in a corner) is seldom covered: the redraws are bounded
+    assert random_ellipses(2, 1, 1, 1, np.random.default_rng(0)).shape == (2, 1, 1, 1)
 
 
 def test_sigterm_removes_the_output_in_progress(tmp_path):

@@ -12,9 +12,9 @@
    models on the same crops, after one warm-up step.
 4. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
    (CGLS, blur) on phantom files of two sizes, 8 times apart. The command streams a file batch
-   by batch, so its peak should not grow with the file.
+   by batch, so its peak should not grow with the file (Linux: read from ``/proc``).
 
-``--device cuda`` runs all three on a GPU. Prints rich tables and writes bench_out/bench.json.
+``--device cuda`` runs the first three on a GPU (the fourth stays on the CPU). Prints rich tables and writes bench_out/bench.json.
 """
 
 from __future__ import annotations

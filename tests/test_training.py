@@ -199,6 +199,8 @@ def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     ({"noise_percent": '["a", 2]'}, "is not [low, high]"),
     ({"extra": "[]"}, "extra is not a JSON object"),
     ("nan", "weights contain NaN or Inf"),
+    ("truncated", "not a readable safetensors model file"),
+    ("hdf5", "is an HDF5 file, not a model"),   # --model given the measurements
 ])
 def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
     """A model file whose header was edited or whose weights are not finite: one line that
@@ -213,12 +215,16 @@ def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
     weights = load_file(shipped)
     if damage == "nan":
         weights["embedding.weight"] = weights["embedding.weight"] * float("nan")
-    else:
+    elif isinstance(damage, dict):
         meta = {**meta, **damage}
     bad = tmp_path / "bad.safetensors"
     save_file(weights, bad, metadata=meta)
     data = tmp_path / "blur.h5"
     write_small_file(data, make_operator("blur", (1, 64, 64)), n=1)
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:100])
+    elif damage == "hdf5":
+        bad = data
     out = tmp_path / "r.h5"
     result = run_cli("reconstruct", data, "--model", bad, "--out", out, "-q")
     assert_one_line_error(result, message, out)

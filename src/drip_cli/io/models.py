@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -93,11 +94,17 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str]:
     """Load a model (DRIP or unrolled) without pickle; returns ``(model, info, sha256 of the file)``."""
     path = resolve_model_path(path)
+    if path.is_file() and h5py.is_hdf5(path):   # a measurement or reconstruction file
+        raise DripError("is an HDF5 file, not a model (--model and --init take a run folder or "
+                        "its model.safetensors)", path)
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except SafetensorError as exc:
+            raise DripError(f"not a readable safetensors model file ({exc})", path) from exc
         if meta.get("drip_format") != "model":
             raise DripError("not a drip model file (no drip_format = model in its header)", path)
         info = ModelInfo.from_metadata(meta)

@@ -68,6 +68,18 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
         damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
         assert_one_line_error(damaged, f"config.json: cannot read the run's settings ({message}",
                               split / "nothing")
+    # a checkpoint state whose counters or sample order were damaged (was an unexpected
+    # TypeError, or an index error mid-run)
+    (split / "config.json").write_text(json.dumps(settings))
+    state_path = split / "checkpoint_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    for key, value, message in (("epoch", "x", "epoch = 'x' is not a count"),
+                                ("elapsed", -1.0, "elapsed = -1.0 is not a time"),
+                                ("permutation", state["permutation"][:-1], "not a permutation")):
+        torch.save({**state, key: value}, state_path)
+        damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+        assert_one_line_error(damaged, f"{state_path}: damaged checkpoint: ", split / "nothing")
+        assert message in damaged.stderr
 
 
 def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkeypatch):

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data import add_noise, noise_std_for, require_measurable
-from ..errors import DripError, require_positive, setting_type_problem
+from ..errors import DripError, is_finite_number, require_positive, setting_type_problem
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_json
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
@@ -512,14 +512,36 @@ class Trainer:
             raise DripError(f"cannot read checkpoint ({exc})", weights_path) from exc
         try:
             state = torch.load(state_path, weights_only=True)
+            problem = self._checkpoint_state_problem(state)
+            if problem is None:
+                self.optimizer.load_state_dict(state["optimizer"])
+                self.generator.set_state(state["generator"])
+                torch.set_rng_state(state["torch_rng"])
         except Exception as exc:  # noqa: BLE001
             raise DripError(f"cannot read checkpoint ({exc})", state_path) from exc
-        self.optimizer.load_state_dict(state["optimizer"])
+        if problem is not None:
+            raise DripError(f"damaged checkpoint: {problem}", state_path)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.permutation = state["global_step"], state["permutation"]
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         self.best_psnr, self.elapsed = state["best_psnr"], state["elapsed"]
+
+    def _checkpoint_state_problem(self, state: dict) -> str | None:
+        """Why a checkpoint's counters, best PSNR, time or sample order cannot be this run's
+        (they would fail later, as an unexpected error); None when they can."""
+        for key in ("epoch", "step_in_epoch", "global_step"):
+            value = state[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                return f"{key} = {value!r} is not a count"
+        if not isinstance(state["best_psnr"], float) or math.isnan(state["best_psnr"]):
+            return f"best_psnr = {state['best_psnr']!r} is not a number"
+        if not is_finite_number(state["elapsed"]) or state["elapsed"] < 0:
+            return f"elapsed = {state['elapsed']!r} is not a time"
+        order = state["permutation"]
+        if not (torch.is_tensor(order) and order.dtype == self.train_index.dtype
+                and order.shape == self.train_index.shape
+                and torch.equal(order.sort().values, self.train_index.sort().values)):
+            return "its sample order is not a permutation of this run's training samples"
+        return None
 
     def _append_history(self, row: dict) -> None:
         path = self.out / HISTORY

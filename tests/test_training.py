@@ -80,6 +80,11 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
         damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
         assert_one_line_error(damaged, f"{state_path}: damaged checkpoint: ", split / "nothing")
         assert message in damaged.stderr
+    torch.save(state, state_path)   # a history.csv that is not the run's: not appended to
+    (split / "history.csv").write_text("x\n")
+    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+    assert_one_line_error(damaged, "history.csv: is not this run's history", split / "nothing")
+    assert (split / "history.csv").read_text() == "x\n"
 
 
 def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkeypatch):

@@ -521,6 +521,13 @@ class Trainer:
             raise DripError(f"cannot read checkpoint ({exc})", state_path) from exc
         if problem is not None:
             raise DripError(f"damaged checkpoint: {problem}", state_path)
+        history = self.out / HISTORY   # the run appends to it: refuse what is not its own
+        if history.exists():
+            with open(history, errors="replace") as handle:
+                header = handle.readline()
+            if not header.startswith("epoch,step,"):
+                raise DripError("is not this run's history (its header is not epoch,step,...): "
+                                "restore it, or remove it (the run then starts a new one)", history)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.permutation = state["global_step"], state["permutation"]
         self.best_psnr, self.elapsed = state["best_psnr"], state["elapsed"]

@@ -87,6 +87,18 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert (split / "history.csv").read_text() == "x\n"
 
 
+def test_a_run_without_validation_resumes(tmp_path):
+    """One sample leaves no validation set, so the best PSNR stays NaN; the checkpoint check
+    must accept it."""
+    data = tmp_path / "one.h5"
+    write_small_file(data, make_operator("blur", (1, 12, 12)), n=1)
+    run = tmp_path / "run"
+    assert run_cli("train", data, "--out", run, "--max-steps", 1, *TINY).exit_code == 0
+    assert np.isnan(torch.load(run / "checkpoint_state.pt", weights_only=True)["best_psnr"])
+    result = run_cli("train", data, "--out", run, "--epochs", 2, "--resume", "-q")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkeypatch):
     """Ctrl-C in drip train: exit status 130 and one line that points to --resume where the
     run folder has a checkpoint, and says there is nothing to resume where it has none."""

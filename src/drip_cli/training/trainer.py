@@ -539,7 +539,7 @@ class Trainer:
             value = state[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 return f"{key} = {value!r} is not a count"
-        if not isinstance(state["best_psnr"], float) or math.isnan(state["best_psnr"]):
+        if not isinstance(state["best_psnr"], float):   # NaN without a validation set
             return f"best_psnr = {state['best_psnr']!r} is not a number"
         if not is_finite_number(state["elapsed"]) or state["elapsed"] < 0:
             return f"elapsed = {state['elapsed']!r} is not a time"

@@ -344,11 +344,7 @@ class Trainer:
         config.model.latent_channels = config.model.latent_channels or truth.shape[1]
         self.truth = torch.from_numpy(truth)
         if fresh:   # fresh noise is a percent of mean |A x|: it needs A x != 0
-            with torch.no_grad():
-                for start in range(0, len(truth), 256):
-                    clean = self.op(self.truth[start:start + 256].to(device))
-                    require_measurable(noise_std_for(self.op, clean, torch.ones(len(clean))).cpu(),
-                                       config.data, start)
+            require_measurable(self._one_percent_noise(self.truth).cpu(), config.data)
         n = len(truth)
         n_val = min(config.val_max_samples, max(1, int(round(config.val_fraction * n)))) if n > 1 else 0
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
@@ -480,14 +476,20 @@ class Trainer:
         if self.file_measurements is None:
             return tuple(self.config.noise_percent)
         _, noise_std = self.file_measurements
-        with torch.no_grad():
-            clean = self.op(self.truth[self.train_index].to(self.device))
-            one_percent = noise_std_for(self.op, clean, torch.ones(len(clean), dtype=torch.float64))
+        one_percent = self._one_percent_noise(self.truth[self.train_index])
         seen = one_percent > 0   # a black image has no percent: its noise is all there is
         if not bool(seen.any()):
             require_measurable(one_percent.cpu(), self.config.data)
-        percent = noise_std[self.train_index].to(clean.device)[seen] / one_percent[seen]
+        percent = noise_std[self.train_index].to(one_percent.device)[seen] / one_percent[seen]
         return float(percent.min()), float(percent.max())
+
+    @torch.no_grad()
+    def _one_percent_noise(self, truth: torch.Tensor) -> torch.Tensor:
+        """Per image, the noise std that 1% noise means (``mean |A x| / 100``), computed 256
+        images at a time."""
+        return torch.cat([noise_std_for(self.op, self.op(chunk.to(self.device)),
+                                        torch.ones(len(chunk), dtype=torch.float64))
+                          for chunk in truth.split(256)])
 
     def save_checkpoint(self) -> None:
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}

@@ -41,14 +41,15 @@ def progress_bar(description: str, total: int, quiet: bool):
         yield update
 
 
-def fmt(value, digits: int = 4) -> str:
-    """A compact cell: floats to ``digits`` significant figures, None/NaN as a dash."""
+def fmt(value, spec: str = ".4g") -> str:
+    """A table cell: floats formatted by ``spec`` (four significant figures unless told), None
+    and NaN as a dash (R for methods without one, SSIM of images smaller than its window)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.{digits}g}"
+        return format(value, spec)
     return str(value)
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from pathlib import Path
 
 import numpy as np
 from rich.table import Table
 
+from ..console import fmt
 from ..io import atomic_path, write_json, write_text
 from .metrics import psnr
 from .robustness import Evaluation, best_taus
@@ -81,16 +81,10 @@ def best_tau_table(evaluation: Evaluation) -> Table | None:
     return table
 
 
-def _number(value, spec: str) -> str:
-    """A table cell: ``value`` formatted, or a dash for a figure that is missing or NaN (R for
-    methods without one, SSIM of images smaller than its window)."""
-    return "-" if value is None or math.isnan(value) else format(value, spec)
-
-
 def _best_tau_cells(evaluation: Evaluation) -> list[tuple[str, ...]]:
     """The cells of the best-tau table (console and Markdown), one tuple per method and level."""
     return [(r["base_method"], f"{r['noise_percent']:g}", f"{r['tau']:g}", f"{r['psnr_mean']:.2f}",
-             _number(r["ssim_mean"], ".3f"), f"{r['fit_fraction']:.2f}")
+             fmt(r["ssim_mean"], ".3f"), f"{r['fit_fraction']:.2f}")
             for r in best_taus(evaluation)]
 
 
@@ -146,11 +140,11 @@ def markdown(evaluation: Evaluation) -> str:
         for level in evaluation.levels:
             r = get(name, level)
             lines.append(f"| {name} | {level:g} | {r['n_samples']} | {r['psnr_mean']:.2f} | "
-                         f"{_number(r['ssim_mean'], '.3f')} | {r['fit_fraction']:.2f} | "
+                         f"{fmt(r['ssim_mean'], '.3f')} | {r['fit_fraction']:.2f} | "
                          f"{r['discrepancy_ratio_max']:.3f} | "
-                         f"{_number(r['regularizer_value_mean'], '.4g')} | "
-                         f"{_number(r.get('regularizer_value_truth_mean'), '.4g')} | "
-                         f"{_number(r.get('truth_more_regular_fraction'), '.2f')} | "
+                         f"{fmt(r['regularizer_value_mean'], '.4g')} | "
+                         f"{fmt(r.get('regularizer_value_truth_mean'), '.4g')} | "
+                         f"{fmt(r.get('truth_more_regular_fraction'), '.2f')} | "
                          f"{r['seconds_per_image']:.3f} |")
     lines += ["", "`R truth`: the learned regularizer at the ground truth's best latent "
               "representation (min R(z) subject to E z = x); `R truth < R share`: the share of "

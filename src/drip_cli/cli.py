@@ -477,9 +477,10 @@ def reconstruct(
                           f"(converged = false in {out}).[/yellow]")
         if summary["n_stopped_at_cap"]:
             console.print(f"[yellow]{summary['n_stopped_at_cap']} sample(s) fit the data but "
-                          f"reached the solver's iteration cap before converging "
-                          f"(solver_converged = false in {out}; raise it with "
-                          f"--max-iterations).[/yellow]")
+                          f"the solver stopped before converging (solver_converged = false in "
+                          f"{out}): at its iteration cap (raise it with --max-iterations), or for "
+                          f"drip where the noise is too low for its projections to get more "
+                          f"accurate.[/yellow]")
 
 
 @app.command()

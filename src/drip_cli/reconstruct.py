@@ -47,12 +47,13 @@ def summarize(columns: dict[str, np.ndarray], tau: float) -> dict:
         "n_samples": int(len(ratio)),
         "fit_fraction": float(np.mean(fits)),
         "n_unfit": int(np.sum(~fits)),
-        # fit the data, but the solver stopped at its iteration cap short of its minimiser
+        # fit the data, but the solver stopped short of its minimiser: at its iteration cap, or
+        # (drip) stalled where its projections cannot get more accurate (solvers.drip)
         "n_stopped_at_cap": int(np.sum(fits & ~solved)),
         "discrepancy_ratio_max": float(ratio.max()),
         "discrepancy_ratio_mean": float(ratio.mean()),
         "iterations_mean": float(np.mean(columns["iterations"])),
-        # samples whose solver stopped by its own criterion, not at its iteration cap
+        # samples whose solver stopped by its own criterion, not at its cap or stalled
         "solver_converged_fraction": float(np.mean(solved)),
         "seconds_per_image": float(np.mean(columns["seconds"])),
         "regularizer_value_mean": (None if np.all(np.isnan(columns["regularizer_value"]))

@@ -30,6 +30,22 @@ it reaches 1e-4, so ``stationarity_tolerance = 0.05`` costs a few iterations at 
 last operation on every sample is a CGLS run into the set (with a small margin, so the figure
 survives rounding), so every returned ``z`` fits the data unless CGLS could not get there, which
 is reported as ``converged = False``.
+
+The projections inside the steps are inexact (``projection_tolerance``, relative to the
+correction), which is cheap and enough at the noise levels models are trained for. When the
+constraint is tight (low noise), their error sets a floor under the stationarity: on a 64x64
+photograph blurred at 0.1% noise it wandered between 0.2 and 0.9 for 1000 iterations, with
+``R`` 470.6 where the minimiser has 468.9. So each sample's projection accuracy is tightened
+tenfold whenever its stationarity has not reached a new low for ``STALL_PATIENCE`` iterations,
+down to ``MIN_PROJECTION_TOLERANCE``; that sample then converged in 139 iterations, 0.22 dB
+higher. On 19 such crops ``drip reconstruct`` took 1.42 s per image instead of 4.97 (PSNR
+36.08 against 36.07 dB); at 0.3% and 1% noise, and on tomography at 0.1%, nothing changed.
+A sample can still be stuck: at the accuracy floor its projection at its Krylov cap (0.01%
+noise), its iterate no longer moving (less than ``tolerance`` per iteration over the stall).
+It is retired then, with ``converged = False``, instead of running to ``max_iterations``. On
+four 0.01% phantoms the two such samples stopped near 200 iterations, where they had run to
+the cap; the four took 52 s per image as before (the others now converge, with costlier
+projections), at 32.26 dB against 31.66.
 """
 
 from __future__ import annotations
@@ -44,6 +60,46 @@ from ..operators.composed import EmbeddedOperator
 from .cgls import MARGIN, cgls
 from .datafit import SolverResult
 from .projection import project_onto_datafit
+
+
+# A sample whose stationarity has not reached a new low for this many iterations gets projections
+# ten times more accurate, down to the floor (module docstring).
+STALL_PATIENCE = 50
+MIN_PROJECTION_TOLERANCE = 1e-3
+
+
+class _StallWatch:
+    """Per-sample projection accuracy, tightened where the stationarity stalls, and the test for
+    a sample that is stuck: stalled with nothing left to tighten (the projection at the floor
+    and still at its Krylov cap) while its iterate has moved less than ``tolerance`` per
+    iteration over the whole stall, so that the change criterion alone would have stopped it."""
+
+    def __init__(self, z0: torch.Tensor, projection_tolerance: float):
+        n, like = len(z0), dict(dtype=z0.dtype, device=z0.device)
+        self.accuracy = torch.full((n,), projection_tolerance, **like)
+        self.best = torch.full((n,), float("inf"), **like)
+        self.stalled_for = torch.zeros(n, dtype=torch.int64, device=z0.device)
+        self.anchor = z0   # the iterate where the current stall began
+
+    def update(self, z, stationarity, capped, tolerance: float) -> torch.Tensor:
+        improved = stationarity < self.best
+        self.best = torch.where(improved, stationarity, self.best)
+        self.stalled_for = torch.where(improved, 0, self.stalled_for + 1)
+        stalled = self.stalled_for >= STALL_PATIENCE
+        moved = ((z - self.anchor).flatten(1).norm(dim=1)
+                 / z.flatten(1).norm(dim=1).clamp_min(1e-12))
+        stuck = (stalled & capped & (self.accuracy <= MIN_PROJECTION_TOLERANCE)
+                 & (moved <= STALL_PATIENCE * tolerance))
+        self.accuracy = torch.where(stalled, (self.accuracy / 10).clamp_min(MIN_PROJECTION_TOLERANCE),
+                                    self.accuracy)
+        restart = improved | stalled
+        self.stalled_for = torch.where(stalled, 0, self.stalled_for)
+        self.anchor = torch.where(per_sample(restart, z), z, self.anchor)
+        return stuck
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.accuracy, self.best = self.accuracy[rows], self.best[rows]
+        self.stalled_for, self.anchor = self.stalled_for[rows], self.anchor[rows]
 
 
 @dataclass
@@ -103,19 +159,21 @@ def solve_drip(
     # already in place and leaves the minimiser where it is.
     b_work, radius_work, weights_work = b, (1 - MARGIN) * radius, pixel_weights
     momentum_t = torch.ones(n, dtype=b.dtype, device=b.device)
+    watch = _StallWatch(z0, projection_tolerance)
     for it in range(1, max_iterations + 1):
         t_next = (1 + torch.sqrt(1 + 4 * momentum_t**2)) / 2
         beta = (momentum_t - 1) / t_next
         y = z + per_sample(beta, z) * (z - z_prev)
-        z_new, step, stationarity = _backtracking_step(
+        z_new, step, stationarity, capped = _backtracking_step(
             forward_op, regularizer, b_work, radius_work, y, step, safe_step,
-            projection_iterations, projection_tolerance, weights_work)
+            projection_iterations, watch.accuracy, weights_work)
+        stuck = watch.update(z_new, stationarity, capped, tolerance)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
         z_prev, z = torch.where(per_sample(against, z), z_new, z), z_new
         small = (change <= tolerance) & (stationarity <= stationarity_tolerance)
-        done = small | (it == max_iterations)
+        done = small | stuck | (it == max_iterations)
         if bool(done.any()):  # retire finished samples; keep iterating on the rest only
             finished = rows[done]
             solution[finished], iterations[finished], stopped[finished] = z[done], it, small[done]
@@ -123,6 +181,7 @@ def solve_drip(
             rows = rows[keep]
             z, z_prev, momentum_t, step = z[keep], z_prev[keep], momentum_t[keep], step[keep]
             b_work, radius_work, safe_step = b_work[keep], radius_work[keep], safe_step[keep]
+            watch.keep(keep)
             if weights_work is not None:
                 weights_work = weights_work[keep]
         if len(rows) == 0:
@@ -141,17 +200,22 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
     """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
     until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
     ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``.
-    Returns ``z``, the steps and the stationarity ``||d|| / (t ||grad R(y)||)`` per sample."""
+    ``projection_tolerance`` is per sample. Returns ``z``, the steps, the stationarity ``||d|| / (t ||grad R(y)||)`` and whether the
+    projection reached ``projection_iterations`` Krylov steps, per sample."""
     def weighted(rows):   # R's keyword for the pixel weights of these rows, if any
         return {} if pixel_weights is None else {"pixel_weights": pixel_weights[rows]}
 
     value_y, gradient_y = regularizer.value_and_gradient(y, **weighted(slice(None)))
     step = torch.maximum(step, safe_step)
 
+    capped = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+
     def projected(rows, t):
-        return project_onto_datafit(forward_op, b[rows], radius[rows],
-                                    y[rows] - per_sample(t, y[rows]) * gradient_y[rows],
-                                    projection_iterations, projection_tolerance)[0]
+        z, krylov_steps = project_onto_datafit(
+            forward_op, b[rows], radius[rows], y[rows] - per_sample(t, y[rows]) * gradient_y[rows],
+            projection_iterations, projection_tolerance[rows])
+        capped[rows] = krylov_steps >= projection_iterations
+        return z
 
     z = projected(slice(None), step)
     pending = torch.arange(len(y), device=y.device)
@@ -165,7 +229,7 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
         if not bool(failed.any()):
             stationarity = ((z - y).flatten(1).norm(dim=1)
                             / (step * gradient_y.flatten(1).norm(dim=1)).clamp_min(1e-30))
-            return z, step, stationarity
+            return z, step, stationarity, capped
         pending = pending[failed]
         step[pending] = torch.maximum(step[pending] / 2, safe_step[pending])
         z[pending] = projected(pending, step[pending])

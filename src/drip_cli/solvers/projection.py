@@ -121,7 +121,8 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
 
 @torch.no_grad()
 def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor,
-                         v: torch.Tensor, max_steps: int = 30, tolerance: float = 1e-3):
+                         v: torch.Tensor, max_steps: int = 30,
+                         tolerance: float | torch.Tensor = 1e-3):
     """The projection of each ``v`` onto ``{||B z - b|| <= radius}`` (see the module docstring).
 
     Returns ``(z, steps)``: ``steps`` is the number of Krylov steps each sample needed (0 for a

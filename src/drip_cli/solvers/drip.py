@@ -200,8 +200,9 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
     """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
     until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
     ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``.
-    ``projection_tolerance`` is per sample. Returns ``z``, the steps, the stationarity ``||d|| / (t ||grad R(y)||)`` and whether the
-    projection reached ``projection_iterations`` Krylov steps, per sample."""
+    ``projection_tolerance`` is per sample. Returns ``z``, the steps, the stationarity
+    ``||d|| / (t ||grad R(y)||)`` and whether the projection reached ``projection_iterations``
+    Krylov steps, per sample."""
     def weighted(rows):   # R's keyword for the pixel weights of these rows, if any
         return {} if pixel_weights is None else {"pixel_weights": pixel_weights[rows]}
 

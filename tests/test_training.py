@@ -512,8 +512,8 @@ def test_reconstruct_reports_samples_stopped_at_the_iteration_cap(train_file, tm
     assert summary["fit_fraction"] == 1.0
     assert summary["solver_converged_fraction"] == pytest.approx(solved.mean())
     assert summary["n_unfit"] == 0 and summary["n_stopped_at_cap"] == int((~solved).sum())
-    assert f"{int((~solved).sum())} sample(s) fit the data but the solver stopped before converging" in \
-        " ".join(result.stdout.split())
+    assert (f"{int((~solved).sum())} sample(s) fit the data but the solver stopped before "
+            "converging") in " ".join(result.stdout.split())
     # --max-iterations overrides the model's cap
     result = run_cli("reconstruct", train_file, "--model", model_path, "--out", out,
                      "--max-iterations", 1000, "--report", report, "-q")

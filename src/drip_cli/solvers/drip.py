@@ -86,12 +86,15 @@ class _StallWatch:
         self.best = torch.where(improved, stationarity, self.best)
         self.stalled_for = torch.where(improved, 0, self.stalled_for + 1)
         stalled = self.stalled_for >= STALL_PATIENCE
-        moved = ((z - self.anchor).flatten(1).norm(dim=1)
-                 / z.flatten(1).norm(dim=1).clamp_min(1e-12))
-        stuck = (stalled & capped & (self.accuracy <= MIN_PROJECTION_TOLERANCE)
-                 & (moved <= STALL_PATIENCE * tolerance))
-        self.accuracy = torch.where(stalled, (self.accuracy / 10).clamp_min(MIN_PROJECTION_TOLERANCE),
-                                    self.accuracy)
+        stuck = stalled & capped & (self.accuracy <= MIN_PROJECTION_TOLERANCE)
+        if bool(stuck.any()):   # only then is the distance moved worth a pass over z
+            moved = ((z - self.anchor).flatten(1).norm(dim=1)
+                     / z.flatten(1).norm(dim=1).clamp_min(1e-12))
+            stuck = stuck & (moved <= STALL_PATIENCE * tolerance)
+        # tenfold, to the floor; a tolerance set below the floor is kept, never loosened
+        tighter = torch.minimum(self.accuracy,
+                                (self.accuracy / 10).clamp_min(MIN_PROJECTION_TOLERANCE))
+        self.accuracy = torch.where(stalled, tighter, self.accuracy)
         restart = improved | stalled
         self.stalled_for = torch.where(stalled, 0, self.stalled_for)
         self.anchor = torch.where(per_sample(restart, z), z, self.anchor)

@@ -111,6 +111,22 @@ def test_bad_files_raise_drip_error(how, tmp_path):
     assert info.value.path == str(path)
 
 
+@pytest.mark.parametrize("kind,name", [("blur", "psf"), ("inpainting", "mask"),
+                                       ("tomography", "angles_deg"), ("matrix", "data"),
+                                       ("matrix", "indices"), ("matrix", "indptr")])
+@pytest.mark.parametrize("as_group", [False, True])
+def test_missing_operator_dataset_is_named(kind, name, as_group, tmp_path):
+    # a blur file without its PSF was "cannot read file (Unable to synchronously open object ...)"
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator(kind, (1, 16, 20)))
+    with h5py.File(path, "a") as f:
+        del f["operator"][name]
+        if as_group:
+            f["operator"].create_group(name)
+    with pytest.raises(DripError, match=f"operator group lacks dataset '{name}'"):
+        MeasurementFile(path)
+
+
 def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.h5"
     with pytest.raises(RuntimeError):

@@ -114,11 +114,9 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                     raise DripError(f"invalid PSF: {exc}", spec.psf_file) from exc
             # a PSF many times the image's size wraps around into a near-constant kernel, and a
             # huge one (--blur-sigma 1e6) would not fit in memory: refuse it by name
-            size = spec.blur_size
-            if size is None and math.isfinite(spec.blur_sigma) and spec.blur_sigma > 0:
-                size = gaussian_psf_size(spec.blur_sigma)
+            size = spec.blur_size if spec.blur_size is not None else gaussian_psf_size(spec.blur_sigma)
             limit = 4 * max(image_shape[1:]) + 1
-            if size is not None and size > limit:
+            if size > limit:
                 raise DripError(f"the PSF would be {size}x{size} pixels, more than four times the "
                                 f"{image_shape[1]}x{image_shape[2]} images (at most {limit}): "
                                 "choose a smaller --blur-sigma or --blur-size")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
+import h5py
 import numpy as np
 import torch
 
@@ -95,6 +96,14 @@ class LinearOperator(torch.nn.Module):
     @classmethod
     def _read_hdf5(cls, group, image_shape: tuple[int, int, int]) -> LinearOperator:
         return cls(image_shape)
+
+    @staticmethod
+    def _stored_array(group, name: str) -> np.ndarray:
+        """The array in the operator group's dataset ``name``; a missing one (or a group of
+        that name) is a ``ValueError`` that names it."""
+        if not isinstance(group.get(name), h5py.Dataset):
+            raise ValueError(f"operator group lacks dataset '{name}'")
+        return group[name][()]
 
     def describe(self) -> dict:
         """Human-readable parameters, for ``drip info`` and reports."""

@@ -11,15 +11,17 @@ from .base import LinearOperator
 
 
 def gaussian_psf_size(sigma: float) -> int:
-    """The default PSF size for a Gaussian of std ``sigma``: ``2 * ceil(3 sigma) + 1`` (odd)."""
+    """The default PSF size for a Gaussian of std ``sigma``: ``2 * ceil(3 sigma) + 1`` (odd).
+    A ``sigma`` that is not a positive number is a ``ValueError``."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"blur sigma must be a positive number, got {sigma}")
     return 2 * math.ceil(3 * sigma) + 1
 
 
 def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
     """Normalised Gaussian PSF; ``size`` defaults to :func:`gaussian_psf_size`."""
-    if not (math.isfinite(sigma) and sigma > 0):
-        raise ValueError(f"blur sigma must be a positive number, got {sigma}")
-    size = gaussian_psf_size(sigma) if size is None else size
+    default_size = gaussian_psf_size(sigma)   # checks sigma
+    size = default_size if size is None else size
     if size < 1 or size % 2 == 0:
         raise ValueError(f"PSF size must be odd, got {size}")
     r = np.arange(size, dtype=np.float64) - size // 2
@@ -94,7 +96,7 @@ class Blur(LinearOperator):
             boundary = boundary.decode()
         if boundary != "periodic":
             raise ValueError(f"unsupported blur boundary {boundary!r} (only 'periodic')")
-        return cls(image_shape, group["psf"][()])
+        return cls(image_shape, cls._stored_array(group, "psf"))
 
     def describe(self) -> dict:
         return {**super().describe(), "psf_shape": list(self.psf.shape)}

@@ -78,7 +78,7 @@ class Inpainting(LinearOperator):
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        return cls(image_shape, group["mask"][()])
+        return cls(image_shape, cls._stored_array(group, "mask"))
 
     def describe(self) -> dict:
         observed = self._observed / math.prod(self.image_shape[1:])

@@ -136,13 +136,11 @@ class SparseMatrixOperator(LinearOperator):
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        for name in ("data", "indices", "indptr"):
-            if name not in group:
-                raise ValueError(f"operator group lacks dataset '{name}'")
+        data, indices, indptr = (cls._stored_array(group, name)
+                                 for name in ("data", "indices", "indptr"))
         if "shape" not in group.attrs:
             raise ValueError("operator group lacks attribute 'shape'")
-        return cls.from_csr(image_shape, group["data"][()], group["indices"][()],
-                            group["indptr"][()], group.attrs["shape"])
+        return cls.from_csr(image_shape, data, indices, indptr, group.attrs["shape"])
 
     def describe(self) -> dict:
         return {**super().describe(), "matrix_shape": list(self._matrix.shape), "nnz": self.nnz}

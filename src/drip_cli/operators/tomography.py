@@ -103,9 +103,7 @@ class Tomography(SparseMatrixOperator):
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        if "angles_deg" not in group:
-            raise ValueError("operator group lacks dataset 'angles_deg'")
-        op = cls(image_shape, group["angles_deg"][()])
+        op = cls(image_shape, cls._stored_array(group, "angles_deg"))
         stored = group.attrs.get("n_detectors", op.n_detectors)
         if int(stored) != op.n_detectors:
             raise ValueError(f"n_detectors = {int(stored)}, but an image of size {image_shape[1:]} "

@@ -165,6 +165,10 @@ def test_embedding_adjoint_and_identity_start(kernel):
     z = torch.randn(2, 4, 12, 10, dtype=torch.float64)
     assert torch.equal(fresh(z), z[:, :3])
     assert torch.equal(fresh(fresh.lift(z[:, :3])), z[:, :3])
+    # symmetric padding: a constant latent gives a constant image up to the border (zero
+    # padding left a frame, darker or brighter by the share of E's weights outside the image)
+    flat = emb(torch.ones(1, 4, 12, 10, dtype=torch.float64))
+    assert torch.allclose(flat, emb.weight.sum(dim=(1, 2, 3))[None, :, None, None].expand_as(flat))
 
 
 @pytest.mark.parametrize("device", DEVICES)

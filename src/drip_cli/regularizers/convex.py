@@ -74,7 +74,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..operators.convolution import conv2d_adjoint
+from ..operators.convolution import conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
 
 
 EXTRA_WEIGHT = 0.3   # initial weight of the filters beyond the TV pair (see the module docstring)
@@ -84,31 +84,6 @@ SCALE_WEIGHT = 0.3   # and their initial weights relative to the first
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
-
-
-def _mirror_index(n: int, pad: int, device) -> torch.Tensor:
-    """Indices of a length-``n`` axis extended by ``pad`` mirrored samples on each side, edge
-    sample repeated (``[1 0 | 0 1 ... n-1 | n-1 n-2]``): the even, half-sample extension."""
-    inner = torch.arange(n, device=device)
-    return torch.cat([inner[:pad].flip(0), inner, inner[n - pad:].flip(0)])
-
-
-def symmetric_pad(z: torch.Tensor, pad: int) -> torch.Tensor:
-    """Half-sample symmetric padding of the last two axes (needs ``pad <= H, W``)."""
-    if pad == 0:
-        return z
-    h, w = z.shape[-2:]
-    z = z.index_select(-2, _mirror_index(h, pad, z.device))
-    return z.index_select(-1, _mirror_index(w, pad, z.device))
-
-
-def symmetric_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
-    """The adjoint of :func:`symmetric_pad`: mirrored samples are added back where they came from."""
-    if pad == 0:
-        return g
-    h, w = g.shape[-2] - 2 * pad, g.shape[-1] - 2 * pad
-    rows = g.new_zeros((*g.shape[:-2], h, g.shape[-1])).index_add(-2, _mirror_index(h, pad, g.device), g)
-    return rows.new_zeros((*g.shape[:-2], h, w)).index_add(-1, _mirror_index(w, pad, g.device), rows)
 
 
 class ConvexFilterRegularizer(torch.nn.Module):

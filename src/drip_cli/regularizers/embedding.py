@@ -1,8 +1,12 @@
 """The learned embedding ``E``: latent variable ``z`` -> image ``u = E z``.
 
 ``E`` is a ``kernel_size x kernel_size`` convolution from ``latent_channels`` to the image's
-``C`` channels with zero padding; its adjoint is the transposed convolution with the same weights
-(:func:`drip_cli.operators.convolution.conv2d_adjoint`).
+``C`` channels, the latent extended by half-sample symmetric padding, as the regularizer's filters
+extend it; its adjoint is the transposed convolution with the same weights followed by the
+padding's adjoint (:mod:`drip_cli.operators.convolution`). With zero padding, as before, the
+border pixels lost the share of ``E``'s weights that fell outside: trained weights sum to 0.82 -
+1.13, and the tomography model left a frame one pixel wide about 0.03 too dark, which cost 3.9
+dB on a flat 64x64 crop of sky (47.1 dB for TV) and 0.27 dB on ``sample_data/tomography.h5``.
 It starts as the identity on the first ``C`` latent channels (``E z = z[:, :C]``), so an untrained
 model reconstructs in image space.
 """
@@ -12,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..operators.convolution import conv2d_adjoint
+from ..operators.convolution import conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
 
 
 class Embedding(torch.nn.Module):
@@ -34,11 +38,11 @@ class Embedding(torch.nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``u = E z``: ``(N, latent_channels, H, W) -> (N, C, H, W)``."""
-        return F.conv2d(z, self.weight.to(z.dtype), padding=self.padding)
+        return F.conv2d(symmetric_pad(z, self.padding), self.weight.to(z.dtype))
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         """``E^T u``: ``(N, C, H, W) -> (N, latent_channels, H, W)``."""
-        return conv2d_adjoint(u, self.weight.to(u.dtype), self.padding)
+        return symmetric_pad_adjoint(conv2d_adjoint(u, self.weight.to(u.dtype)), self.padding)
 
     def lift(self, u: torch.Tensor) -> torch.Tensor:
         """A latent ``z`` with ``E z`` close to ``u`` for an untrained ``E``: ``u`` in the first

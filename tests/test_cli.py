@@ -374,6 +374,24 @@ def test_simulate_warns_about_images_outside_0_1(tmp_path):
     assert result.exit_code == 0 and result.stderr == ""
 
 
+def test_commands_warn_about_a_ground_truth_outside_0_1(tmp_path):
+    """A measurement file brought from elsewhere with its truth in [0, 255]: its PSNRs would be
+    meaningless, so every command that reads it says so once, in one line, and carries on."""
+    data = simulate(tmp_path, "denoise", n=2)
+    with h5py.File(data, "r+") as f:
+        f["ground_truth"][...] = f["ground_truth"][()] * 255
+        high = float(f["ground_truth"][()].max())
+    warning = f"drip: warning: {data}: ground truth: the images take values in [0, {high:.4g}]"
+    for args in (("info", data), ("reconstruct", data, "--out", tmp_path / "r.h5", "-q"),
+                 ("evaluate", data, "--out", tmp_path / "report", "--methods", "cgls",
+                  "--noise-percent", 5, "-q")):
+        result = run_cli(*args)
+        assert result.exit_code == 0, result.stderr
+        assert result.stderr.startswith(warning) and result.stderr.count("warning") == 1
+    result = run_cli("info", simulate(tmp_path, "denoise", n=2, name="fine.h5"))
+    assert result.exit_code == 0 and result.stderr == ""
+
+
 def test_random_ellipse_phantoms_are_never_black():
     """Dark ellipses can clip a whole phantom to 0, which simulate refuses (noise would be 0):
     such a draw is redrawn. Seed 0 drew 5 black ones among 200 before."""

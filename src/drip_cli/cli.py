@@ -10,6 +10,7 @@ import contextlib
 import signal
 import threading
 import time
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
-from .errors import DripError, require_positive
+from .errors import DripError, DripWarning, require_positive
 
 app = typer.Typer(
     name="drip",
@@ -67,12 +68,29 @@ def _on_sigterm(handler):
 
 
 @contextlib.contextmanager
+def _warnings_as_lines():
+    with warnings.catch_warnings():   # restores the filters and showwarning afterwards
+        warnings.simplefilter("always", DripWarning)
+        default = warnings.showwarning
+
+        def show(message, category, *args, **kwargs):
+            if issubclass(category, DripWarning):
+                warning_line(str(message))
+            else:
+                default(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
+@contextlib.contextmanager
 def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was written"):
     """Map every failure to one stderr line and exit status 1, unless ``--debug``; Ctrl-C and
     SIGTERM to the line ``interrupted("interrupted" or "terminated")`` returns and exit status
-    130 or 143 (128 + the signal's number, as shells report)."""
+    130 or 143 (128 + the signal's number, as shells report). A :class:`DripWarning` raised on
+    the way is printed as one ``drip: warning:`` line."""
     try:
-        with _on_sigterm(_terminate):
+        with _on_sigterm(_terminate), _warnings_as_lines():
             yield
     except (typer.Exit, typer.Abort):
         raise
@@ -163,7 +181,7 @@ def simulate(
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
                        hdf5_image_dataset, iter_hdf5_images, load_images, parse_noise_percent,
                        simulate_batch)
-    from .io import MeasurementWriter, atomic_h5, check_writable
+    from .io import MeasurementWriter, atomic_h5, check_writable, unit_range_doubt
 
     with _errors(debug):
         if channels == 2:
@@ -214,10 +232,9 @@ def simulate(
         finally:
             if opened is not None:
                 opened[0].close()
-        if low_value < -0.01 or high_value > 1.01:  # PNG/JPEG and uint8/16 are scaled already
-            warning_line(f"{images}: the images take values in [{low_value:.4g}, "
-                         f"{high_value:.4g}], not [0, 1]: PSNR and SSIM use a data range of 1 "
-                         "(scale floats to [0, 1])")
+        doubt = unit_range_doubt(low_value, high_value)  # PNG/JPEG, uint8/16 are scaled already
+        if doubt is not None:
+            warning_line(f"{images}: {doubt}")
         console.print(key_value_table(f"wrote {out}", {
             "samples": n, "image shape": str(tuple(image_shape)), "operator": op.kind,
             "measurement shape": str(op.measurement_shape),

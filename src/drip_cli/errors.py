@@ -20,6 +20,11 @@ class DripError(Exception):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+class DripWarning(UserWarning):
+    """A doubt about the input that does not stop the work (images outside [0, 1], a model
+    used on another operator): the CLI prints it as one ``drip: warning:`` line."""
+
+
 def require_positive(option: str, value: float) -> None:
     """Refuse a numeric option unless it is positive and finite (so NaN and inf too)."""
     if not (math.isfinite(value) and value > 0):

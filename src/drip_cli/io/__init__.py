@@ -2,12 +2,12 @@
 
 from .atomic import atomic_h5, atomic_path, check_writable, write_json, write_text
 from .measurements import (MeasurementBatch, MeasurementFile, MeasurementWriter, file_format,
-                           open_h5, overflows_float32, write_measurement_file)
+                           open_h5, overflows_float32, unit_range_doubt, write_measurement_file)
 from .reconstructions import ReconstructionWriter, read_reconstruction_file
 
 __all__ = [
     "atomic_h5", "atomic_path", "check_writable", "write_json", "write_text", "MeasurementBatch",
     "MeasurementFile", "MeasurementWriter", "file_format", "open_h5", "overflows_float32",
-    "write_measurement_file",
+    "unit_range_doubt", "write_measurement_file",
     "ReconstructionWriter", "read_reconstruction_file",
 ]

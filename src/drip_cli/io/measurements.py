@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -12,7 +13,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from ..errors import DripError
+from ..errors import DripError, DripWarning
 from ..operators import LinearOperator, operator_from_hdf5
 from .atomic import atomic_h5
 
@@ -79,10 +80,21 @@ def overflows_float32(block: np.ndarray) -> bool:
     return not bool(np.all(squared_norms <= FLOAT32_MAX))   # NaN compares False
 
 
+def unit_range_doubt(low: float, high: float) -> str | None:
+    """What is doubtful about images whose values span ``[low, high]``: ``None`` when that is
+    [0, 1] (up to rounding), as the contract's images are nominally."""
+    if low >= -0.01 and high <= 1.01:
+        return None
+    return (f"the images take values in [{low:.4g}, {high:.4g}], not [0, 1]: PSNR and SSIM "
+            "use a data range of 1 (scale floats to [0, 1])")
+
+
 def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
-                  finite: bool = True, positive: bool = False) -> h5py.Dataset:
+                  finite: bool = True, positive: bool = False, on_block=None) -> h5py.Dataset:
     """Check that dataset ``name`` has ``shape`` (``None`` entries are free), a dtype of one of
-    ``dtype_kinds`` and (streaming through it) only finite / positive values."""
+    ``dtype_kinds`` and (streaming through it) only finite / positive values; ``on_block(block)``
+    sees each block of rows read on the way (after its checks), so that a caller can collect
+    more in the same pass."""
     if name not in handle:
         raise DripError(f"missing dataset '{name}'", path)
     dset = handle[name]
@@ -94,7 +106,7 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
     if dset.dtype.kind not in dtype_kinds:
         raise DripError(f"dataset '{name}' has dtype {dset.dtype}, expected a "
                         f"{'floating-point' if dtype_kinds == 'f' else 'numeric'} type", path)
-    if finite or positive:
+    if finite or positive or on_block is not None:
         for start in range(0, dset.shape[0] if dset.ndim else 1, SCAN_ROWS):
             block = np.asarray(dset[start:start + SCAN_ROWS] if dset.ndim else dset[()])
             if finite and overflows_float32(block):   # one pass in the common, valid case
@@ -105,6 +117,8 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
                                 "the data", path)
             if positive and not np.all(block > 0):
                 raise DripError(f"dataset '{name}' must be > 0 everywhere (noise std)", path)
+            if on_block is not None:
+                on_block(block)
     return dset
 
 
@@ -123,7 +137,9 @@ class MeasurementFile:
     """A validated measurement file, read lazily in batches.
 
     Everything the contract lists is checked on open: format attributes, the operator group,
-    dataset ranks, shapes against the operator, dtypes, finiteness and ``noise_std > 0``.
+    dataset ranks, shapes against the operator, dtypes, finiteness and ``noise_std > 0``. A
+    ground truth outside [0, 1] is allowed but raises a :class:`DripWarning` (PSNR and SSIM
+    assume that range); ``ground_truth_range`` is its ``(min, max)``.
     ``noise_std`` (a scalar) replaces the file's noise levels, and is required when it has none.
     """
 
@@ -151,9 +167,20 @@ class MeasurementFile:
         n = self._measurements.shape[0]
         if n < 1:
             raise DripError("dataset 'measurements' holds no samples", path)
-        self._ground_truth = None
+        self._ground_truth, self.ground_truth_range = None, None
         if "ground_truth" in h:
-            self._ground_truth = check_dataset(h, "ground_truth", (n, *op.image_shape), path)
+            extremes = [np.inf, -np.inf]
+
+            def track(block):
+                extremes[0] = min(extremes[0], float(block.min()))
+                extremes[1] = max(extremes[1], float(block.max()))
+
+            self._ground_truth = check_dataset(h, "ground_truth", (n, *op.image_shape), path,
+                                               on_block=track)
+            self.ground_truth_range = tuple(extremes)
+            doubt = unit_range_doubt(*extremes)
+            if doubt is not None:
+                warnings.warn(DripWarning(f"{path}: ground truth: {doubt}"), stacklevel=2)
         elif require_ground_truth:
             raise DripError("missing dataset 'ground_truth' (needed here)", path)
         if noise_std is not None:

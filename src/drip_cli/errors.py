@@ -21,8 +21,8 @@ class DripError(Exception):
 
 
 class DripWarning(UserWarning):
-    """A doubt about the input that does not stop the work (images outside [0, 1], a model
-    used on another operator): the CLI prints it as one ``drip: warning:`` line."""
+    """A doubt about the input that does not stop the work (a ground truth outside [0, 1]):
+    the CLI prints it as one ``drip: warning:`` line."""
 
 
 def require_positive(option: str, value: float) -> None:

@@ -134,6 +134,58 @@ def test_finite_difference_adjoint():
     assert abs((gradient(u) * p).sum() - (u * gradient_adjoint(p)).sum()) < 1e-10
 
 
+@pytest.mark.parametrize("transpose", [True, False])
+@pytest.mark.parametrize("out_channels,in_channels,padding,dilation",
+                         [(8, 1, 0, 1), (8, 1, 0, 2), (1, 2, 1, 1), (4, 3, 2, 2)])
+def test_conv2d_adjoint_by_either_kernel(transpose, out_channels, in_channels, padding,
+                                         dilation, monkeypatch):
+    """Both kernels the CPU choice picks between are the exact adjoint of conv2d."""
+    from drip_cli.operators import convolution
+
+    monkeypatch.setattr(convolution, "_transpose_is_faster", lambda *args: transpose)
+    weight = torch.randn(out_channels, in_channels, 5, 5, dtype=torch.float64)
+    x = torch.randn(3, in_channels, 13, 12, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, padding=padding, dilation=dilation)
+    g = torch.randn_like(y)
+    lhs, rhs = (y * g).sum(), (x * convolution.conv2d_adjoint(g, weight, padding, dilation)).sum()
+    assert abs(lhs - rhs) < 1e-12 * weight.abs().sum() * x.norm() * g.norm()
+
+
+def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
+    """The first call of a kind times both kernels and records the choice; later calls of that
+    kind (any batch size) use the recorded choice without timing again."""
+    from drip_cli.operators import convolution
+
+    weight = torch.randn(8, 1, 5, 5)
+    convolution.conv2d_adjoint(torch.randn(2, 8, 20, 20), weight, dilation=2)
+    key = ((8, 1, 5, 5), (8, 20, 20), torch.float32, 0, 2)
+    assert key in convolution._cpu_choice
+    flipped_calls = []
+    original = convolution._flipped_conv2d
+    monkeypatch.setattr(convolution, "_flipped_conv2d",
+                        lambda *args: flipped_calls.append(1) or original(*args))
+    monkeypatch.setitem(convolution._cpu_choice, key, False)
+    convolution.conv2d_adjoint(torch.randn(5, 8, 20, 20), weight, dilation=2)
+    assert len(flipped_calls) == 1
+    monkeypatch.setitem(convolution._cpu_choice, key, True)
+    convolution.conv2d_adjoint(torch.randn(5, 8, 20, 20), weight, dilation=2)
+    assert len(flipped_calls) == 1
+
+
+@pytest.mark.parametrize("h,w,pad", [(9, 11, 2), (8, 8, 4), (3, 5, 3), (1, 4, 1)])
+def test_symmetric_padding_and_its_adjoint(h, w, pad):
+    """The learned convolutions' padding is NumPy's 'symmetric' mode (edge sample repeated),
+    also where the padding is as wide as the image, and its adjoint passes the dot-product test."""
+    from drip_cli.operators.convolution import symmetric_pad, symmetric_pad_adjoint
+
+    z = torch.randn(2, 3, h, w, dtype=torch.float64)
+    g = torch.randn(2, 3, h + 2 * pad, w + 2 * pad, dtype=torch.float64)
+    expected = np.pad(z.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="symmetric")
+    assert np.array_equal(symmetric_pad(z, pad).numpy(), expected)
+    lhs, rhs = (symmetric_pad(z, pad) * g).sum(), (z * symmetric_pad_adjoint(g, pad)).sum()
+    assert abs(lhs - rhs) < 1e-12 * z.norm() * g.norm() * (1 + 2 * pad)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_hdf5_round_trip(kind, tmp_path):
     op = make_operator(kind, (3, 16, 20))

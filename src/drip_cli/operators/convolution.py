@@ -10,7 +10,9 @@ ms. Mapping 1 or 2 channels to one (the embedding's 3x3 kernel), ``conv2d`` took
 ``make bench`` (12.2 s against 11.6). So on the CPU each kind of adjoint (kernel shape, channels,
 image size, dtype, padding, dilation) times both kernels once per process, on its first input,
 and keeps the faster; on other devices ``conv_transpose2d`` sums 4 or more channels. Both give
-the same result up to float rounding; the choice is fixed within a process.
+the same result up to float rounding; the choice is fixed within a process. A run resumed in
+a new process (``drip train --resume``) repeats the uninterrupted one bit for bit only if it
+chooses alike, which it does where one kernel is clearly faster (2-3x on both machines above).
 
 The learned convolutions (the regularizer's filter bank, the embedding ``E``) extend the image
 by half-sample symmetric padding, :func:`symmetric_pad`, whose adjoint folds the mirrored samples

@@ -139,7 +139,7 @@ class MeasurementFile:
     Everything the contract lists is checked on open: format attributes, the operator group,
     dataset ranks, shapes against the operator, dtypes, finiteness and ``noise_std > 0``. A
     ground truth outside [0, 1] is allowed but raises a :class:`DripWarning` (PSNR and SSIM
-    assume that range); ``ground_truth_range`` is its ``(min, max)``.
+    assume that range).
     ``noise_std`` (a scalar) replaces the file's noise levels, and is required when it has none.
     """
 
@@ -167,7 +167,7 @@ class MeasurementFile:
         n = self._measurements.shape[0]
         if n < 1:
             raise DripError("dataset 'measurements' holds no samples", path)
-        self._ground_truth, self.ground_truth_range = None, None
+        self._ground_truth = None
         if "ground_truth" in h:
             extremes = [np.inf, -np.inf]
 
@@ -177,7 +177,6 @@ class MeasurementFile:
 
             self._ground_truth = check_dataset(h, "ground_truth", (n, *op.image_shape), path,
                                                on_block=track)
-            self.ground_truth_range = tuple(extremes)
             doubt = unit_range_doubt(*extremes)
             if doubt is not None:
                 warnings.warn(DripWarning(f"{path}: ground truth: {doubt}"), stacklevel=2)

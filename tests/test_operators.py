@@ -172,6 +172,26 @@ def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
     assert len(flipped_calls) == 1
 
 
+def test_cpu_kernel_choices_round_trip(monkeypatch):
+    """The choices a checkpoint stores are plain rows that another process adopts as its own;
+    rows that are not choices are refused."""
+    from drip_cli.operators import convolution
+
+    key = ((8, 1, 5, 5), (8, 20, 20), torch.float64, 0, 2)
+    monkeypatch.setattr(convolution, "_cpu_choice", {key: True})
+    rows = convolution.cpu_kernel_choices()
+    assert rows == [[[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, True]]
+    monkeypatch.setattr(convolution, "_cpu_choice", {key: False})
+    convolution.adopt_cpu_kernel_choices(rows)
+    assert convolution._cpu_choice == {key: True}
+    for bad in ([[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2],
+                [[8, 1, 5, 5], [8, 20, 20], "nn", 0, 2, True],
+                [[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, "yes"], "row"):
+        with pytest.raises(ValueError, match="not a kernel choice"):
+            convolution.adopt_cpu_kernel_choices([bad])
+    assert convolution._cpu_choice == {key: True}
+
+
 @pytest.mark.parametrize("h,w,pad", [(9, 11, 2), (8, 8, 4), (3, 5, 3), (1, 4, 1)])
 def test_symmetric_padding_and_its_adjoint(h, w, pad):
     """The learned convolutions' padding is NumPy's 'symmetric' mode (edge sample repeated),

@@ -87,6 +87,43 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert (split / "history.csv").read_text() == "x\n"
 
 
+def _same_weights(run_a, run_b) -> bool:
+    a = load_file(str(run_a / "checkpoint.safetensors"))
+    b = load_file(str(run_b / "checkpoint.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_resumed_run_convolves_with_the_checkpoints_kernels(train_file, tmp_path, monkeypatch):
+    """A run resumed in a new process could time the CPU convolution kernels differently and
+    pick the other one (the same result up to rounding); it adopts the checkpoint's choices, so
+    it still ends with exactly the uninterrupted run's weights."""
+    from drip_cli.operators import convolution
+    from drip_cli.training import trainer
+
+    monkeypatch.setattr(convolution, "_cpu_choice", {})   # as in a fresh process
+    fast = [*TINY, "--latent-channels", "1"]
+    whole = tmp_path / "whole"
+    assert run_cli("train", train_file, "--out", whole, "--epochs", 1, *fast).exit_code == 0
+    made = dict(convolution._cpu_choice)
+    assert made
+    for name, adopt in (("adopted", trainer.adopt_cpu_kernel_choices),
+                        ("ignored", lambda rows: None)):
+        split = tmp_path / name
+        first = run_cli("train", train_file, "--out", split, "--epochs", 1, "--max-steps", 1, *fast)
+        assert first.exit_code == 0, first.stderr
+        state = torch.load(split / "checkpoint_state.pt", weights_only=True)
+        assert state["kernel_choices"] == convolution.cpu_kernel_choices()
+        # the new process: its own timing chose the other kernel for every kind
+        monkeypatch.setattr(convolution, "_cpu_choice", {k: not v for k, v in made.items()})
+        monkeypatch.setattr(trainer, "adopt_cpu_kernel_choices", adopt)
+        second = run_cli("train", train_file, "--out", split, "--epochs", 1, "--resume",
+                         "--device", "cpu", "-q")
+        assert second.exit_code == 0, second.stderr
+        monkeypatch.setattr(convolution, "_cpu_choice", dict(made))
+    assert _same_weights(whole, tmp_path / "adopted")
+    assert not _same_weights(whole, tmp_path / "ignored")   # the choice does show in the bits
+
+
 def test_a_run_without_validation_resumes(tmp_path):
     """One sample leaves no validation set, so the best PSNR stays NaN; the checkpoint check
     must accept it."""

@@ -10,9 +10,11 @@ ms. Mapping 1 or 2 channels to one (the embedding's 3x3 kernel), ``conv2d`` took
 ``make bench`` (12.2 s against 11.6). So on the CPU each kind of adjoint (kernel shape, channels,
 image size, dtype, padding, dilation) times both kernels once per process, on its first input,
 and keeps the faster; on other devices ``conv_transpose2d`` sums 4 or more channels. Both give
-the same result up to float rounding; the choice is fixed within a process. A run resumed in
-a new process (``drip train --resume``) repeats the uninterrupted one bit for bit only if it
-chooses alike, which it does where one kernel is clearly faster (2-3x on both machines above).
+the same result up to float rounding; the choice is fixed within a process, and a training
+checkpoint carries the choices made so far (:func:`cpu_kernel_choices`), which a run resumed in
+a new process (``drip train --resume``) adopts (:func:`adopt_cpu_kernel_choices`) instead of
+timing afresh: timing could choose the other kernel, and the resumed run would then differ from
+the uninterrupted one in the last bits.
 
 The learned convolutions (the regularizer's filter bank, the embedding ``E``) extend the image
 by half-sample symmetric padding, :func:`symmetric_pad`, whose adjoint folds the mirrored samples
@@ -65,6 +67,31 @@ def _transpose_is_faster(y: torch.Tensor, weight: torch.Tensor, padding: int,
             flipped = _fastest_seconds(lambda: _flipped_conv2d(y, weight, padding, dilation))
         _cpu_choice[key] = transpose < flipped
     return _cpu_choice[key]
+
+
+def cpu_kernel_choices() -> list[list]:
+    """The CPU kernel choices made so far, as rows ``[weight shape, input shape without the
+    batch, dtype name, padding, dilation, conv_transpose2d chosen]`` of plain lists, numbers,
+    strings and booleans (so a checkpoint loads them with ``weights_only=True``)."""
+    return [[list(w), list(y), str(dtype).removeprefix("torch."), padding, dilation, choice]
+            for (w, y, dtype, padding, dilation), choice in _cpu_choice.items()]
+
+
+def adopt_cpu_kernel_choices(rows) -> None:
+    """Make the choices of :func:`cpu_kernel_choices` (from another process) this process's
+    own. Raises ``ValueError`` on rows that are not such choices."""
+    adopted = {}
+    for row in rows:
+        try:
+            w, y, dtype_name, padding, dilation, choice = row
+            dtype = getattr(torch, dtype_name)
+            if not (isinstance(dtype, torch.dtype) and isinstance(choice, bool)
+                    and all(isinstance(v, int) for v in (*w, *y, padding, dilation))):
+                raise TypeError
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError(f"not a kernel choice: {row!r}") from None
+        adopted[(tuple(w), tuple(y), dtype, padding, dilation)] = choice
+    _cpu_choice.update(adopted)
 
 
 def conv2d_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int = 0,

@@ -26,8 +26,10 @@ started switched on (weight 0.3 instead of 1e-3, see :mod:`..regularizers.convex
 did not beat the untrained start: only the TV pair could learn.
 
 Runs are reproducible and resumable: one seeded ``torch.Generator`` drives the data order and the
-noise, and the checkpoint holds the model, the optimiser, the position in the epoch and the
-generator state, so a resumed run ends with exactly the weights of an uninterrupted one (CPU).
+noise, and the checkpoint holds the model, the optimiser, the position in the epoch, the
+generator state and the CPU convolution kernels chosen (:mod:`drip_cli.operators.convolution`),
+so a resumed run, in this process or a new one, ends with exactly the weights of an
+uninterrupted one (CPU).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_json
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
                          save_model)
+from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate
@@ -499,7 +502,9 @@ class Trainer:
                  "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "permutation": self.permutation, "generator": self.generator.get_state(),
                  "best_psnr": self.best_psnr, "elapsed": self.elapsed,
-                 "torch_rng": torch.get_rng_state()}
+                 "torch_rng": torch.get_rng_state(),
+                 # so that a resumed run convolves with the same CPU kernels, bit for bit
+                 "kernel_choices": cpu_kernel_choices()}
         with atomic_path(self.out / CHECKPOINT_STATE) as tmp:
             torch.save(state, tmp)
 
@@ -519,6 +524,7 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
                 self.generator.set_state(state["generator"])
                 torch.set_rng_state(state["torch_rng"])
+                adopt_cpu_kernel_choices(state.get("kernel_choices", []))
         except Exception as exc:  # noqa: BLE001
             raise DripError(f"cannot read checkpoint ({exc})", state_path) from exc
         if problem is not None:

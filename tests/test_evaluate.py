@@ -252,3 +252,17 @@ def test_several_models_of_one_kind_are_named_by_their_run_folders(runs, tmp_pat
     assert [m.name for m in choose_methods([copy], ["drip", "tv"])] == ["drip", "tv"]
     with pytest.raises(DripError, match="same name"):
         choose_methods([runs / "drip_run", runs / "drip_run"], None)
+
+
+def test_evaluate_progress_counts_batches_and_moves_within_them(runs):
+    """The progress of drip evaluate: from (0, total) to (total, total) in solved batches,
+    never backwards, with fractions while a batch is solved."""
+    from drip_cli.evaluation.robustness import choose_methods, evaluate
+
+    calls = []
+    evaluate(runs / "blur.h5", choose_methods([runs / "drip_run"], ["tv", "drip"]), [2.0, 5.0],
+             batch_size=4, progress=lambda done, total: calls.append((done, total)))
+    total = 2 * 2 * 2   # levels x methods x batches of 4 of the 6 samples
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and any(d != int(d) for d in done), done

@@ -185,6 +185,50 @@ def test_reweighted_solve_fits_every_sample_and_uniform_weights_change_nothing()
         leapfrog.solve(op, b, radius, max_iterations=5)
 
 
+def _assert_rising_to_one(fractions: list[float]) -> None:
+    assert fractions, "no progress was reported"
+    assert all(0 <= f <= 1 for f in fractions), fractions
+    assert fractions == sorted(fractions), fractions
+    assert fractions[-1] == 1.0, fractions
+
+
+def test_solvers_report_progress_as_samples_finish(tmp_path):
+    """Progress moves within a batch: TV and DRIP (both passes of a reweighted model) report
+    the share of samples finished, rising to 1, and reconstruct_file turns that into samples
+    done, from (0, n) to (n, n)."""
+    from helpers import write_small_file
+    from drip_cli.io.models import ModelInfo
+    from drip_cli.methods import LearnedMethod, TVMethod
+    from drip_cli.reconstruct import reconstruct_file
+
+    op = make_operator("tomography", (1, 16, 20))
+    model = _perturbed_model(latent=1)
+    model.config.reweight, model.config.max_iterations = 1, 200
+    x = torch.rand(4, 1, 16, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    b, sigma = noisy(op, x, 3.0)
+    sigma = sigma * torch.tensor([1.0, 2.0, 4.0, 1.5], dtype=torch.float64)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    drip = []
+    model.solve(op, b, radius, progress=drip.append)
+    _assert_rising_to_one(drip)
+    assert min(drip) <= 0.5 < max(drip)   # the first pass reports, then the second
+    tv = []
+    TVMethod().solve(op, b, radius, progress=tv.append)
+    _assert_rising_to_one(tv)
+
+    data = tmp_path / "m.h5"
+    write_small_file(data, op, n=5)
+    info = ModelInfo(config=model.config, operator_kind="tomography", image_shape=(1, 16, 20),
+                     noise_percent=(1, 5))
+    calls = []
+    reconstruct_file(data, tmp_path / "r.h5", LearnedMethod(model.float(), info, ""),
+                     batch_size=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls[0] == (0, 5) and calls[-1] == (5, 5)
+    assert all(total == 5 for _, total in calls)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and any(d != int(d) for d in done), done   # within batches too
+
+
 def _dense_projection(op, v, b, radius):
     """The Euclidean projection of one sample by dense linear algebra and bisection on lam."""
     n = v.numel()

@@ -17,7 +17,11 @@ from .solvers import SolverResult, cgls, constrained_tv, total_variation
 class ReconstructionMethod:
     name: str = ""
 
-    def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> SolverResult:
+    def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor,
+              progress=None) -> SolverResult:
+        """Reconstruct a batch. ``progress(fraction)``, where given, is called now and then with
+        the share of the batch's work done (0 to 1; iterative methods report samples as they
+        finish, fast ones may not report at all)."""
         raise NotImplementedError
 
     def check(self, data, warn) -> dict:
@@ -38,7 +42,7 @@ class CGLSMethod(ReconstructionMethod):
     def __init__(self, max_iterations: int = 1000):
         self.max_iterations = max_iterations
 
-    def solve(self, op, b, radius):
+    def solve(self, op, b, radius, progress=None):   # milliseconds: nothing to report
         return cgls(op, b, radius, max_iterations=self.max_iterations)
 
 
@@ -52,12 +56,15 @@ class TVMethod(ReconstructionMethod):
         self.tolerance = tolerance
         self._norms: dict[int, float] = {}
 
-    def solve(self, op, b, radius):
+    def solve(self, op, b, radius, progress=None):
         key = id(op)
         if key not in self._norms:  # one power iteration per operator, not per batch
             self._norms[key] = estimate_norm(op, device=b.device)
+        finished = None if progress is None else \
+            (lambda iteration, active: progress(1 - active / len(b)))
         result = constrained_tv(op, b, radius, op_norm=self._norms[key],
-                                max_iterations=self.max_iterations, tolerance=self.tolerance)
+                                max_iterations=self.max_iterations, tolerance=self.tolerance,
+                                progress=finished)
         result.regularizer_value = total_variation(result.solution.double())
         return result
 
@@ -117,7 +124,10 @@ class LearnedMethod(ReconstructionMethod):
                                 "model does not reweight by default)")
             config.edge_scale = edge_scale
 
-    def solve(self, op, b, radius):
+    def solve(self, op, b, radius, progress=None):
         self.model.to(b.device)
-        # drip: regularizer_value = R(z*) at the latent solution; unrolled: none
+        # drip: regularizer_value = R(z*) at the latent solution; unrolled: none (and a fixed
+        # number of steps, nothing to report)
+        if self.kind == "drip":
+            return self.model.solve(op, b, radius, progress=progress)
         return self.model.solve(op, b, radius)

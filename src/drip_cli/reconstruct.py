@@ -67,16 +67,17 @@ def summarize(columns: dict[str, np.ndarray], tau: float) -> dict:
 
 def reconstruct_batch(method: ReconstructionMethod, op, measurements: np.ndarray,
                       noise_std: np.ndarray, tau: float, ground_truth: np.ndarray | None = None,
-                      device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+                      device: str | torch.device = "cpu", progress=None) -> dict[str, np.ndarray]:
     """Solve one batch and measure it: the columns of the contract's reconstruction file
     (``reconstructions``, ``discrepancy_ratio``, ``relative_residual``, ``regularizer_value``,
     ``iterations``, ``converged``, and ``psnr``/``ssim`` with ground truth) plus
-    ``solver_converged`` and ``seconds`` (per image, the batch's wall time shared out)."""
+    ``solver_converged`` and ``seconds`` (per image, the batch's wall time shared out).
+    ``progress(fraction)`` follows the solve (:meth:`ReconstructionMethod.solve`)."""
     device = torch.device(device)
     b = op.project_measurements(torch.from_numpy(measurements).to(device))
     sigma = torch.from_numpy(noise_std).to(device=device, dtype=b.dtype)
     start = time.perf_counter()
-    result = method.solve(op, b, discrepancy_radius(op, sigma, tau))
+    result = method.solve(op, b, discrepancy_radius(op, sigma, tau), progress=progress)
     u = result.solution.detach()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -122,7 +123,8 @@ def reconstruct_file(
 ) -> dict:
     """Reconstruct every sample of ``measurements_path`` into ``out_path``; return the summary.
 
-    ``progress(done, total)`` is called after each batch; ``warn(message)`` receives the method's
+    ``progress(done, total)`` counts samples, also within a batch as the solver finishes them
+    (``done`` may then be fractional); ``warn(message)`` receives the method's
     doubts about the data (a model used on another operator). The output appears only when every
     batch succeeded, and never replaces the measurements or the other files in ``keep``
     (``{what it is: path}``, e.g. the model; see :func:`drip_cli.io.check_writable`).
@@ -138,9 +140,13 @@ def reconstruct_file(
                  "drip_version": __version__, "operator_kind": op.kind, **extra_attrs}
         with atomic_h5(out_path) as handle:
             writer = ReconstructionWriter(handle, n, data.image_shape, data.has_ground_truth, attrs)
+            if progress is not None:   # the total, before the first batch takes its time
+                progress(0, n)
             for batch in data.batches(batch_size):
+                within = None if progress is None else \
+                    (lambda f, b=batch: progress(b.start + f * (b.stop - b.start), n))
                 row = reconstruct_batch(method, op, batch.measurements, batch.noise_std, tau,
-                                        batch.ground_truth, device)
+                                        batch.ground_truth, device, within)
                 writer.write(batch.start, **row)
                 if progress is not None:
                     progress(batch.stop, n)

@@ -151,7 +151,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
              max_samples: int | None = None, n_previews: int = 4,
              preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
     """Run every method at every level (see the module docstring); ``progress(done, total)``
-    counts solved batches, ``warn(message)`` receives the methods' doubts about the data.
+    counts solved batches (fractions of one while it is solved), ``warn(message)`` receives the methods' doubts about the data.
     ``tau``: one discrepancy constant or several (each method at each)."""
     taus = sorted({float(t) for t in np.atleast_1d(tau)})
     truth, op = load_ground_truth(data, operator_from)
@@ -181,6 +181,8 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                 truth_values[method.name] = truth_regularizer_values(method, truth, batch_size, device)
     n_batches = -(-len(truth) // batch_size)
     total, done = len(levels) * len(methods) * len(taus) * n_batches, 0
+    if progress is not None:
+        progress(done, total)
     for percent in levels:
         measurements, noise_std = measured[percent]
         for method, tau in ((m, t) for m in methods for t in taus):
@@ -188,8 +190,10 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
             rows = []
             for i in range(0, len(truth), batch_size):
                 part = slice(i, i + batch_size)
+                within = None if progress is None else \
+                    (lambda f, done=done: progress(done + f, total))
                 rows.append(reconstruct_batch(method, op, measurements[part], noise_std[part],
-                                              tau, truth[part], device))
+                                              tau, truth[part], device, within))
                 done += 1
                 if progress is not None:
                     progress(done, total)

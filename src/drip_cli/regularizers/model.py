@@ -141,8 +141,11 @@ class DripModel(torch.nn.Module):
         """The smallest image side the regularizer's filters fit in."""
         return self.regularizer.reach
 
-    def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, **overrides):
+    def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, progress=None,
+              **overrides):
         """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`.
+        ``progress(fraction)``, where given, hears of the samples each pass finishes, each pass
+        an equal share of the work.
 
         With ``config.reweight = K > 0`` the solve is repeated ``K`` times with the edge weights
         of the previous solution (:mod:`.adaptive`), each pass started from the previous pass's
@@ -171,13 +174,16 @@ class DripModel(torch.nn.Module):
         passes = self.config.reweight
         guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
         warm = {"stationarity_tolerance": self.config.reweight_stationarity_tolerance}
-        result = solve_drip(op, self.embedding, self.regularizer, b, radius,
+        def share(i):   # pass i of passes + 1 reports its own fraction as a share of the whole
+            return None if progress is None else (lambda f: progress((i + f) / (passes + 1)))
+
+        result = solve_drip(op, self.embedding, self.regularizer, b, radius, progress=share(0),
                             **(guide if passes else settings))
         for i in range(passes):
             weights = edge_weights(result.solution, self.config.edge_scale)
             stop = settings if i == passes - 1 else guide
             again = solve_drip(op, self.embedding, self.regularizer, b, radius, z0=result.latent,
-                               pixel_weights=weights, **{**stop, **warm})
+                               pixel_weights=weights, progress=share(i + 1), **{**stop, **warm})
             again.iterations = again.iterations + result.iterations
             result = again
         return result

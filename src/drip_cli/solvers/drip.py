@@ -131,6 +131,7 @@ def solve_drip(
     final_projection_iterations: int = 1000,
     projection_tolerance: float = 1e-3,
     pixel_weights: torch.Tensor | None = None,
+    progress=None,
 ) -> DripSolution:
     """Solve the lower-level problem for a batch (see the module docstring).
 
@@ -140,6 +141,8 @@ def solve_drip(
     ``pixel_weights`` (``(N, 1, H, W)``, positive; convex regularizers only) weighs ``R``'s
     terms per pixel (:mod:`drip_cli.regularizers.adaptive`); the steps and their bound scale
     with each sample's largest weight. The returned ``regularizer_value`` is the unweighted ``R``.
+    ``progress(fraction)``, where given, is called with the share of samples finished whenever
+    some finish.
     """
     forward_op = EmbeddedOperator(op, embedding)
     radius = radius.to(device=b.device, dtype=b.dtype)
@@ -187,6 +190,8 @@ def solve_drip(
             watch.keep(keep)
             if weights_work is not None:
                 weights_work = weights_work[keep]
+            if progress is not None:
+                progress(1 - len(rows) / n)
         if len(rows) == 0:
             break
     # Every iterate was projected, but a projection capped at projection_iterations may have

@@ -7,6 +7,8 @@
    else an untrained model, i.e. the regularizer's starting point, reported as such), and a
    model trained with reweighting also runs as a single pass (``--reweight 0``); the
    unrolled baseline uses ``--unrolled`` (default: its sample model, skipped when absent).
+   The same for limited-angle tomography (32 angles over 120 degrees) with
+   ``--tomography-model`` (default: its sample model; no unrolled network).
 3. Training throughput: images per second of ``drip train``'s optimisation step (default
    settings, batch 8, fresh 1-5% noise) for DRIP and the unrolled baseline, from untrained
    models on the same crops, after one warm-up step.
@@ -49,7 +51,7 @@ SHAPE = (1, 64, 64)
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 
 
-def learned_method(path: Path | None, architecture: str):
+def learned_method(path: Path | None, architecture: str, operator_kind: str = "blur"):
     """The learned method from a model file, an untrained DRIP model when there is none, or
     None (an unrolled network is only benchmarked trained)."""
     if path is not None and path.exists():
@@ -59,7 +61,8 @@ def learned_method(path: Path | None, architecture: str):
     if architecture != "convex":
         return None
     config = ModelConfig()
-    info = ModelInfo(config=config, operator_kind="blur", image_shape=SHAPE, noise_percent=(1, 5))
+    info = ModelInfo(config=config, operator_kind=operator_kind, image_shape=SHAPE,
+                     noise_percent=(1, 5))
     method = LearnedMethod(build_model(config).eval(), info, "")
     method.label = "drip (untrained)"
     return method
@@ -128,23 +131,26 @@ def bench_operators(n: int, device: torch.device, where: str) -> tuple[Table, di
     return out, figures
 
 
-def blurred(truth: np.ndarray):
-    """The blur operator and the crops' measurements at 2% noise (fixed seed), for the
+def blur() -> Blur:
+    return Blur(SHAPE, gaussian_psf(2.0))
+
+
+def measured(op, truth: np.ndarray):
+    """``op`` and the crops' measurements by it at 2% noise (fixed seed), for the
     reconstruction and training sections (each gets its own operator: ``Module.to`` moves in
     place)."""
-    op = Blur(SHAPE, gaussian_psf(2.0))
     clean = op(torch.from_numpy(truth))
     sigma = noise_std_for(op, clean, torch.full((len(truth),), 2.0))
     b = add_noise(op, clean, sigma, torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)))
     return op, b, sigma
 
 
-def bench_reconstruction(truth: np.ndarray, methods, device: torch.device,
+def bench_reconstruction(op, what: str, truth: np.ndarray, methods, device: torch.device,
                          where: str) -> tuple[Table, dict]:
-    op, b, sigma = blurred(truth)
+    op, b, sigma = measured(op, truth)
     op, b, sigma = op.to(device), b.to(device), sigma.to(device)
     radius = discrepancy_radius(op, sigma, 1.0)
-    out = table(f"reconstruction of {len(truth)} photo crops 64x64, blur sigma 2, 2% noise, tau = 1, "
+    out = table(f"reconstruction of {len(truth)} photo crops 64x64, {what}, 2% noise, tau = 1, "
                 f"{where} float32", "method", "seconds", "s/image", "images/s", "PSNR",
                 "max ratio", "iters", "solved")
     figures = {}
@@ -173,7 +179,7 @@ def bench_reconstruction(truth: np.ndarray, methods, device: torch.device,
 def bench_training(truth: np.ndarray, steps: int, device: torch.device,
                    where: str) -> tuple[Table, dict]:
     """Images per second of the training step, DRIP and unrolled, from untrained models."""
-    op, b, sigma = blurred(truth)
+    op, b, sigma = measured(blur(), truth)
     out = table(f"training step, batch 8 of 64x64 photo crops, blur sigma 2, 1-5% noise, "
                 f"{where} float32", "architecture", "steps", "s/step", "images/s")
     figures = {}
@@ -245,6 +251,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--model", type=Path, default=SAMPLES / "drip_blur.safetensors")
     parser.add_argument("--unrolled", type=Path, default=SAMPLES / "unrolled_blur.safetensors")
+    parser.add_argument("--tomography-model", type=Path,
+                        default=SAMPLES / "drip_tomography.safetensors")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--train-steps", type=int, default=10,
                         help="timed training steps per architecture (0: skip)")
@@ -266,7 +274,13 @@ def main() -> None:
     methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.model, drip),
                learned_method(args.unrolled, "unrolled")]
     out, results["reconstruction"] = bench_reconstruction(
-        truth, [m for m in methods if m is not None], device, where)
+        blur(), "blur sigma 2", truth, [m for m in methods if m is not None], device, where)
+    console.print(out)
+    drip = learned_method(args.tomography_model, "convex", "tomography")
+    methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.tomography_model, drip)]
+    out, results["reconstruction_tomography"] = bench_reconstruction(
+        Tomography(SHAPE, limited_angles(32, 120.0)), "tomography 32 angles over 120 deg", truth,
+        [m for m in methods if m is not None], device, where)
     console.print(out)
     if args.train_steps > 0:
         out, results["training"] = bench_training(truth, args.train_steps, device, where)

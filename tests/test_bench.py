@@ -22,12 +22,14 @@ def test_bench_runs_every_section(tmp_path):
     assert "…" not in result.stdout   # the tables are printed whole
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert len(figures["operators"]) == 6
-    methods = figures["reconstruction"]
-    assert {"cgls", "tv"} <= set(methods) and any(m.startswith("drip") for m in methods)
-    assert all(row["images_per_s"] > 0 for row in methods.values())
-    assert all(0.0 <= row["solver_converged_fraction"] <= 1.0 for row in methods.values())
-    # every method but the unrolled network guarantees the data fit
-    assert all(row["max_ratio"] <= 1.0 for name, row in methods.items() if "unrolled" not in name)
+    for section in ("reconstruction", "reconstruction_tomography"):
+        methods = figures[section]
+        assert {"cgls", "tv"} <= set(methods) and any(m.startswith("drip") for m in methods)
+        assert all(row["images_per_s"] > 0 for row in methods.values())
+        assert all(0.0 <= row["solver_converged_fraction"] <= 1.0 for row in methods.values())
+        # every method but the unrolled network guarantees the data fit
+        assert all(row["max_ratio"] <= 1.0 for name, row in methods.items()
+                   if "unrolled" not in name)
     assert set(figures["training"]) == {"drip (convex)", "unrolled"}
     assert all(row["images_per_s"] > 0 for row in figures["training"].values())
     assert set(figures["memory"]) == {"2", "16"}

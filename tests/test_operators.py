@@ -186,7 +186,9 @@ def test_cpu_kernel_choices_round_trip(monkeypatch):
     assert convolution._cpu_choice == {key: True}
     for bad in ([[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2],
                 [[8, 1, 5, 5], [8, 20, 20], "nn", 0, 2, True],
-                [[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, "yes"], "row"):
+                [[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, "yes"],
+                [[8, 1, 5, 5], [8, 20, 20], "float64", False, 2, True],
+                [[8, True, 5, 5], [8, 20, 20], "float64", 0, 2, True], "row"):
         with pytest.raises(ValueError, match="not a kernel choice"):
             convolution.adopt_cpu_kernel_choices([bad])
     assert convolution._cpu_choice == {key: True}

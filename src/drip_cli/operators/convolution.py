@@ -85,8 +85,9 @@ def adopt_cpu_kernel_choices(rows) -> None:
         try:
             w, y, dtype_name, padding, dilation, choice = row
             dtype = getattr(torch, dtype_name)
+            # type(v) is int: a bool is an int to isinstance, and no shape is True
             if not (isinstance(dtype, torch.dtype) and isinstance(choice, bool)
-                    and all(isinstance(v, int) for v in (*w, *y, padding, dilation))):
+                    and all(type(v) is int for v in (*w, *y, padding, dilation))):
                 raise TypeError
         except (TypeError, ValueError, AttributeError):
             raise ValueError(f"not a kernel choice: {row!r}") from None

@@ -151,7 +151,8 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
              max_samples: int | None = None, n_previews: int = 4,
              preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
     """Run every method at every level (see the module docstring); ``progress(done, total)``
-    counts solved batches (fractions of one while it is solved), ``warn(message)`` receives the methods' doubts about the data.
+    counts solved batches (and fractions of the one being solved), ``warn(message)`` receives
+    the methods' doubts about the data.
     ``tau``: one discrepancy constant or several (each method at each)."""
     taus = sorted({float(t) for t in np.atleast_1d(tau)})
     truth, op = load_ground_truth(data, operator_from)

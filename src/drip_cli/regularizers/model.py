@@ -178,6 +178,7 @@ class DripModel(torch.nn.Module):
         passes = self.config.reweight
         guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
         warm = {"stationarity_tolerance": self.config.reweight_stationarity_tolerance}
+
         def share(i):   # pass i of passes + 1 reports its own fraction as a share of the whole
             return None if progress is None else (lambda f: progress((i + f) / (passes + 1)))
 

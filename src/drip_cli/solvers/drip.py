@@ -50,9 +50,10 @@ projections), at 32.26 dB against 31.66.
 Measured on the tomography sample model and not adopted (it needs 290 iterations per sample on
 ``sample_data/tomography.h5``, where TV is faster): letting the step grow by 1.5 after every
 step that needed no backtracking cut the iterations by 28% on 32 held-out crops at 2 and 5%
-noise, but each backtrack costs a projection, and the time rose from 0.51 to 0.79 s per image;
-starting the backtracking at 4 times the curvature estimate gave 208 instead of 290 iterations
-but 12.1 against 12.9 s, within the spread between runs; a warm start by L-BFGS on the
+noise, but each backtrack costs a projection, and the time rose from 0.51 to 0.79 s per image
+(growing by 1.1: 208 instead of 290 iterations on ``tomography.h5``, 13.4 against 12.9 s);
+starting the backtracking at 4 times the curvature estimate gave 254 iterations and 12.1 s,
+within the spread between runs; a warm start by L-BFGS on the
 Lagrangian ``R + mu/2 ||A E z - b||^2`` (``mu`` from the KKT conditions at the start, rescaled
 by the squared residual ratio after each of 8 rounds of 30 steps) made a single pass on 8 crops
 faster (4.3 against 5.5 s) and as converged, but with the reweighting pass the whole solve was

@@ -8,7 +8,8 @@
    model trained with reweighting also runs as a single pass (``--reweight 0``); the
    unrolled baseline uses ``--unrolled`` (default: its sample model, skipped when absent).
    The same for limited-angle tomography (32 angles over 120 degrees) with
-   ``--tomography-model`` (default: its sample model; no unrolled network).
+   ``--tomography-model`` (default: its sample model; no unrolled network). ``--reconstruct
+   blur`` (or ``tomography``) runs one of the two.
 3. Training throughput: images per second of ``drip train``'s optimisation step (default
    settings, batch 8, fresh 1-5% noise) for DRIP and the unrolled baseline, from untrained
    models on the same crops, after one warm-up step.
@@ -253,6 +254,8 @@ def main() -> None:
     parser.add_argument("--unrolled", type=Path, default=SAMPLES / "unrolled_blur.safetensors")
     parser.add_argument("--tomography-model", type=Path,
                         default=SAMPLES / "drip_tomography.safetensors")
+    parser.add_argument("--reconstruct", default="blur,tomography",
+                        help="the operators of the reconstruction sections (comma-separated)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--train-steps", type=int, default=10,
                         help="timed training steps per architecture (0: skip)")
@@ -260,6 +263,9 @@ def main() -> None:
                         help="the larger file of the memory section, in images (the smaller one "
                              "has an eighth; 0: skip)")
     args = parser.parse_args()
+    kinds = set(args.reconstruct.split(",")) - {""}
+    if not kinds <= {"blur", "tomography"}:
+        parser.error(f"--reconstruct: blur and/or tomography, not {args.reconstruct}")
     device = resolve_device(args.device)   # as the CLI sets it up
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU ({torch.get_num_threads()} threads)")
@@ -270,18 +276,20 @@ def main() -> None:
     console.print(out)
     options = SourceOptions(channels=1, crop_size=64, crops_per_image=max(1, args.images // 4))
     truth = load_images("skimage:camera,coffee,astronaut,chelsea", options, np.random.default_rng(0))
-    drip = learned_method(args.model, "convex")
-    methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.model, drip),
-               learned_method(args.unrolled, "unrolled")]
-    out, results["reconstruction"] = bench_reconstruction(
-        blur(), "blur sigma 2", truth, [m for m in methods if m is not None], device, where)
-    console.print(out)
-    drip = learned_method(args.tomography_model, "convex", "tomography")
-    methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.tomography_model, drip)]
-    out, results["reconstruction_tomography"] = bench_reconstruction(
-        Tomography(SHAPE, limited_angles(32, 120.0)), "tomography 32 angles over 120 deg", truth,
-        [m for m in methods if m is not None], device, where)
-    console.print(out)
+    if "blur" in kinds:
+        drip = learned_method(args.model, "convex")
+        methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.model, drip),
+                   learned_method(args.unrolled, "unrolled")]
+        out, results["reconstruction"] = bench_reconstruction(
+            blur(), "blur sigma 2", truth, [m for m in methods if m is not None], device, where)
+        console.print(out)
+    if "tomography" in kinds:
+        drip = learned_method(args.tomography_model, "convex", "tomography")
+        methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.tomography_model, drip)]
+        out, results["reconstruction_tomography"] = bench_reconstruction(
+            Tomography(SHAPE, limited_angles(32, 120.0)), "tomography 32 angles over 120 deg",
+            truth, [m for m in methods if m is not None], device, where)
+        console.print(out)
     if args.train_steps > 0:
         out, results["training"] = bench_training(truth, args.train_steps, device, where)
         console.print(out)

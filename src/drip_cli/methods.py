@@ -126,8 +126,5 @@ class LearnedMethod(ReconstructionMethod):
 
     def solve(self, op, b, radius, progress=None):
         self.model.to(b.device)
-        # drip: regularizer_value = R(z*) at the latent solution; unrolled: none (and a fixed
-        # number of steps, nothing to report)
-        if self.kind == "drip":
-            return self.model.solve(op, b, radius, progress=progress)
-        return self.model.solve(op, b, radius)
+        # drip: regularizer_value = R(z*) at the latent solution; unrolled: none
+        return self.model.solve(op, b, radius, progress=progress)

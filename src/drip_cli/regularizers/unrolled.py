@@ -70,9 +70,12 @@ class UnrolledNetwork(torch.nn.Module):
             x = steepest_descent_step(op, x + block(x), b)
         return x
 
-    def solve(self, op, b: torch.Tensor, radius: torch.Tensor | None = None) -> SolverResult:
+    def solve(self, op, b: torch.Tensor, radius: torch.Tensor | None = None,
+              progress=None) -> SolverResult:
         """Reconstruct a batch. ``radius`` is ignored: the network has no data-fit constraint
-        (``converged`` says whether it happened to fit, when ``radius`` is given)."""
+        (``converged`` says whether it happened to fit, when ``radius`` is given). Its fixed
+        number of steps takes milliseconds: ``progress`` is accepted, as by every solve, and
+        never called."""
         with torch.no_grad():
             x = self.forward(op, b)
         n = b.shape[0]

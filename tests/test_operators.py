@@ -151,6 +151,28 @@ def test_conv2d_adjoint_by_either_kernel(transpose, out_channels, in_channels, p
     assert abs(lhs - rhs) < 1e-12 * weight.abs().sum() * x.norm() * g.norm()
 
 
+@pytest.mark.parametrize("padding,dilation", [(0, 1), (1, 1), (0, 2), (3, 2)])
+def test_single_channel_convolution_as_depthwise_is_exact(padding, dilation):
+    """One input and one output channel run with the batch as depthwise channels: the same
+    numbers as conv2d (the same kernels' arithmetic), the exact adjoint, and the same gradients
+    in the weights."""
+    from drip_cli.operators import convolution
+
+    weight = torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 1, 13, 12, dtype=torch.float64)
+    y = convolution.conv2d(x, weight, padding, dilation)
+    expected = torch.nn.functional.conv2d(x, weight, padding=padding, dilation=dilation)
+    assert torch.allclose(y, expected, rtol=0, atol=1e-13)
+    g = torch.randn_like(y)
+    adjoint = convolution.conv2d_adjoint(g, weight, padding, dilation)
+    assert adjoint.shape == x.shape
+    lhs, rhs = (y * g).sum(), (x * adjoint).sum()
+    assert abs(lhs - rhs) < 1e-12 * weight.abs().sum() * x.norm() * g.norm()
+    (grad,) = torch.autograd.grad((y * g).sum(), weight)
+    (expected_grad,) = torch.autograd.grad((expected * g).sum(), weight)
+    assert torch.allclose(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
     """The first call of a kind times both kernels and records the choice; later calls of that
     kind (any batch size) use the recorded choice without timing again."""

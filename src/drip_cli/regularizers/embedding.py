@@ -14,9 +14,8 @@ model reconstructs in image space.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..operators.convolution import conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
+from ..operators.convolution import conv2d, conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
 
 
 class Embedding(torch.nn.Module):
@@ -38,7 +37,7 @@ class Embedding(torch.nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``u = E z``: ``(N, latent_channels, H, W) -> (N, C, H, W)``."""
-        return F.conv2d(symmetric_pad(z, self.padding), self.weight.to(z.dtype))
+        return conv2d(symmetric_pad(z, self.padding), self.weight.to(z.dtype))
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         """``E^T u``: ``(N, C, H, W) -> (N, latent_channels, H, W)``."""

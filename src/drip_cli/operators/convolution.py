@@ -1,4 +1,5 @@
-"""The adjoint of a stride-1 ``conv2d``, by whichever CPU kernel is faster for its shape.
+"""The adjoint of a stride-1 ``conv2d``, by whichever CPU kernel is faster for its shape (and
+single-channel convolutions as depthwise ones over the batch, :func:`conv2d`).
 
 Both ``conv_transpose2d`` and a ``conv2d`` with the flipped, channel-transposed kernel compute
 it, but which of PyTorch's CPU kernels is faster depends on the shape *and on the processor*

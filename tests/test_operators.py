@@ -153,9 +153,9 @@ def test_conv2d_adjoint_by_either_kernel(transpose, out_channels, in_channels, p
 
 @pytest.mark.parametrize("padding,dilation", [(0, 1), (1, 1), (0, 2), (3, 2)])
 def test_single_channel_convolution_as_depthwise_is_exact(padding, dilation):
-    """One input and one output channel run with the batch as depthwise channels: the same
-    numbers as conv2d (the same kernels' arithmetic), the exact adjoint, and the same gradients
-    in the weights."""
+    """One input and one output channel run with the batch as depthwise channels: the values
+    of conv2d, the exact adjoint, and the same gradients in the weights; an empty batch takes
+    the ordinary path."""
     from drip_cli.operators import convolution
 
     weight = torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -171,6 +171,8 @@ def test_single_channel_convolution_as_depthwise_is_exact(padding, dilation):
     (grad,) = torch.autograd.grad((y * g).sum(), weight)
     (expected_grad,) = torch.autograd.grad((expected * g).sum(), weight)
     assert torch.allclose(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert convolution.conv2d(x[:0], weight, padding, dilation).shape == (0, *y.shape[1:])
+    assert convolution.conv2d_adjoint(g[:0], weight, padding, dilation).shape == (0, *x.shape[1:])
 
 
 def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):

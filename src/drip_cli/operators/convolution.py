@@ -97,12 +97,13 @@ def adopt_cpu_kernel_choices(rows) -> None:
 
 
 def _single_channel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and weight.shape[0] == weight.shape[1] == 1
+    """One input and one output channel, a non-empty batch, on the CPU."""
+    return x.device.type == "cpu" and weight.shape[0] == weight.shape[1] == 1 and len(x) > 0
 
 
 def _batch_as_channels(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
     """``F.conv2d`` with one input and one output channel as a depthwise convolution over the
-    batch: the same numbers, and on the CPU about twice as fast (see :func:`conv2d`)."""
+    batch: the same convolution, and on the CPU about twice as fast (see :func:`conv2d`)."""
     n = x.shape[0]
     out = F.conv2d(x.reshape(1, n, *x.shape[2:]), weight.expand(n, 1, -1, -1), padding=padding,
                    dilation=dilation, groups=n)
@@ -112,12 +113,12 @@ def _batch_as_channels(x: torch.Tensor, weight: torch.Tensor, padding: int, dila
 def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int = 0,
            dilation: int = 1) -> torch.Tensor:
     """``F.conv2d`` (stride 1). A single-channel convolution on the CPU runs as a depthwise
-    convolution with the batch as its channels, which gives the same numbers: for the
-    embedding's 3x3 kernel on 64 images of 64x64 (float32, 2 threads) 0.69 ms against 1.44,
-    and its adjoint 0.53 ms against 1.34; the tomography sample model's reconstruction of 64
-    crops took 11-14% less time, every iterate the same to the last bit. Other devices and
-    channel counts keep ``F.conv2d`` (unmeasured there; with 2 or 3 channels the depthwise
-    form was slower)."""
+    convolution with the batch as its channels, the same convolution (on this machine the
+    same numbers to the last bit): for the embedding's 3x3 kernel on 64 images of 64x64
+    (float32, 2 threads) 0.69 ms against 1.44, and its adjoint 0.53 ms against 1.34; the
+    tomography sample model's reconstruction of 64 crops took 11-14% less time, with the same
+    iterates. Other devices and channel counts keep ``F.conv2d`` (unmeasured there; with 2 or
+    3 channels the depthwise form was slower)."""
     if _single_channel(x, weight):
         return _batch_as_channels(x, weight, padding, dilation)
     return F.conv2d(x, weight, padding=padding, dilation=dilation)

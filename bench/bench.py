@@ -69,14 +69,23 @@ def learned_method(path: Path | None, architecture: str, operator_kind: str = "b
     return method
 
 
-def single_pass(path: Path | None, drip) -> LearnedMethod | None:
+def single_pass(path: Path | None, drip, operator_kind: str) -> LearnedMethod | None:
     """The same model without its reweighting passes (``--reweight 0``), where it has some."""
     if not drip.model.config.reweight:
         return None
-    method = learned_method(path, "convex")
+    method = learned_method(path, "convex", operator_kind)
     method.set_reweight(0)
     method.label = "drip --reweight 0"
     return method
+
+
+def reconstruction_methods(model: Path | None, operator_kind: str, unrolled: Path | None):
+    """CGLS, TV, the DRIP model (and its single pass, where it reweights) and the unrolled
+    network where there is one."""
+    drip = learned_method(model, "convex", operator_kind)
+    methods = [CGLSMethod(), TVMethod(), drip, single_pass(model, drip, operator_kind),
+               learned_method(unrolled, "unrolled")]
+    return [m for m in methods if m is not None]
 
 
 def operators() -> dict:
@@ -87,9 +96,9 @@ def operators() -> dict:
     cols = np.stack([(2 * r + dr) * side + 2 * c + dc for dr in (0, 1) for dc in (0, 1)], 1).ravel()
     return {
         "denoise": Denoise(SHAPE),
-        "blur (13x13 PSF)": Blur(SHAPE, gaussian_psf(2.0)),
+        "blur (13x13 PSF)": blur(),
         "inpainting (50%)": Inpainting.random(SHAPE, 0.5, rng),
-        "tomography (32 angles, 120 deg)": Tomography(SHAPE, limited_angles(32, 120.0)),
+        "tomography (32 angles, 120 deg)": tomography(),
         "tomography (180 angles)": Tomography(SHAPE, np.arange(180.0)),
         "matrix (2x2 downsampling CSR)": SparseMatrixOperator.from_csr(
             SHAPE, np.full(rows.size, 0.25), cols, np.arange(0, rows.size + 1, 4),
@@ -134,6 +143,10 @@ def bench_operators(n: int, device: torch.device, where: str) -> tuple[Table, di
 
 def blur() -> Blur:
     return Blur(SHAPE, gaussian_psf(2.0))
+
+
+def tomography() -> Tomography:
+    return Tomography(SHAPE, limited_angles(32, 120.0))
 
 
 def measured(op, truth: np.ndarray):
@@ -276,20 +289,16 @@ def main() -> None:
     console.print(out)
     options = SourceOptions(channels=1, crop_size=64, crops_per_image=max(1, args.images // 4))
     truth = load_images("skimage:camera,coffee,astronaut,chelsea", options, np.random.default_rng(0))
-    if "blur" in kinds:
-        drip = learned_method(args.model, "convex")
-        methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.model, drip),
-                   learned_method(args.unrolled, "unrolled")]
-        out, results["reconstruction"] = bench_reconstruction(
-            blur(), "blur sigma 2", truth, [m for m in methods if m is not None], device, where)
-        console.print(out)
-    if "tomography" in kinds:
-        drip = learned_method(args.tomography_model, "convex", "tomography")
-        methods = [CGLSMethod(), TVMethod(), drip, single_pass(args.tomography_model, drip)]
-        out, results["reconstruction_tomography"] = bench_reconstruction(
-            Tomography(SHAPE, limited_angles(32, 120.0)), "tomography 32 angles over 120 deg",
-            truth, [m for m in methods if m is not None], device, where)
-        console.print(out)
+    # kind: (bench.json key, operator, its description, DRIP model, unrolled model)
+    sections = {"blur": ("reconstruction", blur, "blur sigma 2", args.model, args.unrolled),
+                "tomography": ("reconstruction_tomography", tomography,
+                               "tomography 32 angles over 120 deg", args.tomography_model, None)}
+    for kind, (key, make_op, what, model, unrolled) in sections.items():
+        if kind in kinds:
+            out, results[key] = bench_reconstruction(
+                make_op(), what, truth, reconstruction_methods(model, kind, unrolled), device,
+                where)
+            console.print(out)
     if args.train_steps > 0:
         out, results["training"] = bench_training(truth, args.train_steps, device, where)
         console.print(out)

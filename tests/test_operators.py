@@ -134,21 +134,28 @@ def test_finite_difference_adjoint():
     assert abs((gradient(u) * p).sum() - (u * gradient_adjoint(p)).sum()) < 1e-10
 
 
-@pytest.mark.parametrize("transpose", [True, False])
-@pytest.mark.parametrize("out_channels,in_channels,padding,dilation",
-                         [(8, 1, 0, 1), (8, 1, 0, 2), (1, 2, 1, 1), (4, 3, 2, 2)])
-def test_conv2d_adjoint_by_either_kernel(transpose, out_channels, in_channels, padding,
-                                         dilation, monkeypatch):
-    """Both kernels the CPU choice picks between are the exact adjoint of conv2d."""
+@pytest.mark.parametrize("kernel,out_channels,in_channels,padding,dilation", [
+    (kernel, *shape) for kernel in ("transpose", "flipped", "depthwise")
+    for shape in [(8, 1, 0, 1), (8, 1, 0, 2), (1, 2, 1, 1), (4, 3, 2, 2), (3, 1, 2, 1)]
+    if kernel != "depthwise" or shape[1] == 1])
+def test_conv2d_adjoint_by_each_kernel(kernel, out_channels, in_channels, padding,
+                                       dilation, monkeypatch):
+    """Each kernel the CPU choice picks between is the exact adjoint of conv2d, with the
+    gradients in the weights of conv_transpose2d (training differentiates through it)."""
     from drip_cli.operators import convolution
 
-    monkeypatch.setattr(convolution, "_transpose_is_faster", lambda *args: transpose)
-    weight = torch.randn(out_channels, in_channels, 5, 5, dtype=torch.float64)
+    monkeypatch.setattr(convolution, "_adjoint_kernel", lambda *args: kernel)
+    weight = torch.randn(out_channels, in_channels, 5, 5, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, in_channels, 13, 12, dtype=torch.float64)
-    y = torch.nn.functional.conv2d(x, weight, padding=padding, dilation=dilation)
+    y = torch.nn.functional.conv2d(x, weight.detach(), padding=padding, dilation=dilation)
     g = torch.randn_like(y)
-    lhs, rhs = (y * g).sum(), (x * convolution.conv2d_adjoint(g, weight, padding, dilation)).sum()
+    adjoint = convolution.conv2d_adjoint(g, weight, padding, dilation)
+    lhs, rhs = (y * g).sum(), (x * adjoint.detach()).sum()
     assert abs(lhs - rhs) < 1e-12 * weight.abs().sum() * x.norm() * g.norm()
+    (grad,) = torch.autograd.grad((adjoint * x).sum(), weight)
+    reference = torch.nn.functional.conv_transpose2d(g, weight, padding=padding, dilation=dilation)
+    (expected,) = torch.autograd.grad((reference * x).sum(), weight)
+    assert torch.allclose(grad, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("padding,dilation", [(0, 1), (1, 1), (0, 2), (3, 2)])
@@ -176,7 +183,7 @@ def test_single_channel_convolution_as_depthwise_is_exact(padding, dilation):
 
 
 def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
-    """The first call of a kind times both kernels and records the choice; later calls of that
+    """The first call of a kind times the kernels and records the choice; later calls of that
     kind (any batch size) use the recorded choice without timing again."""
     from drip_cli.operators import convolution
 
@@ -188,10 +195,10 @@ def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
     original = convolution._flipped_conv2d
     monkeypatch.setattr(convolution, "_flipped_conv2d",
                         lambda *args: flipped_calls.append(1) or original(*args))
-    monkeypatch.setitem(convolution._cpu_choice, key, False)
+    monkeypatch.setitem(convolution._cpu_choice, key, "flipped")
     convolution.conv2d_adjoint(torch.randn(5, 8, 20, 20), weight, dilation=2)
     assert len(flipped_calls) == 1
-    monkeypatch.setitem(convolution._cpu_choice, key, True)
+    monkeypatch.setitem(convolution._cpu_choice, key, "transpose")
     convolution.conv2d_adjoint(torch.randn(5, 8, 20, 20), weight, dilation=2)
     assert len(flipped_calls) == 1
 
@@ -202,20 +209,24 @@ def test_cpu_kernel_choices_round_trip(monkeypatch):
     from drip_cli.operators import convolution
 
     key = ((8, 1, 5, 5), (8, 20, 20), torch.float64, 0, 2)
-    monkeypatch.setattr(convolution, "_cpu_choice", {key: True})
+    monkeypatch.setattr(convolution, "_cpu_choice", {key: "depthwise"})
     rows = convolution.cpu_kernel_choices()
-    assert rows == [[[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, True]]
-    monkeypatch.setattr(convolution, "_cpu_choice", {key: False})
+    assert rows == [[[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, "depthwise"]]
+    monkeypatch.setattr(convolution, "_cpu_choice", {key: "flipped"})
     convolution.adopt_cpu_kernel_choices(rows)
-    assert convolution._cpu_choice == {key: True}
+    assert convolution._cpu_choice == {key: "depthwise"}
+    # a checkpoint written before the depthwise kernel stored True for conv_transpose2d
+    convolution.adopt_cpu_kernel_choices([[*rows[0][:5], True]])
+    assert convolution._cpu_choice == {key: "transpose"}
     for bad in ([[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2],
                 [[8, 1, 5, 5], [8, 20, 20], "nn", 0, 2, True],
                 [[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, "yes"],
+                [[8, 1, 5, 5], [8, 20, 20], "float64", 0, 2, 1],
                 [[8, 1, 5, 5], [8, 20, 20], "float64", False, 2, True],
                 [[8, True, 5, 5], [8, 20, 20], "float64", 0, 2, True], "row"):
         with pytest.raises(ValueError, match="not a kernel choice"):
             convolution.adopt_cpu_kernel_choices([bad])
-    assert convolution._cpu_choice == {key: True}
+    assert convolution._cpu_choice == {key: "transpose"}
 
 
 @pytest.mark.parametrize("h,w,pad", [(9, 11, 2), (8, 8, 4), (3, 5, 3), (1, 4, 1)])

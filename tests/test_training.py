@@ -112,7 +112,9 @@ def test_a_resumed_run_convolves_with_the_checkpoints_kernels(train_file, tmp_pa
         state = torch.load(split / "checkpoint_state.pt", weights_only=True)
         assert state["kernel_choices"] == convolution.cpu_kernel_choices()
         # the new process: its own timing chose the other kernel for every kind
-        monkeypatch.setattr(convolution, "_cpu_choice", {k: not v for k, v in made.items()})
+        monkeypatch.setattr(convolution, "_cpu_choice",
+                            {k: "transpose" if v != "transpose" else "flipped"
+                             for k, v in made.items()})
         monkeypatch.setattr(trainer, "adopt_cpu_kernel_choices", adopt)
         second = run_cli("train", train_file, "--out", split, "--epochs", 1, "--resume",
                          "--device", "cpu", "-q")

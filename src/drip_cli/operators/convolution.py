@@ -9,9 +9,14 @@ filter bank's ``K^T``): on one machine ``conv_transpose2d`` took 9.6 ms against 
 ms. Mapping 1 or 2 channels to one (the embedding's 3x3 kernel), ``conv2d`` took 1.0 ms against
 3.7 ms on the first. A fixed rule chose wrong on the second machine, where DRIP fell behind TV in
 ``make bench`` (12.2 s against 11.6). So on the CPU each kind of adjoint (kernel shape, channels,
-image size, dtype, padding, dilation) times both kernels once per process, on its first input,
-and keeps the faster; on other devices ``conv_transpose2d`` sums 4 or more channels. Both give
-the same result up to float rounding; the choice is fixed within a process, and a training
+image size, dtype, padding, dilation) times the kernels once per process, on its first input,
+and keeps the faster; on other devices ``conv_transpose2d`` sums 4 or more channels. Where the
+convolution has one input channel (a grayscale latent's filter bank), a third kernel competes: a
+depthwise convolution over batch x filters, summed over the filters (:func:`_batch_as_channels`).
+On this machine it won for the tomography sample model's ``K^T`` (8 filters of 5x5 at dilations
+1 and 2, 64 images of 64x64, float32; the fastest of 40 calls): 4.5-4.8 ms at dilation 1 and
+5.1-8.2 at 2, against 11-13 for the flipped ``conv2d`` and 19-34 for ``conv_transpose2d``. All
+give the same result up to float rounding; the choice is fixed within a process, and a training
 checkpoint carries the choices made so far (:func:`cpu_kernel_choices`), which a run resumed in
 a new process (``drip train --resume``) adopts (:func:`adopt_cpu_kernel_choices`) instead of
 timing afresh: timing could choose the other kernel, and the resumed run would then differ from
@@ -35,7 +40,7 @@ import torch.nn.functional as F
 # on devices other than the CPU: from this many channels summed, conv_transpose2d
 TRANSPOSE_FROM_CHANNELS = 4
 TIMING_REPEATS = 3
-_cpu_choice: dict[tuple, bool] = {}   # kind of adjoint -> conv_transpose2d is the faster kernel
+_cpu_choice: dict[tuple, str] = {}   # kind of adjoint -> the faster kernel's name
 
 
 def _flipped_conv2d(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
@@ -55,39 +60,48 @@ def _fastest_seconds(run) -> float:
     return best
 
 
-def _transpose_is_faster(y: torch.Tensor, weight: torch.Tensor, padding: int,
-                         dilation: int) -> bool:
+ADJOINT_KERNELS = ("transpose", "flipped", "depthwise")
+
+
+def _adjoint_kernel(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int) -> str:
+    """Which kernel computes this adjoint: ``"transpose"`` (``conv_transpose2d``),
+    ``"flipped"`` (:func:`_flipped_conv2d`) or, for one output channel, ``"depthwise"``
+    (:func:`_batch_as_channels`); on the CPU the fastest of them, timed once per kind."""
     if y.device.type != "cpu":
-        return weight.shape[0] >= TRANSPOSE_FROM_CHANNELS
+        return "transpose" if weight.shape[0] >= TRANSPOSE_FROM_CHANNELS else "flipped"
     key = (tuple(weight.shape), tuple(y.shape[1:]), y.dtype, padding, dilation)
     if key not in _cpu_choice:
+        candidates = ADJOINT_KERNELS if weight.shape[1] == 1 else ADJOINT_KERNELS[:2]
         with torch.no_grad():
             y, weight = y.detach(), weight.detach()
-            transpose = _fastest_seconds(
-                lambda: F.conv_transpose2d(y, weight, padding=padding, dilation=dilation))
-            flipped = _fastest_seconds(lambda: _flipped_conv2d(y, weight, padding, dilation))
-        _cpu_choice[key] = transpose < flipped
+            seconds = {name: _fastest_seconds(lambda: _ADJOINTS[name](y, weight, padding, dilation))
+                       for name in candidates}
+        _cpu_choice[key] = min(seconds, key=seconds.get)
     return _cpu_choice[key]
 
 
 def cpu_kernel_choices() -> list[list]:
     """The CPU kernel choices made so far, as rows ``[weight shape, input shape without the
-    batch, dtype name, padding, dilation, conv_transpose2d chosen]`` of plain lists, numbers,
-    strings and booleans (so a checkpoint loads them with ``weights_only=True``)."""
+    batch, dtype name, padding, dilation, kernel name]`` of plain lists, numbers and strings
+    (so a checkpoint loads them with ``weights_only=True``)."""
     return [[list(w), list(y), str(dtype).removeprefix("torch."), padding, dilation, choice]
             for (w, y, dtype, padding, dilation), choice in _cpu_choice.items()]
 
 
 def adopt_cpu_kernel_choices(rows) -> None:
     """Make the choices of :func:`cpu_kernel_choices` (from another process) this process's
-    own. Raises ``ValueError`` on rows that are not such choices."""
+    own. A boolean choice, as checkpoints before the depthwise kernel stored it, means
+    ``conv_transpose2d`` (True) or the flipped ``conv2d``. Raises ``ValueError`` on rows that
+    are not such choices."""
     adopted = {}
     for row in rows:
         try:
             w, y, dtype_name, padding, dilation, choice = row
             dtype = getattr(torch, dtype_name)
+            if isinstance(choice, bool):
+                choice = "transpose" if choice else "flipped"
             # type(v) is int: a bool is an int to isinstance, and no shape is True
-            if not (isinstance(dtype, torch.dtype) and isinstance(choice, bool)
+            if not (isinstance(dtype, torch.dtype) and choice in ADJOINT_KERNELS
                     and all(type(v) is int for v in (*w, *y, padding, dilation))):
                 raise TypeError
         except (TypeError, ValueError, AttributeError):
@@ -97,17 +111,40 @@ def adopt_cpu_kernel_choices(rows) -> None:
 
 
 def _single_channel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One input and one output channel, a non-empty batch, on the CPU."""
-    return x.device.type == "cpu" and weight.shape[0] == weight.shape[1] == 1 and len(x) > 0
+    """One input and one output channel, on the CPU."""
+    return x.device.type == "cpu" and weight.shape[0] == weight.shape[1] == 1
 
 
 def _batch_as_channels(x: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
-    """``F.conv2d`` with one input and one output channel as a depthwise convolution over the
-    batch: the same convolution, and on the CPU about twice as fast (see :func:`conv2d`)."""
-    n = x.shape[0]
-    out = F.conv2d(x.reshape(1, n, *x.shape[2:]), weight.expand(n, 1, -1, -1), padding=padding,
-                   dilation=dilation, groups=n)
-    return out.view(n, 1, *out.shape[2:])
+    """``F.conv2d`` with one output channel as a depthwise convolution over batch x input
+    channels (each channel with its own kernel, ``weight`` of shape ``(1, C, k, k)``), summed
+    over the channels: the same convolution, and on the CPU often faster (see :func:`conv2d`
+    and the module docstring)."""
+    n, c = x.shape[:2]
+    if n == 0:   # no channels to group: the ordinary convolution, for its output's shape
+        return F.conv2d(x, weight, padding=padding, dilation=dilation)
+    kernels = weight.expand(n, c, -1, -1).reshape(n * c, 1, *weight.shape[2:])
+    # padded beforehand: PyTorch's CPU kernel for a dilated depthwise convolution with padding
+    # was 10x slower (8 filters at dilation 2, padding 8: 47 ms against 4.8 on 64 images)
+    x = F.pad(x.reshape(1, n * c, *x.shape[2:]), (padding,) * 4)
+    out = F.conv2d(x, kernels, dilation=dilation, groups=n * c)
+    out = out.view(n, c, *out.shape[2:])
+    return out if c == 1 else out.sum(1, keepdim=True)
+
+
+def _depthwise_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
+    """The adjoint of a convolution with one input channel (``weight`` ``(F, 1, k, k)``): each
+    response correlated with its flipped filter, :func:`_batch_as_channels`."""
+    return _batch_as_channels(y, weight.flip(-1, -2).transpose(0, 1),
+                              dilation * (weight.shape[-1] - 1) - padding, dilation)
+
+
+def _transposed(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
+    return F.conv_transpose2d(y, weight, padding=padding, dilation=dilation)
+
+
+_ADJOINTS = {"transpose": _transposed, "flipped": lambda *a: _flipped_conv2d(*a),
+             "depthwise": _depthwise_adjoint}
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int = 0,
@@ -118,7 +155,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int = 0,
     (float32, 2 threads) 0.69 ms against 1.44, and its adjoint 0.53 ms against 1.34; the
     tomography sample model's reconstruction of 64 crops took 11-14% less time, with the same
     iterates. Other devices and channel counts keep ``F.conv2d`` (unmeasured there; with 2 or
-    3 channels the depthwise form was slower)."""
+    3 channels the depthwise form was slower, and so was a filter bank's forward, 1 to 8
+    channels: 3.3-3.5 ms against 1.9)."""
     if _single_channel(x, weight):
         return _batch_as_channels(x, weight, padding, dilation)
     return F.conv2d(x, weight, padding=padding, dilation=dilation)
@@ -130,11 +168,8 @@ def conv2d_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int = 0,
     square kernels), by the faster kernel (see the module docstring; single channels as in
     :func:`conv2d`)."""
     if _single_channel(y, weight):
-        return _batch_as_channels(y, weight.flip(-1, -2),
-                                  dilation * (weight.shape[-1] - 1) - padding, dilation)
-    if _transpose_is_faster(y, weight, padding, dilation):
-        return F.conv_transpose2d(y, weight, padding=padding, dilation=dilation)
-    return _flipped_conv2d(y, weight, padding, dilation)
+        return _depthwise_adjoint(y, weight, padding, dilation)
+    return _ADJOINTS[_adjoint_kernel(y, weight, padding, dilation)](y, weight, padding, dilation)
 
 
 def _mirror_axis(z: torch.Tensor, pad: int, dim: int) -> torch.Tensor:

@@ -189,6 +189,30 @@ def test_pixel_weights_weigh_each_pixels_terms(device):
     assert torch.allclose(reg.hessian_at(z.detach(), a)[0](h), second, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_evaluation_equals_the_whole_batch(weighted, monkeypatch):
+    """On the CPU R is evaluated in chunks of samples (cache-sized): values, gradients and the
+    gradients in the parameters are those of one pass over the whole batch."""
+    from drip_cli.regularizers import convex
+
+    reg = trained_looking(**CONVEX_VARIANTS["multi-scale"])
+    z = torch.randn(5, 3, 10, 12, dtype=torch.float64)
+    m = torch.rand(5, 1, 10, 12, dtype=torch.float64) if weighted else None
+
+    def evaluate():
+        value, gradient = reg.value_and_gradient(z, m)
+        params = torch.autograd.grad((value.sum() + gradient.pow(2).sum()), list(reg.parameters()))
+        return value, gradient, reg.value(z, m), params
+
+    whole = evaluate()
+    per_sample = 8 * 10 * 12 * 8   # filters x pixels x bytes: one sample's responses
+    monkeypatch.setattr(convex, "CPU_CHUNK_BYTES", 2 * per_sample)   # chunks of 2, 2 and 1
+    assert len(reg._chunks(z, m)) == 3
+    chunked = evaluate()
+    for a, b in zip(whole[:3] + tuple(whole[3]), chunked[:3] + tuple(chunked[3])):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_edge_weights_are_lower_at_edges_and_average_one():
     from drip_cli.regularizers.adaptive import edge_weights
 

@@ -71,6 +71,8 @@ gradient was large and noisy (a sign step of 0.01 raised the loss by 2%).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -80,6 +82,12 @@ from ..operators.convolution import conv2d_adjoint, symmetric_pad, symmetric_pad
 EXTRA_WEIGHT = 0.3   # initial weight of the filters beyond the TV pair (see the module docstring)
 SCALE_RATIO = 4.0    # smoothing of a group's successive potentials: eps, 4 eps, 16 eps, ...
 SCALE_WEIGHT = 0.3   # and their initial weights relative to the first
+# On the CPU, R and its gradient are evaluated in chunks of samples whose filter responses take
+# about this much memory, so that the passes over them run in cache. On the tomography sample
+# model (16 filters, 64x64, float32, 2 threads; the fastest of 15 calls) value and gradient took
+# 101-135 ms for 256 images against 413-416 ms unchunked, 47-73 against 78-84 for 128 and
+# 26-35 against 30-34 for 64; in chunks of 2 or 4 MiB no faster than in chunks of 8.
+CPU_CHUNK_BYTES = 8 * 2**20
 
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -171,36 +179,80 @@ class ConvexFilterRegularizer(torch.nn.Module):
     # -- the functional --------------------------------------------------------------------------
     def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """Responses ``t`` as ``(N, groups, group_size, H, W)``, their smoothed group norms
-        ``sqrt(|t_g|^2 + eps_gk^2)`` as ``(N, groups, scales, H, W)``, and the weights (times
-        ``pixel_weights``, ``(N, 1, H, W)``, where given)."""
+        ``s = sqrt(|t_g|^2 + eps_gk^2)`` as ``(N, groups, scales, H, W)``, the weights ``w`` as
+        ``(1, groups, scales, 1, 1)`` and ``pixel_weights`` as ``(N, 1, 1, H, W)`` (or None).
+
+        Each pass over these tensors is memory-bound, so the functionals below take as few as
+        they can: the sum of ``w (s - eps)`` is the weights applied to per-group pixel sums of
+        ``s - eps``, and ``|t_g|^2`` is one fused multiply-add for pairs. (On the tomography sample
+        model, 64 images of 64x64: potential and derivative 3.7 ms against 6.7 with the
+        straightforward expressions.)"""
         grouped = t.view(t.shape[0], -1, self.group_size, *t.shape[2:])
         eps = self.eps.to(t.dtype)[None, :, :, None, None]
         weights = self.weights.to(t.dtype)[None, :, :, None, None]
+        if self.group_size == 2:
+            first, second = grouped[:, :, :1], grouped[:, :, 1:]
+            squared_norm = torch.addcmul(first * first, second, second)
+        else:
+            squared_norm = grouped * grouped
+        smoothed_norm = torch.sqrt(squared_norm + eps * eps)
         if pixel_weights is not None:
-            weights = weights * pixel_weights.to(t.dtype)[:, :, None]
-        smoothed_norm = torch.sqrt(grouped.pow(2).sum(2, keepdim=True) + eps * eps)
-        return grouped, smoothed_norm, (weights * (smoothed_norm - eps)).flatten(1).sum(1), weights
+            pixel_weights = pixel_weights.to(t.dtype)[:, :, None]
+        return grouped, smoothed_norm, weights, pixel_weights
+
+    def _potential(self, t, smoothed_norm, weights, pixel_weights):
+        """``sum w (s - eps)`` per sample (times ``pixel_weights`` per pixel, where given).
+        (``s - eps`` is formed per pixel: subtracting ``sum w eps`` from the sum of ``w s`` once
+        lost the value of a flat image, ``R ~ 0.2`` against ``sum w s ~ 30``, to float32
+        rounding, and the solver's sufficient-decrease test with it.)"""
+        excess = smoothed_norm - self.eps.to(t.dtype)[None, :, :, None, None]
+        if pixel_weights is not None:
+            excess = excess * pixel_weights
+        return (excess.sum((3, 4)) * weights[..., 0, 0]).flatten(1).sum(1)
 
     def potential(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_g sum_k w_gk psi_gk(t_g)`` per sample for filter responses ``t`` of shape
         ``(N, n_filters, H, W)``; with ``pixel_weights`` ``m`` (``(N, 1, H, W)``, non-negative)
         each pixel's terms are multiplied by ``m`` there (:mod:`.adaptive`)."""
-        return self._smoothed(t, pixel_weights)[2]
+        _, smoothed_norm, weights, pixel_weights = self._smoothed(t, pixel_weights)
+        return self._potential(t, smoothed_norm, weights, pixel_weights)
 
     def potential_and_derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """The potential and its gradient in ``t`` (same shape as ``t``)."""
-        grouped, smoothed_norm, value, weights = self._smoothed(t, pixel_weights)
-        return value, (grouped * (weights / smoothed_norm).sum(2, keepdim=True)).flatten(1, 2)
+        grouped, smoothed_norm, weights, pixel_weights = self._smoothed(t, pixel_weights)
+        value = self._potential(t, smoothed_norm, weights, pixel_weights)
+        coefficient = weights / smoothed_norm
+        if coefficient.shape[2] > 1:
+            coefficient = coefficient.sum(2, keepdim=True)
+        if pixel_weights is not None:
+            coefficient = coefficient * pixel_weights
+        return value, (grouped * coefficient).flatten(1, 2)
 
     def value(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)`` (with ``pixel_weights``: the weighted sum)."""
-        return self.potential(self.responses(z), pixel_weights)
+        return torch.cat([self.potential(self.responses(zc), mc)
+                          for zc, mc in self._chunks(z, pixel_weights)])
 
     def value_and_gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """``(R(z), grad R(z))`` from one pass over the filter responses (closed form,
         differentiable in the parameters)."""
-        value, dpsi = self.potential_and_derivative(self.responses(z), pixel_weights)
-        return value, self.responses_adjoint(dpsi)
+        values, gradients = [], []
+        for zc, mc in self._chunks(z, pixel_weights):
+            value, dpsi = self.potential_and_derivative(self.responses(zc), mc)
+            values.append(value)
+            gradients.append(self.responses_adjoint(dpsi))
+        return torch.cat(values), torch.cat(gradients)
+
+    def _chunks(self, z: torch.Tensor, pixel_weights: torch.Tensor | None):
+        """``(z, pixel_weights)`` in chunks of samples whose filter responses take about
+        ``CPU_CHUNK_BYTES`` on the CPU (so the passes over them run in cache), whole elsewhere.
+        Each sample's arithmetic is the same either way."""
+        if z.device.type != "cpu":
+            return [(z, pixel_weights)]
+        per_sample = self.filters.shape[0] * z[0, 0].numel() * z.element_size()
+        size = max(1, CPU_CHUNK_BYTES // per_sample)
+        weights = [None] * math.ceil(len(z) / size) if pixel_weights is None else pixel_weights.split(size)
+        return list(zip(z.split(size), weights)) or [(z, pixel_weights)]
 
     def gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``grad R(z)``, same shape as ``z``."""
@@ -214,7 +266,10 @@ class ConvexFilterRegularizer(torch.nn.Module):
         preconditioning (zero instead of symmetric padding, ``J``'s in-group off-diagonal
         terms left out). No graph is kept."""
         with torch.no_grad():
-            grouped, smoothed_norm, _, weights = self._smoothed(self.responses(z), pixel_weights)
+            grouped, smoothed_norm, weights, pixel_weights = self._smoothed(self.responses(z),
+                                                                            pixel_weights)
+            if pixel_weights is not None:
+                weights = weights * pixel_weights
             first = (weights / smoothed_norm).sum(2, keepdim=True)
             second = (weights / smoothed_norm**3).sum(2, keepdim=True)
             # J's diagonal, sum_k w_k eps_k^2 / s_k^3 at least: positive

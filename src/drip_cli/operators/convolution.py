@@ -9,7 +9,8 @@ filter bank's ``K^T``): on one machine ``conv_transpose2d`` took 9.6 ms against 
 ms. Mapping 1 or 2 channels to one (the embedding's 3x3 kernel), ``conv2d`` took 1.0 ms against
 3.7 ms on the first. A fixed rule chose wrong on the second machine, where DRIP fell behind TV in
 ``make bench`` (12.2 s against 11.6). So on the CPU each kind of adjoint (kernel shape, channels,
-image size, dtype, padding, dilation) times the kernels once per process, on its first input,
+image size, dtype, padding, dilation) times the kernels once per process, on its first input
+(32 samples of it, or as many of ones where it has fewer),
 and keeps the faster; on other devices ``conv_transpose2d`` sums 4 or more channels. Where the
 convolution has one input channel (a grayscale latent's filter bank), a third kernel competes: a
 depthwise convolution over batch x filters, summed over the filters (:func:`_batch_as_channels`).
@@ -40,6 +41,12 @@ import torch.nn.functional as F
 # on devices other than the CPU: from this many channels summed, conv_transpose2d
 TRANSPOSE_FROM_CHANNELS = 4
 TIMING_REPEATS = 3
+# the kernels are timed on this many samples, the size of the regularizer's chunks: the
+# depthwise kernel's lead grows with the batch (the tomography model's K^T: 0.8-1.0 ms
+# against 1.07 for 8 samples, 3.4-4.9 against 5.9-6.2 for 32), and timed on the first call's
+# 1, 2 or 8 samples it lost to the flipped conv2d in 1-2 of 3 processes (fewer where 32 would
+# take more than TIMING_BYTES)
+TIMING_BATCH, TIMING_BYTES = 32, 8 * 2**20
 _cpu_choice: dict[tuple, str] = {}   # kind of adjoint -> the faster kernel's name
 
 
@@ -73,7 +80,9 @@ def _adjoint_kernel(y: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
     if key not in _cpu_choice:
         candidates = ADJOINT_KERNELS if weight.shape[1] == 1 else ADJOINT_KERNELS[:2]
         with torch.no_grad():
-            y, weight = y.detach(), weight.detach()
+            n = max(1, min(TIMING_BATCH, TIMING_BYTES // (math.prod(y.shape[1:]) * y.element_size())))
+            y = y.detach()[:n] if len(y) >= n else y.new_ones(n, *y.shape[1:])
+            weight = weight.detach()
             seconds = {name: _fastest_seconds(lambda: _ADJOINTS[name](y, weight, padding, dilation))
                        for name in candidates}
         _cpu_choice[key] = min(seconds, key=seconds.get)

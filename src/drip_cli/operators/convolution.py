@@ -80,7 +80,8 @@ def _adjoint_kernel(y: torch.Tensor, weight: torch.Tensor, padding: int, dilatio
     if key not in _cpu_choice:
         candidates = ADJOINT_KERNELS if weight.shape[1] == 1 else ADJOINT_KERNELS[:2]
         with torch.no_grad():
-            n = max(1, min(TIMING_BATCH, TIMING_BYTES // (math.prod(y.shape[1:]) * y.element_size())))
+            per_sample = math.prod(y.shape[1:]) * y.element_size()
+            n = max(1, min(TIMING_BATCH, TIMING_BYTES // per_sample))
             y = y.detach()[:n] if len(y) >= n else y.new_ones(n, *y.shape[1:])
             weight = weight.detach()
             seconds = {name: _fastest_seconds(lambda: _ADJOINTS[name](y, weight, padding, dilation))
@@ -152,6 +153,7 @@ def _transposed(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: i
     return F.conv_transpose2d(y, weight, padding=padding, dilation=dilation)
 
 
+# (the flipped kernel is looked up when called, so that a test can count its calls)
 _ADJOINTS = {"transpose": _transposed, "flipped": lambda *a: _flipped_conv2d(*a),
              "depthwise": _depthwise_adjoint}
 

@@ -71,8 +71,6 @@ gradient was large and noisy (a sign step of 0.01 raised the loss by 2%).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -251,8 +249,9 @@ class ConvexFilterRegularizer(torch.nn.Module):
             return [(z, pixel_weights)]
         per_sample = self.filters.shape[0] * z[0, 0].numel() * z.element_size()
         size = max(1, CPU_CHUNK_BYTES // per_sample)
-        weights = [None] * math.ceil(len(z) / size) if pixel_weights is None else pixel_weights.split(size)
-        return list(zip(z.split(size), weights)) or [(z, pixel_weights)]
+        latents = z.split(size)
+        weights = [None] * len(latents) if pixel_weights is None else pixel_weights.split(size)
+        return list(zip(latents, weights)) or [(z, pixel_weights)]
 
     def gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``grad R(z)``, same shape as ``z``."""

@@ -105,6 +105,12 @@ def test_matrix_operator_is_the_sparse_product():
     got = op(torch.tensor(x)).numpy()
     expected = np.einsum("mp,ncp->ncm", dense, x.reshape(3, 2, -1))
     np.testing.assert_allclose(got, expected, atol=1e-12)
+    # the products use 32-bit indices (half the index traffic); the adjoint is the transpose
+    matrix, transpose = op.matrices(torch.float64, torch.device("cpu"))
+    assert matrix.col_indices().dtype == transpose.crow_indices().dtype == torch.int32
+    y = rng.standard_normal((3, 2, 50))
+    np.testing.assert_allclose(op.adjoint(torch.tensor(y)).numpy().reshape(3, 2, -1),
+                               np.einsum("mp,ncm->ncp", dense, y), atol=1e-12)
     with pytest.raises(ValueError):
         SparseMatrixOperator.from_csr((1, 12, 10), data, indices, indptr[:-1], shape)
     with pytest.raises(ValueError):

@@ -202,7 +202,7 @@ def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
     assert convolution._cpu_choice[key] in convolution.ADJOINT_KERNELS
     flipped_calls = []
     original = convolution._flipped_conv2d
-    monkeypatch.setattr(convolution, "_flipped_conv2d",
+    monkeypatch.setitem(convolution._ADJOINTS, "flipped",
                         lambda *args: flipped_calls.append(1) or original(*args))
     monkeypatch.setitem(convolution._cpu_choice, key, "flipped")
     convolution.conv2d_adjoint(torch.randn(5, 8, 20, 20), weight, dilation=2)

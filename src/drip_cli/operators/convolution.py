@@ -153,9 +153,7 @@ def _transposed(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: i
     return F.conv_transpose2d(y, weight, padding=padding, dilation=dilation)
 
 
-# (the flipped kernel is looked up when called, so that a test can count its calls)
-_ADJOINTS = {"transpose": _transposed, "flipped": lambda *a: _flipped_conv2d(*a),
-             "depthwise": _depthwise_adjoint}
+_ADJOINTS = {"transpose": _transposed, "flipped": _flipped_conv2d, "depthwise": _depthwise_adjoint}
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, padding: int = 0,

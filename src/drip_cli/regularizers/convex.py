@@ -71,6 +71,8 @@ gradient was large and noisy (a sign step of 0.01 raised the loss by 2%).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,15 @@ SCALE_WEIGHT = 0.3   # and their initial weights relative to the first
 # 101-135 ms for 256 images against 413-416 ms unchunked, 47-73 against 78-84 for 128 and
 # 26-35 against 30-34 for 64; in chunks of 2 or 4 MiB no faster than in chunks of 8.
 CPU_CHUNK_BYTES = 8 * 2**20
+
+
+class _Terms(NamedTuple):
+    """The potential's terms at filter responses ``t`` (``G`` groups, ``S`` scales)."""
+    grouped: torch.Tensor         # t as (N, G, group_size, H, W)
+    smoothed_norm: torch.Tensor   # s = sqrt(|t_g|^2 + eps_gk^2), (N, G, S, H, W)
+    eps: torch.Tensor             # (1, G, S, 1, 1)
+    weights: torch.Tensor         # w, (1, G, S, 1, 1)
+    pixel_weights: torch.Tensor | None   # (N, 1, 1, H, W), or None
 
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -175,10 +186,8 @@ class ConvexFilterRegularizer(torch.nn.Module):
                    for d, pad, part in self.levels)
 
     # -- the functional --------------------------------------------------------------------------
-    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
-        """Responses ``t`` as ``(N, groups, group_size, H, W)``, their smoothed group norms
-        ``s = sqrt(|t_g|^2 + eps_gk^2)`` as ``(N, groups, scales, H, W)``, the weights ``w`` as
-        ``(1, groups, scales, 1, 1)`` and ``pixel_weights`` as ``(N, 1, 1, H, W)`` (or None).
+    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> _Terms:
+        """The terms of the potential at responses ``t`` (see :class:`_Terms`).
 
         Each pass over these tensors is memory-bound, so the functionals below take as few as
         they can: the sum of ``w (s - eps)`` is the weights applied to per-group pixel sums of
@@ -193,38 +202,36 @@ class ConvexFilterRegularizer(torch.nn.Module):
             squared_norm = torch.addcmul(first * first, second, second)
         else:
             squared_norm = grouped * grouped
-        smoothed_norm = torch.sqrt(squared_norm + eps * eps)
         if pixel_weights is not None:
             pixel_weights = pixel_weights.to(t.dtype)[:, :, None]
-        return grouped, smoothed_norm, weights, pixel_weights
+        return _Terms(grouped, torch.sqrt(squared_norm + eps * eps), eps, weights, pixel_weights)
 
-    def _potential(self, t, smoothed_norm, weights, pixel_weights):
-        """``sum w (s - eps)`` per sample (times ``pixel_weights`` per pixel, where given).
+    @staticmethod
+    def _potential(terms: _Terms) -> torch.Tensor:
+        """``sum w (s - eps)`` per sample (times the pixel weights per pixel, where given).
         (``s - eps`` is formed per pixel: subtracting ``sum w eps`` from the sum of ``w s`` once
         lost the value of a flat image, ``R ~ 0.2`` against ``sum w s ~ 30``, to float32
         rounding, and the solver's sufficient-decrease test with it.)"""
-        excess = smoothed_norm - self.eps.to(t.dtype)[None, :, :, None, None]
-        if pixel_weights is not None:
-            excess = excess * pixel_weights
-        return (excess.sum((3, 4)) * weights[..., 0, 0]).flatten(1).sum(1)
+        excess = terms.smoothed_norm - terms.eps
+        if terms.pixel_weights is not None:
+            excess = excess * terms.pixel_weights
+        return (excess.sum((3, 4)) * terms.weights[..., 0, 0]).flatten(1).sum(1)
 
     def potential(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_g sum_k w_gk psi_gk(t_g)`` per sample for filter responses ``t`` of shape
         ``(N, n_filters, H, W)``; with ``pixel_weights`` ``m`` (``(N, 1, H, W)``, non-negative)
         each pixel's terms are multiplied by ``m`` there (:mod:`.adaptive`)."""
-        _, smoothed_norm, weights, pixel_weights = self._smoothed(t, pixel_weights)
-        return self._potential(t, smoothed_norm, weights, pixel_weights)
+        return self._potential(self._smoothed(t, pixel_weights))
 
     def potential_and_derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """The potential and its gradient in ``t`` (same shape as ``t``)."""
-        grouped, smoothed_norm, weights, pixel_weights = self._smoothed(t, pixel_weights)
-        value = self._potential(t, smoothed_norm, weights, pixel_weights)
-        coefficient = weights / smoothed_norm
+        terms = self._smoothed(t, pixel_weights)
+        coefficient = terms.weights / terms.smoothed_norm
         if coefficient.shape[2] > 1:
             coefficient = coefficient.sum(2, keepdim=True)
-        if pixel_weights is not None:
-            coefficient = coefficient * pixel_weights
-        return value, (grouped * coefficient).flatten(1, 2)
+        if terms.pixel_weights is not None:
+            coefficient = coefficient * terms.pixel_weights
+        return self._potential(terms), (terms.grouped * coefficient).flatten(1, 2)
 
     def value(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)`` (with ``pixel_weights``: the weighted sum)."""
@@ -265,8 +272,8 @@ class ConvexFilterRegularizer(torch.nn.Module):
         preconditioning (zero instead of symmetric padding, ``J``'s in-group off-diagonal
         terms left out). No graph is kept."""
         with torch.no_grad():
-            grouped, smoothed_norm, weights, pixel_weights = self._smoothed(self.responses(z),
-                                                                            pixel_weights)
+            grouped, smoothed_norm, _, weights, pixel_weights = self._smoothed(self.responses(z),
+                                                                               pixel_weights)
             if pixel_weights is not None:
                 weights = weights * pixel_weights
             first = (weights / smoothed_norm).sum(2, keepdim=True)

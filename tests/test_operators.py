@@ -11,6 +11,7 @@ from conftest import DEVICES, DTYPES, KINDS, make_operator, random_csr
 from drip_cli.operators import (Blur, Inpainting, SparseMatrixOperator, Tomography,
                                 adjointness_error, estimate_norm, gaussian_psf, limited_angles,
                                 operator_from_hdf5)
+from drip_cli.operators.base import LANCZOS_SLACK, largest_eigenvalue_bound, lanczos_steps
 from drip_cli.operators.finite_differences import gradient, gradient_adjoint
 
 
@@ -132,6 +133,23 @@ def test_gradients_flow_through_forward_and_adjoint(kind):
 def test_estimate_norm():
     assert abs(estimate_norm(make_operator("denoise")) - 1.0) < 1e-9
     assert abs(estimate_norm(Blur((1, 16, 16), gaussian_psf(1.0))) - 1.0) < 1e-2  # sum(psf) = 1
+
+
+def test_largest_eigenvalue_bound():
+    """Above the top eigenvalue, by at most the slack, for spectra with and without a gap; the
+    step count grows with the dimension as the failure bound asks."""
+    gen = torch.Generator().manual_seed(0)
+    for spectrum in (torch.linspace(0, 1, 500, dtype=torch.float64),
+                     torch.rand(500, generator=gen, dtype=torch.float64) ** 4,
+                     torch.tensor([1.0] + [0.0] * 99, dtype=torch.float64)):
+        basis, _ = torch.linalg.qr(torch.randn(len(spectrum), len(spectrum), generator=gen,
+                                               dtype=torch.float64))
+        matrix = basis @ torch.diag(spectrum) @ basis.T
+        top = float(spectrum.max())
+        bound = largest_eigenvalue_bound(lambda v: (matrix @ v.flatten()).view(v.shape),
+                                         (1, len(spectrum)))
+        assert top <= bound <= top / (1 - LANCZOS_SLACK) * (1 + 1e-9)
+    assert lanczos_steps(4096) < lanczos_steps(65536) < 2 * lanczos_steps(4096)
 
 
 def test_finite_difference_adjoint():

@@ -9,6 +9,7 @@ from conftest import DEVICES
 from drip_cli.operators import Blur, gaussian_psf
 from drip_cli.operators.composed import EmbeddedOperator
 from drip_cli.operators import adjointness_error
+from drip_cli.operators.base import LANCZOS_SLACK
 from drip_cli.regularizers import ConvexFilterRegularizer, Embedding, LeapfrogRegularizer
 from drip_cli.training.implicit import hessian_vector
 
@@ -128,6 +129,27 @@ def test_lipschitz_bound_holds(variant):
         h = hessian_vector(reg, zero.double(), h)
         top, h = float(h.norm()), h / h.norm()
     assert 0.1 * bound <= top <= bound   # holds, and is not vacuous
+
+
+@pytest.mark.parametrize("variant", CONVEX_VARIANTS)
+@pytest.mark.parametrize("shape", [(3, 8, 8), (3, 9, 13)])
+def test_padded_lipschitz_bound_holds_for_its_shape(variant, shape):
+    """The shape's bound against the exact constant, the top eigenvalue of the dense
+    ``K^T diag(w/eps) K`` (the Hessian at z = 0, padding included): above it, by at most the
+    Lanczos slack, and below the shape-free bound; recomputed when a parameter changes."""
+    reg = trained_looking(**CONVEX_VARIANTS[variant])
+    n = shape[0] * shape[1] * shape[2]
+    zero = torch.zeros(1, *shape, dtype=torch.float64)
+    with torch.no_grad():
+        columns = [hessian_vector(reg, zero, e.view(1, *shape)).flatten()
+                   for e in torch.eye(n, dtype=torch.float64)]
+    exact = float(torch.linalg.eigvalsh(torch.stack(columns)).max())
+    curvature, bound = (float(t.detach()) for t in reg.curvature_and_lipschitz_bound(shape=shape))
+    assert exact <= bound <= exact / (1 - LANCZOS_SLACK) * (1 + 1e-9)
+    assert bound <= 4 * curvature
+    with torch.no_grad():
+        reg.weight_logits.add_(1.0)   # larger weights: a larger constant, not the cached one
+    assert float(reg.padded_lipschitz_bound(shape)) > bound
 
 
 @pytest.mark.parametrize("group_size", GROUPS)

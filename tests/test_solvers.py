@@ -293,6 +293,22 @@ def test_secular_equation_converges_in_few_newton_steps(seed):
     assert newton_iterations <= 12
 
 
+@pytest.mark.parametrize("architecture", ["convex", "leapfrog"])
+def test_convex_solves_step_by_the_shapes_bound_without_evaluating_r(architecture, monkeypatch):
+    """With the Lipschitz bound for the latents' shape (within 1-3% of the curvature estimate)
+    the convex family's steps are 1 / L and need no sufficient-decrease test: R is evaluated
+    once, for the report. The leapfrog variant has no such bound and still backtracks."""
+    op = Blur((1, 16, 16), gaussian_psf(1.5))
+    model = _perturbed_model(architecture=architecture)
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b, sigma = noisy(op, x, 2.0)
+    calls, value = [], model.regularizer.value
+    monkeypatch.setattr(model.regularizer, "value", lambda *a, **k: calls.append(1) or value(*a, **k))
+    result = model.solve(op, b, discrepancy_radius(op, sigma, 1.0), max_iterations=50)
+    assert bool((result.iterations > 2).all())
+    assert (len(calls) == 1) == (architecture == "convex"), len(calls)
+
+
 def test_drip_solution_satisfies_the_kkt_conditions():
     """At the solution grad R is anti-parallel to the data-fit gradient B^T (B z - b): the solver
     converges to the constrained minimiser, not just to some feasible point."""

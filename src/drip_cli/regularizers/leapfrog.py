@@ -99,8 +99,9 @@ class LeapfrogRegularizer(torch.nn.Module):
     def gradient(self, z: torch.Tensor) -> torch.Tensor:
         return self.value_and_gradient(z)[1]
 
-    def curvature_and_lipschitz_bound(self):
+    def curvature_and_lipschitz_bound(self, shape: tuple[int, ...] | None = None):
         """``(curvature, floor)``: the filter bank's curvature starts the solver's backtracking;
-        ``STEP_FLOOR_FACTOR`` times it is the smallest step's inverse (see the module docstring)."""
+        ``STEP_FLOOR_FACTOR`` times it is the smallest step's inverse (see the module docstring).
+        ``shape``, the latents' (for the convex bank's bound), changes nothing here."""
         curvature, _ = self.head.curvature_and_lipschitz_bound()
         return curvature, STEP_FLOOR_FACTOR * curvature

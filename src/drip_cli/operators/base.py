@@ -140,7 +140,7 @@ def estimate_norm(
 # semidefinite operator is below (1 - slack) lambda_max with probability at most
 # 1.648 sqrt(n) exp(-sqrt(slack) (2k - 1)) (Kuczynski & Wozniakowski, SIAM J. Matrix Anal. Appl.
 # 13, 1992); largest_eigenvalue_bound takes enough steps to keep that below LANCZOS_FAILURE.
-LANCZOS_SLACK = 0.01
+LANCZOS_SLACK = 0.02
 LANCZOS_FAILURE = 1e-6
 
 

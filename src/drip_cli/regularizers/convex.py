@@ -48,8 +48,8 @@ is ``4 max_f lambda_max(f)``, the maximum sampled on a 128x128 grid and raised b
 frequencies in between (5x5 filters vary slowly in frequency; a dilated filter enters with its
 zeros, as the dense filter it is). The true constant for a given image shape is close to
 ``max_f lambda_max(f)`` itself: :meth:`ConvexFilterRegularizer.padded_lipschitz_bound` bounds it by
-Lanczos on the padded operator (0.97-0.99 times ``max_f lambda_max(f)`` on the sample models, 16x16
-to 256x256), and the solver steps by its inverse (:mod:`drip_cli.solvers.drip`).
+Lanczos on the padded operator (0.98-1.0004 times ``max_f lambda_max(f)`` on the sample models,
+16x16 to 256x256), and the solver steps by its inverse (:mod:`drip_cli.solvers.drip`).
 
 Initialisation: the first ``2 C`` filters are vertical and horizontal differences on the image
 channels with weight 1, i.e. smoothed total variation of ``z[:, :C]`` (isotropic with groups of
@@ -300,35 +300,39 @@ class ConvexFilterRegularizer(torch.nn.Module):
 
     def curvature_and_lipschitz_bound(self, grid: int = 128, margin: float = 1.02,
                                       shape: tuple[int, ...] | None = None):
-        """``(max_f lambda_max(f), L)``: the curvature of ``R`` on the infinite grid (the
-        solver's first step estimate) and a bound ``L`` on the Lipschitz constant of ``grad R``
-        with symmetric padding, from one computation: ``4 max_f lambda_max(f)`` for every image
-        size, or, for latents of ``shape`` (``(C, H, W)``), the smaller of that and
-        :meth:`padded_lipschitz_bound`."""
+        """``(curvature, L)``: the solver's first step estimate and a bound ``L`` on the
+        Lipschitz constant of ``grad R`` with symmetric padding. For every image size they are
+        ``max_f lambda_max(f)``, the curvature on the infinite grid, and 4 times that; for latents
+        of ``shape`` (``(C, H, W)``) both are the smaller of that bound and
+        :meth:`padded_lipschitz_bound`, which is within a few percent of the curvature (above it
+        for some shapes), so the solver steps by ``1 / L`` without testing a longer step."""
         curvature = self._fourier_curvature(grid, margin)
         if shape is None:
             return curvature, 4 * curvature
-        return curvature, torch.minimum(4 * curvature, self.padded_lipschitz_bound(shape))
+        bound = torch.minimum(4 * curvature, self.padded_lipschitz_bound(shape))
+        return bound, bound
 
     def padded_lipschitz_bound(self, shape: tuple[int, ...]) -> torch.Tensor:
         """``||K^T diag(w/eps) K||`` on latents of ``shape`` (``(C, H, W)``), padding included:
         a Lanczos bound that holds except with probability 1e-6 over its random start
-        (:func:`drip_cli.operators.base.largest_eigenvalue_bound`). On the sample models at
-        64x64 it is 0.987-0.99 times the infinite grid's ``max_f lambda_max(f)`` (with its 2%
-        margin), where the Fourier argument can only promise 4 times that. Kept for the last
-        shape and parameter values asked about, so a batch of solves pays once."""
+        (:func:`drip_cli.operators.base.largest_eigenvalue_bound`). On the sample models it is
+        0.98-0.99 times the infinite grid's ``max_f lambda_max(f)`` (with its 2% margin) at
+        16x16, 0.996-1.0 at 64x64 and 1.0-1.0004 at 256x256, where the Fourier argument can
+        only promise 4 times that. Kept for the last shape and parameter values asked about, so
+        a batch of solves pays once (at 64x64 about 0.1 s)."""
         parameters = torch.cat([p.detach().flatten().double() for p in self.parameters()])
         key = (tuple(shape), parameters.device)
         cached = getattr(self, "_padded_bound", None)
         if cached is not None and cached[0] == key and torch.equal(cached[1], parameters):
             return cached[2]
         curvature = (self.weights / self.eps).sum(1).repeat_interleave(self.group_size)
-        curvature = curvature.detach().double()[None, :, None, None]
+        curvature = curvature.detach()[None, :, None, None]
 
-        def normal(z):   # K^T diag(w/eps) K, in float64
+        def normal(z):   # K^T diag(w/eps) K
             return self.responses_adjoint(curvature * self.responses(z))
 
-        bound = largest_eigenvalue_bound(normal, (1, *shape), device=parameters.device)
+        bound = largest_eigenvalue_bound(normal, (1, *shape), dtype=self.filters.dtype,
+                                         device=parameters.device)
         bound = torch.tensor(bound, dtype=self.filters.dtype, device=parameters.device)
         self._padded_bound = (key, parameters, bound)
         return bound

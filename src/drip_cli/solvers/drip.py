@@ -7,10 +7,10 @@ onto the data-fit set (:mod:`.projection`, a Krylov method on ``A E``), so that 
 are exactly the minimisers. The step is ``1 / L`` per sample, ``L`` the regularizer's bound on
 the Lipschitz constant of ``grad R`` for latents of this shape (times the sample's largest pixel
 weight), where the sufficient-decrease condition always holds: for the convex family a Lanczos
-bound on the padded filter bank, 0.97-0.99 times the curvature estimate on the infinite grid
-(:meth:`~drip_cli.regularizers.convex.ConvexFilterRegularizer.padded_lipschitz_bound`), so no
-step needs an evaluation of ``R``. Where the bound lies above the estimate, the step starts at
-the estimate and is halved whenever the condition fails, never below ``1 / L``. So however the
+bound on the padded filter bank, within a few percent of the curvature estimate on the infinite
+grid (:meth:`~drip_cli.regularizers.convex.ConvexFilterRegularizer.padded_lipschitz_bound`), so
+no step needs an evaluation of ``R``. Where a regularizer's first guess lies above ``1 / L``, the
+step starts there and is halved whenever the condition fails, never below ``1 / L``. So however the
 parameters were trained, the solver never takes a step longer than the curvature allows. (For the
 non-convex leapfrog regularizer there is no bound: its floor is a safeguard, and the solver finds
 a stationary point, not necessarily the global minimiser; the data fit is enforced all the same.)

@@ -350,6 +350,8 @@ def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path, archi
     if architecture:   # the leapfrog regularizer is not convex: refused, nothing written
         assert_one_line_error(reweighted, "--reweight needs a model with the convex regularizer",
                               tmp_path / "w.h5")
+        info = run_cli("info", run)   # (it asked this regularizer for a bound it has not)
+        assert info.exit_code == 0 and "non-convex" in info.stdout, info.stderr
         return
     assert reweighted.exit_code == 0, reweighted.stderr
     with h5py.File(tmp_path / "w.h5") as f:

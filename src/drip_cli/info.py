@@ -83,12 +83,24 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
                "architecture": info.config.architecture,
                "parameters": sum(p.numel() for p in model.parameters())}
     if not info.config.is_unrolled:
-        bound = float(model.regularizer.lipschitz_bound().detach())
-        general["Lipschitz bound of grad R"] = f"{bound:.4g}"
+        general["Lipschitz bound of grad R"] = _lipschitz_bounds(model, info.image_shape)
     general.update({k: str(v) for k, v in info.extra.items()})
     unused = info.config.unused_fields()
     config = {k: v for k, v in info.config.to_dict().items() if k not in unused}
     return [(Path(path).name, general), ("config", config)]
+
+
+def _lipschitz_bounds(model, image_shape) -> str:
+    """The bound the solver steps by on the model's images, and the one for any size (convex
+    regularizers; the leapfrog variant has none and backtracks)."""
+    regularizer = model.regularizer
+    if not regularizer.convex:
+        return "none (non-convex: the solver backtracks)"
+    shape = (model.embedding.latent_channels, *image_shape[1:])
+    with torch.no_grad():
+        own = float(regularizer.curvature_and_lipschitz_bound(shape=shape)[1])
+        anywhere = float(regularizer.lipschitz_bound())
+    return f"{own:.4g} at {'x'.join(map(str, image_shape[1:]))} (any size: {anywhere:.4g})"
 
 
 def file_kind(path: str | os.PathLike) -> str:

@@ -303,7 +303,12 @@ def test_convex_solves_step_by_the_shapes_bound_without_evaluating_r(architectur
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     b, sigma = noisy(op, x, 2.0)
     calls, value = [], model.regularizer.value
-    monkeypatch.setattr(model.regularizer, "value", lambda *a, **k: calls.append(1) or value(*a, **k))
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return value(*args, **kwargs)
+
+    monkeypatch.setattr(model.regularizer, "value", counted)
     result = model.solve(op, b, discrepancy_radius(op, sigma, 1.0), max_iterations=50)
     assert bool((result.iterations > 2).all())
     assert (len(calls) == 1) == (architecture == "convex"), len(calls)

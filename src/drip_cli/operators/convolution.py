@@ -212,3 +212,27 @@ def symmetric_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
     if pad == 0:
         return g
     return _fold_axis(_fold_axis(g, pad, -2), pad, -1)
+
+
+def symmetric_conv_matrix(kernel: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The ``(H W) x (H W)`` sparse COO matrix (coalesced) of ``F.conv2d(symmetric_pad(z, p),
+    kernel)`` on one channel of row-major flattened ``H x W`` images: ``kernel`` is ``k x k``,
+    ``k`` odd, ``p = k // 2 <= H, W``. Entries that the padding folds onto one pixel are summed."""
+    size = kernel.shape[-1]
+    pad = size // 2
+
+    def mirror(m: torch.Tensor, n: int) -> torch.Tensor:   # _mirror_axis's index map
+        return torch.where(m < 0, -m - 1, torch.where(m >= n, 2 * n - 1 - m, m))
+
+    i, j = torch.meshgrid(torch.arange(height, device=kernel.device),
+                          torch.arange(width, device=kernel.device), indexing="ij")
+    a, b = (t.flatten() for t in torch.meshgrid(torch.arange(size, device=kernel.device),
+                                                torch.arange(size, device=kernel.device),
+                                                indexing="ij"))
+    rows = (i * width + j).flatten().repeat(size * size)
+    cols = (mirror(i.flatten()[None] + a[:, None] - pad, height) * width
+            + mirror(j.flatten()[None] + b[:, None] - pad, width)).flatten()
+    values = kernel.reshape(-1)[:, None].expand(-1, height * width).flatten()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), values,
+                                   (height * width, height * width),
+                                   check_invariants=False).coalesce()

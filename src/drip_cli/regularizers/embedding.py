@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..operators.convolution import conv2d, conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
+from ..operators.sparse import compact_csr
+from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_conv_matrix, symmetric_pad,
+                                    symmetric_pad_adjoint)
 
 
 class Embedding(torch.nn.Module):
@@ -42,6 +44,24 @@ class Embedding(torch.nn.Module):
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         """``E^T u``: ``(N, C, H, W) -> (N, latent_channels, H, W)``."""
         return symmetric_pad_adjoint(conv2d_adjoint(u, self.weight.to(u.dtype)), self.padding)
+
+    def sparse_matrices(self, height: int, width: int, dtype: torch.dtype,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E`` and ``E^T`` as CSR matrices on flattened ``height x width`` images (one latent
+        and one image channel), for products chained with another sparse matrix
+        (:class:`~drip_cli.operators.composed.EmbeddedOperator`). Not differentiable. Kept for
+        the last shape, dtype, device and weights asked about."""
+        if self.latent_channels != 1 or self.image_channels != 1:
+            raise ValueError("the embedding's sparse matrices are for one channel")
+        weight = self.weight.detach()
+        key = (height, width, dtype, torch.device(device))
+        cached = getattr(self, "_sparse", None)
+        if cached is not None and cached[0] == key and torch.equal(cached[1], weight):
+            return cached[2]
+        matrix = symmetric_conv_matrix(weight[0, 0].to(device=device, dtype=dtype), height, width)
+        matrices = tuple(compact_csr(m.to_sparse_csr()) for m in (matrix, matrix.t().coalesce()))
+        self._sparse = (key, weight.clone(), matrices)
+        return matrices
 
     def lift(self, u: torch.Tensor) -> torch.Tensor:
         """A latent ``z`` with ``E z`` close to ``u`` for an untrained ``E``: ``u`` in the first

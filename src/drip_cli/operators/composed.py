@@ -10,7 +10,8 @@ from .sparse import SparseMatrixOperator
 
 class EmbeddedOperator(LinearOperator):
     """``z -> A(E z)`` with adjoint ``y -> E^T(A^T y)``; ``embedding`` needs ``forward`` and
-    ``adjoint`` (see :class:`drip_cli.regularizers.Embedding`). Differentiable in ``E``'s weights."""
+    ``adjoint`` (see :class:`drip_cli.regularizers.Embedding`), and ``sparse_matrices`` where
+    ``A`` is a sparse matrix. Differentiable in ``E``'s weights wherever gradients are enabled."""
 
     def __init__(self, op: LinearOperator, embedding: torch.nn.Module):
         _, height, width = op.image_shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -215,6 +217,8 @@ def test_embedding_chained_with_a_sparse_matrix_is_the_same_operator(kernel):
         assert torch.allclose(adjoint, emb.adjoint(op.adjoint(y)), rtol=0, atol=1e-12)
     with torch.no_grad():
         assert adjointness_error(composed) <= 1e-12
+    twin = copy.deepcopy(emb)   # the cached CSR matrices stay behind (they cannot be copied)
+    assert torch.equal(twin.weight, emb.weight) and not hasattr(twin, "_sparse")
     assert composed._sparse_embedding(z) is None   # a gradient may be wanted: convolutions
     composed(z).sum().backward()
     assert emb.weight.grad is not None and bool(emb.weight.grad.abs().sum() > 0)

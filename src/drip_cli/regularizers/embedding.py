@@ -59,9 +59,16 @@ class Embedding(torch.nn.Module):
         if cached is not None and cached[0] == key and torch.equal(cached[1], weight):
             return cached[2]
         matrix = symmetric_conv_matrix(weight[0, 0].to(device=device, dtype=dtype), height, width)
-        matrices = tuple(compact_csr(m.to_sparse_csr()) for m in (matrix, matrix.t().coalesce()))
+        matrices = tuple(compact_csr(m) for m in (matrix, matrix.t().coalesce()))
         self._sparse = (key, weight.clone(), matrices)
         return matrices
+
+    def __getstate__(self):
+        """Without the cached sparse matrices, which copies and pickles cannot take (and which
+        are rebuilt on demand)."""
+        state = self.__dict__.copy()
+        state.pop("_sparse", None)
+        return state
 
     def lift(self, u: torch.Tensor) -> torch.Tensor:
         """A latent ``z`` with ``E z`` close to ``u`` for an untrained ``E``: ``u`` in the first

@@ -34,9 +34,10 @@ class EmbeddedOperator(LinearOperator):
     def _sparse_embedding(self, t: torch.Tensor):
         """``(E, E^T)`` as CSR matrices where ``A`` is one too and no gradient is wanted (the
         solvers), on the CPU, for one channel; otherwise None. Chained with ``A``'s product
-        (:meth:`SparseMatrixOperator.chained`), ``E`` costs a sparse product with 9 entries
-        per row instead of a padded convolution: for the tomography sample model, 64 images of
-        64x64, ``A E`` 1.1-1.2 ms against 1.8 and its adjoint 0.7-0.8 against 1.6."""
+        (:meth:`SparseMatrixOperator.chained`), ``E`` costs a sparse product with ``k^2``
+        entries per row (9 for the default 3x3 kernel) instead of a padded convolution: for the
+        tomography sample model, 64 images of 64x64, ``A E`` 1.1-1.2 ms against 1.8 and its
+        adjoint 0.7-0.8 against 1.6."""
         if not (isinstance(self.op, SparseMatrixOperator) and t.device.type == "cpu"
                 and self.image_shape[0] == self.op.channels == 1
                 and not (torch.is_grad_enabled() and (t.requires_grad

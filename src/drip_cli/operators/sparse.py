@@ -48,11 +48,10 @@ def _csr(indptr, indices, data, shape) -> torch.Tensor:
 
 def compact_csr(matrix: torch.Tensor) -> torch.Tensor:
     """The matrix (CSR, or a coalesced COO) as CSR with 32-bit row pointers and column indices
-    where they fit: half the
-    index traffic of a product, which reads the whole matrix whatever the batch. The limited-
-    angle Radon matrix (32 angles, 64x64, 282520 nonzeros, float32, 2 threads): 0.15-0.30 ms
-    against 0.29-0.41 for 1 to 16 images, 0.56-0.59 against 0.73-0.92 for 64, the same
-    results."""
+    where they fit: half the index traffic of a product, which reads the whole matrix whatever
+    the batch. The limited-angle Radon matrix (32 angles, 64x64, 282520 nonzeros, float32, 2
+    threads): 0.15-0.30 ms against 0.29-0.41 for 1 to 16 images, 0.56-0.59 against 0.73-0.92
+    for 64, the same results."""
     if matrix.layout != torch.sparse_csr:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..operators.sparse import compact_csr
 from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_conv_matrix, symmetric_pad,
                                     symmetric_pad_adjoint)
+from ..operators.sparse import compact_csr
 
 
 class Embedding(torch.nn.Module):

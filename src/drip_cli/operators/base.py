@@ -164,15 +164,16 @@ def largest_eigenvalue_bound(apply, shape: tuple[int, ...], dtype: torch.dtype =
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     q /= q.norm()
-    q_prev, beta = torch.zeros_like(q), 0.0
+    q_prev, beta, largest = torch.zeros_like(q), 0.0, 0.0
     alphas, betas = [], []
     for _ in range(lanczos_steps(q.numel(), slack, failure)):
         w = apply(q)
         alpha = float((q * w).sum())
         w = w - alpha * q - beta * q_prev
         alphas.append(alpha)
+        largest = max(largest, abs(alpha))
         beta = float(w.norm())
-        if beta <= 1e-12 * max(abs(a) for a in alphas):   # an invariant subspace: exact
+        if beta <= 1e-12 * largest:   # an invariant subspace: exact
             break
         betas.append(beta)
         q_prev, q = q, w / beta

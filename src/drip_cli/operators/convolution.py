@@ -217,21 +217,15 @@ def symmetric_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
 def symmetric_conv_matrix(kernel: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The ``(H W) x (H W)`` sparse COO matrix (coalesced) of ``F.conv2d(symmetric_pad(z, p),
     kernel)`` on one channel of row-major flattened ``H x W`` images: ``kernel`` is ``k x k``,
-    ``k`` odd, ``p = k // 2 <= H, W``. Entries that the padding folds onto one pixel are summed."""
+    ``k`` odd, ``p = k // 2 <= H, W``. Entries that the padding folds onto one pixel are summed.
+    The padded image of pixel indices says which pixel each tap reads (float64 holds them
+    exactly)."""
     size = kernel.shape[-1]
-    pad = size // 2
-
-    def mirror(m: torch.Tensor, n: int) -> torch.Tensor:   # _mirror_axis's index map
-        return torch.where(m < 0, -m - 1, torch.where(m >= n, 2 * n - 1 - m, m))
-
-    i, j = torch.meshgrid(torch.arange(height, device=kernel.device),
-                          torch.arange(width, device=kernel.device), indexing="ij")
-    a, b = (t.flatten() for t in torch.meshgrid(torch.arange(size, device=kernel.device),
-                                                torch.arange(size, device=kernel.device),
-                                                indexing="ij"))
-    rows = (i * width + j).flatten().repeat(size * size)
-    cols = (mirror(i.flatten()[None] + a[:, None] - pad, height) * width
-            + mirror(j.flatten()[None] + b[:, None] - pad, width)).flatten()
+    pixels = torch.arange(height * width, dtype=torch.float64, device=kernel.device)
+    source = symmetric_pad(pixels.view(1, 1, height, width), size // 2)[0, 0].long()
+    cols = torch.stack([source[a:a + height, b:b + width].flatten()
+                        for a in range(size) for b in range(size)]).flatten()
+    rows = torch.arange(height * width, device=kernel.device).repeat(size * size)
     values = kernel.reshape(-1)[:, None].expand(-1, height * width).flatten()
     return torch.sparse_coo_tensor(torch.stack([rows, cols]), values,
                                    (height * width, height * width),

@@ -132,30 +132,34 @@ class SparseMatrixOperator(LinearOperator):
                                      for m in (self._matrix, self._matrix_t))
         return self._cache[key]
 
-    def _product(self, t: torch.Tensor, transpose: bool, out_shape: tuple[int, ...]) -> torch.Tensor:
+    def _product(self, t: torch.Tensor, transpose: bool,
+                 inner: torch.Tensor | None = None) -> torch.Tensor:
+        """``A x`` for images ``x = t``, or ``A^T y`` for measurements ``y = t`` (``transpose``),
+        in the column layout of torch's CSR kernels. With ``inner``, a CSR matrix ``M`` on the
+        flattened images (an embedding's ``E``, or ``E^T`` after the adjoint), ``A (M x)`` or
+        ``M (A^T y)``: both products in one layout, so the batch is transposed once each way
+        (:meth:`chained`); that form is not differentiable."""
         matrix, matrix_t = self.matrices(t.dtype, t.device)
         if transpose:
             matrix, matrix_t = matrix_t, matrix
         columns = t.reshape(t.shape[0] * t.shape[1], -1).t().contiguous()
-        out = _SparseProduct.apply(columns, matrix, matrix_t)
-        return out.t().reshape(t.shape[0], *out_shape)
-
-    def chained(self, t: torch.Tensor, inner: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """``A (M x)`` for images ``x = t``, or ``M (A^T y)`` for measurements ``y = t``
-        (``transpose``), with ``M`` a CSR matrix on the flattened images (an embedding's ``E``,
-        or ``E^T`` after the adjoint): both products in one column layout, so the batch is
-        transposed once each way. Not differentiable; channels as for ``A``."""
-        matrix = self.matrices(t.dtype, t.device)[1 if transpose else 0]
-        columns = t.reshape(t.shape[0] * t.shape[1], -1).t().contiguous()
-        out = inner @ (matrix @ columns) if transpose else matrix @ (inner @ columns)
+        if inner is None:
+            out = _SparseProduct.apply(columns, matrix, matrix_t)
+        else:
+            out = inner @ (matrix @ columns) if transpose else matrix @ (inner @ columns)
         shape = self.image_shape if transpose else self.measurement_shape
         return out.t().reshape(t.shape[0], *shape)
 
+    def chained(self, t: torch.Tensor, inner: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``A (M x)`` or ``M (A^T y)`` for a CSR matrix ``M`` on the flattened images (see
+        :meth:`_product`). Not differentiable; channels as for ``A``."""
+        return self._product(t, transpose, inner)
+
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        return self._product(x, transpose=False, out_shape=self.measurement_shape)
+        return self._product(x, transpose=False)
 
     def _adjoint_impl(self, y: torch.Tensor) -> torch.Tensor:
-        return self._product(y, transpose=True, out_shape=self.image_shape)
+        return self._product(y, transpose=True)
 
     def _write_hdf5(self, group) -> None:
         group.create_dataset("data", data=self._matrix.values().numpy())

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from ..operators.base import largest_eigenvalue_bound
 from ..operators.convolution import conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
+from .cache import cached_for_parameters
 
 
 EXTRA_WEIGHT = 0.3   # initial weight of the filters beyond the TV pair (see the module docstring)
@@ -320,22 +321,25 @@ class ConvexFilterRegularizer(torch.nn.Module):
         16x16, 0.996-1.0 at 64x64 and 1.0-1.0004 at 256x256, where the Fourier argument can
         only promise 4 times that. Kept for the last shape and parameter values asked about, so
         a batch of solves pays once (at 64x64 about 0.1 s)."""
-        parameters = torch.cat([p.detach().flatten().double() for p in self.parameters()])
-        key = (tuple(shape), parameters.device)
-        cached = getattr(self, "_padded_bound", None)
-        if cached is not None and cached[0] == key and torch.equal(cached[1], parameters):
-            return cached[2]
-        curvature = (self.weights / self.eps).sum(1).repeat_interleave(self.group_size)
-        curvature = curvature.detach()[None, :, None, None]
+        device = self.filters.device
 
-        def normal(z):   # K^T diag(w/eps) K
-            return self.responses_adjoint(curvature * self.responses(z))
+        def compute():
+            curvature = self._filter_curvatures().detach()[None, :, None, None]
 
-        bound = largest_eigenvalue_bound(normal, (1, *shape), dtype=self.filters.dtype,
-                                         device=parameters.device)
-        bound = torch.tensor(bound, dtype=self.filters.dtype, device=parameters.device)
-        self._padded_bound = (key, parameters, bound)
-        return bound
+            def normal(z):   # K^T diag(w/eps) K
+                return self.responses_adjoint(curvature * self.responses(z))
+
+            bound = largest_eigenvalue_bound(normal, (1, *shape), dtype=self.filters.dtype,
+                                             device=device)
+            return torch.tensor(bound, dtype=self.filters.dtype, device=device)
+
+        return cached_for_parameters(self, "_padded_bound", tuple(shape), self.parameters(),
+                                     compute)
+
+    def _filter_curvatures(self) -> torch.Tensor:
+        """``c_j = sum_k w_gk / eps_gk`` for each filter ``j`` of group ``g``: the largest
+        curvature of its potentials (the module docstring)."""
+        return (self.weights / self.eps).sum(1).repeat_interleave(self.group_size)
 
     def _fourier_curvature(self, grid: int, margin: float) -> torch.Tensor:
         kernels = self.kernels.double()
@@ -343,8 +347,7 @@ class ConvexFilterRegularizer(torch.nn.Module):
         for d, pad, part in self.levels:   # each level's filters with their dilation's zeros
             dense[part, :, :2 * pad + 1:d, :2 * pad + 1:d] = kernels[part]
         spectra = torch.fft.fft2(dense, s=(grid, grid)).permute(2, 3, 0, 1)
-        curvature = (self.weights / self.eps).sum(1).repeat_interleave(self.group_size)
-        curvature = curvature.double().to(spectra.dtype)
+        curvature = self._filter_curvatures().double().to(spectra.dtype)
         hessian = torch.einsum("xyjc,xyjd,j->xycd", spectra.conj(), spectra, curvature)
         return margin * torch.linalg.eigvalsh(hessian).max().to(self.filters.dtype)
 

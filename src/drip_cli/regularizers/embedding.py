@@ -18,6 +18,7 @@ import torch
 from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_conv_matrix, symmetric_pad,
                                     symmetric_pad_adjoint)
 from ..operators.sparse import compact_csr
+from .cache import cached_for_parameters
 
 
 class Embedding(torch.nn.Module):
@@ -53,15 +54,14 @@ class Embedding(torch.nn.Module):
         the last shape, dtype, device and weights asked about."""
         if self.latent_channels != 1 or self.image_channels != 1:
             raise ValueError("the embedding's sparse matrices are for one channel")
-        weight = self.weight.detach()
-        key = (height, width, dtype, torch.device(device))
-        cached = getattr(self, "_sparse", None)
-        if cached is not None and cached[0] == key and torch.equal(cached[1], weight):
-            return cached[2]
-        matrix = symmetric_conv_matrix(weight[0, 0].to(device=device, dtype=dtype), height, width)
-        matrices = tuple(compact_csr(m) for m in (matrix, matrix.t().coalesce()))
-        self._sparse = (key, weight.clone(), matrices)
-        return matrices
+
+        def compute():
+            kernel = self.weight.detach()[0, 0].to(device=device, dtype=dtype)
+            matrix = symmetric_conv_matrix(kernel, height, width)
+            return tuple(compact_csr(m) for m in (matrix, matrix.t().coalesce()))
+
+        return cached_for_parameters(self, "_sparse", (height, width, dtype, torch.device(device)),
+                                     [self.weight], compute)
 
     def __getstate__(self):
         """Without the cached sparse matrices, which copies and pickles cannot take (and which

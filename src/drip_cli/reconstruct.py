@@ -16,16 +16,15 @@ from .errors import DripError
 from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
 from .methods import ReconstructionMethod
+from .runtime import configure_cpu
 from .solvers import discrepancy_radius, discrepancy_ratio, residual_norm
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Also sets the CPU to flush denormal numbers to zero: the squared filter responses of
-    flat image regions fall below 1e-38 in float32, and arithmetic on them was 5x slower
-    (37 against 7 ms for one square of the responses of 64 images); no result changes."""
-    torch.set_flush_denormal(True)
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``. Also makes the process's
+    CPU settings (:func:`drip_cli.runtime.configure_cpu`: denormals flushed, freed memory
+    kept for reuse)."""
+    configure_cpu()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

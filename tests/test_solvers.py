@@ -297,21 +297,30 @@ def test_secular_equation_converges_in_few_newton_steps(seed):
 def test_convex_solves_step_by_the_shapes_bound_without_evaluating_r(architecture, monkeypatch):
     """With the Lipschitz bound for the latents' shape (within 1-3% of the curvature estimate)
     the convex family's steps are 1 / L and need no sufficient-decrease test: R is evaluated
-    once, for the report. The leapfrog variant has no such bound and still backtracks."""
+    once, for the report, and each step asks for the gradient alone. The leapfrog variant has no
+    such bound and still backtracks."""
     op = Blur((1, 16, 16), gaussian_psf(1.5))
     model = _perturbed_model(architecture=architecture)
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     b, sigma = noisy(op, x, 2.0)
-    calls, value = [], model.regularizer.value
+    calls = {"value": [], "value_and_gradient": []}
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return value(*args, **kwargs)
+    def counted(name):
+        method = getattr(model.regularizer, name)
 
-    monkeypatch.setattr(model.regularizer, "value", counted)
+        def call(*args, **kwargs):
+            calls[name].append(1)
+            return method(*args, **kwargs)
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(model.regularizer, name, counted(name))
     result = model.solve(op, b, discrepancy_radius(op, sigma, 1.0), max_iterations=50)
     assert bool((result.iterations > 2).all())
-    assert (len(calls) == 1) == (architecture == "convex"), len(calls)
+    if architecture == "convex":
+        assert len(calls["value"]) == 1 and not calls["value_and_gradient"], calls
+    else:
+        assert len(calls["value"]) > 1 and len(calls["value_and_gradient"]) > 2, calls
 
 
 def test_drip_solution_satisfies_the_kkt_conditions():

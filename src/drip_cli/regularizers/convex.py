@@ -189,8 +189,10 @@ class ConvexFilterRegularizer(torch.nn.Module):
                    for d, pad, part in self.levels)
 
     # -- the functional --------------------------------------------------------------------------
-    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> _Terms:
-        """The terms of the potential at responses ``t`` (see :class:`_Terms`).
+    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None,
+                  root: bool = True) -> _Terms:
+        """The terms of the potential at responses ``t`` (see :class:`_Terms`; with
+        ``root=False``, ``smoothed_norm`` holds ``s^2``).
 
         Each pass over these tensors is memory-bound, so the functionals below take as few as
         they can: the sum of ``w (s - eps)`` is the weights applied to per-group pixel sums of
@@ -207,7 +209,9 @@ class ConvexFilterRegularizer(torch.nn.Module):
             squared_norm = grouped * grouped
         if pixel_weights is not None:
             pixel_weights = pixel_weights.to(t.dtype)[:, :, None]
-        return _Terms(grouped, torch.sqrt(squared_norm + eps * eps), eps, weights, pixel_weights)
+        squared = squared_norm + eps * eps
+        return _Terms(grouped, torch.sqrt(squared) if root else squared, eps, weights,
+                      pixel_weights)
 
     @staticmethod
     def _potential(terms: _Terms) -> torch.Tensor:
@@ -229,12 +233,23 @@ class ConvexFilterRegularizer(torch.nn.Module):
     def potential_and_derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """The potential and its gradient in ``t`` (same shape as ``t``)."""
         terms = self._smoothed(t, pixel_weights)
-        coefficient = terms.weights / terms.smoothed_norm
+        return self._potential(terms), self._derivative(terms, terms.weights / terms.smoothed_norm)
+
+    def derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
+        """The potential's gradient in ``t`` alone, ``w / s`` by one ``rsqrt``: no ``s``, no
+        value. (On the tomography sample model, 32 images of 64x64: 1.3-1.4 ms against
+        2.3 for :meth:`potential_and_derivative`.)"""
+        terms = self._smoothed(t, pixel_weights, root=False)
+        return self._derivative(terms, terms.weights * torch.rsqrt(terms.smoothed_norm))
+
+    @staticmethod
+    def _derivative(terms: _Terms, coefficient: torch.Tensor) -> torch.Tensor:
+        """``t_g sum_k w_gk / s_gk`` (times the pixel weights), from ``coefficient = w / s``."""
         if coefficient.shape[2] > 1:
             coefficient = coefficient.sum(2, keepdim=True)
         if terms.pixel_weights is not None:
             coefficient = coefficient * terms.pixel_weights
-        return self._potential(terms), (terms.grouped * coefficient).flatten(1, 2)
+        return (terms.grouped * coefficient).flatten(1, 2)
 
     def value(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         """``R(z)`` per sample, shape ``(N,)`` (with ``pixel_weights``: the weighted sum)."""
@@ -264,8 +279,9 @@ class ConvexFilterRegularizer(torch.nn.Module):
         return list(zip(latents, weights)) or [(z, pixel_weights)]
 
     def gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``grad R(z)``, same shape as ``z``."""
-        return self.value_and_gradient(z, pixel_weights)[1]
+        """``grad R(z)``, same shape as ``z``, without the value (:meth:`derivative`)."""
+        return torch.cat([self.responses_adjoint(self.derivative(self.responses(zc), mc))
+                          for zc, mc in self._chunks(z, pixel_weights)])
 
     def hessian_at(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """``(h -> hess R(z) h, d)``: the exact Hessian-vector product at ``z`` in closed form,

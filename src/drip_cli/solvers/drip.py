@@ -258,8 +258,11 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
     def weighted(rows):   # R's keyword for the pixel weights of these rows, if any
         return {} if pixel_weights is None else {"pixel_weights": pixel_weights[rows]}
 
-    value_y, gradient_y = regularizer.value_and_gradient(y, **weighted(slice(None)))
     step = torch.maximum(step, safe_step)
+    if bool((step > safe_step).any()):   # a step may backtrack: its test needs R(y)
+        value_y, gradient_y = regularizer.value_and_gradient(y, **weighted(slice(None)))
+    else:   # every step at 1 / L: no test, no value (the convex family's usual case)
+        value_y, gradient_y = None, regularizer.gradient(y, **weighted(slice(None)))
 
     capped = torch.zeros(len(y), dtype=torch.bool, device=y.device)
 

@@ -8,11 +8,13 @@
   tensor of a few MiB for almost every operation; by default glibc serves a block that large by
   ``mmap`` or hands the top of its heap back to the system as soon as it is freed, so each new
   tensor's pages fault in again, zero-filled. On the tomography sample model (64 crops of 64x64,
-  2 threads) a DRIP solve made 2.2-2.4 million page faults and spent 5.7-6.1 s of its 43-45 CPU
-  seconds in the kernel; with blocks up to ``MMAP_THRESHOLD`` served from the heap and up to
-  ``TRIM_THRESHOLD`` of free heap kept, it made 14-31 thousand, and took 34 CPU seconds in all
-  (converged TV: 36-45 against 34). The cost is that a process keeps up to ``TRIM_THRESHOLD`` of
-  freed memory until it exits; its peak is unchanged.
+  2 threads) a DRIP solve made 0.4-2.4 million page faults in nine runs; in two of them 2.2 and
+  2.4 million, with 5.7-6.1 s of their 43-45 CPU seconds spent in the kernel. With blocks up to
+  ``MMAP_THRESHOLD`` served from the heap and up to ``TRIM_THRESHOLD`` of free heap kept, it
+  made 12-31 thousand, and the two runs paired with those took 34 CPU seconds in all (converged
+  TV, which allocates less: 36-45 against 34). The cost is that a process keeps up to
+  ``TRIM_THRESHOLD`` of freed memory until it exits; its peak moved by a few MiB (``make
+  bench``'s memory section: 337-342 and 355 MiB against 333-334 and 357).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ CPU_CHUNK_BYTES = 8 * 2**20
 class _Terms(NamedTuple):
     """The potential's terms at filter responses ``t`` (``G`` groups, ``S`` scales)."""
     grouped: torch.Tensor         # t as (N, G, group_size, H, W)
-    smoothed_norm: torch.Tensor   # s = sqrt(|t_g|^2 + eps_gk^2), (N, G, S, H, W)
+    squared_norm: torch.Tensor    # s^2 = |t_g|^2 + eps_gk^2, (N, G, S, H, W)
     eps: torch.Tensor             # (1, G, S, 1, 1)
     weights: torch.Tensor         # w, (1, G, S, 1, 1)
     pixel_weights: torch.Tensor | None   # (N, 1, 1, H, W), or None
@@ -189,10 +189,8 @@ class ConvexFilterRegularizer(torch.nn.Module):
                    for d, pad, part in self.levels)
 
     # -- the functional --------------------------------------------------------------------------
-    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None,
-                  root: bool = True) -> _Terms:
-        """The terms of the potential at responses ``t`` (see :class:`_Terms`; with
-        ``root=False``, ``smoothed_norm`` holds ``s^2``).
+    def _smoothed(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> _Terms:
+        """The terms of the potential at responses ``t`` (see :class:`_Terms`).
 
         Each pass over these tensors is memory-bound, so the functionals below take as few as
         they can: the sum of ``w (s - eps)`` is the weights applied to per-group pixel sums of
@@ -209,17 +207,16 @@ class ConvexFilterRegularizer(torch.nn.Module):
             squared_norm = grouped * grouped
         if pixel_weights is not None:
             pixel_weights = pixel_weights.to(t.dtype)[:, :, None]
-        squared = squared_norm + eps * eps
-        return _Terms(grouped, torch.sqrt(squared) if root else squared, eps, weights,
-                      pixel_weights)
+        return _Terms(grouped, squared_norm + eps * eps, eps, weights, pixel_weights)
 
     @staticmethod
-    def _potential(terms: _Terms) -> torch.Tensor:
-        """``sum w (s - eps)`` per sample (times the pixel weights per pixel, where given).
+    def _potential(terms: _Terms, smoothed_norm: torch.Tensor) -> torch.Tensor:
+        """``sum w (s - eps)`` per sample (times the pixel weights per pixel, where given), for
+        ``smoothed_norm = s``.
         (``s - eps`` is formed per pixel: subtracting ``sum w eps`` from the sum of ``w s`` once
         lost the value of a flat image, ``R ~ 0.2`` against ``sum w s ~ 30``, to float32
         rounding, and the solver's sufficient-decrease test with it.)"""
-        excess = terms.smoothed_norm - terms.eps
+        excess = smoothed_norm - terms.eps
         if terms.pixel_weights is not None:
             excess = excess * terms.pixel_weights
         return (excess.sum((3, 4)) * terms.weights[..., 0, 0]).flatten(1).sum(1)
@@ -228,19 +225,22 @@ class ConvexFilterRegularizer(torch.nn.Module):
         """``sum_g sum_k w_gk psi_gk(t_g)`` per sample for filter responses ``t`` of shape
         ``(N, n_filters, H, W)``; with ``pixel_weights`` ``m`` (``(N, 1, H, W)``, non-negative)
         each pixel's terms are multiplied by ``m`` there (:mod:`.adaptive`)."""
-        return self._potential(self._smoothed(t, pixel_weights))
+        terms = self._smoothed(t, pixel_weights)
+        return self._potential(terms, torch.sqrt(terms.squared_norm))
 
     def potential_and_derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """The potential and its gradient in ``t`` (same shape as ``t``)."""
         terms = self._smoothed(t, pixel_weights)
-        return self._potential(terms), self._derivative(terms, terms.weights / terms.smoothed_norm)
+        smoothed_norm = torch.sqrt(terms.squared_norm)
+        return (self._potential(terms, smoothed_norm),
+                self._derivative(terms, terms.weights / smoothed_norm))
 
     def derivative(self, t: torch.Tensor, pixel_weights: torch.Tensor | None = None):
         """The potential's gradient in ``t`` alone, ``w / s`` by one ``rsqrt``: no ``s``, no
         value. (On the tomography sample model, 32 images of 64x64: 1.3-1.4 ms against
         2.3 for :meth:`potential_and_derivative`.)"""
-        terms = self._smoothed(t, pixel_weights, root=False)
-        return self._derivative(terms, terms.weights * torch.rsqrt(terms.smoothed_norm))
+        terms = self._smoothed(t, pixel_weights)
+        return self._derivative(terms, terms.weights * torch.rsqrt(terms.squared_norm))
 
     @staticmethod
     def _derivative(terms: _Terms, coefficient: torch.Tensor) -> torch.Tensor:
@@ -291,10 +291,11 @@ class ConvexFilterRegularizer(torch.nn.Module):
         preconditioning (zero instead of symmetric padding, ``J``'s in-group off-diagonal
         terms left out). No graph is kept."""
         with torch.no_grad():
-            grouped, smoothed_norm, _, weights, pixel_weights = self._smoothed(self.responses(z),
-                                                                               pixel_weights)
+            grouped, squared_norm, _, weights, pixel_weights = self._smoothed(self.responses(z),
+                                                                              pixel_weights)
             if pixel_weights is not None:
                 weights = weights * pixel_weights
+            smoothed_norm = torch.sqrt(squared_norm)
             first = (weights / smoothed_norm).sum(2, keepdim=True)
             second = (weights / smoothed_norm**3).sum(2, keepdim=True)
             # J's diagonal, sum_k w_k eps_k^2 / s_k^3 at least: positive

@@ -407,3 +407,62 @@ def test_low_noise_solves_tighten_their_projections_and_stop_when_stuck(monkeypa
     fixed = solve(0.03, 50, 200)
     assert not bool(fixed.converged.any())
     assert bool((adaptive.regularizer_value < fixed.regularizer_value).all())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", ["blur", "tomography", "inpainting"])
+def test_best_constant_fits_flat_images_only(kind, channels):
+    """The least-squares constant per channel, and whether it fits: it does for a flat image's
+    noisy data (and lies near the image's level), not for a textured one's."""
+    from drip_cli.solvers.datafit import best_constant
+
+    op = make_operator(kind, (channels, 16, 20))
+    gen = torch.Generator().manual_seed(0)
+    levels = torch.tensor([0.3, 0.8, 0.5][:channels], dtype=torch.float64)
+    flat = levels[None, :, None, None].expand(1, channels, 16, 20)
+    x = torch.cat([flat, torch.rand(1, channels, 16, 20, dtype=torch.float64, generator=gen)])
+    b, sigma = noisy(op, x, 2.0)
+    fits, u = best_constant(op, b, discrepancy_radius(op, sigma, 1.0))
+    assert fits.tolist() == [True, False]
+    assert u.shape == x.shape and torch.allclose(u[0], flat[0], atol=0.02)
+    assert bool((u.flatten(2).std(dim=2) == 0).all())   # constant in each channel
+    assert bool((discrepancy_ratio(op, u[:1], b[:1], sigma[:1]) <= 1.0).all())
+    # the least-squares constant: no other constant leaves a smaller residual
+    for shift in (-1e-3, 1e-3):
+        moved = discrepancy_ratio(op, u[:1] + shift, b[:1], sigma[:1])
+        assert float(moved) > float(discrepancy_ratio(op, u[:1], b[:1], sigma[:1]))
+
+
+@pytest.mark.parametrize("method", ["tv", "drip"])
+def test_a_sample_a_constant_fits_is_solved_without_iterations(method):
+    """A flat image at high noise: the constraint is inactive, and the minimiser of TV or of the
+    learned R (both zero on constants, their least value) is a constant. The solvers return the
+    least-squares constant at once, converged, where their stopping tests never passed before
+    (2 x 1000 iterations); the other samples of the batch are solved as they are alone."""
+    op = make_operator("tomography", (1, 16, 20))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.full((1, 1, 16, 20), 0.7, dtype=torch.float64),
+                   torch.rand(2, 1, 16, 20, dtype=torch.float64, generator=gen)])
+    b, sigma = noisy(op, x, 5.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    model = _perturbed_model()
+    model.config.reweight = 1
+
+    def solve(rows):
+        if method == "tv":
+            return constrained_tv(op, b[rows], radius[rows], max_iterations=300)
+        return model.solve(op, b[rows], radius[rows], max_iterations=300)
+
+    batch = solve(slice(None))
+    assert int(batch.iterations[0]) == 0 and bool(batch.converged[0])
+    assert bool((discrepancy_ratio(op, batch.solution, b, sigma) <= 1.0).all())
+    assert float(batch.solution[0].std()) < 1e-12   # E of a constant latent: constant
+    assert abs(float(batch.solution[0].mean()) - 0.7) < 0.02
+    if method == "drip":
+        assert abs(float(batch.regularizer_value[0])) < 1e-10
+    else:
+        assert float(total_variation(batch.solution[:1])) < 1e-10
+    assert bool((batch.iterations[1:] > 0).all())
+    rest = solve(slice(1, None))
+    assert torch.equal(rest.iterations, batch.iterations[1:])
+    assert torch.allclose(rest.solution, batch.solution[1:], rtol=0, atol=1e-12)

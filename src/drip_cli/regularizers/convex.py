@@ -108,6 +108,9 @@ def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 
 class ConvexFilterRegularizer(torch.nn.Module):
     convex = True
+    # R >= 0, and R = 0 on latents constant in each channel (zero-mean filters, symmetric
+    # padding): where such a latent fits the data, the solver returns it (solvers.datafit)
+    least_at_constants = True
 
     def __init__(self, latent_channels: int, image_channels: int = 1, n_filters: int = 32,
                  kernel_size: int = 5, eps: float = 0.01, group_size: int = 2, seed: int = 0,

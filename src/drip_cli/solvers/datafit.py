@@ -25,6 +25,31 @@ def discrepancy_radius(op: LinearOperator, noise_std: torch.Tensor, tau: float) 
     return tau * noise_std * math.sqrt(op.measured_count)
 
 
+def best_constant(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor):
+    """``(fits, u)``: per sample, the input constant in each channel that fits ``b`` best in the
+    least-squares sense, ``u`` (shape ``(N, *op.image_shape)``), and whether its residual is
+    within ``radius``.
+
+    A non-negative regularizer that is zero on such constants (TV; the learned convex family,
+    with its zero-mean filters and symmetric padding) has its least value there, so where
+    ``fits`` holds, ``u`` is an exact minimiser of the constrained problem and no iteration is
+    needed. Such a sample (a crop of sky at high noise) has an inactive constraint, and the
+    solvers' stopping tests never passed on it: on one flat 64x64 tomography crop at 5% noise
+    DRIP ran to its cap of 2 x 1000 iterations and TV to its 5000, and the constant is 0.27 dB
+    closer to the truth than DRIP's iterate there.
+    """
+    channels, height, width = op.image_shape
+    basis = torch.eye(channels, dtype=b.dtype, device=b.device)[:, :, None, None]
+    basis = basis.expand(channels, channels, height, width).contiguous()
+    columns = op(basis).flatten(1).double()                    # (C, M): A applied to each
+    target = b.flatten(1).double()
+    gram = columns @ columns.T
+    weights = target @ columns.T @ torch.linalg.pinv(gram)     # (N, C), gram symmetric
+    residual = (weights @ columns - target).norm(dim=1)
+    u = (weights.to(b.dtype)[:, :, None, None, None] * basis[None]).sum(1)
+    return residual <= radius.to(residual), u
+
+
 def discrepancy_ratio(op: LinearOperator, u: torch.Tensor, b: torch.Tensor,
                       noise_std: torch.Tensor) -> torch.Tensor:
     """``||A u - b|| / (sigma sqrt(M))`` per sample, computed in float64."""

@@ -39,6 +39,15 @@ last operation on every sample is a CGLS run into the set (with a small margin, 
 survives rounding), so every returned ``z`` fits the data unless CGLS could not get there, which
 is reported as ``converged = False``.
 
+Where a latent constant in each channel fits the data (a flat crop at high noise), the
+constraint is inactive and that constant is a minimiser, for the convex family is zero there,
+its least value: :func:`~drip_cli.solvers.datafit.best_constant` finds it before any iteration.
+The stationarity above compares the gradient with what the constraint balances, so on such a
+sample it stayed near 1 and the solve ran to the cap: a crop of sky in 256 tomography crops at 5%
+noise took 2 x 1000 iterations, and held its batch of 64 for them (the batch: 21.8 / 23.2 s
+against 24.7 / 27.7 before, alternating; PSNR 29.413 against 29.409 dB, the constant 0.27 dB
+closer to the truth).
+
 The projections inside the steps are inexact (``projection_tolerance``, relative to the
 correction), which is cheap and enough at the noise levels models are trained for. When the
 constraint is tight (low noise), their error sets a floor under the stationarity: on a 64x64
@@ -101,7 +110,7 @@ from ..batching import batch_dot, per_sample
 from ..operators import LinearOperator
 from ..operators.composed import EmbeddedOperator
 from .cgls import MARGIN, cgls
-from .datafit import SolverResult
+from .datafit import SolverResult, best_constant
 from .projection import project_onto_datafit
 
 
@@ -190,27 +199,43 @@ def solve_drip(
     forward_op = EmbeddedOperator(op, embedding)
     radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
-    if z0 is None:  # the discrepancy-principle CGLS solution in latent space: feasible
-        z0 = cgls(forward_op, b, radius, max_iterations=final_projection_iterations).solution
-    bounds = regularizer.curvature_and_lipschitz_bound(shape=tuple(z0.shape[1:]))
-    curvature, lipschitz = (t.to(b.dtype) for t in bounds)
-    # a pixel weight m scales R's curvature by at most max(m)
-    scale = (torch.ones(n, dtype=b.dtype, device=b.device) if pixel_weights is None
-             else pixel_weights.to(b.dtype).flatten(1).amax(1))
-    safe_step = 1.0 / (lipschitz * scale)                         # guaranteed: 1 / L
-    step = 1.0 / (curvature * scale)                  # first guess, backtracked if above 1 / L
-    solution = z0.clone()
+    solution = torch.zeros(n, *forward_op.image_shape, dtype=b.dtype, device=b.device)
     iterations = torch.full((n,), max_iterations, dtype=torch.int64, device=b.device)
     stopped = torch.zeros(n, dtype=torch.bool, device=b.device)
     rows = torch.arange(n, device=b.device)
-
-    z, z_prev = z0, z0
     # Iterate on the set CGLS will aim at, so the closing CGLS run finds every converged sample
     # already in place and leaves the minimiser where it is.
-    b_work, radius_work, weights_work = b, (1 - MARGIN) * radius, pixel_weights
-    momentum_t = torch.ones(n, dtype=b.dtype, device=b.device)
+    radius_work = (1 - MARGIN) * radius
+    if getattr(regularizer, "least_at_constants", False):
+        # where a latent constant per channel fits, it is a minimiser: no iteration
+        flat, constant = best_constant(forward_op, b, radius_work)
+        solution[flat], iterations[flat], stopped[flat] = constant[flat], 0, True
+        rows = rows[~flat]
+        if progress is not None and len(rows) < n:
+            progress(1 - len(rows) / n)
+    b_work, radius_work = b[rows], radius_work[rows]
+    weights_work = None if pixel_weights is None else pixel_weights[rows]
+    if z0 is not None:
+        z0 = z0[rows]
+    elif len(rows):  # the discrepancy-principle CGLS solution in latent space: feasible
+        z0 = cgls(forward_op, b_work, radius[rows],
+                  max_iterations=final_projection_iterations).solution
+    else:
+        z0 = solution[rows]
+    bounds = regularizer.curvature_and_lipschitz_bound(shape=forward_op.image_shape)
+    curvature, lipschitz = (t.to(b.dtype) for t in bounds)
+    # a pixel weight m scales R's curvature by at most max(m)
+    scale = (torch.ones(len(rows), dtype=b.dtype, device=b.device) if weights_work is None
+             else weights_work.to(b.dtype).flatten(1).amax(1))
+    safe_step = 1.0 / (lipschitz * scale)                         # guaranteed: 1 / L
+    step = 1.0 / (curvature * scale)                  # first guess, backtracked if above 1 / L
+
+    z, z_prev = z0, z0
+    momentum_t = torch.ones(len(rows), dtype=b.dtype, device=b.device)
     watch = _StallWatch(z0, projection_tolerance)
     for it in range(1, max_iterations + 1):
+        if len(rows) == 0:
+            break
         t_next = (1 + torch.sqrt(1 + 4 * momentum_t**2)) / 2
         beta = (momentum_t - 1) / t_next
         y = z + per_sample(beta, z) * (z - z_prev)
@@ -236,8 +261,6 @@ def solve_drip(
                 weights_work = weights_work[keep]
             if progress is not None:
                 progress(1 - len(rows) / n)
-        if len(rows) == 0:
-            break
     # Every iterate was projected, but a projection capped at projection_iterations may have
     # fallen short: the last word is a projection run to the tolerance.
     final = project(forward_op, b, radius, solution, final_projection_iterations)

@@ -14,7 +14,9 @@ the primal and dual residuals (Goldstein, Li & Yuan, 2015), keeping ``tau * sigm
 A sample stops when both residuals are below ``tolerance`` relative to the terms they compare and
 it fits the data to within ``feasibility_slack``; stopped samples leave the batch. PDHG is only
 feasible in the limit, so a last CGLS pass started at the PDHG point enforces the constraint
-exactly (``converged`` is False for a sample that reached ``max_iterations``).
+exactly (``converged`` is False for a sample that reached ``max_iterations``). A sample where a
+constant image fits the data needs no iteration: TV is zero there, its least value
+(:func:`~drip_cli.solvers.datafit.best_constant`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import torch
 from ..batching import per_sample
 from ..operators import LinearOperator, estimate_norm
 from ..operators.finite_differences import GRADIENT_NORM_SQUARED_BOUND, gradient, gradient_adjoint
-from .cgls import cgls
-from .datafit import SolverResult
+from .cgls import MARGIN, cgls
+from .datafit import SolverResult, best_constant
 
 
 def total_variation(u: torch.Tensor) -> torch.Tensor:
@@ -87,18 +89,26 @@ def constrained_tv(
     def apply_kt(p, q):
         return gradient_adjoint(p), scale * op.adjoint(q)
 
-    if u0 is None:  # the discrepancy-principle CGLS solution: feasible and close to the answer
-        u0 = cgls(op, b, radius).solution
-    solution = u0.clone()
     iterations = torch.full((n,), max_iterations, dtype=torch.int64, device=b.device)
     stopped = torch.zeros(n, dtype=torch.bool, device=b.device)
-    rows = torch.arange(n, device=b.device)  # which samples the working tensors still hold
-
-    u = u0
+    # where a constant per channel fits, it is a minimiser (TV = 0): no iteration
+    flat, solution = best_constant(op, b, (1 - MARGIN) * radius)
+    iterations[flat], stopped[flat] = 0, True
+    rows = torch.arange(n, device=b.device)[~flat]  # which samples the working tensors hold
+    b_scaled, radius_scaled, tau, sigma, adapt = (t[rows] for t in (b_scaled, radius_scaled,
+                                                                    tau, sigma, adapt))
+    if u0 is not None:
+        u = u0[rows]
+    elif len(rows):  # the discrepancy-principle CGLS solution: feasible and close to the answer
+        u = cgls(op, b[rows], radius[rows]).solution
+    else:
+        u = solution[rows]
     ku_p, ku_q = apply_k(u)
     p, q = torch.zeros_like(ku_p), torch.zeros_like(ku_q)
     kty = torch.zeros_like(u)
     for it in range(1, max_iterations + 1):
+        if len(rows) == 0:
+            break
         u_new = u - per_sample(tau, u) * kty
         kun_p, kun_q = apply_k(u_new)
         sig_p, sig_q = per_sample(sigma, p), per_sample(sigma, q)
@@ -134,8 +144,6 @@ def constrained_tv(
             b_scaled, radius_scaled = b_scaled[keep], radius_scaled[keep]
         if progress is not None and (it % progress_every == 0 or len(rows) == 0):
             progress(it, len(rows))
-        if len(rows) == 0:
-            break
     solution[rows] = u  # samples that reached max_iterations
     final = cgls(op, b, radius, u0=solution)
     return SolverResult(solution=final.solution, iterations=iterations + final.iterations,

@@ -37,6 +37,10 @@ def test_follows_input_dtype_device_and_shapes(kind, dtype, device):
     assert back.shape == x.shape and back.dtype == dtype
     with pytest.raises(ValueError):
         op(torch.randn(2, 1, 16, 21, dtype=dtype, device=device))
+    # an empty batch (a solve whose samples all finished early) maps to an empty batch
+    empty = op(x[:0])
+    assert empty.shape == (0, *op.measurement_shape) and empty.dtype == dtype
+    assert op.adjoint(empty).shape == x[:0].shape
 
 
 @pytest.mark.parametrize("kind", KINDS)

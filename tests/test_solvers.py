@@ -466,3 +466,12 @@ def test_a_sample_a_constant_fits_is_solved_without_iterations(method):
     rest = solve(slice(1, None))
     assert torch.equal(rest.iterations, batch.iterations[1:])
     assert torch.allclose(rest.solution, batch.solution[1:], rtol=0, atol=1e-12)
+    # a batch of flat samples alone is finished at once, and says so
+    from drip_cli.methods import TVMethod
+
+    fractions = []
+    solver = TVMethod() if method == "tv" else model
+    alone = solver.solve(op, b[:1], radius[:1], progress=fractions.append)
+    assert torch.allclose(alone.solution, batch.solution[:1], rtol=0, atol=1e-12)
+    assert int(alone.iterations[0]) == 0
+    _assert_rising_to_one(fractions)

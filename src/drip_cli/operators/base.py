@@ -62,11 +62,15 @@ class LinearOperator(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``A x`` for ``x`` of shape ``(N, C, H, W)``."""
         self._check(x, self.image_shape, "images")
+        if len(x) == 0:   # an empty batch (a solve whose samples all finished): no kernel call
+            return x.new_zeros(0, *self.measurement_shape)
         return self._forward_impl(x)
 
     def adjoint(self, y: torch.Tensor) -> torch.Tensor:
         """``A^T y`` for ``y`` of shape ``(N, C, *S)``."""
         self._check(y, self.measurement_shape, "measurements")
+        if len(y) == 0:
+            return y.new_zeros(0, *self.image_shape)
         return self._adjoint_impl(y)
 
     def normal(self, x: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,8 @@ def constrained_tv(
     flat, solution = best_constant(op, b, (1 - MARGIN) * radius)
     iterations[flat], stopped[flat] = 0, True
     rows = torch.arange(n, device=b.device)[~flat]  # which samples the working tensors hold
+    if progress is not None and len(rows) < n:
+        progress(0, len(rows))
     b_scaled, radius_scaled, tau, sigma, adapt = (t[rows] for t in (b_scaled, radius_scaled,
                                                                     tau, sigma, adapt))
     if u0 is not None:

@@ -409,9 +409,10 @@ def test_low_noise_solves_tighten_their_projections_and_stop_when_stuck(monkeypa
     assert bool((adaptive.regularizer_value < fixed.regularizer_value).all())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("kind", ["blur", "tomography", "inpainting"])
-def test_best_constant_fits_flat_images_only(kind, channels):
+def test_best_constant_fits_flat_images_only(kind, channels, device):
     """The least-squares constant per channel, and whether it fits: it does for a flat image's
     noisy data (and lies near the image's level), not for a textured one's."""
     from drip_cli.solvers.datafit import best_constant
@@ -422,6 +423,7 @@ def test_best_constant_fits_flat_images_only(kind, channels):
     flat = levels[None, :, None, None].expand(1, channels, 16, 20)
     x = torch.cat([flat, torch.rand(1, channels, 16, 20, dtype=torch.float64, generator=gen)])
     b, sigma = noisy(op, x, 2.0)
+    op, flat, b, sigma = op.to(device), flat.to(device), b.to(device), sigma.to(device)
     fits, u = best_constant(op, b, discrepancy_radius(op, sigma, 1.0))
     assert fits.tolist() == [True, False]
     assert u.shape == x.shape and torch.allclose(u[0], flat[0], atol=0.02)

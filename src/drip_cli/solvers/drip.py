@@ -41,9 +41,9 @@ is reported as ``converged = False``.
 
 Where a latent constant in each channel fits the data (a flat crop at high noise), the
 constraint is inactive and that constant is a minimiser, for the convex family's ``R`` is zero
-there, its least value: :func:`~drip_cli.solvers.datafit.best_constant` finds it before any iteration.
-The stationarity above compares the gradient with what the constraint balances, so on such a
-sample it stayed near 1 and the solve ran to the cap: a crop of sky in 256 tomography crops at 5%
+there, its least value: :func:`~drip_cli.solvers.datafit.best_constant` finds it before any
+iteration. The stationarity above compares the gradient with what the constraint balances, so on
+such a sample it stayed near 1 and the solve ran to the cap: a crop of sky in 256 tomography crops at 5%
 noise took 2 x 1000 iterations, and held its batch of 64 for them (the batch: 21.8 / 23.2 s
 against 24.7 / 27.7 before, alternating; PSNR 29.413 against 29.409 dB, the constant 0.27 dB
 closer to the truth).

@@ -76,12 +76,7 @@ def constrained_tv(
         op_norm = estimate_norm(op, device=b.device)
     scale = DATA_WEIGHT / op_norm
     radius = radius.to(device=b.device, dtype=b.dtype)
-    b_scaled, radius_scaled = b * scale, radius * scale
     n = b.shape[0]
-    step_product = 1.0 / (GRADIENT_NORM_SQUARED_BOUND + DATA_WEIGHT**2)  # tau * sigma * ||K||^2 <= 1
-    tau = torch.full((n,), primal_step, dtype=b.dtype, device=b.device)
-    sigma = step_product / tau
-    adapt = torch.full_like(tau, 0.5)
 
     def apply_k(u):
         return gradient(u), scale * op(u)
@@ -97,8 +92,11 @@ def constrained_tv(
     rows = torch.arange(n, device=b.device)[~flat]  # which samples the working tensors hold
     if progress is not None and len(rows) < n:
         progress(0, len(rows))
-    b_scaled, radius_scaled, tau, sigma, adapt = (t[rows] for t in (b_scaled, radius_scaled,
-                                                                    tau, sigma, adapt))
+    b_scaled, radius_scaled = b[rows] * scale, radius[rows] * scale
+    step_product = 1.0 / (GRADIENT_NORM_SQUARED_BOUND + DATA_WEIGHT**2)  # tau * sigma * ||K||^2 <= 1
+    tau = torch.full((len(rows),), primal_step, dtype=b.dtype, device=b.device)
+    sigma = step_product / tau
+    adapt = torch.full_like(tau, 0.5)
     if u0 is not None:
         u = u0[rows]
     elif len(rows):  # the discrepancy-principle CGLS solution: feasible and close to the answer

@@ -500,14 +500,15 @@ def test_train_option_defaults_are_the_configs_defaults():
     from drip_cli.cli import app
     from drip_cli.regularizers.model import ModelConfig
     from drip_cli.training import TrainConfig
+    from drip_cli.training.trainer import OPERATOR_EPS, SHARP_EPS, SHARP_SOLVES, TRAIN_REWEIGHT
 
-    options = {p.name: p.default for p in typer.main.get_command(app).commands["train"].params}
+    params = typer.main.get_command(app).commands["train"].params
+    options = {p.name: p.default for p in params}
     train_fields = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
                     "lr_schedule": "lr_schedule", "cg_iterations": "cg_iterations", "tau": "tau",
-                    "seed": "seed", "solver_tolerance": "train_solver_tolerance",
-                    "solver_iterations": "train_solver_iterations"}
+                    "seed": "seed"}
     model_fields = {"architecture": "architecture", "width": "width", "filters": "n_filters",
-                    "kernel_size": "kernel_size", "eps": "eps",
+                    "kernel_size": "kernel_size",
                     "potential_scales": "potential_scales", "dilation_levels": "dilation_levels",
                     "max_iterations": "max_iterations"}
     for option, name in train_fields.items():
@@ -516,6 +517,18 @@ def test_train_option_defaults_are_the_configs_defaults():
         assert options[option] == getattr(ModelConfig, name), option
     weights = tuple(float(w) for w in options["loss_weights"].split(","))
     assert weights == TrainConfig.__dataclass_fields__["loss_weights"].default
+    # the operator's defaults (operator_defaults): their help names them
+    by_name = {p.name: p for p in params}
+    helps = {name: " ".join(by_name[name].help.split())
+             for name in ("eps", "solver_tolerance", "solver_iterations", "reweight")}
+    assert all(options[name] is None for name in helps)
+    assert (f"{OPERATOR_EPS['tomography']:g} for tomography, {ModelConfig.eps:g} for other"
+            in helps["eps"]) and f"at most {SHARP_EPS:g}" in helps["solver_tolerance"]
+    assert (f"{SHARP_SOLVES['train_solver_tolerance']:g} for sharp models" in helps["solver_tolerance"]
+            and f"else {TrainConfig.train_solver_tolerance:g}" in helps["solver_tolerance"])
+    assert (f"{SHARP_SOLVES['train_solver_iterations']} for sharp models, else "
+            f"{TrainConfig.train_solver_iterations}" in helps["solver_iterations"])
+    assert f"Default: {TRAIN_REWEIGHT} for the convex architecture" in helps["reweight"]
 
 
 def test_reconstruct_max_iterations_help_names_the_methods_defaults():

@@ -240,6 +240,49 @@ def test_training_with_reweighting_makes_it_the_models_default(train_file, tmp_p
     assert_one_line_error(refused, "--reweight needs the convex architecture", tmp_path / "lf")
 
 
+def test_fresh_runs_take_the_operators_defaults(tmp_path):
+    """Settings left out follow the operator (training.trainer.operator_defaults): on
+    tomography sharp potentials, so tighter training solves; one reweighting pass for convex
+    models. The run says what it chose and records it."""
+    data = tmp_path / "tomo.h5"
+    write_small_file(data, make_operator("tomography", (1, 12, 12)), n=6)
+    run = tmp_path / "run"
+    result = run_cli("train", data, "--out", run, "--epochs", 1, "--max-steps", 1, "--filters",
+                     "4", "--kernel-size", "3", "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    assert ("defaults for tomography data: --eps 0.001, --solver-tolerance 0.0003, "
+            "--solver-iterations 300, --reweight 1") in " ".join(result.stdout.split())
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"]["eps"], config["model"]["reweight"]) == (0.001, 1)
+    assert (config["train_solver_tolerance"], config["train_solver_iterations"]) == (3e-4, 300)
+    assert load_model(run)[0].config.reweight == 1
+
+
+def test_operator_defaults_leave_given_settings_alone():
+    from drip_cli.regularizers.model import ModelConfig
+    from drip_cli.training import TrainConfig
+    from drip_cli.training.trainer import operator_defaults
+
+    def chosen(kind, given=(), init=None, **model):
+        config = TrainConfig(data="", out="", init=init, model=ModelConfig(**model))
+        picked = operator_defaults(config, kind, set(given))
+        return picked, config
+
+    picked, config = chosen("blur")
+    assert picked == {"eps": 0.01, "reweight": 1}
+    assert (config.train_solver_tolerance, config.train_solver_iterations) == (1e-3, 150)
+    # a sharp eps, given on any operator, brings the tighter solves unless they are given too
+    picked, config = chosen("blur", {"eps", "train_solver_iterations"}, eps=0.002)
+    assert picked == {"train_solver_tolerance": 3e-4, "reweight": 1}
+    assert (config.model.eps, config.train_solver_iterations) == (0.002, 150)
+    assert chosen("tomography", {"reweight"})[0] == {"eps": 0.001, "train_solver_tolerance": 3e-4,
+                                                     "train_solver_iterations": 300}
+    # --init: the starting model's eps (adopted before) decides; no reweighting off convex
+    picked, config = chosen("tomography", init="model", eps=0.01, architecture="leapfrog")
+    assert picked == {} and config.model.eps == 0.01 and config.model.reweight == 0
+    assert chosen("tomography", architecture="unrolled")[0] == {}
+
+
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5",
@@ -327,13 +370,15 @@ def test_one_sample_trains_without_validation_and_says_so(tmp_path):
     assert (run / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("architecture", [[], ["--architecture", "leapfrog", "--layers", "2"]],
+@pytest.mark.parametrize("architecture", [["--reweight", "0"],   # a single solve by default
+                                          ["--architecture", "leapfrog", "--layers", "2"]],
                          ids=["convex", "leapfrog"])
 def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path, architecture):
     run = tmp_path / "run"
     trained = run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY, *architecture)
     assert trained.exit_code == 0, trained.stderr
-    if architecture:
+    leapfrog = "leapfrog" in architecture
+    if leapfrog:
         assert load_model(run)[0].config.architecture == "leapfrog"
         assert not load_model(run)[0].regularizer.convex
     out = tmp_path / "r.h5"
@@ -347,7 +392,7 @@ def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path, archi
         plain_iterations = f["iterations"][()]
     reweighted = run_cli("reconstruct", train_file, "--model", run, "--out", tmp_path / "w.h5",
                          "--reweight", "1", "--edge-scale", "0.1", "-q")
-    if architecture:   # the leapfrog regularizer is not convex: refused, nothing written
+    if leapfrog:   # the leapfrog regularizer is not convex: refused, nothing written
         assert_one_line_error(reweighted, "--reweight needs a model with the convex regularizer",
                               tmp_path / "w.h5")
         info = run_cli("info", run)   # (it asked this regularizer for a bound it has not)

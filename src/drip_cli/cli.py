@@ -255,8 +255,20 @@ def _options_given(ctx: typer.Context) -> set[str]:
             if source is not None and source.name != "DEFAULT"}
 
 
+def _train_option(field: str) -> str:
+    """The drip train option that sets a config field (``--filters`` for ``n_filters``)."""
+    option = {field: option for option, field in TRAIN_OPTION_FIELDS.items()}.get(field, field)
+    return "--" + option.replace("_", "-")
+
+
+def _given_values(**options) -> dict:
+    """The options that were given (``None``: left to a default that depends on the data)."""
+    return {name: value for name, value in options.items() if value is not None}
+
+
 # The defaults of `train` repeat those of TrainConfig and ModelConfig, so that `--help` does not
-# import torch; tests/test_cli.py checks that the two agree.
+# import torch; tests/test_cli.py checks that the two agree. The options that default to None
+# take their values from the operator (training.trainer.operator_defaults), as their help says.
 @app.command()
 def train(
     ctx: typer.Context,
@@ -291,9 +303,10 @@ def train(
                               help="Channels of each residual CNN (--architecture unrolled)."),
     filters: int = typer.Option(16, "--filters", min=2, help="Regularizer filters (in pairs)."),
     kernel_size: int = typer.Option(5, "--kernel-size", help="Regularizer filter size (odd)."),
-    eps: float = typer.Option(
-        0.01, "--eps", min=1e-4,
-        help="Starting smoothing of the potentials (learned; smaller is closer to exact TV)."),
+    eps: Optional[float] = typer.Option(
+        None, "--eps", min=1e-4,
+        help="Starting smoothing of the potentials (learned; smaller is closer to exact TV). "
+             "Default: 0.001 for tomography, 0.01 for other operators."),
     potential_scales: int = typer.Option(
         1, "--potential-scales", min=1,
         help="Learned mix of this many smoothed norms per filter group (smoothing eps, 4 eps, ...)."),
@@ -306,20 +319,21 @@ def train(
              "(the paper uses 1,1,1)."),
     cg_iterations: int = typer.Option(50, "--cg-iterations", min=1,
                                       help="CG iterations of the implicit-gradient KKT solve."),
-    solver_tolerance: float = typer.Option(
-        1e-3, "--solver-tolerance", min=1e-8,
+    solver_tolerance: Optional[float] = typer.Option(
+        None, "--solver-tolerance", min=1e-8,
         help="Relative change at which a training solve stops (inference uses the model's "
-             "1e-4). Sharp models (small --eps, as for limited-angle tomography) train better "
-             "with --solver-tolerance 3e-4 --solver-iterations 300."),
-    solver_iterations: int = typer.Option(150, "--solver-iterations", min=1,
-                                          help="Iteration cap of each training solve."),
+             "1e-4). Default: 0.0003 for sharp models (--eps at most 0.003), else 0.001."),
+    solver_iterations: Optional[int] = typer.Option(
+        None, "--solver-iterations", min=1,
+        help="Iteration cap of each training solve. Default: 300 for sharp models, else 150."),
     max_iterations: int = typer.Option(
         1000, "--max-iterations", min=1,
         help="The model's solver cap, in validation and in drip reconstruct."),
-    reweight: int = typer.Option(
-        0, "--reweight", min=0,
+    reweight: Optional[int] = typer.Option(
+        None, "--reweight", min=0,
         help="Train (and by default reconstruct) with this many edge-adaptive reweighting "
-             "passes after each solve (see drip reconstruct --reweight; convex models)."),
+             "passes after each solve (see drip reconstruct --reweight). Default: 1 for the "
+             "convex architecture, 0 for the others."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -371,25 +385,28 @@ def train(
                              loss_weights=weights,
                              noise_percent=noise_range, tau=tau,
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
-                             train_solver_tolerance=solver_tolerance,
-                             train_solver_iterations=solver_iterations,
+                             **_given_values(train_solver_tolerance=solver_tolerance,
+                                             train_solver_iterations=solver_iterations),
                              init=None if init is None else str(init),
                              model=ModelConfig(architecture=architecture, layers=layers or 0,
                                                latent_channels=latent_channels or 0,
                                                n_filters=filters,
-                                               kernel_size=kernel_size, eps=eps,
+                                               kernel_size=kernel_size,
                                                potential_scales=potential_scales,
                                                dilation_levels=dilation_levels, width=width,
                                                max_iterations=max_iterations,
-                                               reweight=reweight))
+                                               **_given_values(eps=eps, reweight=reweight)))
         config.validate()
         given = _options_given(ctx)
         trainer = Trainer(config, resolve_device(device), resume=resume, given=given,
                           log=(lambda row: None) if quiet else _print_epoch)
+        if trainer.operator_defaults and not quiet:
+            chosen = ", ".join(f"{_train_option(name)} {value:g}"
+                               for name, value in trainer.operator_defaults.items())
+            console.print(f"defaults for {trainer.op.kind} data: {chosen}")
         unused = unused_settings(trainer.config, given)
         if unused:
-            options = {field: option for option, field in TRAIN_OPTION_FIELDS.items()}
-            names = ", ".join("--" + options.get(n, n).replace("_", "-") for n in unused)
+            names = ", ".join(map(_train_option, unused))
             warning_line(f"{names}: not used by --architecture {trainer.config.model.architecture} "
                          "(ignored)")
         if len(trainer.val_index) == 0:

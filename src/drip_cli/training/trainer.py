@@ -161,6 +161,47 @@ def unused_settings(config: TrainConfig, given: set[str]) -> list[str]:
     return [name for name in unused if name in given]
 
 
+# Settings whose best value depends on the operator, or on how sharp the model is. A fresh run
+# takes them from here where they are not given (--resume takes the run's, --init the starting
+# model's eps), so that `drip train DATA --noise-percent 1:5 --max-minutes 10` follows the
+# sample models' recipes (sample_data/README.md). Measured with such 10-minute runs on 1000
+# crops of five photographs, tested on 32 crops of four others:
+# - eps: sharp potentials on limited-angle tomography (0.001; the TV pair's smoothing at 0.001 /
+#   0.003 / 0.01 gave 28.42 / 28.37 / 28.20 dB on its training crops), 0.01 elsewhere (on blur
+#   the best of 0.003 / 0.01 / 0.03);
+# - sharp models (eps <= SHARP_EPS) need tighter training solves: with eps 0.001 on tomography
+#   the loose ones left solutions 0.23-0.32 dB below the converged ones, and the model trained
+#   with the tight ones ended 0.09-0.16 dB higher on held-out crops;
+# - one edge-adaptive reweighting pass for convex models (regularizers/adaptive.py): the blur
+#   model trained with it scores 33.37 / 32.56 / 31.15 / 29.92 dB at 1 / 2 / 5 / 10% noise
+#   where the one trained without it scored 33.07 / 32.30 / 31.00 / 29.73 (docs/quality.md);
+#   on inpainting see sample_data/README.md.
+OPERATOR_EPS = {"tomography": 0.001}
+SHARP_EPS = 0.003
+SHARP_SOLVES = {"train_solver_tolerance": 3e-4, "train_solver_iterations": 300}
+TRAIN_REWEIGHT = 1
+
+
+def operator_defaults(config: TrainConfig, operator_kind: str, given: set[str]) -> dict:
+    """Set, for a fresh run, the settings above that the user did not give (``given``, field
+    names): ``eps`` (not with ``--init``, whose model brings its own), the training solves'
+    tolerance and cap where the model is sharp, and ``reweight`` for convex models. Returns the
+    settings chosen, by field name, to be reported."""
+    model = config.model
+    if model.is_unrolled:   # no regularizer, no solve
+        return {}
+    chosen = {}
+    if "eps" not in given and config.init is None:
+        chosen["eps"] = OPERATOR_EPS.get(operator_kind, ModelConfig.eps)
+    if chosen.get("eps", model.eps) <= SHARP_EPS:
+        chosen.update({name: value for name, value in SHARP_SOLVES.items() if name not in given})
+    if model.architecture == "convex" and "reweight" not in given:
+        chosen["reweight"] = TRAIN_REWEIGHT
+    for name, value in chosen.items():
+        setattr(model if name in ModelConfig.__dataclass_fields__ else config, name, value)
+    return chosen
+
+
 # the options that set a run's course: --resume takes them from the run's config.json
 RUN_FIELDS = ("batch_size", "lr", "lr_schedule", "loss_weights", "noise_percent", "tau",
               "val_fraction", "val_max_samples", "seed", "cg_iterations",
@@ -340,6 +381,8 @@ class Trainer:
             adopt_run_options(config, truth.shape[1], given)
         initial_weights = (None if config.init is None or resume
                            else adopt_initial_model(config, truth.shape[1], given))
+        # settings left to the operator (after --init: a starting model's eps stays)
+        self.operator_defaults = {} if resume else operator_defaults(config, self.op.kind, given)
         config.model.image_channels = truth.shape[1]
         if 0 < config.model.latent_channels < truth.shape[1]:
             raise DripError(f"--latent-channels must be at least the images' channel count "

@@ -35,8 +35,6 @@ MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample model
           "tomography": SAMPLES / "drip_tomography.safetensors",
           "inpainting": SAMPLES / "drip_inpainting.safetensors"}
 UNROLLED = SAMPLES / "unrolled_blur.safetensors"       # the baseline, same data and budget
-# models trained with edge-adaptive reweighting, also shown as a single pass (--reweight 0)
-REWEIGHTED = ["blur", "tomography"]
 
 
 def untrained_model(name: str) -> Path:
@@ -52,6 +50,14 @@ def untrained_model(name: str) -> Path:
     save_model(path, model, ModelInfo(config=model.config, operator_kind=kind, image_shape=shape,
                                       noise_percent=(1.0, 5.0), extra={"untrained": True}))
     return path
+
+
+def reweights(model: Path) -> bool:
+    """Whether a model reconstructs with edge-adaptive reweighting by default (the demo then
+    also shows it as a single pass, --reweight 0)."""
+    from drip_cli.io.models import load_model
+
+    return load_model(model)[1].config.reweight > 0
 
 
 def drip(*args: str) -> None:
@@ -70,7 +76,7 @@ def main() -> None:
         if not pretrained:
             model = untrained_model(name)
         runs = [(method, []) for method in METHODS] + [("drip", [])]
-        if pretrained and name in REWEIGHTED:
+        if pretrained and reweights(model):
             runs.append(("drip", ["--reweight", "0"]))
         for method, options in runs:
             label = " ".join([method, *options])

@@ -252,6 +252,9 @@ def test_fresh_runs_take_the_operators_defaults(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert ("defaults for tomography data: --eps 0.001, --solver-tolerance 0.0003, "
             "--solver-iterations 300, --reweight 1") in " ".join(result.stdout.split())
+    # (the file's own measurements, one noise level: the run says so, and how to draw a range)
+    assert "training on the file's own measurements (noise 2%): --noise-percent A:B" in \
+        " ".join(result.stdout.split())
     config = json.loads((run / "config.json").read_text())
     assert (config["model"]["eps"], config["model"]["reweight"]) == (0.001, 1)
     assert (config["train_solver_tolerance"], config["train_solver_iterations"]) == (3e-4, 300)

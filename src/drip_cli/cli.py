@@ -404,6 +404,13 @@ def train(
             chosen = ", ".join(f"{_train_option(name)} {value:g}"
                                for name, value in trainer.operator_defaults.items())
             console.print(f"defaults for {trainer.op.kind} data: {chosen}")
+        if trainer.config.noise_percent is None and not quiet:
+            low, high = trainer.noise_range
+            level = f"{low:.3g}%" if f"{low:.3g}" == f"{high:.3g}" else f"{low:.3g}-{high:.3g}%"
+            console.print(f"training on the file's own measurements (noise {level}): "
+                          "--noise-percent A:B (say 1:5) draws fresh noise over a range for "
+                          "every batch instead, so that the model holds up when the noise "
+                          "level changes")
         unused = unused_settings(trainer.config, given)
         if unused:
             names = ", ".join(map(_train_option, unused))

@@ -11,8 +11,9 @@
    ``--tomography-model`` (default: its sample model; no unrolled network). ``--reconstruct
    blur`` (or ``tomography``) runs one of the two.
 3. Training throughput: images per second of ``drip train``'s optimisation step (default
-   settings for blur data, so one reweighting pass for DRIP; batch 8, fresh 1-5% noise) for DRIP and the unrolled baseline, from untrained
-   models on the same crops, after one warm-up step.
+   settings for blur data, so one reweighting pass for DRIP; batch 8, fresh 1-5% noise) for
+   DRIP and the unrolled baseline, from untrained models on the same crops, after one warm-up
+   step.
 4. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
    (CGLS, blur) on phantom files of two sizes, 8 times apart. The command streams a file batch
    by batch, so its peak should not grow with the file (Linux: read from ``/proc``).
@@ -202,7 +203,8 @@ def bench_training(truth: np.ndarray, steps: int, device: torch.device,
         write_measurement_file(data, op, b.numpy(), sigma.numpy(), truth)
         for architecture in ("convex", "unrolled"):
             config = TrainConfig(data=str(data), out=str(Path(folder) / architecture),
-                                 noise_percent=(1.0, 5.0), model=ModelConfig(architecture=architecture))
+                                 noise_percent=(1.0, 5.0),
+                                 model=ModelConfig(architecture=architecture))
             trainer = Trainer(config, device)   # with drip train's defaults for blur data
             trainer.train_step()   # warm-up
             synchronize(device)

@@ -168,7 +168,7 @@ def unused_settings(config: TrainConfig, given: set[str]) -> list[str]:
 # crops of five photographs, tested on 32 crops of four others:
 # - eps: sharp potentials on limited-angle tomography (0.001; the TV pair's smoothing at 0.001 /
 #   0.003 / 0.01 gave 28.42 / 28.37 / 28.20 dB on its training crops), 0.01 elsewhere (on blur
-#   the best of 0.003 / 0.01 / 0.03);
+#   the best of 0.003 / 0.01 / 0.03 for the untrained smoothed TV term);
 # - sharp models (eps <= SHARP_EPS) need tighter training solves: with eps 0.001 on tomography
 #   the loose ones left solutions 0.23-0.32 dB below the converged ones, and the model trained
 #   with the tight ones ended 0.09-0.16 dB higher on held-out crops;

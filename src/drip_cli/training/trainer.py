@@ -352,8 +352,10 @@ class Trainer:
                  resume: bool = False, given: set[str] | None = None):
         """``resume``: continue the run in ``config.out`` (:meth:`fit` loads its checkpoint).
         ``given``: the settings (field names of ``config`` and its model) the user set; the
-        others are taken from the run (``resume``) or the starting model (``config.init``).
-        Default: those that differ from the defaults."""
+        others are taken from the run (``resume``), the starting model (``config.init``) or the
+        operator (:func:`operator_defaults`). Default: those that differ from the defaults, so
+        a setting of :func:`operator_defaults` left at its dataclass default takes the
+        operator's value (name it in ``given`` to keep it)."""
         given = options_changed(config) if given is None else set(given)
         self.config = config
         self.resume = resume

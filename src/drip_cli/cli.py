@@ -244,6 +244,7 @@ def simulate(
 # train's options that set a config field of another name (the others share their field's name)
 TRAIN_OPTION_FIELDS = {"filters": "n_filters", "solver_tolerance": "train_solver_tolerance",
                        "solver_iterations": "train_solver_iterations"}
+_TRAIN_FIELD_OPTIONS = {field: option for option, field in TRAIN_OPTION_FIELDS.items()}
 
 
 def _options_given(ctx: typer.Context) -> set[str]:
@@ -257,8 +258,7 @@ def _options_given(ctx: typer.Context) -> set[str]:
 
 def _train_option(field: str) -> str:
     """The drip train option that sets a config field (``--filters`` for ``n_filters``)."""
-    option = {field: option for option, field in TRAIN_OPTION_FIELDS.items()}.get(field, field)
-    return "--" + option.replace("_", "-")
+    return "--" + _TRAIN_FIELD_OPTIONS.get(field, field).replace("_", "-")
 
 
 def _given_values(**options) -> dict:

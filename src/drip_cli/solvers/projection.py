@@ -128,26 +128,39 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     Returns ``(z, steps)``: ``steps`` is the number of Krylov steps each sample needed (0 for a
     sample already inside the set). A sample whose correction has not settled after ``max_steps``
     gets the best correction found (still ``||B z - b||`` as small as that subspace allows).
+
+    A sample leaves the working set as soon as its correction settles, so each costs its own
+    number of steps, not its batch's largest. (Every sample used to stay to the end: on the blur
+    sample model's solve of 512 bench crops a call ran 11.4 steps on average where its samples
+    needed 3.0, 3.85 times the work, 81 of the solve's 107 s on the CPU.)
     """
     tiny = torch.finfo(v.dtype).tiny
     n = len(v)
     radius = radius.to(dtype=v.dtype, device=v.device)
+    tolerance = torch.as_tensor(tolerance, dtype=v.dtype, device=v.device).expand(n)
     u_vec, beta = _normalise(b - op(v), tiny)
+    steps = torch.zeros(n, dtype=torch.int64, device=v.device)
+    correction = torch.zeros_like(v)
+    active = torch.arange(n, device=v.device)   # the rows of the working set
+    outside = beta > radius                       # the others are inside already
+    if not bool(outside.all()):
+        active = active[outside]
+        if len(active) == 0:
+            return v.clone(), steps
+        u_vec, beta, radius, tolerance = (t[outside] for t in (u_vec, beta, radius, tolerance))
+    m = len(active)
     # The small problem in the subspace (an SVD of a (k+1) x k matrix and a few Newton steps,
     # each ending in a test of all samples) runs on the CPU: on a GPU it was a string of tiny
     # kernels and host synchronisations per Krylov step. Only C, and y back, cross over.
     host = torch.device("cpu")
     beta_host, radius_host = beta.to(host), radius.to(host)
     w, alpha = _normalise(op.adjoint(u_vec), tiny)
-    # the two Krylov bases, (N, k, M) and (N, k, D): rows 0..k-1 in use
-    us = _append_row(v.new_empty(n, min(8, max_steps), u_vec[0].numel()), 0, u_vec)
-    vs = _append_row(v.new_empty(n, min(8, max_steps), w[0].numel()), 0, w)
-    c = torch.zeros(n, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)
+    # the two Krylov bases, (m, k, M) and (m, k, D): rows 0..k-1 in use
+    us = _append_row(v.new_empty(m, min(8, max_steps), u_vec[0].numel()), 0, u_vec)
+    vs = _append_row(v.new_empty(m, min(8, max_steps), w[0].numel()), 0, w)
+    c = torch.zeros(m, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)
     c[:, 0, 0] = alpha
-    y_settled = torch.zeros(n, max_steps, dtype=v.dtype, device=v.device)
-    y_prev, lam = y_settled[:, :0], None
-    steps = torch.zeros(n, dtype=torch.int64, device=v.device)
-    settled = beta <= radius
+    y_prev, lam = c.new_zeros(m, 0), None
     for k in range(1, max_steps + 1):
         p = _orthogonalise(op(w) - per_sample(alpha, u_vec) * u_vec, us[:, :k])
         u_vec, beta_next = _normalise(p, tiny)
@@ -156,17 +169,24 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
         y = y.to(v.device)
         # V is orthonormal: the change of the correction is the change of its coordinates.
         change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1)
-        done_now = ~settled & ((change <= tolerance * y.norm(dim=1)) | (beta_next <= tiny) | (k == max_steps))
-        y_settled[:, :k] = torch.where(done_now.unsqueeze(1), y, y_settled[:, :k])
-        steps = steps + (~settled).long()
-        settled = settled | done_now
-        if bool(settled.all()):
-            break
+        done = (change <= tolerance * y.norm(dim=1)) | (beta_next <= tiny) | (k == max_steps)
+        finishing = int(done.sum())
+        if finishing:
+            finished = active[done]
+            correction[finished] = (y[done].unsqueeze(1) @ vs[done, :k]).view(-1, *v.shape[1:])
+            steps[finished] = k
+            if finishing == len(active):
+                break
+            keep = ~done
+            keep_host = keep.to(host)
+            active, tolerance, y, c = active[keep], tolerance[keep], y[keep], c[keep]
+            u_vec, beta_next, w, alpha = u_vec[keep], beta_next[keep], w[keep], alpha[keep]
+            us, vs = us[keep], vs[keep]
+            beta_host, radius_host, lam = beta_host[keep_host], radius_host[keep_host], lam[keep_host]
         y_prev = y
         us = _append_row(us, k, u_vec)
         w, alpha = _normalise(_orthogonalise(op.adjoint(u_vec) - per_sample(beta_next, w) * w,
                                              vs[:, :k]), tiny)
         vs = _append_row(vs, k, w)
         c[:, k, k] = alpha
-    correction = (y_settled[:, :k].unsqueeze(1) @ vs[:, :k]).view_as(v)
     return v + correction, steps

@@ -141,14 +141,10 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     u_vec, beta = _normalise(b - op(v), tiny)
     steps = torch.zeros(n, dtype=torch.int64, device=v.device)
     correction = torch.zeros_like(v)
-    active = torch.arange(n, device=v.device)   # the rows of the working set
-    outside = beta > radius                       # the others are inside already
-    if not bool(outside.all()):
-        active = active[outside]
-        if len(active) == 0:
-            return v.clone(), steps
-        u_vec, beta, radius, tolerance = (t[outside] for t in (u_vec, beta, radius, tolerance))
-    m = len(active)
+    active = None   # the batch rows of the working set, once some have left it (None: all)
+    # Samples inside the set already need no correction: they leave with the first step's
+    # finishers (a test of their own here would cost a host synchronisation per call).
+    inside = beta <= radius
     # The small problem in the subspace (an SVD of a (k+1) x k matrix and a few Newton steps,
     # each ending in a test of all samples) runs on the CPU: on a GPU it was a string of tiny
     # kernels and host synchronisations per Krylov step. Only C, and y back, cross over.
@@ -156,11 +152,11 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     beta_host, radius_host = beta.to(host), radius.to(host)
     w, alpha = _normalise(op.adjoint(u_vec), tiny)
     # the two Krylov bases, (m, k, M) and (m, k, D): rows 0..k-1 in use
-    us = _append_row(v.new_empty(m, min(8, max_steps), u_vec[0].numel()), 0, u_vec)
-    vs = _append_row(v.new_empty(m, min(8, max_steps), w[0].numel()), 0, w)
-    c = torch.zeros(m, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)
+    us = _append_row(v.new_empty(n, min(8, max_steps), u_vec[0].numel()), 0, u_vec)
+    vs = _append_row(v.new_empty(n, min(8, max_steps), w[0].numel()), 0, w)
+    c = torch.zeros(n, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)
     c[:, 0, 0] = alpha
-    y_prev, lam = c.new_zeros(m, 0), None
+    y_prev, lam = c.new_zeros(n, 0), None
     for k in range(1, max_steps + 1):
         p = _orthogonalise(op(w) - per_sample(alpha, u_vec) * u_vec, us[:, :k])
         u_vec, beta_next = _normalise(p, tiny)
@@ -170,16 +166,30 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
         # V is orthonormal: the change of the correction is the change of its coordinates.
         change = (y - torch.nn.functional.pad(y_prev, (0, 1))).norm(dim=1)
         done = (change <= tolerance * y.norm(dim=1)) | (beta_next <= tiny) | (k == max_steps)
+        if k == 1:
+            done = done | inside
         finishing = int(done.sum())
+        if finishing == len(y) and active is None:   # the whole batch at once: no gathers
+            correction = (y.unsqueeze(1) @ vs[:, :k]).view_as(v)
+            steps.fill_(k)
+            if k == 1:
+                correction, steps = (torch.where(per_sample(inside, t), 0, t)
+                                     for t in (correction, steps))
+            break
         if finishing:
-            finished = active[done]
-            correction[finished] = (y[done].unsqueeze(1) @ vs[done, :k]).view(-1, *v.shape[1:])
-            steps[finished] = k
-            if finishing == len(active):
+            finished = torch.nonzero(done).squeeze(1) if active is None else active[done]
+            found = (y[done].unsqueeze(1) @ vs[done, :k]).view(-1, *v.shape[1:])
+            count = torch.full((finishing,), k, dtype=torch.int64, device=v.device)
+            if k == 1:   # the samples inside from the start: no correction, no steps
+                found = torch.where(per_sample(inside[done], found), 0, found)
+                count = torch.where(inside[done], 0, count)
+            correction[finished], steps[finished] = found, count
+            if finishing == len(y):
                 break
             keep = ~done
             keep_host = keep.to(host)
-            active, tolerance, y, c = active[keep], tolerance[keep], y[keep], c[keep]
+            active = torch.nonzero(keep).squeeze(1) if active is None else active[keep]
+            tolerance, y, c = tolerance[keep], y[keep], c[keep]
             u_vec, beta_next, w, alpha = u_vec[keep], beta_next[keep], w[keep], alpha[keep]
             us, vs = us[keep], vs[keep]
             beta_host, radius_host, lam = beta_host[keep_host], radius_host[keep_host], lam[keep_host]

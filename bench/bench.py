@@ -191,11 +191,11 @@ def bench_reconstruction(op, what: str, truth: np.ndarray, methods, device: torc
     return out, figures
 
 
-def bench_training(truth: np.ndarray, steps: int, device: torch.device,
-                   where: str) -> tuple[Table, dict]:
+def bench_training(truth: np.ndarray, steps: int, device: torch.device, where: str,
+                   batch_size: int = 8) -> tuple[Table, dict]:
     """Images per second of the training step, DRIP and unrolled, from untrained models."""
     op, b, sigma = measured(blur(), truth)
-    out = table(f"training step, batch 8 of 64x64 photo crops, blur sigma 2, 1-5% noise, "
+    out = table(f"training step, batch {batch_size} of 64x64 photo crops, blur sigma 2, 1-5% noise, "
                 f"{where} float32", "architecture", "steps", "s/step", "images/s")
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -203,7 +203,7 @@ def bench_training(truth: np.ndarray, steps: int, device: torch.device,
         write_measurement_file(data, op, b.numpy(), sigma.numpy(), truth)
         for architecture in ("convex", "unrolled"):
             config = TrainConfig(data=str(data), out=str(Path(folder) / architecture),
-                                 noise_percent=(1.0, 5.0),
+                                 noise_percent=(1.0, 5.0), batch_size=batch_size,
                                  model=ModelConfig(architecture=architecture))
             trainer = Trainer(config, device)   # with drip train's defaults for blur data
             trainer.train_step()   # warm-up
@@ -276,6 +276,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--train-steps", type=int, default=10,
                         help="timed training steps per architecture (0: skip)")
+    parser.add_argument("--train-batch", type=int, default=8,
+                        help="the training section's batch size (drip train's default: 8)")
     parser.add_argument("--memory-images", type=int, default=4096,
                         help="the larger file of the memory section, in images (the smaller one "
                              "has an eighth; 0: skip)")
@@ -304,7 +306,8 @@ def main() -> None:
                 where)
             console.print(out)
     if args.train_steps > 0:
-        out, results["training"] = bench_training(truth, args.train_steps, device, where)
+        out, results["training"] = bench_training(truth, args.train_steps, device, where,
+                                                  args.train_batch)
         console.print(out)
     if args.memory_images > 0:
         out, results["memory"] = bench_memory([max(1, args.memory_images // 8), args.memory_images])

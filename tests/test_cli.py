@@ -554,3 +554,19 @@ def test_reweight_options_are_refused_where_they_do_not_apply(tmp_path):
         message = "--reweight and --edge-scale apply to --method drip"
         result = run_cli("reconstruct", data, "--out", tmp_path / "r.h5", *options)
         assert_one_line_error(result, message, tmp_path / "r.h5")
+
+
+def test_default_batch_size_follows_the_device_and_the_image_size():
+    """64 samples on the CPU; on a GPU, where an iteration costs about the same for any batch,
+    as many as hold 512 grayscale 64x64 images (``drip reconstruct`` and ``drip evaluate``
+    without --batch-size)."""
+    import torch
+
+    from drip_cli.reconstruct import default_batch_size
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
+    assert default_batch_size(cpu, (1, 64, 64)) == default_batch_size(cpu, (3, 256, 256)) == 64
+    assert default_batch_size(gpu, (1, 64, 64)) == 512
+    assert default_batch_size(gpu, (3, 64, 64)) == 170
+    assert default_batch_size(gpu, (1, 256, 256)) == 32
+    assert default_batch_size(gpu, (3, 2048, 2048)) == 1

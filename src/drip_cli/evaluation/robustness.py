@@ -30,7 +30,7 @@ from ..errors import DripError
 from ..io import MeasurementFile
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
 from ..operators import Denoise, LinearOperator
-from ..reconstruct import concatenate_rows, reconstruct_batch, summarize
+from ..reconstruct import concatenate_rows, default_batch_size, reconstruct_batch, summarize
 
 TRUTH_RADIUS = 1e-4      # E z matches x to this relative accuracy in the truth's R
 SIMULATION_CHUNK = 256   # images simulated at a time (the noise stream does not depend on it)
@@ -146,7 +146,7 @@ def naive_reconstruction(op: LinearOperator, b: np.ndarray) -> np.ndarray:
 
 
 def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], levels: list[float],
-             tau: float | list[float] = 1.0, seed: int = 0, batch_size: int = 64,
+             tau: float | list[float] = 1.0, seed: int = 0, batch_size: int | None = None,
              device: torch.device = torch.device("cpu"), operator_from=None,
              max_samples: int | None = None, n_previews: int = 4,
              preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
@@ -174,6 +174,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     result.previews["ground truth"] = truth[shown]
     result.previews["naive"] = naive_reconstruction(op, measured[preview_level][0][shown])
     op = op.to(device)
+    batch_size = batch_size or default_batch_size(device, truth.shape[1:])
     truth_values = {}
     for method in methods:
         if isinstance(method, LearnedMethod):

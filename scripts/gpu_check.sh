@@ -36,7 +36,7 @@ if [[ "$DEVICE" == cuda* ]]; then
     stage cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
     stage bench 150 "$PY" bench/bench.py --device "$DEVICE" --train-steps 20 --memory-images 0 \
         --out "$WORK/bench"
-    stage bench512 60 "$PY" bench/bench.py --device "$DEVICE" --images 512 --train-steps 0 --memory-images 0 \
+    stage bench512 100 "$PY" bench/bench.py --device "$DEVICE" --images 512 --train-steps 0 --memory-images 0 \
         --reconstruct blur --out "$WORK/bench512"
 else
     stage bench 300 "$PY" bench/bench.py --device "$DEVICE" --train-steps 2 --memory-images 0 --out "$WORK/bench"

@@ -151,7 +151,7 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     host = torch.device("cpu")
     beta_host, radius_host = beta.to(host), radius.to(host)
     w, alpha = _normalise(op.adjoint(u_vec), tiny)
-    # the two Krylov bases, (m, k, M) and (m, k, D): rows 0..k-1 in use
+    # the two Krylov bases, (rows of the working set, k, M) and (..., k, D): rows 0..k-1 in use
     us = _append_row(v.new_empty(n, min(8, max_steps), u_vec[0].numel()), 0, u_vec)
     vs = _append_row(v.new_empty(n, min(8, max_steps), w[0].numel()), 0, w)
     c = torch.zeros(n, max_steps + 1, max_steps, dtype=v.dtype, device=v.device)

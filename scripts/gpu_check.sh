@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 3 in one run, for a machine with CUDA: the CUDA tests, `make bench` on
 # the GPU (reconstruction and training images per second: blur and tomography at 64 images,
-# blur at 512), a short training run, `drip evaluate` on the blur sample and a tomography
-# reconstruction.
+# blur at 512, training batches of 8 and 64), `drip reconstruct` of 256 tomography crops in the
+# GPU's default batch and in batches of 64, a short training run, `drip evaluate` on the blur
+# sample and a tomography reconstruction.
 # Each stage has its own time limit and a failed stage does not stop the others. Logs and
 # figures go to ${OUT:-gpu_out}: summary.txt (one line per stage), log.txt (every stage's
-# output), bench.json, bench512.json, history.csv, evaluate.json, tomography.json.
+# output), bench.json, bench512.json, train64.json, tomo_default.json, tomo_64.json,
+# history.csv, evaluate.json, tomography.json.
 #   usage: scripts/gpu_check.sh            (DEVICE=cpu MINUTES=0.2 to rehearse it on a CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +36,12 @@ if [[ "$DEVICE" == cuda* ]]; then
     stage gpu 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     stage versions 30 "$PY" -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.get_device_name())"
     stage cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
-    stage bench 150 "$PY" bench/bench.py --device "$DEVICE" --train-steps 20 --memory-images 0 \
+    stage bench 150 "$PY" bench/bench.py --device "$DEVICE" --train-steps 10 --memory-images 0 \
         --out "$WORK/bench"
     stage bench512 100 "$PY" bench/bench.py --device "$DEVICE" --images 512 --train-steps 0 --memory-images 0 \
         --reconstruct blur --out "$WORK/bench512"
+    stage train64 60 "$PY" bench/bench.py --device "$DEVICE" --images 128 --reconstruct "" \
+        --train-steps 4 --train-batch 64 --memory-images 0 --out "$WORK/train64"
 else
     stage bench 300 "$PY" bench/bench.py --device "$DEVICE" --train-steps 2 --memory-images 0 --out "$WORK/bench"
 fi
@@ -50,13 +54,28 @@ stage train "$(python3 -c "print(int(60 * $MINUTES) + 40)")" "$PY" -m drip_cli t
     "$WORK/train_blur.h5" --out "$WORK/run" --noise-percent 1:5 --max-minutes "$MINUTES" \
     --device "$DEVICE" --quiet
 stage evaluate 60 "$PY" -m drip_cli evaluate sample_data/blur.h5 --model "$WORK/run" \
-    --model sample_data/drip_blur.safetensors --out "$WORK/evaluate" --device "$DEVICE"
+    --model sample_data/drip_blur.safetensors --out "$WORK/evaluate" --device "$DEVICE" \
+    --noise-percent 2,5
+# 256 tomography crops (16 on a CPU) through the CLI: the device's default batch (one batch on a
+# GPU) against batches of 64
+CROPS=$([[ "$DEVICE" == cuda* ]] && echo 64 || echo 4)
+stage simulate_tomo 30 "$PY" -m drip_cli simulate skimage:camera,coffee,astronaut,chelsea \
+    "$WORK/tomo_many.h5" --operator tomography --angles 32 --angle-range 120 --noise-percent 2 \
+    --crop-size 64 --crops-per-image "$CROPS" --seed 1 --quiet
+for batch in default 64; do
+    stage "tomo_$batch" 60 "$PY" -m drip_cli reconstruct "$WORK/tomo_many.h5" \
+        --out "$WORK/tomo_$batch.h5" --model sample_data/drip_tomography.safetensors \
+        --device "$DEVICE" --report "$WORK/tomo_$batch.json" --quiet \
+        $([[ $batch == default ]] || echo --batch-size "$batch")
+done
 stage tomography 40 "$PY" -m drip_cli reconstruct sample_data/tomography.h5 --out "$WORK/tomo.h5" \
     --model sample_data/drip_tomography.safetensors --device "$DEVICE" \
     --report "$WORK/tomography.json"
 
 cp "$WORK/bench/bench.json" "$OUT/bench.json" 2>/dev/null
 cp "$WORK/bench512/bench.json" "$OUT/bench512.json" 2>/dev/null
+cp "$WORK/train64/bench.json" "$OUT/train64.json" 2>/dev/null
+cp "$WORK"/tomo_*.json "$OUT/" 2>/dev/null
 cp "$WORK/run/history.csv" "$OUT/history.csv" 2>/dev/null
 cp "$WORK"/evaluate/*.json "$OUT/evaluate.json" 2>/dev/null
 cp "$WORK/tomography.json" "$OUT/tomography.json" 2>/dev/null

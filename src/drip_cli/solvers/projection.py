@@ -169,22 +169,20 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
         if k == 1:
             done = done | inside
         finishing = int(done.sum())
-        if finishing == len(y) and active is None:   # the whole batch at once: no gathers
-            correction = (y.unsqueeze(1) @ vs[:, :k]).view_as(v)
-            steps.fill_(k)
-            if k == 1:
-                correction, steps = (torch.where(per_sample(inside, t), 0, t)
-                                     for t in (correction, steps))
-            break
         if finishing:
-            finished = torch.nonzero(done).squeeze(1) if active is None else active[done]
-            found = (y[done].unsqueeze(1) @ vs[done, :k]).view(-1, *v.shape[1:])
+            whole = finishing == len(y)   # the whole working set at once: no gathers
+            rows = slice(None) if whole else done
+            found = (y[rows].unsqueeze(1) @ vs[rows, :k]).view(-1, *v.shape[1:])
             count = torch.full((finishing,), k, dtype=torch.int64, device=v.device)
             if k == 1:   # the samples inside from the start: no correction, no steps
-                found = torch.where(per_sample(inside[done], found), 0, found)
-                count = torch.where(inside[done], 0, count)
+                found = torch.where(per_sample(inside[rows], found), 0, found)
+                count = torch.where(inside[rows], 0, count)
+            if active is None:   # the working set is still the batch
+                finished = slice(None) if whole else torch.nonzero(done).squeeze(1)
+            else:
+                finished = active[rows]
             correction[finished], steps[finished] = found, count
-            if finishing == len(y):
+            if whole:
                 break
             keep = ~done
             keep_host = keep.to(host)

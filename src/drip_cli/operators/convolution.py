@@ -1,27 +1,21 @@
 """The adjoint of a stride-1 ``conv2d``, by whichever CPU kernel is faster for its shape (and
-single-channel convolutions as depthwise ones over the batch, :func:`conv2d`).
+single-channel convolutions as depthwise ones over the batch, :func:`conv2d`); and the
+half-sample symmetric padding of the learned convolutions.
 
 Both ``conv_transpose2d`` and a ``conv2d`` with the flipped, channel-transposed kernel compute
-it, but which of PyTorch's CPU kernels is faster depends on the shape *and on the processor*
-(float32, 2 threads, 64 images of 64x64). Summing 8 filter responses into one channel (a 5x5
-filter bank's ``K^T``): on one machine ``conv_transpose2d`` took 9.6 ms against 30 ms (dilation
-1) and 38 ms (dilation 2); on another (AVX-512 with AMX) 12.6 and 13.8 ms against 5.7 and 5.6
-ms. Mapping 1 or 2 channels to one (the embedding's 3x3 kernel), ``conv2d`` took 1.0 ms against
-3.7 ms on the first. A fixed rule chose wrong on the second machine, where DRIP fell behind TV in
-``make bench`` (12.2 s against 11.6). So on the CPU each kind of adjoint (kernel shape, channels,
-image size, dtype, padding, dilation) times the kernels once per process, on its first input
-(32 samples of it, or as many of ones where it has fewer),
-and keeps the faster; on other devices ``conv_transpose2d`` sums 4 or more channels. Where the
-convolution has one input channel (a grayscale latent's filter bank), a third kernel competes: a
-depthwise convolution over batch x filters, summed over the filters (:func:`_batch_as_channels`).
-On this machine it won for the tomography sample model's ``K^T`` (8 filters of 5x5 at dilations
-1 and 2, 64 images of 64x64, float32; the fastest of 40 calls): 4.5-4.8 ms at dilation 1 and
-5.1-8.2 at 2, against 11-13 for the flipped ``conv2d`` and 19-34 for ``conv_transpose2d``. All
-give the same result up to float rounding; the choice is fixed within a process, and a training
-checkpoint carries the choices made so far (:func:`cpu_kernel_choices`), which a run resumed in
-a new process (``drip train --resume``) adopts (:func:`adopt_cpu_kernel_choices`) instead of
-timing afresh: timing could choose the other kernel, and the resumed run would then differ from
-the uninterrupted one in the last bits.
+the adjoint, but which of PyTorch's CPU kernels is faster depends on the shape *and on the
+processor*, by factors of 2-4 either way (a fixed rule once put DRIP behind TV in ``make bench``
+on another machine). So on the CPU each kind of adjoint (kernel shape, channels, image size,
+dtype, padding, dilation) times the kernels once per process, on its first input (32 samples of
+it, or as many of ones where it has fewer), and keeps the faster; on other devices
+``conv_transpose2d`` sums 4 or more channels. Where the convolution has one input channel (a
+grayscale latent's filter bank), a third kernel competes: a depthwise convolution over batch x
+filters, summed over the filters (:func:`_batch_as_channels`). All give the same result up to
+float rounding; the choice is fixed within a process, and a training checkpoint carries the
+choices made so far (:func:`cpu_kernel_choices`), which a run resumed in a new process (``drip
+train --resume``) adopts (:func:`adopt_cpu_kernel_choices`) instead of timing afresh: timing
+could choose the other kernel, and the resumed run would then differ from the uninterrupted one
+in the last bits. The timings are in ``docs/design.md``.
 
 The learned convolutions (the regularizer's filter bank, the embedding ``E``) extend the image
 by half-sample symmetric padding, :func:`symmetric_pad`, whose adjoint folds the mirrored samples

@@ -25,14 +25,6 @@ Two options widen the family:
   (the TV pair at dilation 1), a multi-scale bank whose support grows without more weights.
   The model's default is ``D = 2``; the class's own default (1) is the single-scale bank.
 
-Measured with 60 training steps on 1000 natural-photo crops (blur sigma 2, noise 1-5%), validation
-PSNR gain over each model's start: default +0.156 dB, ``kernel_size 7`` +0.163 dB (1.7x slower per
-step), ``potential_scales 3`` +0.145 dB from a start 0.04 dB lower, ``dilation_levels 2``
-+0.206 dB (to 31.51 dB, where the single-scale bank got after 278 steps). With the faster
-training settings of :mod:`drip_cli.training.trainer`: ``dilation_levels 2`` 31.487 dB,
-``dilation_levels 3`` 31.486, 24 filters at two levels 31.478. A 10-minute run at two levels
-reached 31.56 dB (single-scale, earlier settings: 31.51).
-
 ``value`` and ``gradient`` are closed-form::
 
     grad R(z) = K^T [ t_g sum_k w_gk / sqrt(|t_g|^2 + eps_gk^2) ]
@@ -53,21 +45,14 @@ Lanczos on the padded operator (0.98-1.0004 times ``max_f lambda_max(f)`` on the
 
 Initialisation: the first ``2 C`` filters are vertical and horizontal differences on the image
 channels with weight 1, i.e. smoothed total variation of ``z[:, :C]`` (isotropic with groups of
-2, anisotropic with groups of 1); the other filters are small random zero-mean filters with
-weight ``EXTRA_WEIGHT = 0.3``. An untrained model is therefore smoothed TV plus a weak random
-filter bank. Measured on 32 held-out natural-photo crops at 1 / 2 / 5 / 10% noise: on blur the
-smoothing alone (``eps = 0.01``) is 0.40 / 0.36 / 0.29 / 0.22 dB above exact constrained TV and
-the random bank changes that by +0.06 to -0.07 dB; on limited-angle tomography (``eps = 0.001``)
-the bank costs 0.47 / 0.34 / 0.18 / 0.09 dB, which training wins back. The extra filters must start
-*alive*: with the earlier weight of 1e-3 their implicit gradients were 1e-5 of the TV filters'
-and a step on them changed the loss by 0.02% -- training could not use them. At weight 0.3,
-on 32 natural-photo crops at 2% blur noise, the untrained model gains 0.14 dB over weight 1e-3
-and the solver needs 72 instead of 107 iterations; a step on the extra filters now lowers the
-loss as much as one on the TV filters (~1% for a sign step of 0.01).
+2, anisotropic with groups of 1), so training starts at TV's quality; the other filters are small
+random zero-mean filters with weight ``EXTRA_WEIGHT = 0.3``. The extra filters must start
+*alive*: at a weight of 1e-3 their implicit gradients were 1e-5 of the TV filters' and training
+could not use them (``docs/design.md``).
 
 There is no bias inside ``psi`` (``psi(K z + beta)``): filter responses of images are
-symmetric about zero, a bias only moves the potential's minimum off zero, and its implicit
-gradient was large and noisy (a sign step of 0.01 raised the loss by 2%).
+symmetric about zero, and a bias only moves the potential's minimum off zero (its implicit
+gradient was large and noisy).
 """
 
 from __future__ import annotations

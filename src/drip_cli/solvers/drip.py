@@ -4,100 +4,47 @@
 
 solved by accelerated projected gradient: a gradient step on ``R``, then the Euclidean projection
 onto the data-fit set (:mod:`.projection`, a Krylov method on ``A E``), so that the fixed points
-are exactly the minimisers. The step is ``1 / L`` per sample, ``L`` the regularizer's bound on
-the Lipschitz constant of ``grad R`` for latents of this shape (times the sample's largest pixel
-weight), where the sufficient-decrease condition always holds: for the convex family a Lanczos
-bound on the padded filter bank, within a few percent of the curvature estimate on the infinite
-grid (:meth:`~drip_cli.regularizers.convex.ConvexFilterRegularizer.padded_lipschitz_bound`), so
-no step needs an evaluation of ``R``. Where a regularizer's first guess lies above ``1 / L``, the
-step starts there and is halved whenever the condition fails, never below ``1 / L``. So however the
-parameters were trained, the solver never takes a step longer than the curvature allows. (For the
-non-convex leapfrog regularizer there is no bound: its floor is a safeguard, and the solver finds
-a stationary point, not necessarily the global minimiser; the data fit is enforced all the same.)
-Before the shape's bound, the convex family's floor was the bound for every shape, 4 times the
-estimate (the symmetric padding's worst case), so every step started at the estimate and was
-tested by an evaluation of ``R`` at the new point: a fifth of a tomography solve's time, and a
-flat crop's rounding could fail a test late and quarter its step for good. (The tomography
-sample model on the bench's 64 crops: 15.5 / 16.5 s against 21.1 / 21.5 before, alternating,
-with the same PSNR; a flat crop of sky took 387-601 iterations depending on its batch, now
-319-320 in every batch.) Nesterov momentum is restarted per sample when the step turns against
-the momentum, ``<y - z_new, z_new - z> > 0`` (the gradient restart of O'Donoghue & Candes),
-which needs no evaluation of ``R``.
+are exactly the minimisers.
 
-A sample stops when its latent iterate changes by less than ``tolerance`` (relative) between two
-iterations *and* its stationarity, ``||y - z_new|| / (t ||grad R(y)||)`` (the projected-gradient
-step per unit step length, relative to the gradient: the share of ``grad R`` that the data-fit
-constraint does not balance; 1 far from the solution, 0 at it), is at most
-``stationarity_tolerance``; stopped samples leave the batch. The change alone is fooled by short
-steps: with a sharp regularizer (``eps = 0.001``, so ``1 / L`` is small) on limited-angle
-tomography, the first step moved the CGLS start by less than 1e-3, and every training solve
-stopped after one iteration, at stationarity 0.9; the training gradient then pointed at cosine
-0.2 to the true one and runs collapsed (validation 30.5 -> 28.1 dB in two epochs). On the blur
-sample model the stationarity is 0.02-0.06 where the change reaches 1e-3 and below 2e-3 where
-it reaches 1e-4, so ``stationarity_tolerance = 0.05`` costs a few iterations at most there. The
-last operation on every sample is a CGLS run into the set (with a small margin, so the figure
-survives rounding), so every returned ``z`` fits the data unless CGLS could not get there, which
-is reported as ``converged = False``.
+Step. ``1 / L`` per sample, ``L`` the regularizer's bound on the Lipschitz constant of
+``grad R`` for latents of this shape (times the sample's largest pixel weight). For the convex
+family it is a Lanczos bound on the padded filter bank, within a few percent of the curvature
+(:meth:`~drip_cli.regularizers.convex.ConvexFilterRegularizer.padded_lipschitz_bound`), so the
+sufficient-decrease condition always holds and no step needs an evaluation of ``R``. Where a
+regularizer's first guess lies above ``1 / L``, the step starts there and is halved whenever the
+condition fails, never below ``1 / L``: however the parameters were trained, the solver never
+takes a step longer than the curvature allows. (The non-convex leapfrog regularizer has no
+bound: its floor is a safeguard, and the solver finds a stationary point, not necessarily the
+global minimiser; the data fit is enforced all the same.) Nesterov momentum is restarted per
+sample when the step turns against it, ``<y - z_new, z_new - z> > 0`` (the gradient restart of
+O'Donoghue & Candes), which needs no evaluation of ``R`` either.
 
-Where a latent constant in each channel fits the data (a flat crop at high noise), the
-constraint is inactive and that constant is a minimiser, for the convex family's ``R`` is zero
-there, its least value: :func:`~drip_cli.solvers.datafit.best_constant` finds it before any
-iteration. The stationarity above compares the gradient with what the constraint balances, so on
-such a sample it stayed near 1 and the solve ran to the cap: a crop of sky in 256 tomography crops at 5%
-noise took 2 x 1000 iterations, and held its batch of 64 for them (the batch: 21.8 / 23.2 s
-against 24.7 / 27.7 before, alternating; PSNR 29.413 against 29.409 dB, the constant 0.27 dB
-closer to the truth).
+Stopping. A sample stops when its latent iterate changes by less than ``tolerance`` (relative)
+between two iterations *and* its stationarity, ``||y - z_new|| / (t ||grad R(y)||)`` (the
+projected-gradient step per unit step length, relative to the gradient: 1 far from the
+solution, 0 at it), is at most ``stationarity_tolerance``; stopped samples leave the batch. The
+change alone is fooled by short steps (a sharp regularizer's ``1 / L`` is small). The last
+operation on every sample is a CGLS run into the set (with a small margin, so the figure survives
+rounding), so every returned ``z`` fits the data unless CGLS could not get there, which is
+reported as ``converged = False``.
 
-The projections inside the steps are inexact (``projection_tolerance``, relative to the
-correction), which is cheap and enough at the noise levels models are trained for. When the
-constraint is tight (low noise), their error sets a floor under the stationarity: on a 64x64
-photograph blurred at 0.1% noise it wandered between 0.2 and 0.9 for 1000 iterations, with
-``R`` 470.6 where the minimiser has 468.9. So each sample's projection accuracy is tightened
-tenfold whenever its stationarity has not reached a new low for ``STALL_PATIENCE`` iterations,
-down to ``MIN_PROJECTION_TOLERANCE``; that sample then converged in 139 iterations, 0.22 dB
-higher. On 19 such crops ``drip reconstruct`` took 1.42 s per image instead of 4.97 (PSNR
-36.08 against 36.07 dB); at 0.3% and 1% noise, and on tomography at 0.1%, nothing changed.
-A sample can still be stuck: at the accuracy floor its projection at its Krylov cap (0.01%
-noise), its iterate no longer moving (less than ``tolerance`` per iteration over the stall).
-It is retired then, with ``converged = False``, instead of running to ``max_iterations``. On
-four 0.01% phantoms the two such samples stopped near 200 iterations, where they had run to
-the cap; the four took 52 s per image as before (the others now converge, with costlier
-projections), at 32.26 dB against 31.66.
+Flat samples. Where a latent constant in each channel fits the data (a flat crop at high noise),
+the constraint is inactive and that constant is a minimiser, for the convex family's ``R`` is
+zero there, its least value: :func:`~drip_cli.solvers.datafit.best_constant` finds it before any
+iteration (the stationarity test, which compares the gradient with what the constraint
+balances, would never pass there).
 
-Measured on the tomography sample model and not adopted (it needs 290 iterations per sample on
-``sample_data/tomography.h5``, where TV is faster): letting the step grow by 1.5 after every
-step that needed no backtracking cut the iterations by 28% on 32 held-out crops at 2 and 5%
-noise, but each backtrack costs a projection, and the time rose from 0.51 to 0.79 s per image
-(growing by 1.1: 208 instead of 290 iterations on ``tomography.h5``, 13.4 against 12.9 s);
-starting the backtracking at 4 times the curvature estimate gave 254 iterations and 12.1 s,
-within the spread between runs; a warm start by L-BFGS on the
-Lagrangian ``R + mu/2 ||A E z - b||^2`` (``mu`` from the KKT conditions at the start, rescaled
-by the squared residual ratio after each of 8 rounds of 30 steps) made a single pass on 8 crops
-faster (4.3 against 5.5 s) and as converged, but with the reweighting pass the whole solve was
-not (11.5 against 12.5 s at 2%, 12.8 against 11.3 at 5%), and shorter warm starts let the
-stopping test pass 1-2% above the minimiser's ``R`` on some crops.
+Projection accuracy. The projections inside the steps are inexact (``projection_tolerance``,
+relative to the correction), which is cheap and enough at the noise levels models are trained
+for. When the constraint is tight (low noise), their error sets a floor under the stationarity,
+so each sample's projection accuracy is tightened tenfold whenever its stationarity has not
+reached a new low for ``STALL_PATIENCE`` iterations, down to ``MIN_PROJECTION_TOLERANCE``. A
+sample can still be stuck (at that floor with its projection at its Krylov cap, its iterate no
+longer moving); it is retired then, with ``converged = False``, instead of running to
+``max_iterations``.
 
-Nor a diagonal preconditioner: iterating on ``s = z / d``, ``d = (h / median h)^(-1/2)`` from
-the regularizer's Hessian diagonal ``h`` at the start (its ratio to the median clamped to
-[0.1, 10]), with ``A E d`` in the projections and a first step 3 times the estimate. From the
-CGLS start (the first pass) it was worse: on 16 bench crops in float64 a higher ``R`` at the
-same tolerances (1675.1 against 1671.9) and 587 instead of 414 iterations at tight ones. On
-the reweighted pass, which starts near its solution, it halved the iterations (float64, 16
-crops: 75 instead of 146, ``R`` 1076.36 against 1076.45). In float32, though, a flat crop
-(``R = 0.22``) moved its iterate by 5e-8 per step, below the rounding, and hovered at
-stationarity 0.05-0.1 up to the cap of 1000 iterations (22 s for the pass on the 64 bench
-crops at 2%); with such samples retired once stalled at the projections' accuracy floor, the
-pass took 10.4-11.4 instead of 16-18 s, at 30.140 instead of 30.157 dB, and at the
-stationarity that restored the PSNR (0.01) as long as without (16.0 s). On the first set of
-32 held-out crops at 1 / 2 / 5 / 10% noise it was 0.01 / 0.03 / 0.01 / 0.00 dB lower after
-20-28% fewer iterations, and no faster per image (the slowest samples set a batch's time).
-
-Neither the step nor the momentum is what limits such a slow sample. The slowest crop of that
-set at 5% noise took 913 iterations over its two passes (the set's mean: 331), its
-stationarity falling steadily (0.94 to 0.05 in the first pass, 0.44 to 0.02 in the second);
-its step never backtracked below the first guess, and first guesses 2 and 4 times larger,
-accepted without backtracking, took 882 and 883 iterations; the momentum restarted twice in
-913 iterations, and without restarts it took 1075.
+The measurements behind these choices, and the alternatives measured and not adopted (a growing
+step, an L-BFGS warm start, a diagonal preconditioner), are in ``docs/design.md``.
 """
 
 from __future__ import annotations

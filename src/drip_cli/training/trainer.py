@@ -18,12 +18,8 @@ The same trainer trains the unrolled baseline (``--architecture unrolled``,
 :mod:`drip_cli.regularizers.unrolled`): there the reconstruction is a differentiable function of
 the data, and its loss (the solution and data terms) is backpropagated through its steps.
 
-Measured (64x64 Gaussian blur sigma 2, noise 1-5%, 2 CPU cores, 1000 crops of five scikit-image
-photographs, tested on 32 crops of four others): a 10-minute run (478 steps of 8 images, about
-1.26 s each) raised validation PSNR from 31.31 to 31.56 dB, and held-out PSNR to 0.78 / 0.75 /
-0.63 / 0.46 dB above converged constrained TV at 1 / 2 / 5 / 10% noise. Before the extra filters
-started switched on (weight 0.3 instead of 1e-3, see :mod:`..regularizers.convex`), the same runs
-did not beat the untrained start: only the TV pair could learn.
+What the sample models' 10-minute runs reach against TV is in the README (*Quality against
+TV*); what was tried to improve on them is in ``docs/quality.md``.
 
 Runs are reproducible and resumable: one seeded ``torch.Generator`` drives the data order and the
 noise, and the checkpoint holds the model, the optimiser, the position in the epoch, the

@@ -156,3 +156,36 @@ def test_truncation_anywhere_raises_drip_error(fraction, tmp_path):
         with MeasurementFile(path) as opened:
             for _ in opened.batches(3):
                 pass
+
+
+@pytest.mark.parametrize("kind,name,value", [
+    ("tomography", "n_detectors", np.inf),    # was an OverflowError (found by fuzzing)
+    ("tomography", "n_detectors", 92.5),
+    ("tomography", "n_detectors", "many"),
+    ("blur", "image_shape", np.array([1.0, np.inf, 20.0])),
+    ("blur", "image_shape", np.array([1.0, 16.5, 20.0])),   # was read as 16
+    ("blur", "image_shape", np.array(["1", "16", "20"], dtype="S2")),
+    ("matrix", "shape", np.array([np.nan, 320.0])),
+])
+def test_operator_attributes_must_be_whole_numbers(kind, name, value, tmp_path):
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator(kind, (1, 16, 20)))
+    with h5py.File(path, "a") as f:
+        f["operator"].attrs[name] = value
+    with pytest.raises(DripError, match=f"operator attribute '{name}' must be"):
+        MeasurementFile(path)
+
+
+@pytest.mark.parametrize("kind", ["blur", "tomography", "matrix"])
+def test_a_damaged_image_shape_is_refused_before_the_operator_is_built(kind, tmp_path):
+    """An image_shape that does not match the measurements is refused from the shapes alone: a
+    blur file took 60 s to build its 30000x30000 operator before the shapes were compared, and a
+    tomography file without n_detectors was killed for memory."""
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator(kind, (1, 16, 20)))
+    with h5py.File(path, "a") as f:
+        f["operator"].attrs["image_shape"] = np.array([1, 30000, 30000])
+        f["operator"].attrs.pop("n_detectors", None)
+    expected = "matrix has 320 columns" if kind == "matrix" else "dataset .measurements. has shape"
+    with pytest.raises(DripError, match=expected):
+        MeasurementFile(path)

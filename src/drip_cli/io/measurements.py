@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 from ..errors import DripError, DripWarning
-from ..operators import LinearOperator, operator_from_hdf5
+from ..operators import LinearOperator, operator_from_hdf5, stored_measurement_shape
 from .atomic import atomic_h5
 
 FORMAT_VERSION = 1
@@ -159,11 +159,16 @@ class MeasurementFile:
         if "operator" not in h or not isinstance(h["operator"], h5py.Group):
             raise DripError("missing group 'operator'", path)
         try:
+            measurement_shape = stored_measurement_shape(h["operator"])
+        except ValueError as exc:
+            raise DripError(f"invalid operator: {exc}", path) from exc
+        # the datasets first: building the operator of a damaged image_shape could take minutes
+        self._measurements = check_dataset(h, "measurements", (None, *measurement_shape), path)
+        try:
             self.operator: LinearOperator = operator_from_hdf5(h["operator"])
         except ValueError as exc:
             raise DripError(f"invalid operator: {exc}", path) from exc
         op = self.operator
-        self._measurements = check_dataset(h, "measurements", (None, *op.measurement_shape), path)
         n = self._measurements.shape[0]
         if n < 1:
             raise DripError("dataset 'measurements' holds no samples", path)

@@ -15,11 +15,9 @@ OPERATORS: dict[str, type[LinearOperator]] = {
 }
 
 
-def operator_from_hdf5(group) -> LinearOperator:
-    """Rebuild the operator stored in an h5py ``operator`` group.
-
-    Raises ``ValueError`` (with a message fit for users) when the group is malformed.
-    """
+def _stored_kind_and_shape(group) -> tuple[type[LinearOperator], tuple[int, int, int]]:
+    """The operator class and ``image_shape`` an h5py ``operator`` group names (``ValueError``,
+    with a message fit for users, when they are malformed)."""
     kind = group.attrs.get("kind")
     if isinstance(kind, bytes):
         kind = kind.decode()
@@ -28,16 +26,36 @@ def operator_from_hdf5(group) -> LinearOperator:
     if not isinstance(kind, str) or kind not in OPERATORS:
         shown = kind if isinstance(kind, str) else np.asarray(kind).tolist()
         raise ValueError(f"unknown operator kind {shown!r} (known: {', '.join(OPERATORS)})")
-    if "image_shape" not in group.attrs:
-        raise ValueError("operator group lacks attribute 'image_shape'")
-    image_shape = np.asarray(group.attrs["image_shape"]).ravel()
-    if len(image_shape) != 3 or np.any(image_shape < 1):
-        raise ValueError(f"operator image_shape must be [C, H, W], got {image_shape.tolist()}")
-    return OPERATORS[kind]._read_hdf5(group, tuple(int(v) for v in image_shape))
+    try:
+        image_shape = LinearOperator._stored_integers(group, "image_shape", 3)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ([C, H, W])") from None
+    if min(image_shape) < 1:
+        raise ValueError(f"operator image_shape must be [C, H, W], got {list(image_shape)}")
+    return OPERATORS[kind], image_shape
+
+
+def stored_measurement_shape(group) -> tuple[int, ...]:
+    """The measurement shape ``(C, *S)`` of the operator stored in an h5py ``operator`` group,
+    without building the operator: a reader checks its datasets against it first, so that a
+    damaged ``image_shape`` is refused at once instead of building an operator for a huge
+    image (a 30000x30000 tomography matrix). Raises ``ValueError`` as
+    :func:`operator_from_hdf5` does."""
+    cls, image_shape = _stored_kind_and_shape(group)
+    return (image_shape[0], *cls._stored_measurement_size(group, image_shape))
+
+
+def operator_from_hdf5(group) -> LinearOperator:
+    """Rebuild the operator stored in an h5py ``operator`` group.
+
+    Raises ``ValueError`` (with a message fit for users) when the group is malformed.
+    """
+    cls, image_shape = _stored_kind_and_shape(group)
+    return cls._read_hdf5(group, image_shape)
 
 
 __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
-    "OPERATORS", "operator_from_hdf5", "adjointness_error", "estimate_norm", "gaussian_psf",
+    "OPERATORS", "operator_from_hdf5", "stored_measurement_shape", "adjointness_error", "estimate_norm", "gaussian_psf",
     "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

@@ -101,6 +101,28 @@ class LinearOperator(torch.nn.Module):
     def _read_hdf5(cls, group, image_shape: tuple[int, int, int]) -> LinearOperator:
         return cls(image_shape)
 
+    @classmethod
+    def _stored_measurement_size(cls, group, image_shape: tuple[int, int, int]) -> tuple[int, ...]:
+        """The per-channel measurement shape ``S`` of the operator stored in ``group``, from its
+        attributes and small datasets, without building it."""
+        return tuple(image_shape[1:])
+
+    @staticmethod
+    def _stored_integers(group, name: str, length: int) -> tuple[int, ...]:
+        """The ``length`` whole numbers in the operator group's attribute ``name``; a missing
+        attribute, or one that is not ``length`` finite whole numbers (text, NaN, Inf, 2.5), is a
+        ``ValueError`` that names it."""
+        if name not in group.attrs:
+            raise ValueError(f"operator group lacks attribute '{name}'")
+        values = np.asarray(group.attrs[name]).ravel()
+        if (len(values) != length or values.dtype.kind not in "iuf"
+                or not np.all(np.isfinite(values)) or np.any(values != np.round(values))
+                or np.any(np.abs(values) >= 2**62)):
+            shown = values.tolist() if values.dtype.kind in "iufb" else "not numbers"
+            raise ValueError(f"operator attribute '{name}' must be {length} whole number"
+                             f"{'s' if length > 1 else ''}, got {shown}")
+        return tuple(int(v) for v in values)
+
     @staticmethod
     def _stored_array(group, name: str) -> np.ndarray:
         """The array in the operator group's dataset ``name``; a missing one (or a group of

@@ -168,12 +168,15 @@ class SparseMatrixOperator(LinearOperator):
         group.attrs["shape"] = np.asarray(self._matrix.shape, dtype=np.int64)
 
     @classmethod
+    def _stored_measurement_size(cls, group, image_shape):
+        return cls._stored_integers(group, "shape", 2)[:1]
+
+    @classmethod
     def _read_hdf5(cls, group, image_shape):
         data, indices, indptr = (cls._stored_array(group, name)
                                  for name in ("data", "indices", "indptr"))
-        if "shape" not in group.attrs:
-            raise ValueError("operator group lacks attribute 'shape'")
-        return cls.from_csr(image_shape, data, indices, indptr, group.attrs["shape"])
+        return cls.from_csr(image_shape, data, indices, indptr,
+                            cls._stored_integers(group, "shape", 2))
 
     def describe(self) -> dict:
         return {**super().describe(), "matrix_shape": list(self._matrix.shape), "nnz": self.nnz}

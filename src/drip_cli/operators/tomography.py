@@ -102,13 +102,19 @@ class Tomography(SparseMatrixOperator):
         group.attrs["n_detectors"] = self.n_detectors
 
     @classmethod
+    def _stored_measurement_size(cls, group, image_shape):
+        detectors = radon_geometry(*image_shape[1:])[0]
+        if "n_detectors" in group.attrs:
+            stored = cls._stored_integers(group, "n_detectors", 1)[0]
+            if stored != detectors:
+                raise ValueError(f"n_detectors = {stored}, but an image of size {image_shape[1:]} "
+                                 f"has {detectors} detectors in the radon(circle=False) geometry")
+        return len(np.atleast_1d(cls._stored_array(group, "angles_deg"))), detectors
+
+    @classmethod
     def _read_hdf5(cls, group, image_shape):
-        op = cls(image_shape, cls._stored_array(group, "angles_deg"))
-        stored = group.attrs.get("n_detectors", op.n_detectors)
-        if int(stored) != op.n_detectors:
-            raise ValueError(f"n_detectors = {int(stored)}, but an image of size {image_shape[1:]} "
-                             f"has {op.n_detectors} detectors in the radon(circle=False) geometry")
-        return op
+        cls._stored_measurement_size(group, image_shape)   # n_detectors checked
+        return cls(image_shape, cls._stored_array(group, "angles_deg"))
 
     def describe(self) -> dict:
         a = self.angles_deg

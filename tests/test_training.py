@@ -310,14 +310,19 @@ def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     ({"image_shape": "5"}, "is not [C, H, W]"),
     ({"noise_percent": '["a", 2]'}, "is not [low, high]"),
     ({"extra": "[]"}, "extra is not a JSON object"),
+    # filters wider than the images: was a RuntimeError from the padding (found by fuzzing)
+    ({"config": '{"dilation_levels": 7}'}, "filters reach 128 pixels, more than its 64x64"),
     ("nan", "weights contain NaN or Inf"),
+    # finite but overflowing: an eigensolver and an SVD that did not converge, found by fuzzing
+    ("huge-embedding", "weights are out of range for this data"),
+    ("huge-regularizer", "weights are out of range for this data"),
     ("truncated", "not a readable safetensors model file"),
     ("hdf5", "is an HDF5 file, not a model"),   # --model given the measurements
 ])
 def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
     """A model file whose header was edited or whose weights are not finite: one line that
-    names the file and the entry, before anything is reconstructed (these were a TypeError,
-    an AttributeError, or an SVD that did not converge)."""
+    names the file and the entry, and no output file (these were a TypeError, an
+    AttributeError, or an SVD that did not converge)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -327,6 +332,10 @@ def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
     weights = load_file(shipped)
     if damage == "nan":
         weights["embedding.weight"] = weights["embedding.weight"] * float("nan")
+    elif damage == "huge-embedding":
+        weights["embedding.weight"][0, 0, 1, 1] = 1e30
+    elif damage == "huge-regularizer":
+        weights["regularizer.weight_logits"][0] = 1e30
     elif isinstance(damage, dict):
         meta = {**meta, **damage}
     bad = tmp_path / "bad.safetensors"

@@ -7,6 +7,7 @@ a regularizer (the file then stores NaN for CGLS).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import DripError
@@ -78,14 +79,17 @@ class LearnedMethod(ReconstructionMethod):
 
     def __init__(self, model, info, sha256: str):
         self.model, self.info, self.sha256 = model, info, sha256
+        self.path = None   # the model file, where it was loaded from one
         self.kind = "unrolled" if info.config.is_unrolled else "drip"
         self.name = self.kind   # drip evaluate renames models that share a kind
 
     @classmethod
     def load(cls, path) -> LearnedMethod:
-        from .io.models import load_model
+        from .io.models import load_model, resolve_model_path
 
-        return cls(*load_model(path))
+        method = cls(*load_model(path))
+        method.path = resolve_model_path(path)
+        return method
 
     def check(self, data, warn) -> dict:
         if tuple(self.info.image_shape) != tuple(data.image_shape):
@@ -127,4 +131,15 @@ class LearnedMethod(ReconstructionMethod):
     def solve(self, op, b, radius, progress=None):
         self.model.to(b.device)
         # drip: regularizer_value = R(z*) at the latent solution; unrolled: none
-        return self.model.solve(op, b, radius, progress=progress)
+        try:
+            result = self.model.solve(op, b, radius, progress=progress)
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:
+            raise self._out_of_range(f"a linear-algebra routine failed ({exc})") from exc
+        if not bool(torch.isfinite(result.solution).all()):
+            raise self._out_of_range("its reconstruction holds NaN or Inf")
+        return result
+
+    def _out_of_range(self, what: str) -> DripError:
+        """Finite weights can still overflow the arithmetic (a damaged file's 1e30): refused."""
+        return DripError(f"the model's weights are out of range for this data: {what}",
+                         self.path)

@@ -42,9 +42,10 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     assert run_cli("train", train_file, "--out", whole, "--epochs", 2, *TINY).exit_code == 0
     first = run_cli("train", train_file, "--out", split, "--epochs", 2, "--max-steps", 2, *TINY)
     assert first.exit_code == 0, first.stderr
-    # the options left out (all but the device) are the run's: seed, batch size, architecture...
-    second = run_cli("train", train_file, "--out", split, "--epochs", 2, "--resume",
-                     "--device", "cpu", "-q")
+    # the options left out (all but the device) are the run's: seed, batch size, architecture,
+    # and its budget, --epochs 2 (--resume alone, as the Ctrl-C message says, trained to the
+    # default of 100 epochs, and without a run's --max-minutes)
+    second = run_cli("train", train_file, "--out", split, "--resume", "--device", "cpu", "-q")
     assert second.exit_code == 0, second.stderr
     assert _differing_weights(whole, split) == []
     history = (split / "history.csv").read_text().splitlines()
@@ -67,9 +68,11 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     for text, message in (("{not json", ""), ("[]", "not a JSON object"),
                           (json.dumps({**settings, "lr": "fast"}), "setting lr = 'fast' is not a finite"),
                           (json.dumps({**settings, "model": {**settings["model"], "n_filters": 4.5}}),
-                           "model setting n_filters = 4.5 is not an integer")):
+                           "model setting n_filters = 4.5 is not an integer"),
+                          (json.dumps({**settings, "max_minutes": -2}),
+                           "max_minutes = -2 is not a positive number of minutes")):
         (split / "config.json").write_text(text)
-        damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+        damaged = run_cli("train", train_file, "--out", split, "--resume", "-q")
         assert_one_line_error(damaged, f"config.json: cannot read the run's settings ({message}",
                               split / "nothing")
     # a checkpoint state whose counters or sample order were damaged (was an unexpected
@@ -253,7 +256,7 @@ def test_fresh_runs_take_the_operators_defaults(tmp_path):
     assert ("defaults for tomography data: --eps 0.001, --solver-tolerance 0.0003, "
             "--solver-iterations 300, --reweight 1") in " ".join(result.stdout.split())
     # (the file's own measurements, one noise level: the run says so, and how to draw a range)
-    assert "training on the file's own measurements (noise 2%): --noise-percent A:B" in \
+    assert "training on the file's own measurements (noise percent 2): --noise-percent A:B" in \
         " ".join(result.stdout.split())
     config = json.loads((run / "config.json").read_text())
     assert (config["model"]["eps"], config["model"]["reweight"]) == (0.001, 1)

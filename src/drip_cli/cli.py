@@ -344,7 +344,8 @@ def train(
     resume: bool = typer.Option(
         False, "--resume",
         help="Continue the run in --out exactly: options left out take the run's values "
-             "(config.json), given ones must equal them; --epochs and --max-minutes may change."),
+             "(config.json), given ones must equal them, but for --epochs and --max-minutes, "
+             "which may change the run's budget."),
     init: Optional[Path] = typer.Option(
         None, "--init",
         help="Start from this model's weights (run folder or model file) instead of the "

@@ -198,6 +198,8 @@ def operator_defaults(config: TrainConfig, operator_kind: str, given: set[str]) 
     return chosen
 
 
+# the run's budget: --resume takes it from the run's config.json unless given anew
+BUDGET_FIELDS = ("epochs", "max_minutes")
 # the options that set a run's course: --resume takes them from the run's config.json
 RUN_FIELDS = ("batch_size", "lr", "lr_schedule", "loss_weights", "noise_percent", "tau",
               "val_fraction", "val_max_samples", "seed", "cg_iterations",
@@ -260,8 +262,10 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
     """``--resume``: the run's settings (its ``config.json``: the model's and those that set the
     run's course) replace the ones not given, and given ones must equal them; a run started with
     ``--init`` keeps its record of the starting model without reading that file again (the
-    checkpoint holds the weights). ``--epochs`` and ``--max-minutes`` may change; the data's
-    channel count may not."""
+    checkpoint holds the weights). ``--epochs`` and ``--max-minutes`` may change; left out,
+    they too are the run's, so that a run interrupted and resumed as the interruption's message
+    says (``--resume`` alone) keeps its budget and its learning-rate schedule. The data's
+    channel count may not change."""
     path = Path(config.out) / CONFIG
     if not path.exists():
         raise DripError("no checkpoint to resume from", config.out)
@@ -276,6 +280,13 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
                                      for name in RUN_FIELDS if name in saved)), None)
         if problem:
             raise ValueError(problem)
+        budget = {name: saved[name] for name in BUDGET_FIELDS
+                  if name in saved and name not in given}
+        if "epochs" in budget and not (type(budget["epochs"]) is int and budget["epochs"] >= 1):
+            raise ValueError(f"epochs = {budget['epochs']!r} is not a positive integer")
+        minutes = budget.get("max_minutes")
+        if minutes is not None and not (is_finite_number(minutes) and minutes > 0):
+            raise ValueError(f"max_minutes = {minutes!r} is not a positive number of minutes")
     except (OSError, ValueError) as exc:
         raise DripError(f"cannot read the run's settings ({exc})", path) from exc
     if model.get("image_channels") != image_channels:
@@ -291,6 +302,7 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
                         f"to take the run's): {', '.join(differ)}", config.out)
     take_options(config.model, model, model_names)
     take_options(config, saved, run_names)
+    take_options(config, budget, budget)
     if (config.init is not None
             and file_sha256(resolve_model_path(config.init)) != saved.get("init_sha256")):
         raise DripError(f"--resume: --init names another model than the run started from "

@@ -570,3 +570,14 @@ def test_default_batch_size_follows_the_device_and_the_image_size():
     assert default_batch_size(gpu, (3, 64, 64)) == 170
     assert default_batch_size(gpu, (1, 256, 256)) == 32
     assert default_batch_size(gpu, (3, 2048, 2048)) == 1
+
+
+def test_running_out_of_memory_is_one_line(tmp_path):
+    """A request larger than the machine (182 TiB for one phantom) is an out-of-memory line that
+    says what needs less, not an 'unexpected MemoryError'."""
+    out = tmp_path / "huge.h5"
+    result = run_cli("simulate", "phantom:ellipses", out, "--operator", "denoise",
+                     "--image-size", 5_000_000, "--num-images", 1, "-q")
+    assert_one_line_error(result, "out of memory", out)
+    assert "--batch-size" in result.stderr
+

@@ -110,7 +110,12 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
     except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
         if debug:
             raise
-        error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # or CUDA's
+            error_line(f"out of memory ({exc}): a smaller --batch-size, or smaller images, "
+                       "need less")
+        else:
+            error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the "
+                       "traceback)")
         raise typer.Exit(1) from None
 
 

@@ -581,3 +581,11 @@ def test_running_out_of_memory_is_one_line(tmp_path):
     assert_one_line_error(result, "out of memory", out)
     assert "--batch-size" in result.stderr
 
+
+@pytest.mark.parametrize("text,shown", [("2", "2"), ("1:5", "1:5"), ("0.5:2.25", "0.5:2.25"),
+                                        ("2:2.0000001", "2")])
+def test_noise_percent_is_shown_as_it_is_written(text, shown):
+    from drip_cli.data import format_noise_percent, parse_noise_percent
+
+    assert format_noise_percent(*parse_noise_percent(text)) == shown
+    assert parse_noise_percent(shown) == pytest.approx(parse_noise_percent(text))

@@ -188,8 +188,8 @@ def simulate(
 ) -> None:
     """Simulate noisy measurements b = A x + sigma e of ground-truth images."""
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
-                       hdf5_image_dataset, iter_hdf5_images, load_images, parse_noise_percent,
-                       simulate_batch)
+                       format_noise_percent, hdf5_image_dataset, iter_hdf5_images, load_images,
+                       parse_noise_percent, simulate_batch)
     from .io import MeasurementWriter, atomic_h5, check_writable, unit_range_doubt
 
     with _errors(debug):
@@ -247,7 +247,7 @@ def simulate(
         console.print(key_value_table(f"wrote {out}", {
             "samples": n, "image shape": str(tuple(image_shape)), "operator": op.kind,
             "measurement shape": str(op.measurement_shape),
-            "noise percent": f"{low:g}" if low == high else f"{low:g}:{high:g}"}))
+            "noise percent": format_noise_percent(low, high)}))
 
 
 # train's options that set a config field of another name (the others share their field's name)
@@ -415,9 +415,10 @@ def train(
                                for name, value in trainer.operator_defaults.items())
             console.print(f"defaults for {trainer.op.kind} data: {chosen}")
         if trainer.config.noise_percent is None and not quiet:
-            low, high = trainer.noise_range
-            level = f"{low:.3g}%" if f"{low:.3g}" == f"{high:.3g}" else f"{low:.3g}-{high:.3g}%"
-            console.print(f"training on the file's own measurements (noise {level}): "
+            from .data import format_noise_percent
+
+            console.print(f"training on the file's own measurements (noise percent "
+                          f"{format_noise_percent(*trainer.noise_range)}): "
                           "--noise-percent A:B (say 1:5) draws fresh noise over a range for "
                           "every batch instead, so that the model holds up when the noise "
                           "level changes")

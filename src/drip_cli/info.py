@@ -71,13 +71,14 @@ def reconstruction_info(path: Path) -> tuple[list[tuple[str, dict]], dict[str, n
 
 def model_info(path: Path) -> list[tuple[str, dict]]:
     """A model file or run folder: its header metadata and a few derived figures."""
+    from .data import format_noise_percent
     from .io.models import load_model, resolve_model_path
 
     model, info, sha = load_model(path)
     general = {"format": "drip model v1 (safetensors)", "file": str(resolve_model_path(path)),
                "sha256": sha, "operator kind": info.operator_kind,
                "image shape (C, H, W)": str(tuple(info.image_shape)),
-               "training noise percent": f"{info.noise_percent[0]:g}:{info.noise_percent[1]:g}",
+               "training noise percent": format_noise_percent(*info.noise_percent),
                "training data sha256": info.training_data_sha256 or "-",
                "drip version": info.drip_version,
                "architecture": info.config.architecture,

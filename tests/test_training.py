@@ -70,7 +70,17 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
                           (json.dumps({**settings, "model": {**settings["model"], "n_filters": 4.5}}),
                            "model setting n_filters = 4.5 is not an integer"),
                           (json.dumps({**settings, "max_minutes": -2}),
-                           "max_minutes = -2 is not a positive number of minutes")):
+                           "max_minutes = -2 is not a positive number of minutes"),
+                          # values of the right type but out of range (were a ZeroDivisionError,
+                          # PyTorch's ValueError and the model's, all found by fuzzing)
+                          (json.dumps({**settings, "batch_size": 0}),
+                           "--batch-size must be at least 1, got 0"),
+                          (json.dumps({**settings, "lr": -1.0}), "--lr must be a positive number"),
+                          (json.dumps({**settings, "loss_weights": None}),
+                           "--loss-weights must be three non-negative numbers"),
+                          (json.dumps({**settings, "model": {**settings["model"],
+                                                             "architecture": "x"}}),
+                           "--architecture must be one of")):
         (split / "config.json").write_text(text)
         damaged = run_cli("train", train_file, "--out", split, "--resume", "-q")
         assert_one_line_error(damaged, f"config.json: cannot read the run's settings ({message}",

@@ -87,6 +87,13 @@ def _warnings_as_lines():
         yield
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    """NumPy's MemoryError, CUDA's OutOfMemoryError, or the RuntimeError of PyTorch's CPU
+    allocator."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)))
+
+
 @contextlib.contextmanager
 def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was written"):
     """Map every failure to one stderr line and exit status 1, unless ``--debug``; Ctrl-C and
@@ -110,7 +117,7 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
     except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
         if debug:
             raise
-        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":  # or CUDA's
+        if _out_of_memory(exc):
             error_line(f"out of memory ({exc}): a smaller --batch-size, or smaller images, "
                        "need less")
         else:

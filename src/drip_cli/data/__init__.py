@@ -7,6 +7,6 @@ from .sources import SourceOptions, hdf5_image_dataset, iter_hdf5_images, load_i
 
 __all__ = [
     "OperatorSpec", "SourceOptions", "add_noise", "build_operator", "draw_noise_percent",
-    "format_noise_percent", "hdf5_image_dataset", "iter_hdf5_images", "load_images", "noise_std_for",
-    "parse_noise_percent", "require_measurable", "simulate_batch",
+    "format_noise_percent", "hdf5_image_dataset", "iter_hdf5_images", "load_images",
+    "noise_std_for", "parse_noise_percent", "require_measurable", "simulate_batch",
 ]

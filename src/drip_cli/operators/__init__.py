@@ -56,6 +56,6 @@ def operator_from_hdf5(group) -> LinearOperator:
 
 __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
-    "OPERATORS", "operator_from_hdf5", "stored_measurement_shape", "adjointness_error", "estimate_norm", "gaussian_psf",
-    "gaussian_psf_size", "limited_angles", "load_matrix_file",
+    "OPERATORS", "operator_from_hdf5", "stored_measurement_shape", "adjointness_error",
+    "estimate_norm", "gaussian_psf", "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

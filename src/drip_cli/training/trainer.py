@@ -113,13 +113,28 @@ class TrainConfig:
                               ("--eps", m.eps), ("--solver-tolerance", self.train_solver_tolerance)):
             if value is not None:
                 require_positive(option, value)
+        for option, value, least in (("--epochs", self.epochs, 1),
+                                     ("--batch-size", self.batch_size, 1),
+                                     ("--cg-iterations", self.cg_iterations, 1),
+                                     ("--solver-iterations", self.train_solver_iterations, 1),
+                                     ("val_max_samples", self.val_max_samples, 0)):
+            if value < least:
+                raise DripError(f"{option} must be at least {least}, got {value}")
+        if not 0 <= self.val_fraction < 1:
+            raise DripError(f"val_fraction must be at least 0 and below 1, got {self.val_fraction}")
+        if m.group_size not in (1, 2):
+            raise DripError(f"group_size must be 1 or 2, got {m.group_size}")
+        if m.embedding_kernel_size % 2 == 0:
+            raise DripError(f"embedding_kernel_size must be odd, got {m.embedding_kernel_size}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise DripError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, "
                             f"got {self.lr_schedule!r}")
         w = self.loss_weights
-        if len(w) != 3 or not all(map(math.isfinite, w)) or min(w) < 0 or w[0] <= 0:
+        if (not isinstance(w, (tuple, list)) or len(w) != 3 or not all(map(math.isfinite, w))
+                or min(w) < 0 or w[0] <= 0):
+            shown = ",".join(map(str, w)) if isinstance(w, (tuple, list)) else w
             raise DripError(f"--loss-weights must be three non-negative numbers, the first "
-                            f"positive, as in 1,1,1; got {','.join(map(str, w))}")
+                            f"positive, as in 1,1,1; got {shown}")
         if m.architecture not in ARCHITECTURES:
             raise DripError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, "
                             f"got {m.architecture!r}")
@@ -303,6 +318,10 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
     take_options(config.model, model, model_names)
     take_options(config, saved, run_names)
     take_options(config, budget, budget)
+    try:   # the values, now that they are the run's (a damaged file's lr = -1, batch_size = 0)
+        config.validate()
+    except DripError as exc:
+        raise DripError(f"cannot read the run's settings ({exc.message})", path) from exc
     if (config.init is not None
             and file_sha256(resolve_model_path(config.init)) != saved.get("init_sha256")):
         raise DripError(f"--resume: --init names another model than the run started from "

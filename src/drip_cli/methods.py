@@ -77,9 +77,9 @@ class LearnedMethod(ReconstructionMethod):
     """A trained model: ``drip`` (``u = E z*``, ``z*`` minimising ``R(z)`` under the data fit)
     or ``unrolled`` (the baseline network; its data fit is whatever its steps reach)."""
 
-    def __init__(self, model, info, sha256: str):
+    def __init__(self, model, info, sha256: str, path=None):
         self.model, self.info, self.sha256 = model, info, sha256
-        self.path = None   # the model file, where it was loaded from one
+        self.path = path   # the model file, where it was loaded from one
         self.kind = "unrolled" if info.config.is_unrolled else "drip"
         self.name = self.kind   # drip evaluate renames models that share a kind
 
@@ -87,9 +87,7 @@ class LearnedMethod(ReconstructionMethod):
     def load(cls, path) -> LearnedMethod:
         from .io.models import load_model, resolve_model_path
 
-        method = cls(*load_model(path))
-        method.path = resolve_model_path(path)
-        return method
+        return cls(*load_model(path), path=resolve_model_path(path))
 
     def check(self, data, warn) -> dict:
         if tuple(self.info.image_shape) != tuple(data.image_shape):

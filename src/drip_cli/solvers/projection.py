@@ -130,9 +130,7 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     gets the best correction found (still ``||B z - b||`` as small as that subspace allows).
 
     A sample leaves the working set as soon as its correction settles, so each costs its own
-    number of steps, not its batch's largest. (Every sample used to stay to the end: on the blur
-    sample model's solve of 512 bench crops a call ran 11.4 steps on average where its samples
-    needed 3.0, 3.85 times the work, 81 of the solve's 107 s on the CPU.)
+    number of steps, not its batch's largest (``docs/design.md``).
     """
     tiny = torch.finfo(v.dtype).tiny
     n = len(v)

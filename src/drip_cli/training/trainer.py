@@ -297,8 +297,8 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
             raise ValueError(problem)
         budget = {name: saved[name] for name in BUDGET_FIELDS
                   if name in saved and name not in given}
-        if "epochs" in budget and not (type(budget["epochs"]) is int and budget["epochs"] >= 1):
-            raise ValueError(f"epochs = {budget['epochs']!r} is not a positive integer")
+        if "epochs" in budget and type(budget["epochs"]) is not int:   # its range: validate()
+            raise ValueError(f"epochs = {budget['epochs']!r} is not an integer")
         minutes = budget.get("max_minutes")
         if minutes is not None and not (is_finite_number(minutes) and minutes > 0):
             raise ValueError(f"max_minutes = {minutes!r} is not a positive number of minutes")

@@ -35,7 +35,9 @@ stage() {
 if [[ "$DEVICE" == cuda* ]]; then
     stage gpu 15 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     stage versions 30 "$PY" -c "import torch, sys; print(sys.version); print(torch.__version__, torch.cuda.get_device_name())"
-    stage cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests
+    # test_damaged_files.py has no CUDA tests and needs hypothesis, which a bare GPU machine lacks
+    stage cuda_tests 120 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests \
+        --ignore=tests/test_damaged_files.py
     stage bench 150 "$PY" bench/bench.py --device "$DEVICE" --train-steps 10 --memory-images 0 \
         --out "$WORK/bench"
     stage bench512 100 "$PY" bench/bench.py --device "$DEVICE" --images 512 --train-steps 0 --memory-images 0 \

@@ -6,9 +6,11 @@ Solves N bench crops (the bench's photographs, 2% noise) in one batch with the s
 that operator, timing every solver step (synchronised on a GPU), and prints the time and the
 milliseconds per iteration for each range of active samples, and what the solve would take if
 every sample-iteration cost what it costs with the batch at least 60% full: the most that
-refilling the batch as samples finish could save. The figures of the README's GPU paragraph
-(7-9 ms per tomography iteration whatever the number active; 512 crops at 51 images/s) come
-from it.
+refilling the batch as samples finish could save. It also splits the solve into its parts, each timed synchronised (so the
+parts are the device's time too, not only the launches): the gradient of ``R``, the projections
+inside the steps, the host processor's share of those (the small subspace problems), the CGLS
+runs that start and end each pass, and the rest (momentum, stopping tests, the reweighting
+map). The figures of the README's GPU paragraph come from it.
 """
 import sys
 import time
@@ -21,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "src")]
 import bench  # noqa: E402
 import drip_cli.solvers.drip as drip_solver  # noqa: E402
+import drip_cli.solvers.projection as projection  # noqa: E402
 from drip_cli.data import SourceOptions, load_images  # noqa: E402
 from drip_cli.methods import LearnedMethod  # noqa: E402
 from drip_cli.reconstruct import resolve_device  # noqa: E402
@@ -49,8 +52,34 @@ def main() -> None:
         return out
 
     drip_solver._backtracking_step = timed
+    parts = {}
+
+    def phase(owner, name: str, label: str) -> None:
+        """Time every call of ``owner.name`` (synchronised) under ``label``."""
+        inner = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            bench.synchronize(device)
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            bench.synchronize(device)
+            seconds, calls = parts.get(label, (0.0, 0))
+            parts[label] = (seconds + time.perf_counter() - start, calls + 1)
+            return out
+
+        setattr(owner, name, wrapped)
+
+    regularizer = method.model.regularizer
+    order = ["gradient of R", "projections in the steps", "  of which subspace problems (host)",
+             "CGLS runs (start and end of each pass)"]
+    phase(regularizer, "gradient", "gradient of R")
+    phase(regularizer, "value_and_gradient", "gradient of R")
+    phase(drip_solver, "project_onto_datafit", "projections in the steps")
+    phase(projection, "_tikhonov_in_subspace", "  of which subspace problems (host)")
+    phase(drip_solver, "cgls", "CGLS runs (start and end of each pass)")
     method.solve(op, b[:2], radius[:2])   # warm-up
     log.clear()
+    parts.clear()
     bench.synchronize(device)
     start = time.perf_counter()
     method.solve(op, b, radius)
@@ -68,6 +97,11 @@ def main() -> None:
     rate = seconds[full].sum() / active[full].sum()
     print(f"  {active.sum():.0f} sample-iterations; at the full batch's rate "
           f"({1e3 * rate:.3f} ms each) {active.sum() * rate:.2f} s")
+    print("where the time goes:")
+    inside = sum(seconds for label, (seconds, _) in parts.items() if not label.startswith(" "))
+    for label, (seconds, calls) in sorted(parts.items(), key=lambda item: order.index(item[0])):
+        print(f"  {label}: {seconds:.2f} s in {calls} calls ({1e3 * seconds / calls:.2f} ms each)")
+    print(f"  the rest: {total - inside:.2f} s")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 3 in one run, for a machine with CUDA: the CUDA tests, `make bench` on
 # the GPU (reconstruction and training images per second: blur and tomography at 64 images,
-# blur at 512, training batches of 8 and 64), `drip reconstruct` of 256 tomography crops in the
-# GPU's default batch and in batches of 64, a short training run, `drip evaluate` on the blur
-# sample and a tomography reconstruction.
+# blur at 512, training batches of 8 and 64), where a 512-crop blur solve spends its time,
+# `drip reconstruct` of 256 tomography crops in the GPU's default batch and in batches of 64, a
+# short training run, `drip evaluate` on the blur sample and a tomography reconstruction.
 # Each stage has its own time limit and a failed stage does not stop the others. Logs and
 # figures go to ${OUT:-gpu_out}: summary.txt (one line per stage), log.txt (every stage's
 # output), bench.json, bench512.json, train64.json, tomo_default.json, tomo_64.json,
@@ -42,6 +42,8 @@ if [[ "$DEVICE" == cuda* ]]; then
         --out "$WORK/bench"
     stage bench512 100 "$PY" bench/bench.py --device "$DEVICE" --images 512 --train-steps 0 --memory-images 0 \
         --reconstruct blur --out "$WORK/bench512"
+    # where a 512-crop blur solve spends its time (the parts of an iteration, synchronised)
+    stage profile512 90 "$PY" bench/active_profile.py blur "$DEVICE" 512
     stage train64 60 "$PY" bench/bench.py --device "$DEVICE" --images 128 --reconstruct "" \
         --train-steps 4 --train-batch 64 --memory-images 0 --out "$WORK/train64"
 else

@@ -589,3 +589,16 @@ def test_noise_percent_is_shown_as_it_is_written(text, shown):
 
     assert format_noise_percent(*parse_noise_percent(text)) == shown
     assert parse_noise_percent(shown) == pytest.approx(parse_noise_percent(text))
+
+
+@pytest.mark.parametrize("noise,stored,shown", [("2", "2", "│ 2 "), ("1:5", "1:5", " .. ")])
+def test_info_shows_one_noise_level_once(noise, stored, shown, tmp_path):
+    """A file simulated at one noise level records it as `--noise-percent` takes it, and `drip
+    info` shows one value where every sample agrees ("2", not "2 .. 2 (mean 2)")."""
+    data = simulate(tmp_path, "denoise", "--noise-percent", noise)
+    with h5py.File(data) as f:
+        assert f.attrs["noise_percent_range"] == stored
+    result = run_cli("info", data)
+    assert result.exit_code == 0, result.stderr
+    line = next(text for text in result.stdout.splitlines() if "noise percent" in text)
+    assert shown in line

@@ -479,6 +479,9 @@ def test_info_on_a_model(train_file, tmp_path):
         assert result.exit_code == 0, result.stderr
         assert "blur" in result.stdout and "latent_channels" in result.stdout
         assert "│ width" not in result.stdout   # the unrolled network's setting
+        # header figures to 6 significant digits, not float64's 17
+        shown = next(line for line in result.stdout.splitlines() if "val_psnr" in line)
+        assert len(shown.split("│")[2].strip().lstrip("-").replace(".", "")) <= 6, shown
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "pixel-weights"])

@@ -16,11 +16,14 @@ from .operators import adjointness_error, estimate_norm
 
 
 def _range(values: np.ndarray) -> str:
+    """``"min .. max (mean m)"`` of the finite values, one value where they all agree to the
+    digits shown, ``"-"`` where there are none."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return "-"
-    return f"{values.min():.4g} .. {values.max():.4g} (mean {values.mean():.4g})"
+    low, high = f"{values.min():.4g}", f"{values.max():.4g}"
+    return low if low == high else f"{low} .. {high} (mean {values.mean():.4g})"
 
 
 def operator_section(op) -> dict:
@@ -85,10 +88,21 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
                "parameters": sum(p.numel() for p in model.parameters())}
     if not info.config.is_unrolled:
         general["Lipschitz bound of grad R"] = _lipschitz_bounds(model, info.image_shape)
-    general.update({k: str(v) for k, v in info.extra.items()})
+    general.update({k: _shown(v) for k, v in info.extra.items()})
     unused = info.config.unused_fields()
     config = {k: v for k, v in info.config.to_dict().items() if k not in unused}
     return [(Path(path).name, general), ("config", config)]
+
+
+def _shown(value) -> str:
+    """A header entry as text, a fraction to 6 significant digits (``val_psnr`` was stored with
+    all of float64's)."""
+    text = str(value)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return text if "." not in text and "e" not in text.lower() else f"{number:.6g}"
 
 
 def _lipschitz_bounds(model, image_shape) -> str:

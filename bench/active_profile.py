@@ -6,11 +6,11 @@ Solves N bench crops (the bench's photographs, 2% noise) in one batch with the s
 that operator, timing every solver step (synchronised on a GPU), and prints the time and the
 milliseconds per iteration for each range of active samples, and what the solve would take if
 every sample-iteration cost what it costs with the batch at least 60% full: the most that
-refilling the batch as samples finish could save. It also splits the solve into its parts, each timed synchronised (so the
-parts are the device's time too, not only the launches): the gradient of ``R``, the projections
-inside the steps, the host processor's share of those (the small subspace problems), the CGLS
-runs that start and end each pass, and the rest (momentum, stopping tests, the reweighting
-map). The figures of the README's GPU paragraph come from it.
+refilling the batch as samples finish could save. It also splits the solve into its parts,
+each timed synchronised (so the parts are the device's time too, not only the launches): the
+gradient of ``R``, the projections inside the steps, the host processor's share of those (the
+small subspace problems), the CGLS runs that start and end each pass, and the rest (momentum,
+stopping tests, the reweighting map). The figures of the README's GPU paragraph come from it.
 """
 import sys
 import time

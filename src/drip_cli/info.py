@@ -95,14 +95,15 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
 
 
 def _shown(value) -> str:
-    """A header entry as text, a fraction to 6 significant digits (``val_psnr`` was stored with
-    all of float64's)."""
+    """A header entry as text, a decimal fraction to 6 significant digits (``val_psnr`` is
+    stored with all of float64's)."""
     text = str(value)
+    if "." not in text:
+        return text
     try:
-        number = float(text)
+        return f"{float(text):.6g}"
     except ValueError:
         return text
-    return text if "." not in text and "e" not in text.lower() else f"{number:.6g}"
 
 
 def _lipschitz_bounds(model, image_shape) -> str:

@@ -613,7 +613,7 @@ def test_the_readmes_own_measurements_example_runs(tmp_path, monkeypatch):
 
     from drip_cli.operators import Blur, gaussian_psf
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Your own measurements", 1)[1]
     snippet = section.split("```python", 1)[1].split("```", 1)[0]
     psf = gaussian_psf(1.5, 7)
@@ -621,7 +621,8 @@ def test_the_readmes_own_measurements_example_runs(tmp_path, monkeypatch):
     blurred = Blur((1, 24, 24), psf)(truth)
     monkeypatch.chdir(tmp_path)
     np.save("my_psf.npy", psf)
-    np.save("my_blurred.npy", (blurred + 0.01 * torch.randn_like(blurred)).numpy())
+    noise = torch.randn(blurred.shape, generator=torch.Generator().manual_seed(1))
+    np.save("my_blurred.npy", (blurred + 0.01 * noise).numpy())
     exec(compile(snippet, "README.md", "exec"), {})
     assert run_cli("info", "mine.h5").exit_code == 0
     result = run_cli("reconstruct", "mine.h5", "--out", "mine_tv.h5", "--method", "tv", "-q")

@@ -232,7 +232,7 @@ def simulate(
             op = build_operator(spec, tuple(image_shape), rng)
             percent = draw_noise_percent(n, low, high, rng)
             attrs = {"drip_version": __version__, "source": str(images), "seed": seed,
-                     "noise_percent_range": f"{low:g}" if low == high else f"{low:g}:{high:g}"}
+                     "noise_percent_range": format_noise_percent(low, high, digits=6)}
             with atomic_h5(out) as handle, progress_bar("simulate", n, quiet) as update:
                 writer = MeasurementWriter(handle, op, n, with_ground_truth=True, attrs=attrs)
                 start, low_value, high_value = 0, np.inf, -np.inf

@@ -35,11 +35,11 @@ def parse_noise_percent(text: str) -> tuple[float, float]:
     return low, high
 
 
-def format_noise_percent(low: float, high: float) -> str:
-    """The inverse of :func:`parse_noise_percent`, to 3 significant digits: ``"2"`` or ``"1:5"``
-    (a range whose ends agree to those digits, as noise levels estimated from a file's own
-    ``noise_std`` do, is one value)."""
-    low_text, high_text = f"{low:.3g}", f"{high:.3g}"
+def format_noise_percent(low: float, high: float, digits: int = 3) -> str:
+    """The inverse of :func:`parse_noise_percent`, to ``digits`` significant digits: ``"2"`` or
+    ``"1:5"`` (a range whose ends agree to those digits, as noise levels estimated from a file's
+    own ``noise_std`` do, is one value)."""
+    low_text, high_text = f"{low:.{digits}g}", f"{high:.{digits}g}"
     return low_text if low_text == high_text else f"{low_text}:{high_text}"
 
 

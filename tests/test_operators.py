@@ -210,6 +210,34 @@ def test_single_channel_convolution_as_depthwise_is_exact(padding, dilation):
     assert convolution.conv2d_adjoint(g[:0], weight, padding, dilation).shape == (0, *x.shape[1:])
 
 
+@pytest.mark.parametrize("n", [0, 1, 3, 5, 8])
+def test_batch_padded_convolutions_change_nothing(monkeypatch, n):
+    """Where the batch is padded to a power of two (on GPUs, here forced on the CPU), the
+    convolution, its adjoint and their gradients are those of the unpadded batch, and the
+    output keeps the input's batch size."""
+    from drip_cli.operators import convolution
+
+    weight = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(n, 2, 11, 10, dtype=torch.float64)
+    g = torch.randn(n, 6, 11, 10, dtype=torch.float64)
+    results, batches = [], []
+    conv = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d",
+                        lambda x, *a, **k: batches.append(len(x)) or conv(x, *a, **k))
+    for devices in (set(), {"cpu"}):
+        monkeypatch.setattr(convolution, "PAD_BATCH_ON", devices)
+        batches.clear()
+        y = convolution.conv2d(x, weight, 2, 2)
+        adjoint = convolution.conv2d_adjoint(g, weight, 2, 2)
+        assert batches[0] == (n if not devices else max(1, 1 << max(0, n - 1).bit_length()))
+        grad = (torch.autograd.grad((y * g).sum() + (adjoint * x).sum(), weight)[0] if n
+                else torch.zeros_like(weight))
+        results.append((y, adjoint, grad))
+    for plain, padded in zip(*results):
+        assert plain.shape == padded.shape
+        assert torch.allclose(plain, padded, rtol=1e-12, atol=1e-12)
+
+
 def test_cpu_adjoint_choice_is_made_once_per_kind(monkeypatch):
     """The first call of a kind times the kernels and records the choice; later calls of that
     kind (any batch size) use the recorded choice without timing again."""

@@ -63,7 +63,8 @@ import torch
 import torch.nn.functional as F
 
 from ..operators.base import largest_eigenvalue_bound
-from ..operators.convolution import conv2d_adjoint, symmetric_pad, symmetric_pad_adjoint
+from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_pad,
+                                    symmetric_pad_adjoint)
 from .cache import cached_for_parameters
 
 
@@ -167,7 +168,7 @@ class ConvexFilterRegularizer(torch.nn.Module):
     def responses(self, z: torch.Tensor) -> torch.Tensor:
         """``K z``: all filter responses, ``(N, n_filters, H, W)`` (symmetric padding per level)."""
         kernels = self.kernels.to(z.dtype)
-        return torch.cat([F.conv2d(symmetric_pad(z, pad), kernels[part], dilation=d)
+        return torch.cat([conv2d(symmetric_pad(z, pad), kernels[part], dilation=d)
                           for d, pad, part in self.levels], dim=1)
 
     def responses_adjoint(self, t: torch.Tensor) -> torch.Tensor:

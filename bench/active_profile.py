@@ -10,7 +10,10 @@ refilling the batch as samples finish could save. It also splits the solve into 
 each timed synchronised (so the parts are the device's time too, not only the launches): the
 gradient of ``R``, the projections inside the steps, the host processor's share of those (the
 small subspace problems), the CGLS runs that start and end each pass, and the rest (momentum,
-stopping tests, the reweighting map). The figures of the README's GPU paragraph come from it.
+stopping tests, the reweighting map). Last, the same solve runs again, every batch size met
+before: on a GPU the first solve paid for cuDNN's planning of each new shape, which padding the
+convolutions' batches removed (``drip_cli.operators.convolution``), so the two should now agree.
+The figures of the README's GPU paragraph come from it.
 """
 import sys
 import time
@@ -102,6 +105,12 @@ def main() -> None:
     for label, (seconds, calls) in sorted(parts.items(), key=lambda item: order.index(item[0])):
         print(f"  {label}: {seconds:.2f} s in {calls} calls ({1e3 * seconds / calls:.2f} ms each)")
     print(f"  the rest: {total - inside:.2f} s")
+    # the same solve again, every working-set size met before (on a GPU: cuDNN's plans cached)
+    bench.synchronize(device)
+    start = time.perf_counter()
+    method.solve(op, b, radius)
+    bench.synchronize(device)
+    print(f"the same solve again: {time.perf_counter() - start:.2f} s (first: {total:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def test_batch_padded_convolutions_change_nothing(monkeypatch, n):
         batches.clear()
         y = convolution.conv2d(x, weight, 2, 2)
         adjoint = convolution.conv2d_adjoint(g, weight, 2, 2)
-        assert batches[0] == (n if not devices else max(1, 1 << max(0, n - 1).bit_length()))
+        assert batches[0] == (n if not devices else {0: 1, 1: 1, 3: 4, 5: 8, 8: 8}[n])
         grad = (torch.autograd.grad((y * g).sum() + (adjoint * x).sum(), weight)[0] if n
                 else torch.zeros_like(weight))
         results.append((y, adjoint, grad))

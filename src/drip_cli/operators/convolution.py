@@ -201,8 +201,8 @@ def _batch_padded(run, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     size = 1 << max(0, n - 1).bit_length()
     if x.device.type not in PAD_BATCH_ON or size == n:
         return run(x, *args, **kwargs)
-    padding = x.new_zeros(size - n, *x.shape[1:])
-    return run(torch.cat([x, padding]), *args, **kwargs)[:n]
+    zeros = x.new_zeros(size - n, *x.shape[1:])
+    return run(torch.cat([x, zeros]), *args, **kwargs)[:n]
 
 
 def _mirror_axis(z: torch.Tensor, pad: int, dim: int) -> torch.Tensor:

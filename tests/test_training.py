@@ -274,6 +274,20 @@ def test_fresh_runs_take_the_operators_defaults(tmp_path):
     assert load_model(run)[0].config.reweight == 1
 
 
+def test_guide_gradient_run_trains_and_is_recorded(tmp_path):
+    """drip train --guide-gradient (with the operator's default reweighting pass) takes finite
+    optimiser steps through both passes and records the setting in config.json."""
+    data = tmp_path / "tomo.h5"
+    write_small_file(data, make_operator("tomography", (1, 12, 12)), n=6)
+    run = tmp_path / "run"
+    result = run_cli("train", data, "--out", run, "--epochs", 1, "--max-steps", 2, "--filters",
+                     "4", "--kernel-size", "3", "--device", "cpu", "--guide-gradient", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((run / "config.json").read_text())["guide_gradient"] is True
+    model, _, _ = load_model(run)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_operator_defaults_leave_given_settings_alone():
     from drip_cli.regularizers.model import ModelConfig
     from drip_cli.training import TrainConfig
@@ -543,6 +557,69 @@ def test_implicit_gradient_matches_finite_differences(weighted):
                 p.add_(h * d)
         numeric = (plus - minus) / (2 * h)
         assert abs(implicit - numeric) <= 0.01 * abs(numeric), (implicit, numeric)
+
+
+def test_guide_gradient_matches_finite_differences_through_both_passes():
+    """drip train --guide-gradient: with one reweighting pass, whose pixel weights come from the
+    first pass's solution, the gradient chained through both passes (surrogate_through_passes)
+    matches central differences of the loss at the reweighted solution; holding the weights
+    constant misses the part through them (measured: 0.05% off against 2-5%)."""
+    from drip_cli.operators import Blur, gaussian_psf
+    from drip_cli.regularizers.adaptive import edge_weights
+    from drip_cli.regularizers.model import DripModel, ModelConfig
+    from drip_cli.training.implicit import implicit_surrogate, surrogate_through_passes
+    from drip_cli.training.trainer import upper_loss
+
+    torch.manual_seed(0)
+    op = Blur((1, 10, 10), gaussian_psf(1.0))
+    config = ModelConfig(latent_channels=1, n_filters=4, kernel_size=3, eps=0.3, reweight=1,
+                         edge_scale=0.3, guide_tolerance=1e-13)
+    model = DripModel(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(1, 1, 10, 10, dtype=torch.float64)
+    b = op(x) + 0.05 * torch.randn(1, 1, 10, 10, dtype=torch.float64)
+    radius = torch.full((1,), 0.5, dtype=torch.float64)
+
+    def loss_of(z):
+        return upper_loss(model, op, z, x, (1.0, 0.0, 0.0))
+
+    def solve():
+        return model.solve(op, b, radius, max_iterations=3000, tolerance=1e-13,
+                           stationarity_tolerance=1e-9, final_projection_iterations=2000,
+                           projection_iterations=100, projection_tolerance=1e-12)
+
+    solution = solve()
+    assert len(solution.guide_latents) == 1 and bool(solution.converged.all())
+    z = solution.latent.requires_grad_(True)
+    (v,) = torch.autograd.grad(loss_of(z), z)
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    directions = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    derivatives = {}
+    for name in ("held", "chained"):
+        model.zero_grad()
+        if name == "held":
+            surrogate = implicit_surrogate(op, model.embedding, model.regularizer, b, z, v, 300,
+                                           pixel_weights=solution.pixel_weights)
+        else:
+            surrogate = surrogate_through_passes(
+                op, model.embedding, model.regularizer, b, [*solution.guide_latents, z], v,
+                lambda u: edge_weights(u, config.edge_scale), 300)
+        (loss_of(z) + surrogate).backward()
+        derivatives[name] = sum(float((p.grad * d).sum()) for p, d in zip(params, directions))
+    h = 1e-4
+    with torch.no_grad():
+        for p, d in zip(params, directions):
+            p.add_(h * d)
+        plus = float(loss_of(solve().latent))
+        for p, d in zip(params, directions):
+            p.sub_(2 * h * d)
+        minus = float(loss_of(solve().latent))
+    numeric = (plus - minus) / (2 * h)
+    assert abs(derivatives["chained"] - numeric) <= 0.005 * abs(numeric), (derivatives, numeric)
+    assert abs(derivatives["held"] - numeric) > 0.01 * abs(numeric), (derivatives, numeric)
 
 
 def test_cosine_schedule_decays_from_lr_to_its_floor():

@@ -350,6 +350,10 @@ def train(
         help="Train (and by default reconstruct) with this many edge-adaptive reweighting "
              "passes after each solve (see drip reconstruct --reweight). Default: 1 for the "
              "convex architecture, 0 for the others."),
+    guide_gradient: bool = typer.Option(
+        False, "--guide-gradient/--no-guide-gradient",
+        help="With reweighting: differentiate through each pass's pixel weights back into the "
+             "pass before it (the exact gradient; default: the weights held constant)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -402,6 +406,7 @@ def train(
                              loss_weights=weights,
                              noise_percent=noise_range, tau=tau,
                              seed=seed, cg_iterations=cg_iterations, max_steps=max_steps,
+                             guide_gradient=guide_gradient,
                              **_given_values(train_solver_tolerance=solver_tolerance,
                                              train_solver_iterations=solver_iterations),
                              init=None if init is None else str(init),

@@ -186,11 +186,14 @@ class DripModel(torch.nn.Module):
 
         result = solve_drip(op, self.embedding, self.regularizer, b, radius, progress=share(0),
                             **(guide if passes else settings))
+        guides = []
         for i in range(passes):
+            guides.append(result.latent)
             weights = edge_weights(result.solution, self.config.edge_scale)
             stop = settings if i == passes - 1 else guide
             again = solve_drip(op, self.embedding, self.regularizer, b, radius, z0=result.latent,
                                pixel_weights=weights, progress=share(i + 1), **{**stop, **warm})
             again.iterations = again.iterations + result.iterations
+            again.guide_latents = list(guides)
             result = again
         return result

@@ -108,6 +108,9 @@ class _StallWatch:
 class DripSolution(SolverResult):
     latent: torch.Tensor | None = None     # (N, latent_channels, H, W); solution = E latent
     pixel_weights: torch.Tensor | None = None   # (N, 1, H, W) where R was weighted per pixel
+    # with reweighting: the latent solution of each pass before the last, whose image set the
+    # next pass's pixel weights (first pass first)
+    guide_latents: list[torch.Tensor] | None = None
 
 
 def project(forward_op: EmbeddedOperator, b, radius, z, max_iterations: int):

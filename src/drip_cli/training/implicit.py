@@ -80,8 +80,11 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
                        pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """A scalar whose gradient in the parameters is ``dL/dtheta`` through the solution ``z``
     (see the module docstring); add it to the loss's direct part and call ``backward``.
-    ``pixel_weights``: those of the solve that gave ``z`` (a reweighting pass), held constant."""
+    ``pixel_weights``: those of the solve that gave ``z`` (a reweighting pass); where they carry
+    a graph (computed from an earlier pass's solution), the scalar's gradient reaches through
+    them too (``dL/dm``, as for any other input of ``grad R``)."""
     z, v = z.detach(), v.detach()
+    live_weights = pixel_weights
     weighted = {} if pixel_weights is None else {"pixel_weights": pixel_weights.detach()}
     with torch.no_grad():
         forward_op = EmbeddedOperator(op, embedding)
@@ -131,7 +134,26 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
         lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)
     data_residual = forward_op(z) - b
+    weighted = {} if live_weights is None else {"pixel_weights": live_weights}
     stationarity = (regularizer.gradient(z, **weighted)
                     + per_sample(mu, z) * forward_op.adjoint(data_residual))
     phi = batch_dot(lam, stationarity) + lam_mu * 0.5 * batch_dot(data_residual, data_residual)
     return -phi.sum()
+
+
+def surrogate_through_passes(op, embedding, regularizer, b: torch.Tensor, latents, v: torch.Tensor,
+                             reweigh, cg_iterations: int = 50) -> torch.Tensor:
+    """:func:`implicit_surrogate` for reweighted solves, through every pass: ``latents`` are the
+    passes' solutions, first to last, ``v = dL/dz`` at the last, and pass ``i > 0`` was weighted
+    by ``reweigh(E z_{i-1})``. Each pass's surrogate also differentiates through its weights;
+    its gradient in the previous solution, ``dL/dz_{i-1}``, is that pass's ``v``."""
+    latents = [z.detach().requires_grad_(True) for z in latents]
+    total = 0.0
+    for i in range(len(latents) - 1, -1, -1):
+        weights = reweigh(embedding(latents[i - 1])) if i else None
+        part = implicit_surrogate(op, embedding, regularizer, b, latents[i], v, cg_iterations,
+                                  pixel_weights=weights)
+        total = total + part
+        if i:
+            (v,) = torch.autograd.grad(part, latents[i - 1], retain_graph=True)
+    return total

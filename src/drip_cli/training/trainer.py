@@ -49,9 +49,10 @@ from ..io import MeasurementFile, atomic_path, write_json
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
                          save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
+from ..regularizers.adaptive import edge_weights
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..solvers import discrepancy_radius, discrepancy_ratio
-from .implicit import implicit_surrogate
+from .implicit import implicit_surrogate, surrogate_through_passes
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint_state.pt"
@@ -99,6 +100,9 @@ class TrainConfig:
     train_solver_iterations: int = 150
     train_solver_tolerance: float = 1e-3
     max_steps: int | None = None   # stop after this many optimiser steps in this invocation
+    # with reweighting: differentiate through each pass's pixel weights too, back through the
+    # earlier pass whose solution set them (False: the weights held constant)
+    guide_gradient: bool = False
     # start from this model's weights (run folder or model file; its architecture is adopted)
     # instead of the untrained start; the file's sha256 is recorded in init_sha256
     init: str | None = None
@@ -218,7 +222,7 @@ BUDGET_FIELDS = ("epochs", "max_minutes")
 # the options that set a run's course: --resume takes them from the run's config.json
 RUN_FIELDS = ("batch_size", "lr", "lr_schedule", "loss_weights", "noise_percent", "tau",
               "val_fraction", "val_max_samples", "seed", "cg_iterations",
-              "train_solver_iterations", "train_solver_tolerance")
+              "train_solver_iterations", "train_solver_tolerance", "guide_gradient")
 
 
 def _plain(value):
@@ -493,6 +497,18 @@ class Trainer:
         return math.ceil(len(self.train_index) / self.config.batch_size)
 
     # -- one optimisation step -----------------------------------------------------------------
+    def _implicit_part(self, b, solution, z, dloss_dz):
+        """The implicit surrogate through the last pass's solution ``z`` (pixel weights held
+        constant), or with ``guide_gradient`` through every pass (:func:`surrogate_through_passes`)."""
+        cfg, model = self.config, self.model
+        common = (self.op, model.embedding, model.regularizer, b)
+        if cfg.guide_gradient and solution.guide_latents:
+            return surrogate_through_passes(
+                *common, [*solution.guide_latents, z], dloss_dz,
+                lambda u: edge_weights(u, model.config.edge_scale), cfg.cg_iterations)
+        return implicit_surrogate(*common, z, dloss_dz, cfg.cg_iterations,
+                                  pixel_weights=solution.pixel_weights)
+
     def train_step(self) -> float:
         cfg = self.config
         x, b, sigma = self._training_batch()
@@ -509,10 +525,7 @@ class Trainer:
             loss = upper_loss(self.model, self.op, z, x, cfg.loss_weights)
             (dloss_dz,) = torch.autograd.grad(loss, z, retain_graph=True)
             # direct dependence on E, plus the implicit part through the solution
-            objective = loss + implicit_surrogate(self.op, self.model.embedding,
-                                                  self.model.regularizer, b, z, dloss_dz,
-                                                  cfg.cg_iterations,
-                                                  pixel_weights=solution.pixel_weights)
+            objective = loss + self._implicit_part(b, solution, z, dloss_dz)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         self.optimizer.step()

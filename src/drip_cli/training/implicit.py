@@ -84,8 +84,9 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
     a graph (computed from an earlier pass's solution), the scalar's gradient reaches through
     them too (``dL/dm``, as for any other input of ``grad R``)."""
     z, v = z.detach(), v.detach()
-    live_weights = pixel_weights
+    # held constant in the KKT solve; in Phi as given, so that a graph behind them is followed
     weighted = {} if pixel_weights is None else {"pixel_weights": pixel_weights.detach()}
+    live = {} if pixel_weights is None else {"pixel_weights": pixel_weights}
     with torch.no_grad():
         forward_op = EmbeddedOperator(op, embedding)
         g = forward_op.adjoint(forward_op(z) - b)
@@ -134,8 +135,7 @@ def implicit_surrogate(op, embedding, regularizer, b: torch.Tensor, z: torch.Ten
         lam_mu = batch_dot(g, v - hessian(lam)) / gg
     forward_op = EmbeddedOperator(op, embedding)
     data_residual = forward_op(z) - b
-    weighted = {} if live_weights is None else {"pixel_weights": live_weights}
-    stationarity = (regularizer.gradient(z, **weighted)
+    stationarity = (regularizer.gradient(z, **live)
                     + per_sample(mu, z) * forward_op.adjoint(data_residual))
     phi = batch_dot(lam, stationarity) + lam_mu * 0.5 * batch_dot(data_residual, data_residual)
     return -phi.sum()

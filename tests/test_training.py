@@ -565,7 +565,6 @@ def test_guide_gradient_matches_finite_differences_through_both_passes():
     matches central differences of the loss at the reweighted solution; holding the weights
     constant misses the part through them (measured: 0.05% off against 2-5%)."""
     from drip_cli.operators import Blur, gaussian_psf
-    from drip_cli.regularizers.adaptive import edge_weights
     from drip_cli.regularizers.model import DripModel, ModelConfig
     from drip_cli.training.implicit import implicit_surrogate, surrogate_through_passes
     from drip_cli.training.trainer import upper_loss
@@ -606,7 +605,7 @@ def test_guide_gradient_matches_finite_differences_through_both_passes():
         else:
             surrogate = surrogate_through_passes(
                 op, model.embedding, model.regularizer, b, [*solution.guide_latents, z], v,
-                lambda u: edge_weights(u, config.edge_scale), 300)
+                model.pass_weights, 300)
         (loss_of(z) + surrogate).backward()
         derivatives[name] = sum(float((p.grad * d).sum()) for p, d in zip(params, directions))
     h = 1e-4

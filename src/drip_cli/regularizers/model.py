@@ -147,6 +147,11 @@ class DripModel(torch.nn.Module):
         """The smallest image side the regularizer's filters fit in."""
         return self.regularizer.reach
 
+    def pass_weights(self, u: torch.Tensor) -> torch.Tensor:
+        """The pixel weights of a reweighting pass after the pass that gave the image ``u``
+        (:func:`~.adaptive.edge_weights` at the model's edge scale); differentiable in ``u``."""
+        return edge_weights(u, self.config.edge_scale)
+
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, progress=None,
               **overrides):
         """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`.
@@ -189,7 +194,7 @@ class DripModel(torch.nn.Module):
         guides = []
         for i in range(passes):
             guides.append(result.latent)
-            weights = edge_weights(result.solution, self.config.edge_scale)
+            weights = self.pass_weights(result.solution)
             stop = settings if i == passes - 1 else guide
             again = solve_drip(op, self.embedding, self.regularizer, b, radius, z0=result.latent,
                                pixel_weights=weights, progress=share(i + 1), **{**stop, **warm})

@@ -49,7 +49,6 @@ from ..io import MeasurementFile, atomic_path, write_json
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
                          save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
-from ..regularizers.adaptive import edge_weights
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate, surrogate_through_passes
@@ -504,8 +503,8 @@ class Trainer:
         common = (self.op, model.embedding, model.regularizer, b)
         if cfg.guide_gradient and solution.guide_latents:
             return surrogate_through_passes(
-                *common, [*solution.guide_latents, z], dloss_dz,
-                lambda u: edge_weights(u, model.config.edge_scale), cfg.cg_iterations)
+                *common, [*solution.guide_latents, z], dloss_dz, model.pass_weights,
+                cfg.cg_iterations)
         return implicit_surrogate(*common, z, dloss_dz, cfg.cg_iterations,
                                   pixel_weights=solution.pixel_weights)
 

@@ -498,7 +498,8 @@ class Trainer:
     # -- one optimisation step -----------------------------------------------------------------
     def _implicit_part(self, b, solution, z, dloss_dz):
         """The implicit surrogate through the last pass's solution ``z`` (pixel weights held
-        constant), or with ``guide_gradient`` through every pass (:func:`surrogate_through_passes`)."""
+        constant), or with ``guide_gradient`` through every pass
+        (:func:`surrogate_through_passes`)."""
         cfg, model = self.config, self.model
         common = (self.op, model.embedding, model.regularizer, b)
         if cfg.guide_gradient and solution.guide_latents:

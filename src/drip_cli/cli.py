@@ -353,7 +353,8 @@ def train(
     guide_gradient: bool = typer.Option(
         False, "--guide-gradient/--no-guide-gradient",
         help="With reweighting: differentiate through each pass's pixel weights back into the "
-             "pass before it (the exact gradient; default: the weights held constant)."),
+             "pass before it (exact where the passes have converged; the earlier ones stop at the "
+             "model's looser guide tolerance; default: the weights held constant)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = typer.Option(0, "--seed", min=0),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),

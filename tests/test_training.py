@@ -193,6 +193,16 @@ def test_options_the_architecture_ignores_are_named_in_a_warning(train_file, tmp
     assert result.exit_code == 0, result.stderr
     assert "warning: --width: not used by --architecture convex" in result.stderr
     assert "--filters" not in result.stderr   # TINY's options all shape the convex model
+    # --guide-gradient differentiates through the reweighting passes: with none it does nothing
+    result = run_cli("train", train_file, "--out", tmp_path / "single", "--reweight", 0,
+                     "--guide-gradient", "--max-steps", 1, *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert ("warning: --guide-gradient: not used without reweighting passes (--reweight 0) "
+            "(ignored)" in result.stderr)
+    result = run_cli("train", train_file, "--out", tmp_path / "leapfrog", "--architecture",
+                     "leapfrog", "--layers", 1, "--guide-gradient", "--max-steps", 1, *TINY)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: --guide-gradient: not used by --architecture leapfrog" in result.stderr
 
 
 def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path):

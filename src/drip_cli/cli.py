@@ -435,11 +435,8 @@ def train(
                           "--noise-percent A:B (say 1:5) draws fresh noise over a range for "
                           "every batch instead, so that the model holds up when the noise "
                           "level changes")
-        unused = unused_settings(trainer.config, given)
-        if unused:
-            names = ", ".join(map(_train_option, unused))
-            warning_line(f"{names}: not used by --architecture {trainer.config.model.architecture} "
-                         "(ignored)")
+        for why, unused in unused_settings(trainer.config, given).items():
+            warning_line(f"{', '.join(map(_train_option, unused))}: {why} (ignored)")
         if len(trainer.val_index) == 0:
             warning_line(f"{data}: one sample, so no validation split: the model kept is the last, "
                          f"not the best by validation PSNR")

@@ -167,12 +167,24 @@ ARCHITECTURE_FIELDS = ("architecture", "latent_channels", "n_filters", "kernel_s
                        "dilation_levels", "layers", "width")
 
 
-def unused_settings(config: TrainConfig, given: set[str]) -> list[str]:
-    """The ``given`` settings that ``config``'s architecture ignores (model fields first)."""
-    unused = config.model.unused_fields()
-    if config.model.is_unrolled:   # trained by backpropagation: no solve, no KKT system
-        unused += ("cg_iterations", "train_solver_iterations", "train_solver_tolerance")
-    return [name for name in unused if name in given]
+def unused_settings(config: TrainConfig, given: set[str]) -> dict[str, list[str]]:
+    """The ``given`` settings that ``config`` ignores, by why (the end of a warning line): those
+    its architecture has no use for (model fields first), and ``--guide-gradient`` where there
+    are no reweighting passes to differentiate through."""
+    model = config.model
+    by_architecture = model.unused_fields()
+    if model.is_unrolled:   # trained by backpropagation: no solve, no KKT system
+        by_architecture += ("cg_iterations", "train_solver_iterations", "train_solver_tolerance")
+    without_passes = ()
+    if not model.reweight:   # reweighting needs the convex architecture
+        if model.architecture == "convex":
+            without_passes = ("guide_gradient",)
+        else:
+            by_architecture += ("guide_gradient",)
+    reasons = {f"not used by --architecture {model.architecture}": by_architecture,
+               "not used without reweighting passes (--reweight 0)": without_passes}
+    unused = {why: [name for name in names if name in given] for why, names in reasons.items()}
+    return {why: names for why, names in unused.items() if names}
 
 
 # Settings whose best value depends on the operator, or on how sharp the model is. A fresh run

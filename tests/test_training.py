@@ -181,7 +181,7 @@ def test_a_new_run_never_overwrites_a_trained_one(train_file, tmp_path):
     assert (run / "history.csv").read_text() == history
 
 
-def test_options_the_architecture_ignores_are_named_in_a_warning(train_file, tmp_path):
+def test_options_the_run_ignores_are_named_in_a_warning(train_file, tmp_path):
     result = run_cli("train", train_file, "--out", tmp_path / "unrolled", "--architecture",
                      "unrolled", "--layers", 1, "--width", 4, "--filters", 4, "--eps", 0.1,
                      "--max-steps", 1, "-q")

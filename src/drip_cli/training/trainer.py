@@ -175,16 +175,14 @@ def unused_settings(config: TrainConfig, given: set[str]) -> dict[str, list[str]
     by_architecture = model.unused_fields()
     if model.is_unrolled:   # trained by backpropagation: no solve, no KKT system
         by_architecture += ("cg_iterations", "train_solver_iterations", "train_solver_tolerance")
-    without_passes = ()
-    if not model.reweight:   # reweighting needs the convex architecture
-        if model.architecture == "convex":
-            without_passes = ("guide_gradient",)
-        else:
-            by_architecture += ("guide_gradient",)
+    convex = model.architecture == "convex"
+    if not convex:   # reweighting passes need a convex regularizer
+        by_architecture += ("guide_gradient",)
     reasons = {f"not used by --architecture {model.architecture}": by_architecture,
-               "not used without reweighting passes (--reweight 0)": without_passes}
-    unused = {why: [name for name in names if name in given] for why, names in reasons.items()}
-    return {why: names for why, names in unused.items() if names}
+               "not used without reweighting passes (--reweight 0)":
+                   ("guide_gradient",) if convex and not model.reweight else ()}
+    return {why: named for why, names in reasons.items()
+            if (named := [name for name in names if name in given])}
 
 
 # Settings whose best value depends on the operator, or on how sharp the model is. A fresh run

@@ -49,6 +49,11 @@ EDGE_SCALE = typer.Option(
     help="With reweighting: gradient magnitude at which a pixel's weight halves (intensities "
          "in [0, 1]). Default: the model's (0.05).")
 
+PATCH_WEIGHT = typer.Option(
+    None, "--patch-weight", min=0.0,
+    help="drip: weight of the patch-mixture pass after the others (models trained with "
+         "--patch-components; 0 skips it). Default: the model's, chosen in training.")
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a batch system's time limit) is handled as Ctrl-C is: the output in
@@ -350,6 +355,12 @@ def train(
         help="Train (and by default reconstruct) with this many edge-adaptive reweighting "
              "passes after each solve (see drip reconstruct --reweight). Default: 1 for the "
              "convex architecture, 0 for the others."),
+    patch_components: Optional[int] = typer.Option(
+        None, "--patch-components", min=0,
+        help="Fit a mixture of this many Gaussians to the training images' 8x8 patches and "
+             "reconstruct with one more pass that adds it to the regularizer, its weight chosen "
+             "on the validation split (convex models; 0: none, the default). About 0.1-0.2 dB "
+             "more on natural photographs, and 50-100% more reconstruction time."),
     guide_gradient: bool = typer.Option(
         False, "--guide-gradient/--no-guide-gradient",
         help="With reweighting: differentiate through each pass's pixel weights back into the "
@@ -418,7 +429,8 @@ def train(
                                                potential_scales=potential_scales,
                                                dilation_levels=dilation_levels, width=width,
                                                max_iterations=max_iterations,
-                                               **_given_values(eps=eps, reweight=reweight)))
+                                               **_given_values(eps=eps, reweight=reweight,
+                                                               patch_components=patch_components)))
         config.validate()
         given = _options_given(ctx)
         trainer = Trainer(config, resolve_device(device), resume=resume, given=given,
@@ -455,6 +467,8 @@ def _print_epoch(row: dict) -> None:
     parts = [] if np.isnan(row["train_loss"]) else [f"loss {row['train_loss']:.4g}"]
     parts.append("no validation" if np.isnan(row["val_psnr"]) else
                  f"validation PSNR {row['val_psnr']:.2f} dB, fit {row['val_fit_fraction']:.2f}")
+    if row.get("val_patch_weight") is not None and not np.isnan(row["val_patch_weight"]):
+        parts.append(f"patch weight {row['val_patch_weight']:g}")
     console.print(f"epoch {row['epoch']}: {', '.join(parts)}")
 
 
@@ -488,6 +502,7 @@ def reconstruct(
              "for tv, 1000 for cgls."),
     reweight: Optional[int] = REWEIGHT,
     edge_scale: Optional[float] = EDGE_SCALE,
+    patch_weight: Optional[float] = PATCH_WEIGHT,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -524,6 +539,10 @@ def reconstruct(
                 raise DripError(f"--reweight and --edge-scale apply to --method drip, not "
                                 f"{chosen.name}")
             chosen.set_reweight(reweight, edge_scale)
+        if patch_weight is not None:
+            if not hasattr(chosen, "set_patch_weight"):
+                raise DripError(f"--patch-weight applies to --method drip, not {chosen.name}")
+            chosen.set_patch_weight(patch_weight)
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
@@ -573,6 +592,7 @@ def evaluate(
     batch_size: Optional[int] = BATCH_SIZE,
     reweight: Optional[int] = REWEIGHT,
     edge_scale: Optional[float] = EDGE_SCALE,
+    patch_weight: Optional[float] = PATCH_WEIGHT,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -591,12 +611,17 @@ def evaluate(
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
         chosen = choose_methods(model or [], None if methods is None else methods.split(","))
+        drip_models = [m for m in chosen if getattr(m, "kind", None) == "drip"]
         if reweight is not None or edge_scale is not None:   # for every drip model compared
-            drip_models = [m for m in chosen if getattr(m, "kind", None) == "drip"]
             if not drip_models:
                 raise DripError("--reweight and --edge-scale apply to drip models (--model)")
             for method in drip_models:
                 method.set_reweight(reweight, edge_scale)
+        if patch_weight is not None:
+            if not drip_models:
+                raise DripError("--patch-weight applies to drip models (--model)")
+            for method in drip_models:
+                method.set_patch_weight(patch_weight)
         with progress_bar("evaluate", 1, quiet) as update:
             evaluation = run_evaluation(data, chosen, levels, tau=taus, seed=seed,
                                         batch_size=batch_size, device=resolve_device(device),

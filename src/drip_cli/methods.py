@@ -100,7 +100,14 @@ class LearnedMethod(ReconstructionMethod):
         if self.kind == "drip" and self.model.config.reweight:
             extra["reweight"] = self.model.config.reweight
             extra["edge_scale"] = self.model.config.edge_scale
+        if self.kind == "drip" and self._patch_pass:
+            extra["patch_weight"] = self.model.config.patch_weight
         return extra
+
+    @property
+    def _patch_pass(self) -> bool:
+        mixture = self.model.patch_prior
+        return self.model.config.patch_weight > 0 and mixture is not None and mixture.fitted
 
     def set_max_iterations(self, n: int) -> None:
         if self.kind == "unrolled":
@@ -125,6 +132,15 @@ class LearnedMethod(ReconstructionMethod):
                 raise DripError("--edge-scale applies with reweighting (--reweight K; this "
                                 "model does not reweight by default)")
             config.edge_scale = edge_scale
+
+    def set_patch_weight(self, weight: float) -> None:
+        """The weight of the patch-mixture pass (``--patch-weight``; 0 skips the pass)."""
+        mixture = None if self.kind == "unrolled" else self.model.patch_prior
+        if weight > 0 and (mixture is None or not mixture.fitted):
+            raise DripError("--patch-weight needs a drip model with a patch mixture (train one "
+                            "with drip train --patch-components K)", self.path)
+        if mixture is not None:
+            self.model.config.patch_weight = weight
 
     def solve(self, op, b, radius, progress=None):
         self.model.to(b.device)

@@ -13,6 +13,7 @@ from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
 from .convex import ConvexFilterRegularizer
 from .embedding import Embedding
 from .leapfrog import LeapfrogRegularizer
+from .patches import PatchAugmented, PatchMixture
 from .unrolled import UnrolledNetwork
 
 # convex: the default, a convex lower-level problem; leapfrog: deeper and non-convex (see its
@@ -71,6 +72,12 @@ class ModelConfig:
     # with a lower weighted R than that cold pass on every set measured, after 25-38% fewer
     # iterations (see DripModel.solve)
     reweight_stationarity_tolerance: float = 0.02
+    # a last pass with a patch-mixture term (.patches; convex regularizers only): the mixture's
+    # components (0: none; drip train --patch-components fits them to the training images) and
+    # the term's weight (0: the pass is skipped; drip train chooses it on the validation split,
+    # drip reconstruct --patch-weight overrides)
+    patch_components: int = 0
+    patch_weight: float = 0.0
 
     def __post_init__(self):
         if self.layers == 0:
@@ -95,10 +102,14 @@ class ModelConfig:
             problem = setting_type_problem(name, value, default)
             if problem:
                 raise ValueError(f"model {problem}")
-            least = 0 if name in ("latent_channels", "layers", "reweight") else 1
+            least = 0 if name in ("latent_channels", "layers", "reweight",
+                                  "patch_components") else 1
             if isinstance(default, int) and value < least:
                 raise ValueError(f"model setting {name} = {value} must be at least {least}")
-            if isinstance(default, float) and value <= 0:
+            if isinstance(default, float) and name == "patch_weight":
+                if value < 0:
+                    raise ValueError(f"model setting {name} = {value} must not be negative")
+            elif isinstance(default, float) and value <= 0:
                 raise ValueError(f"model setting {name} = {value} must be positive")
         return cls(**values)
 
@@ -141,6 +152,10 @@ class DripModel(torch.nn.Module):
             self.regularizer = LeapfrogRegularizer(**common, layers=config.layers)
         else:
             self.regularizer = ConvexFilterRegularizer(**common)
+        if config.patch_components and config.architecture != "convex":
+            raise ValueError("a patch mixture needs the convex architecture")
+        self.patch_prior = (PatchMixture(config.patch_components, config.image_channels)
+                            if config.patch_components else None)
 
     @property
     def reach(self) -> int:
@@ -153,7 +168,7 @@ class DripModel(torch.nn.Module):
         return edge_weights(u, self.config.edge_scale)
 
     def solve(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, progress=None,
-              **overrides):
+              patch_weight: float | None = None, **overrides):
         """Reconstruct a batch; returns :class:`drip_cli.solvers.drip.DripSolution`.
         ``progress(fraction)``, where given, hears of the samples each pass finishes, each pass
         an equal share of the work.
@@ -171,23 +186,26 @@ class DripModel(torch.nn.Module):
         iterations) lands at 32.10 / 29.94 dB at 2 / 5%, where the CGLS start stopped at 32.16 /
         29.97 and this one at 32.10 / 29.95: the CGLS start's extra 0.05 dB came from stopping
         early on its path, not from the minimiser. The passes before the last stop at the looser
-        ``config.guide_tolerance``. ``iterations`` counts all passes; ``regularizer_value`` is
-        the unweighted ``R`` at the final solution."""
+        ``config.guide_tolerance``. With a fitted patch mixture and a positive ``patch_weight``
+        (``None``: ``config.patch_weight``) one more pass adds the patch term (:mod:`.patches`),
+        its components picked from the last solution, its pixel weights the last pass's, started
+        there and stopped like the last pass. ``iterations`` counts all passes;
+        ``regularizer_value`` is the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip
 
-        settings = dict(max_iterations=self.config.max_iterations, tolerance=self.config.tolerance,
-                        stationarity_tolerance=self.config.stationarity_tolerance,
-                        projection_iterations=self.config.projection_iterations,
-                        projection_tolerance=self.config.projection_tolerance)
-        settings.update(overrides)
+        settings = self._settings(overrides)
         if self.config.reweight and not self.regularizer.convex:
             raise ValueError("reweighting needs a convex regularizer")
         passes = self.config.reweight
         guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
-        warm = {"stationarity_tolerance": self.config.reweight_stationarity_tolerance}
+        warm = self._warm
+        patch_weight = self.config.patch_weight if patch_weight is None else patch_weight
+        patch_pass = (patch_weight > 0 and self.patch_prior is not None
+                      and self.patch_prior.fitted)
+        total = passes + 1 + patch_pass
 
-        def share(i):   # pass i of passes + 1 reports its own fraction as a share of the whole
-            return None if progress is None else (lambda f: progress((i + f) / (passes + 1)))
+        def share(i):   # pass i of the solve's passes reports its fraction as a share of the whole
+            return None if progress is None else (lambda f: progress((i + f) / total))
 
         result = solve_drip(op, self.embedding, self.regularizer, b, radius, progress=share(0),
                             **(guide if passes else settings))
@@ -201,4 +219,39 @@ class DripModel(torch.nn.Module):
             again.iterations = again.iterations + result.iterations
             again.guide_latents = list(guides)
             result = again
+        if patch_pass:
+            result = self.patch_pass(op, b, radius, result, patch_weight,
+                                     progress=share(passes + 1), **overrides)
         return result
+
+    def patch_pass(self, op: LinearOperator, b: torch.Tensor, radius: torch.Tensor, previous,
+                   weight: float, progress=None, **overrides):
+        """The patch-mixture pass (:mod:`.patches`) at ``weight`` after the solve ``previous``
+        (a :class:`~drip_cli.solvers.drip.DripSolution` of these measurements): its components
+        picked from ``previous.solution``, its pixel weights ``previous.pixel_weights``, started
+        from ``previous.latent`` and stopped like a reweighted pass. Needs a fitted mixture."""
+        from ..solvers.drip import solve_drip
+
+        if self.patch_prior is None or not self.patch_prior.fitted:
+            raise ValueError("this model has no fitted patch mixture")
+        regularizer = PatchAugmented(self.regularizer, self.embedding, self.patch_prior, weight)
+        result = solve_drip(op, self.embedding, regularizer, b, radius, z0=previous.latent,
+                            pixel_weights=previous.pixel_weights,
+                            terms={"patch_labels": self.patch_prior.labels(previous.solution)},
+                            progress=progress, **{**self._settings(overrides), **self._warm})
+        result.iterations = result.iterations + previous.iterations
+        result.guide_latents = [*(previous.guide_latents or []), previous.latent]
+        return result
+
+    def _settings(self, overrides: dict) -> dict:
+        """The solver settings of the config, with ``overrides``."""
+        config = self.config
+        return {**dict(max_iterations=config.max_iterations, tolerance=config.tolerance,
+                       stationarity_tolerance=config.stationarity_tolerance,
+                       projection_iterations=config.projection_iterations,
+                       projection_tolerance=config.projection_tolerance), **overrides}
+
+    @property
+    def _warm(self) -> dict:
+        """The stopping test of a pass started from the previous pass's solution."""
+        return {"stationarity_tolerance": self.config.reweight_stationarity_tolerance}

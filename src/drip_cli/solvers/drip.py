@@ -133,6 +133,7 @@ def solve_drip(
     final_projection_iterations: int = 1000,
     projection_tolerance: float = 1e-3,
     pixel_weights: torch.Tensor | None = None,
+    terms: dict[str, torch.Tensor] | None = None,
     progress=None,
 ) -> DripSolution:
     """Solve the lower-level problem for a batch (see the module docstring).
@@ -142,7 +143,11 @@ def solve_drip(
     ``final_projection_iterations`` caps the CGLS runs that start (from zero) and end the solve.
     ``pixel_weights`` (``(N, 1, H, W)``, positive; convex regularizers only) weighs ``R``'s
     terms per pixel (:mod:`drip_cli.regularizers.adaptive`); the steps and their bound scale
-    with each sample's largest weight. The returned ``regularizer_value`` is the unweighted ``R``.
+    with each sample's largest weight. ``terms``: more per-sample tensors (first dimension ``N``)
+    the regularizer takes as keywords, such as the patch labels of
+    :class:`~drip_cli.regularizers.patches.PatchAugmented`, whose ``unweighted_lipschitz(shape)``
+    adds to the bound after the pixel weights' scaling. The returned ``regularizer_value`` is
+    the unweighted ``R`` (without ``terms``).
     ``progress(fraction)``, where given, is called with the share of samples finished whenever
     some finish.
     """
@@ -164,7 +169,9 @@ def solve_drip(
         if progress is not None and len(rows) < n:
             progress(1 - len(rows) / n)
     b_work, radius_work = b[rows], radius_work[rows]
-    weights_work = None if pixel_weights is None else pixel_weights[rows]
+    # what the regularizer takes per sample, sliced with the working set
+    terms = {**(terms or {}), **({} if pixel_weights is None else {"pixel_weights": pixel_weights})}
+    terms_work = {name: value[rows] for name, value in terms.items()}
     if z0 is not None:
         z0 = z0[rows]
     elif len(rows):  # the discrepancy-principle CGLS solution in latent space: feasible
@@ -175,10 +182,12 @@ def solve_drip(
     bounds = regularizer.curvature_and_lipschitz_bound(shape=forward_op.image_shape)
     curvature, lipschitz = (t.to(b.dtype) for t in bounds)
     # a pixel weight m scales R's curvature by at most max(m)
-    scale = (torch.ones(len(rows), dtype=b.dtype, device=b.device) if weights_work is None
-             else weights_work.to(b.dtype).flatten(1).amax(1))
-    safe_step = 1.0 / (lipschitz * scale)                         # guaranteed: 1 / L
-    step = 1.0 / (curvature * scale)                  # first guess, backtracked if above 1 / L
+    scale = (torch.ones(len(rows), dtype=b.dtype, device=b.device) if pixel_weights is None
+             else terms_work["pixel_weights"].to(b.dtype).flatten(1).amax(1))
+    unweighted = getattr(regularizer, "unweighted_lipschitz", None)
+    offset = 0.0 if unweighted is None else unweighted(forward_op.image_shape)
+    safe_step = 1.0 / (lipschitz * scale + offset)                # guaranteed: 1 / L
+    step = 1.0 / (curvature * scale + offset)         # first guess, backtracked if above 1 / L
 
     z, z_prev = z0, z0
     momentum_t = torch.ones(len(rows), dtype=b.dtype, device=b.device)
@@ -191,7 +200,7 @@ def solve_drip(
         y = z + per_sample(beta, z) * (z - z_prev)
         z_new, step, stationarity, capped = _backtracking_step(
             forward_op, regularizer, b_work, radius_work, y, step, safe_step,
-            projection_iterations, watch.accuracy, weights_work)
+            projection_iterations, watch.accuracy, terms_work)
         stuck = watch.update(z_new, stationarity, capped, tolerance)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
@@ -207,8 +216,7 @@ def solve_drip(
             z, z_prev, momentum_t, step = z[keep], z_prev[keep], momentum_t[keep], step[keep]
             b_work, radius_work, safe_step = b_work[keep], radius_work[keep], safe_step[keep]
             watch.keep(keep)
-            if weights_work is not None:
-                weights_work = weights_work[keep]
+            terms_work = {name: value[keep] for name, value in terms_work.items()}
             if progress is not None:
                 progress(1 - len(rows) / n)
     # Every iterate was projected, but a projection capped at projection_iterations may have
@@ -221,15 +229,16 @@ def solve_drip(
 
 
 def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
-                       projection_iterations, projection_tolerance, pixel_weights=None):
+                       projection_iterations, projection_tolerance, terms):
     """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
     until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
     ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``.
-    ``projection_tolerance`` is per sample. Returns ``z``, the steps, the stationarity
+    ``projection_tolerance`` is per sample; ``terms`` are the regularizer's per-sample keywords.
+    Returns ``z``, the steps, the stationarity
     ``||d|| / (t ||grad R(y)||)`` and whether the projection reached ``projection_iterations``
     Krylov steps, per sample."""
-    def weighted(rows):   # R's keyword for the pixel weights of these rows, if any
-        return {} if pixel_weights is None else {"pixel_weights": pixel_weights[rows]}
+    def weighted(rows):   # R's per-sample keywords for these rows
+        return {name: value[rows] for name, value in terms.items()}
 
     step = torch.maximum(step, safe_step)
     if bool((step > safe_step).any()):   # a step may backtrack: its test needs R(y)

@@ -90,6 +90,11 @@ def test_fit_is_deterministic_and_separates_patch_kinds():
     labels = first.labels(images)
     assert len(set(labels[:20].flatten().tolist())) == 1
     assert set(labels[20:].flatten().tolist()).isdisjoint(labels[:20].flatten().tolist())
+    colour = PatchMixture(2, channels=3)   # colour patches: each channel's mean removed
+    assert np.isfinite(colour.fit(images.expand(-1, 3, -1, -1) * torch.tensor(
+        [1.0, 0.8, 0.5])[:, None, None], seed=0))
+    assert colour.covariances.shape == (2, 192, 192)
+    assert colour.labels(images.expand(-1, 3, -1, -1)).shape == (40, 25)
 
 
 def test_patch_augmented_gradient_matches_autograd():

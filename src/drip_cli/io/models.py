@@ -109,13 +109,13 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str
             raise DripError("not a drip model file (no drip_format = model in its header)", path)
         info = ModelInfo.from_metadata(meta)
         model = build_model(info.config)
-        model.load_state_dict(load_file(str(path)))
-        if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
-            raise DripError("the model's weights contain NaN or Inf", path)
         height, width = info.image_shape[1:]
         if model.reach > min(height, width):   # as drip train refuses to make
             raise DripError(f"the model's filters reach {model.reach} pixels, more than its "
                             f"{height}x{width} images hold (kernel_size, dilation_levels)", path)
+        model.load_state_dict(load_file(str(path)))
+        if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
+            raise DripError("the model's weights contain NaN or Inf", path)
     except DripError:
         raise
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:

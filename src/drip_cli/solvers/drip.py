@@ -237,14 +237,14 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
     Returns ``z``, the steps, the stationarity
     ``||d|| / (t ||grad R(y)||)`` and whether the projection reached ``projection_iterations``
     Krylov steps, per sample."""
-    def weighted(rows):   # R's per-sample keywords for these rows
-        return {name: value[rows] for name, value in terms.items()}
+    def weighted(rows=None):   # R's per-sample keywords, of these rows (None: all, as they are)
+        return terms if rows is None else {name: value[rows] for name, value in terms.items()}
 
     step = torch.maximum(step, safe_step)
     if bool((step > safe_step).any()):   # a step may backtrack: its test needs R(y)
-        value_y, gradient_y = regularizer.value_and_gradient(y, **weighted(slice(None)))
+        value_y, gradient_y = regularizer.value_and_gradient(y, **weighted())
     else:   # every step at 1 / L: no test, no value (the convex family's usual case)
-        value_y, gradient_y = None, regularizer.gradient(y, **weighted(slice(None)))
+        value_y, gradient_y = None, regularizer.gradient(y, **weighted())
 
     capped = torch.zeros(len(y), dtype=torch.bool, device=y.device)
 

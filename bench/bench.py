@@ -5,7 +5,8 @@
    crops, Gaussian blur sigma 2, 2% noise: seconds, images per second, PSNR and the largest
    discrepancy ratio. DRIP uses ``--model`` (default: the pretrained sample model when present,
    else an untrained model, i.e. the regularizer's starting point, reported as such), and a
-   model trained with reweighting also runs as a single pass (``--reweight 0``); the
+   model with a patch pass also runs without it (``--patch-weight 0``), and one with more than
+   one pass as a single solve (``--reweight 0 --patch-weight 0``); the
    unrolled baseline uses ``--unrolled`` (default: its sample model, skipped when absent).
    The same for limited-angle tomography (32 angles over 120 degrees) with
    ``--tomography-model`` (default: its sample model; no unrolled network). ``--reconstruct
@@ -70,21 +71,32 @@ def learned_method(path: Path | None, architecture: str, operator_kind: str = "b
     return method
 
 
-def single_pass(path: Path | None, drip, operator_kind: str) -> LearnedMethod | None:
-    """The same model without its reweighting passes (``--reweight 0``), where it has some."""
-    if not drip.model.config.reweight:
-        return None
-    method = learned_method(path, "convex", operator_kind)
-    method.set_reweight(0)
-    method.label = "drip --reweight 0"
-    return method
+def fewer_passes(path: Path | None, drip, operator_kind: str) -> list[LearnedMethod]:
+    """The same model without its patch pass (``--patch-weight 0``), where it has one, and as a
+    single solve (``--reweight 0``, and ``--patch-weight 0``), where it has more than one pass."""
+    config = drip.model.config
+    patch = config.patch_weight > 0 and drip.model.patch_prior is not None
+    variants = []
+    if patch:
+        variants.append(({"patch_weight": 0.0}, "drip --patch-weight 0"))
+    if config.reweight:
+        variants.append(({"reweight": 0, "patch_weight": 0.0},
+                         "drip --reweight 0" + (" --patch-weight 0" if patch else "")))
+    methods = []
+    for settings, label in variants:
+        method = learned_method(path, "convex", operator_kind)
+        method.set_reweight(settings.get("reweight"))
+        method.set_patch_weight(settings["patch_weight"])
+        method.label = label
+        methods.append(method)
+    return methods
 
 
 def reconstruction_methods(model: Path | None, operator_kind: str, unrolled: Path | None):
-    """CGLS, TV, the DRIP model (and its single pass, where it reweights) and the unrolled
-    network where there is one."""
+    """CGLS, TV, the DRIP model (and with fewer passes, where it has more than one) and the
+    unrolled network where there is one."""
     drip = learned_method(model, "convex", operator_kind)
-    methods = [CGLSMethod(), TVMethod(), drip, single_pass(model, drip, operator_kind),
+    methods = [CGLSMethod(), TVMethod(), drip, *fewer_passes(model, drip, operator_kind),
                learned_method(unrolled, "unrolled")]
     return [m for m in methods if m is not None]
 

@@ -52,12 +52,17 @@ def untrained_model(name: str) -> Path:
     return path
 
 
-def reweights(model: Path) -> bool:
-    """Whether a model reconstructs with edge-adaptive reweighting by default (the demo then
-    also shows it as a single pass, --reweight 0)."""
+def single_solve(model: Path) -> list[str]:
+    """The options that make a model's reconstruction one convex solve (--reweight 0, and
+    --patch-weight 0 where it has a patch pass), which the demo shows too; none for a model
+    that solves once by default."""
     from drip_cli.io.models import load_model
 
-    return load_model(model)[1].config.reweight > 0
+    config = load_model(model)[1].config
+    options = ["--reweight", "0"] if config.reweight else []
+    if config.patch_components and config.patch_weight > 0:
+        options += ["--patch-weight", "0"]
+    return options
 
 
 def drip(*args: str) -> None:
@@ -76,8 +81,8 @@ def main() -> None:
         if not pretrained:
             model = untrained_model(name)
         runs = [(method, []) for method in METHODS] + [("drip", [])]
-        if pretrained and reweights(model):
-            runs.append(("drip", ["--reweight", "0"]))
+        if pretrained and single_solve(model):
+            runs.append(("drip", single_solve(model)))
         for method, options in runs:
             label = " ".join([method, *options])
             console.rule(f"{name} ({description}): {label}")

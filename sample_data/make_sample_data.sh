@@ -31,8 +31,8 @@ drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz
 # for blur, limited-angle tomography and inpainting, and the unrolled baseline for blur, each
 # trained for 10 minutes with drip train's defaults, which depend on the operator (one
 # edge-adaptive reweighting pass for DRIP; on tomography a sharp start, eps 0.001, and tighter
-# training solves); the blur and tomography models also with a patch mixture of 20 components
-# (its pass after the others, its weight chosen on the validation split).
+# training solves); the three DRIP models also with a patch mixture of 20 components (its
+# pass after the others, its weight chosen on the validation split).
 # Training data: 1000 crops of five other photographs, never the four test photographs above.
 if [[ "${1:-}" == "--with-model" ]]; then
     TRAIN="$(mktemp -d)"
@@ -56,7 +56,8 @@ if [[ "${1:-}" == "--with-model" ]]; then
     drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$TRAIN/train_inp.h5" \
         --operator inpainting --keep-fraction 0.5 --noise-percent 2 --crop-size 64 \
         --crops-per-image 200 --seed 3 --quiet
-    drip train "$TRAIN/train_inp.h5" --out "$TRAIN/inp" --noise-percent 1:5 --max-minutes 10 --quiet
+    drip train "$TRAIN/train_inp.h5" --out "$TRAIN/inp" --noise-percent 1:5 --max-minutes 10 \
+        --patch-components 20 --quiet
     cp "$TRAIN/inp/model.safetensors" drip_inpainting.safetensors
     cp "$TRAIN/inp/history.csv" drip_inpainting_history.csv
     rm -rf "$TRAIN"

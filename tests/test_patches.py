@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import DEVICES
 from drip_cli.io.models import load_model
@@ -222,3 +223,22 @@ def test_patch_options_refused_where_they_do_not_apply(patch_run, tmp_path):
     assert load_model(tmp_path / "to_patch")[0].patch_prior.fitted
     assert json.loads((tmp_path / "to_patch" / "config.json").read_text())["model"][
         "patch_components"] == 2
+
+
+def test_resumed_run_with_a_mixture_ends_with_the_same_weights(patch_run, tmp_path):
+    """The mixture is fitted once, at the start, and travels in the checkpoint: a run stopped
+    and resumed ends with exactly the weights, mixture and chosen weight of an uninterrupted
+    one."""
+    data, _ = patch_run
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    options = ["--epochs", 2, "--patch-components", 2, *FAST]
+    assert run_cli("train", data, "--out", whole, *options).exit_code == 0
+    first = run_cli("train", data, "--out", split, "--max-steps", 2, *options)
+    assert first.exit_code == 0, first.stderr
+    second = run_cli("train", data, "--out", split, "--resume", "--device", "cpu", "-q")
+    assert second.exit_code == 0, second.stderr
+    a = load_file(str(whole / "checkpoint.safetensors"))
+    b = load_file(str(split / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and "patch_prior.covariances" in a
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert load_model(whole)[1].config.patch_weight == load_model(split)[1].config.patch_weight

@@ -17,7 +17,7 @@ pass, and it is zero at constant images, so the convex family's shortcut for fla
 training images, not trained through the solver.
 
 Why it is there (docs/quality.md, "A patch mixture prior"): the patch term's errors are not the
-filter bank's, and on the held-out crops of the README the pass gained 0.1-0.2 dB over the
+filter bank's, and on the held-out crops of the README the pass gained 0.08-0.22 dB over the
 model's own solution on blur and tomography, where no change to the filter family had.
 """
 
@@ -36,13 +36,14 @@ PATCH_SIZE = 8
 # at 2% noise (32 held-out crops, 32.30 against 32.35 dB at each one's best weight)
 PATCH_STRIDE = 2
 # added to each covariance inside the quadratic: the smallest eigenvalues of natural patches'
-# covariances lie near the fit's floor (1e-6); 1e-4 instead of 1e-5 cost 0.1-0.2 dB
+# covariances lie near the fit's floor (1e-6); 1e-4 instead of 1e-5 cost 0.08 dB (tomography,
+# 2% noise, docs/design.md)
 PRECISION_FLOOR = 1e-5
 # added to each covariance when a patch of a solution picks its component (the solution's own
-# error); measured on the first held-out set, tomography at 2% noise
+# error); 2e-3 instead gave 0.24 dB less on tomography at 2% noise (docs/quality.md)
 LABEL_VARIANCE = 1e-4
 FIT_FLOOR = 1e-6          # kept on every fitted covariance's diagonal
-FIT_PATCHES = 60_000      # patches drawn for EM (30 iterations: about 26 s on 2 CPU cores)
+FIT_PATCHES = 60_000      # patches drawn for EM (30 iterations: 16-26 s on 2 CPU cores)
 FIT_ITERATIONS = 30
 
 
@@ -87,8 +88,9 @@ class PatchMixture(torch.nn.Module):
         eye = torch.eye(d, dtype=patches.dtype)
         for _ in range(iterations):
             counts = responsibilities.sum(0) + 1e-10
-            covariances = (torch.einsum("nk,nd,ne->kde", responsibilities, patches, patches)
-                           / counts[:, None, None] + FIT_FLOOR * eye)
+            # one component at a time: no (n, K, d) product in memory (300 MB for grayscale)
+            covariances = torch.stack([(patches * responsibilities[:, j:j + 1]).t() @ patches
+                                       for j in range(k)]) / counts[:, None, None] + FIT_FLOOR * eye
             log_weights = torch.log(counts / n)
             likelihood = self._log_likelihoods(patches, covariances, log_weights)
             total = torch.logsumexp(likelihood, 1)
@@ -116,8 +118,8 @@ class PatchMixture(torch.nn.Module):
         n = len(u)
         patches = centred_patches(u.to(torch.float32)).flatten(0, 1)
         eye = torch.eye(patches.shape[1], dtype=patches.dtype, device=patches.device)
-        covariances = self.covariances.to(patches.device) + LABEL_VARIANCE * eye
-        likelihood = self._log_likelihoods(patches, covariances, self.log_weights.to(u.device))
+        covariances = self.covariances.to(patches) + LABEL_VARIANCE * eye
+        likelihood = self._log_likelihoods(patches, covariances, self.log_weights.to(patches))
         return likelihood.argmax(1).view(n, -1)
 
     def precisions(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

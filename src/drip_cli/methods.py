@@ -106,8 +106,7 @@ class LearnedMethod(ReconstructionMethod):
 
     @property
     def _patch_pass(self) -> bool:
-        mixture = self.model.patch_prior
-        return self.model.config.patch_weight > 0 and mixture is not None and mixture.fitted
+        return self.model.config.patch_weight > 0 and self.model.has_patch_mixture
 
     def set_max_iterations(self, n: int) -> None:
         if self.kind == "unrolled":
@@ -135,11 +134,11 @@ class LearnedMethod(ReconstructionMethod):
 
     def set_patch_weight(self, weight: float) -> None:
         """The weight of the patch-mixture pass (``--patch-weight``; 0 skips the pass)."""
-        mixture = None if self.kind == "unrolled" else self.model.patch_prior
-        if weight > 0 and (mixture is None or not mixture.fitted):
+        has_mixture = self.kind == "drip" and self.model.has_patch_mixture
+        if weight > 0 and not has_mixture:
             raise DripError("--patch-weight needs a drip model with a patch mixture (train one "
                             "with drip train --patch-components K)", self.path)
-        if mixture is not None:
+        if has_mixture:
             self.model.config.patch_weight = weight
 
     def solve(self, op, b, radius, progress=None):

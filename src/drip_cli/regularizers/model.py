@@ -158,6 +158,11 @@ class DripModel(torch.nn.Module):
                             if config.patch_components else None)
 
     @property
+    def has_patch_mixture(self) -> bool:
+        """Whether the model has a fitted patch mixture, so a patch pass can run."""
+        return self.patch_prior is not None and self.patch_prior.fitted
+
+    @property
     def reach(self) -> int:
         """The smallest image side the regularizer's filters fit in."""
         return self.regularizer.reach
@@ -200,9 +205,8 @@ class DripModel(torch.nn.Module):
         guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
         warm = self._warm
         patch_weight = self.config.patch_weight if patch_weight is None else patch_weight
-        patch_pass = (patch_weight > 0 and self.patch_prior is not None
-                      and self.patch_prior.fitted)
-        total = passes + 1 + patch_pass
+        with_patches = patch_weight > 0 and self.has_patch_mixture
+        total = passes + 1 + with_patches
 
         def share(i):   # pass i of the solve's passes reports its fraction as a share of the whole
             return None if progress is None else (lambda f: progress((i + f) / total))
@@ -219,7 +223,7 @@ class DripModel(torch.nn.Module):
             again.iterations = again.iterations + result.iterations
             again.guide_latents = list(guides)
             result = again
-        if patch_pass:
+        if with_patches:
             result = self.patch_pass(op, b, radius, result, patch_weight,
                                      progress=share(passes + 1), **overrides)
         return result
@@ -232,7 +236,7 @@ class DripModel(torch.nn.Module):
         from ``previous.latent`` and stopped like a reweighted pass. Needs a fitted mixture."""
         from ..solvers.drip import solve_drip
 
-        if self.patch_prior is None or not self.patch_prior.fitted:
+        if not self.has_patch_mixture:
             raise ValueError("this model has no fitted patch mixture")
         regularizer = PatchAugmented(self.regularizer, self.embedding, self.patch_prior, weight)
         result = solve_drip(op, self.embedding, regularizer, b, radius, z0=previous.latent,

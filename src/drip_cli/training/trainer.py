@@ -571,8 +571,7 @@ class Trainer:
         else:
             b, sigma = self._simulate(x, *self._validation_noise)
         radius = discrepancy_radius(self.op, sigma, self.config.tau)
-        mixture = getattr(self.model, PATCH_PRIOR, None)
-        choose = mixture is not None and mixture.fitted
+        choose = getattr(self.model, "has_patch_mixture", False)   # (unrolled: no solve)
 
         def mean_psnr(result):
             return float(psnr(result.solution.cpu().numpy(), x.cpu().numpy()).mean())

@@ -427,6 +427,26 @@ def test_sigterm_removes_the_output_in_progress(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.h5"]
 
 
+def test_sigterm_turned_into_a_library_error_is_still_a_termination(capsys):
+    """SIGTERM arriving inside h5py once came back as its own TypeError ("Operation not defined
+    for data type class") and was reported as an unexpected error with status 1."""
+    import os
+    import signal
+
+    import typer
+
+    from drip_cli.cli import _errors
+
+    with pytest.raises(typer.Exit) as stopped:
+        with _errors(False):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except BaseException as exc:   # what the library does with it
+                raise TypeError("Operation not defined for data type class") from exc
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err.strip() == "drip: error: terminated; no output was written"
+
+
 def test_usage_errors_exit_2(tmp_path):
     assert run_cli("reconstruct").exit_code == 2
     assert run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "fourier").exit_code == 2

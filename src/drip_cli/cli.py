@@ -60,10 +60,6 @@ class Terminated(KeyboardInterrupt):
     progress is removed, a training run keeps its last checkpoint."""
 
 
-def _terminate(signum, frame):
-    raise Terminated
-
-
 @contextlib.contextmanager
 def _on_sigterm(handler):
     if threading.current_thread() is not threading.main_thread():  # (signals: main thread only)
@@ -104,9 +100,20 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
     """Map every failure to one stderr line and exit status 1, unless ``--debug``; Ctrl-C and
     SIGTERM to the line ``interrupted("interrupted" or "terminated")`` returns and exit status
     130 or 143 (128 + the signal's number, as shells report). A :class:`DripWarning` raised on
-    the way is printed as one ``drip: warning:`` line."""
+    the way is printed as one ``drip: warning:`` line. A SIGTERM that a library turned into an
+    error of its own (h5py, caught creating a dataset, raised a TypeError) is a termination too."""
+    signalled = []
+
+    def terminate(signum, frame):
+        signalled.append(signum)
+        raise Terminated
+
+    def stop(terminated: bool):
+        error_line(interrupted("terminated" if terminated else "interrupted"))
+        return typer.Exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+
     try:
-        with _on_sigterm(_terminate), _warnings_as_lines():
+        with _on_sigterm(terminate), _warnings_as_lines():
             yield
     except (typer.Exit, typer.Abort):
         raise
@@ -116,10 +123,10 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
         error_line(str(exc))
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        error_line(interrupted("terminated" if terminated else "interrupted"))
-        raise typer.Exit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
+        raise stop(isinstance(exc, Terminated)) from None
     except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
+        if signalled:
+            raise stop(True) from None
         if debug:
             raise
         if _out_of_memory(exc):

@@ -16,7 +16,8 @@ from drip_cli.io.models import load_model
 from drip_cli.operators import Blur, gaussian_psf
 from drip_cli.regularizers import ConvexFilterRegularizer, Embedding
 from drip_cli.regularizers.model import DripModel, ModelConfig
-from drip_cli.regularizers.patches import PATCH_SIZE, PatchAugmented, PatchMixture
+from drip_cli.regularizers.patches import (PATCH_SIZE, PRECISION_FLOOR, PatchAugmented,
+                                          PatchMixture, centred_patches)
 from drip_cli.solvers import discrepancy_radius, discrepancy_ratio
 from helpers import assert_one_line_error, run_cli, write_small_file
 from test_training import TINY
@@ -53,6 +54,20 @@ def test_patch_term_gradient_matches_autograd(device, channels):
                                                  device=device)[:, None, None]
         assert float(mixture.value(flat, labels).abs().max()) < 1e-6 * float(
             mixture.value(u, labels).min())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_patch_term_is_the_sum_over_unfolded_patches(channels):
+    """Q(u) = sum_i c_i^T (S_k(i) + eps I)^-1 c_i over the centred patches c_i that
+    centred_patches unfolds: the gathered form picks the same pixels in the same order."""
+    mixture = random_mixture(channels=channels, seed=1)
+    u = torch.randn(2, channels, 15, 18, dtype=torch.float64)
+    labels = mixture.labels(u)
+    patches = centred_patches(u)   # (N, L, d)
+    d = patches.shape[-1]
+    inverse = torch.linalg.inv(mixture.covariances + PRECISION_FLOOR * torch.eye(d))[labels]
+    expected = torch.einsum("nld,nlde,nle->n", patches, inverse, patches)
+    assert torch.allclose(mixture.value(u, labels), expected, rtol=1e-7)
 
 
 def test_patch_term_is_convex_and_its_hessian_bounded():

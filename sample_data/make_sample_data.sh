@@ -31,7 +31,7 @@ drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz
 # for blur, limited-angle tomography and inpainting, and the unrolled baseline for blur, each
 # trained for 10 minutes with drip train's defaults, which depend on the operator (one
 # edge-adaptive reweighting pass for DRIP; on tomography a sharp start, eps 0.001, and tighter
-# training solves); the three DRIP models also with a patch mixture of 20 components (its
+# training solves); the three DRIP models also with a patch mixture of 80 components (its
 # pass after the others, its weight chosen on the validation split).
 # Training data: 1000 crops of five other photographs, never the four test photographs above.
 if [[ "${1:-}" == "--with-model" ]]; then
@@ -39,7 +39,7 @@ if [[ "${1:-}" == "--with-model" ]]; then
     drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$TRAIN/train_blur.h5" \
         --operator blur --blur-sigma 2 --noise-percent 2 --crop-size 64 --crops-per-image 200 --seed 3 --quiet
     drip train "$TRAIN/train_blur.h5" --out "$TRAIN/run" --noise-percent 1:5 --max-minutes 10 \
-        --patch-components 20 --quiet
+        --patch-components 80 --quiet
     cp "$TRAIN/run/model.safetensors" drip_blur.safetensors
     cp "$TRAIN/run/history.csv" drip_blur_history.csv
     drip train "$TRAIN/train_blur.h5" --out "$TRAIN/unrolled" --noise-percent 1:5 --max-minutes 10 \
@@ -50,14 +50,14 @@ if [[ "${1:-}" == "--with-model" ]]; then
         --operator tomography --angles 32 --angle-range 120 --noise-percent 2 --crop-size 64 \
         --crops-per-image 200 --seed 3 --quiet
     drip train "$TRAIN/train_tomo.h5" --out "$TRAIN/tomo" --noise-percent 1:5 --max-minutes 10 \
-        --patch-components 20 --quiet
+        --patch-components 80 --quiet
     cp "$TRAIN/tomo/model.safetensors" drip_tomography.safetensors
     cp "$TRAIN/tomo/history.csv" drip_tomography_history.csv
     drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$TRAIN/train_inp.h5" \
         --operator inpainting --keep-fraction 0.5 --noise-percent 2 --crop-size 64 \
         --crops-per-image 200 --seed 3 --quiet
     drip train "$TRAIN/train_inp.h5" --out "$TRAIN/inp" --noise-percent 1:5 --max-minutes 10 \
-        --patch-components 20 --quiet
+        --patch-components 80 --quiet
     cp "$TRAIN/inp/model.safetensors" drip_inpainting.safetensors
     cp "$TRAIN/inp/history.csv" drip_inpainting_history.csv
     rm -rf "$TRAIN"

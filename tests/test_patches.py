@@ -181,6 +181,9 @@ def patch_run(tmp_path_factory):
     result = run_cli("train", data, "--out", folder / "run", "--epochs", 1,
                      "--patch-components", 2, *FAST)
     assert result.exit_code == 0, result.stderr
+    # 11 training images of 12x12 give 44 patches: too few for even one component of 64 pixels
+    assert ("warning: --patch-components: the patch mixture's fit has 44 patches for 2 "
+            "components" in result.stderr and "needs more (or larger) images" in result.stderr)
     return data, folder / "run"
 
 

@@ -43,7 +43,11 @@ PRECISION_FLOOR = 1e-5
 # error); 2e-3 instead gave 0.24 dB less on tomography at 2% noise (docs/quality.md)
 LABEL_VARIANCE = 1e-4
 FIT_FLOOR = 1e-6          # kept on every fitted covariance's diagonal
-FIT_PATCHES = 60_000      # patches drawn for EM (30 iterations: 16-26 s on 2 CPU cores)
+FIT_PATCHES = 60_000      # patches drawn for EM (30 iterations: 8 s for 20 components, 31 s for 80)
+FIT_STRIDE = 4            # the grid the fit draws its patches from
+# fewer patches per component than this many times the patch dimension leave the fitted
+# covariances ill-determined (each has d (d + 1) / 2 entries); drip train warns
+FIT_PATCHES_PER_DIMENSION = 10
 FIT_ITERATIONS = 30
 
 
@@ -94,7 +98,7 @@ class PatchMixture(torch.nn.Module):
         ``(N, C, H, W)``; the start sorts the patches by energy into ``K`` equal groups.
         Returns the mean log-likelihood per patch."""
         k = len(self.log_weights)
-        patches = centred_patches(images.to(torch.float32), stride=4).flatten(0, 1)
+        patches = centred_patches(images.to(torch.float32), stride=FIT_STRIDE).flatten(0, 1)
         gen = torch.Generator().manual_seed(seed)
         patches = patches[torch.randperm(len(patches), generator=gen)[:max_patches]]
         n, d = patches.shape
@@ -114,6 +118,22 @@ class PatchMixture(torch.nn.Module):
         self.covariances.copy_(covariances)
         self.log_weights.copy_(log_weights)
         return float(total.mean())
+
+    def fit_shortfall(self, shape: tuple[int, ...]) -> str | None:
+        """Why a fit to images of ``shape`` ``(N, C, H, W)`` would be ill-determined (fewer than
+        ``FIT_PATCHES_PER_DIMENSION d`` patches per component), or None."""
+        n, _, h, w = shape
+        count = min(FIT_PATCHES, n * ((h - PATCH_SIZE) // FIT_STRIDE + 1)
+                    * ((w - PATCH_SIZE) // FIT_STRIDE + 1))
+        k, d = self.covariances.shape[:2]
+        if count >= FIT_PATCHES_PER_DIMENSION * d * k:
+            return None
+        enough = count // (FIT_PATCHES_PER_DIMENSION * d)
+        return (f"the patch mixture's fit has {count} patches for {k} components of {d} "
+                f"pixels; fewer than {FIT_PATCHES_PER_DIMENSION * d} per component leave their "
+                f"covariances ill-determined: "
+                + (f"use at most {enough} components, or more images" if enough
+                   else "it needs more (or larger) images"))
 
     @staticmethod
     def _log_likelihoods(patches, covariances, log_weights):

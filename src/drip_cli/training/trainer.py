@@ -34,6 +34,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..data import add_noise, noise_std_for, require_measurable
-from ..errors import DripError, is_finite_number, require_positive, setting_type_problem
+from ..errors import DripError, DripWarning, is_finite_number, require_positive, setting_type_problem
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_json
 from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve_model_path,
@@ -751,8 +752,12 @@ class Trainer:
         mixture = getattr(self.model, PATCH_PRIOR, None)
         if mixture is None:
             return
+        images = self.truth[self.train_index]
+        shortfall = mixture.fit_shortfall(tuple(images.shape))
+        if shortfall is not None:
+            warnings.warn(DripWarning(f"--patch-components: {shortfall}"))
         started = time.perf_counter()
-        mixture.fit(self.truth[self.train_index], seed=self.config.seed)
+        mixture.fit(images, seed=self.config.seed)
         self.elapsed += time.perf_counter() - started
 
     def _set_learning_rate(self, seconds: float, total_steps: int) -> None:

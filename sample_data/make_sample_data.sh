@@ -32,7 +32,8 @@ drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz
 # trained for 10 minutes with drip train's defaults, which depend on the operator (one
 # edge-adaptive reweighting pass for DRIP; on tomography a sharp start, eps 0.001, and tighter
 # training solves); the three DRIP models also with a patch mixture of 80 components (its
-# pass after the others, its weight chosen on the validation split).
+# pass after the others, its weight chosen on the validation split; drip train's default for
+# these 1000 crops since session 44, given explicitly here as the models were made with it).
 # Training data: 1000 crops of five other photographs, never the four test photographs above.
 if [[ "${1:-}" == "--with-model" ]]; then
     TRAIN="$(mktemp -d)"

@@ -323,6 +323,40 @@ def test_operator_defaults_leave_given_settings_alone():
     assert chosen("tomography", architecture="unrolled")[0] == {}
 
 
+def test_patch_mixture_default_follows_the_training_images():
+    """Convex models get 80 mixture components where the training images determine them (640
+    patches each for grayscale 8x8 patches), fewer where they determine fewer, none below 20;
+    never where --patch-components is given, with --init, or off the convex architecture."""
+    from drip_cli.regularizers.model import ModelConfig
+    from drip_cli.training import TrainConfig
+    from drip_cli.training.trainer import patch_default
+
+    def chosen(shape, given=(), init=None, **model):
+        config = TrainConfig(data="", out="", init=init, model=ModelConfig(**model))
+        return patch_default(config, shape, set(given)), config.model.patch_components
+
+    assert chosen((900, 1, 64, 64)) == ({"patch_components": 80}, 80)   # 60 000 patches
+    assert chosen((100, 1, 64, 64)) == ({"patch_components": 35}, 35)   # 22 500: 35 x 640
+    assert chosen((50, 1, 64, 64)) == ({}, 0)                           # 17 components: none
+    assert chosen((900, 3, 64, 64)) == ({"patch_components": 31}, 31)   # 1920 per component
+    assert chosen((900, 1, 7, 64)) == ({}, 0)                           # no 8x8 patch
+    assert chosen((900, 1, 64, 64), {"patch_components"}) == ({}, 0)
+    assert chosen((900, 1, 64, 64), init="model") == ({}, 0)
+    assert chosen((900, 1, 64, 64), architecture="leapfrog") == ({}, 0)
+
+
+def test_fresh_run_on_enough_images_builds_the_default_mixture(tmp_path):
+    """The trainer applies the default: 64 crops of 64x64 (58 to train on, 13 050 patches)
+    determine 20 components; the run reports the choice and the model carries the mixture."""
+    from drip_cli.training import TrainConfig, Trainer
+
+    data = tmp_path / "blur.h5"
+    write_small_file(data, make_operator("blur", (1, 64, 64)), n=64)
+    trainer = Trainer(TrainConfig(data=str(data), out=str(tmp_path / "run")), torch.device("cpu"))
+    assert trainer.operator_defaults["patch_components"] == 20
+    assert trainer.model.patch_prior is not None and len(trainer.model.patch_prior.log_weights) == 20
+
+
 def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     run = tmp_path / "run"
     result = run_cli("train", train_file, "--out", run, "--epochs", 1, "--noise-percent", "1:5",

@@ -75,6 +75,21 @@ def patch_index(shape: tuple[int, ...], order: torch.Tensor | None = None) -> to
     return (starts if order is None else starts[order])[:, None] + within
 
 
+def fit_patch_count(shape: tuple[int, ...]) -> int:
+    """How many patches :meth:`PatchMixture.fit` draws from images of ``shape`` ``(N, C, H, W)``."""
+    n, _, h, w = shape
+    if min(h, w) < PATCH_SIZE:
+        return 0
+    return min(FIT_PATCHES, n * ((h - PATCH_SIZE) // FIT_STRIDE + 1)
+               * ((w - PATCH_SIZE) // FIT_STRIDE + 1))
+
+
+def supported_components(shape: tuple[int, ...]) -> int:
+    """The most components a fit to images of ``shape`` determines: ``FIT_PATCHES_PER_DIMENSION
+    d`` patches each (``d = C p^2``)."""
+    return fit_patch_count(shape) // (FIT_PATCHES_PER_DIMENSION * shape[1] * PATCH_SIZE**2)
+
+
 class PatchMixture(torch.nn.Module):
     """A mixture of zero-mean Gaussians on mean-removed patches: ``K`` covariances and
     mixing weights, kept as buffers (saved in the model file). Unfitted (all zeros) until
@@ -122,13 +137,10 @@ class PatchMixture(torch.nn.Module):
     def fit_shortfall(self, shape: tuple[int, ...]) -> str | None:
         """Why a fit to images of ``shape`` ``(N, C, H, W)`` would be ill-determined (fewer than
         ``FIT_PATCHES_PER_DIMENSION d`` patches per component), or None."""
-        n, _, h, w = shape
-        count = min(FIT_PATCHES, n * ((h - PATCH_SIZE) // FIT_STRIDE + 1)
-                    * ((w - PATCH_SIZE) // FIT_STRIDE + 1))
         k, d = self.covariances.shape[:2]
-        if count >= FIT_PATCHES_PER_DIMENSION * d * k:
+        count, enough = fit_patch_count(shape), supported_components(shape)
+        if enough >= k:
             return None
-        enough = count // (FIT_PATCHES_PER_DIMENSION * d)
         return (f"the patch mixture's fit has {count} patches for {k} components of {d} "
                 f"pixels; fewer than {FIT_PATCHES_PER_DIMENSION * d} per component leave their "
                 f"covariances ill-determined: "

@@ -51,7 +51,7 @@ from ..io.models import (MODEL_FILE, ModelInfo, file_sha256, load_model, resolve
                          save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
-from ..regularizers.patches import PATCH_SIZE
+from ..regularizers.patches import PATCH_SIZE, supported_components
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate, surrogate_through_passes
 
@@ -214,6 +214,12 @@ OPERATOR_EPS = {"tomography": 0.001}
 SHARP_EPS = 0.003
 SHARP_SOLVES = {"train_solver_tolerance": 3e-4, "train_solver_iterations": 300}
 TRAIN_REWEIGHT = 1
+# convex models get a patch mixture of this many components where the training images determine
+# them (regularizers.patches.supported_components), none where they determine fewer than
+# MIN_DEFAULT_COMPONENTS: on the held-out crops 80 gave 0.05-0.12 dB more than 20 on blur and
+# tomography (0.16-0.36 on inpainting), 160 no more than 80 (docs/quality.md, *80 components*)
+DEFAULT_PATCH_COMPONENTS = 80
+MIN_DEFAULT_COMPONENTS = 20
 
 
 def operator_defaults(config: TrainConfig, operator_kind: str, given: set[str]) -> dict:
@@ -234,6 +240,21 @@ def operator_defaults(config: TrainConfig, operator_kind: str, given: set[str]) 
     for name, value in chosen.items():
         setattr(model if name in ModelConfig.__dataclass_fields__ else config, name, value)
     return chosen
+
+
+def patch_default(config: TrainConfig, shape: tuple[int, ...], given: set[str]) -> dict:
+    """For a fresh convex run not started from a model, and without ``--patch-components``:
+    ``DEFAULT_PATCH_COMPONENTS`` components, or as many as training images of ``shape`` ``(N,
+    C, H, W)`` determine, none below ``MIN_DEFAULT_COMPONENTS``. Returns the setting chosen, if
+    any, to be reported."""
+    model = config.model
+    if "patch_components" in given or config.init is not None or model.architecture != "convex":
+        return {}
+    components = min(DEFAULT_PATCH_COMPONENTS, supported_components(shape))
+    if components < MIN_DEFAULT_COMPONENTS:
+        return {}
+    model.patch_components = components
+    return {"patch_components": components}
 
 
 # the run's budget: --resume takes it from the run's config.json unless given anew
@@ -451,6 +472,9 @@ class Trainer:
         self.val_index, self.train_index = order[:n_val], order[n_val:]
         if len(self.train_index) == 0:
             raise DripError("too few samples to train on", config.data)
+        if not resume:
+            self.operator_defaults.update(
+                patch_default(config, tuple(self.truth[self.train_index].shape), given))
         self.data_sha256 = file_sha256(config.data)
 
         torch.manual_seed(config.seed)

@@ -42,6 +42,7 @@ PRECISION_FLOOR = 1e-5
 # added to each covariance when a patch of a solution picks its component (the solution's own
 # error); 2e-3 instead gave 0.24 dB less on tomography at 2% noise (docs/quality.md)
 LABEL_VARIANCE = 1e-4
+LABEL_CHUNK = 65_536      # patches whose components are picked at a time
 FIT_FLOOR = 1e-6          # kept on every fitted covariance's diagonal
 FIT_PATCHES = 60_000      # patches drawn for EM (30 iterations: 8 s for 20 components, 31 s for 80)
 FIT_STRIDE = 4            # the grid the fit draws its patches from
@@ -172,8 +173,10 @@ class PatchMixture(torch.nn.Module):
         patches = centred_patches(u.to(torch.float32)).flatten(0, 1)
         eye = torch.eye(patches.shape[1], dtype=patches.dtype, device=patches.device)
         covariances = self.covariances.to(patches) + LABEL_VARIANCE * eye
-        likelihood = self._log_likelihoods(patches, covariances, self.log_weights.to(patches))
-        return likelihood.argmax(1).view(n, -1)
+        log_weights = self.log_weights.to(patches)
+        # in chunks: the (patches, K) likelihoods of a large batch need not be held at once
+        return torch.cat([self._log_likelihoods(chunk, covariances, log_weights).argmax(1)
+                          for chunk in patches.split(LABEL_CHUNK)]).view(n, -1)
 
     def precisions(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``C W_k C``, ``W_k = (S_k + PRECISION_FLOOR I)^-1`` and ``C`` the removal of each

@@ -75,7 +75,7 @@ def fewer_passes(path: Path | None, drip, operator_kind: str) -> list[LearnedMet
     """The same model without its patch pass (``--patch-weight 0``), where it has one, and as a
     single solve (``--reweight 0``, and ``--patch-weight 0``), where it has more than one pass."""
     config = drip.model.config
-    patch = config.patch_weight > 0 and drip.model.has_patch_mixture
+    patch = drip.model.runs_patch_pass()
     variants = []
     if patch:
         variants.append(({"patch_weight": 0.0}, "drip --patch-weight 0"))

@@ -58,9 +58,9 @@ def single_solve(model: Path) -> list[str]:
     that solves once by default."""
     from drip_cli.io.models import load_model
 
-    config = load_model(model)[1].config
-    options = ["--reweight", "0"] if config.reweight else []
-    if config.patch_components and config.patch_weight > 0:
+    drip = load_model(model)[0]
+    options = ["--reweight", "0"] if drip.config.reweight else []
+    if drip.runs_patch_pass():
         options += ["--patch-weight", "0"]
     return options
 
@@ -81,8 +81,9 @@ def main() -> None:
         if not pretrained:
             model = untrained_model(name)
         runs = [(method, []) for method in METHODS] + [("drip", [])]
-        if pretrained and single_solve(model):
-            runs.append(("drip", single_solve(model)))
+        fewer = single_solve(model) if pretrained else []
+        if fewer:
+            runs.append(("drip", fewer))
         for method, options in runs:
             label = " ".join([method, *options])
             console.rule(f"{name} ({description}): {label}")

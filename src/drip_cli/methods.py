@@ -106,7 +106,7 @@ class LearnedMethod(ReconstructionMethod):
 
     @property
     def _patch_pass(self) -> bool:
-        return self.model.config.patch_weight > 0 and self.model.has_patch_mixture
+        return self.model.runs_patch_pass()
 
     def set_max_iterations(self, n: int) -> None:
         if self.kind == "unrolled":

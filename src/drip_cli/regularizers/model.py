@@ -162,6 +162,12 @@ class DripModel(torch.nn.Module):
         """Whether the model has a fitted patch mixture, so a patch pass can run."""
         return self.patch_prior is not None and self.patch_prior.fitted
 
+    def runs_patch_pass(self, patch_weight: float | None = None) -> bool:
+        """Whether :meth:`solve` ends with the patch pass, at ``patch_weight`` (None: the
+        model's own)."""
+        weight = self.config.patch_weight if patch_weight is None else patch_weight
+        return weight > 0 and self.has_patch_mixture
+
     @property
     def reach(self) -> int:
         """The smallest image side the regularizer's filters fit in."""
@@ -205,7 +211,7 @@ class DripModel(torch.nn.Module):
         guide = {**settings, "tolerance": max(settings["tolerance"], self.config.guide_tolerance)}
         warm = self._warm
         patch_weight = self.config.patch_weight if patch_weight is None else patch_weight
-        with_patches = patch_weight > 0 and self.has_patch_mixture
+        with_patches = self.runs_patch_pass(patch_weight)
         total = passes + 1 + with_patches
 
         def share(i):   # pass i of the solve's passes reports its fraction as a share of the whole

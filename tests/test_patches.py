@@ -16,8 +16,9 @@ from drip_cli.io.models import load_model
 from drip_cli.operators import Blur, gaussian_psf
 from drip_cli.regularizers import ConvexFilterRegularizer, Embedding
 from drip_cli.regularizers.model import DripModel, ModelConfig
-from drip_cli.regularizers.patches import (PATCH_SIZE, PRECISION_FLOOR, PatchAugmented,
-                                          PatchMixture, centred_patches)
+from drip_cli.regularizers.patches import (FIT_STRIDE, LABEL_VARIANCE, PATCH_SIZE,
+                                          PRECISION_FLOOR, PatchAugmented, PatchMixture,
+                                          centred_patches)
 from drip_cli.solvers import discrepancy_radius, discrepancy_ratio
 from helpers import assert_one_line_error, run_cli, write_small_file
 from test_training import TINY
@@ -111,6 +112,31 @@ def test_fit_is_deterministic_and_separates_patch_kinds():
         [1.0, 0.8, 0.5])[:, None, None], seed=0))
     assert colour.covariances.shape == (2, 192, 192)
     assert colour.labels(images.expand(-1, 3, -1, -1)).shape == (40, 25)
+
+
+def test_labels_are_the_likeliest_components():
+    """Each patch's label maximises its component's Gaussian log density (the covariance widened
+    by LABEL_VARIANCE) plus the log weight, as torch.distributions computes it; and the fit's
+    mean log-likelihood is the same mixture density's, up to the 2 pi constant."""
+    mixture = random_mixture(components=4).float()
+    u = 0.5 + 0.1 * torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    patches = centred_patches(u).flatten(0, 1)
+    d = patches.shape[1]
+    densities = torch.distributions.MultivariateNormal(
+        torch.zeros(d, dtype=torch.float64),
+        covariance_matrix=mixture.covariances.double() + LABEL_VARIANCE * torch.eye(d))
+    expected = densities.log_prob(patches.double()[:, None]) + mixture.log_weights.double()
+    assert torch.equal(mixture.labels(u).flatten(), expected.argmax(1))
+    images = 0.5 + 0.1 * torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    fitted = PatchMixture(2)
+    likelihood = fitted.fit(images, iterations=5)
+    patches = centred_patches(images, stride=FIT_STRIDE).flatten(0, 1).double()
+    densities = torch.distributions.MultivariateNormal(
+        torch.zeros(d, dtype=torch.float64), covariance_matrix=fitted.covariances.double())
+    mixture_density = torch.logsumexp(densities.log_prob(patches[:, None])
+                                      + fitted.log_weights.double(), 1)
+    assert likelihood == pytest.approx(float(mixture_density.mean()) + d / 2 * np.log(2 * np.pi),
+                                       rel=1e-4)
 
 
 def test_patch_augmented_gradient_matches_autograd():

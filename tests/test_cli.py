@@ -577,15 +577,20 @@ def test_reweight_options_are_refused_where_they_do_not_apply(tmp_path):
 
 
 def test_default_batch_size_follows_the_device_and_the_image_size():
-    """64 samples on the CPU; on a GPU, where an iteration costs about the same for any batch,
-    as many as hold 512 grayscale 64x64 images (``drip reconstruct`` and ``drip evaluate``
-    without --batch-size)."""
+    """64 samples on the CPU, fewer where they would hold more than 8 images of 256x256 (the
+    memory grows with the batch); on a GPU, where an iteration costs about the same for any
+    batch, as many as hold 512 grayscale 64x64 images (``drip reconstruct`` and ``drip
+    evaluate`` without --batch-size)."""
     import torch
 
     from drip_cli.reconstruct import default_batch_size
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda:0")
-    assert default_batch_size(cpu, (1, 64, 64)) == default_batch_size(cpu, (3, 256, 256)) == 64
+    assert default_batch_size(cpu, (1, 64, 64)) == default_batch_size(cpu, (1, 128, 64)) == 64
+    assert default_batch_size(cpu, (3, 64, 64)) == 42
+    assert default_batch_size(cpu, (1, 256, 256)) == 8
+    assert default_batch_size(cpu, (3, 256, 256)) == 2
+    assert default_batch_size(cpu, (1, 4096, 4096)) == 1
     assert default_batch_size(gpu, (1, 64, 64)) == 512
     assert default_batch_size(gpu, (3, 64, 64)) == 170
     assert default_batch_size(gpu, (1, 256, 256)) == 32

@@ -17,7 +17,9 @@
    step.
 4. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
    (CGLS, blur) on phantom files of two sizes, 8 times apart. The command streams a file batch
-   by batch, so its peak should not grow with the file (Linux: read from ``/proc``).
+   by batch, so its peak should not grow with the file (Linux: read from ``/proc``). And the
+   same for DRIP (``--model``, both passes where it has them) on 128 blurred photo crops, two
+   batches.
 
 ``--device cuda`` runs the first three on a GPU (the fourth stays on the CPU). Prints rich tables and writes bench_out/bench.json.
 """
@@ -257,21 +259,33 @@ def peak_memory(*args) -> tuple[float, float]:
     return time.perf_counter() - start, kib / 1024
 
 
-def bench_memory(sizes: list[int]) -> tuple[Table, dict]:
-    """Peak memory of ``drip reconstruct --method cgls`` on blurred phantom files of ``sizes``."""
-    out = table("drip reconstruct --method cgls on large files (64x64 phantoms, blur, CPU)",
-                "images", "file MiB", "seconds", "peak MiB")
+def bench_memory(sizes: list[int], drip_model: Path, drip_images: int) -> tuple[Table, dict]:
+    """Peak memory of ``drip reconstruct --method cgls`` on blurred phantom files of ``sizes``,
+    and of ``--method drip`` with ``drip_model`` (a blur model; skipped when absent or
+    ``drip_images`` is 0) on that many blurred photo crops."""
+    out = table("drip reconstruct on large files (64x64, blur, CPU)",
+                "method", "images", "file MiB", "seconds", "peak MiB")
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
+        def measure(method: str, n: int, data: Path, *options) -> dict:
+            seconds, peak = peak_memory("reconstruct", data, "--out", Path(folder) / "r.h5",
+                                        "--method", method, "--device", "cpu", *options)
+            size = data.stat().st_size / 2**20
+            out.add_row(method, str(n), f"{size:.0f}", f"{seconds:.1f}", f"{peak:.0f}")
+            return {"file_mib": size, "seconds": seconds, "peak_mib": peak}
+
         for n in sizes:
-            data, recon = Path(folder) / f"m{n}.h5", Path(folder) / f"r{n}.h5"
+            data = Path(folder) / f"m{n}.h5"
             peak_memory("simulate", "phantom:ellipses", data, "--operator", "blur",
                         "--noise-percent", 2, "--num-images", n)
-            seconds, peak = peak_memory("reconstruct", data, "--out", recon, "--method", "cgls",
-                                        "--device", "cpu")
-            size = data.stat().st_size / 2**20
-            figures[str(n)] = {"file_mib": size, "seconds": seconds, "peak_mib": peak}
-            out.add_row(str(n), f"{size:.0f}", f"{seconds:.1f}", f"{peak:.0f}")
+            figures[str(n)] = measure("cgls", n, data)
+        if drip_images > 0 and drip_model.exists():
+            data = Path(folder) / "photos.h5"
+            per_photo = max(1, drip_images // 4)
+            peak_memory("simulate", "skimage:camera,coffee,astronaut,chelsea", data,
+                        "--operator", "blur", "--noise-percent", 2, "--crop-size", 64,
+                        "--crops-per-image", per_photo, "--seed", 1)
+            figures["drip"] = measure("drip", 4 * per_photo, data, "--model", drip_model)
     return out, figures
 
 
@@ -293,6 +307,8 @@ def main() -> None:
     parser.add_argument("--memory-images", type=int, default=4096,
                         help="the larger file of the memory section, in images (the smaller one "
                              "has an eighth; 0: skip)")
+    parser.add_argument("--memory-drip-images", type=int, default=128,
+                        help="photo crops for the memory section's DRIP run (--model; 0: skip)")
     args = parser.parse_args()
     kinds = set(args.reconstruct.split(",")) - {""}
     if not kinds <= {"blur", "tomography"}:
@@ -322,7 +338,8 @@ def main() -> None:
                                                   args.train_batch)
         console.print(out)
     if args.memory_images > 0:
-        out, results["memory"] = bench_memory([max(1, args.memory_images // 8), args.memory_images])
+        out, results["memory"] = bench_memory([max(1, args.memory_images // 8), args.memory_images],
+                                              args.model, args.memory_drip_images)
         console.print(out)
     args.out.mkdir(exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

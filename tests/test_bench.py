@@ -16,8 +16,9 @@ def test_bench_runs_every_section(tmp_path):
     # as `make bench > log`: no terminal and no $COLUMNS (pytest sets it to 80)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     result = subprocess.run([sys.executable, str(BENCH), "--images", "4", "--train-steps", "1",
-                             "--memory-images", "16", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
-                            env=env)
+                             "--memory-images", "16", "--memory-drip-images", "4",
+                             "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "…" not in result.stdout   # the tables are printed whole
     figures = json.loads((tmp_path / "bench.json").read_text())
@@ -32,5 +33,5 @@ def test_bench_runs_every_section(tmp_path):
                    if "unrolled" not in name)
     assert set(figures["training"]) == {"drip (convex)", "unrolled"}
     assert all(row["images_per_s"] > 0 for row in figures["training"].values())
-    assert set(figures["memory"]) == {"2", "16"}
+    assert set(figures["memory"]) == {"2", "16", "drip"}   # drip: the sample blur model
     assert all(row["peak_mib"] > 0 for row in figures["memory"].values())

@@ -37,9 +37,9 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress display (results 
 DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
 BATCH_SIZE = typer.Option(
     None, "--batch-size", min=1,
-    help="Samples solved together. Default: 64 on the CPU, fewer of images larger than 128x64 "
-         "pixels (8 of 256x256); on a GPU 512 images of 64x64 (2M pixels, fewer of larger "
-         "images), where larger batches run faster.")
+    help="Samples solved together. Default: on the CPU 64, or as many as hold 8 images of "
+         "256x256 (512K values) where that is fewer; on a GPU 512 images of 64x64 (2M values, "
+         "fewer of larger images), where larger batches run faster.")
 REWEIGHT = typer.Option(
     None, "--reweight", min=0,
     help="drip: solve this many more times with each pixel's regularizer terms weighted down "

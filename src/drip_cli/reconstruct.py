@@ -26,12 +26,13 @@ from .solvers import discrepancy_radius, discrepancy_ratio, residual_norm
 # 64 and of 512), but its memory does, so larger images come in fewer at a time: at most
 # CPU_BATCH_PIXELS values, 8 images of 256x256. The blur sample model's solve (both passes, run
 # on 32 crops of 256x256 through the API, which lets a model meet another size) peaked at 1.6
-# GB in one batch, 0.69-0.73 GB in batches of 8 and 0.51-0.53 GB in batches of 4, and took 70
-# s in one batch, 65-70 in batches of 8 and 78-99 in batches of 4. On a GPU an iteration costs about the same whatever the batch, its kernels
-# too small to fill the device and each ending in a host synchronisation, so larger batches
-# are faster: on an H200, DRIP on the bench's crops went from 10.5 to 51 images/s on
-# tomography (64 -> 512 in a batch, one run) and from 12 to 31.5 on blur (another run). There
-# the batch holds GPU_BATCH_PIXELS values: 512 images of 64x64, fewer of larger ones.
+# GB in one batch, 0.69-0.74 GB in batches of 8 and 0.51-0.53 GB in batches of 4, and took 70
+# s in one batch, 65-70 in batches of 8 and 78-99 in batches of 4. On a GPU an iteration costs
+# about the same whatever the batch, its kernels too small to fill the device and each ending
+# in a host synchronisation, so larger batches are faster: on an H200, DRIP on the bench's
+# crops went from 10.5 to 51 images/s on tomography (64 -> 512 in a batch, one run) and from 12
+# to 31.5 on blur (another run). There the batch holds GPU_BATCH_PIXELS values: 512 images of
+# 64x64, fewer of larger ones.
 CPU_BATCH_SIZE, CPU_BATCH_PIXELS = 64, 8 * 256 * 256
 GPU_BATCH_PIXELS = 512 * 64 * 64
 

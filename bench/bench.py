@@ -3,14 +3,17 @@
 1. Forward + adjoint throughput of each operator on 64 images of 64x64 (float32).
 2. CGLS, converged constrained TV, DRIP and the unrolled baseline on 64 held-out 64x64 photo
    crops, Gaussian blur sigma 2, 2% noise: seconds, images per second, PSNR and the largest
-   discrepancy ratio. DRIP uses ``--model`` (default: the pretrained sample model when present,
-   else an untrained model, i.e. the regularizer's starting point, reported as such), and a
-   model with a patch pass also runs without it (``--patch-weight 0``), and one with more than
-   one pass as a single solve (``--reweight 0 --patch-weight 0``); the
-   unrolled baseline uses ``--unrolled`` (default: its sample model, skipped when absent).
-   The same for limited-angle tomography (32 angles over 120 degrees) with
-   ``--tomography-model`` (default: its sample model; no unrolled network). ``--reconstruct
-   blur`` (or ``tomography``) runs one of the two.
+   discrepancy ratio. The times are medians of ``--rounds`` rounds (default 3), each of which
+   runs every method once, in another order each round; "x TV" is the median over the rounds
+   of a method's time over TV's in the same round, so methods are compared by solves run at
+   the same moment (this machine's speed drifts within a run). DRIP uses ``--model``
+   (default: the pretrained sample model when present, else an untrained model, i.e. the
+   regularizer's starting point, reported as such), and a model with a patch pass also runs
+   without it (``--patch-weight 0``), and one with more than one pass as a single solve
+   (``--reweight 0 --patch-weight 0``); the unrolled baseline uses ``--unrolled`` (default:
+   its sample model, skipped when absent). The same for limited-angle tomography (32 angles
+   over 120 degrees) with ``--tomography-model`` (default: its sample model; no unrolled
+   network). ``--reconstruct blur`` (or ``tomography``) runs one of the two.
 3. Training throughput: images per second of ``drip train``'s optimisation step (default
    settings for blur data, so one reweighting pass for DRIP; batch 8, fresh 1-5% noise) for
    DRIP and the unrolled baseline, from untrained models on the same crops, after one warm-up
@@ -175,34 +178,54 @@ def measured(op, truth: np.ndarray):
 
 
 def bench_reconstruction(op, what: str, truth: np.ndarray, methods, device: torch.device,
-                         where: str) -> tuple[Table, dict]:
+                         where: str, rounds: int = 3) -> tuple[Table, dict]:
+    """Each method's solve of the crops, timed in ``rounds`` rounds that run every method once,
+    each round in another order: the median of its times, their range, and the median of its
+    time over TV's in the same round (this machine's speed drifts within a run, so methods are
+    compared round by round, not by single runs at different moments)."""
     op, b, sigma = measured(op, truth)
     op, b, sigma = op.to(device), b.to(device), sigma.to(device)
     radius = discrepancy_radius(op, sigma, 1.0)
     out = table(f"reconstruction of {len(truth)} photo crops 64x64, {what}, 2% noise, tau = 1, "
-                f"{where} float32", "method", "seconds", "s/image", "images/s", "PSNR",
-                "max ratio", "iters", "solved")
-    figures = {}
+                f"{where} float32; median of {rounds} rounds", "method", "seconds", "range",
+                "s/image", "images/s", "x TV", "PSNR", "max ratio", "iters", "solved")
+    labels = [getattr(method, "label", method.name) for method in methods]
     for method in methods:
-        label = getattr(method, "label", method.name)
         method.solve(op, b[:2], radius[:2])   # warm-up (kernels, allocator)
-        synchronize(device)
-        start = time.perf_counter()
-        result = method.solve(op, b, radius)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        quality = float(psnr(result.solution.detach().cpu().numpy(), truth).mean())
-        ratio = float(discrepancy_ratio(op, result.solution.detach(), b, sigma).max())
-        iters = float(result.iterations.double().mean())
-        # the share of samples the solver finished by its own criterion, not at its cap
-        solved = float(result.converged.double().mean())
-        figures[label] = {"seconds": seconds, "images_per_s": len(truth) / seconds, "psnr": quality,
-                          "max_ratio": ratio, "iterations_mean": iters,
-                          "solver_converged_fraction": solved}
-        out.add_row(label, f"{seconds:.2f}", f"{seconds / len(truth):.4f}",
-                    f"{len(truth) / seconds:.1f}",
-                    f"{quality:.2f}", f"{ratio:.4f}", f"{iters:.0f}", f"{solved:.2f}")
-    return out, figures
+    seconds = {label: [] for label in labels}
+    figures = {}
+    pairs = list(zip(labels, methods))
+    for round_ in range(rounds):
+        shift = round_ % len(pairs)
+        for label, method in pairs[shift:] + pairs[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            result = method.solve(op, b, radius)
+            synchronize(device)
+            seconds[label].append(time.perf_counter() - start)
+            if label in figures:   # the same solve again: its figures are the first round's
+                continue
+            figures[label] = {
+                "psnr": float(psnr(result.solution.detach().cpu().numpy(), truth).mean()),
+                "max_ratio": float(discrepancy_ratio(op, result.solution.detach(), b, sigma).max()),
+                "iterations_mean": float(result.iterations.double().mean()),
+                # the share of samples the solver finished by its own criterion, not at its cap
+                "solver_converged_fraction": float(result.converged.double().mean())}
+    tv = seconds.get("tv")
+    for label in labels:
+        times, row = seconds[label], figures[label]
+        median = float(np.median(times))
+        over_tv = [t / reference for t, reference in zip(times, tv)] if tv else []
+        row.update({"seconds": median, "seconds_rounds": times,
+                    "images_per_s": len(truth) / median,
+                    "over_tv": float(np.median(over_tv)) if over_tv else None,
+                    "over_tv_rounds": over_tv})
+        out.add_row(label, f"{median:.2f}", f"{min(times):.2f}-{max(times):.2f}",
+                    f"{median / len(truth):.4f}", f"{len(truth) / median:.1f}",
+                    f"{row['over_tv']:.2f}" if over_tv else "-", f"{row['psnr']:.2f}",
+                    f"{row['max_ratio']:.4f}", f"{row['iterations_mean']:.0f}",
+                    f"{row['solver_converged_fraction']:.2f}")
+    return out, {label: figures[label] for label in labels}
 
 
 def bench_training(truth: np.ndarray, steps: int, device: torch.device, where: str,
@@ -300,6 +323,8 @@ def main() -> None:
     parser.add_argument("--reconstruct", default="blur,tomography",
                         help="the operators of the reconstruction sections (comma-separated)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed rounds of the reconstruction sections (the median is reported)")
     parser.add_argument("--train-steps", type=int, default=10,
                         help="timed training steps per architecture (0: skip)")
     parser.add_argument("--train-batch", type=int, default=8,
@@ -310,6 +335,8 @@ def main() -> None:
     parser.add_argument("--memory-drip-images", type=int, default=128,
                         help="photo crops for the memory section's DRIP run (--model; 0: skip)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     kinds = set(args.reconstruct.split(",")) - {""}
     if not kinds <= {"blur", "tomography"}:
         parser.error(f"--reconstruct: blur and/or tomography, not {args.reconstruct}")
@@ -331,7 +358,7 @@ def main() -> None:
         if kind in kinds:
             out, results[key] = bench_reconstruction(
                 make_op(), what, truth, reconstruction_methods(model, kind, unrolled), device,
-                where)
+                where, args.rounds)
             console.print(out)
     if args.train_steps > 0:
         out, results["training"] = bench_training(truth, args.train_steps, device, where,

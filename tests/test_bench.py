@@ -16,7 +16,7 @@ def test_bench_runs_every_section(tmp_path):
     # as `make bench > log`: no terminal and no $COLUMNS (pytest sets it to 80)
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     result = subprocess.run([sys.executable, str(BENCH), "--images", "4", "--train-steps", "1",
-                             "--memory-images", "16", "--memory-drip-images", "4",
+                             "--memory-images", "16", "--memory-drip-images", "4", "--rounds", "2",
                              "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -28,6 +28,10 @@ def test_bench_runs_every_section(tmp_path):
         assert {"cgls", "tv"} <= set(methods) and any(m.startswith("drip") for m in methods)
         assert all(row["images_per_s"] > 0 for row in methods.values())
         assert all(0.0 <= row["solver_converged_fraction"] <= 1.0 for row in methods.values())
+        # two timed rounds per method; each method's time against TV's in the same round
+        assert all(len(row["seconds_rounds"]) == 2 for row in methods.values())
+        assert methods["tv"]["over_tv"] == 1.0
+        assert all(row["over_tv"] > 0 for row in methods.values())
         # every method but the unrolled network guarantees the data fit
         assert all(row["max_ratio"] <= 1.0 for name, row in methods.items()
                    if "unrolled" not in name)

@@ -231,7 +231,7 @@ def bench_reconstruction(op, what: str, truth: np.ndarray, methods, device: torc
                     ratio_text(row["over_tv"]) if over_tv else "-", f"{row['psnr']:.2f}",
                     f"{row['max_ratio']:.4f}", f"{row['iterations_mean']:.0f}",
                     f"{row['solver_converged_fraction']:.2f}")
-    return out, {label: figures[label] for label in labels}
+    return out, figures   # in the methods' order: the first round runs them unrotated
 
 
 def bench_training(truth: np.ndarray, steps: int, device: torch.device, where: str,

@@ -169,6 +169,22 @@ def test_reconstruct_with_noise_std_option_and_tau(tmp_path):
         assert np.all(f["discrepancy_ratio"][()] <= 1.5) and "psnr" not in f
 
 
+def test_reconstruct_names_the_unfit_samples_and_what_to_do(tmp_path):
+    """A noise level far below the file's leaves the samples unfit: the run still ends with
+    status 0 and its file, and says how far off the fit is and that sigma may be too small."""
+    data = simulate(tmp_path, "blur")
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", data, "--out", out, "--method", "cgls", "--noise-std", 1e-9,
+                     "--max-iterations", 3, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        largest = float(f["discrepancy_ratio"][()].max())
+        assert not f["converged"][()].any() and largest > 1e3
+    text = " ".join(result.stdout.split())
+    assert "6 sample(s) do not fit the data" in text and f"{largest:.3g} against tau = 1" in text
+    assert "give --noise-std or raise --tau" in text
+
+
 def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):
     data = simulate(tmp_path, "tomography")
     result = run_cli("info", data)

@@ -69,10 +69,3 @@ class Embedding(torch.nn.Module):
         state = self.__dict__.copy()
         state.pop("_sparse", None)
         return state
-
-    def lift(self, u: torch.Tensor) -> torch.Tensor:
-        """A latent ``z`` with ``E z`` close to ``u`` for an untrained ``E``: ``u`` in the first
-        channels, zeros elsewhere (a starting point, not an inverse)."""
-        z = u.new_zeros((u.shape[0], self.latent_channels, *u.shape[2:]))
-        z[:, : self.image_channels] = u
-        return z

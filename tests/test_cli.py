@@ -363,8 +363,10 @@ def test_simulate_bad_sources(tmp_path):
     result = run_cli("simulate", "phantom:unicorns", tmp_path / "m.h5", "--operator", "denoise")
     assert result.exit_code == 1 and "phantom:unicorns" in result.stderr
     # the message is made before the file is closed (it read the closed dataset's shape)
+    # channels-last colour, as NumPy and PIL hold it, would pass as 8 channels of 8x3 images
     for name, images in (("5d", np.zeros((2, 1, 1, 8, 8), np.float32)),
-                         ("bool", np.zeros((2, 8, 8), bool)), ("group", None)):
+                         ("bool", np.zeros((2, 8, 8), bool)), ("group", None),
+                         ("channels_last", np.zeros((2, 8, 8, 3), np.uint8))):
         path = tmp_path / f"{name}.h5"
         with h5py.File(path, "w") as f:
             if images is None:
@@ -374,6 +376,83 @@ def test_simulate_bad_sources(tmp_path):
         result = run_cli("simulate", path, tmp_path / "m.h5", "--operator", "denoise")
         assert_clean_failure(result, path, tmp_path, {p.name for p in tmp_path.iterdir()})
         assert "must be an (N, H, W) or (N, C, H, W) dataset" in result.stderr
+        assert ("looks channels-last" in result.stderr) == (name == "channels_last")
+
+
+def _folder_of_pictures(folder, *arrays, name="p"):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, array in enumerate(arrays):
+        (array if isinstance(array, Image.Image) else Image.fromarray(array)).save(
+            folder / f"{name}{i}.png")
+    return folder
+
+
+def _simulated_truth(tmp_path, source, *extra):
+    out = tmp_path / "m.h5"
+    result = run_cli("simulate", source, out, "--operator", "denoise", "-q", *extra)
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        return f["ground_truth"][()]
+
+
+def test_simulate_scales_16_bit_and_palette_pictures(tmp_path, monkeypatch):
+    """A 16-bit grayscale PNG is scaled by 65535 as uint16 HDF5 images are (it was converted to
+    8-bit RGB first, which clipped every value above 255 to white), palette pictures are
+    converted through RGB, and grayscale is repeated for --channels 3."""
+    from PIL import Image
+
+    values = (np.arange(400).reshape(20, 20) * 150).astype(np.uint16)
+    folder = _folder_of_pictures(tmp_path / "sixteen", values)
+    truth = _simulated_truth(tmp_path, folder)
+    np.testing.assert_allclose(truth[0, 0], values / 65535, atol=1e-7)
+    colour = _simulated_truth(tmp_path, folder, "--channels", 3)
+    np.testing.assert_allclose(colour[0], np.repeat(truth[0], 3, axis=0))
+    # some Pillow versions open 16-bit PNGs as 32-bit integers (mode "I")
+    as_int32 = Image.fromarray(values.astype(np.int32))
+    assert as_int32.mode == "I"
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "open", lambda path: as_int32.copy())
+        np.testing.assert_allclose(_simulated_truth(tmp_path, folder)[0, 0], values / 65535,
+                                   atol=1e-7)
+        patch.setattr(Image, "open", lambda path: Image.fromarray(values.astype(np.int32) - 1))
+        result = run_cli("simulate", folder, tmp_path / "n.h5", "--operator", "denoise")
+        assert_one_line_error(result, "values outside 0..65535", tmp_path / "n.h5")
+    rgb = (np.random.default_rng(0).random((20, 20, 3)) * 255).astype(np.uint8)
+    palette = Image.fromarray(rgb).convert("P")
+    truth = _simulated_truth(tmp_path, _folder_of_pictures(tmp_path / "palette", palette))
+    direct = np.asarray(palette.convert("RGB"), np.float32) / 255
+    np.testing.assert_allclose(truth[0, 0], direct @ np.float32([0.299, 0.587, 0.114]), atol=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file or folder"),
+    ("empty folder", "folder holds no PNG or JPEG files"),
+    ("not a picture", "cannot read image"),
+    ("sizes differ", "images differ in size; choose --crop-size"),
+    ("crop too large", "is smaller than --crop-size 32"),
+    ("unknown photograph", "unknown scikit-image photograph 'unicorn'"),
+])
+def test_simulate_refuses_bad_picture_sources(case, message, tmp_path):
+    extra = []
+    source = tmp_path / "pictures"
+    if case == "empty folder":
+        source.mkdir()
+    elif case == "not a picture":
+        source.mkdir()
+        (source / "a.png").write_bytes(b"not a png")
+        source = source / "a.png"   # the message names the picture, not its folder
+    elif case in ("sizes differ", "crop too large"):
+        _folder_of_pictures(source, np.zeros((20, 20), np.uint8), np.zeros((24, 20), np.uint8))
+        extra = ["--crop-size", 32] if case == "crop too large" else []
+    elif case == "unknown photograph":
+        source = "skimage:unicorn"
+    out = tmp_path / "m.h5"
+    argument = source.parent if case == "not a picture" else source
+    result = run_cli("simulate", argument, out, "--operator", "denoise", *extra)
+    assert_one_line_error(result, message, out)
+    assert str(source) in result.stderr
 
 
 def test_simulate_warns_about_images_outside_0_1(tmp_path):

@@ -4,7 +4,7 @@
 
 - an HDF5 file with a dataset ``images`` or ``ground_truth`` shaped ``(N, H, W)`` or
   ``(N, C, H, W)`` (uint8 is scaled to [0, 1]);
-- a folder of PNG/JPEG files;
+- a folder of PNG/JPEG files (8-bit, or 16-bit grayscale PNG, scaled by 65535);
 - ``phantom:ellipses`` (random ellipses) or ``phantom:shepp-logan``;
 - ``skimage:NAME[,NAME...]`` photographs bundled with scikit-image (``skimage:photos`` = all of
   the natural photographs below), read from the installed package, never downloaded.
@@ -83,11 +83,23 @@ def _crops(images: list[np.ndarray], options: SourceOptions, rng: np.random.Gene
     return np.stack(out)
 
 
+# Pillow's modes for 16-bit grayscale (PNG): converting them to "RGB" clips every value above
+# 255, so they are read as they are and scaled by 65535 like uint16 HDF5 images
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _read_picture(path: Path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as picture:
+            if picture.mode in _SIXTEEN_BIT_MODES:
+                return np.asarray(picture).astype(np.uint16)
+            if picture.mode == "I":   # 32-bit integers: how some Pillow versions open 16-bit PNGs
+                values = np.asarray(picture)
+                if values.size and (values.min() < 0 or values.max() > 65535):
+                    raise DripError("32-bit integer image with values outside 0..65535", path)
+                return values.astype(np.uint16)
             if picture.mode not in ("L", "RGB"):
                 picture = picture.convert("RGB")
             return np.asarray(picture)
@@ -161,6 +173,11 @@ def hdf5_image_dataset(path: str | os.PathLike):
         problem = "is a group"
     elif dset.ndim not in (3, 4) or dset.dtype.kind not in "fu" or dset.shape[0] < 1:
         problem = f"has shape {dset.shape} and dtype {dset.dtype}"
+    elif dset.ndim == 4 and dset.shape[-1] in (3, 4) and dset.shape[1] not in (1, 3, 4):
+        # (N, H, W, 3) as NumPy and PIL store colour: read as (N, C, H, W) it would pass as
+        # H channels of H x 3 images, and simulate without a word
+        problem = (f"has shape {dset.shape}, which looks channels-last (N, H, W, C); store it "
+                   f"as (N, C, H, W), e.g. numpy.moveaxis(images, -1, 1)")
     else:
         return handle, dset
     handle.close()  # after the message is made: a closed file's dataset has no shape

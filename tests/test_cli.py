@@ -300,11 +300,14 @@ def test_simulate_refuses_a_matrix_file_that_is_not_an_npz_archive(tmp_path, nam
     ("zero.npy", np.zeros((3, 3)), "invalid PSF: PSF is all zeros"),   # A = 0 was simulated
     ("complex.npy", np.ones((3, 3), complex), "expected real numbers"),
     ("missing.npy", None, "No such file"),
+    ("empty.npy", None, "the file is empty"),                   # was "unexpected EOFError"
 ])
 def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    if name == "psf.npz":
+    if name == "empty.npy":
+        (inputs / name).write_bytes(b"")
+    elif name == "psf.npz":
         np.savez(inputs / name, psf=np.ones((3, 3)))
     elif name == "psf.txt":
         (inputs / name).write_text("0 1 0\n1 1 1\n0 1 0\n")
@@ -314,6 +317,32 @@ def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
                      "--psf", inputs / name, "--num-images", 2, "--image-size", 16)
     assert result.exit_code == 1 and message in result.stderr and name in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.h5").exists()
+
+
+def test_simulate_names_the_options_it_does_not_use(tmp_path):
+    """An option for another operator, or for another kind of source, is named in a warning
+    and ignored; the file is written as without it."""
+    out = tmp_path / "m.h5"
+    result = run_cli("simulate", "phantom:ellipses", out, "--operator", "denoise", "-q",
+                     "--num-images", 2, "--image-size", 16, "--blur-sigma", 3, "--angles", 10,
+                     "--crop-size", 8)
+    assert result.exit_code == 0 and out.exists()
+    assert result.stderr.splitlines() == [
+        "drip: warning: --blur-sigma, --angles: not used by --operator denoise (ignored)",
+        "drip: warning: --crop-size: used only with photographs (a folder of pictures, or "
+        "skimage:NAME), and these images are phantoms (ignored)"]
+    psf = tmp_path / "psf.npy"
+    np.save(psf, np.ones((3, 3)) / 9)
+    result = run_cli("simulate", out, tmp_path / "b.h5", "--operator", "blur", "--psf", psf,
+                     "--blur-size", 5, "--num-images", 4, "-q")
+    assert result.exit_code == 0 and (tmp_path / "b.h5").exists()
+    assert result.stderr.splitlines() == [
+        "drip: warning: --blur-size: not used with --psf, which gives the PSF (ignored)",
+        "drip: warning: --num-images: used only with phantom:NAME sources, and these images are "
+        "from an HDF5 file (ignored)"]
+    result = run_cli("simulate", "phantom:ellipses", tmp_path / "t.h5", "--operator", "tomography",
+                     "--angles", 8, "--num-images", 2, "--image-size", 16, "-q")
+    assert result.exit_code == 0 and result.stderr == ""
 
 
 def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):

@@ -173,6 +173,7 @@ class OperatorKind(str, Enum):
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), folder "
                                  "of PNG/JPEG files, phantom:ellipses, phantom:shepp-logan, or "
                                  "skimage:NAME[,NAME] / skimage:photos."),
@@ -224,6 +225,10 @@ def simulate(
                                   "the --matrix file": matrix})
         rng = np.random.default_rng(seed)
         opened = hdf5_image_dataset(images) if source_file else None
+        source = ("from an HDF5 file" if opened is not None else
+                  "phantoms" if images.startswith("phantom:") else "photographs")
+        for why, unused in _simulate_unused(_given_parameters(ctx), operator.value, source).items():
+            warning_line(f"{', '.join(_option_name(name) for name in unused)}: {why} (ignored)")
         try:
             if opened is not None:
                 dset = opened[1]
@@ -270,6 +275,48 @@ def simulate(
             "noise percent": format_noise_percent(low, high)}))
 
 
+# simulate's options that only some operators, or only some sources of images, read
+_OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf"), "inpainting": ("keep_fraction",),
+                     "tomography": ("angles", "angle_range", "angle_start"), "matrix": ("matrix",)}
+_SOURCE_OPTIONS = {"phantoms": ("image_size", "num_images"),
+                   "photographs": ("crop_size", "crops_per_image")}
+_SOURCE_NAMES = {"phantoms": "phantom:NAME sources",
+                 "photographs": "photographs (a folder of pictures, or skimage:NAME)"}
+
+
+def _simulate_unused(given: set[str], operator: str, source: str) -> dict[str, list[str]]:
+    """simulate's options in ``given`` that ``operator`` or the kind of ``source`` ("from an HDF5
+    file", "phantoms" or "photographs") does not read, by the reason; a user who types
+    ``--blur-sigma`` with ``--operator tomography`` hears of it."""
+    unused: dict[str, list[str]] = {}
+    for kind, names in _OPERATOR_OPTIONS.items():
+        if kind != operator and given & set(names):
+            unused.setdefault(f"not used by --operator {operator}", []).extend(
+                name for name in names if name in given)
+    if operator == "blur" and "psf" in given and given & {"blur_sigma", "blur_size"}:
+        unused["not used with --psf, which gives the PSF"] = [
+            name for name in ("blur_sigma", "blur_size") if name in given]
+    for kind, names in _SOURCE_OPTIONS.items():
+        if kind != source and given & set(names):
+            unused[f"used only with {_SOURCE_NAMES[kind]}, and these images are {source}"] = [
+                name for name in names if name in given]
+    return unused
+
+
+def _given_parameters(ctx: typer.Context) -> set[str]:
+    """The names of the parameters given on the command line (or by the environment), not left
+    at their defaults."""
+    # by name: typer >= 0.2x vendors click, so its ParameterSource enum is not importable alike
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items()
+            if source is not None and source.name != "DEFAULT"}
+
+
+def _option_name(parameter: str) -> str:
+    """The command-line option of a parameter (``--blur-sigma`` for ``blur_sigma``)."""
+    return "--" + parameter.replace("_", "-")
+
+
 # train's options that set a config field of another name (the others share their field's name)
 TRAIN_OPTION_FIELDS = {"filters": "n_filters", "solver_tolerance": "train_solver_tolerance",
                        "solver_iterations": "train_solver_iterations"}
@@ -279,15 +326,12 @@ _TRAIN_FIELD_OPTIONS = {field: option for option, field in TRAIN_OPTION_FIELDS.i
 def _options_given(ctx: typer.Context) -> set[str]:
     """The config fields whose options were given on the command line (or by the environment),
     not left at their defaults."""
-    # by name: typer >= 0.2x vendors click, so its ParameterSource enum is not importable alike
-    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
-    return {TRAIN_OPTION_FIELDS.get(name, name) for name, source in sources.items()
-            if source is not None and source.name != "DEFAULT"}
+    return {TRAIN_OPTION_FIELDS.get(name, name) for name in _given_parameters(ctx)}
 
 
 def _train_option(field: str) -> str:
     """The drip train option that sets a config field (``--filters`` for ``n_filters``)."""
-    return "--" + _TRAIN_FIELD_OPTIONS.get(field, field).replace("_", "-")
+    return _option_name(_TRAIN_FIELD_OPTIONS.get(field, field))
 
 
 def _given_values(**options) -> dict:

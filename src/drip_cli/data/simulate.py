@@ -96,6 +96,8 @@ def read_psf_file(path) -> np.ndarray:
         psf = np.load(path, allow_pickle=False)
     except OSError as exc:
         raise DripError(f"cannot read PSF ({exc.strerror or exc})", path) from exc
+    except EOFError as exc:   # an empty file
+        raise DripError("cannot read PSF: the file is empty", path) from exc
     except ValueError as exc:   # a text file reads as "pickled data"
         raise DripError("cannot read PSF: not a .npy array (save it with numpy.save)", path) from exc
     if not isinstance(psf, np.ndarray):   # an .npz archive

@@ -319,6 +319,21 @@ def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.h5").exists()
 
 
+def test_an_images_file_or_a_reconstruction_given_for_measurements_is_named_as_such(tmp_path):
+    images = tmp_path / "images.h5"
+    with h5py.File(images, "w") as f:
+        f["images"] = np.zeros((2, 8, 8), np.float32)
+    result = run_cli("train", images, "--out", tmp_path / "run")
+    assert_one_line_error(result, "not a drip measurement file (it has no drip_format attribute): "
+                          "drip simulate makes one from images", tmp_path / "run")
+    data = simulate(tmp_path, "denoise")
+    assert run_cli("reconstruct", data, "--out", tmp_path / "r.h5", "--method", "cgls",
+                   "-q").exit_code == 0
+    result = run_cli("reconstruct", tmp_path / "r.h5", "--out", tmp_path / "rr.h5")
+    assert_one_line_error(result, "has drip_format 'reconstructions', not a drip measurement file",
+                          tmp_path / "rr.h5")
+
+
 def test_simulate_names_the_options_it_does_not_use(tmp_path):
     """An option for another operator, or for another kind of source, is named in a warning
     and ignored; the file is written as without it."""

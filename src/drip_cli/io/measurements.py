@@ -48,7 +48,7 @@ def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
     try:
         fmt = file_format(handle)
         if fmt != expected_format:
-            raise DripError(f"drip_format is {fmt!r}, expected {expected_format!r}", path)
+            raise DripError(_format_mismatch(fmt, expected_format), path)
         version = handle.attrs.get("format_version")
         try:
             number = float(np.asarray(version).item())
@@ -61,6 +61,16 @@ def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
         handle.close()
         raise
     return handle
+
+
+def _format_mismatch(found: str | None, expected: str) -> str:
+    """What a file of drip_format ``found`` is, where one of ``expected`` was wanted."""
+    wanted = expected.removesuffix("s")
+    if found is None:
+        hint = (": drip simulate makes one from images (or see the README's 'Your own "
+                "measurements')" if expected == "measurements" else "")
+        return f"not a drip {wanted} file (it has no drip_format attribute){hint}"
+    return f"has drip_format {found!r}, not a drip {wanted} file ({expected!r})"
 
 
 def file_format(handle: h5py.File) -> str | None:

@@ -13,6 +13,7 @@ from drip_cli.operators import (Blur, Inpainting, SparseMatrixOperator, Tomograp
                                 operator_from_hdf5)
 from drip_cli.operators.base import LANCZOS_SLACK, largest_eigenvalue_bound, lanczos_steps
 from drip_cli.operators.finite_differences import gradient, gradient_adjoint
+from drip_cli.operators.sparse import transposed_csr
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -120,6 +121,33 @@ def test_matrix_operator_is_the_sparse_product():
         SparseMatrixOperator.from_csr((1, 12, 10), data, indices, indptr[:-1], shape)
     with pytest.raises(ValueError):
         SparseMatrixOperator.from_csr((1, 12, 10), data * np.nan, indices, indptr, shape)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_transposed_csr_is_the_transpose_and_is_built_only_when_needed(index_dtype):
+    """The transpose (a stable sort by column, for memory) equals torch's and keeps the index
+    dtype; applying A alone, as drip simulate does, never builds it, and its gradient does."""
+    rng = np.random.default_rng(1)
+    data, indices, indptr, shape, dense = random_csr(40, 30, 0.2, rng)
+    matrix = torch.sparse_csr_tensor(torch.tensor(indptr, dtype=index_dtype),
+                                     torch.tensor(indices, dtype=index_dtype),
+                                     torch.tensor(data, dtype=torch.float32), size=shape,
+                                     check_invariants=True)
+    transpose = transposed_csr(matrix)
+    assert transpose.crow_indices().dtype == transpose.col_indices().dtype == index_dtype
+    reference = matrix.t().to_sparse_csr()
+    assert torch.equal(transpose.crow_indices().long(), reference.crow_indices().long())
+    assert torch.equal(transpose.col_indices().long(), reference.col_indices().long())
+    assert torch.equal(transpose.values(), reference.values())
+    np.testing.assert_array_equal(transpose.to_dense().numpy(), dense.T.astype(np.float32))
+    op = Tomography((1, 8, 8), [0.0, 60.0, 120.0])
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    built = lambda: {key[0] for key in op._cache}   # noqa: E731 (transpose flags of the cache)
+    b = op(x)
+    assert built() == {False}
+    (grad,) = torch.autograd.grad(b.square().sum(), x)
+    assert built() == {False, True}
+    torch.testing.assert_close(grad, 2 * op.adjoint(b.detach()))
 
 
 @pytest.mark.parametrize("kind", KINDS)

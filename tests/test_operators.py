@@ -112,7 +112,8 @@ def test_matrix_operator_is_the_sparse_product():
     expected = np.einsum("mp,ncp->ncm", dense, x.reshape(3, 2, -1))
     np.testing.assert_allclose(got, expected, atol=1e-12)
     # the products use 32-bit indices (half the index traffic); the adjoint is the transpose
-    matrix, transpose = op.matrices(torch.float64, torch.device("cpu"))
+    matrix, transpose = (op.matrix(torch.float64, torch.device("cpu"), transpose=t)
+                         for t in (False, True))
     assert matrix.col_indices().dtype == transpose.crow_indices().dtype == torch.int32
     y = rng.standard_normal((3, 2, 50))
     np.testing.assert_allclose(op.adjoint(torch.tensor(y)).numpy().reshape(3, 2, -1),

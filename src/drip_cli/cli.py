@@ -225,10 +225,6 @@ def simulate(
                                   "the --matrix file": matrix})
         rng = np.random.default_rng(seed)
         opened = hdf5_image_dataset(images) if source_file else None
-        source = ("from an HDF5 file" if opened is not None else
-                  "phantoms" if images.startswith("phantom:") else "photographs")
-        for why, unused in _simulate_unused(_given_parameters(ctx), operator.value, source).items():
-            warning_line(f"{', '.join(_option_name(name) for name in unused)}: {why} (ignored)")
         try:
             if opened is not None:
                 dset = opened[1]
@@ -248,6 +244,12 @@ def simulate(
                                 psf_file=psf, keep_fraction=keep_fraction, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start, matrix_file=matrix)
             op = build_operator(spec, tuple(image_shape), rng)
+            # once the images and the operator are known to be good (a bad input is one line)
+            source = ("from an HDF5 file" if opened is not None else
+                      "phantoms" if images.startswith("phantom:") else "photographs")
+            for why, unused in _simulate_unused(_given_parameters(ctx), operator.value,
+                                                source).items():
+                warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
             percent = draw_noise_percent(n, low, high, rng)
             attrs = {"drip_version": __version__, "source": str(images), "seed": seed,
                      "noise_percent_range": format_noise_percent(low, high, digits=6)}

@@ -163,10 +163,6 @@ class SparseMatrixOperator(LinearOperator):
             self._cache[key] = compact_csr(made)
         return self._cache[key]
 
-    def matrices(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CSR matrix and its transpose (:meth:`matrix`)."""
-        return self.matrix(dtype, device), self.matrix(dtype, device, transpose=True)
-
     def _product(self, t: torch.Tensor, transpose: bool,
                  inner: torch.Tensor | None = None) -> torch.Tensor:
         """``A x`` for images ``x = t``, or ``A^T y`` for measurements ``y = t`` (``transpose``),

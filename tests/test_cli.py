@@ -326,6 +326,9 @@ def test_an_images_file_or_a_reconstruction_given_for_measurements_is_named_as_s
     result = run_cli("train", images, "--out", tmp_path / "run")
     assert_one_line_error(result, "not a drip measurement file (it has no drip_format attribute): "
                           "drip simulate makes one from images", tmp_path / "run")
+    result = run_cli("info", images)
+    assert_one_line_error(result, "not a drip file (it has no drip_format attribute): drip "
+                          "simulate makes measurements from images", tmp_path / "run")
     data = simulate(tmp_path, "denoise")
     assert run_cli("reconstruct", data, "--out", tmp_path / "r.h5", "--method", "cgls",
                    "-q").exit_code == 0

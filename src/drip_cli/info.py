@@ -133,6 +133,9 @@ def file_kind(path: str | os.PathLike) -> str:
             fmt = file_format(handle)
     except OSError as exc:
         raise DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path) from exc
+    if fmt is None:
+        raise DripError("not a drip file (it has no drip_format attribute): drip simulate makes "
+                        "measurements from images", path)
     if fmt not in ("measurements", "reconstructions"):
         raise DripError(f"unknown drip_format {fmt!r} (expected measurements or reconstructions)", path)
     return fmt

@@ -34,19 +34,27 @@ class _SparseProduct(torch.autograd.Function):
         return _SparseProduct.apply(grad.contiguous(), transposed(), lambda: matrix), None, None
 
 
+def _csr_tensor(crow, col, values, size) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` of arrays known to be valid (no invariant check, no beta
+    warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, col, values, size=tuple(int(s) for s in size),
+                                       check_invariants=False)
+
+
+def _fits_32_bits(entries: int, shape) -> bool:
+    """Whether a CSR matrix's row pointers and column indices fit 32-bit integers."""
+    return max(entries, *(int(s) for s in shape)) < 2**31
+
+
 def _csr(indptr, indices, data, shape) -> torch.Tensor:
     """A float64 CPU CSR tensor from arrays already checked by :func:`validate_csr`, with
     32-bit indices where they fit (as :func:`compact_csr`)."""
-    index_dtype = np.int32 if max(len(data), *(int(s) for s in shape)) < 2**31 else np.int64
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            torch.as_tensor(np.asarray(indptr, dtype=index_dtype)),
-            torch.as_tensor(np.asarray(indices, dtype=index_dtype)),
-            torch.as_tensor(np.asarray(data, dtype=np.float64)),
-            size=tuple(int(s) for s in shape),
-            check_invariants=False,
-        )
+    index_dtype = np.int32 if _fits_32_bits(len(data), shape) else np.int64
+    return _csr_tensor(torch.as_tensor(np.asarray(indptr, dtype=index_dtype)),
+                       torch.as_tensor(np.asarray(indices, dtype=index_dtype)),
+                       torch.as_tensor(np.asarray(data, dtype=np.float64)), shape)
 
 
 def compact_csr(matrix: torch.Tensor) -> torch.Tensor:
@@ -59,11 +67,10 @@ def compact_csr(matrix: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
             matrix = matrix.to_sparse_csr()
-    if max(matrix.values().numel(), *matrix.shape) >= 2**31:
+    if not _fits_32_bits(matrix.values().numel(), matrix.shape):
         return matrix
-    return torch.sparse_csr_tensor(matrix.crow_indices().to(torch.int32),
-                                   matrix.col_indices().to(torch.int32), matrix.values(),
-                                   size=matrix.shape, check_invariants=False)
+    return _csr_tensor(matrix.crow_indices().to(torch.int32),
+                       matrix.col_indices().to(torch.int32), matrix.values(), matrix.shape)
 
 
 def transposed_csr(matrix: torch.Tensor) -> torch.Tensor:
@@ -72,17 +79,13 @@ def transposed_csr(matrix: torch.Tensor) -> torch.Tensor:
     ran, 1.2 GB for the 26 million of 256 x 256 tomography at 180 angles; this takes about
     20.)"""
     rows, cols = matrix.shape
-    crow, col, values = matrix.crow_indices(), matrix.col_indices(), matrix.values()
-    index = col.numpy()
+    crow, index = matrix.crow_indices().numpy(), matrix.col_indices().numpy()
     order = np.argsort(index, kind="stable")   # by column; rows stay ascending within each
-    row = np.repeat(np.arange(rows, dtype=index.dtype), np.diff(crow.numpy()))
-    t_crow = np.zeros(cols + 1, dtype=crow.numpy().dtype)
+    row = np.repeat(np.arange(rows, dtype=index.dtype), np.diff(crow))
+    t_crow = np.zeros(cols + 1, dtype=crow.dtype)
     np.cumsum(np.bincount(index, minlength=cols), out=t_crow[1:])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(torch.from_numpy(t_crow), torch.from_numpy(row[order]),
-                                       torch.from_numpy(values.numpy()[order]),
-                                       size=(cols, rows), check_invariants=False)
+    return _csr_tensor(torch.from_numpy(t_crow), torch.from_numpy(row[order]),
+                       torch.from_numpy(matrix.values().numpy()[order]), (cols, rows))
 
 
 def validate_csr(indptr, indices, data, shape) -> None:

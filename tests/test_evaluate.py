@@ -239,7 +239,7 @@ def test_truth_regularizer_value_of_an_identity_embedding_is_r_of_the_truth():
     assert np.all(values <= direct * (1 + 1e-6))   # a minimum over a set that holds x itself
 
 
-def test_several_models_of_one_kind_are_named_by_their_run_folders(runs, tmp_path):
+def test_several_models_of_one_kind_are_named_by_their_run_folders_or_files(runs, tmp_path):
     import shutil
 
     from drip_cli.errors import DripError
@@ -250,8 +250,21 @@ def test_several_models_of_one_kind_are_named_by_their_run_folders(runs, tmp_pat
     names = [m.name for m in choose_methods([runs / "drip_run", copy / "model.safetensors"], None)]
     assert names == ["cgls", "tv", "drip:drip_run", "drip:longer_run"]
     assert [m.name for m in choose_methods([copy], ["drip", "tv"])] == ["drip", "tv"]
-    with pytest.raises(DripError, match="same name"):
-        choose_methods([runs / "drip_run", runs / "drip_run"], None)
+    # model files of other names, side by side in one folder, go by their names
+    shutil.copy(copy / "model.safetensors", tmp_path / "sharp.safetensors")
+    shutil.copy(copy / "model.safetensors", tmp_path / "smooth.safetensors")
+    names = [m.name for m in choose_methods([tmp_path / "sharp.safetensors",
+                                             tmp_path / "smooth.safetensors"], ["drip"])]
+    assert names == ["drip:sharp", "drip:smooth"]
+    with pytest.raises(DripError, match="given twice"):   # the folder and its file: one model
+        choose_methods([runs / "drip_run", runs / "drip_run" / "model.safetensors"], None)
+    other = tmp_path / "elsewhere" / "drip_run"
+    shutil.copytree(runs / "drip_run", other)
+    with pytest.raises(DripError, match="both named drip:drip_run"):
+        choose_methods([runs / "drip_run", other], None)
+    heard = []
+    assert [m.name for m in choose_methods([copy], ["tv"], warn=heard.append)] == ["tv"]
+    assert len(heard) == 1 and "not compared" in heard[0]
 
 
 def test_evaluate_progress_counts_batches_and_moves_within_them(runs):

@@ -670,7 +670,8 @@ def evaluate(
         taus = _positive_numbers(tau, "--tau")
         if out.exists() and not out.is_dir():
             raise DripError("exists and is not a folder", out)
-        chosen = choose_methods(model or [], None if methods is None else methods.split(","))
+        chosen = choose_methods(model or [], None if methods is None else methods.split(","),
+                                warn=warning_line)
         drip_models = [m for m in chosen if getattr(m, "kind", None) == "drip"]
         if reweight is not None or edge_scale is not None:   # for every drip model compared
             if not drip_models:

@@ -28,6 +28,7 @@ import torch
 from ..data import simulate_batch
 from ..errors import DripError
 from ..io import MeasurementFile
+from ..io.models import MODEL_FILE, resolve_model_path
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
 from ..operators import Denoise, LinearOperator
 from ..reconstruct import concatenate_rows, default_batch_size, reconstruct_batch, summarize
@@ -63,18 +64,33 @@ class Evaluation:
 METHOD_KINDS = ("drip", "cgls", "tv", "unrolled")
 
 
-def choose_methods(model_paths: list, wanted: list[str] | None) -> list[ReconstructionMethod]:
+def _model_label(path) -> str:
+    """How a model is told from others of its kind: its run folder's name (the folder, or
+    the folder of a ``model.safetensors``), else its file's stem."""
+    path = Path(path)
+    if path.is_dir() or path.name == MODEL_FILE:
+        return (path if path.is_dir() else path.parent).resolve().name
+    return path.stem
+
+
+def choose_methods(model_paths: list, wanted: list[str] | None,
+                   warn=None) -> list[ReconstructionMethod]:
     """The methods to compare: ``wanted`` kinds (default: CGLS, TV and every model), ``drip``
     and ``unrolled`` standing for the models of that kind. Several models of one kind are named
-    ``kind:run-folder``."""
+    ``kind:label``, the label the run folder's name or the model file's stem. ``warn(message)``
+    hears of models that no wanted method uses."""
+    resolved = [resolve_model_path(path).resolve() for path in model_paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p in resolved if resolved.count(p) > 1)
+        raise DripError("given twice to --model", twice)
     learned = [LearnedMethod.load(path) for path in model_paths]
     for method, path in zip(learned, model_paths):
         if sum(m.kind == method.kind for m in learned) > 1:
-            path = Path(path)
-            method.name = f"{method.kind}:{path.parent.name if path.is_file() else path.name}"
+            method.name = f"{method.kind}:{_model_label(path)}"
     if len({m.name for m in learned}) < len(learned):
-        raise DripError("--model: two models of one kind in folders of the same name; "
-                        "rename a run folder")
+        clash = next(m.name for m in learned if [n.name for n in learned].count(m.name) > 1)
+        raise DripError(f"--model: two models are both named {clash} (by their run folders, or "
+                        "their files where not model.safetensors); rename one")
     if wanted is None:
         wanted = ["cgls", "tv", *(m.kind for m in learned)]
     wanted = list(dict.fromkeys(w.strip() for w in wanted if w.strip()))
@@ -91,6 +107,10 @@ def choose_methods(model_paths: list, wanted: list[str] | None) -> list[Reconstr
         if not of_kind:
             raise DripError(f"--methods {name} needs a {name} model: --model RUN_DIR")
         chosen.extend(of_kind)
+    unused = [m for m in learned if m.kind not in wanted]
+    if unused and warn is not None:
+        warn(f"--model: {', '.join(m.name for m in unused)} not compared: --methods "
+             f"{','.join(wanted)} leaves out {', '.join(sorted({m.kind for m in unused}))}")
     return chosen
 
 

@@ -209,8 +209,8 @@ def simulate(
 ) -> None:
     """Simulate noisy measurements b = A x + sigma e of ground-truth images."""
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
-                       format_noise_percent, hdf5_image_dataset, iter_hdf5_images, load_images,
-                       parse_noise_percent, simulate_batch)
+                       format_noise_percent, hdf5_image_dataset, is_phantom_source,
+                       iter_hdf5_images, load_images, parse_noise_percent, simulate_batch)
     from .io import MeasurementWriter, atomic_h5, check_writable, unit_range_doubt
 
     with _errors(debug):
@@ -246,7 +246,7 @@ def simulate(
             op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
             source = ("from an HDF5 file" if opened is not None else
-                      "phantoms" if images.startswith("phantom:") else "photographs")
+                      "phantoms" if is_phantom_source(images) else "photographs")
             for why, unused in _simulate_unused(_given_parameters(ctx), operator.value,
                                                 source).items():
                 warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")

@@ -118,13 +118,19 @@ def _skimage_picture(name: str) -> np.ndarray:
     return _read_picture(path)
 
 
+def is_phantom_source(source: str) -> bool:
+    """Whether ``source`` names generated phantoms (``phantom:NAME``) rather than photographs
+    (or an HDF5 image file)."""
+    return source.startswith("phantom:")
+
+
 def load_images(source: str, options: SourceOptions, rng: np.random.Generator) -> np.ndarray:
     """All ground-truth images of ``source`` as ``(N, C, H, W)`` float32.
 
     Sources are read whole: they are image collections (a folder, a few photographs, generated
     phantoms). HDF5 image files are the exception, see :func:`iter_hdf5_images`.
     """
-    if source.startswith("phantom:"):
+    if is_phantom_source(source):
         kind = source.split(":", 1)[1]
         size = options.image_size
         if kind == "ellipses":

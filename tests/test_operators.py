@@ -151,6 +151,21 @@ def test_transposed_csr_is_the_transpose_and_is_built_only_when_needed(index_dty
     torch.testing.assert_close(grad, 2 * op.adjoint(b.detach()))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_adjoint_first_keeps_only_the_matrices_of_its_device(device):
+    """The transpose asked for before ``A`` itself is right, and on a GPU the CPU copy it was
+    sorted from is not kept (host memory: about the matrix again)."""
+    op = Tomography((1, 8, 8), [0.0, 60.0, 120.0])
+    y = torch.rand(2, *op.measurement_shape, dtype=torch.float32)
+    reference = op.adjoint(y.double())   # float64 CPU
+    moved = op.to(device)
+    back = moved.adjoint(y.to(device))
+    torch.testing.assert_close(back.double().cpu(), reference, rtol=1e-5, atol=1e-5)
+    kept = {(transpose, where.type) for transpose, dtype, where in moved._cache
+            if dtype == torch.float32}   # the float64 reference's are on the CPU
+    assert kept == ({(True, "cpu"), (False, "cpu")} if device == "cpu" else {(True, device)})
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradients_flow_through_forward_and_adjoint(kind):
     """Autograd through A and A^T equals the analytic gradient, and gradcheck passes."""

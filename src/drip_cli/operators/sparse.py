@@ -156,11 +156,16 @@ class SparseMatrixOperator(LinearOperator):
         only applies ``A``, and transposing costs about the matrix's memory again while it
         runs (tomography of 256 x 256 images at 180 angles, 26 million entries: building the
         operator peaked at 2.4 GB with a float64 transpose built at once, and ``simulate`` at
-        1.2 GB without it)."""
-        key = (transpose, dtype, torch.device(device))
+        1.2 GB without it). For another device the transpose is sorted on the CPU and moved;
+        the CPU copy in ``dtype`` it is sorted from is not kept."""
+        device, cpu = torch.device(device), torch.device("cpu")
+        key = (transpose, dtype, device)
         if key not in self._cache:
             if transpose:   # sorted on the CPU, as the matrix was made there, then moved
-                made = transposed_csr(self.matrix(dtype, torch.device("cpu"))).to(device)
+                # the CPU matrix in this dtype is kept only where the products run on the CPU
+                on_cpu = (self.matrix(dtype, cpu) if device == cpu
+                          else compact_csr(self._matrix.to(dtype=dtype)))
+                made = transposed_csr(on_cpu).to(device)
             else:
                 made = self._matrix.to(device=device, dtype=dtype)
             self._cache[key] = compact_csr(made)

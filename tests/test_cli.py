@@ -502,6 +502,31 @@ def test_simulate_refuses_bad_picture_sources(case, message, tmp_path):
     assert str(source) in result.stderr
 
 
+def test_simulate_draws_a_black_crop_again(tmp_path):
+    """A picture black but for one corner gives crops that are never black (an all-black crop
+    would measure nothing, and simulate would refuse it by an index the user cannot leave
+    out); a picture black everywhere is refused, naming the source and the crop size."""
+    picture = np.zeros((40, 40), np.uint8)
+    picture[:12, :12] = 200
+    source = tmp_path / "pictures"
+    _folder_of_pictures(source, picture)
+    out = tmp_path / "m.h5"
+    result = run_cli("simulate", source, out, "--operator", "blur", "--blur-sigma", 1,
+                     "--crop-size", 16, "--crops-per-image", 12, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        truth = f["ground_truth"][()]
+        assert len(truth) == 12 and np.all(truth.reshape(12, -1).max(1) > 0)
+        assert np.all(f["noise_std"][()] > 0)
+    black = tmp_path / "black"
+    _folder_of_pictures(black, np.zeros((40, 40), np.uint8))
+    result = run_cli("simulate", black, tmp_path / "b.h5", "--operator", "denoise",
+                     "--crop-size", 16)
+    assert_one_line_error(result, "random crops of 16x16 of picture 0 were all black",
+                          tmp_path / "b.h5")
+    assert str(black) in result.stderr
+
+
 def test_simulate_warns_about_images_outside_0_1(tmp_path):
     """Float images in [0, 255] are kept as they are (the contract scales only uint8), but PSNR
     and SSIM assume a data range of 1, so simulate says so, naming the file."""

@@ -64,8 +64,18 @@ def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot convert {image.shape[0]} channels to {channels}")
 
 
+# A crop that is black everywhere is drawn again, at most this many times (see _crops).
+CROP_DRAWS = 100
+
+
 def _crops(images: list[np.ndarray], options: SourceOptions, rng: np.random.Generator,
            source: str) -> np.ndarray:
+    """The pictures themselves (all of one size) or ``crops_per_image`` random crops of each.
+    A crop that is black everywhere is drawn again: its measurements would be zero, and so its
+    noise level, a percent of them (CONTRACT.md), which simulate refuses by the image's index,
+    an index the user cannot leave out of a crop source. A picture with no crop other than
+    black in ``CROP_DRAWS`` draws is refused. Where no crop is black, the draws are those of
+    one crop each, so a seed gives the crops it always gave."""
     if options.crop_size is None:
         shapes = {im.shape for im in images}
         if len(shapes) != 1:
@@ -78,8 +88,17 @@ def _crops(images: list[np.ndarray], options: SourceOptions, rng: np.random.Gene
         if h < size or w < size:
             raise DripError(f"an image of size {h}x{w} is smaller than --crop-size {size}", source)
         for _ in range(options.crops_per_image):
-            i, j = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-            out.append(image[:, i:i + size, j:j + size])
+            for _ in range(CROP_DRAWS):
+                i, j = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+                crop = image[:, i:i + size, j:j + size]
+                if crop.any():
+                    break
+            else:
+                raise DripError(f"{CROP_DRAWS} random crops of {size}x{size} of picture "
+                                f"{len(out) // options.crops_per_image} were all black "
+                                "(they measure nothing): choose a larger --crop-size or leave "
+                                "the picture out", source)
+            out.append(crop)
     return np.stack(out)
 
 

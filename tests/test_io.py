@@ -109,6 +109,10 @@ def test_bad_files_raise_drip_error(how, tmp_path):
     with pytest.raises(DripError) as info:
         MeasurementFile(path)
     assert info.value.path == str(path)
+    # a bad value is located: the sample that corrupt() damaged first
+    first = {"nan": 1, "inf-truth": 2, "negative-noise": 0, "float32-overflow": 0}
+    if how in first:
+        assert f"first at sample {first[how]}" in str(info.value)
 
 
 @pytest.mark.parametrize("kind,name", [("blur", "psf"), ("inpainting", "mask"),

@@ -81,13 +81,18 @@ def file_format(handle: h5py.File) -> str | None:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def overflows_float32(block: np.ndarray) -> bool:
-    """Whether a sample of ``block`` (samples along the first axis) holds NaN or Inf or has a
-    squared norm beyond float32's range: the solvers work in float32, where it would turn into
-    Inf and NaN."""
+def samples_overflowing_float32(block: np.ndarray) -> np.ndarray:
+    """Per sample of ``block`` (samples along the first axis; a scalar is one sample): whether
+    it holds NaN or Inf or has a squared norm beyond float32's range. The solvers work in
+    float32, where such a sample would turn into Inf and NaN."""
     rows = len(block) if block.ndim else 1
     squared_norms = np.square(block.astype(np.float64)).reshape(rows, -1).sum(1)
-    return not bool(np.all(squared_norms <= FLOAT32_MAX))   # NaN compares False
+    return ~(squared_norms <= FLOAT32_MAX)   # NaN compares False
+
+
+def overflows_float32(block: np.ndarray) -> bool:
+    """Whether any sample of ``block`` overflows (:func:`samples_overflowing_float32`)."""
+    return bool(samples_overflowing_float32(block).any())
 
 
 def unit_range_doubt(low: float, high: float) -> str | None:
@@ -121,15 +126,25 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
             block = np.asarray(dset[start:start + SCAN_ROWS] if dset.ndim else dset[()])
             if finite and overflows_float32(block):   # one pass in the common, valid case
                 if not np.all(np.isfinite(block)):
-                    raise DripError(f"dataset '{name}' contains NaN or Inf", path)
+                    raise DripError(f"dataset '{name}' contains NaN or Inf "
+                                    f"({_first_sample(~np.isfinite(block), start)})", path)
                 raise DripError(f"dataset '{name}' holds values too large for float32 arithmetic "
-                                f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}): rescale "
-                                "the data", path)
+                                f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}; "
+                                f"{_first_sample(samples_overflowing_float32(block), start)}): rescale the "
+                                "data", path)
             if positive and not np.all(block > 0):
-                raise DripError(f"dataset '{name}' must be > 0 everywhere (noise std)", path)
+                raise DripError(f"dataset '{name}' must be > 0 everywhere (noise std; "
+                                f"{_first_sample(~(block > 0), start)})", path)
             if on_block is not None:
                 on_block(block)
     return dset
+
+
+def _first_sample(bad: np.ndarray, start: int) -> str:
+    """"first at sample I": the first row of a block of rows (from row ``start``) where ``bad``
+    holds anywhere; the block of a scalar dataset is its one value."""
+    rows = bad.reshape(len(bad), -1).any(1) if bad.ndim else np.atleast_1d(bad)
+    return f"first at sample {start + int(np.argmax(rows))}"
 
 
 @dataclass

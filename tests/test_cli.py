@@ -396,12 +396,28 @@ def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_simulate_keeps_signed_integer_images_and_warns_about_their_range(tmp_path):
+    """Signed integers (CT numbers, say) are read as they are, like floats, with the warning
+    that PSNR and SSIM assume [0, 1]; only uint8 and uint16 are scaled."""
+    path = tmp_path / "ct.h5"
+    values = np.arange(-512, 512, dtype=np.int16).reshape(4, 16, 16)
+    with h5py.File(path, "w") as f:
+        f["images"] = values
+    result = run_cli("simulate", path, tmp_path / "m.h5", "--operator", "denoise", "-q")
+    assert result.exit_code == 0
+    assert result.stderr.startswith(f"drip: warning: {path}: the images take values in [-512, 511]")
+    assert "drip scales uint8 and uint16 only" in result.stderr
+    with h5py.File(tmp_path / "m.h5") as f:
+        np.testing.assert_array_equal(f["ground_truth"][()][:, 0], values.astype(np.float32))
+
+
 def test_simulate_bad_sources(tmp_path):
     nan_images = tmp_path / "nan.h5"
     with h5py.File(nan_images, "w") as f:
         f["images"] = np.full((2, 8, 8), np.nan, np.float32)
     result = run_cli("simulate", nan_images, tmp_path / "m.h5", "--operator", "denoise")
     assert_clean_failure(result, nan_images, tmp_path, {"nan.h5"})
+    assert "images contain NaN or Inf (first at sample 0)" in result.stderr
     empty = tmp_path / "empty.h5"
     with h5py.File(empty, "w") as f:
         f["other"] = np.zeros(3)

@@ -3,7 +3,8 @@
 ``IMAGES`` may be
 
 - an HDF5 file with a dataset ``images`` or ``ground_truth`` shaped ``(N, H, W)`` or
-  ``(N, C, H, W)`` (uint8 is scaled to [0, 1]);
+  ``(N, C, H, W)``, of floats or integers (uint8 and uint16 are scaled to [0, 1]; other values
+  are kept, and simulate warns about values outside [0, 1]);
 - a folder of PNG/JPEG files (8-bit, or 16-bit grayscale PNG, scaled by 65535);
 - ``phantom:ellipses`` (random ellipses) or ``phantom:shepp-logan``;
 - ``skimage:NAME[,NAME...]`` photographs bundled with scikit-image (``skimage:photos`` = all of
@@ -25,6 +26,7 @@ import h5py
 import numpy as np
 
 from ..errors import DripError
+from ..io.measurements import first_sample_where
 from .phantoms import random_ellipses, shepp_logan
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -196,7 +198,7 @@ def hdf5_image_dataset(path: str | os.PathLike):
     dset = handle[name]
     if not isinstance(dset, h5py.Dataset):
         problem = "is a group"
-    elif dset.ndim not in (3, 4) or dset.dtype.kind not in "fu" or dset.shape[0] < 1:
+    elif dset.ndim not in (3, 4) or dset.dtype.kind not in "fui" or dset.shape[0] < 1:
         problem = f"has shape {dset.shape} and dtype {dset.dtype}"
     elif dset.ndim == 4 and dset.shape[-1] in (3, 4) and dset.shape[1] not in (1, 3, 4):
         # (N, H, W, 3) as NumPy and PIL store colour: read as (N, C, H, W) it would pass as
@@ -206,8 +208,8 @@ def hdf5_image_dataset(path: str | os.PathLike):
     else:
         return handle, dset
     handle.close()  # after the message is made: a closed file's dataset has no shape
-    raise DripError(f"'{name}' must be an (N, H, W) or (N, C, H, W) dataset of numbers "
-                    f"(N >= 1); it {problem}", path)
+    raise DripError(f"'{name}' must be an (N, H, W) or (N, C, H, W) dataset of floating-point "
+                    f"or integer values (N >= 1); it {problem}", path)
 
 
 def iter_hdf5_images(dset, channels: int, batch_size: int, path) -> Iterator[np.ndarray]:
@@ -222,7 +224,8 @@ def iter_hdf5_images(dset, channels: int, batch_size: int, path) -> Iterator[np.
         scale = 255.0 if block.dtype == np.uint8 else (65535.0 if block.dtype == np.uint16 else 1.0)
         block = block.astype(np.float32) / np.float32(scale)
         if not np.all(np.isfinite(block)):
-            raise DripError("images contain NaN or Inf", path)
+            raise DripError(f"images contain NaN or Inf "
+                            f"({first_sample_where(~np.isfinite(block), start)})", path)
         if block.shape[1] != channels:
             try:
                 block = np.stack([_to_channels(im, channels) for im in block])

@@ -101,7 +101,7 @@ def unit_range_doubt(low: float, high: float) -> str | None:
     if low >= -0.01 and high <= 1.01:
         return None
     return (f"the images take values in [{low:.4g}, {high:.4g}], not [0, 1]: PSNR and SSIM "
-            "use a data range of 1 (scale floats to [0, 1])")
+            "use a data range of 1 (scale the images to [0, 1]; drip scales uint8 and uint16 only)")
 
 
 def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
@@ -127,20 +127,20 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
             if finite and overflows_float32(block):   # one pass in the common, valid case
                 if not np.all(np.isfinite(block)):
                     raise DripError(f"dataset '{name}' contains NaN or Inf "
-                                    f"({_first_sample(~np.isfinite(block), start)})", path)
+                                    f"({first_sample_where(~np.isfinite(block), start)})", path)
                 raise DripError(f"dataset '{name}' holds values too large for float32 arithmetic "
                                 f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}; "
-                                f"{_first_sample(samples_overflowing_float32(block), start)}): rescale the "
+                                f"{first_sample_where(samples_overflowing_float32(block), start)}): rescale the "
                                 "data", path)
             if positive and not np.all(block > 0):
                 raise DripError(f"dataset '{name}' must be > 0 everywhere (noise std; "
-                                f"{_first_sample(~(block > 0), start)})", path)
+                                f"{first_sample_where(~(block > 0), start)})", path)
             if on_block is not None:
                 on_block(block)
     return dset
 
 
-def _first_sample(bad: np.ndarray, start: int) -> str:
+def first_sample_where(bad: np.ndarray, start: int) -> str:
     """"first at sample I": the first row of a block of rows (from row ``start``) where ``bad``
     holds anywhere; the block of a scalar dataset is its one value."""
     rows = bad.reshape(len(bad), -1).any(1) if bad.ndim else np.atleast_1d(bad)

@@ -128,10 +128,10 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
                 if not np.all(np.isfinite(block)):
                     raise DripError(f"dataset '{name}' contains NaN or Inf "
                                     f"({first_sample_where(~np.isfinite(block), start)})", path)
+                where = first_sample_where(samples_overflowing_float32(block), start)
                 raise DripError(f"dataset '{name}' holds values too large for float32 arithmetic "
-                                f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}; "
-                                f"{first_sample_where(samples_overflowing_float32(block), start)}): rescale the "
-                                "data", path)
+                                f"(a sample's squared norm exceeds {FLOAT32_MAX:.3g}; {where}): "
+                                "rescale the data", path)
             if positive and not np.all(block > 0):
                 raise DripError(f"dataset '{name}' must be > 0 everywhere (noise std; "
                                 f"{first_sample_where(~(block > 0), start)})", path)
@@ -141,8 +141,8 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
 
 
 def first_sample_where(bad: np.ndarray, start: int) -> str:
-    """"first at sample I": the first row of a block of rows (from row ``start``) where ``bad``
-    holds anywhere; the block of a scalar dataset is its one value."""
+    """The words ``first at sample I``, ``I`` the first row of a block of rows (the block's
+    first is row ``start``) where ``bad`` holds anywhere; a scalar dataset is one row."""
     rows = bad.reshape(len(bad), -1).any(1) if bad.ndim else np.atleast_1d(bad)
     return f"first at sample {start + int(np.argmax(rows))}"
 

@@ -149,6 +149,32 @@ def test_a_run_without_validation_resumes(tmp_path):
     assert result.exit_code == 0, result.stderr
 
 
+def test_resume_refuses_other_data(train_file, tmp_path):
+    """--resume continues a run on its own data, known by content: another file (even of the
+    same shape) is refused, before anything in the run changes; the run's data under another
+    name resumes. A run whose config.json predates the record falls back on the model file's."""
+    run = tmp_path / "run"
+    assert run_cli("train", train_file, "--out", run, "--max-steps", 1, *TINY).exit_code == 0
+    other = tmp_path / "other.h5"
+    from drip_cli.operators import Blur, gaussian_psf
+
+    write_small_file(other, Blur((1, 12, 12), gaussian_psf(1.0)), n=12, seed=7)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    settings = json.loads((run / "config.json").read_text())
+    for config in (settings, {k: v for k, v in settings.items() if k != "data_sha256"}):
+        (run / "config.json").write_text(json.dumps(config))
+        before["config.json"] = (run / "config.json").read_bytes()
+        result = run_cli("train", other, "--out", run, "--resume", "-q")
+        assert_one_line_error(result, f"{other}: --resume: the run in {run} was trained on other "
+                              "data", tmp_path / "nothing")
+        assert f"--init {run}" in result.stderr
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    renamed = tmp_path / "renamed.h5"
+    renamed.write_bytes(Path(train_file).read_bytes())
+    result = run_cli("train", renamed, "--out", run, "--max-steps", 1, "--resume", "-q")
+    assert result.exit_code == 0, result.stderr
+
+
 def test_ctrl_c_says_whether_the_run_can_be_resumed(train_file, tmp_path, monkeypatch):
     """Ctrl-C in drip train: exit status 130 and one line that points to --resume where the
     run folder has a checkpoint, and says there is nothing to resume where it has none."""

@@ -376,6 +376,24 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
     config.init, config.init_sha256 = saved.get("init"), saved.get("init_sha256")
 
 
+def require_the_runs_data(out, sha256: str, data) -> None:
+    """``--resume`` continues a run on the data it started on, known by content (the sha256 in
+    its ``config.json``; for a run from before that was recorded, the one its model file
+    records), not by name: on other data it would not continue the run, and the model would
+    name data it was not trained on."""
+    recorded = json.loads((Path(out) / CONFIG).read_text()).get("data_sha256")
+    if recorded is None and (Path(out) / MODEL_FILE).exists():
+        try:
+            recorded = load_model(Path(out) / MODEL_FILE)[1].training_data_sha256 or None
+        except DripError:   # a damaged model file: the checkpoint is what resumes
+            recorded = None
+    if recorded is not None and recorded != sha256:
+        raise DripError(f"--resume: the run in {out} was trained on other data (sha256 "
+                        f"{recorded[:12]}..., this file's {sha256[:12]}...): resume it with its "
+                        f"own data file, or start a new run from its model with --init {out}",
+                        data)
+
+
 LR_FLOOR = 0.05
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -476,6 +494,8 @@ class Trainer:
             self.operator_defaults.update(
                 patch_default(config, tuple(self.truth[self.train_index].shape), given))
         self.data_sha256 = file_sha256(config.data)
+        if resume:
+            require_the_runs_data(config.out, self.data_sha256, config.data)
 
         torch.manual_seed(config.seed)
         self.model = build_model(config.model)
@@ -730,7 +750,8 @@ class Trainer:
         else:
             for name in (HISTORY, CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
                 (self.out / name).unlink(missing_ok=True)
-            write_json(self.out / CONFIG, {**cfg.to_dict(), "drip_version": __version__})
+            write_json(self.out / CONFIG, {**cfg.to_dict(), "data_sha256": self.data_sha256,
+                                           "drip_version": __version__})
             self._fit_patch_prior()
             self._end_epoch([], label="start")  # the untrained model (smoothed TV) as a reference
         started = time.perf_counter() - self.elapsed

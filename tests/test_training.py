@@ -499,6 +499,15 @@ def test_reconstruct_with_model_fits_and_records_sha(train_file, tmp_path, archi
         assert np.all(converged == (ratio <= 1.0)) and np.all(ratio <= 1.0)
         assert np.all(np.isfinite(f["regularizer_value"][()]))
         plain_iterations = f["iterations"][()]
+    # a model of another kind is refused; a classical method says it leaves the model out
+    wrong = run_cli("reconstruct", train_file, "--model", run, "--out", tmp_path / "u.h5",
+                    "--method", "unrolled", "-q")
+    assert_one_line_error(wrong, "--method unrolled needs an unrolled model; this one is a drip "
+                          "model", tmp_path / "u.h5")
+    classical = run_cli("reconstruct", train_file, "--model", run, "--out", tmp_path / "c.h5",
+                        "--method", "cgls", "-q")
+    assert classical.exit_code == 0
+    assert classical.stderr == "drip: warning: --model: not used by --method cgls (ignored)\n"
     reweighted = run_cli("reconstruct", train_file, "--model", run, "--out", tmp_path / "w.h5",
                          "--reweight", "1", "--edge-scale", "0.1", "-q")
     if leapfrog:   # the leapfrog regularizer is not convex: refused, nothing written

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
-from .errors import DripError, DripWarning, require_positive
+from .errors import DripError, DripWarning, require_positive, with_article
 
 app = typer.Typer(
     name="drip",
@@ -582,13 +582,16 @@ def reconstruct(
 
             chosen = LearnedMethod.load(model)
             if method is not None and chosen.kind != method.value:
-                raise DripError(f"--method {method.value} needs a {method.value} model; this "
-                                f"one is {chosen.kind}", model)
+                wanted, found = with_article(method.value), with_article(chosen.kind)
+                raise DripError(f"--method {method.value} needs {wanted} model; this one is "
+                                f"{found} model", model)
         elif method in (Method.drip, Method.unrolled):
             raise DripError(f"--method {method.value} needs --model RUN_DIR (train one with "
                             f"drip train)")
         else:
             chosen = CLASSICAL_METHODS[(method or Method.tv).value]()
+            if model is not None:   # a classical method: the model would be loaded for nothing
+                warning_line(f"--model: not used by --method {chosen.name} (ignored)")
         if max_iterations is not None:
             chosen.set_max_iterations(max_iterations)
         if reweight is not None or edge_scale is not None:

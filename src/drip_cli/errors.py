@@ -25,6 +25,11 @@ class DripWarning(UserWarning):
     the CLI prints it as one ``drip: warning:`` line."""
 
 
+def with_article(word: str) -> str:
+    """``word`` after its indefinite article, for messages: "a drip", "an unrolled"."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def require_positive(option: str, value: float) -> None:
     """Refuse a numeric option unless it is positive and finite (so NaN and inf too)."""
     if not (math.isfinite(value) and value > 0):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..data import simulate_batch
-from ..errors import DripError
+from ..errors import DripError, with_article
 from ..io import MeasurementFile
 from ..io.models import MODEL_FILE, resolve_model_path
 from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
@@ -105,7 +105,7 @@ def choose_methods(model_paths: list, wanted: list[str] | None,
             continue
         of_kind = [m for m in learned if m.kind == name]
         if not of_kind:
-            raise DripError(f"--methods {name} needs a {name} model: --model RUN_DIR")
+            raise DripError(f"--methods {name} needs {with_article(name)} model: --model RUN_DIR")
         chosen.extend(of_kind)
     unused = [m for m in learned if m.kind not in wanted]
     if unused and warn is not None:

@@ -67,6 +67,59 @@ def test_simulate_matrix_from_npz(tmp_path):
         assert clean_error < 0.1  # only the 2% noise
 
 
+def test_simulate_reads_csc_and_coo_matrices_as_the_same_operator(tmp_path):
+    """save_npz writes a matrix in its own format: a COO one (built by coordinates, entries in
+    any order, repeated entries summed) and a CSC one give the CSR matrix's operator; other
+    formats and damaged arrays are refused in one line."""
+    import torch
+
+    from conftest import random_csr
+    from drip_cli.operators import operator_from_hdf5
+
+    rng = np.random.default_rng(0)
+    _, _, _, shape, dense = random_csr(60, 16 * 16, 0.1, rng)
+    row, col = np.nonzero(dense)
+    order = rng.permutation(len(row))   # any order, and the first ten entries split in two
+    row, col, values = row[order], col[order], dense[row[order], col[order]]
+    values = np.concatenate([values, values[:10] / 2])
+    values[:10] /= 2
+    row, col = np.concatenate([row, row[:10]]), np.concatenate([col, col[:10]])
+    coo, csc = tmp_path / "coo.npz", tmp_path / "csc.npz"
+    np.savez(coo, row=row.astype(np.int32), col=col.astype(np.int32), data=values,
+             shape=np.array(shape), format=b"coo")
+    columns = dense.T   # CSC of A is CSR of A^T
+    nonzero = columns != 0
+    np.savez(csc, data=columns[nonzero], indices=np.nonzero(nonzero)[1].astype(np.int32),
+             indptr=np.concatenate([[0], np.cumsum(nonzero.sum(1))]).astype(np.int32),
+             shape=np.array(shape), format=b"csc")
+    x = torch.from_numpy(rng.random((2, 1, 16, 16)))
+    for path in (coo, csc):
+        result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator",
+                         "matrix", "--matrix", path, "--num-images", 2, "--image-size", 16, "-q")
+        assert result.exit_code == 0, result.stderr
+        with h5py.File(tmp_path / "m.h5") as f:
+            op = operator_from_hdf5(f["operator"])
+        np.testing.assert_allclose(op(x).numpy()[:, 0], x.numpy().reshape(2, -1) @ dense.T,
+                                   atol=1e-12)
+        (tmp_path / "m.h5").unlink()
+    for name, arrays, message in (
+            ("dia.npz", dict(data=np.ones((1, 4)), offsets=[0], shape=[4, 4], format=b"dia"),
+             "expected a CSR, CSC or COO matrix (scipy.sparse.save_npz), got dia"),
+            ("far.npz", dict(row=[0, 9], col=[0, 1], data=[1.0, 2.0], shape=[4, 256],
+                             format=b"coo"), "row indices out of range [0, 4)"),
+            ("short.npz", dict(row=[0, 1], col=[0], data=[1.0, 2.0], shape=[4, 256],
+                               format=b"coo"), "must be 1-D and of one length"),
+            ("back.npz", dict(indices=[0, 1], indptr=[0, 2, 1] + [2] * 254, data=[1.0, 2.0],
+                              shape=[4, 256], format=b"csc"), "not non-decreasing"),
+            ("bare.npz", dict(row=[0], col=[0], format=b"coo"), "has no array 'shape'")):
+        np.savez(tmp_path / name, **{k: np.asarray(v) for k, v in arrays.items()})
+        result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator",
+                         "matrix", "--matrix", tmp_path / name, "--num-images", 2,
+                         "--image-size", 16)
+        assert_one_line_error(result, message, tmp_path / "m.h5")
+        assert name in result.stderr
+
+
 def test_simulate_from_hdf5_folder_and_photos_in_colour(tmp_path):
     from PIL import Image
 

@@ -80,12 +80,21 @@ def transposed_csr(matrix: torch.Tensor) -> torch.Tensor:
     20.)"""
     rows, cols = matrix.shape
     crow, index = matrix.crow_indices().numpy(), matrix.col_indices().numpy()
-    order = np.argsort(index, kind="stable")   # by column; rows stay ascending within each
     row = np.repeat(np.arange(rows, dtype=index.dtype), np.diff(crow))
-    t_crow = np.zeros(cols + 1, dtype=crow.dtype)
-    np.cumsum(np.bincount(index, minlength=cols), out=t_crow[1:])
-    return _csr_tensor(torch.from_numpy(t_crow), torch.from_numpy(row[order]),
-                       torch.from_numpy(matrix.values().numpy()[order]), (cols, rows))
+    t_crow, t_index, t_values = _csr_arrays(index, row, matrix.values().numpy(), cols,
+                                            crow.dtype)
+    return _csr_tensor(torch.from_numpy(t_crow), torch.from_numpy(t_index),
+                       torch.from_numpy(t_values), (cols, rows))
+
+
+def _csr_arrays(row, col, values, rows: int, index_dtype=np.int64):
+    """CSR arrays ``(indptr, indices, data)`` of the entries ``(row[k], col[k], values[k])``
+    (valid indices) of a matrix with ``rows`` rows: a stable sort by row, so the entries of
+    each row keep their order (a CSR matrix's transpose: its column indices as ``row``)."""
+    order = np.argsort(row, kind="stable")
+    indptr = np.zeros(rows + 1, dtype=index_dtype)
+    np.cumsum(np.bincount(row, minlength=rows), out=indptr[1:])
+    return indptr, col[order], values[order]
 
 
 def validate_csr(indptr, indices, data, shape) -> None:
@@ -222,14 +231,58 @@ class SparseMatrixOperator(LinearOperator):
 
 
 def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
-    """Read a CSR matrix from a ``scipy.sparse.save_npz`` file, without pickle."""
+    """Read a sparse matrix from a ``scipy.sparse.save_npz`` file, without pickle, as CSR
+    arrays ``(data, indices, indptr, shape)``: a CSR matrix as it is, a CSC or COO one (as a
+    matrix built by coordinates is saved) converted."""
     if not Path(path).is_file():
         raise ValueError("no such file")
     if not zipfile.is_zipfile(path):   # np.load would read a .npy array or call it pickled data
         raise ValueError("not an .npz archive; save the matrix with scipy.sparse.save_npz")
-    with np.load(path, allow_pickle=False) as npz:
-        fmt = npz["format"].item() if "format" in npz else b"csr"
+    with np.load(path, allow_pickle=False) as archive:
+        def npz(name: str) -> np.ndarray:
+            if name not in archive:
+                raise ValueError(f"the archive has no array '{name}'; save the matrix with "
+                                 "scipy.sparse.save_npz")
+            return archive[name]
+
+        fmt = npz("format").item() if "format" in archive else b"csr"
         fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
-        if fmt != "csr":
-            raise ValueError(f"expected a CSR matrix (scipy.sparse.save_npz of a csr_matrix), got {fmt}")
-        return npz["data"], npz["indices"], npz["indptr"], tuple(int(s) for s in npz["shape"])
+        if fmt not in ("csr", "csc", "coo"):
+            raise ValueError(f"expected a CSR, CSC or COO matrix (scipy.sparse.save_npz), got "
+                             f"{fmt}: save matrix.tocsr() instead")
+        shape = tuple(int(s) for s in npz("shape"))
+        if len(shape) != 2:
+            raise ValueError(f"expected a matrix, got shape {list(shape)}")
+        if fmt == "csr":
+            return npz("data"), npz("indices"), npz("indptr"), shape
+        if fmt == "coo":
+            row, col, data = npz("row"), npz("col"), npz("data")
+        else:   # CSC: its indices are rows, its pointers run over the columns
+            row, data = npz("indices"), npz("data")
+            col = _compressed_axis(npz("indptr"), len(row), shape[1])
+    rows, cols = shape
+    for name, index, size in (("row", row, rows), ("column", col, cols)):
+        if index.ndim != 1 or len(index) != len(data) or data.ndim != 1:
+            raise ValueError(f"{fmt.upper()} arrays of {name} indices and data must be 1-D and "
+                             "of one length")
+        if not np.issubdtype(index.dtype, np.integer):
+            raise ValueError(f"{fmt.upper()} {name} indices must be integers")
+        if len(index) and (index.min() < 0 or index.max() >= size):
+            raise ValueError(f"{name} indices out of range [0, {size})")
+    indptr, indices, data = _csr_arrays(row, col, data, max(rows, 0))
+    return data, indices, indptr, shape
+
+
+def _compressed_axis(indptr: np.ndarray, entries: int, length: int) -> np.ndarray:
+    """Each entry's index along the compressed axis of a CSC matrix (its column), from the
+    pointers ``indptr`` (checked: 1-D integers, ``length + 1`` of them, from 0 up to
+    ``entries``)."""
+    if indptr.ndim != 1 or not np.issubdtype(indptr.dtype, np.integer):
+        raise ValueError("CSC indptr must be 1-D integers")
+    if len(indptr) != length + 1 or indptr[0] != 0 or indptr[-1] != entries:
+        raise ValueError(f"CSC indptr must run from 0 to the number of entries ({entries}) in "
+                         f"shape[1] + 1 = {length + 1} steps")
+    counts = np.diff(indptr)
+    if np.any(counts < 0):
+        raise ValueError("CSC indptr is not non-decreasing")
+    return np.repeat(np.arange(length), counts)

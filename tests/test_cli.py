@@ -111,7 +111,12 @@ def test_simulate_reads_csc_and_coo_matrices_as_the_same_operator(tmp_path):
                                format=b"coo"), "must be 1-D and of one length"),
             ("back.npz", dict(indices=[0, 1], indptr=[0, 2, 1] + [2] * 254, data=[1.0, 2.0],
                               shape=[4, 256], format=b"csc"), "not non-decreasing"),
-            ("bare.npz", dict(row=[0], col=[0], format=b"coo"), "has no array 'shape'")):
+            ("bare.npz", dict(row=[0], col=[0], format=b"coo"), "has no array 'shape'"),
+            # a 0-d shape was an unexpected TypeError; 2.5 rows were taken as 2
+            ("flat.npz", dict(data=[1.0], indices=[0], indptr=[0, 1], shape=5, format=b"csr"),
+             "shape must be two whole numbers, got 5"),
+            ("half.npz", dict(data=[1.0], indices=[0], indptr=[0, 1, 1], shape=[2.5, 256],
+                              format=b"csr"), "shape must be two whole numbers, got [2.5, 256.0]")):
         np.savez(tmp_path / name, **{k: np.asarray(v) for k, v in arrays.items()})
         result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator",
                          "matrix", "--matrix", tmp_path / name, "--num-images", 2,

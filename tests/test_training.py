@@ -169,6 +169,12 @@ def test_resume_refuses_other_data(train_file, tmp_path):
                               "data", tmp_path / "nothing")
         assert f"--init {run}" in result.stderr
         assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    (run / "config.json").write_text(json.dumps({**settings, "data_sha256": 7}))
+    result = run_cli("train", train_file, "--out", run, "--resume", "-q")
+    assert_one_line_error(result, "config.json: cannot read the run's settings (data_sha256 = 7 "
+                          "is not a sha256)", tmp_path / "nothing")
+    (run / "config.json").write_text(json.dumps(
+        {k: v for k, v in settings.items() if k != "data_sha256"}))
     renamed = tmp_path / "renamed.h5"
     renamed.write_bytes(Path(train_file).read_bytes())
     result = run_cli("train", renamed, "--out", run, "--max-steps", 1, "--resume", "-q")

@@ -250,9 +250,12 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
         if fmt not in ("csr", "csc", "coo"):
             raise ValueError(f"expected a CSR, CSC or COO matrix (scipy.sparse.save_npz), got "
                              f"{fmt}: save matrix.tocsr() instead")
-        shape = tuple(int(s) for s in npz("shape"))
-        if len(shape) != 2:
-            raise ValueError(f"expected a matrix, got shape {list(shape)}")
+        raw = npz("shape")
+        whole = (np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
+                 and bool(np.all(np.isfinite(raw) & (raw == np.round(raw)))))
+        if raw.ndim != 1 or len(raw) != 2 or not whole:
+            raise ValueError(f"the matrix's shape must be two whole numbers, got {raw.tolist()!r}")
+        shape = tuple(int(s) for s in raw)
         if fmt == "csr":
             return npz("data"), npz("indices"), npz("indptr"), shape
         if fmt == "coo":

@@ -381,7 +381,11 @@ def require_the_runs_data(out, sha256: str, data) -> None:
     its ``config.json``; for a run from before that was recorded, the one its model file
     records), not by name: on other data it would not continue the run, and the model would
     name data it was not trained on."""
-    recorded = json.loads((Path(out) / CONFIG).read_text()).get("data_sha256")
+    path = Path(out) / CONFIG
+    recorded = json.loads(path.read_text()).get("data_sha256")
+    if recorded is not None and not isinstance(recorded, str):
+        raise DripError(f"cannot read the run's settings (data_sha256 = {recorded!r} is not a "
+                        "sha256)", path)
     if recorded is None and (Path(out) / MODEL_FILE).exists():
         try:
             recorded = load_model(Path(out) / MODEL_FILE)[1].training_data_sha256 or None

@@ -46,13 +46,21 @@ class SourceOptions:
     crops_per_image: int = 8
 
 
+# the unsigned integer images that are scaled to [0, 1] (pictures and HDF5 images alike);
+# other values are kept as they are
+UNIT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+
+
+def _as_float32(values: np.ndarray) -> np.ndarray:
+    """Image values as float32: uint8 and uint16 scaled to [0, 1] (``UNIT_SCALE``), others kept."""
+    scale = UNIT_SCALE.get(values.dtype)
+    values = values.astype(np.float32)
+    return values if scale is None else values / np.float32(scale)
+
+
 def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """``(H, W)``, ``(H, W, 3|4)`` or ``(C, H, W)`` -> ``(channels, H, W)`` float32 in [0, 1]."""
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
-    elif image.dtype == np.uint16:
-        image = image.astype(np.float32) / 65535.0
-    image = np.asarray(image, dtype=np.float32)
+    image = _as_float32(np.asarray(image))
     if image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] not in (1, 3):
         image = np.moveaxis(image[..., :3], -1, 0)
     if image.ndim == 2:
@@ -221,8 +229,7 @@ def iter_hdf5_images(dset, channels: int, batch_size: int, path) -> Iterator[np.
             raise DripError(f"cannot read file ({exc})", path) from exc
         if block.ndim == 3:
             block = block[:, None]
-        scale = 255.0 if block.dtype == np.uint8 else (65535.0 if block.dtype == np.uint16 else 1.0)
-        block = block.astype(np.float32) / np.float32(scale)
+        block = _as_float32(block)
         if not np.all(np.isfinite(block)):
             raise DripError(f"images contain NaN or Inf "
                             f"({first_sample_where(~np.isfinite(block), start)})", path)

@@ -581,6 +581,21 @@ def test_info_on_a_model(train_file, tmp_path):
         # header figures to 6 significant digits, not float64's 17
         shown = next(line for line in result.stdout.splitlines() if "val_psnr" in line)
         assert len(shown.split("│")[2].strip().lstrip("-").replace(".", "")) <= 6, shown
+    # the run's checkpoints and a folder without a model are named for what they are (they
+    # were "not a drip model file" and "model.safetensors: no such model file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "zero.h5").touch()
+    out = tmp_path / "r.h5"
+    for target, message in ((run / "checkpoint.safetensors", "a training checkpoint"),
+                            (run / "checkpoint_state.pt", "a training checkpoint"),
+                            (empty, "a folder without model.safetensors")):
+        for command in (("info", target), ("reconstruct", train_file, "--model", target,
+                                           "--out", out)):
+            result = run_cli(*command)
+            assert_one_line_error(result, message, out)
+            assert str(target) in result.stderr
+    assert_one_line_error(run_cli("info", tmp_path / "zero.h5"), "zero.h5: an empty file", out)
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "pixel-weights"])

@@ -192,8 +192,9 @@ def simulate(
     angle_range: float = typer.Option(180.0, "--angle-range",
                                       help="tomography: angular range in degrees (<180: limited angle)."),
     angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
-    matrix: Optional[Path] = typer.Option(None, "--matrix", help="matrix: CSR .npz from "
-                                          "scipy.sparse.save_npz, shape (m, H*W)."),
+    matrix: Optional[Path] = typer.Option(
+        None, "--matrix",
+        help="matrix: .npz from scipy.sparse.save_npz (CSR, CSC or COO), shape (m, H*W)."),
     channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3,
                                            help="1 (grayscale) or 3 (colour); default: 1, or "
                                            "the HDF5 file's own."),
@@ -449,7 +450,8 @@ def train(
     from .reconstruct import resolve_device
     from .regularizers.model import ModelConfig
     from .training import TrainConfig, Trainer
-    from .training.trainer import CHECKPOINT_STATE, unused_settings
+    from .io.models import CHECKPOINT_STATE
+    from .training.trainer import unused_settings
 
     def interrupted(cause: str) -> str:
         if (out / CHECKPOINT_STATE).exists():

@@ -13,6 +13,7 @@ from .errors import DripError
 from .io import MeasurementFile, read_reconstruction_file
 from .io.measurements import file_format, reading
 from .operators import adjointness_error, estimate_norm
+from .io.models import CHECKPOINT_STATE, resolve_model_path
 
 
 def _range(values: np.ndarray) -> str:
@@ -124,9 +125,12 @@ def file_kind(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise DripError("no such file", path)
-    if path.is_dir() and (path / "model.safetensors").exists() or path.suffix == ".safetensors":
+    if path.is_dir() or path.suffix == ".safetensors" or path.name == CHECKPOINT_STATE:
+        resolve_model_path(path)   # refuses folders without a model, and checkpoints
         return "model"
-    if path.is_dir() or not h5py.is_hdf5(path):
+    if path.stat().st_size == 0:
+        raise DripError("an empty file", path)
+    if not h5py.is_hdf5(path):
         raise DripError("not a file drip knows (measurements, reconstructions or a model)", path)
     try:
         with h5py.File(path, "r") as handle:

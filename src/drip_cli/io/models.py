@@ -24,6 +24,9 @@ from ..regularizers.model import ModelConfig, build_model
 from .atomic import atomic_path
 
 MODEL_FILE = "model.safetensors"
+# what drip train keeps beside the model to resume from (not models themselves)
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint_state.pt"
 
 
 @dataclass
@@ -83,11 +86,19 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo)
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The model file that ``path`` names: itself, or a run folder's ``model.safetensors``.
+    A folder without one, and the checkpoint files beside it, are refused by name."""
     path = Path(path)
     if path.is_dir():
+        if not (path / MODEL_FILE).exists():
+            raise DripError(f"a folder without {MODEL_FILE} (expected a drip train run folder "
+                            "or a .safetensors model file)", path)
         path = path / MODEL_FILE
     if not path.exists():
         raise DripError("no such model file (expected a run folder or a .safetensors file)", path)
+    if path.name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
+        raise DripError(f"a training checkpoint, which drip train --resume reads, not a model: "
+                        f"give the run folder or its {MODEL_FILE}", path)
     return path
 
 

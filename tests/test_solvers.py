@@ -501,3 +501,21 @@ def test_a_sample_a_constant_fits_is_solved_without_iterations(method):
     assert torch.allclose(alone.solution, batch.solution[:1], rtol=0, atol=1e-12)
     assert int(alone.iterations[0]) == 0
     _assert_rising_to_one(fractions)
+
+
+def test_relative_residual_of_a_sample_with_zero_measurements():
+    """``||A u - b|| / ||b||`` per sample; a sample measured as exactly zero (possible only in a
+    hand-made file) gets 0 where ``u`` reproduces it and infinity where not (it was NaN)."""
+    from drip_cli.solvers import relative_residual
+
+    op = make_operator("blur", (1, 8, 8))
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    b = op(x)
+    b[1:] = 0
+    u = x.clone()
+    u[1] = 0
+    rel = relative_residual(op, u.float(), b)
+    assert rel.dtype == torch.float64
+    assert float(rel[0]) < 1e-6 and float(rel[1]) == 0.0 and rel[2] == float("inf")
+    u[0] *= 1.1
+    assert float(relative_residual(op, u, b)[0]) == pytest.approx(0.1, rel=1e-12)

@@ -18,7 +18,7 @@ from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
 from .methods import ReconstructionMethod
 from .runtime import configure_cpu
-from .solvers import discrepancy_radius, discrepancy_ratio, residual_norm
+from .solvers import discrepancy_radius, discrepancy_ratio, relative_residual
 
 
 # Samples solved together when the caller does not say. On the CPU a solve's cost per sample
@@ -107,13 +107,11 @@ def reconstruct_batch(method: ReconstructionMethod, op, measurements: np.ndarray
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - start) / len(b)
     ratio = discrepancy_ratio(op, u, b, sigma).cpu().numpy()
-    rel = (residual_norm(op, u.double(), b.double())
-           / b.double().flatten(1).norm(dim=1)).cpu().numpy()
     images = u.float().cpu().numpy()
     row = {
         "reconstructions": images,
         "discrepancy_ratio": ratio,
-        "relative_residual": rel,
+        "relative_residual": relative_residual(op, u, b).cpu().numpy(),
         "regularizer_value": (np.full(len(b), np.nan) if result.regularizer_value is None
                               else result.regularizer_value.detach().cpu().double().numpy()),
         "iterations": result.iterations.cpu().numpy(),

@@ -57,6 +57,15 @@ def discrepancy_ratio(op: LinearOperator, u: torch.Tensor, b: torch.Tensor,
     return residual_norm(op, u, b) / discrepancy_radius(op, noise_std.double().to(u.device), 1.0)
 
 
+def relative_residual(op: LinearOperator, u: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||A u - b|| / ||b||`` per sample, in float64. Where ``b`` is exactly zero it is 0 for
+    a ``u`` that reproduces it and infinite otherwise (it was 0 / 0, NaN)."""
+    u, b = u.double(), b.double()
+    residual, size = residual_norm(op, u, b), b.flatten(1).norm(dim=1)
+    return torch.where(size > 0, residual / size,
+                       torch.where(residual > 0, math.inf, 0.0))
+
+
 @dataclass
 class SolverResult:
     """What every reconstruction solver returns, per sample."""

@@ -248,6 +248,12 @@ def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):
     result = run_cli("info", data)
     assert result.exit_code == 0, result.stderr
     assert "||A||" in result.stdout and "adjointness error" in result.stdout
+    # noise_std is optional in the contract: info shows such a file (it refused it before)
+    with h5py.File(data, "a") as f:
+        del f["noise_std"]
+    result = run_cli("info", data)
+    assert result.exit_code == 0, result.stderr
+    assert "not stored (reconstruct needs --noise-std)" in result.stdout
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -468,6 +468,15 @@ def test_training_on_the_files_own_measurements(train_file, tmp_path):
     assert (config["train_solver_tolerance"], config["train_solver_iterations"]) == (1e-3, 150)
     history = (run / "history.csv").read_text().splitlines()
     assert float(history[-1].split(",")[4]) == 1.0  # validation fit fraction
+    # a file without noise levels: drip train has no --noise-std, so it points to fresh noise
+    bare = tmp_path / "bare.h5"
+    bare.write_bytes(Path(train_file).read_bytes())
+    with h5py.File(bare, "a") as f:
+        del f["noise_std"]
+    other = tmp_path / "other"
+    result = run_cli("train", bare, "--out", other, "--epochs", 1, *TINY)
+    assert_one_line_error(result, "has no dataset 'noise_std' for its measurements; train on "
+                          "fresh noise instead, with --noise-percent A:B", other)
 
 
 def test_one_sample_trains_without_validation_and_says_so(tmp_path):

@@ -40,13 +40,14 @@ def operator_section(op) -> dict:
 
 
 def measurement_info(path: Path) -> list[tuple[str, dict]]:
-    with MeasurementFile(path) as data, reading(path):
+    with MeasurementFile(path, require_noise_std=False) as data, reading(path):
         handle = data._handle
         general = {"format": "drip measurements v1", "samples": data.n_samples,
                    "image shape (C, H, W)": str(data.image_shape),
                    "measurement shape": str(data.operator.measurement_shape),
                    "ground truth": "yes" if data.has_ground_truth else "no",
-                   "noise std": _range(data.noise_std)}
+                   "noise std": ("not stored (reconstruct needs --noise-std)"
+                                 if data.noise_std is None else _range(data.noise_std))}
         if "noise_percent" in handle:
             general["noise percent"] = _range(handle["noise_percent"][()])
         for key, value in handle.attrs.items():

@@ -154,7 +154,7 @@ class MeasurementBatch:
     start: int
     stop: int
     measurements: np.ndarray
-    noise_std: np.ndarray
+    noise_std: np.ndarray | None   # None only for a file opened with require_noise_std=False
     ground_truth: np.ndarray | None
 
 
@@ -165,21 +165,22 @@ class MeasurementFile:
     dataset ranks, shapes against the operator, dtypes, finiteness and ``noise_std > 0``. A
     ground truth outside [0, 1] is allowed but raises a :class:`DripWarning` (PSNR and SSIM
     assume that range).
-    ``noise_std`` (a scalar) replaces the file's noise levels, and is required when it has none.
+    ``noise_std`` (a scalar) replaces the file's noise levels, and is required when it has none
+    unless ``require_noise_std`` is false (then :attr:`noise_std` is None).
     """
 
     def __init__(self, path: str | os.PathLike, noise_std: float | None = None,
-                 require_ground_truth: bool = False):
+                 require_ground_truth: bool = False, require_noise_std: bool = True):
         self.path = Path(path)
         self._handle = open_h5(self.path, "measurements")
         try:
             with reading(self.path):
-                self._validate(noise_std, require_ground_truth)
+                self._validate(noise_std, require_ground_truth, require_noise_std)
         except BaseException:
             self._handle.close()
             raise
 
-    def _validate(self, noise_std, require_ground_truth) -> None:
+    def _validate(self, noise_std, require_ground_truth, require_noise_std) -> None:
         h, path = self._handle, self.path
         if "operator" not in h or not isinstance(h["operator"], h5py.Group):
             raise DripError("missing group 'operator'", path)
@@ -219,8 +220,10 @@ class MeasurementFile:
         elif "noise_std" in h:
             self.noise_std = np.asarray(
                 check_dataset(h, "noise_std", (n,), path, positive=True)[()], dtype=np.float32)
-        else:
+        elif require_noise_std:
             raise DripError("has no dataset 'noise_std'; give the noise level with --noise-std", path)
+        else:
+            self.noise_std = None
         self.n_samples = n
 
     @property
@@ -241,7 +244,8 @@ class MeasurementFile:
                 np.asarray(self._ground_truth[start:stop], dtype=np.float32)
             return MeasurementBatch(start, stop,
                                     np.asarray(self._measurements[start:stop], dtype=np.float32),
-                                    self.noise_std[start:stop], truth)
+                                    None if self.noise_std is None else self.noise_std[start:stop],
+                                    truth)
 
     def close(self) -> None:
         self._handle.close()

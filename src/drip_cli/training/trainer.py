@@ -464,8 +464,12 @@ class Trainer:
         # With fresh noise only the ground truth and the operator are needed (a placeholder
         # noise_std skips the check of the file's noise levels); otherwise the measurements too.
         fresh = config.noise_percent is not None
-        with MeasurementFile(config.data, require_ground_truth=True,
+        with MeasurementFile(config.data, require_ground_truth=True, require_noise_std=False,
                              noise_std=1.0 if fresh else None) as data:
+            if data.noise_std is None:   # drip train has no --noise-std to offer
+                raise DripError("has no dataset 'noise_std' for its measurements; train on "
+                                "fresh noise instead, with --noise-percent A:B (say 1:5)",
+                                config.data)
             self.op = data.operator.to(device)
             batches = list(data.batches(1024))
         truth = np.concatenate([batch.ground_truth for batch in batches])

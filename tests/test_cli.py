@@ -221,10 +221,15 @@ def test_reconstruct_with_noise_std_option_and_tau(tmp_path):
         del f["ground_truth"]
     out = tmp_path / "r.h5"
     result = run_cli("reconstruct", data, "--out", out, "--method", "cgls", "--tau", "1.5",
-                     "--noise-std", float(sigma.mean()), "-q")
+                     "--noise-std", float(sigma.mean()), "--report", tmp_path / "r.json", "-q")
     assert result.exit_code == 0, result.stderr
     with h5py.File(out) as f:
         assert np.all(f["discrepancy_ratio"][()] <= 1.5) and "psnr" not in f
+        # the ratios are against the given level, and the file and the report say which
+        assert f.attrs["noise_std"] == pytest.approx(float(sigma.mean()))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["noise_std"] == pytest.approx(float(sigma.mean()))
+    assert "noise_std" in run_cli("info", out).stdout
 
 
 def test_reconstruct_names_the_unfit_samples_and_what_to_do(tmp_path):

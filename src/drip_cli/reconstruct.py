@@ -160,6 +160,8 @@ def reconstruct_file(
         attrs = {"method": method.name, "tau": float(tau),
                  "source_file": str(Path(measurements_path).resolve()),
                  "drip_version": __version__, "operator_kind": op.kind, **extra_attrs}
+        if noise_std is not None:   # the ratios are against it, not the file's noise levels
+            attrs["noise_std"] = float(noise_std)
         with atomic_h5(out_path) as handle:
             writer = ReconstructionWriter(handle, n, data.image_shape, data.has_ground_truth, attrs)
             if progress is not None:   # the total, before the first batch takes its time
@@ -178,5 +180,7 @@ def reconstruct_file(
             # (by 30 MB per 1000 images of 64x64)
             columns = writer.columns()
     summary = {"file": str(measurements_path), "output": str(out_path), "method": method.name,
-               "tau": float(tau), "operator_kind": op.kind, **summarize(columns, tau)}
+               "tau": float(tau), "operator_kind": op.kind,
+               **({} if noise_std is None else {"noise_std": float(noise_std)}),
+               **summarize(columns, tau)}
     return summary

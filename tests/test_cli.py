@@ -246,6 +246,7 @@ def test_reconstruct_names_the_unfit_samples_and_what_to_do(tmp_path):
     text = " ".join(result.stdout.split())
     assert "6 sample(s) do not fit the data" in text and f"{largest:.3g} against tau = 1" in text
     assert "give --noise-std or raise --tau" in text
+    assert "All of them stopped at the solver's iteration cap: --max-iterations raises it" in text
 
 
 def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):

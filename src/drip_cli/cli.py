@@ -616,11 +616,14 @@ def reconstruct(
             write_json(report, summary)
         console.print(summary_table(f"{summary['method']} on {measurements.name}", [summary]))
         if summary["n_unfit"]:
+            capped = summary["n_unfit_at_cap"]
+            at_cap = (f" {'All' if capped == summary['n_unfit'] else capped} of them stopped at "
+                      f"the solver's iteration cap: --max-iterations raises it." if capped else "")
             console.print(f"[yellow]{summary['n_unfit']} sample(s) do not fit the data "
                           f"(converged = false in {out}); the largest discrepancy ratio is "
                           f"{summary['discrepancy_ratio_max']:.3g} against tau = {tau:g}. If "
                           f"the noise level is underestimated, give --noise-std or raise "
-                          f"--tau.[/yellow]")
+                          f"--tau.{at_cap}[/yellow]")
         if summary["n_stopped_at_cap"]:
             console.print(f"[yellow]{summary['n_stopped_at_cap']} sample(s) fit the data but "
                           f"the solver stopped before converging (solver_converged = false in "

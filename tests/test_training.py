@@ -590,6 +590,13 @@ def test_info_on_a_model(train_file, tmp_path):
         # header figures to 6 significant digits, not float64's 17
         shown = next(line for line in result.stdout.splitlines() if "val_psnr" in line)
         assert len(shown.split("│")[2].strip().lstrip("-").replace(".", "")) <= 6, shown
+    # the folder also shows the run: its data, budget, validations and how to resume it
+    text = " ".join(run_cli("info", run).stdout.split())
+    assert "budget │ 1 epoch " in text and "validations │ 2 rows, the last at step" in text
+    assert "--resume (its budget is spent" in text.replace("│ │", "")   # wrapped in its cell
+    (run / "history.csv").write_text("")   # damaged: shown as such, the rest still shown
+    result = run_cli("info", run)
+    assert result.exit_code == 0 and "history.csv │ unreadable" in result.stdout
     # the run's checkpoints and a folder without a model are named for what they are (they
     # were "not a drip model file" and "model.safetensors: no such model file")
     empty = tmp_path / "empty"

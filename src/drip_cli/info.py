@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from pathlib import Path
 
@@ -13,7 +15,8 @@ from .errors import DripError
 from .io import MeasurementFile, read_reconstruction_file
 from .io.measurements import file_format, reading
 from .operators import adjointness_error, estimate_norm
-from .io.models import CHECKPOINT_STATE, resolve_model_path
+from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
+                        resolve_model_path)
 
 
 def _range(values: np.ndarray) -> str:
@@ -93,7 +96,51 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
     general.update({k: _shown(v) for k, v in info.extra.items()})
     unused = info.config.unused_fields()
     config = {k: v for k, v in info.config.to_dict().items() if k not in unused}
-    return [(Path(path).name, general), ("config", config)]
+    sections = [(Path(path).name, general), ("config", config)]
+    if Path(path).is_dir():
+        sections.insert(1, ("training run", run_section(Path(path))))
+    return sections
+
+
+def run_section(folder: Path) -> dict:
+    """What a ``drip train`` run folder says besides its model: the data and budget of
+    ``config.json``, the validations of ``history.csv``, and whether it can be resumed. A file
+    that cannot be read is shown as such; the model itself was read already."""
+    section: dict = {}
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        section["data"] = str(config["data"])
+        epochs = config.get("epochs")
+        budget = [f"{epochs} epoch{'s' * (epochs != 1)}" if epochs is not None else None,
+                  f"{config['max_minutes']:g} minutes" if config.get("max_minutes") is not None
+                  else None]
+        section["budget"] = " or ".join(b for b in budget if b) or "-"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        section[CONFIG] = f"unreadable ({type(exc).__name__}: {exc})"
+        config = None
+    try:
+        with open(folder / HISTORY, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        last = rows[-1]
+        section["validations"] = (f"{len(rows)} rows, the last at step {last['step']} "
+                                  f"({float(last['seconds']) / 60:.3g} minutes): "
+                                  f"PSNR {float(last['val_psnr']):.4g} dB")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, csv.Error) as exc:
+        section[HISTORY] = f"unreadable ({type(exc).__name__}: {exc})"
+    if (folder / CHECKPOINT_STATE).exists() and (folder / CHECKPOINT_WEIGHTS).exists():
+        data = config["data"] if config else "DATA.h5"
+        section["resume"] = f"drip train {data} --out {folder} --resume"
+        try:
+            state = torch.load(folder / CHECKPOINT_STATE, weights_only=True)
+            minutes = config.get("max_minutes") if config else None
+            if (config and state["epoch"] >= config["epochs"]
+                    or minutes is not None and state["elapsed"] >= 60 * minutes):
+                section["resume"] += " (its budget is spent: give a larger --epochs or --max-minutes)"
+        except Exception:  # noqa: BLE001 -- only the hint is lost; --resume says what is wrong
+            pass
+    else:
+        section["resume"] = "no checkpoint (written at the end of each epoch)"
+    return section
 
 
 def _shown(value) -> str:

@@ -24,9 +24,12 @@ from ..regularizers.model import ModelConfig, build_model
 from .atomic import atomic_path
 
 MODEL_FILE = "model.safetensors"
-# what drip train keeps beside the model to resume from (not models themselves)
+# what drip train keeps beside the model in a run folder: the checkpoint it resumes from (not
+# models themselves), the validation history and the run's settings
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint_state.pt"
+HISTORY = "history.csv"
+CONFIG = "config.json"
 
 
 @dataclass

@@ -47,16 +47,14 @@ from ..data import add_noise, noise_std_for, require_measurable
 from ..errors import DripError, DripWarning, is_finite_number, require_positive, setting_type_problem
 from ..evaluation import psnr
 from ..io import MeasurementFile, atomic_path, write_json
-from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, MODEL_FILE, ModelInfo,
-                         file_sha256, load_model, resolve_model_path, save_model)
+from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
+                         ModelInfo, file_sha256, load_model, resolve_model_path, save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..regularizers.patches import PATCH_SIZE, supported_components
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate, surrogate_through_passes
 
-HISTORY = "history.csv"
-CONFIG = "config.json"
 PATCH_PRIOR = "patch_prior"   # DripModel's patch mixture, fitted by the run (see fit)
 # the patch term's weights tried at each validation (the best, or none, is kept with the model):
 # the sample models' runs (80 components) chose 3e-3 for blur and tomography and 1e-2 for

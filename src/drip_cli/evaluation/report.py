@@ -184,10 +184,15 @@ def robustness_plot(evaluation: Evaluation, path: Path) -> None:
     for (lo, hi) in set(evaluation.training_ranges.values()):
         for ax in (ax_psnr, ax_fit):
             ax.axvspan(lo, hi, color="0.85", zorder=0)
-    for name in method_names(evaluation):
+    for i, name in enumerate(method_names(evaluation)):
         levels = [lv for lv in evaluation.levels if get(name, lv) is not None]
-        ax_psnr.plot(levels, [get(name, lv)["psnr_mean"] for lv in levels], marker="o", label=name)
-        ax_fit.plot(levels, [get(name, lv)["fit_fraction"] for lv in levels], marker="o", label=name)
+        marker = "osD^v<>p"[i % 8]
+        ax_psnr.plot(levels, [get(name, lv)["psnr_mean"] for lv in levels], marker=marker,
+                     label=name)
+        # each later method drawn thinner, so that lines which coincide (every fit fraction
+        # is 1 as a rule) all show
+        ax_fit.plot(levels, [get(name, lv)["fit_fraction"] for lv in levels], marker=marker,
+                    markersize=max(3, 10 - 2 * i), linewidth=max(1.0, 4.0 - i), label=name)
     for ax, label in ((ax_psnr, "mean PSNR (dB)"), (ax_fit, "fit fraction")):
         ax.set_xscale("log")
         ax.set_xticks(evaluation.levels, [f"{lv:g}" for lv in evaluation.levels])

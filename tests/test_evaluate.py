@@ -192,6 +192,24 @@ def test_evaluate_noise_is_fixed_per_level(runs, tmp_path):
     assert psnr["2,10"][2.0] != psnr["5,10"][5.0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluate_measures_on_the_cpu_whatever_the_device(runs, tmp_path, device):
+    """Each level is simulated when it is reached (one level's measurements in memory at a
+    time) by a CPU copy of the operator, so a GPU run sees the noise of a CPU run: the same
+    naive previews and, for CGLS, PSNR to float32 rounding."""
+    rows = {}
+    for where in ("cpu", device):
+        out = tmp_path / where
+        result = run_cli("evaluate", runs / "blur.h5", "--out", out, "--noise-percent", "2,10",
+                         "--methods", "cgls", "--device", where, "-q")
+        assert result.exit_code == 0, result.stderr
+        rows[where] = json.loads((out / "robustness.json").read_text())["rows"]
+    for cpu, other in zip(rows["cpu"], rows[device]):
+        assert cpu["noise_percent"] == other["noise_percent"]
+        assert other["psnr_mean"] == pytest.approx(cpu["psnr_mean"], abs=1e-3)
+        assert other["fit_fraction"] == 1.0
+
+
 def test_evaluate_with_the_operator_of_another_file(runs, tmp_path):
     inpaint = tmp_path / "inpaint.h5"
     write_small_file(inpaint, make_operator("inpainting", (1, 12, 12)))

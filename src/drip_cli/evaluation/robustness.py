@@ -17,6 +17,7 @@ for each DRIP model, ``R`` of the ground truth's best latent representation,
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +119,9 @@ def load_ground_truth(path: str | os.PathLike, operator_from: str | os.PathLike 
     """``(ground truth (N, C, H, W), operator)``: the truth of ``path`` and the operator of
     ``operator_from`` (default: of ``path`` itself), which must act on images of that shape."""
     with MeasurementFile(path, require_ground_truth=True, noise_std=1.0) as data:
-        truth = np.concatenate([batch.ground_truth for batch in data.batches(1024)])
+        truth = np.empty((data.n_samples, *data.image_shape), np.float32)   # filled in place
+        for batch in data.batches(1024):
+            truth[batch.start:batch.stop] = batch.ground_truth
         op = data.operator
     if operator_from is not None:
         with MeasurementFile(operator_from, noise_std=1.0) as other:
@@ -135,10 +138,13 @@ def simulate_level(op: LinearOperator, truth: np.ndarray, percent: float, seed: 
     """``(measurements, noise_std)`` of every image at ``percent``, reproducible per level;
     ``source``: the file the ground truth came from (named by errors)."""
     rng = np.random.default_rng([seed, int(round(percent * 1e6))])
-    parts = [simulate_batch(op, truth[i:i + SIMULATION_CHUNK],
-                            np.full(len(truth[i:i + SIMULATION_CHUNK]), percent), rng, source, i)
-             for i in range(0, len(truth), SIMULATION_CHUNK)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    measurements = np.empty((len(truth), *op.measurement_shape), np.float32)  # filled in place
+    noise_std = np.empty(len(truth), np.float32)
+    for i in range(0, len(truth), SIMULATION_CHUNK):
+        part = slice(i, i + SIMULATION_CHUNK)
+        measurements[part], noise_std[part] = simulate_batch(
+            op, truth[part], np.full(len(truth[part]), percent), rng, source, i)
+    return measurements, noise_std
 
 
 @torch.no_grad()
@@ -188,11 +194,11 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     result = Evaluation(data=str(data), operator_kind=op.kind,
                         operator_from=None if operator_from is None else str(operator_from),
                         taus=taus, seed=seed, levels=list(levels), preview_level=preview_level)
-    # measure on the CPU (float64, reproducible), before the operator moves to the device
-    measured = {percent: simulate_level(op, truth, percent, seed, data) for percent in levels}
     shown = slice(0, min(n_previews, len(truth)))
     result.previews["ground truth"] = truth[shown]
-    result.previews["naive"] = naive_reconstruction(op, measured[preview_level][0][shown])
+    result.previews["naive"] = None   # its place in the figure, filled at its level
+    # the measuring operator stays on the CPU (Module.to moves in place, hence the copy)
+    cpu_op = op if device.type == "cpu" else copy.deepcopy(op)
     op = op.to(device)
     batch_size = batch_size or default_batch_size(device, truth.shape[1:])
     truth_values = {}
@@ -206,23 +212,30 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     if progress is not None:
         progress(done, total)
     for percent in levels:
-        measurements, noise_std = measured[percent]
+        # one level's measurements at a time (memory), simulated on the CPU in float64 so that
+        # they are the same on every device; the noise is fixed by the seed and the level
+        measurements, noise_std = simulate_level(cpu_op, truth, percent, seed, data)
+        if percent == preview_level:
+            result.previews["naive"] = naive_reconstruction(cpu_op, measurements[shown])
         for method, tau in ((m, t) for m in methods for t in taus):
             name = method.name if len(taus) == 1 else f"{method.name}@{tau:g}"
-            rows = []
+            rows, previews = [], []
             for i in range(0, len(truth), batch_size):
                 part = slice(i, i + batch_size)
                 within = None if progress is None else \
                     (lambda f, done=done: progress(done + f, total))
-                rows.append(reconstruct_batch(method, op, measurements[part], noise_std[part],
-                                              tau, truth[part], device, within))
+                row = reconstruct_batch(method, op, measurements[part], noise_std[part], tau,
+                                        truth[part], device, within)
+                images = row.pop("reconstructions")   # only the previews' are kept
+                if percent == preview_level and i < shown.stop:
+                    previews.append(images[:shown.stop - i])
+                rows.append(row)
                 done += 1
                 if progress is not None:
                     progress(done, total)
             merged = concatenate_rows(rows)
-            images = merged.pop("reconstructions")
             if percent == preview_level:
-                result.previews[name] = images[shown]
+                result.previews[name] = np.concatenate(previews)
             result.rows.append(_row(name, method.name, percent, merged, tau,
                                     truth_values.get(method.name),
                                     result.training_ranges.get(method.name)))

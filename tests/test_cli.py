@@ -907,3 +907,24 @@ def test_the_readmes_own_measurements_example_runs(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     with h5py.File("mine_tv.h5") as f:
         assert np.all(f["converged"][()]) and np.all(f["discrepancy_ratio"][()] <= 1.0)
+
+
+def test_the_help_examples_name_real_options():
+    """Every example under a command's --help parses: its options exist and take the values
+    given (parsed, not run), so the examples cannot drift from the commands."""
+    import shlex
+
+    import typer
+
+    from drip_cli.cli import EXAMPLES, app
+
+    group = typer.main.get_command(app)
+    assert set(EXAMPLES) == set(group.commands)
+    for name, examples in EXAMPLES.items():
+        for example in examples:
+            words = shlex.split(example)
+            assert words[:2] == ["drip", name], example
+            command = group.commands[name]
+            command.make_context(name, words[2:])   # raises on an unknown option or bad value
+        assert examples[0] in " ".join(run_cli(name, "--help").stdout.split()).replace(
+            " │", "")

@@ -56,6 +56,46 @@ PATCH_WEIGHT = typer.Option(
          "--patch-components; 0 skips it). Default: the model's, chosen in training.")
 
 
+# examples shown under each command's --help (blank lines keep them on lines of their own)
+EXAMPLES = {
+    "simulate": [
+        "drip simulate skimage:camera,coffee blur.h5 --operator blur --blur-sigma 2 "
+        "--crop-size 64 --crops-per-image 8",
+        "drip simulate phantom:shepp-logan ct.h5 --operator tomography --angles 32 "
+        "--angle-range 120 --noise-percent 1:5",
+        "drip simulate my_pngs/ mine.h5 --operator matrix --matrix A.npz --noise-percent 2",
+    ],
+    "train": [
+        "drip train train_blur.h5 --out run --noise-percent 1:5 --max-minutes 10",
+        "drip train train_blur.h5 --out run --resume --max-minutes 20",
+        "drip train mine.h5 --out tuned --init sample_data/drip_blur.safetensors "
+        "--noise-percent 1:5 --max-minutes 5",
+    ],
+    "reconstruct": [
+        "drip reconstruct sample_data/blur.h5 --model sample_data/drip_blur.safetensors "
+        "--out blur_drip.h5",
+        "drip reconstruct sample_data/blur.h5 --method tv --out blur_tv.h5 --report blur_tv.json",
+        "drip reconstruct mine.h5 --method cgls --noise-std 0.01 --tau 1.2 --out mine_cgls.h5",
+    ],
+    "evaluate": [
+        "drip evaluate sample_data/tomography.h5 --model sample_data/drip_tomography.safetensors "
+        "--out report",
+        "drip evaluate test.h5 --model run_a --model run_b --methods drip,tv "
+        "--noise-percent 1,5,20 --out report",
+        "drip evaluate test.h5 --model run --tau 0.95,0.98,1 --out report",
+    ],
+    "info": [
+        "drip info sample_data/blur.h5",
+        "drip info run",
+        "drip info blur_drip.h5 --samples 20",
+    ],
+}
+
+
+def _examples(command: str) -> str:
+    return "Examples:\n\n" + "\n\n".join(EXAMPLES[command])
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a batch system's time limit) is handled as Ctrl-C is: the output in
     progress is removed, a training run keeps its last checkpoint."""
@@ -171,7 +211,7 @@ class OperatorKind(str, Enum):
     matrix = "matrix"
 
 
-@app.command()
+@app.command(epilog=_examples("simulate"))
 def simulate(
     ctx: typer.Context,
     images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), folder "
@@ -345,7 +385,7 @@ def _given_values(**options) -> dict:
 # The defaults of `train` repeat those of TrainConfig and ModelConfig, so that `--help` does not
 # import torch; tests/test_cli.py checks that the two agree. The options that default to None
 # take their values from the operator (training.trainer.operator_defaults), as their help says.
-@app.command()
+@app.command(epilog=_examples("train"))
 def train(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
@@ -538,7 +578,7 @@ class Method(str, Enum):
     unrolled = "unrolled"
 
 
-@app.command()
+@app.command(epilog=_examples("reconstruct"))
 def reconstruct(
     measurements: Path = typer.Argument(..., help="Measurement file (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Reconstruction file to write (HDF5)."),
@@ -549,8 +589,9 @@ def reconstruct(
                                             "(discrepancy-stopped CGLS), tv (constrained total "
                                             "variation) or unrolled (the baseline network; needs "
                                             "--model). Default: the model's with --model, else tv."),
-    noise_std: Optional[float] = typer.Option(None, "--noise-std",
-                                              help="Noise std for every sample (overrides the file)."),
+    noise_std: Optional[float] = typer.Option(
+        None, "--noise-std",
+        help="Noise std for every sample (overrides the file's; recorded in the output)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant: fit means "
                               "||A u - b|| <= tau sigma sqrt(M)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -632,7 +673,7 @@ def reconstruct(
                           f"accurate.[/yellow]")
 
 
-@app.command()
+@app.command(epilog=_examples("evaluate"))
 def evaluate(
     data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder (created if needed)."),
@@ -720,7 +761,7 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
     return table
 
 
-@app.command()
+@app.command(epilog=_examples("info"))
 def info(
     file: Path = typer.Argument(..., help="A measurement file, reconstruction file, model file "
                                 "or training run folder."),

@@ -446,6 +446,15 @@ def test_black_images_are_refused_where_noise_is_a_percent_of_a_x(tmp_path):
     result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)
     assert_clean_failure(result, images, tmp_path, {"images.h5"})
     assert "ground-truth images 0, 2 give all-zero measurements" in result.stderr
+    assert "leave such images out" in result.stderr
+    # a mask that observes almost nothing is named as the likelier cause (seed 0 draws one
+    # observed pixel of 256 here, where the phantom is black)
+    result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator",
+                     "inpainting", "--keep-fraction", 0.001, "--image-size", 16,
+                     "--num-images", 2)
+    assert_clean_failure(result, "phantom:ellipses", tmp_path, {"images.h5"})
+    assert ("the operator measures only 1 of the 256 pixel values (raise --keep-fraction)"
+            in result.stderr)
     with h5py.File(images, "w") as f:   # finite, but their measurements overflow float32
         f["images"] = np.full((2, 16, 16), 1e30, np.float32)
     result = run_cli("simulate", images, tmp_path / "m.h5", "--operator", "blur", "--blur-sigma", 1)

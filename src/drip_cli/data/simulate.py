@@ -53,17 +53,24 @@ def noise_std_for(op: LinearOperator, clean: torch.Tensor, percent: torch.Tensor
     return percent.to(clean) / 100.0 * mean_abs
 
 
-def require_measurable(noise_std, path, offset: int = 0) -> None:
+def require_measurable(noise_std, path, offset: int = 0, op: LinearOperator | None = None) -> None:
     """Refuse ground truth whose clean measurements are all zero (a black image, or one the
     operator does not see): a noise level of p% of ``mean(|A x|)`` is then 0, which no
-    measurement file can hold. ``offset``: the index of ``noise_std[0]`` in the file."""
+    measurement file can hold. ``offset``: the index of ``noise_std[0]`` in the file; ``op``,
+    where given, is named when it measures under 1% of the pixels (an inpainting mask of a
+    tiny ``--keep-fraction``), the likelier cause then."""
     silent = offset + np.flatnonzero(np.asarray(noise_std) <= 0)
     if len(silent):
         which = ", ".join(str(i) for i in silent[:5]) + (" ..." if len(silent) > 5 else "")
         images = "image" if len(silent) == 1 else "images"
+        cause = "leave such images out"
+        if op is not None and 100 * op.measured_count < math.prod(op.image_shape):
+            cause = (f"the operator measures only {op.measured_count} of the "
+                     f"{math.prod(op.image_shape)} pixel values"
+                     + (" (raise --keep-fraction)" if op.kind == "inpainting" else ""))
         raise DripError(f"ground-truth {images} {which} give{'s' * (len(silent) == 1)} all-zero "
                         "measurements A x, so the noise level (a percent of mean |A x|) would be "
-                        "0: leave such images out", path)
+                        f"0: {cause}", path)
 
 
 def add_noise(op: LinearOperator, clean: torch.Tensor, noise_std: torch.Tensor,
@@ -159,7 +166,7 @@ def simulate_batch(op: LinearOperator, images: np.ndarray, percent: np.ndarray,
     x = torch.from_numpy(images.astype(np.float64))
     clean = op(x)
     sigma = noise_std_for(op, clean, torch.from_numpy(percent))
-    require_measurable(sigma.numpy(), source, offset)
+    require_measurable(sigma.numpy(), source, offset, op)
     e = torch.from_numpy(rng.standard_normal(clean.shape))
     b = add_noise(op, clean, sigma, e).numpy()
     if overflows_float32(b):

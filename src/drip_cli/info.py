@@ -14,9 +14,9 @@ import torch
 from .errors import DripError
 from .io import MeasurementFile, read_reconstruction_file
 from .io.measurements import file_format, reading
-from .operators import adjointness_error, estimate_norm
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
                         resolve_model_path)
+from .operators import adjointness_error, estimate_norm
 
 
 def _range(values: np.ndarray) -> str:
@@ -135,7 +135,8 @@ def run_section(folder: Path) -> dict:
             minutes = config.get("max_minutes") if config else None
             if (config and state["epoch"] >= config["epochs"]
                     or minutes is not None and state["elapsed"] >= 60 * minutes):
-                section["resume"] += " (its budget is spent: give a larger --epochs or --max-minutes)"
+                section["resume"] += (" (its budget is spent: give a larger --epochs or "
+                                      "--max-minutes)")
         except Exception:  # noqa: BLE001 -- only the hint is lost; --resume says what is wrong
             pass
     else:

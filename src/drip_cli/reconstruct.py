@@ -71,7 +71,7 @@ def summarize(columns: dict[str, np.ndarray], tau: float) -> dict:
         "n_samples": int(len(ratio)),
         "fit_fraction": float(np.mean(fits)),
         "n_unfit": int(np.sum(~fits)),
-        "n_unfit_at_cap": int(np.sum(~fits & ~solved)),   # of those, stopped short of the fit
+        "n_unfit_at_cap": int(np.sum(~fits & ~solved)),   # of those, the solver not converged
         # fit the data, but the solver stopped short of its minimiser: at its iteration cap, or
         # (drip) stalled where its projections cannot get more accurate (solvers.drip)
         "n_stopped_at_cap": int(np.sum(fits & ~solved)),

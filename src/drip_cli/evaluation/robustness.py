@@ -234,7 +234,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                 if progress is not None:
                     progress(done, total)
             merged = concatenate_rows(rows)
-            if percent == preview_level:
+            if percent == preview_level and previews:
                 result.previews[name] = np.concatenate(previews)
             result.rows.append(_row(name, method.name, percent, merged, tau,
                                     truth_values.get(method.name),

@@ -937,3 +937,15 @@ def test_the_help_examples_name_real_options():
             command.make_context(name, words[2:])   # raises on an unknown option or bad value
         assert examples[0] in " ".join(run_cli(name, "--help").stdout.split()).replace(
             " │", "")
+
+
+def test_every_option_has_help():
+    """Each option and argument of every command says what it is in --help."""
+    import typer
+
+    from drip_cli.cli import app
+
+    group = typer.main.get_command(app)
+    missing = [f"{name} {p.name}" for name, command in group.commands.items()
+               for p in command.params if not getattr(p, "help", None)]
+    assert not missing, missing

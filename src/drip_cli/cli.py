@@ -398,7 +398,9 @@ def train(
         help="Draw fresh noise of A:B percent per sample and batch from the ground truth "
              "(recommended: 1:5, for a model robust to the noise level). "
              "Default: train on the file's own measurements."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    batch_size: int = typer.Option(8, "--batch-size", min=1,
+                                   help="Training images per optimiser step (each solved to "
+                                   "--solver-tolerance)."),
     lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate (at the start)."),
     lr_schedule: str = typer.Option(
         "cosine", "--lr-schedule",
@@ -465,7 +467,9 @@ def train(
              "pass before it (exact where the passes have converged; the earlier ones stop at the "
              "model's looser guide tolerance; default: the weights held constant)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
-    seed: int = typer.Option(0, "--seed", min=0),
+    seed: int = typer.Option(0, "--seed", min=0,
+                             help="Seed of the validation split, the sample order, the "
+                             "noise draws and the start's random filters."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(
         False, "--resume",

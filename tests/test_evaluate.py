@@ -195,8 +195,8 @@ def test_evaluate_noise_is_fixed_per_level(runs, tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 def test_evaluate_measures_on_the_cpu_whatever_the_device(runs, tmp_path, device):
     """Each level is simulated when it is reached (one level's measurements in memory at a
-    time) by a CPU copy of the operator, so a GPU run sees the noise of a CPU run: the same
-    naive previews and, for CGLS, PSNR to float32 rounding."""
+    time) by a CPU copy of the operator, so a GPU run sees the noise of a CPU run: for CGLS,
+    the same PSNR to float32 rounding, and every sample fitting."""
     rows = {}
     for where in ("cpu", device):
         out = tmp_path / where

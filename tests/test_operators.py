@@ -42,6 +42,12 @@ def test_follows_input_dtype_device_and_shapes(kind, dtype, device):
     empty = op(x[:0])
     assert empty.shape == (0, *op.measurement_shape) and empty.dtype == dtype
     assert op.adjoint(empty).shape == x[:0].shape
+    # moved to the device, an operator still measures CPU input on the CPU, to the bit as
+    # before the move (drip evaluate simulates with the operator it solves with)
+    fresh, cpu_x = make_operator(kind, (3, 16, 20)), torch.rand(2, 3, 16, 20, dtype=torch.float64)
+    before = fresh(cpu_x)
+    after = fresh.to(device)(cpu_x)
+    assert after.device.type == "cpu" and torch.equal(after, before)
 
 
 @pytest.mark.parametrize("kind", KINDS)

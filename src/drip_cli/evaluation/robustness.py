@@ -17,7 +17,6 @@ for each DRIP model, ``R`` of the ground truth's best latent representation,
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,8 +196,6 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     shown = slice(0, min(n_previews, len(truth)))
     result.previews["ground truth"] = truth[shown]
     result.previews["naive"] = None   # its place in the figure, filled at its level
-    # the measuring operator stays on the CPU (Module.to moves in place, hence the copy)
-    cpu_op = op if device.type == "cpu" else copy.deepcopy(op)
     op = op.to(device)
     batch_size = batch_size or default_batch_size(device, truth.shape[1:])
     truth_values = {}
@@ -212,11 +209,12 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     if progress is not None:
         progress(done, total)
     for percent in levels:
-        # one level's measurements at a time (memory), simulated on the CPU in float64 so that
-        # they are the same on every device; the noise is fixed by the seed and the level
-        measurements, noise_std = simulate_level(cpu_op, truth, percent, seed, data)
+        # one level's measurements at a time (memory), simulated from CPU arrays in float64,
+        # so the same on every device (an operator applies on its input's device, whichever
+        # device it was moved to); the noise is fixed by the seed and the level
+        measurements, noise_std = simulate_level(op, truth, percent, seed, data)
         if percent == preview_level:
-            result.previews["naive"] = naive_reconstruction(cpu_op, measurements[shown])
+            result.previews["naive"] = naive_reconstruction(op, measurements[shown])
         for method, tau in ((m, t) for m in methods for t in taus):
             name = method.name if len(taus) == 1 else f"{method.name}@{tau:g}"
             rows, previews = [], []

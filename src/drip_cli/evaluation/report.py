@@ -211,8 +211,9 @@ def previews_plot(evaluation: Evaluation, path: Path) -> None:
     columns = list(evaluation.previews)
     truth = evaluation.previews["ground truth"]
     n = len(truth)
+    # constrained: the suptitle keeps clear of the titles even with one row
     figure, axes = plt.subplots(n, len(columns), figsize=(2.1 * len(columns), 2.3 * n),
-                                squeeze=False)
+                                squeeze=False, layout="constrained")
     for j, name in enumerate(columns):
         images = evaluation.previews[name]
         scores = psnr(images, truth)

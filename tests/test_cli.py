@@ -949,3 +949,24 @@ def test_every_option_has_help():
     missing = [f"{name} {p.name}" for name, command in group.commands.items()
                for p in command.params if not getattr(p, "help", None)]
     assert not missing, missing
+
+
+def test_a_file_open_for_writing_elsewhere_is_named_so(tmp_path):
+    """HDF5 locks a file that a process has open for writing; every command that reads it
+    says so, where the message was 'truncated or corrupt'."""
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("blur", (1, 12, 12)))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time\n"
+         f"f = h5py.File({str(data)!r}, 'a')\nprint('open', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        out = tmp_path / "r.h5"
+        for command in (("reconstruct", data, "--method", "cgls", "--out", out),
+                        ("info", data), ("simulate", data, out, "--operator", "blur")):
+            result = run_cli(*command)
+            assert_one_line_error(result, "m.h5: is open for writing in another process", out)
+    finally:
+        holder.kill()
+        holder.wait()

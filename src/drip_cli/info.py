@@ -13,7 +13,7 @@ import torch
 
 from .errors import DripError
 from .io import MeasurementFile, read_reconstruction_file
-from .io.measurements import file_format, reading
+from .io.measurements import file_format, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
                         resolve_model_path)
 from .operators import adjointness_error, estimate_norm
@@ -185,7 +185,7 @@ def file_kind(path: str | os.PathLike) -> str:
         with h5py.File(path, "r") as handle:
             fmt = file_format(handle)
     except OSError as exc:
-        raise DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path) from exc
+        raise open_failure(exc, path) from exc
     if fmt is None:
         raise DripError("not a drip file (it has no drip_format attribute): drip simulate makes "
                         "measurements from images", path)

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from ..errors import DripError
-from ..io.measurements import first_sample_where
+from ..io.measurements import first_sample_where, open_failure
 from .phantoms import random_ellipses, shepp_logan
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -198,7 +198,7 @@ def hdf5_image_dataset(path: str | os.PathLike):
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        raise DripError(f"cannot open HDF5 file ({exc})", path) from exc
+        raise open_failure(exc, path) from exc
     name = next((n for n in ("images", "ground_truth") if n in handle), None)
     if name is None:
         handle.close()

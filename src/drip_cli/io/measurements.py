@@ -32,6 +32,15 @@ def reading(path):
         raise DripError(f"cannot read file ({exc})", path) from exc
 
 
+def open_failure(exc: OSError, path) -> DripError:
+    """Why h5py could not open ``path`` for reading, as a :class:`DripError`: the file is
+    locked by a process that has it open for writing (HDF5's file locking), or it is damaged."""
+    if "unable to lock file" in str(exc):
+        return DripError("is open for writing in another process (HDF5 locks it): close it "
+                         "there, or wait for that process to finish", path)
+    return DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path)
+
+
 def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
     """Open an HDF5 file for reading and check its ``drip_format`` / ``format_version``."""
     path = Path(path)
@@ -44,7 +53,7 @@ def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
-        raise DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path) from exc
+        raise open_failure(exc, path) from exc
     try:
         fmt = file_format(handle)
         if fmt != expected_format:

@@ -575,6 +575,8 @@ def test_simulate_scales_16_bit_and_palette_pictures(tmp_path, monkeypatch):
     ("sizes differ", "images differ in size; choose --crop-size"),
     ("crop too large", "is smaller than --crop-size 32"),
     ("unknown photograph", "unknown scikit-image photograph 'unicorn'"),
+    # was "skimage:: unknown scikit-image photograph ''", the source's name cut short
+    ("empty name", "a photograph name is empty"),
 ])
 def test_simulate_refuses_bad_picture_sources(case, message, tmp_path):
     extra = []
@@ -590,6 +592,8 @@ def test_simulate_refuses_bad_picture_sources(case, message, tmp_path):
         extra = ["--crop-size", 32] if case == "crop too large" else []
     elif case == "unknown photograph":
         source = "skimage:unicorn"
+    elif case == "empty name":
+        source = "skimage:camera,,coffee"
     out = tmp_path / "m.h5"
     argument = source.parent if case == "not a picture" else source
     result = run_cli("simulate", argument, out, "--operator", "denoise", *extra)

@@ -168,10 +168,13 @@ def load_images(source: str, options: SourceOptions, rng: np.random.Generator) -
             return np.repeat(shepp_logan(size, size, options.channels), options.num_images, axis=0)
         raise DripError("unknown phantom (use phantom:ellipses or phantom:shepp-logan)", source)
     if source.startswith("skimage:"):
-        names = source.split(":", 1)[1].split(",")
+        names = [n.strip() for n in source.split(":", 1)[1].split(",")]
         if names == ["photos"]:
             names = list(SKIMAGE_PHOTOS)
-        pictures = [_to_channels(_skimage_picture(n.strip()), options.channels) for n in names]
+        if "" in names:   # was "skimage:: unknown scikit-image photograph ''"
+            raise DripError("a photograph name is empty (give skimage:NAME[,NAME...] or "
+                            "skimage:photos)", source)
+        pictures = [_to_channels(_skimage_picture(n), options.channels) for n in names]
         return _crops(pictures, options, rng, source)
     path = Path(source)
     if not path.exists():

@@ -260,9 +260,14 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
             return npz("data"), npz("indices"), npz("indptr"), shape
         if fmt == "coo":
             row, col, data = npz("row"), npz("col"), npz("data")
-        else:   # CSC: its indices are rows, its pointers run over the columns
-            row, data = npz("indices"), npz("data")
-            col = _compressed_axis(npz("indptr"), len(row), shape[1])
+        else:   # CSC: the CSR arrays of the transpose (indices are rows, pointers columns)
+            row, data, indptr = npz("indices"), npz("data"), npz("indptr")
+            try:
+                validate_csr(indptr, row, data, shape[::-1])
+            except ValueError as exc:
+                raise ValueError(f"CSC arrays, read as the CSR arrays of the transpose: {exc}") \
+                    from exc
+            col = np.repeat(np.arange(shape[1]), np.diff(indptr))
     rows, cols = shape
     for name, index, size in (("row", row, rows), ("column", col, cols)):
         if index.ndim != 1 or len(index) != len(data) or data.ndim != 1:
@@ -275,17 +280,3 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
     indptr, indices, data = _csr_arrays(row, col, data, max(rows, 0))
     return data, indices, indptr, shape
 
-
-def _compressed_axis(indptr: np.ndarray, entries: int, length: int) -> np.ndarray:
-    """Each entry's index along the compressed axis of a CSC matrix (its column), from the
-    pointers ``indptr`` (checked: 1-D integers, ``length + 1`` of them, from 0 up to
-    ``entries``)."""
-    if indptr.ndim != 1 or not np.issubdtype(indptr.dtype, np.integer):
-        raise ValueError("CSC indptr must be 1-D integers")
-    if len(indptr) != length + 1 or indptr[0] != 0 or indptr[-1] != entries:
-        raise ValueError(f"CSC indptr must run from 0 to the number of entries ({entries}) in "
-                         f"shape[1] + 1 = {length + 1} steps")
-    counts = np.diff(indptr)
-    if np.any(counts < 0):
-        raise ValueError("CSC indptr is not non-decreasing")
-    return np.repeat(np.arange(length), counts)

@@ -43,7 +43,7 @@ def operator_section(op) -> dict:
 
 
 def measurement_info(path: Path) -> list[tuple[str, dict]]:
-    with MeasurementFile(path, require_noise_std=False) as data, reading(path):
+    with MeasurementFile(path, noise_levels="optional") as data, reading(path):
         handle = data._handle
         general = {"format": "drip measurements v1", "samples": data.n_samples,
                    "image shape (C, H, W)": str(data.image_shape),

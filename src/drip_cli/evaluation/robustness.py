@@ -117,13 +117,13 @@ def choose_methods(model_paths: list, wanted: list[str] | None,
 def load_ground_truth(path: str | os.PathLike, operator_from: str | os.PathLike | None):
     """``(ground truth (N, C, H, W), operator)``: the truth of ``path`` and the operator of
     ``operator_from`` (default: of ``path`` itself), which must act on images of that shape."""
-    with MeasurementFile(path, require_ground_truth=True, noise_std=1.0) as data:
+    with MeasurementFile(path, require_ground_truth=True, noise_levels="ignored") as data:
         truth = np.empty((data.n_samples, *data.image_shape), np.float32)   # filled in place
         for batch in data.batches(1024):
             truth[batch.start:batch.stop] = batch.ground_truth
         op = data.operator
     if operator_from is not None:
-        with MeasurementFile(operator_from, noise_std=1.0) as other:
+        with MeasurementFile(operator_from, noise_levels="ignored") as other:
             op = other.operator
         if tuple(op.image_shape) != tuple(truth.shape[1:]):
             raise DripError(f"its operator acts on images of shape {tuple(op.image_shape)}, "

@@ -163,7 +163,7 @@ class MeasurementBatch:
     start: int
     stop: int
     measurements: np.ndarray
-    noise_std: np.ndarray | None   # None only for a file opened with require_noise_std=False
+    noise_std: np.ndarray | None   # None only where the file was opened without noise levels
     ground_truth: np.ndarray | None
 
 
@@ -174,22 +174,27 @@ class MeasurementFile:
     dataset ranks, shapes against the operator, dtypes, finiteness and ``noise_std > 0``. A
     ground truth outside [0, 1] is allowed but raises a :class:`DripWarning` (PSNR and SSIM
     assume that range).
-    ``noise_std`` (a scalar) replaces the file's noise levels, and is required when it has none
-    unless ``require_noise_std`` is false (then :attr:`noise_std` is None).
+    ``noise_std`` (a scalar) replaces the file's noise levels. ``noise_levels`` says what the
+    caller needs of them: ``"required"`` (the default: a file without them needs ``noise_std``),
+    ``"optional"`` (:attr:`noise_std` is None where there are none) or ``"ignored"`` (they are
+    neither read nor checked, and :attr:`noise_std` is None: a caller that simulates its own
+    noise from the ground truth).
     """
 
     def __init__(self, path: str | os.PathLike, noise_std: float | None = None,
-                 require_ground_truth: bool = False, require_noise_std: bool = True):
+                 require_ground_truth: bool = False, noise_levels: str = "required"):
+        if noise_levels not in ("required", "optional", "ignored"):
+            raise ValueError(f"noise_levels = {noise_levels!r}")
         self.path = Path(path)
         self._handle = open_h5(self.path, "measurements")
         try:
             with reading(self.path):
-                self._validate(noise_std, require_ground_truth, require_noise_std)
+                self._validate(noise_std, require_ground_truth, noise_levels)
         except BaseException:
             self._handle.close()
             raise
 
-    def _validate(self, noise_std, require_ground_truth, require_noise_std) -> None:
+    def _validate(self, noise_std, require_ground_truth, noise_levels) -> None:
         h, path = self._handle, self.path
         if "operator" not in h or not isinstance(h["operator"], h5py.Group):
             raise DripError("missing group 'operator'", path)
@@ -222,17 +227,18 @@ class MeasurementFile:
                 warnings.warn(DripWarning(f"{path}: ground truth: {doubt}"), stacklevel=2)
         elif require_ground_truth:
             raise DripError("missing dataset 'ground_truth' (needed here)", path)
+        self.noise_std = None
         if noise_std is not None:
             if not np.isfinite(noise_std) or noise_std <= 0:
                 raise DripError(f"--noise-std must be a positive number, got {noise_std}", path)
             self.noise_std = np.full(n, noise_std, dtype=np.float32)
+        elif noise_levels == "ignored":
+            pass
         elif "noise_std" in h:
             self.noise_std = np.asarray(
                 check_dataset(h, "noise_std", (n,), path, positive=True)[()], dtype=np.float32)
-        elif require_noise_std:
+        elif noise_levels == "required":
             raise DripError("has no dataset 'noise_std'; give the noise level with --noise-std", path)
-        else:
-            self.noise_std = None
         self.n_samples = n
 
     @property

@@ -459,12 +459,12 @@ class Trainer:
             raise DripError(f"already holds a training run ({held[0]}): continue it with --resume, "
                             "or choose another --out (or remove this folder to start over)",
                             self.out)
-        # With fresh noise only the ground truth and the operator are needed (a placeholder
-        # noise_std skips the check of the file's noise levels); otherwise the measurements too.
+        # With fresh noise only the ground truth and the operator are needed (the file's noise
+        # levels are not even checked); otherwise the measurements and their noise levels too.
         fresh = config.noise_percent is not None
-        with MeasurementFile(config.data, require_ground_truth=True, require_noise_std=False,
-                             noise_std=1.0 if fresh else None) as data:
-            if data.noise_std is None:   # drip train has no --noise-std to offer
+        with MeasurementFile(config.data, require_ground_truth=True,
+                             noise_levels="ignored" if fresh else "optional") as data:
+            if not fresh and data.noise_std is None:   # drip train has no --noise-std to offer
                 raise DripError("has no dataset 'noise_std' for its measurements; train on "
                                 "fresh noise instead, with --noise-percent A:B (say 1:5)",
                                 config.data)

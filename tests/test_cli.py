@@ -974,3 +974,37 @@ def test_a_file_open_for_writing_elsewhere_is_named_so(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _drip_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProcess:
+    """``drip ARGS`` in a child process that may write no file larger than ``limit`` bytes
+    (``ulimit -f``): writes beyond it fail with EFBIG, as writes on a full disk fail with
+    ENOSPC, through the same paths."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "drip_cli", *map(str, args), "-q"],
+                          capture_output=True, text=True, env=env, preexec_fn=limit_file_size)
+
+
+def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path):
+    """A full disk (here a file-size limit) once ended a reconstruction in 'unexpected
+    RuntimeError: Can't decrement id ref count' and a segmentation fault, and left half a
+    report of drip evaluate behind."""
+    data = tmp_path / "m.h5"
+    write_small_file(data, make_operator("blur", (1, 32, 32)), n=32)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = _drip_with_file_size_limit(40_000, "reconstruct", data, "--method", "cgls",
+                                      "--out", tmp_path / "r.h5")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"drip: error: {tmp_path / 'r.h5'}: cannot write output: "
+                                   "File too large (nothing was written)")
+    done = _drip_with_file_size_limit(20_000, "evaluate", data, "--methods", "cgls",
+                                      "--noise-percent", "2", "--out", tmp_path / "a" / "report")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"drip: error: {tmp_path / 'a' / 'report'}: cannot write "
+                                   "output: File too large (nothing was written)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before   # nor the folder made for it

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -825,3 +828,51 @@ def test_reconstruct_reports_samples_stopped_at_the_iteration_cap(train_file, tm
     assert json.loads(report.read_text())["solver_converged_fraction"] == 1.0
     with h5py.File(out) as f:
         assert np.all(f["solver_converged"][()]) and np.all(f["iterations"][()] > 2)
+
+
+def test_a_refused_checkpoint_keeps_the_pair_whole(train_file, tmp_path):
+    """The checkpoint's weights and optimiser state are written as one: when the state does
+    not fit on the disk (here under a file-size limit that the weights fit), neither file is
+    replaced, and the message says that there is nothing to resume."""
+    from test_cli import _drip_with_file_size_limit
+
+    run = tmp_path / "run"
+    done = _drip_with_file_size_limit(6_000, "train", train_file, "--out", run, "--epochs", 1,
+                                      *TINY)
+    assert done.returncode == 1, done.stderr
+    assert "checkpoint_state.pt: cannot write output: File too large" in done.stderr
+    assert done.stderr.strip().endswith("nothing to resume")
+    assert (run / "model.safetensors").exists() and not (run / "checkpoint.safetensors").exists()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_drops_the_history_written_after_the_checkpoint(tmp_path):
+    """A run stopped between its history row and its checkpoint writes that row again when it
+    resumes: the row is dropped first, so no epoch is listed twice."""
+    from drip_cli.training.trainer import _drop_rows_after
+
+    history = tmp_path / "history.csv"
+    rows = ["epoch,step,train_loss\r\n", "start,0,nan\r\n", "0,2,0.5\r\n", "1,4,0.4\r\n"]
+    history.write_bytes("".join(rows).encode())
+    _drop_rows_after(history, 4)
+    assert history.read_bytes() == "".join(rows).encode()
+    _drop_rows_after(history, 2)
+    assert history.read_bytes() == "".join(rows[:3]).encode()
+
+
+def test_a_refused_history_row_is_not_left_half_written(tmp_path):
+    """``append_text`` cuts the file back when the disk refuses part of a row."""
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,step\n")
+    script = ("import resource\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "from drip_cli.io import append_text\n"
+              "from drip_cli.errors import OutputError\n"
+              "try:\n"
+              f"    append_text({str(history)!r}, 'x' * 10000)\n"
+              "except OutputError as exc:\n"
+              "    print(exc)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.stdout.strip() == f"{history}: cannot write output: File too large (nothing was written)"
+    assert history.read_text() == "epoch,step\n"

@@ -7,6 +7,7 @@ Bad input ends with exit status 1 and one line on stderr naming the file and the
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from rich.table import Table
 
 from . import __version__
 from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
-from .errors import DripError, DripWarning, require_positive, with_article
+from .errors import DripError, DripWarning, OutputError, require_positive, with_article
 
 app = typer.Typer(
     name="drip",
@@ -170,9 +171,15 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
             raise stop(True) from None
         if debug:
             raise
+        from .io.atomic import write_errno
+
+        refused = write_errno(exc)   # a full disk met outside the atomic writers
         if _out_of_memory(exc):
             error_line(f"out of memory ({exc}): a smaller --batch-size, or smaller images, "
                        "need less")
+        elif refused is not None:
+            where = getattr(exc, "filename", None)
+            error_line(f"{f'{where}: ' if where else ''}cannot write: {os.strerror(refused)}")
         else:
             error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the "
                        "traceback)")
@@ -501,8 +508,8 @@ def train(
         if (out / CHECKPOINT_STATE).exists():
             return (f"{cause}; {out} keeps the last checkpoint (written at the end of each "
                     f"epoch): continue with drip train {data} --out {out} --resume")
-        return (f"{cause} before the first checkpoint (written at the end of the first "
-                "epoch); nothing to resume")
+        return (f"{cause}; no checkpoint yet (one is written at the end of each epoch): "
+                "nothing to resume")
 
     with _errors(debug, interrupted):
         try:
@@ -557,7 +564,10 @@ def train(
                          f"not the best by validation PSNR")
         with progress_bar("train", config.epochs * trainer.steps_per_epoch, quiet) as update:
             trainer.progress = lambda step, total, **_: update(step, total)
-            result = trainer.fit()
+            try:
+                result = trainer.fit()
+            except OutputError as exc:   # a full disk: say what the run folder still holds
+                raise OutputError(interrupted(exc.message), exc.path) from exc
         console.print(key_value_table(f"run {out}", {
             "epochs done": result["epochs_done"], "steps": result["global_step"],
             "best validation PSNR": result["best_val_psnr"], "minutes": result["seconds"] / 60,

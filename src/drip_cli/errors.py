@@ -20,6 +20,11 @@ class DripError(Exception):
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 
+class OutputError(DripError):
+    """An output the disk refused (full, over quota, over the file-size limit); the file named
+    was not written, and an earlier version of it, if any, is kept."""
+
+
 class DripWarning(UserWarning):
     """A doubt about the input that does not stop the work (a ground truth outside [0, 1]):
     the CLI prints it as one ``drip: warning:`` line."""

@@ -1,4 +1,5 @@
-"""The files and the console table of ``drip evaluate`` (every file written atomically).
+"""The files and the console table of ``drip evaluate`` (the report written as a whole or not at
+all).
 
 ``robustness.json`` (CONTRACT.md: ``{"rows": [...]}`` plus the settings), ``robustness.csv`` (the
 rows), ``robustness.md`` (PSNR and fit fraction per method and level, with several discrepancy
@@ -19,7 +20,7 @@ import numpy as np
 from rich.table import Table
 
 from ..console import fmt
-from ..io import atomic_path, write_json, write_text
+from ..io import atomic_folder, json_text
 from .metrics import psnr
 from .robustness import Evaluation, best_taus
 
@@ -172,9 +173,10 @@ def _pyplot():
 
 
 def _save_figure(figure, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(figure)
+    try:
+        figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        _pyplot().close(figure)
 
 
 def robustness_plot(evaluation: Evaluation, path: Path) -> None:
@@ -231,13 +233,14 @@ def previews_plot(evaluation: Evaluation, path: Path) -> None:
 
 
 def write_report(evaluation: Evaluation, out: str | os.PathLike) -> list[Path]:
-    """Write every file of the report into the folder ``out`` (created if needed)."""
+    """Write every file of the report into the folder ``out`` (created if needed): all of them,
+    or, when one cannot be written, none."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "robustness.json", evaluation.to_dict())
-    write_text(out / "robustness.csv", _csv(evaluation.rows, ROW_FIELDS))
-    write_text(out / "robustness.md", markdown(evaluation))
-    write_text(out / "samples.csv", _csv(evaluation.samples, SAMPLE_FIELDS))
-    robustness_plot(evaluation, out / "robustness.png")
-    previews_plot(evaluation, out / "previews.png")
+    with atomic_folder(out) as staging:
+        (staging / "robustness.json").write_text(json_text(evaluation.to_dict()))
+        (staging / "robustness.csv").write_text(_csv(evaluation.rows, ROW_FIELDS))
+        (staging / "robustness.md").write_text(markdown(evaluation))
+        (staging / "samples.csv").write_text(_csv(evaluation.samples, SAMPLE_FIELDS))
+        robustness_plot(evaluation, staging / "robustness.png")
+        previews_plot(evaluation, staging / "previews.png")
     return [out / name for name in FILES]

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import h5py
 
-from ..errors import DripError
+from ..errors import DripError, OutputError
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -39,9 +42,44 @@ def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
     return path
 
 
+# The errors that only a write raises: a full disk or quota, a file-size limit.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_errno(exc: BaseException) -> int | None:
+    """The errno of a failed write, from the exception or, as HDF5 reports it inside a
+    library error's message (``errno = 28``), from its text; ``None`` for any other error."""
+    number = getattr(exc, "errno", None)
+    if number is None:
+        found = re.search(r"errno = (\d+)", str(exc))
+        number = int(found.group(1)) if found else None
+    return number if number in _WRITE_ERRNOS else None
+
+
+def write_failure(exc: BaseException, path: str | os.PathLike | None) -> OutputError | None:
+    """A one-line error for a write that the disk refused, or ``None`` when ``exc`` is not one
+    (a bad input read inside the block keeps its own error)."""
+    number = write_errno(exc)
+    if number is None:
+        return None
+    return OutputError(f"cannot write output: {os.strerror(number)} (nothing was written)", path)
+
+
+def _refused(exc: BaseException, path: str | os.PathLike) -> BaseException:
+    """What to raise for ``exc``: an :class:`OutputError` naming ``path`` (caused by ``exc``)
+    where it is a write the disk refused, else ``exc`` itself."""
+    failure = write_failure(exc, path) if isinstance(exc, Exception) else None
+    if failure is None:
+        return exc
+    failure.__cause__ = exc
+    return failure
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path in ``path``'s folder; on success move it onto ``path``."""
+    """Yield a temporary path in ``path``'s folder; on success move it onto ``path``. A write
+    that the disk refuses (full, over quota, over the file-size limit) is an
+    :class:`OutputError` naming ``path``."""
     path = check_writable(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -54,24 +92,114 @@ def atomic_path(path: str | os.PathLike):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise
+        raise _refused(exc, path)
 
 
 @contextlib.contextmanager
 def atomic_h5(path: str | os.PathLike):
     """An ``h5py.File`` opened for writing that becomes ``path`` only if the block succeeds."""
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as handle:
+        handle = h5py.File(tmp, "w")
+        try:
             yield handle
+            handle.flush()  # a refused write fails here, before close starts taking it apart
+            handle.close()
+        except BaseException:
+            _abandon(handle)
+            raise
+
+
+def _abandon(handle: h5py.File) -> None:
+    """Close an unfinished ``handle`` whose file is about to be removed, without finishing it.
+    HDF5 writes what it still buffers as a file closes. After a write was refused (a full
+    disk), that write fails again, and a file left half-closed that way crashes the interpreter
+    later (seen with h5py 3 on a full tmpfs). So the file's descriptor is pointed at
+    ``/dev/null`` first, which takes any write."""
+    if not handle.id.valid:
+        return
+    with contextlib.suppress(Exception):
+        sink = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(sink, handle.id.get_vfd_handle())
+        finally:
+            os.close(sink)
+    with contextlib.suppress(Exception):
+        handle.close()
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Yield an empty staging folder beside ``folder``; on success move every file written
+    there into ``folder`` (created, with its parents, if needed). So a set of files (a report)
+    appears whole or not at all: after a failure ``folder`` is as it was, and no folder this
+    call created is left."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DripError("exists and is not a folder", folder)
+    parent = folder.parent if str(folder.parent) else Path(".")
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
+    staging = None
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+        yield staging
+        folder.mkdir(exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, folder / item.name)
+        staging.rmdir()
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for made in created:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        if isinstance(exc, PermissionError) and staging is None:
+            raise DripError(f"cannot write output: folder {parent} is not writable",
+                            folder) from exc
+        raise _refused(exc, folder)
+
+
+def json_text(value) -> str:
+    """``value`` as indented, standard JSON (a NaN or infinite figure as ``null``)."""
+    return json.dumps(_strict(value), indent=2, allow_nan=False) + "\n"
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def write_bytes(files: dict[str | os.PathLike, bytes]) -> None:
+    """Write binary files atomically, as a set: each goes to a temporary file first, and only
+    when all are written are they moved into place (renames, which a full disk cannot stop).
+    Serialise to bytes first (``safetensors.torch.save``, ``torch.save`` into a buffer):
+    Python's own write then reports a full disk as such, where those libraries' file writers
+    raise errors of their own that hide the cause."""
+    with contextlib.ExitStack() as stack:
+        temporary = {path: stack.enter_context(atomic_path(path)) for path in files}
+        for path, tmp in temporary.items():
+            Path(tmp).write_bytes(files[path])
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to a file (a log such as ``history.csv``) whole or not at all: a
+    refused write cuts the file back to where it ended."""
+    path = Path(path)
+    size = path.stat().st_size if path.exists() else None
+    try:
+        with open(path, "a", newline="") as handle:
+            handle.write(text)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            if size is None:
+                os.remove(path)
+            else:
+                os.truncate(path, size)
+        raise _refused(exc, path)
 
 
 def _strict(value):
@@ -86,5 +214,5 @@ def _strict(value):
 
 
 def write_json(path: str | os.PathLike, value) -> None:
-    """Write ``value`` as indented, standard JSON (a NaN or infinite figure as ``null``)."""
-    write_text(path, json.dumps(_strict(value), indent=2, allow_nan=False) + "\n")
+    """Write ``value`` as :func:`json_text` atomically."""
+    write_text(path, json_text(value))

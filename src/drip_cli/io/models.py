@@ -16,12 +16,12 @@ from pathlib import Path
 import h5py
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .. import __version__
 from ..errors import DripError, is_finite_number
 from ..regularizers.model import ModelConfig, build_model
-from .atomic import atomic_path
+from .atomic import write_bytes
 
 MODEL_FILE = "model.safetensors"
 # what drip train keeps beside the model in a run folder: the checkpoint it resumes from (not
@@ -84,8 +84,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo) -> None:
     """Write ``model`` atomically as safetensors with ``info`` in the header."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=info.to_metadata())
+    write_bytes({path: save(tensors, metadata=info.to_metadata())})
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:

@@ -31,6 +31,7 @@ uninterrupted one (CPU).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -40,13 +41,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .. import __version__
 from ..data import add_noise, noise_std_for, require_measurable
 from ..errors import DripError, DripWarning, is_finite_number, require_positive, setting_type_problem
 from ..evaluation import psnr
-from ..io import MeasurementFile, atomic_path, write_json
+from ..io import MeasurementFile, append_text, write_bytes, write_json, write_text
 from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
                          ModelInfo, file_sha256, load_model, resolve_model_path, save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
@@ -398,6 +399,25 @@ LR_FLOOR = 0.05
 LR_SCHEDULES = ("cosine", "constant")
 
 
+def _drop_rows_after(history: Path, step: int) -> None:
+    """Drop the rows of a run's ``history.csv`` written after its checkpoint at ``step``: a run
+    stopped between a row and its checkpoint (a full disk, Ctrl-C) writes them again when it
+    resumes. Rows whose step cannot be read are kept."""
+    with open(history, newline="", errors="replace") as handle:   # keep its \r\n
+        lines = handle.read().splitlines(keepends=True)
+
+    def row_step(line: str) -> int | None:
+        fields = next(csv.reader([line]), [])
+        try:
+            return int(fields[1])
+        except (IndexError, ValueError):
+            return None
+
+    kept = lines[:1] + [line for line in lines[1:] if (row_step(line) or 0) <= step]
+    if len(kept) < len(lines):
+        write_text(history, "".join(kept))
+
+
 def learning_rate(base: float, schedule: str, progress: float) -> float:
     """The learning rate at ``progress`` (0 to 1) of the run's budget."""
     if schedule == "constant":
@@ -674,8 +694,6 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_path(self.out / CHECKPOINT_WEIGHTS) as tmp:
-            save_file(weights, tmp)
         state = {"optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
                  "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                  "permutation": self.permutation, "generator": self.generator.get_state(),
@@ -683,8 +701,12 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(),
                  # so that a resumed run convolves with the same CPU kernels, bit for bit
                  "kernel_choices": cpu_kernel_choices()}
-        with atomic_path(self.out / CHECKPOINT_STATE) as tmp:
-            torch.save(state, tmp)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        # the two files as one: a full disk must not leave one step's weights beside another
+        # step's optimiser state, which --resume would take for a checkpoint
+        write_bytes({self.out / CHECKPOINT_WEIGHTS: save(weights),
+                     self.out / CHECKPOINT_STATE: buffer.getvalue()})
 
     def load_checkpoint(self) -> None:
         weights_path, state_path = self.out / CHECKPOINT_WEIGHTS, self.out / CHECKPOINT_STATE
@@ -714,6 +736,7 @@ class Trainer:
             if not header.startswith("epoch,step,"):
                 raise DripError("is not this run's history (its header is not epoch,step,...): "
                                 "restore it, or remove it (the run then starts a new one)", history)
+            _drop_rows_after(history, state["global_step"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.permutation = state["global_step"], state["permutation"]
         self.best_psnr, self.elapsed = state["best_psnr"], state["elapsed"]
@@ -738,12 +761,12 @@ class Trainer:
 
     def _append_history(self, row: dict) -> None:
         path = self.out / HISTORY
-        new = not path.exists()
-        with open(path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(row))
+        if not path.exists():
+            writer.writeheader()
+        writer.writerow(row)
+        append_text(path, text.getvalue())
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -1008,3 +1009,13 @@ def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path):
     assert done.stderr.strip() == (f"drip: error: {tmp_path / 'a' / 'report'}: cannot write "
                                    "output: File too large (nothing was written)")
     assert sorted(p.name for p in tmp_path.iterdir()) == before   # nor the folder made for it
+    # a small contiguous dataset (a sparse matrix's row pointers) that HDF5 wrote only as h5py
+    # freed it: refused there, the write crashed the interpreter at the file's close
+    matrix = Path(__file__).resolve().parent.parent / "sample_data" / "downsample2x_64.npz"
+    done = _drip_with_file_size_limit(50_000, "simulate", "phantom:ellipses", tmp_path / "s.h5",
+                                      "--operator", "matrix", "--matrix", matrix,
+                                      "--num-images", 32)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip() == (f"drip: error: {tmp_path / 's.h5'}: cannot write output: "
+                                   "File too large (nothing was written)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -102,7 +102,7 @@ def atomic_path(path: str | os.PathLike):
 def atomic_h5(path: str | os.PathLike):
     """An ``h5py.File`` opened for writing that becomes ``path`` only if the block succeeds."""
     with atomic_path(path) as tmp:
-        handle = h5py.File(tmp, "w")
+        handle = _create_h5(tmp)
         try:
             yield handle
             handle.flush()  # a refused write fails here, before close starts taking it apart
@@ -110,6 +110,19 @@ def atomic_h5(path: str | os.PathLike):
         except BaseException:
             _abandon(handle)
             raise
+
+
+def _create_h5(tmp: str) -> h5py.File:
+    """A new HDF5 file that defers no raw-data write to a dataset's close. HDF5 buffers small
+    writes to a contiguous dataset (its sieve buffer, 64 KiB) until the dataset closes, which
+    for a dataset h5py drops at once (``group[name] = array``) is the moment Python frees it:
+    a write refused there (a full disk) is lost in a destructor, leaves the dataset half
+    closed, and later crashes the interpreter. With no sieve buffer the write fails where it
+    is made, as an error that reaches us. Chunked datasets keep their chunk cache: their
+    objects stay referenced until the file is flushed."""
+    access = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    access.set_sieve_buf_size(0)
+    return h5py.File(h5py.h5f.create(os.fsencode(tmp), h5py.h5f.ACC_TRUNC, fapl=access))
 
 
 def _abandon(handle: h5py.File) -> None:

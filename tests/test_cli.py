@@ -1019,3 +1019,29 @@ def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path):
     assert done.stderr.strip() == (f"drip: error: {tmp_path / 's.h5'}: cannot write output: "
                                    "File too large (nothing was written)")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_outputs_with_the_longest_names_and_unwritable_folders(tmp_path, monkeypatch):
+    """A 253-character output name (a file name may have 255) was refused as 'File name too
+    long': the temporary file beside it added its own characters. evaluate and train, given a
+    folder they cannot write (a read-only disk, here simulated), computed everything first
+    and then failed with 'unexpected OSError'; they now stop at once, naming the folder."""
+    data = simulate(tmp_path, "denoise")
+    long_name = tmp_path / ("r" * 250 + ".h5")
+    assert run_cli("reconstruct", data, "--method", "cgls", "--out", long_name, "-q").exit_code == 0
+    assert long_name.exists()
+    report = tmp_path / ("e" * 250)
+    assert run_cli("evaluate", data, "--methods", "cgls", "--noise-percent", "2", "--out", report,
+                   "-q").exit_code == 0
+    assert (report / "robustness.json").exists()
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if Path(path) == locked and mode & os.W_OK else access(path, mode, **kw)))
+    for command in (("evaluate", data, "--methods", "cgls", "--out", locked / "a" / "report"),
+                    ("train", data, "--out", locked / "run")):
+        assert_one_line_error(run_cli(*command, "-q"), f"cannot write output: folder {locked} "
+                              "is not writable", locked / "a")
+    assert list(locked.iterdir()) == []

@@ -501,6 +501,7 @@ def train(
     from .reconstruct import resolve_device
     from .regularizers.model import ModelConfig
     from .training import TrainConfig, Trainer
+    from .io import check_folder_writable
     from .io.models import CHECKPOINT_STATE
     from .training.trainer import unused_settings
 
@@ -521,8 +522,7 @@ def train(
         except ValueError:
             raise DripError(f"--loss-weights must be three numbers, as in 1,1,1; "
                             f"got {loss_weights!r}") from None
-        if out.exists() and not out.is_dir():
-            raise DripError("exists and is not a folder", out)
+        check_folder_writable(out)
         config = TrainConfig(data=str(data), out=str(out), epochs=epochs, max_minutes=max_minutes,
                              batch_size=batch_size, lr=lr, lr_schedule=lr_schedule,
                              loss_weights=weights,
@@ -726,13 +726,13 @@ def evaluate(
     from .evaluation.report import best_tau_table, console_table, regularizer_table, write_report
     from .evaluation.robustness import choose_methods
     from .evaluation.robustness import evaluate as run_evaluation
+    from .io import check_folder_writable
     from .reconstruct import resolve_device
 
     with _errors(debug):
         levels = _positive_numbers(noise_percent, "--noise-percent")
         taus = _positive_numbers(tau, "--tau")
-        if out.exists() and not out.is_dir():
-            raise DripError("exists and is not a folder", out)
+        check_folder_writable(out)
         chosen = choose_methods(model or [], None if methods is None else methods.split(","),
                                 warn=warning_line)
         drip_models = [m for m in chosen if getattr(m, "kind", None) == "drip"]

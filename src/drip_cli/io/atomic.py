@@ -42,8 +42,30 @@ def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
     return path
 
 
-# The errors that only a write raises: a full disk or quota, a file-size limit.
-_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+def check_folder_writable(folder: str | os.PathLike) -> Path:
+    """Fail early, naming ``folder``, when it is a file, or when it (or, where it is still to
+    be made, the nearest folder above it that exists) cannot be written: a read-only disk, no
+    permission."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DripError("exists and is not a folder", folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise DripError(f"cannot write output: {existing} is not a folder", folder)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DripError(f"cannot write output: folder {existing} is not writable", folder)
+    return folder
+
+
+def _temporary_prefix(name: str) -> str:
+    """The start of a temporary file's name beside ``name``: hidden, and short enough that
+    the random part and suffix still fit the 255 bytes a file name may have."""
+    return f".{name[:100]}."
+
+
+# The errors that only a write raises: a full disk or quota, a file-size limit, a disk
+# mounted read-only.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 def write_errno(exc: BaseException) -> int | None:
@@ -82,7 +104,8 @@ def atomic_path(path: str | os.PathLike):
     :class:`OutputError` naming ``path``."""
     path = check_writable(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp",
+                                   dir=path.parent)
     except OSError as exc:
         raise DripError(f"cannot write output: {exc.strerror}", path) from exc
     os.close(fd)
@@ -149,15 +172,14 @@ def atomic_folder(folder: str | os.PathLike):
     there into ``folder`` (created, with its parents, if needed). So a set of files (a report)
     appears whole or not at all: after a failure ``folder`` is as it was, and no folder this
     call created is left."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise DripError("exists and is not a folder", folder)
-    parent = folder.parent if str(folder.parent) else Path(".")
+    folder = check_folder_writable(folder)
+    parent = folder.parent
     created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
     staging = None
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(folder.name), suffix=".tmp",
+                                        dir=parent))
         yield staging
         folder.mkdir(exist_ok=True)
         for item in sorted(staging.iterdir()):
@@ -169,9 +191,6 @@ def atomic_folder(folder: str | os.PathLike):
         for made in created:
             with contextlib.suppress(OSError):
                 made.rmdir()
-        if isinstance(exc, PermissionError) and staging is None:
-            raise DripError(f"cannot write output: folder {parent} is not writable",
-                            folder) from exc
         raise _refused(exc, folder)
 
 

@@ -1045,3 +1045,42 @@ def test_outputs_with_the_longest_names_and_unwritable_folders(tmp_path, monkeyp
         assert_one_line_error(run_cli(*command, "-q"), f"cannot write output: folder {locked} "
                               "is not writable", locked / "a")
     assert list(locked.iterdir()) == []
+
+
+def test_an_output_named_by_a_pipe_or_device_is_refused(tmp_path):
+    """Outputs are renamed onto their name when finished: --out fifo replaced the pipe with a
+    regular file, and as root --out /dev/null would have replaced the device. Inputs that are
+    pipes are refused before anything opens them."""
+    data = simulate(tmp_path, "denoise")
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    for command in (("reconstruct", data, "--method", "cgls", "--out", pipe),
+                    ("reconstruct", data, "--method", "cgls", "--out", tmp_path / "r.h5",
+                     "--report", pipe),
+                    ("simulate", data, pipe, "--operator", "denoise")):
+        assert_one_line_error(run_cli(*command, "-q"), "pipe: is not a regular file (a device "
+                              "or a pipe)", tmp_path / "r.h5")
+        assert pipe.is_fifo()
+    # read, a pipe that no process writes blocked for good (--model: not even SIGTERM ended it)
+    for command in (("reconstruct", pipe, "--method", "cgls", "--out", tmp_path / "r.h5"),
+                    ("reconstruct", data, "--model", pipe, "--out", tmp_path / "r.h5"),
+                    ("simulate", pipe, tmp_path / "r.h5", "--operator", "denoise"),
+                    ("info", pipe)):
+        assert_one_line_error(run_cli(*command, "-q"), "pipe: is not a regular file (a device "
+                              "or a pipe), expected", tmp_path / "r.h5")
+
+
+def test_broken_symbolic_links_are_named(tmp_path):
+    """A loop of symbolic links as input ended in 'unexpected RuntimeError: Symlink loop', and
+    a link to a missing folder as the report or run folder in 'unexpected FileExistsError'."""
+    data = simulate(tmp_path, "denoise")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    assert_one_line_error(run_cli("reconstruct", tmp_path / "loop_a", "--method", "cgls", "--out",
+                                  tmp_path / "r.h5", "-q"), "loop_a: no such file", tmp_path / "r.h5")
+    (tmp_path / "gone").symlink_to(tmp_path / "missing" / "folder")
+    for command in (("train", data, "--out", tmp_path / "gone"),
+                    ("evaluate", data, "--methods", "cgls", "--out", tmp_path / "gone")):
+        assert_one_line_error(run_cli(*command, "-q"), f"gone: is a symbolic link to "
+                              f"{tmp_path / 'missing' / 'folder'}, which does not exist",
+                              tmp_path / "missing")

@@ -35,6 +35,14 @@ def with_article(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
+def require_regular_file(path: str | os.PathLike, expected: str) -> None:
+    """Refuse an input that exists but is neither a file nor a folder (a device, a pipe) before
+    anything opens it: opening a pipe that no process writes blocks for good, beyond the
+    reach of Ctrl-C."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):
+        raise DripError(f"is not a regular file (a device or a pipe), expected {expected}", path)
+
+
 def require_positive(option: str, value: float) -> None:
     """Refuse a numeric option unless it is positive and finite (so NaN and inf too)."""
     if not (math.isfinite(value) and value > 0):

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import torch
 
-from .errors import DripError
+from .errors import DripError, require_regular_file
 from .io import MeasurementFile, read_reconstruction_file
 from .io.measurements import file_format, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
@@ -174,6 +174,7 @@ def file_kind(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.exists():
         raise DripError("no such file", path)
+    require_regular_file(path, "a drip file or a run folder")
     if path.is_dir() or path.suffix == ".safetensors" or path.name == CHECKPOINT_STATE:
         resolve_model_path(path)   # refuses folders without a model, and checkpoints
         return "model"

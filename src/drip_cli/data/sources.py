@@ -25,7 +25,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from ..errors import DripError
+from ..errors import DripError, require_regular_file
 from ..io.measurements import first_sample_where, open_failure
 from .phantoms import random_ellipses, shepp_logan
 
@@ -179,6 +179,7 @@ def load_images(source: str, options: SourceOptions, rng: np.random.Generator) -
     path = Path(source)
     if not path.exists():
         raise DripError("no such file or folder", path)
+    require_regular_file(path, "a folder, HDF5 file or built-in source")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:

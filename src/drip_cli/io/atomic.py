@@ -21,7 +21,8 @@ from ..errors import DripError, OutputError
 def _same_file(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+    # realpath, not Path.resolve, which raises RuntimeError on a loop of symbolic links
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
@@ -32,6 +33,10 @@ def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise DripError("is a folder, expected a file name", path)
+    if path.exists() and not path.is_file():
+        # the finished output is renamed onto the name: that would replace the device itself
+        raise DripError("is not a regular file (a device or a pipe), which the output would "
+                        "replace; give a file name", path)
     for role, other in (keep or {}).items():
         if other is not None and _same_file(path, Path(other)):
             raise DripError(f"cannot write output: this is {role}; choose another name", path)
@@ -49,6 +54,9 @@ def check_folder_writable(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DripError("exists and is not a folder", folder)
+    if folder.is_symlink() and not folder.exists():
+        raise DripError(f"is a symbolic link to {os.readlink(folder)}, which does not exist: "
+                        "make that folder, or give another", folder)
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise DripError(f"cannot write output: {existing} is not a folder", folder)

@@ -13,7 +13,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from ..errors import DripError, DripWarning
+from ..errors import DripError, DripWarning, require_regular_file
 from ..operators import LinearOperator, operator_from_hdf5, stored_measurement_shape
 from .atomic import atomic_h5
 
@@ -48,6 +48,7 @@ def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
         raise DripError("no such file", path)
     if path.is_dir():
         raise DripError("is a folder, expected an HDF5 file", path)
+    require_regular_file(path, "an HDF5 file")
     if not h5py.is_hdf5(path):
         raise DripError("not an HDF5 file", path)
     try:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .. import __version__
-from ..errors import DripError, is_finite_number
+from ..errors import DripError, is_finite_number, require_regular_file
 from ..regularizers.model import ModelConfig, build_model
 from .atomic import write_bytes
 
@@ -98,6 +98,7 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         path = path / MODEL_FILE
     if not path.exists():
         raise DripError("no such model file (expected a run folder or a .safetensors file)", path)
+    require_regular_file(path, "a run folder or a .safetensors model file")
     if path.name in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
         raise DripError(f"a training checkpoint, which drip train --resume reads, not a model: "
                         f"give the run folder or its {MODEL_FILE}", path)

@@ -876,3 +876,27 @@ def test_a_refused_history_row_is_not_left_half_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert done.stdout.strip() == f"{history}: cannot write output: File too large (nothing was written)"
     assert history.read_text() == "epoch,step\n"
+
+
+def test_a_run_folder_in_use_is_refused(train_file, tmp_path):
+    """Two drip train runs on one folder, the second started before the first had saved a
+    model: the second deleted the first's history and checkpoints and wrote its own among them.
+    A run now holds its folder (an advisory lock), here held as another process would."""
+    import fcntl
+
+    done, fresh = tmp_path / "done", tmp_path / "fresh"
+    assert run_cli("train", train_file, "--out", done, "--epochs", 1, *TINY).exit_code == 0
+    fresh.mkdir()
+    (fresh / "history.csv").write_text("epoch,step\nstart,0\n")   # the running one's
+    for run, extra in ((fresh, ()), (done, ("--resume",))):
+        holder = os.open(run, os.O_RDONLY)
+        try:
+            fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            result = run_cli("train", train_file, "--out", run, "--epochs", 2, *extra, *TINY)
+            assert_one_line_error(result, f"{run.name}: is in use by another drip train, "
+                                  "running now", fresh / "model.safetensors")
+        finally:
+            os.close(holder)
+    assert (fresh / "history.csv").read_text() == "epoch,step\nstart,0\n"
+    assert run_cli("train", train_file, "--out", done, "--epochs", 2, "--resume",
+                   *TINY).exit_code == 0

@@ -30,10 +30,12 @@ uninterrupted one (CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -399,6 +401,31 @@ LR_FLOOR = 0.05
 LR_SCHEDULES = ("cosine", "constant")
 
 
+@contextlib.contextmanager
+def run_folder_lock(folder: Path):
+    """Hold ``folder`` for this process while the block runs, or refuse it, naming it, when
+    another process holds it. An advisory ``flock`` on the folder itself: nothing is written,
+    and the system releases it when the process ends, however it ends. Where the file system
+    has no such locks the run goes on unguarded."""
+    try:
+        import fcntl
+    except ImportError:   # not a POSIX system
+        yield
+        return
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DripError("is in use by another drip train, running now: wait for it to end, "
+                            "or choose another --out", folder) from None
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(handle)
+
+
 def _drop_rows_after(history: Path, step: int) -> None:
     """Drop the rows of a run's ``history.csv`` written after its checkpoint at ``step``: a run
     stopped between a row and its checkpoint (a full disk, Ctrl-C) writes them again when it
@@ -474,11 +501,8 @@ class Trainer:
         self.progress = progress or (lambda **kw: None)
         self.log = log or (lambda message: None)
         self.out = Path(config.out)
-        held = [name for name in (MODEL_FILE, CHECKPOINT_WEIGHTS) if (self.out / name).exists()]
-        if held and not resume:   # never discard a trained model without being told to
-            raise DripError(f"already holds a training run ({held[0]}): continue it with --resume, "
-                            "or choose another --out (or remove this folder to start over)",
-                            self.out)
+        if not resume:
+            self._refuse_to_overwrite()
         # With fresh noise only the ground truth and the operator are needed (the file's noise
         # levels are not even checked); otherwise the measurements and their noise levels too.
         fresh = config.noise_percent is not None
@@ -768,10 +792,27 @@ class Trainer:
         writer.writerow(row)
         append_text(path, text.getvalue())
 
+    def _refuse_to_overwrite(self) -> None:
+        """Never discard a trained model without being told to."""
+        held = [name for name in (MODEL_FILE, CHECKPOINT_WEIGHTS) if (self.out / name).exists()]
+        if held:
+            raise DripError(f"already holds a training run ({held[0]}): continue it with --resume, "
+                            "or choose another --out (or remove this folder to start over)",
+                            self.out)
+
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg = self.config
+        """Train, holding the run folder: a second ``drip train`` on it, started while this one
+        runs, is refused, where it deleted this run's history and checkpoints and wrote its
+        own among them."""
         self.out.mkdir(parents=True, exist_ok=True)
+        with run_folder_lock(self.out):
+            if not self.resume:   # again, now that no other run can be writing here
+                self._refuse_to_overwrite()
+            return self._fit()
+
+    def _fit(self) -> dict:
+        cfg = self.config
         if self.resume:
             self.load_checkpoint()
         else:

@@ -895,8 +895,11 @@ def test_a_run_folder_in_use_is_refused(train_file, tmp_path):
             result = run_cli("train", train_file, "--out", run, "--epochs", 2, *extra, *TINY)
             assert_one_line_error(result, f"{run.name}: is in use by another drip train, "
                                   "running now", fresh / "model.safetensors")
+            if run == done:   # and drip info says so
+                assert "a drip train runs in this folder now" in run_cli("info", run).stdout
         finally:
             os.close(holder)
     assert (fresh / "history.csv").read_text() == "epoch,step\nstart,0\n"
+    assert "--resume" in run_cli("info", done).stdout
     assert run_cli("train", train_file, "--out", done, "--epochs", 2, "--resume",
                    *TINY).exit_code == 0

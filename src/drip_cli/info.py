@@ -15,7 +15,7 @@ from .errors import DripError, require_regular_file
 from .io import MeasurementFile, read_reconstruction_file
 from .io.measurements import file_format, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
-                        resolve_model_path)
+                        resolve_model_path, run_in_progress)
 from .operators import adjointness_error, estimate_norm
 
 
@@ -127,7 +127,9 @@ def run_section(folder: Path) -> dict:
                                   f"PSNR {float(last['val_psnr']):.4g} dB")
     except (OSError, ValueError, KeyError, TypeError, IndexError, csv.Error) as exc:
         section[HISTORY] = f"unreadable ({type(exc).__name__}: {exc})"
-    if (folder / CHECKPOINT_STATE).exists() and (folder / CHECKPOINT_WEIGHTS).exists():
+    if run_in_progress(folder):
+        section["resume"] = "a drip train runs in this folder now"
+    elif (folder / CHECKPOINT_STATE).exists() and (folder / CHECKPOINT_WEIGHTS).exists():
         data = config["data"] if config else "DATA.h5"
         section["resume"] = f"drip train {data} --out {folder} --resume"
         try:

@@ -7,6 +7,7 @@ file itself or a training run folder (which holds ``model.safetensors``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,6 +104,50 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise DripError(f"a training checkpoint, which drip train --resume reads, not a model: "
                         f"give the run folder or its {MODEL_FILE}", path)
     return path
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: Path):
+    """Hold a ``drip train`` run folder for this process while the block runs, or refuse it,
+    naming it, when another process holds it. An advisory ``flock`` on the folder itself:
+    nothing is written, and the system releases it when the process ends, however it ends.
+    Where the file system has no such locks the run goes on unguarded."""
+    handle = _try_lock(folder)
+    if handle is False:
+        raise DripError("is in use by another drip train, running now: wait for it to end, "
+                        "or choose another --out", folder)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            os.close(handle)
+
+
+def run_in_progress(folder: Path) -> bool:
+    """Whether a ``drip train`` runs in ``folder`` now (holds its lock)."""
+    handle = _try_lock(folder)
+    if handle:
+        os.close(handle)
+    return handle is False
+
+
+def _try_lock(folder: Path):
+    """A descriptor of ``folder`` holding its lock; ``False`` when another process holds it;
+    ``None`` where locks cannot be taken (not a POSIX system, or a file system without them)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return handle
+    except BlockingIOError:
+        os.close(handle)
+        return False
+    except OSError:
+        os.close(handle)
+        return None
 
 
 def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str]:

@@ -30,12 +30,10 @@ uninterrupted one (CPU).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -51,7 +49,8 @@ from ..errors import DripError, DripWarning, is_finite_number, require_positive,
 from ..evaluation import psnr
 from ..io import MeasurementFile, append_text, write_bytes, write_json, write_text
 from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
-                         ModelInfo, file_sha256, load_model, resolve_model_path, save_model)
+                         ModelInfo, file_sha256, load_model, resolve_model_path, run_folder_lock,
+                         save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
 from ..regularizers.patches import PATCH_SIZE, supported_components
@@ -399,31 +398,6 @@ def require_the_runs_data(out, sha256: str, data) -> None:
 
 LR_FLOOR = 0.05
 LR_SCHEDULES = ("cosine", "constant")
-
-
-@contextlib.contextmanager
-def run_folder_lock(folder: Path):
-    """Hold ``folder`` for this process while the block runs, or refuse it, naming it, when
-    another process holds it. An advisory ``flock`` on the folder itself: nothing is written,
-    and the system releases it when the process ends, however it ends. Where the file system
-    has no such locks the run goes on unguarded."""
-    try:
-        import fcntl
-    except ImportError:   # not a POSIX system
-        yield
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DripError("is in use by another drip train, running now: wait for it to end, "
-                            "or choose another --out", folder) from None
-        except OSError:
-            pass
-        yield
-    finally:
-        os.close(handle)
 
 
 def _drop_rows_after(history: Path, step: int) -> None:

@@ -236,6 +236,8 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
     matrix built by coordinates is saved) converted."""
     if not Path(path).exists():
         raise ValueError("no such file")
+    if Path(path).is_dir():
+        raise ValueError("is a folder, expected an .npz archive")
     if not Path(path).is_file():
         raise ValueError("is not a regular file (a device or a pipe)")
     if not zipfile.is_zipfile(path):   # np.load would read a .npy array or call it pickled data

@@ -1008,6 +1008,7 @@ def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path):
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip() == (f"drip: error: {tmp_path / 'a' / 'report'}: cannot write "
                                    "output: File too large (nothing was written)")
+    assert "PSNR dB (fit fraction)" in done.stdout   # its figures were shown all the same
     assert sorted(p.name for p in tmp_path.iterdir()) == before   # nor the folder made for it
     # a small contiguous dataset (a sparse matrix's row pointers) that HDF5 wrote only as h5py
     # freed it: refused there, the write crashed the interpreter at the file's close

@@ -767,11 +767,12 @@ def evaluate(
                                         operator_from=operator_from, max_samples=max_samples,
                                         preview_level=preview_noise, progress=update,
                                         warn=warning_line)
-        written = write_report(evaluation, out)
+        # the tables first: if the report cannot be written (a full disk), its figures were shown
         console.print(console_table(evaluation))
         for extra in (best_tau_table(evaluation), regularizer_table(evaluation)):
             if extra is not None:
                 console.print(extra)
+        written = write_report(evaluation, out)
         console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
 
 

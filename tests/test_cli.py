@@ -1100,3 +1100,33 @@ def test_a_discrepancy_constant_well_below_one_is_warned_about(tmp_path):
     result = run_cli("evaluate", data, "--methods", "cgls", "--tau", "0.9,1",
                      "--noise-percent", "2", "--out", tmp_path / "report", "-q")
     assert result.exit_code == 0 and "--tau 0.9 asks for a fit closer" in result.stderr
+
+
+def test_a_signal_lost_in_a_destructor_still_stops_the_command(tmp_path, capsys):
+    """Python prints an exception raised in a destructor as "Exception ignored" and goes on: a
+    SIGTERM that arrived while h5py freed an object let drip simulate finish its file and
+    exit 0. The signal is now recorded, and raised again before the output appears."""
+    import signal
+
+    import typer
+
+    from drip_cli.cli import _errors
+    from drip_cli.io import atomic_h5
+
+    class SignalledWhenFreed:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)   # its exception is raised here, and lost
+
+    target = tmp_path / "out.h5"
+    with pytest.raises(typer.Exit) as stopped:
+        with _errors(False):
+            with atomic_h5(target) as handle:
+                handle["x"] = np.zeros(3)
+                SignalledWhenFreed()
+                handle["y"] = np.zeros(3)   # the work went on
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err.strip() == "drip: error: terminated; no output was written"
+    assert list(tmp_path.iterdir()) == []
+    from drip_cli.errors import SIGNALS_RECEIVED
+
+    assert SIGNALS_RECEIVED == []   # nor does it stop the next command of this process

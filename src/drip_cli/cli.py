@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -22,7 +23,8 @@ from rich.table import Table
 
 from . import __version__
 from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
-from .errors import DripError, DripWarning, OutputError, require_positive, with_article
+from .errors import (SIGNALS_RECEIVED, DripError, DripWarning, OutputError, Terminated,
+                     require_positive, with_article)
 
 app = typer.Typer(
     name="drip",
@@ -97,21 +99,29 @@ def _examples(command: str) -> str:
     return "Examples:\n\n" + "\n\n".join(EXAMPLES[command])
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a batch system's time limit) is handled as Ctrl-C is: the output in
-    progress is removed, a training run keeps its last checkpoint."""
-
-
 @contextlib.contextmanager
-def _on_sigterm(handler):
-    if threading.current_thread() is not threading.main_thread():  # (signals: main thread only)
+def _on_signals(handler):
+    """``handler`` for SIGINT and SIGTERM while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {number: signal.signal(number, handler)
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    unraisable = sys.unraisablehook
+
+    def quiet_interruptions(report):
+        # an interruption raised in a destructor is lost, and raised again later: no
+        # "Exception ignored" traceback for it
+        if not (isinstance(report.exc_value, KeyboardInterrupt) and SIGNALS_RECEIVED):
+            unraisable(report)
+
+    sys.unraisablehook = quiet_interruptions
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = unraisable
+        for number, handler_before in previous.items():
+            signal.signal(number, handler_before)
 
 
 @contextlib.contextmanager
@@ -143,19 +153,21 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
     SIGTERM to the line ``interrupted("interrupted" or "terminated")`` returns and exit status
     130 or 143 (128 + the signal's number, as shells report). A :class:`DripWarning` raised on
     the way is printed as one ``drip: warning:`` line. A SIGTERM that a library turned into an
-    error of its own (h5py, caught creating a dataset, raised a TypeError) is a termination too."""
-    signalled = []
+    error of its own (h5py, caught creating a dataset, raised a TypeError) is a termination too,
+    and one whose exception was lost (raised in a destructor) is raised again before any output
+    appears (:func:`~drip_cli.errors.raise_if_signalled`)."""
+    SIGNALS_RECEIVED.clear()
 
     def terminate(signum, frame):
-        signalled.append(signum)
-        raise Terminated
+        SIGNALS_RECEIVED.append(signum)
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
     def stop(terminated: bool):
         error_line(interrupted("terminated" if terminated else "interrupted"))
         return typer.Exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
 
     try:
-        with _on_sigterm(terminate), _warnings_as_lines():
+        with _on_signals(terminate), _warnings_as_lines():
             yield
     except (typer.Exit, typer.Abort):
         raise
@@ -167,8 +179,8 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
     except KeyboardInterrupt as exc:
         raise stop(isinstance(exc, Terminated)) from None
     except Exception as exc:  # noqa: BLE001 - a last line of defence: never a bare traceback
-        if signalled:
-            raise stop(True) from None
+        if SIGNALS_RECEIVED:
+            raise stop(SIGNALS_RECEIVED[-1] == signal.SIGTERM) from None
         if debug:
             raise
         from .io.atomic import write_errno
@@ -184,6 +196,8 @@ def _errors(debug: bool, interrupted=lambda cause: f"{cause}; no output was writ
             error_line(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the "
                        "traceback)")
         raise typer.Exit(1) from None
+    finally:
+        SIGNALS_RECEIVED.clear()   # the next command in this process starts afresh
 
 
 def _warn_if_tau_is_low(tau: float) -> None:

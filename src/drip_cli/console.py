@@ -12,6 +12,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from .errors import raise_if_signalled
+
 # Outside a terminal rich assumes 80 columns, which truncates the result tables; use the terminal's
 # width when there is one and 120 otherwise ($COLUMNS still wins).
 _WIDTH = shutil.get_terminal_size((120, 24)).columns
@@ -26,9 +28,11 @@ def progress_bar(description: str, total: int, quiet: bool):
     The bar is transient: it disappears when the work ends, so an error message stays the only
     line on stderr and result tables follow a clean screen. It is drawn on a terminal only: into
     a file or a pipe rich cannot erase it, and it left a blank line above an error message.
+    Each update also raises a Ctrl-C or SIGTERM whose exception was lost on the way
+    (:func:`~drip_cli.errors.raise_if_signalled`), so that the work stops there.
     """
     if quiet or not err_console.is_terminal:
-        yield lambda done, total=None: None
+        yield lambda done, total=None: raise_if_signalled()
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
@@ -36,6 +40,7 @@ def progress_bar(description: str, total: int, quiet: bool):
         task = progress.add_task(description, total=total)
 
         def update(done: int, total_now: int | None = None) -> None:
+            raise_if_signalled()
             progress.update(task, completed=done, total=total_now or total)
 
         yield update

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 
 
 class DripError(Exception):
@@ -23,6 +24,24 @@ class DripError(Exception):
 class OutputError(DripError):
     """An output the disk refused (full, over quota, over the file-size limit); the file named
     was not written, and an earlier version of it, if any, is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a batch system's time limit) is handled as Ctrl-C is: the output in
+    progress is removed, a training run keeps its last checkpoint."""
+
+
+# The interrupting signals received during the command (the CLI's handlers record them).
+SIGNALS_RECEIVED: list[int] = []
+
+
+def raise_if_signalled() -> None:
+    """Raise again the interruption of a signal whose exception was lost. Python prints an
+    exception raised in a destructor or a weak-reference callback as "Exception ignored" and
+    goes on: a SIGTERM that arrived there let ``drip simulate`` finish its file and exit 0.
+    The writers call this before an output appears, and the progress display at every update."""
+    if SIGNALS_RECEIVED:
+        raise Terminated if SIGNALS_RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt
 
 
 class DripWarning(UserWarning):

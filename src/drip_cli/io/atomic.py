@@ -15,7 +15,7 @@ from pathlib import Path
 
 import h5py
 
-from ..errors import DripError, OutputError
+from ..errors import DripError, OutputError, raise_if_signalled
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -119,6 +119,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield tmp
+        raise_if_signalled()   # a Ctrl-C or SIGTERM whose exception was lost on the way
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
@@ -189,6 +190,7 @@ def atomic_folder(folder: str | os.PathLike):
         staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(folder.name), suffix=".tmp",
                                         dir=parent))
         yield staging
+        raise_if_signalled()
         folder.mkdir(exist_ok=True)
         for item in sorted(staging.iterdir()):
             os.replace(item, folder / item.name)

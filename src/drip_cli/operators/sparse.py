@@ -234,11 +234,12 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
     """Read a sparse matrix from a ``scipy.sparse.save_npz`` file, without pickle, as CSR
     arrays ``(data, indices, indptr, shape)``: a CSR matrix as it is, a CSC or COO one (as a
     matrix built by coordinates is saved) converted."""
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists():
         raise ValueError("no such file")
-    if Path(path).is_dir():
+    if path.is_dir():
         raise ValueError("is a folder, expected an .npz archive")
-    if not Path(path).is_file():
+    if not path.is_file():
         raise ValueError("is not a regular file (a device or a pipe)")
     if not zipfile.is_zipfile(path):   # np.load would read a .npy array or call it pickled data
         raise ValueError("not an .npz archive; save the matrix with scipy.sparse.save_npz")

@@ -8,13 +8,15 @@
 # figures go to ${OUT:-gpu_out}: summary.txt (one line per stage), log.txt (every stage's
 # output), bench.json, bench512.json, train64.json, tomo_default.json, tomo_64.json,
 # history.csv, evaluate.json, tomography.json.
-#   usage: scripts/gpu_check.sh            (DEVICE=cpu MINUTES=0.2 to rehearse it on a CPU)
+#   usage: scripts/gpu_check.sh            (DEVICE=cpu MINUTES=0.2 to rehearse it on a CPU;
+#          SKIP="bench512 profile512" leaves those stages out, to fit a short device budget)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${DEVICE:-cuda}"
 MINUTES="${MINUTES:-1}"
 OUT="${OUT:-gpu_out}"
 PY="${PYTHON:-python3}"
+SKIP=" ${SKIP:-} "
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 COLUMNS=140
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
@@ -24,6 +26,10 @@ mkdir -p "$OUT"
 stage() {
     local name="$1" limit="$2" start rc
     shift 2
+    if [[ "$SKIP" == *" $name "* ]]; then
+        echo "$name: skipped" | tee -a "$OUT/summary.txt"
+        return
+    fi
     start=$(date +%s)
     timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?

@@ -1130,3 +1130,24 @@ def test_a_signal_lost_in_a_destructor_still_stops_the_command(tmp_path, capsys)
     from drip_cli.errors import SIGNALS_RECEIVED
 
     assert SIGNALS_RECEIVED == []   # nor does it stop the next command of this process
+
+
+def test_choices_are_read_whatever_their_case(tmp_path):
+    """`--operator BLUR`, `--method TV`, `--device CPU` and `--methods CGLS,Tv` name what their
+    lower-case spellings name, and the files record the canonical names."""
+    data = tmp_path / "m.h5"
+    result = run_cli("simulate", "phantom:ellipses", data, "--operator", "BLUR", "--num-images", 3,
+                     "--image-size", 16, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(data) as f:
+        assert f["operator"].attrs["kind"] == "blur"
+    out = tmp_path / "r.h5"
+    result = run_cli("reconstruct", data, "--out", out, "--method", "TV", "--device", "CPU", "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["method"] == "tv" and np.all(f["converged"][()])
+    result = run_cli("evaluate", data, "--out", tmp_path / "ev", "--methods", "CGLS,Tv",
+                     "--noise-percent", "2", "-q")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads((tmp_path / "ev" / "robustness.json").read_text())["rows"]
+    assert sorted(r["method"] for r in rows) == ["cgls", "tv"]

@@ -251,7 +251,8 @@ def simulate(
                                  "of PNG/JPEG files, phantom:ellipses, phantom:shepp-logan, or "
                                  "skimage:NAME[,NAME] / skimage:photos."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
-    operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind."),
+    operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind.",
+                                          case_sensitive=False),
     noise_percent: str = typer.Option("2", "--noise-percent",
                                       help="Noise percent P, or a range A:B drawn per sample."),
     seed: int = typer.Option(0, "--seed", min=0,
@@ -625,7 +626,7 @@ def reconstruct(
     out: Path = typer.Option(..., "--out", "-o", help="Reconstruction file to write (HDF5)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m",
                                          help="Run folder or model file (a drip or unrolled model)."),
-    method: Optional[Method] = typer.Option(None, "--method",
+    method: Optional[Method] = typer.Option(None, "--method", case_sensitive=False,
                                             help="drip (learned; needs --model), cgls "
                                             "(discrepancy-stopped CGLS), tv (constrained total "
                                             "variation) or unrolled (the baseline network; needs "

@@ -50,6 +50,7 @@ def resolve_device(name: str) -> torch.device:
     CPU settings (:func:`drip_cli.runtime.configure_cpu`: denormals flushed, freed memory
     kept for reuse)."""
     configure_cpu()
+    name = name.strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -93,7 +93,7 @@ def choose_methods(model_paths: list, wanted: list[str] | None,
                         "their files where not model.safetensors); rename one")
     if wanted is None:
         wanted = ["cgls", "tv", *(m.kind for m in learned)]
-    wanted = list(dict.fromkeys(w.strip() for w in wanted if w.strip()))
+    wanted = list(dict.fromkeys(w.strip().lower() for w in wanted if w.strip()))
     unknown = [w for w in wanted if w not in METHOD_KINDS]
     if unknown or not wanted:
         problem = f"unknown {', '.join(unknown)}" if unknown else "no method named"

@@ -263,6 +263,30 @@ def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):
     assert "not stored (reconstruct needs --noise-std)" in result.stdout
 
 
+def test_info_shows_the_file_before_measuring_its_operator_and_says_so(tmp_path, monkeypatch):
+    """The operator's norm and adjointness take tens of seconds for a large Radon matrix:
+    ``drip info`` prints the file's section first and tells the spinner what it measures."""
+    import drip_cli.info as info
+
+    data = simulate(tmp_path, "tomography")
+    said = []
+    sections = info.measurement_info(data, said.append)
+    title, general = next(sections)
+    assert title == data.name and general["samples"] == 6 and said == []
+    monkeypatch.setattr(info, "operator_section", lambda op: {"kind": op.kind})
+    assert next(sections) == ("operator", {"kind": "tomography"})
+    assert said == ["measuring the tomography operator's norm and adjointness"]
+
+
+def test_the_spinner_is_silent_when_quiet_or_not_on_a_terminal(capfd):
+    from drip_cli.console import status
+
+    for quiet in (True, False):   # pytest's stderr is no terminal
+        with status("working", quiet) as say:
+            say("still working")
+    assert capfd.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize("damage,message", [
     ("group", "'reconstructions' is not a dataset"),
     ("tau", "attribute tau = 'x' is not a positive number"),

@@ -22,7 +22,8 @@ import typer
 from rich.table import Table
 
 from . import __version__
-from .console import console, error_line, fmt, key_value_table, progress_bar, warning_line
+from .console import (console, error_line, fmt, key_value_table, progress_bar, status,
+                      warning_line)
 from .errors import (SIGNALS_RECEIVED, DripError, DripWarning, OutputError, Terminated,
                      require_positive, with_article)
 
@@ -318,7 +319,8 @@ def simulate(
             spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma, blur_size=blur_size,
                                 psf_file=psf, keep_fraction=keep_fraction, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start, matrix_file=matrix)
-            op = build_operator(spec, tuple(image_shape), rng)
+            with status(f"building the {operator.value} operator", quiet):
+                op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
             source = ("from an HDF5 file" if opened is not None else
                       "phantoms" if is_phantom_source(images) else "photographs")
@@ -823,8 +825,13 @@ def info(
 
     with _errors(debug):
         kind = file_kind(file)
-        if kind in ("measurements", "model"):
-            for title, rows in (measurement_info if kind == "measurements" else model_info)(file):
+        if kind == "measurements":
+            with status(f"reading {file.name} (building its operator)", quiet) as say:
+                for title, rows in measurement_info(file, say):
+                    console.print(key_value_table(title, rows))
+            return
+        if kind == "model":
+            for title, rows in model_info(file):
                 console.print(key_value_table(title, rows))
             return
         sections, columns = reconstruction_info(file)

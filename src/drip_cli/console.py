@@ -46,6 +46,24 @@ def progress_bar(description: str, total: int, quiet: bool):
         yield update
 
 
+@contextlib.contextmanager
+def status(message: str, quiet: bool):
+    """Yield ``say(message)``; a transient spinner on stderr with the message, for work that
+    has no count to show (building a large operator, measuring its norm), unless ``quiet``.
+    Drawn on a terminal only, as :func:`progress_bar` is; ``say`` also raises a lost Ctrl-C or
+    SIGTERM."""
+    if quiet or not err_console.is_terminal:
+        yield lambda message: raise_if_signalled()
+        return
+    with err_console.status(message) as spinner:
+
+        def say(message: str) -> None:
+            raise_if_signalled()
+            spinner.update(message)
+
+        yield say
+
+
 def fmt(value, spec: str = ".4g") -> str:
     """A table cell: floats formatted by ``spec`` (four significant figures unless told), None
     and NaN as a dash (R for methods without one, SSIM of images smaller than its window)."""

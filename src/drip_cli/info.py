@@ -42,7 +42,10 @@ def operator_section(op) -> dict:
     return section
 
 
-def measurement_info(path: Path) -> list[tuple[str, dict]]:
+def measurement_info(path: Path, say=lambda message: None):
+    """The file's sections as they are ready: its datasets once it is open (and its operator
+    built), then the operator with its measured norm and adjointness, which take a while for a
+    large matrix. ``say(message)`` hears what is being done."""
     with MeasurementFile(path, noise_levels="optional") as data, reading(path):
         handle = data._handle
         general = {"format": "drip measurements v1", "samples": data.n_samples,
@@ -56,7 +59,9 @@ def measurement_info(path: Path) -> list[tuple[str, dict]]:
         for key, value in handle.attrs.items():
             if key not in ("drip_format", "format_version"):
                 general[key] = value.decode() if isinstance(value, bytes) else str(value)
-        return [(f"{path.name}", general), ("operator", operator_section(data.operator))]
+        yield f"{path.name}", general
+        say(f"measuring the {data.operator.kind} operator's norm and adjointness")
+        yield "operator", operator_section(data.operator)
 
 
 def reconstruction_info(path: Path) -> tuple[list[tuple[str, dict]], dict[str, np.ndarray]]:

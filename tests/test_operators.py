@@ -109,6 +109,32 @@ def test_tomography_non_square_image():
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) <= 0.01
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_matrix_with_repeated_or_unsorted_columns_is_stored_as_torch_expects(device):
+    """SciPy saves a COO matrix with its duplicates and a CSR one with its columns in any
+    order; torch's CSR kernels (cuSPARSE's above all) want each row's columns sorted and
+    distinct. The operator sums and sorts them, and its products are the matrix's."""
+    rng = np.random.default_rng(3)
+    rows, cols = rng.integers(0, 30, 400), rng.integers(0, 64, 400)
+    values = rng.random(400)
+    dense = np.zeros((30, 64))
+    np.add.at(dense, (rows, cols), values)
+    order = np.argsort(rows, kind="stable")   # rows grouped, columns as drawn: repeats, unsorted
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=30))])
+    op = SparseMatrixOperator.from_csr((1, 8, 8), values[order], cols[order], indptr, (30, 64))
+    matrix = op.matrix(torch.float64, torch.device("cpu"))
+    crow, col = matrix.crow_indices().numpy(), matrix.col_indices().numpy()
+    assert all(np.all(np.diff(col[crow[i]:crow[i + 1]]) > 0) for i in range(30))
+    assert op.nnz == np.count_nonzero(dense)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    y = torch.rand(2, 1, 30, dtype=torch.float64)
+    op = op.to(device)
+    np.testing.assert_allclose(op(x.to(device)).cpu().numpy().reshape(2, 30),
+                               x.numpy().reshape(2, 64) @ dense.T, atol=1e-12)
+    np.testing.assert_allclose(op.adjoint(y.to(device)).cpu().numpy().reshape(2, 64),
+                               y.numpy().reshape(2, 30) @ dense, atol=1e-12)
+
+
 def test_matrix_operator_is_the_sparse_product():
     rng = np.random.default_rng(0)
     data, indices, indptr, shape, dense = random_csr(50, 12 * 10, 0.1, rng)
@@ -130,10 +156,28 @@ def test_matrix_operator_is_the_sparse_product():
         SparseMatrixOperator.from_csr((1, 12, 10), data * np.nan, indices, indptr, shape)
 
 
+@pytest.mark.parametrize("top", [5, 2**16, 2**27, 2**40])
+def test_radon_entries_are_summed_as_np_unique_sums_them(top):
+    """The Radon matrix's duplicate entries are summed by a radix sort: the same keys and, bit
+    for bit, the same sums (in order of appearance) as ``np.unique`` and ``np.bincount``."""
+    from drip_cli.operators.tomography import _sum_by_key
+
+    rng = np.random.default_rng(top)
+    keys = rng.integers(0, top, 5000)
+    keys = np.concatenate([keys, rng.permutation(keys)[:3000], keys[:10]])
+    weights = rng.random(len(keys))
+    unique, inverse = np.unique(keys, return_inverse=True)
+    found, summed = _sum_by_key(keys, weights)
+    np.testing.assert_array_equal(found, unique)
+    np.testing.assert_array_equal(summed, np.bincount(inverse.ravel(), weights=weights))
+    empty = _sum_by_key(np.zeros(0, dtype=np.int64), np.zeros(0))
+    assert len(empty[0]) == len(empty[1]) == 0
+
+
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_transposed_csr_is_the_transpose_and_is_built_only_when_needed(index_dtype):
-    """The transpose (a stable sort by column, for memory) equals torch's and keeps the index
-    dtype; applying A alone, as drip simulate does, never builds it, and its gradient does."""
+    """The transpose (SciPy's CSR-to-CSC conversion) equals torch's and keeps the index dtype;
+    applying A alone, as drip simulate does, never builds it, and its gradient does."""
     rng = np.random.default_rng(1)
     data, indices, indptr, shape, dense = random_csr(40, 30, 0.2, rng)
     matrix = torch.sparse_csr_tensor(torch.tensor(indptr, dtype=index_dtype),

@@ -34,6 +34,28 @@ def radon_geometry(height: int, width: int) -> tuple[int, tuple[int, int]]:
     return sides[0], before
 
 
+def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``keys`` (non-negative integers) in increasing order, and the ``weights`` of
+    each summed in their order of appearance: what ``np.unique(keys, return_inverse=True)`` and
+    a ``np.bincount`` over the inverse give, bit for bit. The keys are sorted by a radix sort,
+    16 bits at a time from the lowest (NumPy sorts ``uint16`` stably by counting, in linear
+    time), where ``np.unique`` sorts 64-bit keys by comparison: for 384x384 images at 180
+    angles, about 0.6 million keys per angle, the matrix took 12.9 s to build that way, 8.4 s
+    this way."""
+    order = np.arange(len(keys))
+    shift, top = 0, int(keys.max()) if len(keys) else 0
+    while True:
+        digit = ((keys[order] >> shift) & 0xFFFF).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]
+        shift += 16
+        if top >> shift == 0:
+            break
+    ordered = keys[order]
+    first = np.ones(len(keys), dtype=bool)   # where a new key starts
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first], np.bincount(np.cumsum(first) - 1, weights=weights[order])
+
+
 def radon_matrix(height: int, width: int, angles_deg: np.ndarray):
     """CSR arrays ``(indptr, indices, data, shape)`` of the Radon transform of an ``H x W`` image."""
     side, (pad_r, pad_c) = radon_geometry(height, width)
@@ -61,8 +83,7 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray):
         # the entries of this angle's rows, duplicates summed, in (detector, pixel) order; a
         # bincount over every possible key allocated side x pixels floats per angle (190 MB
         # for 256 x 256 images, 1.5 GB for 512 x 512), where the entries number about 4 side^2
-        nonzero, inverse = np.unique(np.concatenate(keys), return_inverse=True)
-        summed = np.bincount(inverse, weights=np.concatenate(weights), minlength=len(nonzero))
+        nonzero, summed = _sum_by_key(np.concatenate(keys), np.concatenate(weights))
         counts = np.bincount(nonzero // pixels, minlength=side)
         indptr_parts.append(offset + np.cumsum(counts))
         offset += len(nonzero)

@@ -78,7 +78,8 @@ def transposed_csr(matrix: torch.Tensor) -> torch.Tensor:
     conversion, one counting pass over the entries that keeps each column's entries in row
     order. (``matrix.t().to_sparse_csr()`` took about 47 bytes per entry while it ran, 1.2 GB for
     the 26 million of 256 x 256 tomography at 180 angles; a stable ``np.argsort`` by column
-    about 20 bytes, and 5.0 s for the 59 million of 384 x 384 images, where this takes 0.6 s.)"""
+    about 20 bytes, and 5.0 s for the 59 million of 384 x 384 images, where this takes 0.6-1.5
+    s.)"""
     import scipy.sparse   # a dependency of scikit-image, imported only where a transpose is built
 
     rows, cols = matrix.shape

@@ -112,6 +112,11 @@ def test_simulate_reads_csc_and_coo_matrices_as_the_same_operator(tmp_path):
                                format=b"coo"), "must be 1-D and of one length"),
             ("back.npz", dict(indices=[0, 1], indptr=[0, 2, 1] + [2] * 254, data=[1.0, 2.0],
                               shape=[4, 256], format=b"csc"), "not non-decreasing"),
+            # unsigned pointers that go back: np.diff wrapped around and let them through
+            ("unsigned.npz", dict(indices=[0, 1, 2, 3], indptr=np.array([0, 3, 1, 4, 4],
+                                                                        dtype=np.uint32),
+                                  data=[1.0] * 4, shape=[4, 256], format=b"csr"),
+             "not non-decreasing"),
             ("bare.npz", dict(row=[0], col=[0], format=b"coo"), "has no array 'shape'"),
             # a 0-d shape was an unexpected TypeError; 2.5 rows were taken as 2
             ("flat.npz", dict(data=[1.0], indices=[0], indptr=[0, 1], shape=5, format=b"csr"),

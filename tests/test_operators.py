@@ -121,11 +121,16 @@ def test_a_matrix_with_repeated_or_unsorted_columns_is_stored_as_torch_expects(d
     np.add.at(dense, (rows, cols), values)
     order = np.argsort(rows, kind="stable")   # rows grouped, columns as drawn: repeats, unsorted
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=30))])
-    op = SparseMatrixOperator.from_csr((1, 8, 8), values[order], cols[order], indptr, (30, 64))
+    op = SparseMatrixOperator.from_csr((1, 8, 8), values[order],
+                                       cols[order].astype(np.uint32), indptr, (30, 64))
     matrix = op.matrix(torch.float64, torch.device("cpu"))
     crow, col = matrix.crow_indices().numpy(), matrix.col_indices().numpy()
     assert all(np.all(np.diff(col[crow[i]:crow[i + 1]]) > 0) for i in range(30))
     assert op.nnz == np.count_nonzero(dense)
+    swapped = SparseMatrixOperator.from_csr((1, 2, 4), np.array([1.0, 2.0]),
+                                            np.array([5, 2], dtype=np.uint32), [0, 2], (1, 8))
+    matrix = swapped.matrix(torch.float64, torch.device("cpu"))
+    assert matrix.col_indices().tolist() == [2, 5] and matrix.values().tolist() == [2.0, 1.0]
     x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
     y = torch.rand(2, 1, 30, dtype=torch.float64)
     op = op.to(device)

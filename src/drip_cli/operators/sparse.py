@@ -117,7 +117,7 @@ def validate_csr(indptr, indices, data, shape) -> None:
         raise ValueError(f"indptr has length {len(indptr)}, expected shape[0] + 1 = {rows + 1}")
     if indptr[0] != 0 or indptr[-1] != len(indices) or len(indices) != len(data):
         raise ValueError("CSR arrays are inconsistent (indptr[-1], len(indices), len(data))")
-    if np.any(np.diff(indptr) < 0):
+    if np.any(indptr[1:] < indptr[:-1]):   # not np.diff, which wraps around for unsigned
         raise ValueError("indptr is not non-decreasing")
     if len(indices) and (indices.min() < 0 or indices.max() >= cols):
         raise ValueError(f"column indices out of range [0, {cols})")
@@ -133,7 +133,7 @@ def canonical_csr(indptr, indices, data, shape):
     already are so are returned as they are. SciPy saves a COO matrix with its duplicates, and
     a CSR one with its columns in any order."""
     indptr, indices = np.asarray(indptr), np.asarray(indices)
-    increasing = np.diff(indices) > 0
+    increasing = indices[1:] > indices[:-1]   # not np.diff, which wraps around for unsigned
     starts = indptr[1:-1]   # a row's first entry need not follow the row before's last
     increasing[starts[(starts > 0) & (starts < len(indices))] - 1] = True
     if bool(increasing.all()):

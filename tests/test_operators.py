@@ -163,8 +163,8 @@ def test_matrix_operator_is_the_sparse_product():
 
 @pytest.mark.parametrize("top", [5, 2**16, 2**27, 2**40])
 def test_radon_entries_are_summed_as_np_unique_sums_them(top):
-    """The Radon matrix's duplicate entries are summed by a radix sort: the same keys and, bit
-    for bit, the same sums (in order of appearance) as ``np.unique`` and ``np.bincount``."""
+    """The Radon matrix's duplicate entries are summed after a stable sort: the same keys and,
+    bit for bit, the same sums (in order of appearance) as ``np.unique`` and ``np.bincount``."""
     from drip_cli.operators.tomography import _sum_by_key
 
     rng = np.random.default_rng(top)

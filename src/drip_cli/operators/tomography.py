@@ -35,19 +35,11 @@ def radon_geometry(height: int, width: int) -> tuple[int, tuple[int, int]]:
 
 
 def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ``keys`` (non-negative integers) in increasing order, and the ``weights`` of
-    each summed in their order of appearance: what ``np.unique(keys, return_inverse=True)`` and
-    a ``np.bincount`` over the inverse give, bit for bit. The keys are sorted by a radix sort,
-    16 bits at a time from the lowest (NumPy sorts ``uint16`` stably by counting, in linear
-    time), where ``np.unique`` sorts 64-bit keys by comparison: for 384x384 images at 180
-    angles, about 0.6 million keys per angle, the matrix took 12.9 s to build that way, 7.6 s
-    this way."""
-    order = np.argsort((keys & 0xFFFF).astype(np.uint16), kind="stable")
-    shift, top = 16, int(keys.max()) if len(keys) else 0
-    while top >> shift:
-        digit = ((keys[order] >> shift) & 0xFFFF).astype(np.uint16)
-        order = order[np.argsort(digit, kind="stable")]
-        shift += 16
+    """The distinct ``keys`` in increasing order, and the ``weights`` of each summed in their
+    order of appearance: what ``np.unique(keys, return_inverse=True)`` and a ``np.bincount``
+    over the inverse give, bit for bit. A stable sort, which is fast on keys that come in long
+    increasing runs, as :func:`radon_matrix` makes them."""
+    order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     first = np.ones(len(keys), dtype=bool)   # where a new key starts
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
@@ -59,8 +51,14 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray):
     side, (pad_r, pad_c) = radon_geometry(height, width)
     pixels = height * width
     centre = side // 2
-    grid_r, grid_t = np.meshgrid(np.arange(side, dtype=np.float64),
+    # detector-major: each angle's keys (detector * pixels + pixel) come in runs that are
+    # mostly in order already, so their stable sort is quick (384 x 384 images at 180 angles:
+    # 5.2-6.1 s to build the matrix, against 12.9 s with the samples ray-position-major and
+    # np.unique). Within a detector, the samples that touch one pixel appear in the same order
+    # either way (by corner, then along the ray), so the sums are the same, bit for bit.
+    grid_t, grid_r = np.meshgrid(np.arange(side, dtype=np.float64),
                                  np.arange(side, dtype=np.float64), indexing="ij")
+    detectors = np.broadcast_to(np.arange(side)[:, None], grid_t.shape)
     indptr_parts, index_parts, data_parts = [np.zeros(1, dtype=np.int64)], [], []
     offset = 0
     for angle in np.deg2rad(np.asarray(angles_deg, dtype=np.float64)):
@@ -75,8 +73,7 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray):
             row = (y0 + dy).astype(np.int64) - pad_r
             col = (x0 + dx).astype(np.int64) - pad_c
             inside = (row >= 0) & (row < height) & (col >= 0) & (col < width) & (w > 0)
-            detector = np.broadcast_to(np.arange(side), grid_t.shape)[inside]
-            keys.append(detector * pixels + row[inside] * width + col[inside])
+            keys.append(detectors[inside] * pixels + row[inside] * width + col[inside])
             weights.append(w[inside])
         # the entries of this angle's rows, duplicates summed, in (detector, pixel) order; a
         # bincount over every possible key allocated side x pixels floats per angle (190 MB

@@ -126,7 +126,7 @@ def run_folder_lock(folder: Path):
 def run_in_progress(folder: Path) -> bool:
     """Whether a ``drip train`` runs in ``folder`` now (holds its lock)."""
     handle = _try_lock(folder)
-    if handle:
+    if handle is not None and handle is not False:   # a descriptor, 0 included
         os.close(handle)
     return handle is False
 
@@ -138,7 +138,10 @@ def _try_lock(folder: Path):
         import fcntl
     except ImportError:
         return None
-    handle = os.open(folder, os.O_RDONLY)
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:   # not readable: no lock to take
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return handle

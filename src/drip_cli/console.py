@@ -21,17 +21,23 @@ console = Console(width=_WIDTH if not sys.stdout.isatty() else None)
 err_console = Console(stderr=True)
 
 
+def _draws(quiet: bool) -> bool:
+    """Whether progress is drawn: not with ``--quiet``, and on a terminal only (into a file or a
+    pipe rich cannot erase it, and it left a blank line above an error message)."""
+    return not quiet and err_console.is_terminal
+
+
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, quiet: bool):
     """Yield ``update(done, total)``; a rich progress bar on stderr unless ``quiet``.
 
     The bar is transient: it disappears when the work ends, so an error message stays the only
-    line on stderr and result tables follow a clean screen. It is drawn on a terminal only: into
-    a file or a pipe rich cannot erase it, and it left a blank line above an error message.
+    line on stderr and result tables follow a clean screen. It is drawn on a terminal only
+    (:func:`_draws`).
     Each update also raises a Ctrl-C or SIGTERM whose exception was lost on the way
     (:func:`~drip_cli.errors.raise_if_signalled`), so that the work stops there.
     """
-    if quiet or not err_console.is_terminal:
+    if not _draws(quiet):
         yield lambda done, total=None: raise_if_signalled()
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -52,7 +58,7 @@ def status(message: str, quiet: bool):
     has no count to show (building a large operator, measuring its norm), unless ``quiet``.
     Drawn on a terminal only, as :func:`progress_bar` is; ``say`` also raises a lost Ctrl-C or
     SIGTERM."""
-    if quiet or not err_console.is_terminal:
+    if not _draws(quiet):
         yield lambda message: raise_if_signalled()
         return
     with err_console.status(message) as spinner:
@@ -88,7 +94,6 @@ def key_value_table(title: str, rows: dict) -> Table:
 def error_line(message: str) -> None:
     """One line on stderr, never wrapped (scripts grep it)."""
     sys.stderr.write("drip: error: " + " ".join(str(message).split()) + "\n")
-
 
 
 def warning_line(message: str) -> None:

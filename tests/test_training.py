@@ -570,6 +570,33 @@ def test_model_and_data_that_do_not_match(train_file, tmp_path):
     write_small_file(other, make_operator("denoise", (1, 16, 20)))
     result = run_cli("reconstruct", other, "--model", run, "--out", tmp_path / "r.h5")
     assert result.exit_code == 1 and "shape" in result.stderr and not (tmp_path / "r.h5").exists()
+    assert "--any-size" in result.stderr   # the refusal names the way round it
+    # --any-size: the convolutional model serves images of another height and width, every
+    # sample fits, and the file records the size the model was trained on
+    result = run_cli("reconstruct", other, "--model", run, "--out", tmp_path / "r.h5",
+                     "--any-size", "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert f["reconstructions"].shape == (4, 1, 16, 20)
+        assert np.all(f["discrepancy_ratio"][()] <= 1.0) and np.all(f["converged"][()])
+        assert list(f.attrs["model_image_shape"]) == [1, 12, 12]
+    assert "[1, 12, 12]" in run_cli("info", tmp_path / "r.h5").stdout   # a list, not numpy's
+    report = tmp_path / "report"
+    result = run_cli("evaluate", other, "--model", run, "--out", report, "--methods", "drip",
+                     "--noise-percent", "2", "--any-size", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((report / "robustness.json").read_text())["rows"][0]["fit_fraction"] == 1
+    # but not other channels, nor images the filters do not fit in, nor a classical method
+    for kind, shape, needle in (("denoise", (3, 12, 12), "3 channels"),
+                                ("denoise", (1, 1, 16), "smaller than the model's filters")):
+        odd = tmp_path / f"odd{shape[0]}.h5"
+        write_small_file(odd, make_operator(kind, shape))
+        result = run_cli("reconstruct", odd, "--model", run, "--out", tmp_path / "o.h5",
+                         "--any-size")
+        assert_one_line_error(result, needle, tmp_path / "o.h5")
+    result = run_cli("reconstruct", other, "--method", "cgls", "--any-size", "--out",
+                     tmp_path / "c.h5")
+    assert_one_line_error(result, "--any-size applies to models", tmp_path / "c.h5")
     inpaint = tmp_path / "inpaint.h5"
     write_small_file(inpaint, make_operator("inpainting", (1, 12, 12)))
     result = run_cli("reconstruct", inpaint, "--model", run, "--out", tmp_path / "r.h5", "-q")

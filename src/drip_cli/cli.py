@@ -58,6 +58,10 @@ PATCH_WEIGHT = typer.Option(
     None, "--patch-weight", min=0.0,
     help="drip: weight of the patch-mixture pass after the others (models trained with "
          "--patch-components; 0 skips it). Default: the model's, chosen in training.")
+ANY_SIZE = typer.Option(
+    False, "--any-size",
+    help="Use the model on images of another height and width than it was trained on (its "
+         "filters are convolutional; the channels must match). Without it such data is refused.")
 
 
 # examples shown under each command's --help (blank lines keep them on lines of their own)
@@ -80,6 +84,8 @@ EXAMPLES = {
         "--out blur_drip.h5",
         "drip reconstruct sample_data/blur.h5 --method tv --out blur_tv.h5 --report blur_tv.json",
         "drip reconstruct mine.h5 --method cgls --noise-std 0.01 --tau 1.2 --out mine_cgls.h5",
+        "drip reconstruct photo_512.h5 --model sample_data/drip_blur.safetensors --any-size "
+        "--out photo_drip.h5",
     ],
     "evaluate": [
         "drip evaluate sample_data/tomography.h5 --model sample_data/drip_tomography.safetensors "
@@ -647,6 +653,7 @@ def reconstruct(
     reweight: Optional[int] = REWEIGHT,
     edge_scale: Optional[float] = EDGE_SCALE,
     patch_weight: Optional[float] = PATCH_WEIGHT,
+    any_size: bool = ANY_SIZE,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -691,6 +698,11 @@ def reconstruct(
             if not hasattr(chosen, "set_patch_weight"):
                 raise DripError(f"--patch-weight applies to --method drip, not {chosen.name}")
             chosen.set_patch_weight(patch_weight)
+        if any_size:
+            if not hasattr(chosen, "any_size"):
+                raise DripError(f"--any-size applies to models (--method drip or unrolled), "
+                                f"not {chosen.name}")
+            chosen.any_size = True
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
@@ -747,6 +759,7 @@ def evaluate(
     reweight: Optional[int] = REWEIGHT,
     edge_scale: Optional[float] = EDGE_SCALE,
     patch_weight: Optional[float] = PATCH_WEIGHT,
+    any_size: bool = ANY_SIZE,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -778,6 +791,12 @@ def evaluate(
                 raise DripError("--patch-weight applies to drip models (--model)")
             for method in drip_models:
                 method.set_patch_weight(patch_weight)
+        if any_size:
+            models = [m for m in chosen if hasattr(m, "any_size")]
+            if not models:
+                raise DripError("--any-size applies to models (--model)")
+            for method in models:
+                method.any_size = True
         with progress_bar("evaluate", 1, quiet) as update:
             evaluation = run_evaluation(data, chosen, levels, tau=taus, seed=seed,
                                         batch_size=batch_size, device=resolve_device(device),

@@ -58,10 +58,20 @@ def measurement_info(path: Path, say=lambda message: None):
             general["noise percent"] = _range(handle["noise_percent"][()])
         for key, value in handle.attrs.items():
             if key not in ("drip_format", "format_version"):
-                general[key] = value.decode() if isinstance(value, bytes) else str(value)
+                general[key] = str(_attribute(value))
         yield f"{path.name}", general
         say(f"measuring the {data.operator.kind} operator's norm and adjointness")
         yield "operator", operator_section(data.operator)
+
+
+def _attribute(value):
+    """An HDF5 attribute as shown: text decoded, arrays as lists (``[1, 64, 64]``, not numpy's
+    ``[ 1 64 64]``), anything else as it is."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
 
 
 def reconstruction_info(path: Path) -> tuple[list[tuple[str, dict]], dict[str, np.ndarray]]:
@@ -69,6 +79,7 @@ def reconstruction_info(path: Path) -> tuple[list[tuple[str, dict]], dict[str, n
     general = {"format": "drip reconstructions v1"}
     for key, value in attrs.items():
         if key not in ("drip_format", "format_version"):
+            value = _attribute(value)
             general[key] = str(value) if not isinstance(value, (int, float, np.floating)) else value
     tau = float(attrs.get("tau", 1.0))
     stats = {}

@@ -82,6 +82,7 @@ class LearnedMethod(ReconstructionMethod):
         self.path = path   # the model file, where it was loaded from one
         self.kind = "unrolled" if info.config.is_unrolled else "drip"
         self.name = self.kind   # drip evaluate renames models that share a kind
+        self.any_size = False   # --any-size: images of another height and width are served
 
     @classmethod
     def load(cls, path) -> LearnedMethod:
@@ -90,13 +91,25 @@ class LearnedMethod(ReconstructionMethod):
         return cls(*load_model(path), path=resolve_model_path(path))
 
     def check(self, data, warn) -> dict:
-        if tuple(self.info.image_shape) != tuple(data.image_shape):
-            raise DripError(f"the model was trained on images of shape {tuple(self.info.image_shape)}"
-                            f", this file has {tuple(data.image_shape)}", data.path)
+        trained, shape = tuple(self.info.image_shape), tuple(data.image_shape)
+        if trained[0] != shape[0]:
+            raise DripError(f"the model was trained on {trained[0]}-channel images, this file "
+                            f"has {shape[0]} channels (shape {shape})", data.path)
+        if trained != shape and not self.any_size:
+            raise DripError(f"the model was trained on images of shape {trained}, this file has "
+                            f"{shape} (its filters are convolutional: --any-size uses it on "
+                            f"images of another height and width)", data.path)
+        smallest = self.smallest_side()
+        if min(shape[1:]) < smallest:
+            raise DripError(f"images of {shape[1]}x{shape[2]} pixels are smaller than the "
+                            f"model's filters and patches need ({smallest} pixels a side)",
+                            data.path)
         if self.info.operator_kind != data.operator.kind:
             warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
                  f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
         extra = {"model_sha256": self.sha256}
+        if trained != shape:
+            extra["model_image_shape"] = list(trained)
         if self.kind == "drip" and self.model.config.reweight:
             extra["reweight"] = self.model.config.reweight
             extra["edge_scale"] = self.model.config.edge_scale
@@ -107,6 +120,15 @@ class LearnedMethod(ReconstructionMethod):
     @property
     def _patch_pass(self) -> bool:
         return self.model.runs_patch_pass()
+
+    def smallest_side(self) -> int:
+        """The smallest image side the model serves: its filters' reach, and the patch
+        mixture's patches where its pass runs."""
+        if self.kind == "drip" and self._patch_pass:
+            from .regularizers.patches import PATCH_SIZE
+
+            return max(self.model.reach, PATCH_SIZE)
+        return self.model.reach
 
     def set_max_iterations(self, n: int) -> None:
         if self.kind == "unrolled":

@@ -99,11 +99,10 @@ class LearnedMethod(ReconstructionMethod):
             raise DripError(f"the model was trained on images of shape {trained}, this file has "
                             f"{shape} (its filters are convolutional: --any-size uses it on "
                             f"images of another height and width)", data.path)
-        smallest = self.smallest_side()
+        smallest, needs = self._smallest_side()
         if min(shape[1:]) < smallest:
             raise DripError(f"images of {shape[1]}x{shape[2]} pixels are smaller than the "
-                            f"model's filters and patches need ({smallest} pixels a side)",
-                            data.path)
+                            f"model's {needs} need ({smallest} pixels a side)", data.path)
         if self.info.operator_kind != data.operator.kind:
             warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
                  f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
@@ -121,14 +120,15 @@ class LearnedMethod(ReconstructionMethod):
     def _patch_pass(self) -> bool:
         return self.model.runs_patch_pass()
 
-    def smallest_side(self) -> int:
-        """The smallest image side the model serves: its filters' reach, and the patch
-        mixture's patches where its pass runs."""
+    def _smallest_side(self) -> tuple[int, str]:
+        """The smallest image side the model serves, and what sets it: its filters' reach, and
+        the patch mixture's patches where its pass runs."""
         if self.kind == "drip" and self._patch_pass:
             from .regularizers.patches import PATCH_SIZE
 
-            return max(self.model.reach, PATCH_SIZE)
-        return self.model.reach
+            return (max(self.model.reach, PATCH_SIZE),
+                    f"filters and {PATCH_SIZE}x{PATCH_SIZE} patches")
+        return self.model.reach, "filters"
 
     def set_max_iterations(self, n: int) -> None:
         if self.kind == "unrolled":

@@ -161,6 +161,23 @@ def test_matrix_operator_is_the_sparse_product():
         SparseMatrixOperator.from_csr((1, 12, 10), data * np.nan, indices, indptr, shape)
 
 
+def test_a_norm_estimate_keeps_no_copies_of_a_matrix_unless_asked():
+    """TV estimates ||A|| in float64 before a float32 solve: the float64 matrix and transpose
+    it makes are dropped afterwards (they doubled the matrices' memory for the whole solve),
+    and the estimate is the same either way; info's adjointness test keeps them."""
+    rng = np.random.default_rng(1)
+    data, indices, indptr, shape, dense = random_csr(40, 8 * 8, 0.2, rng)
+    op = SparseMatrixOperator.from_csr((1, 8, 8), data, indices, indptr, shape)
+    op(torch.zeros(1, 1, 8, 8))   # a float32 product: its matrix is the solve's, and stays
+    before = set(op._cache)
+    norm = estimate_norm(op, dtype=torch.float64)
+    assert set(op._cache) == before
+    exact = np.linalg.norm(dense, 2)   # power iteration: a lower bound that converges
+    assert exact * 0.97 < norm <= exact * (1 + 1e-12)
+    assert estimate_norm(op, dtype=torch.float64, keep_conversions=True) == norm
+    assert {key[1] for key in set(op._cache) - before} == {torch.float64}
+
+
 @pytest.mark.parametrize("top", [5, 2**16, 2**27, 2**40])
 def test_radon_entries_are_summed_as_np_unique_sums_them(top):
     """The Radon matrix's duplicate entries are summed after a stable sort: the same keys and,

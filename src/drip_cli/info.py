@@ -32,7 +32,7 @@ def _range(values: np.ndarray) -> str:
 
 def operator_section(op) -> dict:
     """The operator's parameters plus a measured ``||A||`` and adjointness error (float64)."""
-    norm = estimate_norm(op)
+    norm = estimate_norm(op, keep_conversions=True)   # the float64 test below uses them
     section = {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in op.describe().items()}
     section["measured entries M"] = op.measured_count
     section["||A|| (power iteration)"] = f"{norm:.6g}"

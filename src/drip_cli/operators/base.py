@@ -11,6 +11,7 @@ An operator is stored in, and rebuilt from, the ``operator`` group of an HDF5 fi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import ClassVar
 
@@ -57,6 +58,14 @@ class LinearOperator(torch.nn.Module):
                 f"{self.kind} operator expects {what} of shape (N, {', '.join(map(str, shape))}), "
                 f"got {tuple(t.shape)}"
             )
+
+    @contextlib.contextmanager
+    def conversions_dropped(self):
+        """Within the block, copies of the operator's data made for another dtype or device
+        are dropped when it ends (a sparse matrix's float64 copy and transpose,
+        :class:`~drip_cli.operators.sparse.SparseMatrixOperator`); operators that keep none do
+        nothing."""
+        yield
 
     # -- application ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,18 +156,26 @@ def estimate_norm(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    keep_conversions: bool = False,
 ) -> float:
-    """Spectral norm ``||A||`` by power iteration on ``A^T A`` (a lower bound that converges)."""
+    """Spectral norm ``||A||`` by power iteration on ``A^T A`` (a lower bound that converges).
+
+    The copies of the operator's data made for ``dtype`` are dropped afterwards unless
+    ``keep_conversions`` (:meth:`LinearOperator.conversions_dropped`): a float64 estimate for a
+    float32 solve kept a float64 copy of a sparse matrix and its transpose beside the float32
+    ones for the whole solve (``drip reconstruct --method tv`` on 256x256 tomography at 180
+    angles peaked at 1.72 GB, CGLS at 1.40)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn((1, *op.image_shape), generator=gen, dtype=dtype).to(device)
     x /= x.norm()
     value = 0.0
-    for _ in range(iterations):
-        y = op.normal(x)
-        value = float(y.norm())
-        if value == 0.0:
-            return 0.0
-        x = y / value
+    with contextlib.nullcontext() if keep_conversions else op.conversions_dropped():
+        for _ in range(iterations):
+            y = op.normal(x)
+            value = float(y.norm())
+            if value == 0.0:
+                return 0.0
+            x = y / value
     return math.sqrt(value)
 
 
@@ -224,7 +241,7 @@ def adjointness_error(
     and meaningful for operators with a large null space.
     """
     if norm is None:
-        norm = estimate_norm(op, dtype=torch.float64, device=device)
+        norm = estimate_norm(op, dtype=torch.float64, device=device, keep_conversions=True)
     if norm == 0.0:
         return 0.0
     gen = torch.Generator(device="cpu").manual_seed(seed)

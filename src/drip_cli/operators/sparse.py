@@ -9,6 +9,7 @@ whose backward is the other direction, so gradients (and gradients of gradients)
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import zipfile
 from pathlib import Path
@@ -201,6 +202,16 @@ class SparseMatrixOperator(LinearOperator):
                 made = self._matrix.to(device=device, dtype=dtype)
             self._cache[key] = compact_csr(made)
         return self._cache[key]
+
+    @contextlib.contextmanager
+    def conversions_dropped(self):
+        """The matrices :meth:`matrix` converts within the block are dropped when it ends."""
+        kept = set(self._cache)
+        try:
+            yield
+        finally:
+            for key in set(self._cache) - kept:
+                del self._cache[key]
 
     def _product(self, t: torch.Tensor, transpose: bool,
                  inner: torch.Tensor | None = None) -> torch.Tensor:

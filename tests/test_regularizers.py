@@ -277,3 +277,41 @@ def test_edge_weights_are_lower_at_edges_and_average_one():
     assert torch.allclose(m[1], torch.ones_like(m[1]))        # nothing to relieve: uniform
     colour = edge_weights(u.repeat(1, 3, 1, 1), 0.05)          # the magnitude spans the channels
     assert colour.shape == (2, 1, 16, 16) and float(colour[0, 0, 5, 7]) < float(m[0, 0, 5, 7])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(group_size=1, potential_scales=2,
+                                                  dilation_levels=3)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_single_channel_model_on_each_channel_is_the_sum_over_channels(device, options):
+    """--each-channel: the widened model's R, gradient, step bound, embedding and patch term on
+    C channels are the single-channel model's on each channel (R summed), per sample."""
+    from drip_cli.regularizers.model import DripModel, ModelConfig, per_channel_model
+
+    torch.manual_seed(0)
+    model = DripModel(ModelConfig(n_filters=6, kernel_size=3, patch_components=2, **options))
+    with torch.no_grad():   # away from the TV start: filters, weights and smoothings apart
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    model.patch_prior.fit(torch.rand(8, 1, 16, 16))
+    model = model.double().to(device)
+    wide = per_channel_model(model, 3)
+    z = torch.rand(2, 3, 12, 14, dtype=torch.float64, device=device)
+    flat = z.reshape(6, 1, 12, 14)
+    weights = torch.rand(2, 1, 12, 14, dtype=torch.float64, device=device)
+    each = weights.repeat_interleave(3, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(wide.regularizer.value(z, weights),
+                                   model.regularizer.value(flat, each).view(2, 3).sum(1))
+        torch.testing.assert_close(wide.regularizer.gradient(z, weights),
+                                   model.regularizer.gradient(flat, each).view_as(z))
+        bound = wide.regularizer.curvature_and_lipschitz_bound(shape=(3, 12, 14))[1]
+        single = model.regularizer.curvature_and_lipschitz_bound(shape=(1, 12, 14))[1]
+        assert bound.item() == pytest.approx(single.item(), rel=1e-6)
+        torch.testing.assert_close(wide.embedding(z), model.embedding(flat).view_as(z))
+        torch.testing.assert_close(wide.embedding.adjoint(z),
+                                   model.embedding.adjoint(flat).view_as(z))
+    labels = wide.patch_prior.labels(z)
+    assert torch.equal(labels, model.patch_prior.labels(flat).view(2, -1))
+    torch.testing.assert_close(wide.patch_prior.half_gradient(z, labels),
+                               model.patch_prior.half_gradient(flat, labels.view(6, -1)).view_as(z))
+    assert wide.reach == model.reach and wide.runs_patch_pass(1.0)

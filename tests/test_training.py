@@ -596,7 +596,8 @@ def test_model_and_data_that_do_not_match(train_file, tmp_path):
         assert_one_line_error(result, needle, tmp_path / "o.h5")
     result = run_cli("reconstruct", other, "--method", "cgls", "--any-size", "--out",
                      tmp_path / "c.h5")
-    assert_one_line_error(result, "--any-size applies to models", tmp_path / "c.h5")
+    assert_one_line_error(result, "--any-size applies to models (--model), not cgls",
+                          tmp_path / "c.h5")
     inpaint = tmp_path / "inpaint.h5"
     write_small_file(inpaint, make_operator("inpainting", (1, 12, 12)))
     result = run_cli("reconstruct", inpaint, "--model", run, "--out", tmp_path / "r.h5", "-q")
@@ -607,6 +608,35 @@ def test_model_and_data_that_do_not_match(train_file, tmp_path):
     assert result.exit_code == 1 and str(broken) in result.stderr
     result = run_cli("reconstruct", inpaint, "--method", "drip", "--out", tmp_path / "r3.h5")
     assert result.exit_code == 1 and "--model" in result.stderr
+
+
+def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tmp_path):
+    """--each-channel: a single-channel model on each channel of colour images, the data fit
+    over the whole sample; refused without the option, and for models it cannot widen."""
+    from drip_cli.operators import Blur, gaussian_psf
+
+    run = tmp_path / "run"
+    trained = run_cli("train", train_file, "--out", run, "--epochs", 1, *TINY,
+                      "--latent-channels", "1")
+    assert trained.exit_code == 0, trained.stderr
+    colour = tmp_path / "colour.h5"
+    write_small_file(colour, Blur((3, 12, 12), gaussian_psf(1.0)), n=4)
+    out = tmp_path / "r.h5"
+    refused = run_cli("reconstruct", colour, "--model", run, "--out", out)
+    assert_one_line_error(refused, "--each-channel uses this single-channel model", out)
+    result = run_cli("reconstruct", colour, "--model", run, "--out", out, "--each-channel", "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f["reconstructions"].shape == (4, 3, 12, 12)
+        assert np.all(f["discrepancy_ratio"][()] <= 1.0) and np.all(f["converged"][()])
+        assert np.all(np.isfinite(f["regularizer_value"][()]))
+        assert list(f.attrs["model_image_shape"]) == [1, 12, 12]
+    two = tmp_path / "two"   # two latent channels: no single channel to repeat
+    assert run_cli("train", train_file, "--out", two, "--epochs", 1, *TINY).exit_code == 0
+    result = run_cli("reconstruct", colour, "--model", two, "--out", out.with_name("t.h5"),
+                     "--each-channel")
+    assert_one_line_error(result, "--each-channel serves single-channel drip models",
+                          out.with_name("t.h5"))
 
 
 def test_info_on_a_model(train_file, tmp_path):

@@ -61,7 +61,27 @@ PATCH_WEIGHT = typer.Option(
 ANY_SIZE = typer.Option(
     False, "--any-size",
     help="Use the model on images of another height and width than it was trained on (its "
-         "filters are convolutional; the channels must match). Without it such data is refused.")
+         "filters are convolutional). Without it such data is refused.")
+EACH_CHANNEL = typer.Option(
+    False, "--each-channel",
+    help="Use a single-channel (grayscale) drip model on images of several channels (colour): "
+         "its regularizer acts on each channel, the data fit on the whole sample. Without it "
+         "such data is refused.")
+
+
+def _serve_other_shapes(methods, any_size: bool, each_channel: bool) -> None:
+    """--any-size and --each-channel: the models among ``methods`` serve images of other sizes
+    or channel counts (:meth:`~drip_cli.methods.LearnedMethod.check`)."""
+    for flag, given, attribute in (("--any-size", any_size, "any_size"),
+                                   ("--each-channel", each_channel, "each_channel")):
+        if not given:
+            continue
+        models = [m for m in methods if hasattr(m, attribute)]
+        if not models:
+            raise DripError(f"{flag} applies to models (--model), not "
+                            f"{', '.join(m.name for m in methods)}")
+        for method in models:
+            setattr(method, attribute, True)
 
 
 # examples shown under each command's --help (blank lines keep them on lines of their own)
@@ -85,7 +105,7 @@ EXAMPLES = {
         "drip reconstruct sample_data/blur.h5 --method tv --out blur_tv.h5 --report blur_tv.json",
         "drip reconstruct mine.h5 --method cgls --noise-std 0.01 --tau 1.2 --out mine_cgls.h5",
         "drip reconstruct photo_512.h5 --model sample_data/drip_blur.safetensors --any-size "
-        "--out photo_drip.h5",
+        "--each-channel --out photo_drip.h5",
     ],
     "evaluate": [
         "drip evaluate sample_data/tomography.h5 --model sample_data/drip_tomography.safetensors "
@@ -654,6 +674,7 @@ def reconstruct(
     edge_scale: Optional[float] = EDGE_SCALE,
     patch_weight: Optional[float] = PATCH_WEIGHT,
     any_size: bool = ANY_SIZE,
+    each_channel: bool = EACH_CHANNEL,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -698,11 +719,7 @@ def reconstruct(
             if not hasattr(chosen, "set_patch_weight"):
                 raise DripError(f"--patch-weight applies to --method drip, not {chosen.name}")
             chosen.set_patch_weight(patch_weight)
-        if any_size:
-            if not hasattr(chosen, "any_size"):
-                raise DripError(f"--any-size applies to models (--method drip or unrolled), "
-                                f"not {chosen.name}")
-            chosen.any_size = True
+        _serve_other_shapes([chosen], any_size, each_channel)
         start = time.perf_counter()
         with progress_bar(f"reconstruct ({chosen.name})", 1, quiet) as update:
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
@@ -760,6 +777,7 @@ def evaluate(
     edge_scale: Optional[float] = EDGE_SCALE,
     patch_weight: Optional[float] = PATCH_WEIGHT,
     any_size: bool = ANY_SIZE,
+    each_channel: bool = EACH_CHANNEL,
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -791,12 +809,7 @@ def evaluate(
                 raise DripError("--patch-weight applies to drip models (--model)")
             for method in drip_models:
                 method.set_patch_weight(patch_weight)
-        if any_size:
-            models = [m for m in chosen if hasattr(m, "any_size")]
-            if not models:
-                raise DripError("--any-size applies to models (--model)")
-            for method in models:
-                method.any_size = True
+        _serve_other_shapes(chosen, any_size, each_channel)
         with progress_bar("evaluate", 1, quiet) as update:
             evaluation = run_evaluation(data, chosen, levels, tau=taus, seed=seed,
                                         batch_size=batch_size, device=resolve_device(device),

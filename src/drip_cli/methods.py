@@ -83,6 +83,7 @@ class LearnedMethod(ReconstructionMethod):
         self.kind = "unrolled" if info.config.is_unrolled else "drip"
         self.name = self.kind   # drip evaluate renames models that share a kind
         self.any_size = False   # --any-size: images of another height and width are served
+        self.each_channel = False   # --each-channel: a 1-channel drip model on each channel
 
     @classmethod
     def load(cls, path) -> LearnedMethod:
@@ -92,10 +93,23 @@ class LearnedMethod(ReconstructionMethod):
 
     def check(self, data, warn) -> dict:
         trained, shape = tuple(self.info.image_shape), tuple(data.image_shape)
-        if trained[0] != shape[0]:
-            raise DripError(f"the model was trained on {trained[0]}-channel images, this file "
-                            f"has {shape[0]} channels (shape {shape})", data.path)
-        if trained != shape and not self.any_size:
+        serving = self.model.config.image_channels if self.kind == "drip" else trained[0]
+        single = getattr(self, "_single_channel", self.model)   # as loaded, before widening
+        if serving != shape[0] and shape[0] == trained[0]:   # widened for an earlier file
+            self.model = single
+        elif serving != shape[0]:
+            widens = self.kind == "drip" and single.widens_per_channel
+            if not (widens and self.each_channel):
+                hint = (" (--each-channel uses this single-channel model on each channel)"
+                        if widens else " (--each-channel serves single-channel drip models "
+                        "with the convex regularizer)" if self.each_channel else "")
+                raise DripError(f"the model was trained on {trained[0]}-channel images, this "
+                                f"file has {shape[0]} channels (shape {shape}){hint}", data.path)
+            from .regularizers.model import per_channel_model
+
+            self._single_channel = single
+            self.model = per_channel_model(single, shape[0])
+        if trained[1:] != shape[1:] and not self.any_size:
             raise DripError(f"the model was trained on images of shape {trained}, this file has "
                             f"{shape} (its filters are convolutional: --any-size uses it on "
                             f"images of another height and width)", data.path)

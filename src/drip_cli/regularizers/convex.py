@@ -146,6 +146,35 @@ class ConvexFilterRegularizer(torch.nn.Module):
         self.weight_logits = torch.nn.Parameter(_inverse_softplus(weights).float())
         self.eps_logits = torch.nn.Parameter(_inverse_softplus(scales).float())
 
+    def per_channel(self, channels: int) -> ConvexFilterRegularizer:
+        """This single-channel regularizer on each of ``channels`` latent channels,
+        ``R(z) = sum_c R(z_c)``, as one regularizer of the same family: each of its filters is
+        one of these on one channel (zeros on the others), with that filter's weight and
+        smoothing, so the solver, the step bound (the same: the Hessian is block-diagonal)
+        and the reweighting passes serve it unchanged. Its dilation levels keep theirs."""
+        if self.filters.shape[1] != 1:
+            raise ValueError("per_channel widens a regularizer of one latent channel")
+        n, size = self.filters.shape[0], self.filters.shape[-1]
+        wide = ConvexFilterRegularizer(channels, channels, n_filters=channels * n,
+                                       kernel_size=size, group_size=self.group_size,
+                                       potential_scales=self.weight_logits.shape[1],
+                                       dilation_levels=len(self.levels))
+        filters = self.filters.new_zeros(channels * n, channels, size, size)
+        source, levels = [], []   # source[i]: the filter of this bank that wide filter i is
+        for dilation, pad, part in self.levels:
+            start, count = channels * part.start, part.stop - part.start
+            for c in range(channels):
+                filters[start + c * count:start + (c + 1) * count, c] = self.filters[part, 0]
+                source.append(torch.arange(part.start, part.stop))
+            levels.append((dilation, pad, slice(start, channels * part.stop)))
+        groups = torch.cat(source)[::self.group_size] // self.group_size
+        with torch.no_grad():
+            wide.filters = torch.nn.Parameter(filters)
+            wide.weight_logits = torch.nn.Parameter(self.weight_logits[groups].clone())
+            wide.eps_logits = torch.nn.Parameter(self.eps_logits[groups].clone())
+        wide.levels = levels
+        return wide
+
     # -- parameters in their constrained form ---------------------------------------------------
     @property
     def weights(self) -> torch.Tensor:

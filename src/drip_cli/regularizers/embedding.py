@@ -34,6 +34,18 @@ class Embedding(torch.nn.Module):
             weight[c, c, kernel_size // 2, kernel_size // 2] = 1.0
         self.weight = torch.nn.Parameter(weight)
 
+    def per_channel(self, channels: int) -> Embedding:
+        """This embedding of one latent channel into one image channel, on each of
+        ``channels`` channels alone (:meth:`ConvexFilterRegularizer.per_channel`)."""
+        if self.latent_channels != 1 or self.image_channels != 1:
+            raise ValueError("per_channel widens an embedding of one channel")
+        wide = Embedding(channels, channels, self.weight.shape[-1])
+        with torch.no_grad():
+            wide.weight.zero_()
+            for c in range(channels):
+                wide.weight[c, c] = self.weight[0, 0]
+        return wide
+
     @property
     def padding(self) -> int:
         return self.weight.shape[-1] // 2

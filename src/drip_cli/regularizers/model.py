@@ -3,7 +3,7 @@ solver) or the unrolled baseline network, both built from one :class:`ModelConfi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -13,7 +13,7 @@ from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
 from .convex import ConvexFilterRegularizer
 from .embedding import Embedding
 from .leapfrog import LeapfrogRegularizer
-from .patches import PatchAugmented, PatchMixture
+from .patches import PatchAugmented, PatchMixture, PerChannelMixture
 from .unrolled import UnrolledNetwork
 
 # convex: the default, a convex lower-level problem; leapfrog: deeper and non-convex (see its
@@ -132,6 +132,25 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
     return DripModel(config)
 
 
+def per_channel_model(model: DripModel, channels: int) -> DripModel:
+    """A single-channel DRIP model with the convex regularizer, on images of ``channels``
+    channels: its embedding, regularizer and patch mixture act on each channel alone (``R(z)
+    = sum_c R(z_c)``), while the data fit, as always, is each sample's over all its channels.
+    The model is the same on each channel; only how colours go together is left unlearned
+    (``drip reconstruct --each-channel``)."""
+    config = model.config
+    if not model.widens_per_channel:
+        raise ValueError("per_channel_model widens a single-channel model with the convex "
+                         "regularizer")
+    wide = DripModel(replace(config, image_channels=channels, latent_channels=channels,
+                             n_filters=channels * config.n_filters, patch_components=0))
+    wide.embedding = model.embedding.per_channel(channels)
+    wide.regularizer = model.regularizer.per_channel(channels)
+    if model.patch_prior is not None:
+        wide.patch_prior = PerChannelMixture(model.patch_prior, channels)
+    return wide.to(model.embedding.weight.device).eval()
+
+
 class DripModel(torch.nn.Module):
     """``u = E z`` with ``z`` the minimiser of ``R(z)`` under the data-fit constraint."""
 
@@ -167,6 +186,14 @@ class DripModel(torch.nn.Module):
         model's own)."""
         weight = self.config.patch_weight if patch_weight is None else patch_weight
         return weight > 0 and self.has_patch_mixture
+
+    @property
+    def widens_per_channel(self) -> bool:
+        """Whether :func:`per_channel_model` serves images of more channels with this model:
+        one image and one latent channel, and the convex regularizer."""
+        config = self.config
+        return (config.architecture == "convex" and config.image_channels == 1
+                and (config.latent_channels or 1) == 1)
 
     @property
     def reach(self) -> int:

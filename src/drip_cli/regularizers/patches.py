@@ -252,6 +252,39 @@ class PatchMixture(torch.nn.Module):
         return 2 * overlap / (max(smallest, 0.0) + PRECISION_FLOOR)
 
 
+class PerChannelMixture(torch.nn.Module):
+    """A single-channel :class:`PatchMixture` on each channel of images of several: each
+    channel's patches take their own components, and ``Q(u) = sum_c Q(u_c)``. Labels are
+    ``(N, C L)``, one row per sample, as the solver slices them."""
+
+    def __init__(self, mixture: PatchMixture, channels: int):
+        super().__init__()
+        if mixture.channels != 1:
+            raise ValueError("PerChannelMixture spreads a mixture of one channel")
+        self.mixture, self.channels = mixture, channels
+        self._view = None   # (labels, its version, the per-channel view handed on)
+
+    @property
+    def fitted(self) -> bool:
+        return self.mixture.fitted
+
+    def _split(self, u: torch.Tensor) -> torch.Tensor:
+        return u.reshape(u.shape[0] * u.shape[1], 1, *u.shape[2:])
+
+    def labels(self, u: torch.Tensor) -> torch.Tensor:
+        return self.mixture.labels(self._split(u)).view(len(u), -1)
+
+    def half_gradient(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # the same view object while the labels are the same, so that the mixture's grouping
+        # of the patches by component is kept between calls (PatchMixture._grouping)
+        if self._view is None or self._view[0] is not labels or self._view[1] != labels._version:
+            self._view = (labels, labels._version, labels.view(len(labels) * u.shape[1], -1))
+        return self.mixture.half_gradient(self._split(u), self._view[2]).view_as(u)
+
+    def hessian_bound(self) -> float:
+        return self.mixture.hessian_bound()
+
+
 class PatchAugmented:
     """The last pass's regularizer ``R_w(z) + lam Q(E z)`` (the module docstring), with the
     interface :func:`~drip_cli.solvers.drip.solve_drip` asks of a regularizer; the per-sample

@@ -146,35 +146,6 @@ class ConvexFilterRegularizer(torch.nn.Module):
         self.weight_logits = torch.nn.Parameter(_inverse_softplus(weights).float())
         self.eps_logits = torch.nn.Parameter(_inverse_softplus(scales).float())
 
-    def per_channel(self, channels: int) -> ConvexFilterRegularizer:
-        """This single-channel regularizer on each of ``channels`` latent channels,
-        ``R(z) = sum_c R(z_c)``, as one regularizer of the same family: each of its filters is
-        one of these on one channel (zeros on the others), with that filter's weight and
-        smoothing, so the solver, the step bound (the same: the Hessian is block-diagonal)
-        and the reweighting passes serve it unchanged. Its dilation levels keep theirs."""
-        if self.filters.shape[1] != 1:
-            raise ValueError("per_channel widens a regularizer of one latent channel")
-        n, size = self.filters.shape[0], self.filters.shape[-1]
-        wide = ConvexFilterRegularizer(channels, channels, n_filters=channels * n,
-                                       kernel_size=size, group_size=self.group_size,
-                                       potential_scales=self.weight_logits.shape[1],
-                                       dilation_levels=len(self.levels))
-        filters = self.filters.new_zeros(channels * n, channels, size, size)
-        source, levels = [], []   # source[i]: the filter of this bank that wide filter i is
-        for dilation, pad, part in self.levels:
-            start, count = channels * part.start, part.stop - part.start
-            for c in range(channels):
-                filters[start + c * count:start + (c + 1) * count, c] = self.filters[part, 0]
-                source.append(torch.arange(part.start, part.stop))
-            levels.append((dilation, pad, slice(start, channels * part.stop)))
-        groups = torch.cat(source)[::self.group_size] // self.group_size
-        with torch.no_grad():
-            wide.filters = torch.nn.Parameter(filters)
-            wide.weight_logits = torch.nn.Parameter(self.weight_logits[groups].clone())
-            wide.eps_logits = torch.nn.Parameter(self.eps_logits[groups].clone())
-        wide.levels = levels
-        return wide
-
     # -- parameters in their constrained form ---------------------------------------------------
     @property
     def weights(self) -> torch.Tensor:
@@ -388,3 +359,45 @@ class ConvexFilterRegularizer(torch.nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.value(z)
+
+
+class PerChannelRegularizer(torch.nn.Module):
+    """A single-channel convex regularizer on each channel of latents of ``channels``:
+    ``R(z) = sum_c R(z_c)`` (pixel weights shared by the channels), by the regularizer itself
+    on the channels as samples of their own, so its fast single-channel convolutions serve them
+    (3 channels of 64 crops of 64x64: the gradient 103 ms against 160 for one bank of 48
+    filters over the 3 channels, zeros off its blocks). Its Hessian is block-diagonal, so its
+    step bound is the regularizer's own on one channel."""
+
+    convex = True
+    least_at_constants = True
+
+    def __init__(self, regularizer: ConvexFilterRegularizer, channels: int):
+        super().__init__()
+        if regularizer.filters.shape[1] != 1:
+            raise ValueError("PerChannelRegularizer spreads a regularizer of one latent channel")
+        self.single, self.channels = regularizer, channels
+
+    @property
+    def reach(self) -> int:
+        return self.single.reach
+
+    def _split(self, z: torch.Tensor, pixel_weights: torch.Tensor | None):
+        flat = z.reshape(z.shape[0] * z.shape[1], 1, *z.shape[2:])
+        return flat, (None if pixel_weights is None
+                      else pixel_weights.repeat_interleave(z.shape[1], 0))
+
+    def value(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.single.value(*self._split(z, pixel_weights)).view(z.shape[:2]).sum(1)
+
+    def gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return self.single.gradient(*self._split(z, pixel_weights)).view_as(z)
+
+    def value_and_gradient(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None):
+        value, gradient = self.single.value_and_gradient(*self._split(z, pixel_weights))
+        return value.view(z.shape[:2]).sum(1), gradient.view_as(z)
+
+    def curvature_and_lipschitz_bound(self, grid: int = 128, margin: float = 1.02,
+                                      shape: tuple[int, ...] | None = None):
+        one = None if shape is None else (1, *shape[1:])
+        return self.single.curvature_and_lipschitz_bound(grid, margin, one)

@@ -10,7 +10,7 @@ import torch
 from ..errors import setting_type_problem
 from ..operators import LinearOperator
 from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
-from .convex import ConvexFilterRegularizer
+from .convex import ConvexFilterRegularizer, PerChannelRegularizer
 from .embedding import Embedding
 from .leapfrog import LeapfrogRegularizer
 from .patches import PatchAugmented, PatchMixture, PerChannelMixture
@@ -142,10 +142,10 @@ def per_channel_model(model: DripModel, channels: int) -> DripModel:
     if not model.widens_per_channel:
         raise ValueError("per_channel_model widens a single-channel model with the convex "
                          "regularizer")
-    wide = DripModel(replace(config, image_channels=channels, latent_channels=channels,
-                             n_filters=channels * config.n_filters, patch_components=0))
+    wide = DripModel(replace(config, patch_components=0))   # its parts are replaced below
+    wide.config = replace(config, image_channels=channels, latent_channels=channels)
     wide.embedding = model.embedding.per_channel(channels)
-    wide.regularizer = model.regularizer.per_channel(channels)
+    wide.regularizer = PerChannelRegularizer(model.regularizer, channels)
     if model.patch_prior is not None:
         wide.patch_prior = PerChannelMixture(model.patch_prior, channels)
     return wide.to(model.embedding.weight.device).eval()

@@ -653,6 +653,8 @@ def test_info_on_a_model(train_file, tmp_path):
     # the folder also shows the run: its data, budget, validations and how to resume it
     text = " ".join(run_cli("info", run).stdout.split())
     assert "budget │ 1 epoch " in text and "validations │ 2 rows, the last at step" in text
+    # how it serves other images: any size; not colour, with two latent channels
+    assert "other sizes with --any-size" in text and "--each-channel" not in text
     assert "--resume (its budget is spent" in text.replace("│ │", "")   # wrapped in its cell
     (run / "history.csv").write_text("")   # damaged: shown as such, the rest still shown
     result = run_cli("info", run)

@@ -102,6 +102,7 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
     general = {"format": "drip model v1 (safetensors)", "file": str(resolve_model_path(path)),
                "sha256": sha, "operator kind": info.operator_kind,
                "image shape (C, H, W)": str(tuple(info.image_shape)),
+               "other images": _other_images(model, info, sha),
                "training noise percent": format_noise_percent(*info.noise_percent),
                "training data sha256": info.training_data_sha256 or "-",
                "drip version": info.drip_version,
@@ -116,6 +117,17 @@ def model_info(path: Path) -> list[tuple[str, dict]]:
     if Path(path).is_dir():
         sections.insert(1, ("training run", run_section(Path(path))))
     return sections
+
+
+def _other_images(model, info, sha: str) -> str:
+    """How the model serves images of another shape (drip reconstruct and evaluate)."""
+    from .methods import LearnedMethod
+
+    smallest, needs = LearnedMethod(model, info, sha)._smallest_side()
+    ways = [f"other sizes with --any-size (at least {smallest}x{smallest}, for its {needs})"]
+    if not info.config.is_unrolled and model.widens_per_channel:
+        ways.append("colour with --each-channel")
+    return "; ".join(ways)
 
 
 def run_section(folder: Path) -> dict:

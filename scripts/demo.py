@@ -3,9 +3,10 @@
 Runs the real CLI (`drip info`, `drip reconstruct`) on sample_data/ and on colour crops it
 simulates from two held-out photographs (`drip simulate`; the grayscale blur model serves them
 with --each-channel), writes the reconstructions and JSON reports to demo_out/, and prints one
-table: PSNR, SSIM and discrepancy ratios per operator and method. Every reconstruction must fit its data (fit = 1). Then `drip evaluate` on
-the blur sample compares CGLS, TV, DRIP and the unrolled baseline network across noise levels
-(demo_out/evaluate_blur/: tables, robustness.png, previews.png).
+table: PSNR, SSIM and discrepancy ratios per operator and method. Every reconstruction must
+fit its data (fit = 1). Then `drip evaluate` on the blur sample compares CGLS, TV, DRIP and the
+unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
+robustness.png, previews.png).
 
 DRIP runs with the pretrained model where sample_data/ ships one; elsewhere with an untrained model
 (the regularizer's starting point: smoothed isotropic TV plus a weak random filter bank), written to

@@ -123,7 +123,7 @@ def _other_images(model, info, sha: str) -> str:
     """How the model serves images of another shape (drip reconstruct and evaluate)."""
     from .methods import LearnedMethod
 
-    smallest, needs = LearnedMethod(model, info, sha)._smallest_side()
+    smallest, needs = LearnedMethod(model, info, sha).smallest_side()
     ways = [f"other sizes with --any-size (at least {smallest}x{smallest}, for its {needs})"]
     if not info.config.is_unrolled and model.widens_per_channel:
         ways.append("colour with --each-channel")

@@ -113,7 +113,7 @@ class LearnedMethod(ReconstructionMethod):
             raise DripError(f"the model was trained on images of shape {trained}, this file has "
                             f"{shape} (its filters are convolutional: --any-size uses it on "
                             f"images of another height and width)", data.path)
-        smallest, needs = self._smallest_side()
+        smallest, needs = self.smallest_side()
         if min(shape[1:]) < smallest:
             raise DripError(f"images of {shape[1]}x{shape[2]} pixels are smaller than the "
                             f"model's {needs} need ({smallest} pixels a side)", data.path)
@@ -134,7 +134,7 @@ class LearnedMethod(ReconstructionMethod):
     def _patch_pass(self) -> bool:
         return self.model.runs_patch_pass()
 
-    def _smallest_side(self) -> tuple[int, str]:
+    def smallest_side(self) -> tuple[int, str]:
         """The smallest image side the model serves, and what sets it: its filters' reach, and
         the patch mixture's patches where its pass runs."""
         if self.kind == "drip" and self._patch_pass:

@@ -36,7 +36,8 @@ class Embedding(torch.nn.Module):
 
     def per_channel(self, channels: int) -> Embedding:
         """This embedding of one latent channel into one image channel, on each of
-        ``channels`` channels alone (:meth:`ConvexFilterRegularizer.per_channel`)."""
+        ``channels`` channels alone (as :class:`~.convex.PerChannelRegularizer` spreads the
+        regularizer)."""
         if self.latent_channels != 1 or self.image_channels != 1:
             raise ValueError("per_channel widens an embedding of one channel")
         wide = Embedding(channels, channels, self.weight.shape[-1])

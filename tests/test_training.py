@@ -585,7 +585,9 @@ def test_model_and_data_that_do_not_match(train_file, tmp_path):
     result = run_cli("evaluate", other, "--model", run, "--out", report, "--methods", "drip",
                      "--noise-percent", "2", "--any-size", "-q")
     assert result.exit_code == 0, result.stderr
-    assert json.loads((report / "robustness.json").read_text())["rows"][0]["fit_fraction"] == 1
+    written = json.loads((report / "robustness.json").read_text())
+    assert written["rows"][0]["fit_fraction"] == 1
+    assert written["model_image_shape"] == {"drip": [1, 12, 12]}
     # but not other channels, nor images the filters do not fit in, nor a classical method
     for kind, shape, needle in (("denoise", (3, 12, 12), "3 channels"),
                                 ("denoise", (1, 1, 16), "smaller than the model's filters")):

@@ -51,6 +51,9 @@ class Evaluation:
     rows: list[dict] = field(default_factory=list)        # one per method and level
     samples: list[dict] = field(default_factory=list)     # one per sample, method and level
     training_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # models used on images of another shape (--any-size, --each-channel): the shape they
+    # were trained on
+    model_shapes: dict[str, list[int]] = field(default_factory=dict)
     previews: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (n, C, H, W)
 
     def to_dict(self) -> dict:
@@ -58,7 +61,8 @@ class Evaluation:
                 "operator_from": self.operator_from,
                 "tau": self.taus[0] if len(self.taus) == 1 else self.taus, "seed": self.seed,
                 "noise_percent": self.levels,
-                "training_noise_percent": {k: list(v) for k, v in self.training_ranges.items()}}
+                "training_noise_percent": {k: list(v) for k, v in self.training_ranges.items()},
+                "model_image_shape": self.model_shapes}
 
 
 METHOD_KINDS = ("drip", "cgls", "tv", "unrolled")
@@ -185,14 +189,17 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
         truth = truth[:max_samples]
     description = SimpleNamespace(image_shape=tuple(truth.shape[1:]), operator=op,
                                   path=Path(operator_from or data))
-    for method in methods:
-        method.check(description, warn or (lambda message: None))
+    checked = {method.name: method.check(description, warn or (lambda message: None))
+               for method in methods}
     preview_level = levels[len(levels) // 2] if preview_level is None else preview_level
     if preview_level not in levels:
         raise DripError(f"--preview-noise {preview_level:g} is not one of the evaluated levels")
     result = Evaluation(data=str(data), operator_kind=op.kind,
                         operator_from=None if operator_from is None else str(operator_from),
-                        taus=taus, seed=seed, levels=list(levels), preview_level=preview_level)
+                        taus=taus, seed=seed, levels=list(levels), preview_level=preview_level,
+                        model_shapes={name: extra["model_image_shape"]
+                                      for name, extra in checked.items()
+                                      if "model_image_shape" in extra})
     shown = slice(0, min(n_previews, len(truth)))
     result.previews["ground truth"] = truth[shown]
     result.previews["naive"] = None   # its place in the figure, filled at its level

@@ -265,6 +265,32 @@ def test_chunked_evaluation_equals_the_whole_batch(weighted, monkeypatch):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_large_image_evaluated_in_strips_equals_the_whole_image(weighted, monkeypatch):
+    """An image whose responses exceed CPU_CHUNK_BYTES is evaluated in strips of rows with a
+    halo of twice the filters' reach: the same value, gradient and gradients in the parameters
+    as one pass over the image, the borders' mirroring included."""
+    from drip_cli.regularizers import convex
+
+    reg = trained_looking(**CONVEX_VARIANTS["multi-scale"])   # reach 4: dilations 1, 2, 4
+    z = torch.randn(2, 3, 45, 12, dtype=torch.float64)
+    m = torch.rand(2, 1, 45, 12, dtype=torch.float64) if weighted else None
+
+    def evaluate():
+        value, gradient = reg.value_and_gradient(z, m)
+        params = torch.autograd.grad((value.sum() + gradient.pow(2).sum()), list(reg.parameters()))
+        return value, gradient, reg.value(z, m), reg.gradient(z, m), params
+
+    whole = evaluate()
+    assert len(list(reg._strips(z[:1], None))) == 1
+    monkeypatch.setattr(convex, "CPU_CHUNK_BYTES", 8 * 12 * 8 * 8)   # 8 rows of responses
+    strips = list(reg._strips(z[:1], None))
+    assert len(strips) == 6 and strips[0][0].shape[2] == 8 + 8   # the first: no halo above
+    parted = evaluate()
+    for a, b in zip(whole[:4] + tuple(whole[4]), parted[:4] + tuple(parted[4])):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_edge_weights_are_lower_at_edges_and_average_one():
     from drip_cli.regularizers.adaptive import edge_weights
 

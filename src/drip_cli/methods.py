@@ -84,6 +84,7 @@ class LearnedMethod(ReconstructionMethod):
         self.name = self.kind   # drip evaluate renames models that share a kind
         self.any_size = False   # --any-size: images of another height and width are served
         self.each_channel = False   # --each-channel: a 1-channel drip model on each channel
+        self._loaded = model   # self.model is this, or its widening to a file's channels
 
     @classmethod
     def load(cls, path) -> LearnedMethod:
@@ -94,21 +95,8 @@ class LearnedMethod(ReconstructionMethod):
     def check(self, data, warn) -> dict:
         trained, shape = tuple(self.info.image_shape), tuple(data.image_shape)
         serving = self.model.config.image_channels if self.kind == "drip" else trained[0]
-        single = getattr(self, "_single_channel", self.model)   # as loaded, before widening
-        if serving != shape[0] and shape[0] == trained[0]:   # widened for an earlier file
-            self.model = single
-        elif serving != shape[0]:
-            widens = self.kind == "drip" and single.widens_per_channel
-            if not (widens and self.each_channel):
-                hint = (" (--each-channel uses this single-channel model on each channel)"
-                        if widens else " (--each-channel serves single-channel drip models "
-                        "with the convex regularizer)" if self.each_channel else "")
-                raise DripError(f"the model was trained on {trained[0]}-channel images, this "
-                                f"file has {shape[0]} channels (shape {shape}){hint}", data.path)
-            from .regularizers.model import per_channel_model
-
-            self._single_channel = single
-            self.model = per_channel_model(single, shape[0])
+        if serving != shape[0]:   # (a model already serving these channels is kept as it is)
+            self.model = self._model_for_channels(trained[0], shape, data.path)
         if trained[1:] != shape[1:] and not self.any_size:
             raise DripError(f"the model was trained on images of shape {trained}, this file has "
                             f"{shape} (its filters are convolutional: --any-size uses it on "
@@ -133,6 +121,22 @@ class LearnedMethod(ReconstructionMethod):
     @property
     def _patch_pass(self) -> bool:
         return self.model.runs_patch_pass()
+
+    def _model_for_channels(self, trained: int, shape: tuple, path):
+        """The loaded model where the file has its channels, else its widening to the file's
+        (``--each-channel``), or a refusal that says why."""
+        if shape[0] == trained:
+            return self._loaded
+        widens = self.kind == "drip" and self._loaded.widens_per_channel
+        if not (widens and self.each_channel):
+            hint = (" (--each-channel uses this single-channel model on each channel)" if widens
+                    else " (--each-channel serves single-channel drip models with the convex "
+                    "regularizer)" if self.each_channel else "")
+            raise DripError(f"the model was trained on {trained}-channel images, this file has "
+                            f"{shape[0]} channels (shape {shape}){hint}", path)
+        from .regularizers.model import per_channel_model
+
+        return per_channel_model(self._loaded, shape[0])
 
     def smallest_side(self) -> tuple[int, str]:
         """The smallest image side the model serves, and what sets it: its filters' reach, and

@@ -62,6 +62,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..batching import channels_as_samples
 from ..operators.base import largest_eigenvalue_bound
 from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_pad,
                                     symmetric_pad_adjoint)
@@ -427,9 +428,8 @@ class PerChannelRegularizer(torch.nn.Module):
         return self.single.reach
 
     def _split(self, z: torch.Tensor, pixel_weights: torch.Tensor | None):
-        flat = z.reshape(z.shape[0] * z.shape[1], 1, *z.shape[2:])
-        return flat, (None if pixel_weights is None
-                      else pixel_weights.repeat_interleave(z.shape[1], 0))
+        return channels_as_samples(z), (None if pixel_weights is None
+                                        else pixel_weights.repeat_interleave(z.shape[1], 0))
 
     def value(self, z: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
         return self.single.value(*self._split(z, pixel_weights)).view(z.shape[:2]).sum(1)

@@ -28,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..batching import channels_as_samples
 from ..operators.base import largest_eigenvalue_bound
 from .cache import cached_for_parameters
 
@@ -268,18 +269,15 @@ class PerChannelMixture(torch.nn.Module):
     def fitted(self) -> bool:
         return self.mixture.fitted
 
-    def _split(self, u: torch.Tensor) -> torch.Tensor:
-        return u.reshape(u.shape[0] * u.shape[1], 1, *u.shape[2:])
-
     def labels(self, u: torch.Tensor) -> torch.Tensor:
-        return self.mixture.labels(self._split(u)).view(len(u), -1)
+        return self.mixture.labels(channels_as_samples(u)).view(len(u), -1)
 
     def half_gradient(self, u: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # the same view object while the labels are the same, so that the mixture's grouping
         # of the patches by component is kept between calls (PatchMixture._grouping)
         if self._view is None or self._view[0] is not labels or self._view[1] != labels._version:
             self._view = (labels, labels._version, labels.view(len(labels) * u.shape[1], -1))
-        return self.mixture.half_gradient(self._split(u), self._view[2]).view_as(u)
+        return self.mixture.half_gradient(channels_as_samples(u), self._view[2]).view_as(u)
 
     def hessian_bound(self) -> float:
         return self.mixture.hessian_bound()

@@ -326,6 +326,36 @@ def test_single_channel_convolution_as_depthwise_is_exact(padding, dilation):
     assert convolution.conv2d_adjoint(g[:0], weight, padding, dilation).shape == (0, *x.shape[1:])
 
 
+@pytest.mark.parametrize("padding,dilation,size", [(0, 1, (13, 12)), (1, 1, (16, 16)),
+                                                   (2, 2, (11, 17)), (4, 2, (9, 9))])
+def test_a_large_single_channel_convolution_in_tiles_is_exact(monkeypatch, padding, dilation,
+                                                              size):
+    """A single-channel image above the tiling size (here made tiny: tiles of 5x5) runs as a
+    batch of tiles: the values of conv2d and its adjoint, and the same gradients in the
+    weights, wherever the tiles' edges fall."""
+    from drip_cli.operators import convolution
+
+    monkeypatch.setattr(convolution, "TILE", 5)
+    monkeypatch.setattr(convolution, "TILE_FROM_PIXELS", 0)
+    weight = torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 1, *size, dtype=torch.float64)
+    calls = []
+    tiles = convolution._tiles
+    monkeypatch.setattr(convolution, "_tiles", lambda *a: calls.append(1) or tiles(*a))
+    y = convolution.conv2d(x, weight, padding, dilation)
+    expected = torch.nn.functional.conv2d(x, weight, padding=padding, dilation=dilation)
+    assert torch.allclose(y, expected, rtol=0, atol=1e-13)
+    g = torch.randn_like(y)
+    adjoint = convolution.conv2d_adjoint(g, weight, padding, dilation)
+    reference = torch.nn.functional.conv_transpose2d(g, weight, padding=padding, dilation=dilation)
+    assert len(calls) == 2
+    assert torch.allclose(adjoint, reference, rtol=0, atol=1e-13)
+    grads = torch.autograd.grad((y * g).sum() + (adjoint * x).sum(), weight)[0]
+    expected_grads = torch.autograd.grad((expected * g).sum() + (reference * x).sum(), weight)[0]
+    assert torch.allclose(grads, expected_grads, rtol=1e-12, atol=1e-12)
+    assert convolution.conv2d(x[:0], weight, padding, dilation).shape == (0, *y.shape[1:])
+
+
 @pytest.mark.parametrize("n", [0, 1, 3, 5, 8])
 def test_batch_padded_convolutions_change_nothing(monkeypatch, n):
     """Where the batch is padded to a power of two (on GPUs, here forced on the CPU), the

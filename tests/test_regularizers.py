@@ -282,6 +282,7 @@ def test_a_large_image_evaluated_in_strips_equals_the_whole_image(weighted, monk
         return value, gradient, reg.value(z, m), reg.gradient(z, m), params
 
     whole = evaluate()
+    bound = reg.padded_lipschitz_bound(z.shape[1:])
     assert len(list(reg._strips(z[:1], None))) == 1
     monkeypatch.setattr(convex, "CPU_CHUNK_BYTES", 8 * 12 * 8 * 8)   # 8 rows of responses
     strips = list(reg._strips(z[:1], None))
@@ -289,6 +290,8 @@ def test_a_large_image_evaluated_in_strips_equals_the_whole_image(weighted, monk
     parted = evaluate()
     for a, b in zip(whole[:4] + tuple(whole[4]), parted[:4] + tuple(parted[4])):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    del reg._padded_bound   # the step bound's Lanczos products, strip by strip
+    assert torch.allclose(reg.padded_lipschitz_bound(z.shape[1:]), bound, rtol=1e-10)
 
 
 def test_edge_weights_are_lower_at_edges_and_average_one():

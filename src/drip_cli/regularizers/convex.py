@@ -377,8 +377,9 @@ class ConvexFilterRegularizer(torch.nn.Module):
         def compute():
             curvature = self._filter_curvatures().detach()[None, :, None, None]
 
-            def normal(z):   # K^T diag(w/eps) K
-                return self.responses_adjoint(curvature * self.responses(z))
+            def normal(z):   # K^T diag(w/eps) K, a large image strip by strip
+                return torch.cat([self.responses_adjoint(curvature * self.responses(zs))[:, :, keep]
+                                  for zs, _, _, keep in self._strips(z, None)], dim=2)
 
             bound = largest_eigenvalue_bound(normal, (1, *shape), dtype=self.filters.dtype,
                                              device=device)

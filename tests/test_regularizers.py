@@ -308,16 +308,19 @@ def test_edge_weights_are_lower_at_edges_and_average_one():
     assert colour.shape == (2, 1, 16, 16) and float(colour[0, 0, 5, 7]) < float(m[0, 0, 5, 7])
 
 
-@pytest.mark.parametrize("options", [dict(), dict(group_size=1, potential_scales=2,
-                                                  dilation_levels=3)])
+@pytest.mark.parametrize("options", [dict(n_filters=8), dict(n_filters=6, group_size=1,
+                                                             potential_scales=2, dilation_levels=3)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_single_channel_model_on_each_channel_is_the_sum_over_channels(device, options):
     """--each-channel: the widened model's R, gradient, step bound, embedding and patch term on
-    C channels are the single-channel model's on each channel (R summed), per sample."""
-    from drip_cli.regularizers.model import DripModel, ModelConfig, per_channel_model
+    C channels are the single-channel model's on each channel (R summed), per sample; and so
+    are those of the block-diagonal model that starts a colour run (drip train --init), rebuilt
+    from its own config as a model file would be."""
+    from drip_cli.regularizers.model import (DripModel, ModelConfig, per_channel_model,
+                                             widened_model)
 
     torch.manual_seed(0)
-    model = DripModel(ModelConfig(n_filters=6, kernel_size=3, patch_components=2, **options))
+    model = DripModel(ModelConfig(kernel_size=3, patch_components=2, **options))
     with torch.no_grad():   # away from the TV start: filters, weights and smoothings apart
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -344,3 +347,19 @@ def test_a_single_channel_model_on_each_channel_is_the_sum_over_channels(device,
     torch.testing.assert_close(wide.patch_prior.half_gradient(z, labels),
                                model.patch_prior.half_gradient(flat, labels.view(6, -1)).view_as(z))
     assert wide.reach == model.reach and wide.runs_patch_pass(1.0)
+    full = widened_model(model, 3)
+    assert full.config.n_filters == 3 * options["n_filters"] and full.patch_prior is None
+    rebuilt = DripModel(full.config).double().to(device)
+    rebuilt.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        for block in (full, rebuilt):
+            torch.testing.assert_close(block.regularizer.value(z, weights),
+                                       wide.regularizer.value(z, weights))
+            torch.testing.assert_close(block.regularizer.gradient(z, weights),
+                                       wide.regularizer.gradient(z, weights))
+            torch.testing.assert_close(block.embedding(z), wide.embedding(z))
+    # three groups over two dilation levels (2 + 1): nine would split 5 + 4, not 6 + 3
+    uneven = DripModel(ModelConfig(kernel_size=3, n_filters=6))
+    with pytest.raises(ValueError, match="do not split evenly"):
+        widened_model(uneven, 3)
+

@@ -639,6 +639,24 @@ def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tm
                      "--each-channel")
     assert_one_line_error(result, "--each-channel serves single-channel drip models",
                           out.with_name("t.h5"))
+    # drip train --init: the single-channel model starts a colour run on each channel, as one
+    # block-diagonal model (filters that mix the channels start at zero); not the two-channel one
+    plain = [a for i, a in enumerate(TINY) if a not in ("--latent-channels", "--filters",
+             "--kernel-size") and TINY[i - 1] not in ("--latent-channels", "--filters",
+                                                      "--kernel-size")]
+    write_small_file(colour, Blur((3, 12, 12), gaussian_psf(1.0)), n=8)
+    wide = tmp_path / "wide"
+    result = run_cli("train", colour, "--out", wide, "--epochs", 1, "--max-steps", 1,
+                     "--init", run, *plain)
+    assert result.exit_code == 0, result.stderr
+    model = json.loads((wide / "config.json").read_text())["model"]
+    assert (model["image_channels"], model["latent_channels"], model["n_filters"]) == (3, 3, 12)
+    filters = load_model(wide)[0].regularizer.filters
+    assert filters.shape == (12, 3, 3, 3)
+    refused = run_cli("train", colour, "--out", tmp_path / "wide2", "--epochs", 1,
+                      "--init", two, *plain)
+    assert_one_line_error(refused, "the model is for 1-channel images, the training data has 3",
+                          tmp_path / "wide2")
 
 
 def test_info_on_a_model(train_file, tmp_path):

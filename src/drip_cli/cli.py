@@ -542,7 +542,8 @@ def train(
         None, "--init",
         help="Start from this model's weights (run folder or model file) instead of the "
              "untrained start, e.g. to fine-tune a model on your data; its architecture is "
-             "used (leave the architecture options out)."),
+             "used (leave the architecture options out). A grayscale drip model starts a run "
+             "on colour images as itself on each channel."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1,
                                             help="Stop after this many optimiser steps (this call)."),
     quiet: bool = QUIET,

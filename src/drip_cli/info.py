@@ -126,7 +126,8 @@ def _other_images(model, info, sha: str) -> str:
     smallest, needs = LearnedMethod(model, info, sha).smallest_side()
     ways = [f"other sizes with --any-size (at least {smallest}x{smallest}, for its {needs})"]
     if not info.config.is_unrolled and model.widens_per_channel:
-        ways.append("colour with --each-channel")
+        ways.append("colour with --each-channel, or train on colour from it with drip train "
+                    "--init")
     return "; ".join(ways)
 
 

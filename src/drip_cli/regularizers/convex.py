@@ -148,6 +148,40 @@ class ConvexFilterRegularizer(torch.nn.Module):
         self.weight_logits = torch.nn.Parameter(_inverse_softplus(weights).float())
         self.eps_logits = torch.nn.Parameter(_inverse_softplus(scales).float())
 
+    def widened(self, channels: int) -> ConvexFilterRegularizer:
+        """This regularizer of one latent channel on each of ``channels``, ``R(z) = sum_c
+        R(z_c)``, as one bank of ``channels`` times its filters: each filter on one channel,
+        zeros on the others, with its weight and smoothing, each dilation level's filters
+        together as the constructor places them. A starting point from which training can
+        learn filters that mix the channels (``drip train --init``); to serve colour images
+        as they are, :class:`PerChannelRegularizer` is faster. ``ValueError`` where the levels'
+        filter counts do not scale with the channels (groups uneven over the levels)."""
+        if self.filters.shape[1] != 1:
+            raise ValueError("widened takes a regularizer of one latent channel")
+        n, size = self.filters.shape[0], self.filters.shape[-1]
+        wide = ConvexFilterRegularizer(channels, channels, n_filters=channels * n,
+                                       kernel_size=size, group_size=self.group_size,
+                                       potential_scales=self.weight_logits.shape[1],
+                                       dilation_levels=len(self.levels)).to(self.filters)
+        expected = [(d, pad, slice(channels * part.start, channels * part.stop))
+                    for d, pad, part in self.levels]
+        if wide.levels != expected:
+            raise ValueError("the filter groups do not split evenly over the dilation levels")
+        filters = torch.zeros_like(wide.filters)
+        source = []   # source[i]: the filter of this bank that wide filter i is
+        for _, _, part in self.levels:
+            count = part.stop - part.start
+            for c in range(channels):
+                start = channels * part.start + c * count
+                filters[start:start + count, c] = self.filters.detach()[part, 0]
+                source.append(torch.arange(part.start, part.stop))
+        groups = torch.cat(source)[::self.group_size] // self.group_size
+        with torch.no_grad():
+            wide.filters.copy_(filters)
+            wide.weight_logits.copy_(self.weight_logits[groups])
+            wide.eps_logits.copy_(self.eps_logits[groups])
+        return wide
+
     # -- parameters in their constrained form ---------------------------------------------------
     @property
     def weights(self) -> torch.Tensor:

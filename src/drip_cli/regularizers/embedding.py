@@ -40,7 +40,7 @@ class Embedding(torch.nn.Module):
         regularizer)."""
         if self.latent_channels != 1 or self.image_channels != 1:
             raise ValueError("per_channel widens an embedding of one channel")
-        wide = Embedding(channels, channels, self.weight.shape[-1])
+        wide = Embedding(channels, channels, self.weight.shape[-1]).to(self.weight)
         with torch.no_grad():
             wide.weight.zero_()
             for c in range(channels):

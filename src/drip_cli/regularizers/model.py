@@ -151,6 +151,23 @@ def per_channel_model(model: DripModel, channels: int) -> DripModel:
     return wide.to(model.embedding.weight.device).eval()
 
 
+def widened_model(model: DripModel, channels: int) -> DripModel:
+    """A DRIP model of ``channels`` image and latent channels that is the single-channel
+    ``model`` on each channel: its filter bank and embedding block-diagonal
+    (:meth:`~.convex.ConvexFilterRegularizer.widened`), no patch mixture (a run fits its own).
+    Unlike :func:`per_channel_model` it is a model of the family like any other, so training
+    can go on from it on colour images and learn filters that mix the channels (``drip train
+    --init``)."""
+    if not model.widens_per_channel:
+        raise ValueError("widened_model widens a single-channel model with the convex regularizer")
+    config = replace(model.config, image_channels=channels, latent_channels=channels,
+                     n_filters=channels * model.config.n_filters, patch_components=0)
+    wide = DripModel(config)
+    wide.regularizer = model.regularizer.widened(channels)
+    wide.embedding = model.embedding.per_channel(channels)
+    return wide
+
+
 class DripModel(torch.nn.Module):
     """``u = E z`` with ``z`` the minimiser of ``R(z)`` under the data-fit constraint."""
 

@@ -52,7 +52,8 @@ from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, 
                          ModelInfo, file_sha256, load_model, resolve_model_path, run_folder_lock,
                          save_model)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
-from ..regularizers.model import ARCHITECTURES, DripModel, ModelConfig, build_model
+from ..regularizers.model import (ARCHITECTURES, DripModel, ModelConfig, build_model,
+                                  widened_model)
 from ..regularizers.patches import PATCH_SIZE, supported_components
 from ..solvers import discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate, surrogate_through_passes
@@ -299,9 +300,18 @@ def adopt_initial_model(config: TrainConfig, image_channels: int,
                         given: set[str]) -> dict[str, torch.Tensor]:
     """``--init``: set ``config.model``'s architecture to the starting model's and return its
     weights. Architecture options not given take the model's values; given ones that differ
-    from the model's are refused, naming them."""
+    from the model's are refused, naming them. A single-channel convex model starts a run on
+    images of more channels as itself on each channel (:func:`widened_model`), the filters
+    that mix the channels at zero."""
     model, info, sha = load_model(config.init)
     start = info.config
+    if start.image_channels == 1 < image_channels and getattr(model, "widens_per_channel", False):
+        try:
+            model = widened_model(model, image_channels)
+        except ValueError as error:   # its filter groups split unevenly over its dilations
+            raise DripError(f"--init: the single-channel model cannot start a run on "
+                            f"{image_channels}-channel images: {error}", config.init) from None
+        start = model.config
     if start.image_channels != image_channels:
         raise DripError(f"--init: the model is for {start.image_channels}-channel images, the "
                         f"training data has {image_channels}", config.init)

@@ -361,7 +361,8 @@ def test_operator_defaults_leave_given_settings_alone():
 def test_patch_mixture_default_follows_the_training_images():
     """Convex models get 80 mixture components where the training images determine them (640
     patches each for grayscale 8x8 patches), fewer where they determine fewer, none below 20;
-    never where --patch-components is given, with --init, or off the convex architecture."""
+    started from a model (--init), as many as it has, within the same limits; never where
+    --patch-components is given or off the convex architecture."""
     from drip_cli.regularizers.model import ModelConfig
     from drip_cli.training import TrainConfig
     from drip_cli.training.trainer import patch_default
@@ -376,7 +377,12 @@ def test_patch_mixture_default_follows_the_training_images():
     assert chosen((900, 3, 64, 64)) == ({"patch_components": 31}, 31)   # 1920 per component
     assert chosen((900, 1, 7, 64)) == ({}, 0)                           # no 8x8 patch
     assert chosen((900, 1, 64, 64), {"patch_components"}) == ({}, 0)
-    assert chosen((900, 1, 64, 64), init="model") == ({}, 0)
+    assert chosen((900, 1, 64, 64), init="model") == ({}, 0)           # the model has none
+    assert chosen((900, 1, 64, 64), init="model", patch_components=40) == ({}, 40)
+    assert chosen((900, 3, 64, 64), init="model", patch_components=80) == \
+        ({"patch_components": 31}, 31)                                  # a grayscale start
+    assert chosen((50, 1, 64, 64), init="model", patch_components=80) == \
+        ({"patch_components": 0}, 0)
     assert chosen((900, 1, 64, 64), architecture="leapfrog") == ({}, 0)
 
 

@@ -242,15 +242,20 @@ def operator_defaults(config: TrainConfig, operator_kind: str, given: set[str]) 
 
 
 def patch_default(config: TrainConfig, shape: tuple[int, ...], given: set[str]) -> dict:
-    """For a fresh convex run not started from a model, and without ``--patch-components``:
-    ``DEFAULT_PATCH_COMPONENTS`` components, or as many as training images of ``shape`` ``(N,
-    C, H, W)`` determine, none below ``MIN_DEFAULT_COMPONENTS``. Returns the setting chosen, if
-    any, to be reported."""
+    """For a fresh convex run without ``--patch-components``: ``DEFAULT_PATCH_COMPONENTS``
+    components, or started from a model (``--init``, which set ``patch_components`` to its
+    own) as many as that model has (none where it has none), in either case at most as many as
+    training images of ``shape`` ``(N, C, H, W)`` determine and none below
+    ``MIN_DEFAULT_COMPONENTS``. Returns the setting where it chose one other than the model's,
+    to be reported."""
     model = config.model
-    if "patch_components" in given or config.init is not None or model.architecture != "convex":
+    if "patch_components" in given or model.architecture != "convex":
         return {}
-    components = min(DEFAULT_PATCH_COMPONENTS, supported_components(shape))
+    wanted = DEFAULT_PATCH_COMPONENTS if config.init is None else model.patch_components
+    components = min(wanted, supported_components(shape))
     if components < MIN_DEFAULT_COMPONENTS:
+        components = 0
+    if components == model.patch_components:
         return {}
     model.patch_components = components
     return {"patch_components": components}
@@ -321,6 +326,8 @@ def adopt_initial_model(config: TrainConfig, image_channels: int,
         raise DripError(f"--init: options differ from the model's (leave them out to take the "
                         f"model's): {', '.join(differ)}", config.init)
     take_options(config.model, start.to_dict(), ARCHITECTURE_FIELDS)
+    if "patch_components" not in given:   # its count, fitted afresh (patch_default)
+        config.model.patch_components = info.config.patch_components
     config.init_sha256 = sha
     # a patch mixture is fitted to each run's own training images: the start's is not taken
     return {name: value for name, value in model.state_dict().items()

@@ -620,7 +620,8 @@ def test_model_and_data_that_do_not_match(train_file, tmp_path):
 
 def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tmp_path):
     """--each-channel: a single-channel model on each channel of colour images, the data fit
-    over the whole sample; refused without the option, and for models it cannot widen."""
+    over the whole sample; refused without the option, and for models it cannot widen. And
+    drip train --init starts a colour run from it."""
     from drip_cli.operators import Blur, gaussian_psf
 
     run = tmp_path / "run"

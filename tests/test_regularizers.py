@@ -362,4 +362,3 @@ def test_a_single_channel_model_on_each_channel_is_the_sum_over_channels(device,
     uneven = DripModel(ModelConfig(kernel_size=3, n_filters=6))
     with pytest.raises(ValueError, match="do not split evenly"):
         widened_model(uneven, 3)
-

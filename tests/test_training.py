@@ -21,6 +21,10 @@ from helpers import assert_one_line_error, run_cli, write_small_file
 # two latent channels make solves slow (hundreds of iterations): validation stops at 300
 TINY = ["--batch-size", "4", "--latent-channels", "2", "--filters", "4", "--kernel-size", "3",
         "--cg-iterations", "5", "--max-iterations", "300", "--device", "cpu", "--seed", "5", "-q"]
+# TINY without the options that shape the model, for runs that take them from --init's model
+TINY_SETTINGS = [a for i, a in enumerate(TINY)
+                 if a not in ("--latent-channels", "--filters", "--kernel-size")
+                 and TINY[i - 1] not in ("--latent-channels", "--filters", "--kernel-size")]
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +250,8 @@ def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_cli("train", train_file, "--out", first, "--epochs", 1, *TINY).exit_code == 0
     _, start_info, start_sha = load_model(first)
-    # TINY without its architecture options: those come from the model
-    plain = [a for i, a in enumerate(TINY) if a not in ("--latent-channels", "--filters",
-             "--kernel-size") and TINY[i - 1] not in ("--latent-channels", "--filters",
-                                                      "--kernel-size")]
     result = run_cli("train", train_file, "--out", second, "--epochs", 2, "--max-steps", 1,
-                     "--init", first, *plain)
+                     "--init", first, *TINY_SETTINGS)
     assert result.exit_code == 0, result.stderr
     config = json.loads((second / "config.json").read_text())
     assert config["init_sha256"] == start_sha
@@ -265,17 +265,18 @@ def test_init_starts_from_a_models_weights_and_architecture(train_file, tmp_path
     # resuming takes the architecture and the starting model's record from the run, so neither
     # the options nor the starting model's file are needed again
     moved = first.rename(tmp_path / "moved")
-    resumed = run_cli("train", train_file, "--out", second, "--epochs", 2, "--resume", *plain)
+    resumed = run_cli("train", train_file, "--out", second, "--epochs", 2, "--resume",
+                      *TINY_SETTINGS)
     assert resumed.exit_code == 0, resumed.stderr
     assert json.loads((second / "config.json").read_text())["init_sha256"] == start_sha
     assert load_model(second)[1].extra["init_model_sha256"] == start_sha
-    other = run_cli("train", train_file, "--out", second, "--epochs", 3, "--resume", *plain,
-                    "--init", second)
+    other = run_cli("train", train_file, "--out", second, "--epochs", 3, "--resume",
+                    *TINY_SETTINGS, "--init", second)
     assert other.exit_code == 1 and "Traceback" not in other.stderr
     assert "--init names another model than the run started from" in other.stderr
     first = moved
     refused = run_cli("train", train_file, "--out", tmp_path / "third", "--epochs", 1,
-                      "--init", first, *plain, "--filters", "6")
+                      "--init", first, *TINY_SETTINGS, "--filters", "6")
     assert_one_line_error(refused, "n_filters (model: 4, given: 6)", tmp_path / "third")
 
 
@@ -648,20 +649,17 @@ def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tm
                           out.with_name("t.h5"))
     # drip train --init: the single-channel model starts a colour run on each channel, as one
     # block-diagonal model (filters that mix the channels start at zero); not the two-channel one
-    plain = [a for i, a in enumerate(TINY) if a not in ("--latent-channels", "--filters",
-             "--kernel-size") and TINY[i - 1] not in ("--latent-channels", "--filters",
-                                                      "--kernel-size")]
     write_small_file(colour, Blur((3, 12, 12), gaussian_psf(1.0)), n=8)
     wide = tmp_path / "wide"
     result = run_cli("train", colour, "--out", wide, "--epochs", 1, "--max-steps", 1,
-                     "--init", run, *plain)
+                     "--init", run, *TINY_SETTINGS)
     assert result.exit_code == 0, result.stderr
     model = json.loads((wide / "config.json").read_text())["model"]
     assert (model["image_channels"], model["latent_channels"], model["n_filters"]) == (3, 3, 12)
     filters = load_model(wide)[0].regularizer.filters
     assert filters.shape == (12, 3, 3, 3)
     refused = run_cli("train", colour, "--out", tmp_path / "wide2", "--epochs", 1,
-                      "--init", two, *plain)
+                      "--init", two, *TINY_SETTINGS)
     assert_one_line_error(refused, "the model is for 1-channel images, the training data has 3",
                           tmp_path / "wide2")
 

@@ -658,6 +658,10 @@ def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tm
     assert (model["image_channels"], model["latent_channels"], model["n_filters"]) == (3, 3, 12)
     filters = load_model(wide)[0].regularizer.filters
     assert filters.shape == (12, 3, 3, 3)
+    given = run_cli("train", colour, "--out", tmp_path / "wide3", "--epochs", 1,
+                    "--init", run, *TINY_SETTINGS, "--filters", "4")
+    assert_one_line_error(given, "n_filters (model: 12, given: 4) (the model on each of 3 "
+                          "channels)", tmp_path / "wide3")
     refused = run_cli("train", colour, "--out", tmp_path / "wide2", "--epochs", 1,
                       "--init", two, *TINY_SETTINGS)
     assert_one_line_error(refused, "the model is for 1-channel images, the training data has 3",

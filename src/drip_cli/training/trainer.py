@@ -309,14 +309,14 @@ def adopt_initial_model(config: TrainConfig, image_channels: int,
     images of more channels as itself on each channel (:func:`widened_model`), the filters
     that mix the channels at zero."""
     model, info, sha = load_model(config.init)
-    start = info.config
+    start, widened = info.config, ""
     if start.image_channels == 1 < image_channels and getattr(model, "widens_per_channel", False):
         try:
             model = widened_model(model, image_channels)
         except ValueError as error:   # its filter groups split unevenly over its dilations
             raise DripError(f"--init: the single-channel model cannot start a run on "
                             f"{image_channels}-channel images: {error}", config.init) from None
-        start = model.config
+        start, widened = model.config, f" (the model on each of {image_channels} channels)"
     if start.image_channels != image_channels:
         raise DripError(f"--init: the model is for {start.image_channels}-channel images, the "
                         f"training data has {image_channels}", config.init)
@@ -324,7 +324,7 @@ def adopt_initial_model(config: TrainConfig, image_channels: int,
                          ("model", "given"))
     if differ:
         raise DripError(f"--init: options differ from the model's (leave them out to take the "
-                        f"model's): {', '.join(differ)}", config.init)
+                        f"model's): {', '.join(differ)}{widened}", config.init)
     take_options(config.model, start.to_dict(), ARCHITECTURE_FIELDS)
     if "patch_components" not in given:   # its count, fitted afresh (patch_default)
         config.model.patch_components = info.config.patch_components

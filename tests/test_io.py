@@ -143,6 +143,37 @@ def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.h5"]
 
 
+def test_an_interrupt_right_after_the_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C or SIGTERM raises its exception between any two steps; one that comes right
+    after the temporary file or staging folder is made (before tempfile would have returned
+    its name) must still find it to remove. Simulated: the call that makes it, then the
+    interrupt."""
+    import os
+
+    from drip_cli.io.atomic import atomic_folder, atomic_path
+
+    def interrupted(real):
+        def make(path, *args, **kwargs):
+            result = real(path, *args, **kwargs)
+            if str(path).endswith(".tmp"):
+                if isinstance(result, int):
+                    os.close(result)
+                raise KeyboardInterrupt
+            return result
+        return make
+
+    monkeypatch.setattr(os, "open", interrupted(os.open))
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "out.h5"):
+            pass
+    monkeypatch.undo()   # (rmtree opens folders with os.open)
+    monkeypatch.setattr(os, "mkdir", interrupted(os.mkdir))
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(tmp_path / "a" / "report"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_refuses_missing_folder(tmp_path):
     with pytest.raises(DripError, match="does not exist"):
         write_measurement_file(tmp_path / "nope" / "m.h5", make_operator("denoise"),

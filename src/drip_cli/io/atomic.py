@@ -9,8 +9,8 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import h5py
@@ -105,28 +105,48 @@ def _refused(exc: BaseException, path: str | os.PathLike) -> BaseException:
     return failure
 
 
+def _make_beside(folder: Path, name: str, made: list[Path], make) -> Path:
+    """A temporary file or folder, made by ``make(path)`` (which must fail if the path
+    exists), with a fresh hidden name beside ``name`` in ``folder``. Its name goes into
+    ``made`` before it exists, so that a Ctrl-C or SIGTERM, whose exception can come between
+    any two steps, never leaves one that the caller's cleanup of ``made`` does not know of
+    (``tempfile.mkstemp`` names it only once it exists: a SIGTERM right then left it behind)."""
+    while True:
+        candidate = folder / f"{_temporary_prefix(name)}{secrets.token_hex(6)}.tmp"
+        made.append(candidate)
+        try:
+            make(candidate)
+            return candidate
+        except FileExistsError:   # another's, not ours to remove: draw another name
+            made.remove(candidate)
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path in ``path``'s folder; on success move it onto ``path``. A write
     that the disk refuses (full, over quota, over the file-size limit) is an
     :class:`OutputError` naming ``path``."""
     path = check_writable(path)
+    made: list[Path] = []
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp",
-                                   dir=path.parent)
-    except OSError as exc:
-        raise DripError(f"cannot write output: {exc.strerror}", path) from exc
-    os.close(fd)
-    try:
+        try:
+            tmp = str(_make_beside(path.parent, path.name, made, _new_file))
+        except OSError as exc:
+            raise DripError(f"cannot write output: {exc.strerror}", path) from exc
         yield tmp
         raise_if_signalled()   # a Ctrl-C or SIGTERM whose exception was lost on the way
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~umask)  # made 0600, as mkstemp would; give the usual permissions
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        for tmp in made:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise _refused(exc, path)
 
 
@@ -184,11 +204,10 @@ def atomic_folder(folder: str | os.PathLike):
     folder = check_folder_writable(folder)
     parent = folder.parent
     created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
-    staging = None
+    made: list[Path] = []
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(folder.name), suffix=".tmp",
-                                        dir=parent))
+        staging = _make_beside(parent, folder.name, made, lambda p: os.mkdir(p, 0o700))
         yield staging
         raise_if_signalled()
         folder.mkdir(exist_ok=True)
@@ -196,7 +215,7 @@ def atomic_folder(folder: str | os.PathLike):
             os.replace(item, folder / item.name)
         staging.rmdir()
     except BaseException as exc:
-        if staging is not None:
+        for staging in made:
             shutil.rmtree(staging, ignore_errors=True)
         for made in created:
             with contextlib.suppress(OSError):

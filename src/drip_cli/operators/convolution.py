@@ -49,11 +49,18 @@ TILE, TILE_FROM_PIXELS = 128, 256 * 256
 _cpu_choice: dict[tuple, str] = {}   # kind of adjoint -> the faster kernel's name
 
 
+def _as_correlation(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int, run):
+    """The adjoint of ``F.conv2d(x, weight, padding, dilation)`` as ``run(y, flipped, padding,
+    dilation)``: a convolution with the flipped, channel-transposed kernel at the same
+    dilation, padded by the kernel's reach less the forward padding."""
+    return run(y, weight.flip(-1, -2).transpose(0, 1), dilation * (weight.shape[-1] - 1) - padding,
+               dilation)
+
+
 def _flipped_conv2d(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
     """Correlation with the flipped, channel-transposed kernel at the same dilation."""
-    flipped = weight.flip(-1, -2).transpose(0, 1)
-    return F.conv2d(y, flipped, padding=dilation * (weight.shape[-1] - 1) - padding,
-                    dilation=dilation)
+    return _as_correlation(y, weight, padding, dilation,
+                           lambda y, w, p, d: F.conv2d(y, w, padding=p, dilation=d))
 
 
 def _fastest(runs: dict) -> str:
@@ -155,8 +162,7 @@ def _batch_as_channels(x: torch.Tensor, weight: torch.Tensor, padding: int, dila
 def _depthwise_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
     """The adjoint of a convolution with one input channel (``weight`` ``(F, 1, k, k)``): each
     response correlated with its flipped filter, :func:`_batch_as_channels`."""
-    return _batch_as_channels(y, weight.flip(-1, -2).transpose(0, 1),
-                              dilation * (weight.shape[-1] - 1) - padding, dilation)
+    return _as_correlation(y, weight, padding, dilation, _batch_as_channels)
 
 
 def _transposed(y: torch.Tensor, weight: torch.Tensor, padding: int, dilation: int):
@@ -180,7 +186,8 @@ def _tiles(x: torch.Tensor, halo: int):
 
 def _untiled(tiles: torch.Tensor, n: int, rows: int, columns: int, height: int,
              width: int) -> torch.Tensor:
-    """The inverse of :func:`_tiles` for results of side ``TILE`` each, cut to ``height x width``."""
+    """The inverse of :func:`_tiles` for results of side ``TILE`` each, cut to ``height x
+    width``."""
     f = tiles.shape[1]
     out = tiles.reshape(n, rows, columns, f, TILE, TILE).permute(0, 3, 1, 4, 2, 5)
     return out.reshape(n, f, rows * TILE, columns * TILE)[:, :, :height, :width].contiguous()
@@ -221,9 +228,8 @@ def conv2d_adjoint(y: torch.Tensor, weight: torch.Tensor, padding: int = 0,
     """Adjoint of ``F.conv2d(x, weight, padding=padding, dilation=dilation)`` (stride 1, odd
     square kernels): a large single-channel image on the CPU as a batch of tiles
     (:func:`_tiled`), the rest by :func:`_adjoint`."""
-    if _tiled(y, weight):   # as the correlation with the flipped kernel (_flipped_conv2d)
-        return _tiled_conv2d(y, weight.flip(-1, -2).transpose(0, 1),
-                             dilation * (weight.shape[-1] - 1) - padding, dilation)
+    if _tiled(y, weight):
+        return _as_correlation(y, weight, padding, dilation, _tiled_conv2d)
     return _adjoint(y, weight, padding, dilation)
 
 

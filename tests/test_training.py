@@ -658,6 +658,11 @@ def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tm
     assert (model["image_channels"], model["latent_channels"], model["n_filters"]) == (3, 3, 12)
     filters = load_model(wide)[0].regularizer.filters
     assert filters.shape == (12, 3, 3, 3)
+    # --each-channel with a colour model is said to change nothing (it was silently ignored)
+    result = run_cli("reconstruct", colour, "--model", wide, "--out", out.with_name("w.h5"),
+                     "--each-channel", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "the model is for 3-channel images already" in " ".join(result.stderr.split())
     given = run_cli("train", colour, "--out", tmp_path / "wide3", "--epochs", 1,
                     "--init", run, *TINY_SETTINGS, "--filters", "4")
     assert_one_line_error(given, "n_filters (model: 12, given: 4) (the model on each of 3 "

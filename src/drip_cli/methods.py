@@ -105,6 +105,9 @@ class LearnedMethod(ReconstructionMethod):
         if min(shape[1:]) < smallest:
             raise DripError(f"images of {shape[1]}x{shape[2]} pixels are smaller than the "
                             f"model's {needs} need ({smallest} pixels a side)", data.path)
+        if self.each_channel and trained[0] == shape[0] > 1:
+            warn(f"--each-channel: the model is for {trained[0]}-channel images already and is "
+                 "used as it is")
         if self.info.operator_kind != data.operator.kind:
             warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
                  f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")

@@ -658,11 +658,15 @@ def test_a_grayscale_model_serves_colour_images_with_each_channel(train_file, tm
     assert (model["image_channels"], model["latent_channels"], model["n_filters"]) == (3, 3, 12)
     filters = load_model(wide)[0].regularizer.filters
     assert filters.shape == (12, 3, 3, 3)
-    # --each-channel with a colour model is said to change nothing (it was silently ignored)
+    # --each-channel with a colour model is said to change nothing (it was silently ignored);
+    # beside a grayscale model it serves, nothing is said
     result = run_cli("reconstruct", colour, "--model", wide, "--out", out.with_name("w.h5"),
                      "--each-channel", "-q")
     assert result.exit_code == 0, result.stderr
     assert "the model is for 3-channel images already" in " ".join(result.stderr.split())
+    both = run_cli("evaluate", colour, "--model", wide, "--model", run, "--each-channel",
+                   "--methods", "drip", "--noise-percent", "2", "--out", tmp_path / "rep", "-q")
+    assert both.exit_code == 0 and "--each-channel" not in both.stderr, both.stderr
     given = run_cli("train", colour, "--out", tmp_path / "wide3", "--epochs", 1,
                     "--init", run, *TINY_SETTINGS, "--filters", "4")
     assert_one_line_error(given, "n_filters (model: 12, given: 4) (the model on each of 3 "

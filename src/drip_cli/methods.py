@@ -105,9 +105,6 @@ class LearnedMethod(ReconstructionMethod):
         if min(shape[1:]) < smallest:
             raise DripError(f"images of {shape[1]}x{shape[2]} pixels are smaller than the "
                             f"model's {needs} need ({smallest} pixels a side)", data.path)
-        if self.each_channel and trained[0] == shape[0] > 1:
-            warn(f"--each-channel: the model is for {trained[0]}-channel images already and is "
-                 "used as it is")
         if self.info.operator_kind != data.operator.kind:
             warn(f"the model was trained for '{self.info.operator_kind}' and is used on "
                  f"'{data.operator.kind}' data (the regularizer is a prior and may transfer)")
@@ -120,6 +117,11 @@ class LearnedMethod(ReconstructionMethod):
         if self.kind == "drip" and self._patch_pass:
             extra["patch_weight"] = self.model.config.patch_weight
         return extra
+
+    @property
+    def widened(self) -> bool:
+        """Whether :meth:`check` widened the model to the data's channels (``--each-channel``)."""
+        return self.model is not self._loaded
 
     @property
     def _patch_pass(self) -> bool:
@@ -199,3 +201,14 @@ class LearnedMethod(ReconstructionMethod):
         """Finite weights can still overflow the arithmetic (a damaged file's 1e30): refused."""
         return DripError(f"the model's weights are out of range for this data: {what}",
                          self.path)
+
+
+def warn_if_each_channel_unused(methods, channels: int, warn) -> None:
+    """``--each-channel`` given, but no model among ``methods`` (checked against data of
+    ``channels`` channels) needed it to serve them: each is for that many channels already, so
+    none runs channel by channel. Said once, not per model: with several models the option may
+    serve one and not another."""
+    offered = [m for m in methods if getattr(m, "each_channel", False)]
+    if channels > 1 and offered and not any(m.widened for m in offered):
+        models = "the models are" if len(offered) > 1 else "the model is"
+        warn(f"--each-channel: {models} for {channels}-channel images already and used as such")

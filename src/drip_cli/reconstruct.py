@@ -16,7 +16,7 @@ from . import __version__
 from .errors import DripError
 from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
-from .methods import ReconstructionMethod
+from .methods import ReconstructionMethod, warn_if_each_channel_unused
 from .runtime import configure_cpu
 from .solvers import discrepancy_radius, discrepancy_ratio, relative_residual
 
@@ -157,6 +157,7 @@ def reconstruct_file(
     check_writable(out_path, keep={"the measurement file": measurements_path, **(keep or {})})
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
+        warn_if_each_channel_unused([method], data.image_shape[0], warn)
         op = data.operator.to(device)
         n = data.n_samples
         attrs = {"method": method.name, "tau": float(tau),

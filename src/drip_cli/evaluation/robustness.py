@@ -29,7 +29,8 @@ from ..data import simulate_batch
 from ..errors import DripError, with_article
 from ..io import MeasurementFile
 from ..io.models import MODEL_FILE, resolve_model_path
-from ..methods import CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod
+from ..methods import (CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod,
+                       warn_if_each_channel_unused)
 from ..operators import Denoise, LinearOperator
 from ..reconstruct import concatenate_rows, default_batch_size, reconstruct_batch, summarize
 
@@ -189,8 +190,9 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
         truth = truth[:max_samples]
     description = SimpleNamespace(image_shape=tuple(truth.shape[1:]), operator=op,
                                   path=Path(operator_from or data))
-    checked = {method.name: method.check(description, warn or (lambda message: None))
-               for method in methods}
+    warn = warn or (lambda message: None)
+    checked = {method.name: method.check(description, warn) for method in methods}
+    warn_if_each_channel_unused(methods, description.image_shape[0], warn)
     preview_level = levels[len(levels) // 2] if preview_level is None else preview_level
     if preview_level not in levels:
         raise DripError(f"--preview-noise {preview_level:g} is not one of the evaluated levels")

@@ -217,9 +217,9 @@ def atomic_folder(folder: str | os.PathLike):
     except BaseException as exc:
         for staging in made:
             shutil.rmtree(staging, ignore_errors=True)
-        for made in created:
+        for ancestor in created:
             with contextlib.suppress(OSError):
-                made.rmdir()
+                ancestor.rmdir()
         raise _refused(exc, folder)
 
 

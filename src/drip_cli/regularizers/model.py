@@ -132,6 +132,13 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
     return DripModel(config)
 
 
+def _check_widens(model: DripModel, what: str) -> None:
+    """``ValueError`` unless ``model`` is one that :func:`per_channel_model` and
+    :func:`widened_model` widen (:attr:`DripModel.widens_per_channel`)."""
+    if not model.widens_per_channel:
+        raise ValueError(f"{what} widens a single-channel model with the convex regularizer")
+
+
 def per_channel_model(model: DripModel, channels: int) -> DripModel:
     """A single-channel DRIP model with the convex regularizer, on images of ``channels``
     channels: its embedding, regularizer and patch mixture act on each channel alone (``R(z)
@@ -139,9 +146,7 @@ def per_channel_model(model: DripModel, channels: int) -> DripModel:
     The model is the same on each channel; only how colours go together is left unlearned
     (``drip reconstruct --each-channel``)."""
     config = model.config
-    if not model.widens_per_channel:
-        raise ValueError("per_channel_model widens a single-channel model with the convex "
-                         "regularizer")
+    _check_widens(model, "per_channel_model")
     wide = DripModel(replace(config, patch_components=0))   # its parts are replaced below
     wide.config = replace(config, image_channels=channels, latent_channels=channels)
     wide.embedding = model.embedding.per_channel(channels)
@@ -158,8 +163,7 @@ def widened_model(model: DripModel, channels: int) -> DripModel:
     Unlike :func:`per_channel_model` it is a model of the family like any other, so training
     can go on from it on colour images and learn filters that mix the channels (``drip train
     --init``)."""
-    if not model.widens_per_channel:
-        raise ValueError("widened_model widens a single-channel model with the convex regularizer")
+    _check_widens(model, "widened_model")
     config = replace(model.config, image_channels=channels, latent_channels=channels,
                      n_filters=channels * model.config.n_filters, patch_components=0)
     wide = DripModel(config)

@@ -211,6 +211,30 @@ def test_operator_attributes_must_be_whole_numbers(kind, name, value, tmp_path):
         MeasurementFile(path)
 
 
+@pytest.mark.parametrize("damage,message", [
+    # text in place of numbers is shown as it is ("got not numbers" before)
+    ("text-shape", "'image_shape' must be 3 whole numbers, got '1,16,20'"),
+    # a one-axis shape reads as Python writes it ("expected (4)" before)
+    ("noise-shape", r"'noise_std' has shape \(3,\), expected \(4,\)"),
+    # no angles: said so, not a measurement shape "expected (?, 1, 0, 29)"
+    ("no-angles", "angles_deg must be a non-empty 1-D array of finite angles"),
+])
+def test_messages_name_what_is_wrong(damage, message, tmp_path):
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator("tomography", (1, 16, 20)))
+    with h5py.File(path, "a") as f:
+        if damage == "text-shape":
+            f["operator"].attrs["image_shape"] = "1,16,20"
+        elif damage == "noise-shape":
+            del f["noise_std"]
+            f["noise_std"] = np.ones(3, np.float32)
+        else:
+            del f["operator/angles_deg"]
+            f["operator/angles_deg"] = np.zeros(0, np.float32)
+    with pytest.raises(DripError, match=message):
+        MeasurementFile(path)
+
+
 @pytest.mark.parametrize("kind", ["blur", "tomography", "matrix"])
 def test_a_damaged_image_shape_is_refused_before_the_operator_is_built(kind, tmp_path):
     """An image_shape that does not match the measurements is refused from the shapes alone: a

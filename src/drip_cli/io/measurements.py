@@ -126,7 +126,8 @@ def check_dataset(handle, name: str, shape: tuple, path, dtype_kinds: str = "f",
     if not isinstance(dset, h5py.Dataset):
         raise DripError(f"'{name}' is not a dataset", path)
     if len(dset.shape) != len(shape) or any(s is not None and s != d for s, d in zip(shape, dset.shape)):
-        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        free = ["?" if s is None else str(s) for s in shape]
+        want = f"({free[0]},)" if len(free) == 1 else "(" + ", ".join(free) + ")"
         raise DripError(f"dataset '{name}' has shape {dset.shape}, expected {want}", path)
     if dset.dtype.kind not in dtype_kinds:
         raise DripError(f"dataset '{name}' has dtype {dset.dtype}, expected a "

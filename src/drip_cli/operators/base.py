@@ -21,6 +21,15 @@ import torch
 
 from ..batching import batch_dot
 
+
+def _shown_briefly(value, limit: int = 40) -> str:
+    """An attribute's value as an error message shows it: text quoted, cut to ``limit``."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    shown = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
+
+
 class LinearOperator(torch.nn.Module):
     """Base class: ``forward`` is ``A``, ``adjoint`` is ``A^T``.
 
@@ -127,7 +136,8 @@ class LinearOperator(torch.nn.Module):
         if (len(values) != length or values.dtype.kind not in "iuf"
                 or not np.all(np.isfinite(values)) or np.any(values != np.round(values))
                 or np.any(np.abs(values) >= 2**62)):
-            shown = values.tolist() if values.dtype.kind in "iufb" else "not numbers"
+            shown = (values.tolist() if values.dtype.kind in "iufb"
+                     else _shown_briefly(group.attrs[name]))
             raise ValueError(f"operator attribute '{name}' must be {length} whole number"
                              f"{'s' if length > 1 else ''}, got {shown}")
         return tuple(int(v) for v in values)

@@ -99,15 +99,25 @@ def limited_angles(n_angles: int, angle_range: float = 180.0, start: float = 0.0
     return start + angle_range * np.arange(n_angles, dtype=np.float64) / n_angles
 
 
+def _checked_angles(angles_deg) -> np.ndarray:
+    """``angles_deg`` as a float64 array; ``ValueError`` unless it is a non-empty 1-D array of
+    finite angles (a file's angles are checked before its measurements' shape is compared)."""
+    try:
+        angles = np.atleast_1d(np.asarray(angles_deg, dtype=np.float64))
+    except (TypeError, ValueError):
+        angles = np.empty((0,))
+    if angles.ndim != 1 or len(angles) == 0 or not np.all(np.isfinite(angles)):
+        raise ValueError("angles_deg must be a non-empty 1-D array of finite angles")
+    return angles
+
+
 class Tomography(SparseMatrixOperator):
     """Parallel-beam Radon transform per channel; measurements ``(C, n_angles, n_detectors)``."""
 
     kind = "tomography"
 
     def __init__(self, image_shape: tuple[int, int, int], angles_deg):
-        angles = np.atleast_1d(np.asarray(angles_deg, dtype=np.float64))
-        if angles.ndim != 1 or len(angles) == 0 or not np.all(np.isfinite(angles)):
-            raise ValueError("angles_deg must be a non-empty 1-D array of finite angles")
+        angles = _checked_angles(angles_deg)
         _, height, width = (int(v) for v in image_shape)
         indptr, indices, data, shape = radon_matrix(height, width, angles)
         self.angles_deg = angles
@@ -127,7 +137,7 @@ class Tomography(SparseMatrixOperator):
             if stored != detectors:
                 raise ValueError(f"n_detectors = {stored}, but an image of size {image_shape[1:]} "
                                  f"has {detectors} detectors in the radon(circle=False) geometry")
-        return len(np.atleast_1d(cls._stored_array(group, "angles_deg"))), detectors
+        return len(_checked_angles(cls._stored_array(group, "angles_deg"))), detectors
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):

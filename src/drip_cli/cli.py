@@ -37,6 +37,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# seeds are stored in files (an HDF5 attribute, the run's config) and seed torch's generators,
+# which take signed 64-bit integers: a larger --seed was an "unexpected ValueError"
+SEED_MAX = 2**63 - 1
+
+
+def seed_option(help: str):
+    return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help)
+
+
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress display (results are still written).")
 DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
 BATCH_SIZE = typer.Option(
@@ -282,8 +291,7 @@ def simulate(
                                           case_sensitive=False),
     noise_percent: str = typer.Option("2", "--noise-percent",
                                       help="Noise percent P, or a range A:B drawn per sample."),
-    seed: int = typer.Option(0, "--seed", min=0,
-                             help="Seed for images, mask and noise (reproducible)."),
+    seed: int = seed_option("Seed for images, mask and noise (reproducible)."),
     blur_sigma: float = typer.Option(2.0, "--blur-sigma", help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
                                             "(default 2*ceil(3 sigma)+1)."),
@@ -529,9 +537,8 @@ def train(
              "pass before it (exact where the passes have converged; the earlier ones stop at the "
              "model's looser guide tolerance; default: the weights held constant)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
-    seed: int = typer.Option(0, "--seed", min=0,
-                             help="Seed of the validation split, the sample order, the "
-                             "noise draws and the start's random filters."),
+    seed: int = seed_option("Seed of the validation split, the sample order, the noise draws "
+                            "and the start's random filters."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(
         False, "--resume",
@@ -766,7 +773,7 @@ def evaluate(
     tau: str = typer.Option("1", "--tau", help="Discrepancy constant; several, comma-separated "
                             "(e.g. 0.95,0.98,1), run every method at each and show each "
                             "method's best."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the re-simulated noise."),
+    seed: int = seed_option("Seed of the re-simulated noise."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
                                               help="Evaluate only the first N images."),
     preview_noise: Optional[float] = typer.Option(

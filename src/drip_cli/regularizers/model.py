@@ -145,14 +145,11 @@ def per_channel_model(model: DripModel, channels: int) -> DripModel:
     = sum_c R(z_c)``), while the data fit, as always, is each sample's over all its channels.
     The model is the same on each channel; only how colours go together is left unlearned
     (``drip reconstruct --each-channel``)."""
-    config = model.config
     _check_widens(model, "per_channel_model")
-    wide = DripModel(replace(config, patch_components=0))   # its parts are replaced below
-    wide.config = replace(config, image_channels=channels, latent_channels=channels)
-    wide.embedding = model.embedding.per_channel(channels)
-    wide.regularizer = PerChannelRegularizer(model.regularizer, channels)
-    if model.patch_prior is not None:
-        wide.patch_prior = PerChannelMixture(model.patch_prior, channels)
+    prior = None if model.patch_prior is None else PerChannelMixture(model.patch_prior, channels)
+    wide = DripModel(replace(model.config, image_channels=channels, latent_channels=channels),
+                     parts=(model.embedding.per_channel(channels),
+                            PerChannelRegularizer(model.regularizer, channels), prior))
     return wide.to(model.embedding.weight.device).eval()
 
 
@@ -166,22 +163,26 @@ def widened_model(model: DripModel, channels: int) -> DripModel:
     _check_widens(model, "widened_model")
     config = replace(model.config, image_channels=channels, latent_channels=channels,
                      n_filters=channels * model.config.n_filters, patch_components=0)
-    wide = DripModel(config)
-    wide.regularizer = model.regularizer.widened(channels)
-    wide.embedding = model.embedding.per_channel(channels)
-    return wide
+    return DripModel(config, parts=(model.embedding.per_channel(channels),
+                                    model.regularizer.widened(channels), None))
 
 
 class DripModel(torch.nn.Module):
     """``u = E z`` with ``z`` the minimiser of ``R(z)`` under the data-fit constraint."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, parts: tuple | None = None):
+        """The model ``config`` describes, its parameters at their start; or, with ``parts``
+        ``(embedding, regularizer, patch_prior or None)`` made elsewhere (the widenings
+        :func:`per_channel_model` and :func:`widened_model`), a model of those parts."""
         super().__init__()
         if config.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {config.architecture!r} "
                              f"(available: {', '.join(ARCHITECTURES)})")
-        latent = config.latent_channels or config.image_channels
         self.config = config
+        if parts is not None:
+            self.embedding, self.regularizer, self.patch_prior = parts
+            return
+        latent = config.latent_channels or config.image_channels
         self.embedding = Embedding(latent, config.image_channels,
                                    config.embedding_kernel_size)
         common = dict(latent_channels=latent, image_channels=config.image_channels,

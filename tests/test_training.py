@@ -87,7 +87,14 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
                            "--loss-weights must be three non-negative numbers"),
                           (json.dumps({**settings, "model": {**settings["model"],
                                                              "architecture": "x"}}),
-                           "--architecture must be one of")):
+                           "--architecture must be one of"),
+                          # (session 57's fuzzing: a negative seed was reported as a damaged
+                          # checkpoint's sample order, no model settings as "None-channel images")
+                          (json.dumps({**settings, "seed": -1}), "--seed must be between 0 and"),
+                          (json.dumps({**settings, "model": {}}),
+                           "the model settings lack image_channels"),
+                          (json.dumps({k: v for k, v in settings.items() if k != "model"}),
+                           "the model settings are not a JSON object")):
         (split / "config.json").write_text(text)
         damaged = run_cli("train", train_file, "--out", split, "--resume", "-q")
         assert_one_line_error(damaged, f"config.json: cannot read the run's settings ({message}",
@@ -154,6 +161,23 @@ def test_a_run_without_validation_resumes(tmp_path):
     assert np.isnan(torch.load(run / "checkpoint_state.pt", weights_only=True)["best_psnr"])
     result = run_cli("train", data, "--out", run, "--epochs", 2, "--resume", "-q")
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("architecture", ["convex", "unrolled"])
+def test_a_diverging_run_stops_and_keeps_its_best_model(architecture, train_file, tmp_path):
+    """A learning rate far too large: the run stops at the step where its numbers overflow, in
+    one line naming --lr, and its model file stays the finite model validated before. (The
+    unrolled run went on with NaN weights, took its NaN validation PSNR for "no validation" and
+    kept the NaN model; the convex one ended in "unexpected _LinAlgError".)"""
+    run = tmp_path / "run"
+    settings = TINY_SETTINGS if architecture == "convex" else ["--batch-size", "4", "-q"]
+    result = run_cli("train", train_file, "--out", run, "--epochs", 3, "--lr", "1e6",
+                     "--architecture", architecture, *settings)
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "training diverged at step" in result.stderr and "smaller --lr" in result.stderr
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+    weights = load_file(str(run / "model.safetensors"))
+    assert all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
 def test_resume_refuses_other_data(train_file, tmp_path):

@@ -24,8 +24,8 @@ from rich.table import Table
 from . import __version__
 from .console import (console, error_line, fmt, key_value_table, progress_bar, status,
                       warning_line)
-from .errors import (SIGNALS_RECEIVED, DripError, DripWarning, OutputError, Terminated,
-                     require_positive, with_article)
+from .errors import (SEED_MAX, SIGNALS_RECEIVED, DripError, DripWarning, OutputError,
+                     Terminated, require_positive, with_article)
 
 app = typer.Typer(
     name="drip",
@@ -36,10 +36,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-# seeds are stored in files (an HDF5 attribute, the run's config) and seed torch's generators,
-# which take signed 64-bit integers: a larger --seed was an "unexpected ValueError"
-SEED_MAX = 2**63 - 1
 
 
 def seed_option(help: str):

@@ -62,6 +62,11 @@ def require_regular_file(path: str | os.PathLike, expected: str) -> None:
         raise DripError(f"is not a regular file (a device or a pipe), expected {expected}", path)
 
 
+# seeds are stored in files (an HDF5 attribute, a run's config) and seed torch's generators,
+# which take signed 64-bit integers: a larger --seed was an "unexpected ValueError"
+SEED_MAX = 2**63 - 1
+
+
 def require_positive(option: str, value: float) -> None:
     """Refuse a numeric option unless it is positive and finite (so NaN and inf too)."""
     if not (math.isfinite(value) and value > 0):

@@ -30,6 +30,7 @@ uninterrupted one (CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -45,7 +46,8 @@ from safetensors.torch import load_file, save
 
 from .. import __version__
 from ..data import add_noise, noise_std_for, require_measurable
-from ..errors import DripError, DripWarning, is_finite_number, require_positive, setting_type_problem
+from ..errors import (SEED_MAX, DripError, DripWarning, is_finite_number, require_positive,
+                      setting_type_problem)
 from ..evaluation import psnr
 from ..io import MeasurementFile, append_text, write_bytes, write_json, write_text
 from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
@@ -129,6 +131,8 @@ class TrainConfig:
                                      ("val_max_samples", self.val_max_samples, 0)):
             if value < least:
                 raise DripError(f"{option} must be at least {least}, got {value}")
+        if not 0 <= self.seed <= SEED_MAX:
+            raise DripError(f"--seed must be between 0 and {SEED_MAX}, got {self.seed}")
         if not 0 <= self.val_fraction < 1:
             raise DripError(f"val_fraction must be at least 0 and below 1, got {self.val_fraction}")
         if m.group_size not in (1, 2):
@@ -350,8 +354,10 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
         saved = json.loads(path.read_text())
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
-        model = saved.get("model") or {}
+        model = saved.get("model")
         ModelConfig.from_dict(model)  # checks each setting's type and value
+        if "image_channels" not in model:   # (read as "trained on None-channel images")
+            raise ValueError("the model settings lack image_channels")
         problem = next(filter(None, (setting_type_problem(name, saved[name], getattr(defaults, name))
                                      for name in RUN_FIELDS if name in saved)), None)
         if problem:
@@ -630,18 +636,43 @@ class Trainer:
         else:
             radius = discrepancy_radius(self.op, sigma, cfg.tau)
             # the patch pass is not trained through: its weight is chosen at validation
-            solution = self.model.solve(self.op, b, radius, patch_weight=0,
-                                        max_iterations=cfg.train_solver_iterations,
-                                        tolerance=cfg.train_solver_tolerance)
+            with self._overflow_as_divergence("its solve failed", self.global_step + 1):
+                solution = self.model.solve(self.op, b, radius, patch_weight=0,
+                                            max_iterations=cfg.train_solver_iterations,
+                                            tolerance=cfg.train_solver_tolerance)
             z = solution.latent.detach().requires_grad_(True)
             loss = upper_loss(self.model, self.op, z, x, cfg.loss_weights)
             (dloss_dz,) = torch.autograd.grad(loss, z, retain_graph=True)
             # direct dependence on E, plus the implicit part through the solution
             objective = loss + self._implicit_part(b, solution, z, dloss_dz)
+        if not bool(torch.isfinite(objective.detach()).all()):
+            value = float(loss.detach())
+            raise self._diverged(f"the training loss is {value}" if not math.isfinite(value)
+                                 else "the implicit gradient's surrogate is not finite",
+                                 self.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         self.optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise self._diverged("the model's weights are no longer finite", self.global_step + 1)
         return float(loss.detach())
+
+    def _diverged(self, what: str, step: int) -> DripError:
+        """The error that ends a run whose arithmetic overflowed, as a learning rate far too
+        large makes it: said at once. (Such a run went on with NaN weights, read its NaN
+        validation PSNR as "no validation" and kept the NaN model as its best.)"""
+        return DripError(f"training diverged at step {step}: {what}. Start again with a smaller "
+                         f"--lr than {self.config.lr:g}; {MODEL_FILE} holds the best model "
+                         "validated before", self.out)
+
+    @contextlib.contextmanager
+    def _overflow_as_divergence(self, what: str, step: int):
+        """Turn a linear-algebra failure in a solve (weights so large that the step bound's
+        Lanczos products overflow) into :meth:`_diverged`."""
+        try:
+            yield
+        except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:
+            raise self._diverged(f"{what} ({str(exc).rstrip('.')})", step) from exc
 
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -660,17 +691,19 @@ class Trainer:
         def mean_psnr(result):
             return float(psnr(result.solution.cpu().numpy(), x.cpu().numpy()).mean())
 
-        solution = self.model.solve(self.op, b, radius, **({"patch_weight": 0} if choose else {}))
         metrics = {}
-        if choose:   # the patch term's weight: the best of PATCH_WEIGHTS on these samples, or none
-            best, weight = mean_psnr(solution), 0.0
-            for candidate in PATCH_WEIGHTS:
-                result = self.model.patch_pass(self.op, b, radius, solution, candidate)
-                if (score := mean_psnr(result)) > best:
-                    best, weight, chosen = score, candidate, result
-            self.model.config.patch_weight = weight
-            solution = chosen if weight else solution
-            metrics["val_patch_weight"] = weight
+        with self._overflow_as_divergence("the validation solve failed", self.global_step):
+            solution = self.model.solve(self.op, b, radius,
+                                        **({"patch_weight": 0} if choose else {}))
+            if choose:   # the patch term's weight: the best of PATCH_WEIGHTS here, or none
+                best, weight = mean_psnr(solution), 0.0
+                for candidate in PATCH_WEIGHTS:
+                    result = self.model.patch_pass(self.op, b, radius, solution, candidate)
+                    if (score := mean_psnr(result)) > best:
+                        best, weight, chosen = score, candidate, result
+                self.model.config.patch_weight = weight
+                solution = chosen if weight else solution
+                metrics["val_patch_weight"] = weight
         ratio = discrepancy_ratio(self.op, solution.solution, b, sigma)
         return {"val_psnr": mean_psnr(solution),
                 "val_fit_fraction": float((ratio <= self.config.tau).double().mean()),
@@ -875,6 +908,9 @@ class Trainer:
 
     def _end_epoch(self, losses: list[float], label: str | None = None) -> None:
         metrics = self.validate()
+        if len(self.val_index) and math.isnan(metrics["val_psnr"]):
+            raise self._diverged("its validation reconstructions are not finite",
+                                 self.global_step)
         row = {"epoch": self.epoch if label is None else label, "step": self.global_step,
                "train_loss": float(np.mean(losses)) if losses else float("nan"), **metrics,
                "seconds": round(self.elapsed, 2)}

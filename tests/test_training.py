@@ -487,6 +487,17 @@ def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
     result = run_cli("reconstruct", data, "--model", bad, "--out", out, "-q")
     assert_one_line_error(result, message, out)
     assert str(bad) in result.stderr
+    if damage in ("huge-embedding", "huge-regularizer"):
+        # drip evaluate (which also solves for R at the truth) and drip info (which shows the
+        # step bound) ended in "unexpected _LinAlgError" (session 57's fuzzing)
+        report = tmp_path / "report"
+        result = run_cli("evaluate", data, "--model", bad, "--out", report, "--methods", "drip",
+                         "--noise-percent", "2", "-q")
+        assert_one_line_error(result, message, report)
+        info = run_cli("info", bad)
+        assert info.exit_code == 0 and "Traceback" not in info.stderr, info.stderr
+        if damage == "huge-regularizer":
+            assert "not finite: the weights overflow" in info.stdout
 
 
 def test_training_on_the_files_own_measurements(train_file, tmp_path):

@@ -194,9 +194,13 @@ def _lipschitz_bounds(model, image_shape) -> str:
     if not regularizer.convex:
         return "none (non-convex: the solver backtracks)"
     shape = (model.embedding.latent_channels, *image_shape[1:])
-    with torch.no_grad():
-        own = float(regularizer.curvature_and_lipschitz_bound(shape=shape)[1])
-        anywhere = float(regularizer.lipschitz_bound())
+    try:
+        with torch.no_grad():
+            own = float(regularizer.curvature_and_lipschitz_bound(shape=shape)[1])
+            anywhere = float(regularizer.lipschitz_bound())
+    except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
+        # (drip reconstruct refuses such a model: "the model's weights are out of range")
+        return "not finite: the weights overflow the arithmetic"
     return f"{own:.4g} at {'x'.join(map(str, image_shape[1:]))} (any size: {anywhere:.4g})"
 
 

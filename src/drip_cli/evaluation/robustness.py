@@ -155,13 +155,13 @@ def simulate_level(op: LinearOperator, truth: np.ndarray, percent: float, seed: 
 def truth_regularizer_values(method: LearnedMethod, truth: np.ndarray, batch_size: int,
                              device: torch.device) -> np.ndarray:
     """``min_z R(z) s.t. E z = x`` per ground-truth image (DRIP models only)."""
-    model = method.model.to(device)
     identity = Denoise(truth.shape[1:]).to(device)
     values = []
     for i in range(0, len(truth), batch_size):
         x = torch.from_numpy(truth[i:i + batch_size]).to(device)
         radius = TRUTH_RADIUS * x.flatten(1).norm(dim=1)
-        values.append(model.solve(identity, x, radius).regularizer_value.double().cpu().numpy())
+        # the method's solve: weights that overflow are refused as in the reconstructions
+        values.append(method.solve(identity, x, radius).regularizer_value.double().cpu().numpy())
     return np.concatenate(values)
 
 

@@ -180,6 +180,26 @@ def test_a_diverging_run_stops_and_keeps_its_best_model(architecture, train_file
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
+def test_a_start_that_overflows_is_named(tmp_path):
+    """--init with a model whose finite weights overflow the arithmetic fails at the start's
+    validation, before any step: the starting model is named, not the learning rate."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shipped = str(Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors")
+    with safe_open(shipped, framework="pt") as handle:
+        meta = handle.metadata()
+    weights = load_file(shipped)
+    weights["regularizer.weight_logits"][0] = 1e30
+    bad = tmp_path / "bad.safetensors"
+    save_file(weights, bad, metadata=meta)
+    data = tmp_path / "blur.h5"
+    write_small_file(data, make_operator("blur", (1, 64, 64)), n=4)
+    result = run_cli("train", data, "--out", tmp_path / "run", "--init", bad, "--epochs", 1, "-q")
+    assert_one_line_error(result, f"{bad}: the starting model's weights are out of range",
+                          tmp_path / "run" / "model.safetensors")
+
+
 def test_resume_refuses_other_data(train_file, tmp_path):
     """--resume continues a run on its own data, known by content: another file (even of the
     same shape) is refused, before anything in the run changes; the run's data under another

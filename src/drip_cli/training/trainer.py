@@ -660,7 +660,11 @@ class Trainer:
     def _diverged(self, what: str, step: int) -> DripError:
         """The error that ends a run whose arithmetic overflowed, as a learning rate far too
         large makes it: said at once. (Such a run went on with NaN weights, read its NaN
-        validation PSNR as "no validation" and kept the NaN model as its best.)"""
+        validation PSNR as "no validation" and kept the NaN model as its best.) At step 0, before
+        any step, it is the start that overflows: ``--init``'s model."""
+        if step == 0:
+            return DripError(f"the starting model's weights are out of range for this data: "
+                             f"{what}", self.config.init or self.out)
         return DripError(f"training diverged at step {step}: {what}. Start again with a smaller "
                          f"--lr than {self.config.lr:g}; {MODEL_FILE} holds the best model "
                          "validated before", self.out)

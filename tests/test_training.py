@@ -71,7 +71,23 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     checkpoint.write_bytes(intact[:100])
     damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
     assert_one_line_error(damaged, f"{checkpoint}: cannot read checkpoint", split / "nothing")
+    # NaN weights (were met by the divergence check, as if the resumed run had diverged), and a
+    # folder in place of the history (was an unexpected IsADirectoryError)
+    from safetensors.torch import save_file
     checkpoint.write_bytes(intact)
+    nan_weights = {name: w * float("nan") for name, w in load_file(str(checkpoint)).items()}
+    save_file(nan_weights, checkpoint)
+    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+    assert_one_line_error(damaged, f"{checkpoint}: damaged checkpoint: weights", split / "nothing")
+    checkpoint.write_bytes(intact)
+    history = split / "history.csv"
+    history_text = history.read_text()
+    history.unlink()
+    history.mkdir()
+    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+    assert_one_line_error(damaged, f"{history}: cannot read the run's history", split / "nothing")
+    history.rmdir()
+    history.write_text(history_text)
     for text, message in (("{not json", ""), ("[]", "not a JSON object"),
                           (json.dumps({**settings, "lr": "fast"}), "setting lr = 'fast' is not a finite"),
                           (json.dumps({**settings, "model": {**settings["model"], "n_filters": 4.5}}),

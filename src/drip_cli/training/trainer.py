@@ -766,9 +766,14 @@ class Trainer:
             raise DripError("no checkpoint to resume from", self.out)
         # any failure here means a damaged checkpoint: name the file that is
         try:
-            self.model.load_state_dict(load_file(str(weights_path)))
+            weights = load_file(str(weights_path))
+            self.model.load_state_dict(weights)
         except Exception as exc:  # noqa: BLE001
             raise DripError(f"cannot read checkpoint ({exc})", weights_path) from exc
+        not_finite = sorted(name for name, w in weights.items() if not bool(torch.isfinite(w).all()))
+        if not_finite:   # (its run went on to "diverge" at the first step: say what it is)
+            raise DripError(f"damaged checkpoint: weights {', '.join(not_finite)} contain NaN or "
+                            "Inf", weights_path)
         try:
             state = torch.load(state_path, weights_only=True)
             problem = self._checkpoint_state_problem(state)
@@ -783,8 +788,12 @@ class Trainer:
             raise DripError(f"damaged checkpoint: {problem}", state_path)
         history = self.out / HISTORY   # the run appends to it: refuse what is not its own
         if history.exists():
-            with open(history, errors="replace") as handle:
-                header = handle.readline()
+            try:
+                with open(history, errors="replace") as handle:
+                    header = handle.readline()
+            except OSError as exc:   # (a folder of that name was an unexpected IsADirectoryError)
+                raise DripError(f"cannot read the run's history ({exc.strerror})", history) \
+                    from exc
             if not header.startswith("epoch,step,"):
                 raise DripError("is not this run's history (its header is not epoch,step,...): "
                                 "restore it, or remove it (the run then starts a new one)", history)

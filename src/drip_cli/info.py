@@ -17,6 +17,7 @@ from .io.measurements import file_format, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
                         resolve_model_path, run_in_progress)
 from .operators import adjointness_error, estimate_norm
+from .solvers import LINALG_FAILURES
 
 
 def _range(values: np.ndarray) -> str:
@@ -198,7 +199,7 @@ def _lipschitz_bounds(model, image_shape) -> str:
         with torch.no_grad():
             own = float(regularizer.curvature_and_lipschitz_bound(shape=shape)[1])
             anywhere = float(regularizer.lipschitz_bound())
-    except (torch.linalg.LinAlgError, np.linalg.LinAlgError):
+    except LINALG_FAILURES:
         # (drip reconstruct refuses such a model: "the model's weights are out of range")
         return "not finite: the weights overflow the arithmetic"
     return f"{own:.4g} at {'x'.join(map(str, image_shape[1:]))} (any size: {anywhere:.4g})"

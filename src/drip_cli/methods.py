@@ -7,12 +7,11 @@ a regularizer (the file then stores NaN for CGLS).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .errors import DripError
 from .operators import LinearOperator, estimate_norm
-from .solvers import SolverResult, cgls, constrained_tv, total_variation
+from .solvers import LINALG_FAILURES, SolverResult, cgls, constrained_tv, total_variation
 
 
 class ReconstructionMethod:
@@ -191,7 +190,7 @@ class LearnedMethod(ReconstructionMethod):
         # drip: regularizer_value = R(z*) at the latent solution; unrolled: none
         try:
             result = self.model.solve(op, b, radius, progress=progress)
-        except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:
+        except LINALG_FAILURES as exc:
             raise self._out_of_range(f"a linear-algebra routine failed ({exc})") from exc
         if not bool(torch.isfinite(result.solution).all()):
             raise self._out_of_range("its reconstruction holds NaN or Inf")

@@ -1,9 +1,17 @@
 """Reconstruction solvers under the discrepancy-principle constraint."""
 
+import numpy as np
+import torch
+
 from .cgls import cgls
 from .datafit import (SolverResult, discrepancy_radius, discrepancy_ratio, relative_residual,
                       residual_norm)
 from .tv import constrained_tv, total_variation
 
-__all__ = ["cgls", "constrained_tv", "total_variation", "SolverResult", "discrepancy_radius",
+# what a solve raises when a model's finite weights overflow the arithmetic: the eigensolver of
+# the step bound's Lanczos matrix, the SVD of a projection's subspace problem (drip reconstruct,
+# evaluate, info and train turn it into one line naming the model)
+LINALG_FAILURES = (torch.linalg.LinAlgError, np.linalg.LinAlgError)
+
+__all__ = ["LINALG_FAILURES", "cgls", "constrained_tv", "total_variation", "SolverResult", "discrepancy_radius",
            "discrepancy_ratio", "relative_residual", "residual_norm"]

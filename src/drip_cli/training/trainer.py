@@ -57,7 +57,7 @@ from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import (ARCHITECTURES, DripModel, ModelConfig, build_model,
                                   widened_model)
 from ..regularizers.patches import PATCH_SIZE, supported_components
-from ..solvers import discrepancy_radius, discrepancy_ratio
+from ..solvers import LINALG_FAILURES, discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate, surrogate_through_passes
 
 PATCH_PRIOR = "patch_prior"   # DripModel's patch mixture, fitted by the run (see fit)
@@ -653,7 +653,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         objective.backward()
         self.optimizer.step()
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        # one test (one host synchronisation on a GPU), not one per parameter
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
             raise self._diverged("the model's weights are no longer finite", self.global_step + 1)
         return float(loss.detach())
 
@@ -675,7 +676,7 @@ class Trainer:
         Lanczos products overflow) into :meth:`_diverged`."""
         try:
             yield
-        except (torch.linalg.LinAlgError, np.linalg.LinAlgError) as exc:
+        except LINALG_FAILURES as exc:
             raise self._diverged(f"{what} ({str(exc).rstrip('.')})", step) from exc
 
     # -- validation ----------------------------------------------------------------------------

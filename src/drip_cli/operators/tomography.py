@@ -130,19 +130,26 @@ class Tomography(SparseMatrixOperator):
         group.attrs["n_detectors"] = self.n_detectors
 
     @classmethod
-    def _stored_measurement_size(cls, group, image_shape):
+    def _stored_geometry(cls, group, image_shape) -> tuple[np.ndarray, int]:
+        """The stored angles, checked, and the number of detectors of ``image_shape``, which
+        a stored ``n_detectors`` must equal."""
+        angles = _checked_angles(cls._stored_array(group, "angles_deg"))
         detectors = radon_geometry(*image_shape[1:])[0]
         if "n_detectors" in group.attrs:
             stored = cls._stored_integers(group, "n_detectors", 1)[0]
             if stored != detectors:
                 raise ValueError(f"n_detectors = {stored}, but an image of size {image_shape[1:]} "
                                  f"has {detectors} detectors in the radon(circle=False) geometry")
-        return len(_checked_angles(cls._stored_array(group, "angles_deg"))), detectors
+        return angles, detectors
+
+    @classmethod
+    def _stored_measurement_size(cls, group, image_shape):
+        angles, detectors = cls._stored_geometry(group, image_shape)
+        return len(angles), detectors
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        cls._stored_measurement_size(group, image_shape)   # n_detectors checked
-        return cls(image_shape, cls._stored_array(group, "angles_deg"))
+        return cls(image_shape, cls._stored_geometry(group, image_shape)[0])
 
     def describe(self) -> dict:
         a = self.angles_deg

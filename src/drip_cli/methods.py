@@ -89,7 +89,8 @@ class LearnedMethod(ReconstructionMethod):
     def load(cls, path) -> LearnedMethod:
         from .io.models import load_model, resolve_model_path
 
-        return cls(*load_model(path), path=resolve_model_path(path))
+        path = resolve_model_path(path)
+        return cls(*load_model(path), path=path)
 
     def check(self, data, warn) -> dict:
         trained, shape = tuple(self.info.image_shape), tuple(data.image_shape)

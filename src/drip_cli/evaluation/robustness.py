@@ -84,11 +84,12 @@ def choose_methods(model_paths: list, wanted: list[str] | None,
     and ``unrolled`` standing for the models of that kind. Several models of one kind are named
     ``kind:label``, the label the run folder's name or the model file's stem. ``warn(message)``
     hears of models that no wanted method uses."""
-    resolved = [resolve_model_path(path).resolve() for path in model_paths]
+    files = [resolve_model_path(path) for path in model_paths]
+    resolved = [file.resolve() for file in files]
     if len(set(resolved)) < len(resolved):
         twice = next(p for p in resolved if resolved.count(p) > 1)
         raise DripError("given twice to --model", twice)
-    learned = [LearnedMethod.load(path) for path in model_paths]
+    learned = [LearnedMethod.load(file) for file in files]
     for method, path in zip(learned, model_paths):
         if sum(m.kind == method.kind for m in learned) > 1:
             method.name = f"{method.kind}:{_model_label(path)}"

@@ -338,14 +338,15 @@ def adopt_initial_model(config: TrainConfig, image_channels: int,
             if not name.startswith(PATCH_PRIOR + ".")}
 
 
-def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str]) -> None:
+def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str]) -> str | None:
     """``--resume``: the run's settings (its ``config.json``: the model's and those that set the
     run's course) replace the ones not given, and given ones must equal them; a run started with
     ``--init`` keeps its record of the starting model without reading that file again (the
     checkpoint holds the weights). ``--epochs`` and ``--max-minutes`` may change; left out,
     they too are the run's, so that a run interrupted and resumed as the interruption's message
     says (``--resume`` alone) keeps its budget and its learning-rate schedule. The data's
-    channel count may not change."""
+    channel count may not change. Returns the sha256 of the data the run started on, as its
+    ``config.json`` records it (``None`` for a run from before that was recorded)."""
     path = Path(config.out) / CONFIG
     if not path.exists():
         raise DripError("no checkpoint to resume from", config.out)
@@ -369,6 +370,9 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
         minutes = budget.get("max_minutes")
         if minutes is not None and not (is_finite_number(minutes) and minutes > 0):
             raise ValueError(f"max_minutes = {minutes!r} is not a positive number of minutes")
+        started_on = saved.get("data_sha256")
+        if started_on is not None and not isinstance(started_on, str):
+            raise ValueError(f"data_sha256 = {started_on!r} is not a sha256")
     except (OSError, ValueError) as exc:
         raise DripError(f"cannot read the run's settings ({exc})", path) from exc
     if model.get("image_channels") != image_channels:
@@ -395,18 +399,14 @@ def adopt_run_options(config: TrainConfig, image_channels: int, given: set[str])
                         f"(sha256 {str(saved.get('init_sha256'))[:12]}...; leave --init out)",
                         config.init)
     config.init, config.init_sha256 = saved.get("init"), saved.get("init_sha256")
+    return started_on
 
 
-def require_the_runs_data(out, sha256: str, data) -> None:
-    """``--resume`` continues a run on the data it started on, known by content (the sha256 in
-    its ``config.json``; for a run from before that was recorded, the one its model file
-    records), not by name: on other data it would not continue the run, and the model would
-    name data it was not trained on."""
-    path = Path(out) / CONFIG
-    recorded = json.loads(path.read_text()).get("data_sha256")
-    if recorded is not None and not isinstance(recorded, str):
-        raise DripError(f"cannot read the run's settings (data_sha256 = {recorded!r} is not a "
-                        "sha256)", path)
+def require_the_runs_data(out, recorded: str | None, sha256: str, data) -> None:
+    """``--resume`` continues a run on the data it started on, known by content (``recorded``,
+    the sha256 in its ``config.json``; for a run from before that was recorded, the one its
+    model file records), not by name: on other data it would not continue the run, and the
+    model would name data it was not trained on."""
     if recorded is None and (Path(out) / MODEL_FILE).exists():
         try:
             recorded = load_model(Path(out) / MODEL_FILE)[1].training_data_sha256 or None
@@ -516,7 +516,7 @@ class Trainer:
             torch.from_numpy(np.concatenate([batch.measurements for batch in batches])),
             torch.from_numpy(np.concatenate([batch.noise_std for batch in batches]).astype(np.float64)))
         if resume:
-            adopt_run_options(config, truth.shape[1], given)
+            started_on = adopt_run_options(config, truth.shape[1], given)
         initial_weights = (None if config.init is None or resume
                            else adopt_initial_model(config, truth.shape[1], given))
         # settings left to the operator (after --init: a starting model's eps stays)
@@ -540,7 +540,7 @@ class Trainer:
                 patch_default(config, tuple(self.truth[self.train_index].shape), given))
         self.data_sha256 = file_sha256(config.data)
         if resume:
-            require_the_runs_data(config.out, self.data_sha256, config.data)
+            require_the_runs_data(config.out, started_on, self.data_sha256, config.data)
 
         torch.manual_seed(config.seed)
         self.model = build_model(config.model)

@@ -136,6 +136,32 @@ def test_drip_solver_fits_every_sample_or_flags_it(kind, architecture, device):
         assert not bool(hopeless.converged.any())
 
 
+def test_samples_out_of_reach_are_flagged_at_once_and_leave_the_others_alone():
+    """A radius below what the data allow (--tau far under 1, a noise level given too low):
+    the CGLS start cannot fit the sample, so no iterate would; it is returned at CGLS's closest
+    point, flagged, without iterations, by every pass, and its batch mates are solved as alone."""
+    from drip_cli.operators.composed import EmbeddedOperator
+
+    op = Blur((1, 16, 16), gaussian_psf(2.0))
+    model = _perturbed_model()
+    model.config.reweight = 1
+    x = torch.rand(4, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    b, sigma = noisy(op, x, 2.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    radius[[1, 3]] *= 1e-6
+    result = model.solve(op, b, radius, max_iterations=1000, final_projection_iterations=40)
+    assert result.converged.tolist() == [True, False, True, False]
+    start = cgls(EmbeddedOperator(op, model.embedding), b[[1, 3]], radius[[1, 3]],
+                 max_iterations=40)
+    assert torch.equal(result.latent[[1, 3]], start.solution)
+    # the first pass's CGLS start, which found them out of reach; the second returns them
+    assert result.iterations[[1, 3]].tolist() == [40, 40]
+    alone = model.solve(op, b[[0, 2]], radius[[0, 2]], max_iterations=1000,
+                        final_projection_iterations=40)
+    assert torch.allclose(result.solution[[0, 2]], alone.solution, rtol=0, atol=1e-10)
+    assert torch.equal(result.iterations[[0, 2]], alone.iterations)
+
+
 @pytest.mark.parametrize("architecture", ["convex", "leapfrog"])
 def test_drip_solver_lowers_the_regularizer_from_the_cgls_start(architecture):
     op = Blur((1, 16, 16), gaussian_psf(1.5))

@@ -996,6 +996,15 @@ def test_reconstruct_reports_samples_stopped_at_the_iteration_cap(train_file, tm
     assert json.loads(report.read_text())["solver_converged_fraction"] == 1.0
     with h5py.File(out) as f:
         assert np.all(f["solver_converged"][()]) and np.all(f["iterations"][()] > 2)
+    # a noise level given far too low puts every sample out of reach of the CGLS start: each
+    # is returned unfit at once (it had iterated to the cap, every projection at its own)
+    result = run_cli("reconstruct", train_file, "--model", model_path, "--out", out,
+                     "--max-iterations", 1000, "--noise-std", 1e-9, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert not np.any(f["converged"][()]) and np.all(f["iterations"][()] <= 1000)
+    assert ("All of them were out of reach of the 1000 CGLS iterations that start and end "
+            "DRIP's solve") in " ".join(result.stdout.split())
 
 
 def test_a_refused_checkpoint_keeps_the_pair_whole(train_file, tmp_path):

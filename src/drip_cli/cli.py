@@ -736,8 +736,14 @@ def reconstruct(
         console.print(summary_table(f"{summary['method']} on {measurements.name}", [summary]))
         if summary["n_unfit"]:
             capped = summary["n_unfit_at_cap"]
-            at_cap = (f" {'All' if capped == summary['n_unfit'] else capped} of them stopped at "
-                      f"the solver's iteration cap: --max-iterations raises it." if capped else "")
+            which = "All" if capped == summary["n_unfit"] else capped
+            at_cap = (f" {which} of them stopped at the solver's iteration cap: --max-iterations "
+                      f"raises it." if capped else "")
+            if capped and summary["method"] == "drip":   # out of reach of its start (solve_drip)
+                from .solvers.drip import CGLS_ITERATIONS
+
+                at_cap = (f" {which} of them were out of reach of the {CGLS_ITERATIONS} CGLS "
+                          f"iterations that start and end DRIP's solve.")
             console.print(f"[yellow]{summary['n_unfit']} sample(s) do not fit the data "
                           f"(converged = false in {out}); the largest discrepancy ratio is "
                           f"{summary['discrepancy_ratio_max']:.3g} against tau = {tau:g}. If "

@@ -90,6 +90,14 @@ def test_unrolled_model_reconstructs_and_reports_its_fit_as_it_is(runs, tmp_path
         ratio = f["discrepancy_ratio"][()]
         assert np.array_equal(f["converged"][()], ratio <= 1.0)
         assert np.all(np.isnan(f["regularizer_value"][()]))
+    # its unfit samples are not the noise level's or a cap's: the note said "--max-iterations
+    # raises it", an option refused for this network
+    unfit = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
+                    "--noise-std", 1e-6, "--out", out, "-q")
+    note = " ".join(unfit.stdout.split())
+    assert unfit.exit_code == 0 and "sample(s) do not fit the data" in note, unfit.stderr
+    assert "runs its fixed number of steps and does not enforce the fit" in note
+    assert "--max-iterations" not in note and "--noise-std" not in note
     wrong = run_cli("reconstruct", runs / "blur.h5", "--model", runs / "unrolled_run",
                     "--method", "drip", "--out", tmp_path / "r2.h5")
     assert wrong.exit_code == 1 and "unrolled" in wrong.stderr and not (tmp_path / "r2.h5").exists()

@@ -734,27 +734,40 @@ def reconstruct(
         if report is not None:
             write_json(report, summary)
         console.print(summary_table(f"{summary['method']} on {measurements.name}", [summary]))
-        if summary["n_unfit"]:
-            capped = summary["n_unfit_at_cap"]
-            which = "All" if capped == summary["n_unfit"] else capped
-            at_cap = (f" {which} of them stopped at the solver's iteration cap: --max-iterations "
-                      f"raises it." if capped else "")
-            if capped and summary["method"] == "drip":   # out of reach of its start (solve_drip)
+        for note in _fit_notes(summary, out, tau):
+            console.print(f"[yellow]{note}[/yellow]")
+
+
+def _fit_notes(summary: dict, out: Path, tau: float) -> list[str]:
+    """``drip reconstruct``'s notes on the samples that do not fit the data, and on those whose
+    solver stopped short of its own criterion, with what each method's user can do about it."""
+    notes, method = [], summary["method"]
+    unfit, capped = summary["n_unfit"], summary["n_unfit_at_cap"]
+    if unfit:
+        note = (f"{unfit} sample(s) do not fit the data (converged = false in {out}); the largest "
+                f"discrepancy ratio is {summary['discrepancy_ratio_max']:.3g} against tau = "
+                f"{tau:g}.")
+        which = "All" if capped == unfit else capped
+        if method == "unrolled":   # (its --max-iterations is refused: a fixed number of steps)
+            note += (" The unrolled network runs its fixed number of steps and does not enforce "
+                     "the fit (a drip model or --method tv does).")
+        else:
+            note += " If the noise level is underestimated, give --noise-std or raise --tau."
+            if capped and method == "drip":   # out of reach of its CGLS start (solve_drip)
                 from .solvers.drip import CGLS_ITERATIONS
 
-                at_cap = (f" {which} of them were out of reach of the {CGLS_ITERATIONS} CGLS "
-                          f"iterations that start and end DRIP's solve.")
-            console.print(f"[yellow]{summary['n_unfit']} sample(s) do not fit the data "
-                          f"(converged = false in {out}); the largest discrepancy ratio is "
-                          f"{summary['discrepancy_ratio_max']:.3g} against tau = {tau:g}. If "
-                          f"the noise level is underestimated, give --noise-std or raise "
-                          f"--tau.{at_cap}[/yellow]")
-        if summary["n_stopped_at_cap"]:
-            console.print(f"[yellow]{summary['n_stopped_at_cap']} sample(s) fit the data but "
-                          f"the solver stopped before converging (solver_converged = false in "
-                          f"{out}): at its iteration cap (raise it with --max-iterations), or for "
-                          f"drip where the noise is too low for its projections to get more "
-                          f"accurate.[/yellow]")
+                note += (f" {which} of them were out of reach of the {CGLS_ITERATIONS} CGLS "
+                         f"iterations that start and end DRIP's solve.")
+            elif capped:
+                note += (f" {which} of them stopped at the solver's iteration cap: "
+                         f"--max-iterations raises it.")
+        notes.append(note)
+    if summary["n_stopped_at_cap"]:
+        notes.append(f"{summary['n_stopped_at_cap']} sample(s) fit the data but the solver stopped "
+                     f"before converging (solver_converged = false in {out}): at its iteration "
+                     f"cap (raise it with --max-iterations), or for drip where the noise is too "
+                     f"low for its projections to get more accurate.")
+    return notes
 
 
 @app.command(epilog=_examples("evaluate"))

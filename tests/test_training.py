@@ -997,7 +997,7 @@ def test_reconstruct_reports_samples_stopped_at_the_iteration_cap(train_file, tm
     with h5py.File(out) as f:
         assert np.all(f["solver_converged"][()]) and np.all(f["iterations"][()] > 2)
     # a noise level given far too low puts every sample out of reach of the CGLS start: each
-    # is returned unfit at once (it had iterated to the cap, every projection at its own)
+    # is returned unfit at once (the solver used to iterate on them, for over four minutes here)
     result = run_cli("reconstruct", train_file, "--model", model_path, "--out", out,
                      "--max-iterations", 1000, "--noise-std", 1e-9, "-q")
     assert result.exit_code == 0, result.stderr

@@ -11,8 +11,7 @@ import torch
 
 from .errors import DripError
 from .operators import LinearOperator, estimate_norm
-from .solvers import (LINALG_FAILURES, Overflow, SolverResult, cgls, constrained_tv,
-                      total_variation)
+from .solvers import LINALG_FAILURES, SolverResult, cgls, constrained_tv, total_variation
 
 
 class ReconstructionMethod:
@@ -193,8 +192,8 @@ class LearnedMethod(ReconstructionMethod):
         try:
             result = self.model.solve(op, b, radius, progress=progress)
         except LINALG_FAILURES as exc:
-            raise self._out_of_range(str(exc) if isinstance(exc, Overflow) else
-                                     f"a linear-algebra routine failed ({exc})") from exc
+            # (worded as drip train words the same failure)
+            raise self._out_of_range(f"its solve failed ({str(exc).rstrip('.')})") from exc
         if not bool(torch.isfinite(result.solution).all()):
             raise self._out_of_range("its reconstruction holds NaN or Inf")
         return result

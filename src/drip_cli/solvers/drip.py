@@ -279,7 +279,8 @@ def _feasible_start(forward_op, b, radius, z0, max_iterations: int):
         return start.solution, reachable, start.iterations
     iterations = torch.zeros(len(b), dtype=torch.int64, device=b.device)
     if len(b) == 0:   # every sample flat (best_constant)
-        return b.new_zeros(0, *forward_op.image_shape), iterations > 0, iterations
+        return (b.new_zeros(0, *forward_op.image_shape),
+                torch.zeros(0, dtype=torch.bool, device=b.device), iterations)
     return z0, _near(forward_op, z0, b, radius), iterations
 
 

@@ -18,13 +18,18 @@
    settings for blur data, so one reweighting pass for DRIP; batch 8, fresh 1-5% noise) for
    DRIP and the unrolled baseline, from untrained models on the same crops, after one warm-up
    step.
-4. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
+4. Low noise: TV and DRIP (``--model``) on the first ``--low-noise-images`` crops (default 4)
+   blurred at ``--low-noise-percent`` (default 0.03%), timed in rounds as in 2. There the
+   constraint is tight, DRIP's projections take some 20-30 Krylov steps where they take 2-3 at
+   2%, and its small working sets make every step's overhead count (the section caught
+   threads contending for the cores: ``docs/design.md``, *The subspace problems' SVD*).
+5. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
    (CGLS, blur) on phantom files of two sizes, 8 times apart. The command streams a file batch
    by batch, so its peak should not grow with the file (Linux: read from ``/proc``). And the
    same for DRIP (``--model``, both passes where it has them) on 128 blurred photo crops, two
    batches.
 
-``--device cuda`` runs the first three on a GPU (the fourth stays on the CPU). Prints rich tables and writes bench_out/bench.json.
+``--device cuda`` runs the first four on a GPU (the fifth stays on the CPU). Prints rich tables and writes bench_out/bench.json.
 """
 
 from __future__ import annotations
@@ -167,12 +172,12 @@ def tomography() -> Tomography:
     return Tomography(SHAPE, limited_angles(32, 120.0))
 
 
-def measured(op, truth: np.ndarray):
-    """``op`` and the crops' measurements by it at 2% noise (fixed seed), for the
+def measured(op, truth: np.ndarray, percent: float = 2.0):
+    """``op`` and the crops' measurements by it at ``percent`` noise (fixed seed), for the
     reconstruction and training sections (each gets its own operator: ``Module.to`` moves in
     place)."""
     clean = op(torch.from_numpy(truth))
-    sigma = noise_std_for(op, clean, torch.full((len(truth),), 2.0))
+    sigma = noise_std_for(op, clean, torch.full((len(truth),), percent))
     b = add_noise(op, clean, sigma, torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)))
     return op, b, sigma
 
@@ -184,15 +189,15 @@ def ratio_text(ratio: float) -> str:
 
 
 def bench_reconstruction(op, what: str, truth: np.ndarray, methods, device: torch.device,
-                         where: str, rounds: int = 3) -> tuple[Table, dict]:
+                         where: str, rounds: int = 3, percent: float = 2.0) -> tuple[Table, dict]:
     """Each method's solve of the crops, timed in ``rounds`` rounds that run every method once,
     each round in another order: the median of its times, their range, and the median of its
     time over TV's in the same round (this machine's speed drifts within a run, so methods are
     compared round by round, not by single runs at different moments)."""
-    op, b, sigma = measured(op, truth)
+    op, b, sigma = measured(op, truth, percent)
     op, b, sigma = op.to(device), b.to(device), sigma.to(device)
     radius = discrepancy_radius(op, sigma, 1.0)
-    out = table(f"reconstruction of {len(truth)} photo crops 64x64, {what}, 2% noise, tau = 1, "
+    out = table(f"reconstruction of {len(truth)} photo crops 64x64, {what}, {percent:g}% noise, tau = 1, "
                 f"{where} float32; median of {rounds} rounds", "method", "seconds", "range",
                 "images/s", "x TV", "PSNR", "max ratio", "iters", "solved")
     labels = [getattr(method, "label", method.name) for method in methods]
@@ -335,6 +340,10 @@ def main() -> None:
                         help="timed training steps per architecture (0: skip)")
     parser.add_argument("--train-batch", type=int, default=8,
                         help="the training section's batch size (drip train's default: 8)")
+    parser.add_argument("--low-noise-images", type=int, default=4,
+                        help="crops of the low-noise section (0: skip)")
+    parser.add_argument("--low-noise-percent", type=float, default=0.03,
+                        help="the low-noise section's noise percent")
     parser.add_argument("--memory-images", type=int, default=4096,
                         help="the larger file of the memory section, in images (the smaller one "
                              "has an eighth; 0: skip)")
@@ -366,6 +375,13 @@ def main() -> None:
                 make_op(), what, truth, reconstruction_methods(model, kind, unrolled), device,
                 where, args.rounds)
             console.print(out)
+    if args.low_noise_images > 0:
+        methods = [TVMethod(), learned_method(args.model, "convex")]
+        out, results["reconstruction_low_noise"] = bench_reconstruction(
+            blur(), "blur sigma 2", truth[:args.low_noise_images], methods, device, where,
+            args.rounds, args.low_noise_percent)
+        results["low_noise_percent"] = args.low_noise_percent
+        console.print(out)
     if args.train_steps > 0:
         out, results["training"] = bench_training(truth, args.train_steps, device, where,
                                                   args.train_batch)

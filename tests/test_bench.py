@@ -17,15 +17,19 @@ def test_bench_runs_every_section(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     result = subprocess.run([sys.executable, str(BENCH), "--images", "4", "--train-steps", "1",
                              "--memory-images", "16", "--memory-drip-images", "4", "--rounds", "2",
+                             # the low-noise section on 2 crops, at a noise level that solves fast
+                             "--low-noise-images", "2", "--low-noise-percent", "0.5",
                              "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "…" not in result.stdout   # the tables are printed whole
     figures = json.loads((tmp_path / "bench.json").read_text())
     assert len(figures["operators"]) == 6
-    for section in ("reconstruction", "reconstruction_tomography"):
+    assert figures["low_noise_percent"] == 0.5
+    for section in ("reconstruction", "reconstruction_tomography", "reconstruction_low_noise"):
         methods = figures[section]
-        assert {"cgls", "tv"} <= set(methods) and any(m.startswith("drip") for m in methods)
+        expected = {"tv"} if section == "reconstruction_low_noise" else {"cgls", "tv"}
+        assert expected <= set(methods) and any(m.startswith("drip") for m in methods)
         assert all(row["images_per_s"] > 0 for row in methods.values())
         assert all(0.0 <= row["solver_converged_fraction"] <= 1.0 for row in methods.values())
         # two timed rounds per method; each method's time against TV's in the same round

@@ -21,8 +21,9 @@
 4. Low noise: TV and DRIP (``--model``) on the first ``--low-noise-images`` crops (default 4)
    blurred at ``--low-noise-percent`` (default 0.03%), timed in rounds as in 2. There the
    constraint is tight, DRIP's projections take some 20-30 Krylov steps where they take 2-3 at
-   2%, and its small working sets make every step's overhead count (the section caught
-   threads contending for the cores: ``docs/design.md``, *The subspace problems' SVD*).
+   2%, and its small working sets make every step's overhead count (the regime where threads
+   contending for the cores went unseen until session 59: ``docs/design.md``, *The subspace
+   problems' SVD*).
 5. Memory of ``drip reconstruct`` on large files: the peak resident memory of the command
    (CGLS, blur) on phantom files of two sizes, 8 times apart. The command streams a file batch
    by batch, so its peak should not grow with the file (Linux: read from ``/proc``). And the

@@ -72,7 +72,8 @@ def _tikhonov_in_subspace(c: torch.Tensor, beta: torch.Tensor, radius: torch.Ten
     contended with PyTorch's for the cores, and the products between the calls ran up to 6
     times slower (measured on 2 cores: four 64x64 blur crops at 0.01% noise, whose projections
     take some 30 Krylov steps each, took 126 s with NumPy's SVD and 56 s single-threaded)."""
-    u, s, vh = (t.numpy() for t in torch.linalg.svd(c, full_matrices=False))   # (N,k+1,k), (N,k), (N,k,k)
+    # (N, k+1, k), (N, k), (N, k, k)
+    u, s, vh = (t.numpy() for t in torch.linalg.svd(c, full_matrices=False))
     c, beta, radius = c.numpy(), beta.numpy(), radius.numpy()
     tiny = np.finfo(c.dtype).tiny
     coeff = u[:, 0, :] * beta[:, None]                            # beta e1 in the left basis

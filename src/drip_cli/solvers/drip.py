@@ -244,17 +244,12 @@ def solve_drip(
     # Every iterate was projected, but a projection capped at projection_iterations may have
     # fallen short: the last word is a projection run to the tolerance. (The samples out of
     # reach had theirs: the CGLS run that could not fit them.)
-    if bool(out_of_reach.any()):
-        inside = ~out_of_reach
-        final = project(forward_op, b[inside], radius[inside], solution[inside],
-                        final_projection_iterations)
-        latent, converged = solution, stopped
-        latent[inside], iterations[inside] = final.solution, iterations[inside] + final.iterations
-        converged[inside] = stopped[inside] & final.converged
-    else:
-        final = project(forward_op, b, radius, solution, final_projection_iterations)
-        latent, iterations = final.solution, iterations + final.iterations
-        converged = stopped & final.converged
+    inside = ~out_of_reach
+    final = project(forward_op, b[inside], radius[inside], solution[inside],
+                    final_projection_iterations)
+    latent, converged = solution, stopped
+    latent[inside], iterations[inside] = final.solution, iterations[inside] + final.iterations
+    converged[inside] = stopped[inside] & final.converged
     return DripSolution(solution=embedding(latent), iterations=iterations, converged=converged,
                         latent=latent, regularizer_value=regularizer.value(latent),
                         pixel_weights=pixel_weights)

@@ -150,6 +150,45 @@ def test_evaluate_writes_every_file_with_the_contract_keys(runs, tmp_path):
     markdown = (report / "robustness.md").read_text()
     assert "| 2 * |" in markdown and "| 10 |" in markdown and "unrolled" in markdown
     assert "2 *" in result.stdout   # the console table marks the training range
+    # every other method paired with TV on the same samples, as the rows' means say
+    paired = json.loads((report / "robustness.json").read_text())["paired"]
+    means = {(r["method"], r["noise_percent"]): r["psnr_mean"] for r in rows}
+    assert {(p["method"], p["noise_percent"]) for p in paired} == {
+        (m, p) for m in ("cgls", "drip", "unrolled") for p in (2.0, 10.0)}
+    for p in paired:
+        assert p["reference"] == "tv" and p["n_samples"] == 6
+        assert p["psnr_difference_mean"] == pytest.approx(
+            means[p["method"], p["noise_percent"]] - means["tv", p["noise_percent"]], abs=1e-9)
+        assert p["psnr_difference_ci_low"] < p["psnr_difference_mean"] < p["psnr_difference_ci_high"]
+    assert "paired with tv" in markdown and "paired with tv" in result.stdout
+
+
+def test_paired_differences_are_the_t_interval_of_the_per_sample_differences():
+    from drip_cli.evaluation.comparison import paired_differences
+
+    def records(method, values, tau=1.0):
+        return [{"method": method, "noise_percent": 2.0, "tau": tau, "sample": i, "psnr": v,
+                 "ssim": v / 100} for i, v in enumerate(values)]
+
+    rows = [{"method": m, "base_method": m, "noise_percent": 2.0, "tau": 1.0}
+            for m in ("drip", "tv", "cgls")]
+    samples = (records("drip", [31, 32, 30, 33, np.inf]) + records("tv", [30, 31, 30.5, 31, 40])
+               + records("cgls", [29, 29, 29, 29, 29]))
+    drip, cgls = paired_differences(rows, samples)
+    difference = np.array([1, 1, -0.5, 2])   # the exact reconstruction's sample left out
+    half = 3.182446305284263 * difference.std(ddof=1) / 2   # t(0.975, 3 degrees), sqrt(4)
+    assert (drip["method"], drip["reference"], drip["n_samples"]) == ("drip", "tv", 4)
+    assert drip["psnr_difference_mean"] == pytest.approx(0.875)
+    assert drip["psnr_difference_ci_low"] == pytest.approx(0.875 - half)
+    assert drip["psnr_difference_ci_high"] == pytest.approx(0.875 + half)
+    assert drip["ssim_difference_mean"] == pytest.approx(0.00875)
+    assert drip["ahead_fraction"] == 0.75
+    assert cgls["n_samples"] == 5 and cgls["ahead_fraction"] == 0.0
+    # CGLS is the reference where TV was not evaluated; with neither there is none
+    without_tv = [r for r in rows if r["method"] != "tv"]
+    (only,) = paired_differences(without_tv, samples)
+    assert (only["method"], only["reference"]) == ("drip", "cgls")
+    assert paired_differences(rows[:1], samples) == []
 
 
 def test_evaluate_reweight_applies_to_the_drip_models(runs, tmp_path):
@@ -182,6 +221,9 @@ def test_evaluate_runs_every_method_at_every_tau_and_finds_each_best(runs, tmp_p
         line = f"| {base} | 2 | {best['tau']:g} | {best['psnr_mean']:.2f} |"
         assert line in (out / "robustness.md").read_text()
     assert "best tau" in result.stdout
+    # each constant's DRIP is paired with TV at the same constant
+    assert {(p["method"], p["reference"]) for p in report["paired"]} == {
+        ("drip@0.97", "tv@0.97"), ("drip@1", "tv@1")}
     with open(out / "samples.csv") as handle:
         assert {s["tau"] for s in csv.DictReader(handle)} == {"0.97", "1.0"}
 

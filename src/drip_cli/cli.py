@@ -808,7 +808,8 @@ def evaluate(
 
     Re-simulates the measurements at each level; writes tables, a plot and previews.
     """
-    from .evaluation.report import best_tau_table, console_table, regularizer_table, write_report
+    from .evaluation.report import (best_tau_table, console_table, paired_table,
+                                    regularizer_table, write_report)
     from .evaluation.robustness import choose_methods
     from .evaluation.robustness import evaluate as run_evaluation
     from .io import check_folder_writable
@@ -841,7 +842,8 @@ def evaluate(
                                         warn=warning_line)
         # the tables first: if the report cannot be written (a full disk), its figures were shown
         console.print(console_table(evaluation))
-        for extra in (best_tau_table(evaluation), regularizer_table(evaluation)):
+        for extra in (best_tau_table(evaluation), paired_table(evaluation),
+                      regularizer_table(evaluation)):
             if extra is not None:
                 console.print(extra)
         written = write_report(evaluation, out)

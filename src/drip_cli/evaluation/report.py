@@ -1,9 +1,10 @@
 """The files and the console table of ``drip evaluate`` (the report written as a whole or not at
 all).
 
-``robustness.json`` (CONTRACT.md: ``{"rows": [...]}`` plus the settings), ``robustness.csv`` (the
-rows), ``robustness.md`` (PSNR and fit fraction per method and level, with several discrepancy
-constants each method's best, then every figure),
+``robustness.json`` (CONTRACT.md: ``{"rows": [...]}`` plus the settings and ``"paired"``, each
+method against TV or CGLS on the same samples), ``robustness.csv`` (the rows), ``robustness.md``
+(PSNR and fit fraction per method and level, with several discrepancy constants each method's
+best, the paired comparison, then every figure),
 ``robustness.png`` (PSNR and fit fraction against the noise percent, training ranges shaded),
 ``samples.csv`` (one record per sample, method and level) and ``previews.png`` (a few samples:
 ground truth, the naive scaled adjoint and every method, PSNR in each title).
@@ -22,6 +23,7 @@ from rich.table import Table
 from ..console import fmt
 from ..io import atomic_folder, json_text
 from .metrics import psnr
+from .comparison import CONFIDENCE
 from .robustness import Evaluation, best_taus
 
 ROW_FIELDS = ("method", "noise_percent", "tau", "n_samples", "psnr_mean", "ssim_mean",
@@ -33,6 +35,7 @@ SAMPLE_FIELDS = ("method", "noise_percent", "tau", "sample", "psnr", "ssim", "di
                  "fits", "solver_converged", "regularizer_value", "iterations", "seconds")
 BEST_TAU = "best tau (highest mean PSNR of those tried)"
 BEST_TAU_HEADERS = ("method", "noise %", "best tau", "PSNR", "SSIM", "fit")
+PAIRED_HEADERS = ("method", "noise %", "PSNR diff", f"{CONFIDENCE:.0%} CI", "SSIM diff", "ahead")
 FILES = ("robustness.json", "robustness.csv", "robustness.md", "robustness.png", "samples.csv",
          "previews.png")
 
@@ -104,6 +107,37 @@ def console_table(evaluation: Evaluation) -> Table:
     return table
 
 
+def _paired_title(evaluation: Evaluation) -> str:
+    reference = evaluation.paired[0]["reference"].split("@")[0]
+    return (f"paired with {reference} (the same samples): mean PSNR difference dB, its "
+            f"{CONFIDENCE:.0%} confidence interval, mean SSIM difference, share of samples ahead")
+
+
+def _paired_cells(evaluation: Evaluation) -> list[tuple[str, ...]]:
+    """The cells of the paired comparison (console and Markdown), one tuple per row; with
+    several discrepancy constants the method's name carries its own (``drip@0.98``)."""
+    cells = []
+    for r in evaluation.paired:
+        interval = ("-" if r["psnr_difference_ci_low"] is None else
+                    f"{r['psnr_difference_ci_low']:+.2f} to {r['psnr_difference_ci_high']:+.2f}")
+        cells.append((r["method"], f"{r['noise_percent']:g}",
+                      fmt(r["psnr_difference_mean"], "+.2f"), interval,
+                      fmt(r["ssim_difference_mean"], "+.3f"), fmt(r["ahead_fraction"], ".2f")))
+    return cells
+
+
+def paired_table(evaluation: Evaluation) -> Table | None:
+    """Each method against the reference on the same samples (None without one)."""
+    if not evaluation.paired:
+        return None
+    table = Table(title=_paired_title(evaluation), title_justify="left")
+    for header in PAIRED_HEADERS:
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for cells in _paired_cells(evaluation):
+        table.add_row(*cells)
+    return table
+
+
 def regularizer_table(evaluation: Evaluation) -> Table | None:
     """Mean ``R`` at the reconstructions and at the truth's best latent, per DRIP model and level."""
     rows = [r for r in evaluation.rows if r.get("regularizer_value_truth_mean") is not None]
@@ -134,6 +168,10 @@ def markdown(evaluation: Evaluation) -> str:
         lines += ["", f"Each method at its {BEST_TAU}:", "",
                   "| " + " | ".join(BEST_TAU_HEADERS) + " |", "|---" * len(BEST_TAU_HEADERS) + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in _best_tau_cells(evaluation)]
+    if evaluation.paired:
+        lines += ["", f"Each method {_paired_title(evaluation)}:", "",
+                  "| " + " | ".join(PAIRED_HEADERS) + " |", "|---" * len(PAIRED_HEADERS) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in _paired_cells(evaluation)]
     lines += ["", "| method | noise % | samples | PSNR | SSIM | fit | max ratio | R mean "
               "| R truth mean | R truth < R share | s/image |", "|---" * 11 + "|"]
 

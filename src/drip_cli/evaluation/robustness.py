@@ -9,7 +9,8 @@ figures are those ``reconstruct`` would report. With several discrepancy constan
 is run at each (rows named ``method@tau``), so that methods can be compared each at its best.
 
 Besides one summary row per method and level (:func:`drip_cli.reconstruct.summarize`), it keeps
-one record per sample, the reconstructions of a few samples at one level for the previews, and,
+one record per sample, each method's paired comparison with TV or CGLS on those samples
+(:mod:`.comparison`), the reconstructions of a few samples at one level for the previews, and,
 for each DRIP model, ``R`` of the ground truth's best latent representation,
 ``min R(z) s.t. E z = x`` (solved as the DRIP problem with the identity operator and a radius of
 ``TRUTH_RADIUS ||x||``), to set next to ``R`` at the reconstructions.
@@ -33,6 +34,7 @@ from ..methods import (CLASSICAL_METHODS, LearnedMethod, ReconstructionMethod,
                        warn_if_each_channel_unused)
 from ..operators import Denoise, LinearOperator
 from ..reconstruct import concatenate_rows, default_batch_size, reconstruct_batch, summarize
+from .comparison import paired_differences
 
 TRUTH_RADIUS = 1e-4      # E z matches x to this relative accuracy in the truth's R
 SIMULATION_CHUNK = 256   # images simulated at a time (the noise stream does not depend on it)
@@ -51,6 +53,8 @@ class Evaluation:
     preview_level: float
     rows: list[dict] = field(default_factory=list)        # one per method and level
     samples: list[dict] = field(default_factory=list)     # one per sample, method and level
+    # each method against TV (else CGLS) on the same samples (:mod:`.comparison`)
+    paired: list[dict] = field(default_factory=list)
     training_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # models used on images of another shape (--any-size, --each-channel): the shape they
     # were trained on
@@ -58,8 +62,8 @@ class Evaluation:
     previews: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (n, C, H, W)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "data": self.data, "operator_kind": self.operator_kind,
-                "operator_from": self.operator_from,
+        return {"rows": self.rows, "paired": self.paired, "data": self.data,
+                "operator_kind": self.operator_kind, "operator_from": self.operator_from,
                 "tau": self.taus[0] if len(self.taus) == 1 else self.taus, "seed": self.seed,
                 "noise_percent": self.levels,
                 "training_noise_percent": {k: list(v) for k, v in self.training_ranges.items()},
@@ -248,6 +252,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                                     truth_values.get(method.name),
                                     result.training_ranges.get(method.name)))
             result.samples.extend(_sample_records(name, percent, merged, tau))
+    result.paired = paired_differences(result.rows, result.samples)
     return result
 
 

@@ -191,6 +191,18 @@ def test_paired_differences_are_the_t_interval_of_the_per_sample_differences():
     assert paired_differences(rows[:1], samples) == []
 
 
+def test_evaluate_pairs_with_the_reference_asked_for(runs, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run", "--out", out,
+                     "--methods", "cgls,tv,drip", "--noise-percent", "2", "--reference", "drip",
+                     "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "robustness.json").read_text())
+    assert [(p["method"], p["reference"]) for p in report["paired"]] == [("cgls", "drip"),
+                                                                         ("tv", "drip")]
+    assert "paired with drip" in result.stdout
+
+
 def test_evaluate_reweight_applies_to_the_drip_models(runs, tmp_path):
     iterations = {}
     for passes in ("0", "1"):
@@ -284,6 +296,7 @@ def test_evaluate_with_the_operator_of_another_file(runs, tmp_path):
     (["--tau", "1,x"], "--tau"),
     (["--tau", "0.9,-1"], "--tau"),
     (["--methods", "cgls", "--reweight", "1"], "--reweight and --edge-scale apply to drip models"),
+    (["--methods", "cgls,tv", "--reference", "drip"], "--reference drip is not one of"),
 ])
 def test_bad_evaluate_options_are_one_line_errors(runs, tmp_path, options, message):
     out = tmp_path / "report"

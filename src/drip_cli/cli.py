@@ -794,6 +794,9 @@ def evaluate(
     preview_noise: Optional[float] = typer.Option(
         None, "--preview-noise", help="Noise percent shown in previews.png (default: the "
         "middle level)."),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", help="The method every other is paired with, sample by sample, "
+        "as named in the tables (default: tv, else cgls)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = BATCH_SIZE,
     reweight: Optional[int] = REWEIGHT,
@@ -839,7 +842,7 @@ def evaluate(
                                         batch_size=batch_size, device=resolve_device(device),
                                         operator_from=operator_from, max_samples=max_samples,
                                         preview_level=preview_noise, progress=update,
-                                        warn=warning_line)
+                                        warn=warning_line, reference=reference)
         # the tables first: if the report cannot be written (a full disk), its figures were shown
         console.print(console_table(evaluation))
         for extra in (best_tau_table(evaluation), paired_table(evaluation),

@@ -1,5 +1,6 @@
-"""Paired comparisons for ``drip evaluate``: each method against a classical reference (TV where
-it was evaluated, else CGLS) on the same samples.
+"""Paired comparisons for ``drip evaluate``: each method against a reference method on the same
+samples, by default a classical one (TV where it was evaluated, else CGLS), or any method
+evaluated (``--reference``, one model against another, say).
 
 Every method reconstructs the same measurements, so their PSNRs can be compared sample by sample.
 The spread between samples (a flat crop scores 10 dB above a textured one under any method)
@@ -16,27 +17,28 @@ from collections import defaultdict
 import numpy as np
 from scipy import stats
 
-REFERENCES = ("tv", "cgls")   # the first of these that was evaluated is the reference
+REFERENCES = ("tv", "cgls")   # by default the first of these evaluated is the reference
 CONFIDENCE = 0.95
 FIELDS = ("method", "reference", "noise_percent", "tau", "n_samples", "psnr_difference_mean",
           "psnr_difference_ci_low", "psnr_difference_ci_high", "ssim_difference_mean",
           "ahead_fraction")
 
 
-def reference_method(rows: list[dict]) -> str | None:
-    """The reference of the comparisons: TV where it was evaluated, else CGLS, else none."""
-    evaluated = {row["base_method"] for row in rows}
-    return next((name for name in REFERENCES if name in evaluated), None)
+def default_reference(methods: list[str]) -> str | None:
+    """The reference where none is asked for, of the ``methods`` evaluated: TV, else CGLS, else
+    none."""
+    return next((name for name in REFERENCES if name in methods), None)
 
 
-def paired_differences(rows: list[dict], samples: list[dict],
+def paired_differences(rows: list[dict], samples: list[dict], reference: str | None = None,
                        confidence: float = CONFIDENCE) -> list[dict]:
     """One record per row of ``rows`` (a method at a level and constant) other than the
-    reference's, comparing its samples with the reference's at the same level and constant
-    (module docstring). Samples whose difference is not finite (an exact reconstruction's
-    infinite PSNR) are left out and ``n_samples`` counts the rest; the interval needs two.
-    Ordered by method (as evaluated), then level."""
-    reference = reference_method(rows)
+    ``reference`` method's (by default :func:`default_reference`), comparing its samples with
+    the reference's at the same level and constant (module docstring). Samples whose difference
+    is not finite (an exact reconstruction's infinite PSNR) are left out and ``n_samples``
+    counts the rest; the interval needs two. Ordered by method (as evaluated), then level."""
+    if reference is None:
+        reference = default_reference(list(dict.fromkeys(row["base_method"] for row in rows)))
     if reference is None:
         return []
     records = defaultdict(dict)   # (method, level) -> {sample index: its record}

@@ -184,11 +184,16 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
              tau: float | list[float] = 1.0, seed: int = 0, batch_size: int | None = None,
              device: torch.device = torch.device("cpu"), operator_from=None,
              max_samples: int | None = None, n_previews: int = 4,
-             preview_level: float | None = None, progress=None, warn=None) -> Evaluation:
+             preview_level: float | None = None, progress=None, warn=None,
+             reference: str | None = None) -> Evaluation:
     """Run every method at every level (see the module docstring); ``progress(done, total)``
     counts solved batches (and fractions of the one being solved), ``warn(message)`` receives
     the methods' doubts about the data.
-    ``tau``: one discrepancy constant or several (each method at each)."""
+    ``tau``: one discrepancy constant or several (each method at each). ``reference``: the
+    method the others are paired with (one of ``methods``' names; by default TV, else CGLS)."""
+    if reference is not None and reference not in [method.name for method in methods]:
+        raise DripError(f"--reference {reference} is not one of the methods evaluated: "
+                        + ", ".join(method.name for method in methods))
     taus = sorted({float(t) for t in np.atleast_1d(tau)})
     truth, op = load_ground_truth(data, operator_from)
     if max_samples is not None:
@@ -252,7 +257,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                                     truth_values.get(method.name),
                                     result.training_ranges.get(method.name)))
             result.samples.extend(_sample_records(name, percent, merged, tau))
-    result.paired = paired_differences(result.rows, result.samples)
+    result.paired = paired_differences(result.rows, result.samples, reference)
     return result
 
 

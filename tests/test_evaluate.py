@@ -122,6 +122,8 @@ def test_evaluate_writes_every_file_with_the_contract_keys(runs, tmp_path):
                      "--model", runs / "unrolled_run", "--out", report,
                      "--noise-percent", "2,10", "--device", "cpu", "-q")
     assert result.exit_code == 0, result.stderr
+    # trained on blur, a periodic operator: the model's embedding is periodic too
+    assert load_model(runs / "drip_run")[0].config.embedding_boundary == "periodic"
     for name in ("robustness.json", "robustness.csv", "robustness.md", "robustness.png",
                  "samples.csv", "previews.png"):
         assert (report / name).stat().st_size > 0, name

@@ -448,6 +448,20 @@ def test_symmetric_padding_and_its_adjoint(h, w, pad):
     assert abs(lhs - rhs) < 1e-12 * z.norm() * g.norm() * (1 + 2 * pad)
 
 
+@pytest.mark.parametrize("h,w,pad", [(9, 11, 2), (8, 8, 4), (3, 5, 3), (1, 4, 1)])
+def test_periodic_padding_and_its_adjoint(h, w, pad):
+    """A periodic embedding's padding is NumPy's 'wrap' mode, also where the padding is as wide
+    as the image, and its adjoint passes the dot-product test."""
+    from drip_cli.operators.convolution import periodic_pad, periodic_pad_adjoint
+
+    z = torch.randn(2, 3, h, w, dtype=torch.float64)
+    g = torch.randn(2, 3, h + 2 * pad, w + 2 * pad, dtype=torch.float64)
+    expected = np.pad(z.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="wrap")
+    assert np.array_equal(periodic_pad(z, pad).numpy(), expected)
+    lhs, rhs = (periodic_pad(z, pad) * g).sum(), (z * periodic_pad_adjoint(g, pad)).sum()
+    assert abs(lhs - rhs) < 1e-12 * z.norm() * g.norm() * (1 + 2 * pad)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_hdf5_round_trip(kind, tmp_path):
     op = make_operator(kind, (3, 16, 20))

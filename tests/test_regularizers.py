@@ -179,20 +179,43 @@ def test_starts_as_smoothed_tv(group_size):
     assert torch.allclose(full.weights[n_tv:], torch.full_like(full.weights[n_tv:], EXTRA_WEIGHT))
 
 
+@pytest.mark.parametrize("boundary", ["symmetric", "periodic"])
 @pytest.mark.parametrize("kernel", [1, 3])
-def test_embedding_adjoint_and_identity_start(kernel):
-    emb = Embedding(4, 3, kernel_size=kernel).double()
+def test_embedding_adjoint_and_identity_start(kernel, boundary):
+    emb = Embedding(4, 3, kernel_size=kernel, boundary=boundary).double()
     with torch.no_grad():
         emb.weight.add_(0.1 * torch.randn_like(emb.weight))
     op = EmbeddedOperator(Blur((3, 12, 10), gaussian_psf(1.0)), emb)
     assert adjointness_error(op) <= 1e-10
-    fresh = Embedding(4, 3, kernel_size=kernel).double()
+    fresh = Embedding(4, 3, kernel_size=kernel, boundary=boundary).double()
     z = torch.randn(2, 4, 12, 10, dtype=torch.float64)
     assert torch.equal(fresh(z), z[:, :3])
-    # symmetric padding: a constant latent gives a constant image up to the border (zero
-    # padding left a frame, darker or brighter by the share of E's weights outside the image)
+    # either padding: a constant latent gives a constant image up to the border (zero padding
+    # left a frame, darker or brighter by the share of E's weights outside the image)
     flat = emb(torch.ones(1, 4, 12, 10, dtype=torch.float64))
     assert torch.allclose(flat, emb.weight.sum(dim=(1, 2, 3))[None, :, None, None].expand_as(flat))
+
+
+def test_a_periodic_embedding_is_a_circular_convolution_and_its_boundary_is_checked():
+    """Periodically padded, E is the circular convolution of the latent: shifting the latent
+    (with wrap-around) shifts the image; its CSR matrix is the same operator; a model file
+    naming another boundary is refused."""
+    from drip_cli.regularizers.model import ModelConfig
+
+    emb = Embedding(1, 1, kernel_size=3, boundary="periodic").double()
+    with torch.no_grad():
+        emb.weight.add_(0.1 * torch.randn_like(emb.weight))
+    z = torch.randn(2, 1, 9, 13, dtype=torch.float64)
+    shifted = emb(torch.roll(z, (3, -5), dims=(-2, -1)))
+    assert torch.allclose(shifted, torch.roll(emb(z), (3, -5), dims=(-2, -1)), atol=1e-13)
+    matrix, transposed = emb.sparse_matrices(9, 13, torch.float64, torch.device("cpu"))
+    flat = z.reshape(2, -1).T
+    assert torch.allclose((matrix @ flat).T.reshape(z.shape), emb(z), atol=1e-13)
+    assert torch.allclose((transposed @ flat).T.reshape(z.shape), emb.adjoint(z), atol=1e-13)
+    with pytest.raises(ValueError, match="embedding_boundary"):
+        ModelConfig.from_dict({"embedding_boundary": "wrap"})
+    with pytest.raises(ValueError, match="boundary"):
+        Embedding(1, 1, boundary="zero")
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 5])

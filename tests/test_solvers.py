@@ -293,6 +293,64 @@ def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
         assert float((z[i].flatten().double() - exact).norm() / moved) <= accuracy
 
 
+def _circulant(channels, latent, psf, shape=(8, 10), seed=3):
+    """Blur after a periodic embedding with perturbed weights: a circulant ``A E``."""
+    from drip_cli.operators.composed import EmbeddedOperator
+    from drip_cli.regularizers import Embedding
+
+    embedding = Embedding(latent, channels, boundary="periodic").double()
+    with torch.no_grad():
+        embedding.weight.add_(0.1 * torch.randn(embedding.weight.shape, dtype=torch.float64,
+                                                generator=torch.Generator().manual_seed(seed)))
+    return EmbeddedOperator(Blur((channels, *shape), psf), embedding)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels, latent", [(1, 1), (1, 2), (3, 3)])
+def test_projection_of_a_circulant_is_exact_in_fourier(channels, latent, dtype, device):
+    """Blur after a periodic embedding is diagonal in the Fourier basis: its projection is
+    solved there in one step, and it is the nearest point of the data-fit set (the dense
+    projection), for one or several latent and image channels; a sample inside stays put."""
+    from drip_cli.solvers.projection import project_onto_datafit
+
+    op = _circulant(channels, latent, gaussian_psf(1.0))
+    assert op.fourier_spectrum(torch.float64, torch.device("cpu")) is not None
+    gen = torch.Generator().manual_seed(1)
+    v = torch.rand(4, latent, 8, 10, dtype=torch.float64, generator=gen)
+    b = op(torch.rand(4, latent, 8, 10, dtype=torch.float64, generator=gen))
+    start = (op(v) - b).flatten(1).norm(dim=1)
+    radius = start * torch.tensor([0.1, 0.5, 0.95, 1.2], dtype=torch.float64)  # last: inside
+    with torch.no_grad():
+        exact = [_dense_projection(op, v[i], b[i], radius[i]) for i in range(3)]
+    like = dict(dtype=dtype, device=device)
+    z, steps = project_onto_datafit(op.to(device), b.to(**like), radius.to(**like), v.to(**like))
+    assert steps.tolist() == [1, 1, 1, 0] and torch.equal(z[3], v[3].to(**like))
+    accuracy = 1e-9 if dtype == torch.float64 else 1e-4
+    for i in range(3):
+        moved = (exact[i] - v[i].flatten()).norm()
+        assert float((z[i].flatten().cpu().double() - exact[i]).norm() / moved) <= accuracy
+
+
+def test_projection_of_a_circulant_out_of_reach_is_the_least_squares_correction():
+    """A box PSF of 3 pixels on a width of 9 measures no frequency 3 or 6 across: where the
+    data there alone exceed the radius, the correction is the least-squares one of least norm,
+    as the Krylov projection returns."""
+    from drip_cli.solvers.projection import project_onto_datafit
+
+    op = _circulant(1, 1, np.full((1, 3), 1 / 3), shape=(6, 9))
+    gen = torch.Generator().manual_seed(2)
+    v = torch.rand(2, 1, 6, 9, dtype=torch.float64, generator=gen)
+    b = torch.rand(2, 1, 6, 9, dtype=torch.float64, generator=gen)
+    z, _ = project_onto_datafit(op, b, torch.full((2,), 1e-6, dtype=torch.float64), v)
+    n = v[0].numel()
+    with torch.no_grad():
+        matrix = op(torch.eye(n, dtype=torch.float64).view(n, 1, 6, 9)).reshape(n, -1).T
+    for i in range(2):
+        least = torch.linalg.pinv(matrix) @ (b[i].flatten() - matrix @ v[i].flatten())
+        assert torch.allclose(z[i].flatten() - v[i].flatten(), least, atol=1e-9)
+
+
 def test_projection_of_a_sample_does_not_depend_on_its_batch():
     """Settled samples leave the projection's working set: each sample gets what it gets when
     projected alone, in its own number of Krylov steps, whatever its companions need."""
@@ -373,14 +431,17 @@ def test_convex_solves_step_by_the_shapes_bound_without_evaluating_r(architectur
         assert len(calls["value"]) > 1 and len(calls["value_and_gradient"]) > 2, calls
 
 
-def test_drip_solution_satisfies_the_kkt_conditions():
+@pytest.mark.parametrize("boundary", ["symmetric", "periodic"])
+def test_drip_solution_satisfies_the_kkt_conditions(boundary):
     """At the solution grad R is anti-parallel to the data-fit gradient B^T (B z - b): the solver
-    converges to the constrained minimiser, not just to some feasible point."""
+    converges to the constrained minimiser, not just to some feasible point (with a periodic
+    embedding, through the exact Fourier projections)."""
     from drip_cli.batching import batch_dot
     from drip_cli.operators.composed import EmbeddedOperator
 
     op = Blur((1, 16, 16), gaussian_psf(1.5))
     model = _perturbed_model(latent=1)  # extra latent channels converge too slowly for a unit test
+    model.embedding.boundary = boundary
     x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     b, sigma = noisy(op, x, 2.0)
     result = model.solve(op, b, discrepancy_radius(op, sigma, 1.0), max_iterations=300,
@@ -435,6 +496,7 @@ def test_low_noise_solves_tighten_their_projections_and_stop_when_stuck(monkeypa
 
     root = Path(__file__).resolve().parent.parent / "sample_data"
     model = load_model(root / "drip_blur.safetensors")[0].double()
+    model.embedding.boundary = "symmetric"   # the Krylov projections (a periodic one is exact)
     with h5py.File(root / "blur.h5") as f:
         x = torch.from_numpy(f["ground_truth"][[0, 5], :, :32, :32]).double()
     op = Blur((1, 32, 32), gaussian_psf(2.0))

@@ -406,6 +406,12 @@ def test_operator_defaults_leave_given_settings_alone():
 
     picked, config = chosen("blur")
     assert picked == {"eps": 0.01, "reweight": 1}
+    # a periodic operator: a periodic embedding too, but not for a model started from another
+    config = TrainConfig(data="", out="", model=ModelConfig())
+    assert operator_defaults(config, "blur", set(), periodic=True)["embedding_boundary"] == \
+        "periodic" and config.model.embedding_boundary == "periodic"
+    config = TrainConfig(data="", out="", init="model", model=ModelConfig())
+    assert "embedding_boundary" not in operator_defaults(config, "blur", set(), periodic=True)
     assert (config.train_solver_tolerance, config.train_solver_iterations) == (1e-3, 150)
     # a sharp eps, given on any operator, brings the tighter solves unless they are given too
     picked, config = chosen("blur", {"eps", "train_solver_iterations"}, eps=0.002)

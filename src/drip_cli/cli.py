@@ -606,7 +606,8 @@ def train(
         trainer = Trainer(config, resolve_device(device), resume=resume, given=given,
                           log=(lambda row: None) if quiet else _print_epoch)
         if trainer.operator_defaults and not quiet:
-            chosen = ", ".join(f"{_train_option(name)} {value:g}"
+            chosen = ", ".join(f"a {value} embedding" if name == "embedding_boundary"   # no option
+                               else f"{_train_option(name)} {value:g}"
                                for name, value in trainer.operator_defaults.items())
             console.print(f"defaults for {trainer.op.kind} data: {chosen}")
         if trainer.config.noise_percent is None and not quiet:

@@ -38,6 +38,10 @@ class LinearOperator(torch.nn.Module):
     """
 
     kind: ClassVar[str] = ""
+    # shift-invariant with a periodic boundary, per channel (a circulant convolution: blur, the
+    # identity), so diagonal in the Fourier basis: with a periodic embedding the DRIP
+    # projections are solved there exactly (drip_cli.solvers.projection)
+    periodic: ClassVar[bool] = False
 
     def __init__(self, image_shape: tuple[int, int, int]):
         super().__init__()

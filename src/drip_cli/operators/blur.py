@@ -42,6 +42,7 @@ class Blur(LinearOperator):
     """
 
     kind = "blur"
+    periodic = True
 
     def __init__(self, image_shape: tuple[int, int, int], psf: np.ndarray | torch.Tensor):
         super().__init__(image_shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..regularizers.cache import cached_for_parameters
 from .base import LinearOperator
 from .sparse import SparseMatrixOperator
 
@@ -30,6 +31,31 @@ class EmbeddedOperator(LinearOperator):
 
     def project_measurements(self, b: torch.Tensor) -> torch.Tensor:
         return self.op.project_measurements(b)
+
+    def fourier_spectrum(self, dtype: torch.dtype, device: torch.device):
+        """Where ``A E`` is a circulant convolution (``A`` periodic, :attr:`LinearOperator.periodic`,
+        and ``E`` extending its latent periodically): ``(T, g, U)`` with ``T`` its transfer
+        function, ``(H, W, C, L)`` complex (``fft2`` of ``A E`` applied to a unit impulse in each
+        latent channel), so that ``fft2(A E z)[c] = sum_l T[..., c, l] fft2(z)[l]`` at each
+        frequency; ``g`` (``(H, W, C)``) and ``U`` (``(H, W, C, C)``, None for one channel) the
+        eigenvalues and eigenvectors of ``T T^H`` there. Otherwise None. Kept while ``E``'s
+        weights are unchanged."""
+        if not (self.op.periodic and getattr(self.embedding, "boundary", None) == "periodic"):
+            return None
+
+        def compute():
+            latent, height, width = self.image_shape
+            impulses = torch.zeros(latent, latent, height, width, dtype=dtype, device=device)
+            impulses[torch.arange(latent), torch.arange(latent), 0, 0] = 1
+            with torch.no_grad():
+                transfer = torch.fft.fft2(self(impulses)).permute(2, 3, 1, 0)   # (H, W, C, L)
+            if transfer.shape[2] == 1:
+                return transfer, (transfer.abs() ** 2).sum(-1), None
+            gains, basis = torch.linalg.eigh(transfer @ transfer.conj().transpose(-1, -2))
+            return transfer, gains.clamp_min(0), basis
+
+        return cached_for_parameters(self, "_spectrum", (dtype, torch.device(device)),
+                                     [self.embedding.weight], compute)
 
     def _sparse_embedding(self, t: torch.Tensor):
         """``(E, E^T)`` as CSR matrices where ``A`` is one too and no gradient is wanted (the

@@ -21,7 +21,9 @@ The learned convolutions (the regularizer's filter bank, the embedding ``E``) ex
 by half-sample symmetric padding, :func:`symmetric_pad`, whose adjoint folds the mirrored samples
 back (:func:`symmetric_pad_adjoint`). A constant image then stays constant up to the border: zero
 padding pulled border pixels towards 0 (0.6 dB of PSNR on 64x64 blur in the filter bank; in
-``E``, whose trained weights do not sum to 1, a dark or bright frame one pixel wide).
+``E``, whose trained weights do not sum to 1, a dark or bright frame one pixel wide). An
+embedding may instead extend it periodically (:func:`periodic_pad`), as a periodic operator
+does, so that ``A E`` is diagonal in the Fourier basis (:mod:`drip_cli.regularizers.embedding`).
 """
 
 from __future__ import annotations
@@ -306,15 +308,52 @@ def symmetric_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
     return _fold_axis(_fold_axis(g, pad, -2), pad, -1)
 
 
-def symmetric_conv_matrix(kernel: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The ``(H W) x (H W)`` sparse COO matrix (coalesced) of ``F.conv2d(symmetric_pad(z, p),
-    kernel)`` on one channel of row-major flattened ``H x W`` images: ``kernel`` is ``k x k``,
-    ``k`` odd, ``p = k // 2 <= H, W``. Entries that the padding folds onto one pixel are summed.
-    The padded image of pixel indices says which pixel each tap reads (float64 holds them
-    exactly)."""
+def _wrap_axis(z: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """Extend axis ``dim`` by ``pad`` samples on each side, taken from the other end
+    (``[n-1 | 0 1 ... n-1 | 0]``): the periodic extension."""
+    n = z.shape[dim]
+    return torch.cat([z.narrow(dim, n - pad, pad), z, z.narrow(dim, 0, pad)], dim)
+
+
+def _unwrap_axis(g: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """The adjoint of :func:`_wrap_axis`: the wrapped samples are added back to their sources."""
+    n = g.shape[dim] - 2 * pad
+    inner = g.narrow(dim, pad, n).clone()
+    inner.narrow(dim, n - pad, pad).add_(g.narrow(dim, 0, pad))
+    inner.narrow(dim, 0, pad).add_(g.narrow(dim, n + pad, pad))
+    return inner
+
+
+def periodic_pad(z: torch.Tensor, pad: int) -> torch.Tensor:
+    """Periodic padding of the last two axes (needs ``pad <= H, W``)."""
+    if pad == 0:
+        return z
+    return _wrap_axis(_wrap_axis(z, pad, -2), pad, -1)
+
+
+def periodic_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
+    """The adjoint of :func:`periodic_pad`: wrapped samples are added back where they came from."""
+    if pad == 0:
+        return g
+    return _unwrap_axis(_unwrap_axis(g, pad, -2), pad, -1)
+
+
+# an image's extension beyond its border, by name: the padding and its adjoint
+PADDINGS = {"symmetric": (symmetric_pad, symmetric_pad_adjoint),
+            "periodic": (periodic_pad, periodic_pad_adjoint)}
+
+
+def padded_conv_matrix(kernel: torch.Tensor, height: int, width: int,
+                       boundary: str = "symmetric") -> torch.Tensor:
+    """The ``(H W) x (H W)`` sparse COO matrix (coalesced) of ``F.conv2d(pad(z, p), kernel)`` on
+    one channel of row-major flattened ``H x W`` images, ``pad`` the padding of ``boundary``
+    (:data:`PADDINGS`): ``kernel`` is ``k x k``, ``k`` odd, ``p = k // 2 <= H, W``. Entries that
+    the padding folds onto one pixel are summed. The padded image of pixel indices says which
+    pixel each tap reads (float64 holds them exactly)."""
     size = kernel.shape[-1]
     pixels = torch.arange(height * width, dtype=torch.float64, device=kernel.device)
-    source = symmetric_pad(pixels.view(1, 1, height, width), size // 2)[0, 0].long()
+    pad = PADDINGS[boundary][0]
+    source = pad(pixels.view(1, 1, height, width), size // 2)[0, 0].long()
     cols = torch.stack([source[a:a + height, b:b + width].flatten()
                         for a in range(size) for b in range(size)]).flatten()
     rows = torch.arange(height * width, device=kernel.device).repeat(size * size)

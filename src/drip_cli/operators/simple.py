@@ -14,6 +14,7 @@ class Denoise(LinearOperator):
     """``A = I``: measurements are the noisy image itself."""
 
     kind = "denoise"
+    periodic = True
 
     @property
     def measurement_shape(self) -> tuple[int, ...]:

@@ -9,26 +9,37 @@ border pixels lost the share of ``E``'s weights that fell outside: trained weigh
 dB on a flat 64x64 crop of sky (47.1 dB for TV) and 0.27 dB on ``sample_data/tomography.h5``.
 It starts as the identity on the first ``C`` latent channels (``E z = z[:, :C]``), so an untrained
 model reconstructs in image space.
+
+With ``boundary = "periodic"`` the latent is extended periodically instead, as a periodic operator
+(blur, the identity) extends the image: ``A E`` is then a circulant convolution, diagonal in the
+Fourier basis, and the projections of the DRIP solver are solved there exactly, in a few FFTs,
+instead of by a Krylov method (:mod:`drip_cli.solvers.projection`; ``drip train`` chooses it for
+periodic operators). The two boundaries differ in the outer pixel only: the blur sample model,
+trained with the symmetric one, scores the same with either (``docs/design.md``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_conv_matrix, symmetric_pad,
-                                    symmetric_pad_adjoint)
+from ..operators.convolution import PADDINGS, conv2d, conv2d_adjoint, padded_conv_matrix
 from ..operators.sparse import compact_csr
 from .cache import cached_for_parameters
 
 
 class Embedding(torch.nn.Module):
-    def __init__(self, latent_channels: int, image_channels: int, kernel_size: int = 3):
+    def __init__(self, latent_channels: int, image_channels: int, kernel_size: int = 3,
+                 boundary: str = "symmetric"):
         super().__init__()
         if latent_channels < image_channels:
             raise ValueError("latent_channels must be at least the number of image channels")
         if kernel_size % 2 == 0:
             raise ValueError("the embedding kernel size must be odd")
+        if boundary not in PADDINGS:
+            raise ValueError(f"the embedding boundary must be one of {', '.join(PADDINGS)}, "
+                             f"not {boundary!r}")
         self.latent_channels, self.image_channels = latent_channels, image_channels
+        self.boundary = boundary
         weight = torch.zeros(image_channels, latent_channels, kernel_size, kernel_size)
         for c in range(image_channels):
             weight[c, c, kernel_size // 2, kernel_size // 2] = 1.0
@@ -40,7 +51,7 @@ class Embedding(torch.nn.Module):
         regularizer)."""
         if self.latent_channels != 1 or self.image_channels != 1:
             raise ValueError("per_channel widens an embedding of one channel")
-        wide = Embedding(channels, channels, self.weight.shape[-1]).to(self.weight)
+        wide = Embedding(channels, channels, self.weight.shape[-1], self.boundary).to(self.weight)
         with torch.no_grad():
             wide.weight.zero_()
             for c in range(channels):
@@ -53,11 +64,13 @@ class Embedding(torch.nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """``u = E z``: ``(N, latent_channels, H, W) -> (N, C, H, W)``."""
-        return conv2d(symmetric_pad(z, self.padding), self.weight.to(z.dtype))
+        pad = PADDINGS[self.boundary][0]
+        return conv2d(pad(z, self.padding), self.weight.to(z.dtype))
 
     def adjoint(self, u: torch.Tensor) -> torch.Tensor:
         """``E^T u``: ``(N, C, H, W) -> (N, latent_channels, H, W)``."""
-        return symmetric_pad_adjoint(conv2d_adjoint(u, self.weight.to(u.dtype)), self.padding)
+        pad_adjoint = PADDINGS[self.boundary][1]
+        return pad_adjoint(conv2d_adjoint(u, self.weight.to(u.dtype)), self.padding)
 
     def sparse_matrices(self, height: int, width: int, dtype: torch.dtype,
                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +83,7 @@ class Embedding(torch.nn.Module):
 
         def compute():
             kernel = self.weight.detach()[0, 0].to(device=device, dtype=dtype)
-            matrix = symmetric_conv_matrix(kernel, height, width)
+            matrix = padded_conv_matrix(kernel, height, width, self.boundary)
             return tuple(compact_csr(m) for m in (matrix, matrix.t().coalesce()))
 
         return cached_for_parameters(self, "_sparse", (height, width, dtype, torch.device(device)),

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import setting_type_problem
 from ..operators import LinearOperator
+from ..operators.convolution import PADDINGS
 from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
 from .convex import ConvexFilterRegularizer, PerChannelRegularizer
 from .embedding import Embedding
@@ -32,6 +33,10 @@ class ModelConfig:
     n_filters: int = 16
     kernel_size: int = 5
     embedding_kernel_size: int = 3
+    # how E extends the latent beyond its border (.embedding): "periodic" makes A E a circulant
+    # for periodic operators (blur), whose projections are then exact in the Fourier basis;
+    # drip train chooses it for them (training.trainer.operator_defaults)
+    embedding_boundary: str = "symmetric"
     eps: float = 0.01
     group_size: int = 2            # 2: smoothed isotropic-TV-like pairs; 1: one potential per filter
     potential_scales: int = 1      # smoothed norms per group, at smoothing eps, 4 eps, 16 eps, ...
@@ -102,6 +107,9 @@ class ModelConfig:
             problem = setting_type_problem(name, value, default)
             if problem:
                 raise ValueError(f"model {problem}")
+            if name == "embedding_boundary" and value not in PADDINGS:
+                raise ValueError(f"model setting {name} = {value!r} must be one of "
+                                 f"{', '.join(PADDINGS)}")
             least = 0 if name in ("latent_channels", "layers", "reweight",
                                   "patch_components") else 1
             if isinstance(default, int) and value < least:
@@ -184,7 +192,7 @@ class DripModel(torch.nn.Module):
             return
         latent = config.latent_channels or config.image_channels
         self.embedding = Embedding(latent, config.image_channels,
-                                   config.embedding_kernel_size)
+                                   config.embedding_kernel_size, config.embedding_boundary)
         common = dict(latent_channels=latent, image_channels=config.image_channels,
                       n_filters=config.n_filters, kernel_size=config.kernel_size, eps=config.eps,
                       group_size=config.group_size, potential_scales=config.potential_scales,

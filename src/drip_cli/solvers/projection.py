@@ -17,6 +17,16 @@ the nearest point; projected gradient with it converges to a point that is not a
 constrained problem (measured: KKT stationarity residuals of 3-63% of ``||grad R||`` on 64x64
 blur). With the Euclidean projection, fixed points of ``z = P(z - t grad R(z))`` are exactly the
 KKT points, whatever the step ``t``.
+
+Where ``B`` is a circulant convolution (a periodic blur or the identity after a periodic embedding,
+:meth:`~drip_cli.operators.composed.EmbeddedOperator.fourier_spectrum`), ``B B^T`` is diagonal in
+the Fourier basis with the gains ``g_k``, and the projection is exact and cheap there: with
+``r = b - B v`` and ``q = fft2(r)`` (per frequency, rotated to the eigenvectors of ``B B^T`` for
+several channels), the residual of ``d(lam)`` is ``sum_k |q_k|^2 / (1 + lam g_k)^2``, the same
+secular equation over all ``H W C`` frequencies instead of a subspace, and
+``d = B^T ifft2(lam q / (1 + lam g))``: three FFTs and a product with ``B``. On the blur sample
+model the solve of 64 bench crops at 2% noise took 9.7-10.1 s against 12.5-13.2 with the Krylov
+projections, and four crops at 0.03% noise 1.95 s against 18.1 (``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -135,8 +145,14 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     gets the best correction found (still ``||B z - b||`` as small as that subspace allows).
 
     A sample leaves the working set as soon as its correction settles, so each costs its own
-    number of steps, not its batch's largest (``docs/design.md``).
+    number of steps, not its batch's largest (``docs/design.md``). Where ``op`` is a circulant
+    convolution the projection is exact instead (module docstring), and ``steps`` is 1 for
+    every sample outside the set.
     """
+    spectrum = getattr(op, "fourier_spectrum", None)
+    spectrum = None if spectrum is None else spectrum(v.dtype, v.device)
+    if spectrum is not None:
+        return _project_in_fourier(op, spectrum, b, radius.to(dtype=v.dtype, device=v.device), v)
     tiny = torch.finfo(v.dtype).tiny
     n = len(v)
     radius = radius.to(dtype=v.dtype, device=v.device)
@@ -201,3 +217,56 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
         vs = _append_row(vs, k, w)
         c[:, k, k] = alpha
     return v + correction, steps
+
+
+def _secular_filter(q2: torch.Tensor, gains: torch.Tensor, radius: torch.Tensor, eps: float,
+                    newton_steps: int = 100) -> torch.Tensor:
+    """The filter ``lam / (1 + lam g)`` per sample and frequency for which the residual
+    ``sum q2 / (1 + lam g)^2`` equals ``radius^2`` (``q2``: ``(N, K)``, ``gains``: ``(K,)``, both
+    real, float64); 0 for a sample inside the set, and where no ``lam`` reaches the radius (the
+    unmeasured frequencies, ``g`` under ``eps max(g)`` with ``eps`` the data's precision, hold
+    more than ``radius^2``) the least squares filter ``1 / g``. Newton's method on ``F^{-1/2}``, concave in ``lam`` (as in
+    :func:`_tikhonov_in_subspace`), climbs to the root from ``lam = 0`` without overshooting it."""
+    target = radius.double() ** 2
+    measured = gains > eps * gains.max()
+    reachable = (q2 * ~measured).sum(1) < target
+    active = (q2.sum(1) > target) & reachable
+    lam = torch.zeros_like(target)
+    for _ in range(newton_steps):
+        q = 1 + lam[:, None] * gains
+        terms = q2 / (q * q)
+        f = terms.sum(1)
+        settled = ~active | ((f - target).abs() <= 1e-10 * target)
+        if bool(settled.all()):
+            break
+        df = -2 * (terms * gains / q).sum(1)
+        root = f.rsqrt()
+        step = (target.rsqrt() - root) / (-df * root / (2 * f))
+        lam = torch.where(settled | ~torch.isfinite(step), lam, lam + step)
+    least_squares = torch.where(measured, 1 / torch.where(measured, gains, 1), 0)
+    return torch.where(reachable[:, None], lam[:, None] / (1 + lam[:, None] * gains),
+                       least_squares)
+
+
+@torch.no_grad()
+def _project_in_fourier(op: LinearOperator, spectrum, b: torch.Tensor, radius: torch.Tensor,
+                        v: torch.Tensor):
+    """:func:`project_onto_datafit` for a circulant ``op`` with ``spectrum = (T, g, U)``
+    (module docstring): ``(z, steps)``."""
+    transfer, gains, basis = spectrum
+    channels = transfer.shape[2]
+    q = torch.fft.fft2(b - op(v), norm="ortho").permute(0, 2, 3, 1)      # (N, H, W, C)
+    if basis is not None:   # in the eigenvectors of T T^H
+        q = (basis.conj().transpose(-1, -2) @ q.unsqueeze(-1)).squeeze(-1)
+    q2 = (q.real ** 2 + q.imag ** 2).double().flatten(1)
+    filt = _secular_filter(q2, gains.double().flatten(), radius, torch.finfo(v.dtype).eps)
+    w = q * filt.view(q.shape).to(q.real.dtype)
+    if basis is not None:
+        w = (basis @ w.unsqueeze(-1)).squeeze(-1)
+    if channels == 1:
+        spectrum_d = transfer[:, :, 0].conj() * w                        # (N, H, W, L)
+    else:
+        spectrum_d = torch.einsum("hwcl,nhwc->nhwl", transfer.conj(), w)
+    d = torch.fft.ifft2(spectrum_d.permute(0, 3, 1, 2), norm="ortho").real
+    steps = (q2.sum(1) > radius.double() ** 2).to(torch.int64)
+    return v + d.to(v.dtype), steps

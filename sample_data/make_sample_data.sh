@@ -30,8 +30,9 @@ drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz
 # The pretrained sample models (about 44 minutes on 2 CPU cores; only with --with-model): DRIP
 # for blur, limited-angle tomography and inpainting, and the unrolled baseline for blur, each
 # trained for 10 minutes with drip train's defaults, which depend on the operator (one
-# edge-adaptive reweighting pass for DRIP; on tomography a sharp start, eps 0.001, and tighter
-# training solves); the three DRIP models also with a patch mixture of 80 components (its
+# edge-adaptive reweighting pass for DRIP; on blur a periodic embedding, whose projections are
+# exact in the Fourier basis; on tomography a sharp start, eps 0.001, and tighter training
+# solves); the three DRIP models also with a patch mixture of 80 components (its
 # pass after the others, its weight chosen on the validation split; drip train's default for
 # these 1000 crops since session 44, given explicitly here as the models were made with it).
 # Training data: 1000 crops of five other photographs, never the four test photographs above.

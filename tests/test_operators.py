@@ -434,31 +434,21 @@ def test_cpu_kernel_choices_round_trip(monkeypatch):
     assert convolution._cpu_choice == {key: "transpose"}
 
 
+@pytest.mark.parametrize("boundary, numpy_mode", [("symmetric", "symmetric"),
+                                                   ("periodic", "wrap")])
 @pytest.mark.parametrize("h,w,pad", [(9, 11, 2), (8, 8, 4), (3, 5, 3), (1, 4, 1)])
-def test_symmetric_padding_and_its_adjoint(h, w, pad):
-    """The learned convolutions' padding is NumPy's 'symmetric' mode (edge sample repeated),
-    also where the padding is as wide as the image, and its adjoint passes the dot-product test."""
-    from drip_cli.operators.convolution import symmetric_pad, symmetric_pad_adjoint
+def test_padding_and_its_adjoint(h, w, pad, boundary, numpy_mode):
+    """The learned convolutions' padding is NumPy's 'symmetric' mode (edge sample repeated), a
+    periodic embedding's its 'wrap' mode, also where the padding is as wide as the image, and
+    each one's adjoint passes the dot-product test."""
+    from drip_cli.operators.convolution import PADDINGS
 
+    pad_fn, adjoint = PADDINGS[boundary]
     z = torch.randn(2, 3, h, w, dtype=torch.float64)
     g = torch.randn(2, 3, h + 2 * pad, w + 2 * pad, dtype=torch.float64)
-    expected = np.pad(z.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="symmetric")
-    assert np.array_equal(symmetric_pad(z, pad).numpy(), expected)
-    lhs, rhs = (symmetric_pad(z, pad) * g).sum(), (z * symmetric_pad_adjoint(g, pad)).sum()
-    assert abs(lhs - rhs) < 1e-12 * z.norm() * g.norm() * (1 + 2 * pad)
-
-
-@pytest.mark.parametrize("h,w,pad", [(9, 11, 2), (8, 8, 4), (3, 5, 3), (1, 4, 1)])
-def test_periodic_padding_and_its_adjoint(h, w, pad):
-    """A periodic embedding's padding is NumPy's 'wrap' mode, also where the padding is as wide
-    as the image, and its adjoint passes the dot-product test."""
-    from drip_cli.operators.convolution import periodic_pad, periodic_pad_adjoint
-
-    z = torch.randn(2, 3, h, w, dtype=torch.float64)
-    g = torch.randn(2, 3, h + 2 * pad, w + 2 * pad, dtype=torch.float64)
-    expected = np.pad(z.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="wrap")
-    assert np.array_equal(periodic_pad(z, pad).numpy(), expected)
-    lhs, rhs = (periodic_pad(z, pad) * g).sum(), (z * periodic_pad_adjoint(g, pad)).sum()
+    expected = np.pad(z.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode=numpy_mode)
+    assert np.array_equal(pad_fn(z, pad).numpy(), expected)
+    lhs, rhs = (pad_fn(z, pad) * g).sum(), (z * adjoint(g, pad)).sum()
     assert abs(lhs - rhs) < 1e-12 * z.norm() * g.norm() * (1 + 2 * pad)
 
 

@@ -19,9 +19,6 @@ from scipy import stats
 
 REFERENCES = ("tv", "cgls")   # by default the first of these evaluated is the reference
 CONFIDENCE = 0.95
-FIELDS = ("method", "reference", "noise_percent", "tau", "n_samples", "psnr_difference_mean",
-          "psnr_difference_ci_low", "psnr_difference_ci_high", "ssim_difference_mean",
-          "ahead_fraction")
 
 
 def default_reference(methods: list[str]) -> str | None:

@@ -2,7 +2,7 @@
 all).
 
 ``robustness.json`` (CONTRACT.md: ``{"rows": [...]}`` plus the settings and ``"paired"``, each
-method against TV or CGLS on the same samples), ``robustness.csv`` (the rows), ``robustness.md``
+method against a reference on the same samples), ``robustness.csv`` (the rows), ``robustness.md``
 (PSNR and fit fraction per method and level, with several discrepancy constants each method's
 best, the paired comparison, then every figure),
 ``robustness.png`` (PSNR and fit fraction against the noise percent, training ranges shaded),

@@ -8,12 +8,12 @@ reconstructs the same measurements, in batches, through
 figures are those ``reconstruct`` would report. With several discrepancy constants every method
 is run at each (rows named ``method@tau``), so that methods can be compared each at its best.
 
-Besides one summary row per method and level (:func:`drip_cli.reconstruct.summarize`), it keeps
-one record per sample, each method's paired comparison with TV or CGLS on those samples
-(:mod:`.comparison`), the reconstructions of a few samples at one level for the previews, and,
-for each DRIP model, ``R`` of the ground truth's best latent representation,
-``min R(z) s.t. E z = x`` (solved as the DRIP problem with the identity operator and a radius of
-``TRUTH_RADIUS ||x||``), to set next to ``R`` at the reconstructions.
+Besides one summary row per method and level (:func:`drip_cli.reconstruct.summarize`), it keeps one
+record per sample, each method's paired comparison with a reference method (TV, else CGLS, or the
+one asked for) on those samples (:mod:`.comparison`), the reconstructions of a few samples at one
+level for the previews, and, for each DRIP model, ``R`` of the ground truth's best latent
+representation, ``min R(z) s.t. E z = x`` (solved as the DRIP problem with the identity operator and
+a radius of ``TRUTH_RADIUS ||x||``), to set next to ``R`` at the reconstructions.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Evaluation:
     preview_level: float
     rows: list[dict] = field(default_factory=list)        # one per method and level
     samples: list[dict] = field(default_factory=list)     # one per sample, method and level
-    # each method against TV (else CGLS) on the same samples (:mod:`.comparison`)
+    # each method against the reference (TV, else CGLS, or the one asked for) on the same
+    # samples (:mod:`.comparison`)
     paired: list[dict] = field(default_factory=list)
     training_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # models used on images of another shape (--any-size, --each-channel): the shape they

@@ -33,13 +33,13 @@ class EmbeddedOperator(LinearOperator):
         return self.op.project_measurements(b)
 
     def fourier_spectrum(self, dtype: torch.dtype, device: torch.device):
-        """Where ``A E`` is a circulant convolution (``A`` periodic, :attr:`LinearOperator.periodic`,
-        and ``E`` extending its latent periodically): ``(T, g, U)`` with ``T`` its transfer
-        function, ``(H, W, C, L)`` complex (``fft2`` of ``A E`` applied to a unit impulse in each
-        latent channel), so that ``fft2(A E z)[c] = sum_l T[..., c, l] fft2(z)[l]`` at each
-        frequency; ``g`` (``(H, W, C)``) and ``U`` (``(H, W, C, C)``, None for one channel) the
-        eigenvalues and eigenvectors of ``T T^H`` there. Otherwise None. Kept while ``E``'s
-        weights are unchanged."""
+        """Where ``A E`` is a circulant convolution (``A`` periodic,
+        :attr:`LinearOperator.periodic`, and ``E`` extending its latent periodically): ``(T,
+        g, U)`` with ``T`` its transfer function, ``(H, W, C, L)`` complex (``fft2`` of ``A
+        E`` applied to a unit impulse in each latent channel), so that ``fft2(A E z)[c] =
+        sum_l T[..., c, l] fft2(z)[l]`` at each frequency; ``g`` (``(H, W, C)``) and ``U``
+        (``(H, W, C, C)``, None for one channel) the eigenvalues and eigenvectors of ``T
+        T^H`` there. Otherwise None. Kept while ``E``'s weights are unchanged."""
         if not (self.op.periodic and getattr(self.embedding, "boundary", None) == "periodic"):
             return None
 

@@ -293,19 +293,20 @@ def _fold_axis(g: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
     return inner
 
 
+def _on_both_axes(per_axis, t: torch.Tensor, pad: int) -> torch.Tensor:
+    """``per_axis(t, pad, dim)`` on the last two axes in turn (nothing where ``pad`` is 0)."""
+    return t if pad == 0 else per_axis(per_axis(t, pad, -2), pad, -1)
+
+
 def symmetric_pad(z: torch.Tensor, pad: int) -> torch.Tensor:
     """Half-sample symmetric padding of the last two axes (needs ``pad <= H, W``). Slices and
     flips, not ``index_select``: 4-5x faster on 64 images of 64x64 (0.25-0.35 ms against 1.2)."""
-    if pad == 0:
-        return z
-    return _mirror_axis(_mirror_axis(z, pad, -2), pad, -1)
+    return _on_both_axes(_mirror_axis, z, pad)
 
 
 def symmetric_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
     """The adjoint of :func:`symmetric_pad`: mirrored samples are added back where they came from."""
-    if pad == 0:
-        return g
-    return _fold_axis(_fold_axis(g, pad, -2), pad, -1)
+    return _on_both_axes(_fold_axis, g, pad)
 
 
 def _wrap_axis(z: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
@@ -326,16 +327,12 @@ def _unwrap_axis(g: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
 
 def periodic_pad(z: torch.Tensor, pad: int) -> torch.Tensor:
     """Periodic padding of the last two axes (needs ``pad <= H, W``)."""
-    if pad == 0:
-        return z
-    return _wrap_axis(_wrap_axis(z, pad, -2), pad, -1)
+    return _on_both_axes(_wrap_axis, z, pad)
 
 
 def periodic_pad_adjoint(g: torch.Tensor, pad: int) -> torch.Tensor:
     """The adjoint of :func:`periodic_pad`: wrapped samples are added back where they came from."""
-    if pad == 0:
-        return g
-    return _unwrap_axis(_unwrap_axis(g, pad, -2), pad, -1)
+    return _on_both_axes(_unwrap_axis, g, pad)
 
 
 # an image's extension beyond its border, by name: the padding and its adjoint

@@ -225,8 +225,9 @@ def _secular_filter(q2: torch.Tensor, gains: torch.Tensor, radius: torch.Tensor,
     ``sum q2 / (1 + lam g)^2`` equals ``radius^2`` (``q2``: ``(N, K)``, ``gains``: ``(K,)``, both
     real, float64); 0 for a sample inside the set, and where no ``lam`` reaches the radius (the
     unmeasured frequencies, ``g`` under ``eps max(g)`` with ``eps`` the data's precision, hold
-    more than ``radius^2``) the least squares filter ``1 / g``. Newton's method on ``F^{-1/2}``, concave in ``lam`` (as in
-    :func:`_tikhonov_in_subspace`), climbs to the root from ``lam = 0`` without overshooting it."""
+    more than ``radius^2``) the least squares filter ``1 / g``. Newton's method on
+    ``F^{-1/2}``, concave in ``lam`` (as in :func:`_tikhonov_in_subspace`), climbs to the root
+    from ``lam = 0`` without overshooting it."""
     target = radius.double() ** 2
     measured = gains > eps * gains.max()
     reachable = (q2 * ~measured).sum(1) < target

@@ -35,11 +35,12 @@ class EmbeddedOperator(LinearOperator):
     def fourier_spectrum(self, dtype: torch.dtype, device: torch.device):
         """Where ``A E`` is a circulant convolution (``A`` periodic,
         :attr:`LinearOperator.periodic`, and ``E`` extending its latent periodically): ``(T,
-        g, U)`` with ``T`` its transfer function, ``(H, W, C, L)`` complex (``fft2`` of ``A
-        E`` applied to a unit impulse in each latent channel), so that ``fft2(A E z)[c] =
-        sum_l T[..., c, l] fft2(z)[l]`` at each frequency; ``g`` (``(H, W, C)``) and ``U``
-        (``(H, W, C, C)``, None for one channel) the eigenvalues and eigenvectors of ``T
-        T^H`` there. Otherwise None. Kept while ``E``'s weights are unchanged."""
+        g, U)`` with ``T`` its transfer function on the half spectrum of real images, ``(H,
+        W // 2 + 1, C, L)`` complex (``rfft2`` of ``A E`` applied to a unit impulse in each
+        latent channel), so that ``rfft2(A E z)[c] = sum_l T[..., c, l] rfft2(z)[l]`` at
+        each frequency; ``g`` (``(H, W // 2 + 1, C)``) and ``U`` (``(H, W // 2 + 1, C, C)``,
+        None for one channel) the eigenvalues and eigenvectors of ``T T^H`` there. Otherwise
+        None. Kept while ``E``'s weights are unchanged."""
         if not (self.op.periodic and getattr(self.embedding, "boundary", None) == "periodic"):
             return None
 
@@ -47,8 +48,8 @@ class EmbeddedOperator(LinearOperator):
             latent, height, width = self.image_shape
             impulses = torch.zeros(latent, latent, height, width, dtype=dtype, device=device)
             impulses[torch.arange(latent), torch.arange(latent), 0, 0] = 1
-            with torch.no_grad():
-                transfer = torch.fft.fft2(self(impulses)).permute(2, 3, 1, 0)   # (H, W, C, L)
+            with torch.no_grad():   # the half spectrum of real images, (H, W // 2 + 1, C, L)
+                transfer = torch.fft.rfft2(self(impulses)).permute(2, 3, 1, 0)
             if transfer.shape[2] == 1:
                 return transfer, (transfer.abs() ** 2).sum(-1), None
             gains, basis = torch.linalg.eigh(transfer @ transfer.conj().transpose(-1, -2))

@@ -219,55 +219,65 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
     return v + correction, steps
 
 
-def _secular_filter(q2: torch.Tensor, gains: torch.Tensor, radius: torch.Tensor, eps: float,
+def _secular_filter(q2: torch.Tensor, gains: torch.Tensor, radius: torch.Tensor,
                     newton_steps: int = 100) -> torch.Tensor:
     """The filter ``lam / (1 + lam g)`` per sample and frequency for which the residual
-    ``sum q2 / (1 + lam g)^2`` equals ``radius^2`` (``q2``: ``(N, K)``, ``gains``: ``(K,)``, both
-    real, float64); 0 for a sample inside the set, and where no ``lam`` reaches the radius (the
-    unmeasured frequencies, ``g`` under ``eps max(g)`` with ``eps`` the data's precision, hold
-    more than ``radius^2``) the least squares filter ``1 / g``. Newton's method on
-    ``F^{-1/2}``, concave in ``lam`` (as in :func:`_tikhonov_in_subspace`), climbs to the root
-    from ``lam = 0`` without overshooting it."""
+    ``sum q2 / (1 + lam g)^2`` equals ``radius^2`` (``q2``: ``(N, K)``, ``gains``: ``(K,)``, real,
+    in the data's precision; the sums and ``lam`` in float64); 0 for a sample inside the set,
+    and where no ``lam`` reaches the radius (the unmeasured frequencies, ``g`` under ``eps
+    max(g)`` with ``eps`` the data's precision, hold more than ``radius^2``) the least squares
+    filter ``1 / g``. Newton's method on ``F^{-1/2}``, concave in ``lam`` (as in
+    :func:`_tikhonov_in_subspace`), climbs to the root from ``lam = 0`` without overshooting it,
+    to the accuracy of the subspace problems. (In float64 throughout, on 64 blur crops of 64x64,
+    it took 8.9 of the projection's 13.7 ms.)"""
+    eps = torch.finfo(q2.dtype).eps
+    accuracy = max(1e-10, 16 * eps)
     target = radius.double() ** 2
     measured = gains > eps * gains.max()
-    reachable = (q2 * ~measured).sum(1) < target
-    active = (q2.sum(1) > target) & reachable
+    reachable = (q2 * ~measured).sum(1, dtype=torch.float64) < target
+    active = (q2.sum(1, dtype=torch.float64) > target) & reachable
     lam = torch.zeros_like(target)
     for _ in range(newton_steps):
-        q = 1 + lam[:, None] * gains
+        q = 1 + lam.to(gains.dtype)[:, None] * gains
         terms = q2 / (q * q)
-        f = terms.sum(1)
-        settled = ~active | ((f - target).abs() <= 1e-10 * target)
+        f = terms.sum(1, dtype=torch.float64)
+        settled = ~active | ((f - target).abs() <= accuracy * target)
         if bool(settled.all()):
             break
-        df = -2 * (terms * gains / q).sum(1)
+        df = -2 * (terms * gains / q).sum(1, dtype=torch.float64)
         root = f.rsqrt()
         step = (target.rsqrt() - root) / (-df * root / (2 * f))
         lam = torch.where(settled | ~torch.isfinite(step), lam, lam + step)
+    lam = lam.to(gains.dtype)[:, None]
     least_squares = torch.where(measured, 1 / torch.where(measured, gains, 1), 0)
-    return torch.where(reachable[:, None], lam[:, None] / (1 + lam[:, None] * gains),
-                       least_squares)
+    return torch.where(reachable[:, None], lam / (1 + lam * gains), least_squares)
 
 
 @torch.no_grad()
 def _project_in_fourier(op: LinearOperator, spectrum, b: torch.Tensor, radius: torch.Tensor,
                         v: torch.Tensor):
     """:func:`project_onto_datafit` for a circulant ``op`` with ``spectrum = (T, g, U)``
-    (module docstring): ``(z, steps)``."""
+    (module docstring) on the half spectrum of real images, each frequency of the other half
+    counted by its mirror image's weight: ``(z, steps)``."""
     transfer, gains, basis = spectrum
-    channels = transfer.shape[2]
-    q = torch.fft.fft2(b - op(v), norm="ortho").permute(0, 2, 3, 1)      # (N, H, W, C)
+    channels, shape = transfer.shape[2], v.shape[-2:]
+    q = torch.fft.rfft2(b - op(v), norm="ortho").permute(0, 2, 3, 1)     # (N, H, W', C)
     if basis is not None:   # in the eigenvectors of T T^H
         q = (basis.conj().transpose(-1, -2) @ q.unsqueeze(-1)).squeeze(-1)
-    q2 = (q.real ** 2 + q.imag ** 2).double().flatten(1)
-    filt = _secular_filter(q2, gains.double().flatten(), radius, torch.finfo(v.dtype).eps)
-    w = q * filt.view(q.shape).to(q.real.dtype)
+    # columns 1 .. (W - 1) // 2 stand for their mirror images too
+    mirrored = torch.full((q.shape[2], 1), 2.0, dtype=q.real.dtype, device=q.device)
+    mirrored[0] = 1
+    if shape[-1] % 2 == 0:   # the Nyquist column is its own mirror image
+        mirrored[-1] = 1
+    q2 = (q.real ** 2 + q.imag ** 2) * mirrored
+    filt = _secular_filter(q2.flatten(1), gains.flatten(), radius).view(q.shape)
+    w = q * filt
     if basis is not None:
         w = (basis @ w.unsqueeze(-1)).squeeze(-1)
     if channels == 1:
-        spectrum_d = transfer[:, :, 0].conj() * w                        # (N, H, W, L)
+        spectrum_d = transfer[:, :, 0].conj() * w                        # (N, H, W', L)
     else:
         spectrum_d = torch.einsum("hwcl,nhwc->nhwl", transfer.conj(), w)
-    d = torch.fft.ifft2(spectrum_d.permute(0, 3, 1, 2), norm="ortho").real
-    steps = (q2.sum(1) > radius.double() ** 2).to(torch.int64)
+    d = torch.fft.irfft2(spectrum_d.permute(0, 3, 1, 2), s=shape, norm="ortho")
+    steps = (q2.flatten(1).sum(1, dtype=torch.float64) > radius.double() ** 2).to(torch.int64)
     return v + d.to(v.dtype), steps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..regularizers.cache import cached_for_parameters
+from ..cache import cached_for_parameters
 from .base import LinearOperator
 from .sparse import SparseMatrixOperator
 

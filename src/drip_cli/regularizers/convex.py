@@ -63,10 +63,10 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import channels_as_samples
+from ..cache import cached_for_parameters
 from ..operators.base import largest_eigenvalue_bound
 from ..operators.convolution import (conv2d, conv2d_adjoint, symmetric_pad,
                                     symmetric_pad_adjoint)
-from .cache import cached_for_parameters
 
 
 EXTRA_WEIGHT = 0.3   # initial weight of the filters beyond the TV pair (see the module docstring)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import cached_for_parameters
 from ..operators.convolution import PADDINGS, conv2d, conv2d_adjoint, padded_conv_matrix
 from ..operators.sparse import compact_csr
-from .cache import cached_for_parameters
 
 
 class Embedding(torch.nn.Module):

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..batching import channels_as_samples
+from ..cache import cached_for_parameters
 from ..operators.base import largest_eigenvalue_bound
-from .cache import cached_for_parameters
 
 # 8x8: 10x10 was lower on tomography and 6x6 level (+-0.1 dB by set and operator, with 160
 # components; docs/quality.md, *What did not add to the patch pass*)

@@ -272,6 +272,38 @@ def test_largest_eigenvalue_bound():
     assert lanczos_steps(4096) < lanczos_steps(65536) < 2 * lanczos_steps(4096)
 
 
+
+def test_embedded_norm_bound_is_kept_on_the_operator_until_the_embedding_changes():
+    """``||A E||`` bounded above (by at most the Lanczos slack), computed once for an operator
+    and embedding weights, whichever ``EmbeddedOperator`` asks, and afresh when they change."""
+    from drip_cli.operators.composed import EmbeddedOperator
+    from drip_cli.regularizers import Embedding
+
+    op = make_operator("tomography", (1, 8, 10))
+    embedding = Embedding(1, 1).double()
+    with torch.no_grad():
+        embedding.weight.add_(0.1 * torch.randn(embedding.weight.shape, dtype=torch.float64,
+                                                generator=torch.Generator().manual_seed(0)))
+    composed = EmbeddedOperator(op, embedding)
+    with torch.no_grad():
+        matrix = composed(torch.eye(80, dtype=torch.float64).view(80, 1, 8, 10)).reshape(80, -1)
+    norm = float(torch.linalg.matrix_norm(matrix, ord=2))
+    cpu = torch.device("cpu")
+    bound = composed.norm_bound(torch.float64, cpu)
+    assert norm <= bound <= norm / (1 - LANCZOS_SLACK) ** 0.5 * (1 + 1e-9)
+    calls = []
+    normal = EmbeddedOperator.normal
+    try:
+        EmbeddedOperator.normal = lambda self, x: calls.append(1) or normal(self, x)
+        assert EmbeddedOperator(op, embedding).norm_bound(torch.float64, cpu) == bound
+        assert not calls
+        with torch.no_grad():
+            embedding.weight.mul_(2)
+        assert abs(composed.norm_bound(torch.float64, cpu) / bound - 2) < 1e-9 and calls
+    finally:
+        EmbeddedOperator.normal = normal
+
+
 def test_finite_difference_adjoint():
     u = torch.randn(2, 3, 9, 11, dtype=torch.float64)
     p = torch.randn(2, 2, 3, 9, 11, dtype=torch.float64)

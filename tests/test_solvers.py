@@ -293,6 +293,37 @@ def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
         assert float((z[i].flatten().double() - exact).norm() / moved) <= accuracy
 
 
+
+@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix"])
+def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind):
+    """Given ``||B||``, a Krylov projection also stops where its error bound (the module
+    docstring of ``solvers.projection``) is within the tolerance: it stays that close to the
+    nearest point, in no more steps than the change test alone, and a small correction (the
+    radius 1% inside the residual) settles after one step at the solver's accuracy of 0.1."""
+    from drip_cli.operators.base import largest_eigenvalue_bound
+    from drip_cli.solvers.projection import project_onto_datafit
+
+    op = make_operator(kind, (1, 8, 10))
+    norm = largest_eigenvalue_bound(op.normal, (1, 1, 8, 10)) ** 0.5
+    gen = torch.Generator().manual_seed(1)
+    v = torch.rand(3, 1, 8, 10, dtype=torch.float64, generator=gen)
+    b = op(torch.rand(3, 1, 8, 10, dtype=torch.float64, generator=gen))
+    start = (op(v) - b).flatten(1).norm(dim=1)
+    radius = start * torch.tensor([0.3, 0.9, 0.99], dtype=torch.float64)
+    exact = [_dense_projection(op, v[i], b[i], radius[i]) for i in range(3)]
+    for tolerance in (0.1, 1e-2, 1e-3):
+        z, steps = project_onto_datafit(op, b, radius, v, max_steps=80, tolerance=tolerance,
+                                        norm=norm)
+        _, change_steps = project_onto_datafit(op, b, radius, v, max_steps=80,
+                                               tolerance=tolerance)
+        assert (steps <= change_steps).all()
+        if tolerance == 0.1:
+            assert int(steps[2]) == 1
+        for i in range(3):
+            moved = (exact[i] - v[i].flatten()).norm()
+            assert float((z[i].flatten() - exact[i]).norm() / moved) <= tolerance
+
+
 def _circulant(channels, latent, psf, shape=(8, 10), seed=3):
     """Blur after a periodic embedding with perturbed weights: a circulant ``A E``."""
     from drip_cli.operators.composed import EmbeddedOperator

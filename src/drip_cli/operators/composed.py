@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import cached_for_parameters
-from .base import LinearOperator
+from .base import LinearOperator, largest_eigenvalue_bound
 from .sparse import SparseMatrixOperator
 
 
@@ -57,6 +57,19 @@ class EmbeddedOperator(LinearOperator):
 
         return cached_for_parameters(self, "_spectrum", (dtype, torch.device(device)),
                                      [self.embedding.weight], compute)
+
+    def norm_bound(self, dtype: torch.dtype, device: torch.device) -> float:
+        """An upper bound on ``||A E||`` (Lanczos on ``E^T A^T A E`` in ``dtype``, see
+        :func:`~drip_cli.operators.base.largest_eigenvalue_bound`), kept on ``A`` while ``E``'s
+        weights are unchanged, so that the passes and batches of a reconstruction share it."""
+        def compute():
+            return largest_eigenvalue_bound(self.normal, (1, *self.image_shape), dtype=dtype,
+                                            device=device) ** 0.5
+
+        key = (self.image_shape, getattr(self.embedding, "boundary", None), dtype,
+               torch.device(device))
+        return cached_for_parameters(self.op, "_embedded_norm", key, [self.embedding.weight],
+                                     compute)
 
     def _sparse_embedding(self, t: torch.Tensor):
         """``(E, E^T)`` as CSR matrices where ``A`` is one too and no gradient is wanted (the

@@ -211,6 +211,10 @@ def solve_drip(
     safe_step = 1.0 / (lipschitz * scale + offset)                # guaranteed: 1 / L
     step = 1.0 / (curvature * scale + offset)         # first guess, backtracked if above 1 / L
 
+    # ||A E|| lets a Krylov projection stop by its error bound (solvers.projection); the
+    # Fourier projections are exact without it
+    norm = (None if len(rows) == 0 or forward_op.fourier_spectrum(b.dtype, b.device) is not None
+            else forward_op.norm_bound(b.dtype, b.device))
     z, z_prev = z0, z0
     momentum_t = torch.ones(len(rows), dtype=b.dtype, device=b.device)
     watch = _StallWatch(z0, projection_tolerance)
@@ -222,7 +226,7 @@ def solve_drip(
         y = z + per_sample(beta, z) * (z - z_prev)
         z_new, step, stationarity, capped = _backtracking_step(
             forward_op, regularizer, b_work, radius_work, y, step, safe_step,
-            projection_iterations, watch.accuracy, terms_work)
+            projection_iterations, watch.accuracy, terms_work, norm)
         stuck = watch.update(z_new, stationarity, capped, tolerance)
         against = ((y - z_new) * (z_new - z)).flatten(1).sum(1) > 0
         momentum_t = torch.where(against, torch.ones_like(t_next), t_next)
@@ -286,7 +290,7 @@ def _near(forward_op, z, b, radius) -> torch.Tensor:
 
 
 def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
-                       projection_iterations, projection_tolerance, terms):
+                       projection_iterations, projection_tolerance, terms, norm=None):
     """``P(y - t grad R(y))`` with the per-sample step ``t`` halved (never below ``safe_step``)
     until the sufficient-decrease condition of Beck & Teboulle holds along ``d = z - y``:
     ``R(z) <= R(y) + <grad R(y), d> + ||d||^2 / (2 t)``, the local form of ``t <= 1 / L``.
@@ -308,7 +312,7 @@ def _backtracking_step(forward_op, regularizer, b, radius, y, step, safe_step,
     def projected(rows, t):
         z, krylov_steps = project_onto_datafit(
             forward_op, b[rows], radius[rows], y[rows] - per_sample(t, y[rows]) * gradient_y[rows],
-            projection_iterations, projection_tolerance[rows])
+            projection_iterations, projection_tolerance[rows], norm)
         capped[rows] = krylov_steps >= projection_iterations
         return z
 

@@ -294,8 +294,9 @@ def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
 
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix"])
-def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind):
+def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind, device):
     """Given ``||B||``, a Krylov projection also stops where its error bound (the module
     docstring of ``solvers.projection``) is within the tolerance: it stays that close to the
     nearest point, in no more steps than the change test alone, and a small correction (the
@@ -311,6 +312,7 @@ def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind):
     start = (op(v) - b).flatten(1).norm(dim=1)
     radius = start * torch.tensor([0.3, 0.9, 0.99], dtype=torch.float64)
     exact = [_dense_projection(op, v[i], b[i], radius[i]) for i in range(3)]
+    op, b, radius, v = op.to(device), b.to(device), radius.to(device), v.to(device)
     for tolerance in (0.1, 1e-2, 1e-3):
         z, steps = project_onto_datafit(op, b, radius, v, max_steps=80, tolerance=tolerance,
                                         norm=norm)
@@ -320,8 +322,8 @@ def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind):
         if tolerance == 0.1:
             assert int(steps[2]) == 1
         for i in range(3):
-            moved = (exact[i] - v[i].flatten()).norm()
-            assert float((z[i].flatten() - exact[i]).norm() / moved) <= tolerance
+            moved = (exact[i] - v[i].flatten().cpu()).norm()
+            assert float((z[i].flatten().cpu() - exact[i]).norm() / moved) <= tolerance
 
 
 def _circulant(channels, latent, psf, shape=(8, 10), seed=3):

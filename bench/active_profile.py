@@ -10,7 +10,8 @@ refilling the batch as samples finish could save. It also splits the solve into 
 each timed synchronised (so the parts are the device's time too, not only the launches): the
 gradient of ``R``, the projections inside the steps, the host processor's share of those (the
 small subspace problems), the CGLS runs that start and end each pass, and the rest (momentum,
-stopping tests, the reweighting map). Last, the same solve runs again, every batch size met
+stopping tests, the reweighting map), and counts the Krylov steps of the projections in the
+steps (:mod:`drip_cli.solvers.projection`). Last, the same solve runs again, every batch size met
 before: on a GPU the first solve paid for cuDNN's planning of each new shape, which padding the
 convolutions' batches removed (``drip_cli.operators.convolution``), so the two should now agree.
 The figures of the README's GPU paragraph come from it.
@@ -77,12 +78,22 @@ def main() -> None:
              "CGLS runs (start and end of each pass)"]
     phase(regularizer, "gradient", "gradient of R")
     phase(regularizer, "value_and_gradient", "gradient of R")
+    krylov = []   # the Krylov steps of every sample's projection in the steps
+    project = drip_solver.project_onto_datafit
+
+    def counted(*args, **kwargs):
+        z, steps = project(*args, **kwargs)
+        krylov.append(steps.cpu())
+        return z, steps
+
+    drip_solver.project_onto_datafit = counted
     phase(drip_solver, "project_onto_datafit", "projections in the steps")
     phase(projection, "_tikhonov_in_subspace", "  of which subspace problems (host)")
     phase(drip_solver, "cgls", "CGLS runs (start and end of each pass)")
     method.solve(op, b[:2], radius[:2])   # warm-up
     log.clear()
     parts.clear()
+    krylov.clear()
     bench.synchronize(device)
     start = time.perf_counter()
     method.solve(op, b, radius)
@@ -105,6 +116,10 @@ def main() -> None:
     for label, (seconds, calls) in sorted(parts.items(), key=lambda item: order.index(item[0])):
         print(f"  {label}: {seconds:.2f} s in {calls} calls ({1e3 * seconds / calls:.2f} ms each)")
     print(f"  the rest: {total - inside:.2f} s")
+    steps = torch.cat(krylov)
+    steps = steps[steps > 0]   # samples inside the set already take none
+    print(f"Krylov steps per projection of a sample: {steps.double().mean():.2f} on average, "
+          f"one step for {(steps == 1).double().mean():.0%}")
     # the same solve again, every working-set size met before (on a GPU: cuDNN's plans cached)
     bench.synchronize(device)
     start = time.perf_counter()

@@ -272,7 +272,6 @@ def test_largest_eigenvalue_bound():
     assert lanczos_steps(4096) < lanczos_steps(65536) < 2 * lanczos_steps(4096)
 
 
-
 def test_embedded_norm_bound_is_kept_on_the_operator_until_the_embedding_changes():
     """``||A E||`` bounded above (by at most the Lanczos slack), computed once for an operator
     and embedding weights, whichever ``EmbeddedOperator`` asks, and afresh when they change."""

@@ -293,7 +293,6 @@ def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
         assert float((z[i].flatten().double() - exact).norm() / moved) <= accuracy
 
 
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix"])
 def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind, device):

@@ -213,8 +213,8 @@ def project_onto_datafit(op: LinearOperator, b: torch.Tensor, radius: torch.Tens
             rows = slice(None) if whole else done
             found = (y[rows].unsqueeze(1) @ vs[rows, :k]).view(-1, *v.shape[1:])
             count = torch.full((finishing,), k, dtype=torch.int64, device=v.device)
-            if k == 1:   # the samples inside from the start: no correction, no steps
-                found = torch.where(per_sample(inside[rows], found), 0, found)
+            if k == 1:   # the samples inside from the start: no steps (and y = 0, so no
+                # correction: _tikhonov_in_subspace returns 0 where beta <= radius)
                 count = torch.where(inside[rows], 0, count)
             if active is None:   # the working set is still the batch
                 finished = slice(None) if whole else torch.nonzero(done).squeeze(1)

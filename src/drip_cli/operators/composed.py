@@ -40,7 +40,7 @@ class EmbeddedOperator(LinearOperator):
         latent channel), so that ``rfft2(A E z)[c] = sum_l T[..., c, l] rfft2(z)[l]`` at
         each frequency; ``g`` (``(H, W // 2 + 1, C)``) and ``U`` (``(H, W // 2 + 1, C, C)``,
         None for one channel) the eigenvalues and eigenvectors of ``T T^H`` there. Otherwise
-        None. Kept while ``E``'s weights are unchanged."""
+        None. Kept (:meth:`_kept`)."""
         if not (self.op.periodic and getattr(self.embedding, "boundary", None) == "periodic"):
             return None
 
@@ -55,21 +55,25 @@ class EmbeddedOperator(LinearOperator):
             gains, basis = torch.linalg.eigh(transfer @ transfer.conj().transpose(-1, -2))
             return transfer, gains.clamp_min(0), basis
 
-        return cached_for_parameters(self, "_spectrum", (dtype, torch.device(device)),
-                                     [self.embedding.weight], compute)
+        return self._kept("_embedded_spectrum", dtype, device, compute)
 
     def norm_bound(self, dtype: torch.dtype, device: torch.device) -> float:
         """An upper bound on ``||A E||`` (Lanczos on ``E^T A^T A E`` in ``dtype``, see
-        :func:`~drip_cli.operators.base.largest_eigenvalue_bound`), kept on ``A`` while ``E``'s
-        weights are unchanged, so that the passes and batches of a reconstruction share it."""
+        :func:`~drip_cli.operators.base.largest_eigenvalue_bound`). Kept (:meth:`_kept`)."""
         def compute():
             return largest_eigenvalue_bound(self.normal, (1, *self.image_shape), dtype=dtype,
                                             device=device) ** 0.5
 
+        return self._kept("_embedded_norm", dtype, device, compute)
+
+    def _kept(self, name: str, dtype: torch.dtype, device: torch.device, compute):
+        """``compute()``, kept on ``A`` as ``name`` for this latent shape, ``E``'s boundary,
+        ``dtype`` and ``device`` while ``E``'s weights are unchanged: a solve composes ``A E``
+        afresh for each pass, and ``A`` outlives them, so the passes and batches of a
+        reconstruction share the value."""
         key = (self.image_shape, getattr(self.embedding, "boundary", None), dtype,
                torch.device(device))
-        return cached_for_parameters(self.op, "_embedded_norm", key, [self.embedding.weight],
-                                     compute)
+        return cached_for_parameters(self.op, name, key, [self.embedding.weight], compute)
 
     def _sparse_embedding(self, t: torch.Tensor):
         """``(E, E^T)`` as CSR matrices where ``A`` is one too and no gradient is wanted (the

@@ -119,6 +119,11 @@ EXAMPLES = {
         "--noise-percent 1,5,20 --out report",
         "drip evaluate test.h5 --model run --tau 0.95,0.98,1 --out report",
     ],
+    "export": [
+        "drip export blur_drip.h5 pictures/",
+        "drip export sample_data/blur.h5 truth/ --bits 16",
+        "drip export sample_data/blur.h5 blurred/ --dataset measurements --max-samples 4",
+    ],
     "info": [
         "drip info sample_data/blur.h5",
         "drip info run",
@@ -909,6 +914,51 @@ def info(
             for i in range(min(samples, n)):
                 table.add_row(str(i), *(fmt(columns[c][i].item()) for c in shown))
             console.print(table)
+
+
+class ImageDataset(str, Enum):
+    reconstructions = "reconstructions"
+    ground_truth = "ground_truth"
+    measurements = "measurements"
+
+
+@app.command(epilog=_examples("export"))
+def export(
+    file: Path = typer.Argument(..., help="A reconstruction or measurement file."),
+    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed)."),
+    dataset: Optional[ImageDataset] = typer.Option(
+        None, "--dataset", help="The images to write. Default: a reconstruction file's "
+        "reconstructions, a measurement file's ground_truth; measurements where they are "
+        "images (denoise, blur, inpainting)."),
+    bits: int = typer.Option(8, "--bits", help="8, or 16 for grayscale images (drip simulate "
+                             "reads either back)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
+                                              help="Write the first N samples only."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Write the images of a drip file as PNG files, one per sample.
+
+    Intensities are clipped to [0, 1]; the folder gets every file or none.
+    """
+    from .export import BITS, export_pngs
+
+    if bits not in BITS:
+        raise typer.BadParameter(f"{bits} is not one of {', '.join(map(str, BITS))}",
+                                 param_hint="'--bits'")
+    with _errors(debug):
+        with progress_bar(f"writing {out.name or out}", 0, quiet) as update:
+            summary = export_pngs(file, out, None if dataset is None else dataset.value, bits,
+                                  max_samples, progress=update)
+        files = summary["files"]
+        console.print(key_value_table(f"wrote {len(files)} PNG files", {
+            "folder": summary["folder"],
+            "dataset": summary["dataset"],
+            "files": files[0] if len(files) == 1 else f"{files[0]} ... {files[-1]}",
+            "bits": str(bits),
+            "channels": "1 (grayscale)" if summary["channels"] == 1 else "3 (colour)",
+            "clipped to [0, 1]": f"{100 * summary['clipped']:.2f}% of values",
+        }))
 
 
 def main() -> None:

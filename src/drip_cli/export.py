@@ -1,0 +1,109 @@
+"""``drip export``: the images of a drip file as PNG files, to look at or to hand to other tools.
+
+A reconstruction file gives its ``reconstructions``; a measurement file its ``ground_truth``,
+or its ``measurements`` where those are images (the identity, blur and inpainting operators;
+a sinogram or a sparse operator's data is not one). Intensities are the contract's, nominally
+in [0, 1]: they are clipped to that range (the summary says how many pixels were) and stored
+in 8 bits, or in 16 for grayscale images, which ``drip simulate FOLDER`` reads back to within
+half a step of 1/65535 (8 bits: of 1/255). One file per sample, ``NAME_INDEX.png`` with the
+dataset's name and the sample's index, zero-padded so the names sort as the samples do. The
+folder gets every file or none: they are written to a staging folder beside it and moved in
+at the end (:func:`~drip_cli.io.atomic.atomic_folder`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DripError
+from .info import file_kind
+from .io import atomic_folder, check_folder_writable
+from .io.measurements import check_dataset, open_h5, reading
+
+# each file kind's datasets that hold images, its default first
+IMAGE_DATASETS = {"reconstructions": ("reconstructions",),
+                  "measurements": ("ground_truth", "measurements")}
+# operators whose measurements are images of the image's shape
+IMAGE_MEASUREMENTS = ("denoise", "blur", "inpainting")
+BITS = (8, 16)
+
+
+def _quantised(image: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    """``image`` (``(C, H, W)`` float) clipped to [0, 1] and rounded to ``bits`` bits, as
+    Pillow takes it (``(H, W)`` or ``(H, W, 3)``), and the number of pixel values clipped."""
+    clipped = int(np.count_nonzero((image < 0) | (image > 1)))
+    top = 2**bits - 1
+    levels = np.rint(np.clip(image, 0, 1) * top).astype(np.uint8 if bits == 8 else np.uint16)
+    return (levels[0] if len(levels) == 1 else np.moveaxis(levels, 0, -1)), clipped
+
+
+def _write_png(path: Path, levels: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(levels).save(path, format="PNG")
+
+
+def _image_dataset(handle, kind: str, name: str | None, path: Path):
+    """The dataset to export, checked: ``(N, C, H, W)``, floating point and finite."""
+    allowed = IMAGE_DATASETS[kind]
+    name = allowed[0] if name is None else name
+    if name not in allowed:
+        raise DripError(f"a {kind} file's images are {' or '.join(allowed)}, not {name!r}", path)
+    if name == "measurements":
+        stored = handle["operator"].attrs.get("kind") if "operator" in handle else None
+        stored = stored.decode() if isinstance(stored, bytes) else stored
+        if stored not in IMAGE_MEASUREMENTS:
+            raise DripError(f"the measurements of operator kind {stored!r} are not images (only "
+                            f"{', '.join(IMAGE_MEASUREMENTS)}): export ground_truth, or "
+                            "reconstructions of these measurements", path)
+    dset = check_dataset(handle, name, (None,) * 4, path, finite=False)   # checked per sample
+    if dset.shape[0] < 1:
+        raise DripError(f"dataset '{name}' holds no samples", path)
+    return name, dset
+
+
+def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str | None = None,
+                bits: int = 8, max_samples: int | None = None, progress=None) -> dict:
+    """Write the images of ``path`` (its ``dataset``, by default the file's own: see the module
+    docstring) to ``folder`` as PNG files of ``bits`` bits, the first ``max_samples`` of them
+    (all by default). ``progress(done, total)`` hears of each file. Returns a summary:
+    ``folder``, ``dataset``, ``files`` (their names), ``bits``, ``channels``, ``clipped``
+    (the share of pixel values outside [0, 1])."""
+    path = Path(path)
+    if bits not in BITS:
+        raise ValueError(f"bits must be one of {BITS}")
+    kind = file_kind(path)
+    if kind == "model":
+        raise DripError("a model holds no images: export a reconstruction or measurement file",
+                        path)
+    check_folder_writable(folder)
+    with open_h5(path, kind) as handle, reading(path):
+        name, dset = _image_dataset(handle, kind, dataset, path)
+        n, channels = dset.shape[:2]
+        if channels not in (1, 3):
+            raise DripError(f"dataset '{name}' has {channels} channels; a PNG holds 1 (grayscale) "
+                            "or 3 (colour)", path)
+        if bits == 16 and channels == 3:
+            raise DripError("16-bit PNG files are written for grayscale images only; export "
+                            "colour with --bits 8", path)
+        count = n if max_samples is None else min(n, max_samples)
+        width = max(4, len(str(count - 1)))
+        values = count * int(np.prod(dset.shape[1:]))
+        files, clipped = [], 0
+        with atomic_folder(folder) as staging:
+            for i in range(count):
+                image = np.asarray(dset[i], dtype=np.float64)
+                if not np.all(np.isfinite(image)):
+                    raise DripError(f"dataset '{name}' holds NaN or Inf at sample {i}: "
+                                    "nothing was written", path)
+                levels, outside = _quantised(image, bits)
+                clipped += outside
+                files.append(f"{name}_{i:0{width}d}.png")
+                _write_png(staging / files[-1], levels)
+                if progress is not None:
+                    progress(i + 1, count)
+    return {"folder": str(folder), "dataset": name, "files": files, "bits": bits,
+            "channels": channels, "clipped": clipped / values}

@@ -1,0 +1,100 @@
+"""``drip export``: PNG files of a drip file's images, read back by ``drip simulate``."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_operator
+from helpers import assert_one_line_error, run_cli, write_small_file
+
+
+def _measurements(tmp_path, kind="blur", n=5, shape=(1, 16, 20), name="m.h5"):
+    path = tmp_path / name
+    truth = write_small_file(path, make_operator(kind, shape), n=n)
+    return path, truth
+
+
+@pytest.mark.parametrize("bits,step", [(8, 255), (16, 65535)])
+def test_ground_truth_round_trips_through_png_and_simulate(tmp_path, bits, step):
+    """Exported at 8 or 16 bits and read back as a folder of pictures by ``drip simulate``,
+    the ground truth comes back within half a quantisation step, in the same order."""
+    path, truth = _measurements(tmp_path, n=12)
+    folder = tmp_path / "png"
+    result = run_cli("export", path, folder, "--bits", bits, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [f"ground_truth_{i:04d}.png" for i in range(12)]
+    with Image.open(folder / names[0]) as picture:
+        assert picture.mode == ("L" if bits == 8 else "I;16") and picture.size == (20, 16)
+    back = tmp_path / "back.h5"
+    result = run_cli("simulate", folder, back, "--operator", "denoise", "--noise-percent", "1",
+                     "--quiet")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(back) as f:
+        again = f["ground_truth"][()]
+    assert again.shape == truth.shape
+    assert np.abs(again - np.clip(truth, 0, 1)).max() <= 0.5 / step + 1e-6
+
+
+def test_reconstructions_are_clipped_and_counted(tmp_path):
+    """A reconstruction file's images by default; values outside [0, 1] are clipped, and the
+    summary gives their share."""
+    path, _ = _measurements(tmp_path)
+    recon = tmp_path / "r.h5"
+    assert run_cli("reconstruct", path, "--method", "cgls", "--out", recon, "--quiet").exit_code == 0
+    with h5py.File(recon) as f:
+        images = f["reconstructions"][()]
+    outside = np.mean((images < 0) | (images > 1))
+    assert outside > 0   # CGLS overshoots somewhere: the clipping is exercised
+    folder = tmp_path / "out" / "pictures"   # parents are made
+    result = run_cli("export", recon, folder, "--max-samples", "3")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == [f"reconstructions_{i:04d}.png"
+                                                       for i in range(3)]
+    assert f"{100 * np.mean((images[:3] < 0) | (images[:3] > 1)):.2f}%" in result.stdout
+    for i in range(3):
+        with Image.open(folder / f"reconstructions_{i:04d}.png") as picture:
+            levels = np.asarray(picture)
+        expected = np.rint(np.clip(images[i, 0].astype(np.float64), 0, 1) * 255)
+        assert np.array_equal(levels, expected.astype(np.uint8))
+
+
+def test_colour_and_image_measurements(tmp_path):
+    """Colour images become RGB files (8 bits only); measurements that are images export,
+    a sinogram does not."""
+    path, truth = _measurements(tmp_path, kind="inpainting", shape=(3, 12, 14), n=2)
+    result = run_cli("export", path, tmp_path / "rgb", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    with Image.open(tmp_path / "rgb" / "ground_truth_0001.png") as picture:
+        assert picture.mode == "RGB"
+        levels = np.asarray(picture)
+    assert np.array_equal(levels, np.rint(np.moveaxis(np.clip(truth[1], 0, 1), 0, -1) * 255))
+    result = run_cli("export", path, tmp_path / "b", "--dataset", "measurements", "--quiet")
+    assert result.exit_code == 0 and len(list((tmp_path / "b").iterdir())) == 2
+    assert_one_line_error(run_cli("export", path, tmp_path / "c", "--bits", "16"),
+                          "grayscale images only", tmp_path / "c")
+    tomo, _ = _measurements(tmp_path, kind="tomography", name="t.h5")
+    assert_one_line_error(run_cli("export", tomo, tmp_path / "d", "--dataset", "measurements"),
+                          "are not images", tmp_path / "d")
+
+
+def test_bad_inputs_leave_nothing(tmp_path):
+    """One error line, exit status 1 and no folder for: a missing file, a model, a dataset the
+    file does not hold, a NaN in a later sample (files already written are taken back); a
+    --bits other than 8 or 16 is a usage error."""
+    path, _ = _measurements(tmp_path)
+    out = tmp_path / "out"
+    assert_one_line_error(run_cli("export", tmp_path / "none.h5", out), "no such file", out)
+    assert_one_line_error(run_cli("export", path, out, "--dataset", "reconstructions"),
+                          "not 'reconstructions'", out)
+    recon = tmp_path / "r.h5"
+    assert run_cli("reconstruct", path, "--method", "cgls", "--out", recon, "--quiet").exit_code == 0
+    with h5py.File(recon, "r+") as f:
+        f["reconstructions"][3, 0, 2, 2] = np.nan
+    assert_one_line_error(run_cli("export", recon, out), "NaN or Inf at sample 3", out)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no staging left
+    result = run_cli("export", path, out, "--bits", "12")
+    assert result.exit_code == 2 and not out.exists()

@@ -111,6 +111,27 @@ def test_a_damaged_measurement_file_is_read_or_refused(valid_files, tmp_path, ki
         pass
 
 
+@settings(SETTINGS, max_examples=100)
+@given(kind=st.sampled_from(KINDS), damages=st.lists(DAMAGE, min_size=1, max_size=3),
+       dataset=st.sampled_from(["ground_truth", "measurements"]))
+def test_a_damaged_file_is_exported_or_refused(valid_files, tmp_path, kind, damages, dataset):
+    """``drip export`` reads the image datasets itself, not through :class:`MeasurementFile`:
+    whatever the damage, it writes its PNG files or refuses the file with a
+    :class:`DripError`, and leaves no folder then."""
+    from drip_cli.export import export_pngs
+
+    path, out = tmp_path / "damaged.h5", tmp_path / "png"
+    shutil.copy(valid_files[kind], path)
+    shutil.rmtree(out, ignore_errors=True)
+    with h5py.File(path, "a") as handle:
+        for damage in damages:
+            _damage(handle, *damage)
+    try:
+        export_pngs(path, out, dataset)
+    except DripError:
+        assert not out.exists()
+
+
 FIXED_ODD_VALUES = [np.inf, -np.inf, np.nan, 2.5, -1, 0, 10**9, "text", "", np.zeros(0),
                     np.array([1.0, np.inf, 2.0]), np.arange(7), True]
 

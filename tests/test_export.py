@@ -79,6 +79,10 @@ def test_colour_and_image_measurements(tmp_path):
     tomo, _ = _measurements(tmp_path, kind="tomography", name="t.h5")
     assert_one_line_error(run_cli("export", tomo, tmp_path / "d", "--dataset", "measurements"),
                           "are not images", tmp_path / "d")
+    with h5py.File(path, "r+") as f:   # a damaged kind is not an image kind either
+        f["operator"].attrs["kind"] = np.array([1, 2])
+    assert_one_line_error(run_cli("export", path, tmp_path / "e", "--dataset", "measurements"),
+                          "operator kind array([1, 2]) are not images", tmp_path / "e")
 
 
 def test_bad_inputs_leave_nothing(tmp_path):

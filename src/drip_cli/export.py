@@ -54,8 +54,8 @@ def _image_dataset(handle, kind: str, name: str | None, path: Path):
         raise DripError(f"a {kind} file's images are {' or '.join(allowed)}, not {name!r}", path)
     if name == "measurements":
         stored = handle["operator"].attrs.get("kind") if "operator" in handle else None
-        stored = stored.decode() if isinstance(stored, bytes) else stored
-        if stored not in IMAGE_MEASUREMENTS:
+        stored = stored.decode(errors="replace") if isinstance(stored, bytes) else stored
+        if not (isinstance(stored, str) and stored in IMAGE_MEASUREMENTS):
             raise DripError(f"the measurements of operator kind {stored!r} are not images (only "
                             f"{', '.join(IMAGE_MEASUREMENTS)}): export ground_truth, or "
                             "reconstructions of these measurements", path)

@@ -87,8 +87,8 @@ def test_colour_and_image_measurements(tmp_path):
 
 def test_bad_inputs_leave_nothing(tmp_path):
     """One error line, exit status 1 and no folder for: a missing file, a model, a dataset the
-    file does not hold, a NaN in a later sample (files already written are taken back); a
-    --bits other than 8 or 16 is a usage error."""
+    file does not hold, a NaN in a later sample (files already written are taken back), images
+    of no pixels; a --bits other than 8 or 16 is a usage error."""
     path, _ = _measurements(tmp_path)
     out = tmp_path / "out"
     assert_one_line_error(run_cli("export", tmp_path / "none.h5", out), "no such file", out)
@@ -100,5 +100,9 @@ def test_bad_inputs_leave_nothing(tmp_path):
         f["reconstructions"][3, 0, 2, 2] = np.nan
     assert_one_line_error(run_cli("export", recon, out), "NaN or Inf at sample 3", out)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no staging left
+    with h5py.File(path, "r+") as f:
+        del f["ground_truth"]
+        f["ground_truth"] = np.zeros((5, 1, 0, 20), np.float32)
+    assert_one_line_error(run_cli("export", path, out), "no images to write", out)
     result = run_cli("export", path, out, "--bits", "12")
     assert result.exit_code == 2 and not out.exists()

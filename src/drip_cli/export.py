@@ -60,8 +60,8 @@ def _image_dataset(handle, kind: str, name: str | None, path: Path):
                             f"{', '.join(IMAGE_MEASUREMENTS)}): export ground_truth, or "
                             "reconstructions of these measurements", path)
     dset = check_dataset(handle, name, (None,) * 4, path, finite=False)   # checked per sample
-    if dset.shape[0] < 1:
-        raise DripError(f"dataset '{name}' holds no samples", path)
+    if dset.shape[0] < 1 or 0 in dset.shape[2:]:
+        raise DripError(f"dataset '{name}' has shape {dset.shape}: no images to write", path)
     return name, dset
 
 
@@ -90,7 +90,7 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
             raise DripError("16-bit PNG files are written for grayscale images only; export "
                             "colour with --bits 8", path)
         count = n if max_samples is None else min(n, max_samples)
-        width = max(4, len(str(count - 1)))
+        width = max(4, len(str(n - 1)))   # the names of a part are those of the whole
         values = count * int(np.prod(dset.shape[1:]))
         files, clipped = [], 0
         with atomic_folder(folder) as staging:

@@ -362,7 +362,8 @@ def test_training_with_reweighting_makes_it_the_models_default(train_file, tmp_p
 def test_fresh_runs_take_the_operators_defaults(tmp_path):
     """Settings left out follow the operator (training.trainer.operator_defaults): on
     tomography sharp potentials, so tighter training solves; one reweighting pass for convex
-    models. The run says what it chose and records it."""
+    models; no patch mixture where the images determine too few components. The run says
+    what it chose and records it."""
     data = tmp_path / "tomo.h5"
     write_small_file(data, make_operator("tomography", (1, 12, 12)), n=6)
     run = tmp_path / "run"
@@ -370,7 +371,11 @@ def test_fresh_runs_take_the_operators_defaults(tmp_path):
                      "4", "--kernel-size", "3", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     assert ("defaults for tomography data: --eps 0.001, --solver-tolerance 0.0003, "
-            "--solver-iterations 300, --reweight 1") in " ".join(result.stdout.split())
+            "--solver-iterations 300, --reweight 1, --patch-components 0") in \
+        " ".join(result.stdout.split())
+    # six 12x12 images determine no mixture: the run says why it has none
+    assert "no patch mixture: the training images determine fewer than 20 components" in \
+        " ".join(result.stdout.split())
     # (the file's own measurements, one noise level: the run says so, and how to draw a range)
     assert "training on the file's own measurements (noise percent 2): --noise-percent A:B" in \
         " ".join(result.stdout.split())
@@ -429,7 +434,8 @@ def test_patch_mixture_default_follows_the_training_images():
     """Convex models get 80 mixture components where the training images determine them (640
     patches each for grayscale 8x8 patches), fewer where they determine fewer, none below 20;
     started from a model (--init), as many as it has, within the same limits; never where
-    --patch-components is given or off the convex architecture."""
+    --patch-components is given or off the convex architecture. Where it wanted a mixture
+    and the images determine none, it reports the 0."""
     from drip_cli.regularizers.model import ModelConfig
     from drip_cli.training import TrainConfig
     from drip_cli.training.trainer import patch_default
@@ -440,9 +446,9 @@ def test_patch_mixture_default_follows_the_training_images():
 
     assert chosen((900, 1, 64, 64)) == ({"patch_components": 80}, 80)   # 60 000 patches
     assert chosen((100, 1, 64, 64)) == ({"patch_components": 35}, 35)   # 22 500: 35 x 640
-    assert chosen((50, 1, 64, 64)) == ({}, 0)                           # 17 components: none
+    assert chosen((50, 1, 64, 64)) == ({"patch_components": 0}, 0)      # 17: none, said so
     assert chosen((900, 3, 64, 64)) == ({"patch_components": 31}, 31)   # 1920 per component
-    assert chosen((900, 1, 7, 64)) == ({}, 0)                           # no 8x8 patch
+    assert chosen((900, 1, 7, 64)) == ({"patch_components": 0}, 0)      # no 8x8 patch
     assert chosen((900, 1, 64, 64), {"patch_components"}) == ({}, 0)
     assert chosen((900, 1, 64, 64), init="model") == ({}, 0)           # the model has none
     assert chosen((900, 1, 64, 64), init="model", patch_components=40) == ({}, 40)

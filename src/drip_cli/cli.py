@@ -567,7 +567,7 @@ def train(
     from .training import TrainConfig, Trainer
     from .io import check_folder_writable
     from .io.models import CHECKPOINT_STATE
-    from .training.trainer import unused_settings
+    from .training.trainer import MIN_DEFAULT_COMPONENTS, unused_settings
 
     def interrupted(cause: str) -> str:
         if (out / CHECKPOINT_STATE).exists():
@@ -615,6 +615,10 @@ def train(
                                else f"{_train_option(name)} {value:g}"
                                for name, value in trainer.operator_defaults.items())
             console.print(f"defaults for {trainer.op.kind} data: {chosen}")
+            if trainer.operator_defaults.get("patch_components") == 0:
+                console.print("no patch mixture: the training images determine fewer than "
+                              f"{MIN_DEFAULT_COMPONENTS} components (--patch-components K "
+                              "fits K anyway)")
         if trainer.config.noise_percent is None and not quiet:
             from .data import format_noise_percent
 

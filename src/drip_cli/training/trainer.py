@@ -257,8 +257,9 @@ def patch_default(config: TrainConfig, shape: tuple[int, ...], given: set[str]) 
     components, or started from a model (``--init``, which set ``patch_components`` to its
     own) as many as that model has (none where it has none), in either case at most as many as
     training images of ``shape`` ``(N, C, H, W)`` determine and none below
-    ``MIN_DEFAULT_COMPONENTS``. Returns the setting where it chose one other than the model's,
-    to be reported."""
+    ``MIN_DEFAULT_COMPONENTS``. Returns the setting, to be reported, where it chose one other
+    than the model's or none where it wanted some (the images determine too few: a run that
+    leaves the mixture out says so)."""
     model = config.model
     if "patch_components" in given or model.architecture != "convex":
         return {}
@@ -266,7 +267,7 @@ def patch_default(config: TrainConfig, shape: tuple[int, ...], given: set[str]) 
     components = min(wanted, supported_components(shape))
     if components < MIN_DEFAULT_COMPONENTS:
         components = 0
-    if components == model.patch_components:
+    if components == model.patch_components and (components or not wanted):
         return {}
     model.patch_components = components
     return {"patch_components": components}

@@ -4,8 +4,9 @@ Runs the real CLI (`drip info`, `drip reconstruct`) on sample_data/ and on colou
 simulates from two held-out photographs (`drip simulate`; the grayscale blur model serves them
 with --each-channel), writes the reconstructions and JSON reports to demo_out/, and prints one
 table: PSNR, SSIM and discrepancy ratios per operator and method. Every reconstruction must
-fit its data (fit = 1). Then `drip evaluate` on the blur sample compares CGLS, TV, DRIP and the
-unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
+fit its data (fit = 1). `drip export` writes the colour crops and their DRIP reconstructions as
+PNG files (demo_out/pictures/). Then `drip evaluate` on the blur sample compares CGLS, TV, DRIP
+and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
 robustness.png, previews.png).
 
 DRIP runs with the pretrained model where sample_data/ ships one; elsewhere with an untrained model
@@ -120,12 +121,16 @@ def main() -> None:
                       f"{s['iterations_mean']:.0f}", f"{s['seconds_per_image']:.3f}")
     console.rule()
     console.print(table)
+    pictures = OUT / "pictures"   # the colour crops and their DRIP reconstructions, to look at
+    drip("export", str(files["colour blur"]), str(pictures / "colour_truth"), "--quiet")
+    drip("export", str(OUT / "colour_blur_drip.h5"), str(pictures / "colour_drip"), "--quiet")
     console.rule("blur across noise levels: drip evaluate (the unrolled network has no fit guarantee)")
     models = [arg for path in (MODELS["blur"], UNROLLED) if path.exists()
               for arg in ("--model", str(path))]
     drip("evaluate", str(SAMPLES / "blur.h5"), *models, "--out", str(OUT / "evaluate_blur"),
          "--noise-percent", "1,2,5,10,20", "--device", "cpu")
-    console.print(f"outputs in {OUT.relative_to(ROOT)}/ ; total {time.perf_counter() - start:.1f} s")
+    console.print(f"outputs in {OUT.relative_to(ROOT)}/ (pictures: {pictures.relative_to(ROOT)}/); "
+                  f"total {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

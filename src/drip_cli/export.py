@@ -47,7 +47,8 @@ def _write_png(path: Path, levels: np.ndarray) -> None:
 
 
 def _image_dataset(handle, kind: str, name: str | None, path: Path):
-    """The dataset to export, checked: ``(N, C, H, W)``, floating point and finite."""
+    """The dataset to export, checked: ``(N, C, H, W)`` with pixels, floating point (each
+    sample's values are checked as it is written: a file is read once)."""
     allowed = IMAGE_DATASETS[kind]
     name = allowed[0] if name is None else name
     if name not in allowed:

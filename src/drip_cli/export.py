@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import DripError
 from .info import file_kind
-from .io import atomic_folder, check_folder_writable
+from .io import atomic_folder
 from .io.measurements import check_dataset, open_h5, reading
 
 # each file kind's datasets that hold images, its default first
@@ -80,7 +80,6 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
     if kind == "model":
         raise DripError("a model holds no images: export a reconstruction or measurement file",
                         path)
-    check_folder_writable(folder)
     with open_h5(path, kind) as handle, reading(path):
         name, dset = _image_dataset(handle, kind, dataset, path)
         n, channels = dset.shape[:2]

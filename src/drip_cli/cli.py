@@ -119,6 +119,12 @@ EXAMPLES = {
         "--noise-percent 1,5,20 --out report",
         "drip evaluate test.h5 --model run --tau 0.95,0.98,1 --out report",
     ],
+    "import": [
+        "drip import blurred/ mine.h5 --operator blur --blur-sigma 2 --estimate-noise",
+        "drip import photo.png mine.h5 --operator blur --psf psf.npy --noise-std 0.01",
+        "drip import holes.npy mine.h5 --operator inpainting --mask mask.png --noise-percent 1",
+        "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
+    ],
     "export": [
         "drip export blur_drip.h5 pictures/",
         "drip export sample_data/blur.h5 truth/ --bits 16",
@@ -389,6 +395,95 @@ def simulate(
             "noise percent": format_noise_percent(low, high)}))
 
 
+@app.command("import", epilog=_examples("import"))
+def import_measurements(
+    ctx: typer.Context,
+    measured: Path = typer.Argument(..., help="The measurements: a .npy array shaped S, (N, *S) "
+                                    "or (N, C, *S) (S the operator's measurement shape), or a "
+                                    "PNG/JPEG picture or folder of them (denoise, blur, "
+                                    "inpainting)."),
+    out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
+    operator: Optional[OperatorKind] = typer.Option(None, "--operator", case_sensitive=False,
+                                                    help="Forward operator kind (or --like)."),
+    like: Optional[Path] = typer.Option(None, "--like", help="Take the operator, image shape "
+                                        "included, from this measurement file (any kind)."),
+    noise_std: Optional[float] = typer.Option(None, "--noise-std", help="The noise's standard "
+                                              "deviation (intensities in [0, 1])."),
+    noise_percent: Optional[float] = typer.Option(None, "--noise-percent", help="The noise "
+                                                  "std as a percent of each sample's mean |b|."),
+    estimate_noise: bool = typer.Option(False, "--estimate-noise", help="blur: estimate each "
+                                        "sample's noise std where the blur removes the image."),
+    blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma",
+                                               help="blur: Gaussian PSF std (pixels)."),
+    blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
+                                            "(default 2*ceil(3 sigma)+1)."),
+    psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
+                                        "of the observed pixels (non-zero)."),
+    angles: Optional[int] = typer.Option(None, "--angles", min=1, help="tomography: number of "
+                                         "angles. Default: the sinogram's rows."),
+    angle_range: float = typer.Option(180.0, "--angle-range",
+                                      help="tomography: angular range in degrees (<180: limited angle)."),
+    angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
+    matrix: Optional[Path] = typer.Option(
+        None, "--matrix", help="matrix: .npz from scipy.sparse.save_npz, shape (m, H*W) for "
+        "square images (other shapes: --like)."),
+    channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3, help="pictures: 1 "
+                                           "(grayscale) or 3 (colour); default: their own."),
+    quiet: bool = QUIET,
+    debug: bool = DEBUG,
+) -> None:
+    """Make a measurement file of measurements you took: pictures or arrays, an operator and
+    a noise level."""
+    from .data.measured import NoiseChoice, import_measurements as write_file
+    from .data import OperatorSpec, format_noise_percent
+    from .io import check_writable
+
+    with _errors(debug):
+        if channels == 2:
+            raise DripError("--channels must be 1 or 3")
+        if (operator is None) == (like is None):
+            raise DripError("give the operator: --operator KIND with its options, or --like "
+                            "FILE.h5 (a measurement file with the same operator)")
+        check_writable(out, keep={"the measurements": measured, "the --like file": like,
+                                  "the --psf file": psf, "the --mask file": mask,
+                                  "the --matrix file": matrix})
+        spec = None
+        if operator is not None:
+            if operator.value == "blur" and psf is None and blur_sigma is None:
+                raise DripError("blur needs its PSF: --blur-sigma S (a Gaussian) or --psf FILE.npy")
+            spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma or 2.0,
+                                blur_size=blur_size, psf_file=psf, angles=angles,
+                                angle_range=angle_range, angle_start=angle_start,
+                                matrix_file=matrix)
+        for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
+            warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
+        choice = NoiseChoice(noise_std, noise_percent, estimate_noise)
+        with status(f"reading {measured.name or measured}", quiet):
+            summary = write_file(measured, out, spec, like, mask, choice, channels,
+                                 attrs={"drip_version": __version__})
+        op, sigma = summary["operator"], summary["noise_std"]
+        percent = summary["noise_percent"]
+        console.print(key_value_table(f"wrote {out}", {
+            "samples": summary["samples"], "image shape": str(op.image_shape),
+            "operator": op.kind, "measurement shape": str(op.measurement_shape),
+            f"noise std ({choice.how})": (f"{sigma.min():.4g}" if sigma.min() == sigma.max()
+                                          else f"{sigma.min():.4g} to {sigma.max():.4g}"),
+            "noise percent of mean |b|": format_noise_percent(float(percent.min()),
+                                                              float(percent.max())),
+        }))
+
+
+def _import_unused(given: set[str], operator: OperatorKind | None,
+                   like: Path | None) -> dict[str, list[str]]:
+    """import's operator options in ``given`` that the operator does not read, by the reason."""
+    options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",)}
+    if like is not None:
+        names = [name for names in options.values() for name in names if name in given]
+        return {"not used with --like, which gives the operator": names} if names else {}
+    return _simulate_unused(given, operator.value, "measurements", options)
+
+
 # simulate's options that only some operators, or only some sources of images, read
 _OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf"), "inpainting": ("keep_fraction",),
                      "tomography": ("angles", "angle_range", "angle_start"), "matrix": ("matrix",)}
@@ -398,12 +493,14 @@ _SOURCE_NAMES = {"phantoms": "phantom:NAME sources",
                  "photographs": "photographs (a folder of pictures, or skimage:NAME)"}
 
 
-def _simulate_unused(given: set[str], operator: str, source: str) -> dict[str, list[str]]:
+def _simulate_unused(given: set[str], operator: str, source: str,
+                     options: dict | None = None) -> dict[str, list[str]]:
     """simulate's options in ``given`` that ``operator`` or the kind of ``source`` ("from an HDF5
     file", "phantoms" or "photographs") does not read, by the reason; a user who types
-    ``--blur-sigma`` with ``--operator tomography`` hears of it."""
+    ``--blur-sigma`` with ``--operator tomography`` hears of it. ``options``: each operator's
+    own options (default: simulate's)."""
     unused: dict[str, list[str]] = {}
-    for kind, names in _OPERATOR_OPTIONS.items():
+    for kind, names in (options or _OPERATOR_OPTIONS).items():
         if kind != operator and given & set(names):
             unused.setdefault(f"not used by --operator {operator}", []).extend(
                 name for name in names if name in given)

@@ -116,6 +116,28 @@ def read_psf_file(path) -> np.ndarray:
     return psf
 
 
+def matrix_operator(path: Path | None, image_shape: tuple[int, ...]) -> SparseMatrixOperator:
+    """The ``--matrix`` operator for images of ``image_shape``, or ``(C,)`` alone for square
+    images of as many pixels as the matrix has columns."""
+    if path is None:
+        raise DripError("the matrix operator needs --matrix FILE.npz (scipy.sparse.save_npz)")
+    try:
+        data, indices, indptr, shape = load_matrix_file(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DripError(f"invalid sparse matrix ({exc})", path) from exc
+    if len(image_shape) == 1:
+        side = math.isqrt(shape[1])
+        if side * side != shape[1]:
+            raise DripError(f"the matrix's {shape[1]} columns are not the pixels of a square "
+                            "image: give the operator with --like FILE.h5, a measurement file "
+                            "of the image shape", path)
+        image_shape = (image_shape[0], side, side)
+    try:
+        return SparseMatrixOperator.from_csr(image_shape, data, indices, indptr, shape)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DripError(f"invalid sparse matrix ({exc})", path) from exc
+
+
 def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                    rng: np.random.Generator) -> LinearOperator:
     """The operator a user asked for; option errors raise :class:`DripError`."""
@@ -143,13 +165,7 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
         if spec.kind == "tomography":
             return Tomography(image_shape, limited_angles(spec.angles, spec.angle_range, spec.angle_start))
         if spec.kind == "matrix":
-            if spec.matrix_file is None:
-                raise DripError("the matrix operator needs --matrix FILE.npz (scipy.sparse.save_npz)")
-            try:
-                data, indices, indptr, shape = load_matrix_file(spec.matrix_file)
-                return SparseMatrixOperator.from_csr(image_shape, data, indices, indptr, shape)
-            except (OSError, KeyError, ValueError) as exc:
-                raise DripError(f"invalid sparse matrix ({exc})", spec.matrix_file) from exc
+            return matrix_operator(spec.matrix_file, image_shape)
     except ValueError as exc:
         raise DripError(f"invalid {spec.kind} operator options: {exc}") from exc
     raise DripError(f"unknown operator kind {spec.kind!r} "

@@ -5,7 +5,10 @@ simulates from two held-out photographs (`drip simulate`; the grayscale blur mod
 with --each-channel), writes the reconstructions and JSON reports to demo_out/, and prints one
 table: PSNR, SSIM and discrepancy ratios per operator and method. Every reconstruction must
 fit its data (fit = 1). `drip export` writes the colour crops and their DRIP reconstructions as
-PNG files (demo_out/pictures/). Then `drip evaluate` on the blur sample compares CGLS, TV, DRIP
+PNG files (demo_out/pictures/), and the blurred crops too, which `drip import` reads back as a
+user's own measurements would be (with their noise estimated, and the exported crops as the
+ground truth), for DRIP to reconstruct. Then
+`drip evaluate` on the blur sample compares CGLS, TV, DRIP
 and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
 robustness.png, previews.png).
 
@@ -124,6 +127,14 @@ def main() -> None:
     pictures = OUT / "pictures"   # the colour crops and their DRIP reconstructions, to look at
     drip("export", str(files["colour blur"]), str(pictures / "colour_truth"), "--quiet")
     drip("export", str(OUT / "colour_blur_drip.h5"), str(pictures / "colour_drip"), "--quiet")
+    console.rule("your own measurements: blurred pictures -> drip import (noise estimated) -> "
+                 "drip reconstruct")
+    blurred, mine = pictures / "colour_blurred", OUT / "colour_blurred_imported.h5"
+    drip("export", str(files["colour blur"]), str(blurred), "--dataset", "measurements", "--quiet")
+    drip("import", str(blurred), str(mine), "--operator", "blur", "--blur-sigma", "2",
+         "--estimate-noise", "--ground-truth", str(pictures / "colour_truth"), "--quiet")
+    drip("reconstruct", str(mine), "--model", str(MODELS["colour blur"]), "--each-channel",
+         "--out", str(OUT / "colour_blurred_imported_drip.h5"), "--device", "cpu", "--quiet")
     console.rule("blur across noise levels: drip evaluate (the unrolled network has no fit guarantee)")
     models = [arg for path in (MODELS["blur"], UNROLLED) if path.exists()
               for arg in ("--model", str(path))]

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import KINDS, make_operator
@@ -194,3 +194,51 @@ def test_a_damaged_model_file_is_loaded_or_refused(shipped_model, tmp_path, entr
         load_model(path)
     except DripError:
         pass
+
+
+# each kind's measurement shape S for the arrays of the test below
+_IMPORT_SHAPES = {"denoise": [16, 20], "blur": [16, 20], "inpainting": [16, 20],
+                  "tomography": [10, 23], "matrix": [150]}
+
+
+@settings(SETTINGS, max_examples=100)
+@given(kind=st.sampled_from(KINDS),
+       shape=st.one_of(st.lists(st.sampled_from([0, 1, 2, 3, 8, 12, 16, 20, 23, 150]), max_size=5),
+                       st.lists(st.sampled_from([1, 2, 3]), max_size=2)),
+       own_shape=st.booleans(),
+       dtype=st.sampled_from(["float32", "float64", "uint8", "int16", "bool", "complex64"]),
+       extreme=st.sampled_from([None, *EXTREMES]),
+       noise=st.sampled_from([("noise_std", 0.01), ("noise_percent", 2.0), ("estimate", True)]))
+def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, dtype, extreme,
+                                              noise):
+    """``drip import`` of a ``.npy`` array of any shape (or of the kind's measurement shape
+    after up to two axes of any length), dtype and values, for every operator kind: a
+    measurement file, or a :class:`DripError` and no file."""
+    from drip_cli.data import OperatorSpec
+    from drip_cli.data.measured import NoiseChoice, import_measurements
+
+    if own_shape:
+        shape = shape[:2] + _IMPORT_SHAPES[kind]
+
+    assume(np.prod(shape) <= 100_000)
+    values = np.random.default_rng(0).random(shape).astype(dtype)
+    if extreme is not None and values.size and values.dtype.kind == "f":
+        values.flat[values.size // 2] = extreme
+    np.save(tmp_path / "b.npy", values)
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.random.default_rng(1).random(tuple(shape[-2:])) < 0.5)
+    matrix = tmp_path / "A.npz"
+    if not matrix.exists():
+        import scipy.sparse
+        scipy.sparse.save_npz(matrix, scipy.sparse.random(150, 64, 0.1, format="csr",
+                                                          random_state=0))
+    out = tmp_path / "m.h5"
+    out.unlink(missing_ok=True)
+    spec = OperatorSpec(kind=kind, blur_sigma=1.0, angles=None, matrix_file=matrix)
+    try:
+        import_measurements(tmp_path / "b.npy", out, spec, None, mask,
+                            NoiseChoice(**{noise[0]: noise[1]}))
+        with MeasurementFile(out) as data:   # what it wrote is a valid file
+            assert data.n_samples >= 1
+    except DripError:
+        assert not out.exists()

@@ -75,19 +75,26 @@ def test_pictures_round_trip_from_export_and_reconstruct(tmp_path):
     folder = tmp_path / "png"
     assert run_cli("export", truth_file, folder, "--dataset", "measurements", "--bits", 16,
                    "--quiet").exit_code == 0
+    with h5py.File(truth_file) as f:
+        truth = f["ground_truth"][()]
+    np.save(tmp_path / "truth.npy", truth)
     out = tmp_path / "back.h5"
     result = run_cli("import", folder, out, "--operator", "blur", "--blur-sigma", 1,
-                     "--noise-std", float(sigma[0]), "--quiet")
+                     "--noise-std", float(sigma[0]), "--ground-truth", tmp_path / "truth.npy",
+                     "--quiet")
     assert result.exit_code == 0, result.stderr
     data, _ = _read(out)
     inside = (b >= 0) & (b <= 1)
     assert np.abs(data["measurements"] - b)[inside].max() <= 0.5 / 65535 + 1e-6
     assert np.all(data["noise_std"] == np.float32(sigma[0]))
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["ground_truth"][()], truth)
     recon = tmp_path / "r.h5"
     assert run_cli("reconstruct", out, "--method", "cgls", "--out", recon,
                    "--quiet").exit_code == 0
     with h5py.File(recon) as f:
         assert f["converged"][()].all() and f["discrepancy_ratio"][()].max() <= 1
+        assert np.isfinite(f["psnr"][()]).all() and np.isfinite(f["ssim"][()]).all()
 
 
 def test_colour_pictures_keep_their_channels_unless_converted(tmp_path):
@@ -214,6 +221,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
          "give them as a .npy array"),
         ([tmp_path / "pic.png", out, "--operator", "denoise", "--noise-percent", 1],
          "would be 0"),
+        ([tmp_path / "b.npy", out, "--operator", "denoise", "--noise-std", 0.1,
+          "--ground-truth", tmp_path / "pic.png"], "the ground truth is shaped (1, 1, 16, 16)"),
     ]
     for args, message in cases:
         assert_one_line_error(run_cli("import", *args, "--quiet"), message, out)

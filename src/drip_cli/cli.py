@@ -430,6 +430,9 @@ def import_measurements(
         "square images (other shapes: --like)."),
     channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3, help="pictures: 1 "
                                            "(grayscale) or 3 (colour); default: their own."),
+    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="The true images, "
+                                                "where you have them (pictures or .npy, as the "
+                                                "measurements): reconstruct then gives PSNR, SSIM."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
@@ -447,7 +450,7 @@ def import_measurements(
                             "FILE.h5 (a measurement file with the same operator)")
         check_writable(out, keep={"the measurements": measured, "the --like file": like,
                                   "the --psf file": psf, "the --mask file": mask,
-                                  "the --matrix file": matrix})
+                                  "the --matrix file": matrix, "the --ground-truth": ground_truth})
         spec = None
         if operator is not None:
             if operator.value == "blur" and psf is None and blur_sigma is None:
@@ -461,11 +464,12 @@ def import_measurements(
         choice = NoiseChoice(noise_std, noise_percent, estimate_noise)
         with status(f"reading {measured.name or measured}", quiet):
             summary = write_file(measured, out, spec, like, mask, choice, channels,
-                                 attrs={"drip_version": __version__})
+                                 attrs={"drip_version": __version__}, ground_truth=ground_truth)
         op, sigma = summary["operator"], summary["noise_std"]
         percent = summary["noise_percent"]
         console.print(key_value_table(f"wrote {out}", {
             "samples": summary["samples"], "image shape": str(op.image_shape),
+            "ground truth": "yes" if ground_truth is not None else "no",
             "operator": op.kind, "measurement shape": str(op.measurement_shape),
             f"noise std ({choice.how})": (f"{sigma.min():.4g}" if sigma.min() == sigma.max()
                                           else f"{sigma.min():.4g} to {sigma.max():.4g}"),

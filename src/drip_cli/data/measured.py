@@ -1,5 +1,6 @@
 """Measurements users took themselves (``drip import``): read, given an operator and a noise
-level, and written as a measurement file (CONTRACT.md) without ground truth.
+level, and written as a measurement file (CONTRACT.md), with the true images where the user
+has them (``reconstruct`` then reports PSNR and SSIM).
 
 The measurements come as
 
@@ -37,7 +38,7 @@ from ..io import MeasurementFile, MeasurementWriter, atomic_h5
 from ..io.measurements import first_sample_where, overflows_float32
 from ..operators import Blur, Inpainting, LinearOperator
 from ..operators.tomography import radon_geometry
-from .simulate import OperatorSpec, build_operator, matrix_operator
+from .simulate import OperatorSpec, build_operator, matrix_operator, read_npy
 from .sources import IMAGE_SUFFIXES, _as_float32, _read_picture, _to_channels
 
 # operators whose measurements are images of the image's own shape
@@ -78,7 +79,7 @@ class NoiseChoice:
                 "percent of mean |b|" if self.noise_percent is not None else "estimated")
 
 
-def _pictures(paths: list[Path], channels: int | None, where: Path) -> np.ndarray:
+def _pictures(paths: list[Path], channels: int | None) -> np.ndarray:
     images = []
     for path in paths:
         picture = _read_picture(path)
@@ -96,19 +97,9 @@ def _pictures(paths: list[Path], channels: int | None, where: Path) -> np.ndarra
     return np.stack(images)
 
 
-def _array(path: Path, rank: int) -> np.ndarray:
+def _array(path: Path, rank: int, what: str = "measurements") -> np.ndarray:
     """A ``.npy`` file as ``(N, C, *S)`` float32, ``rank = len(S)``."""
-    try:
-        values = np.load(path, allow_pickle=False)
-    except EOFError as exc:
-        raise DripError("cannot read: the file is empty", path) from exc
-    except (OSError, ValueError) as exc:   # a text file reads as "pickled data"
-        raise DripError("cannot read: not a .npy array (save it with numpy.save)", path) from exc
-    if not isinstance(values, np.ndarray):   # an .npz archive
-        values.close()
-        raise DripError("expected one array saved with numpy.save, not an .npz archive", path)
-    if values.dtype.kind not in "fiu":
-        raise DripError(f"expected real numbers, got dtype {values.dtype}", path)
+    values = read_npy(path, what)
     shapes = {rank: "S", rank + 1: "(N, *S)", rank + 2: "(N, C, *S)"}
     if values.ndim not in shapes:
         raise DripError(f"has shape {values.shape}; expected {', '.join(shapes.values())} with S "
@@ -141,7 +132,7 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
             p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
             raise DripError("folder holds no PNG or JPEG files", source)
-        values = _pictures(paths, channels, source)
+        values = _pictures(paths, channels)
     elif source.suffix.lower() == ".npy":
         values = _array(source, rank)
         if channels is not None and channels != values.shape[1]:
@@ -166,7 +157,7 @@ def read_mask(path: Path, image_size: tuple[int, int]) -> np.ndarray:
         mask = _read_picture(path)
         mask = mask.any(axis=-1) if mask.ndim == 3 else mask
     else:
-        mask = _array(path, 2)
+        mask = _array(path, 2, "mask")
         if mask.shape[:2] != (1, 1):
             raise DripError(f"a mask is one (H, W) array, got {mask.shape[:2]} of them", path)
         mask = mask[0, 0]
@@ -256,10 +247,22 @@ def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice) -> np.n
     return sigma
 
 
+def read_ground_truth(path: Path, op: LinearOperator, n: int,
+                      channels: int | None = None) -> np.ndarray:
+    """The true images of ``n`` samples (pictures or a ``.npy`` array, read as measurements
+    are), checked against the operator's image shape."""
+    truth = read_measured(path, 2, channels)
+    if truth.shape != (n, *op.image_shape):
+        raise DripError(f"the ground truth is shaped {truth.shape} (N, C, H, W), where the "
+                        f"{n} samples' images are {op.image_shape}", path)
+    return truth
+
+
 def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like: Path | None,
                         mask: Path | None, choice: NoiseChoice, channels: int | None = None,
-                        attrs: dict | None = None) -> dict:
-    """Write ``out``, the measurement file of the measurements at ``source``; return a summary."""
+                        attrs: dict | None = None, ground_truth: Path | None = None) -> dict:
+    """Write ``out``, the measurement file of the measurements at ``source`` (and the true
+    images at ``ground_truth``, where given); return a summary."""
     choice.check()
     like_op = None
     if like is not None:
@@ -274,11 +277,17 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     op = measured_operator(spec, like_op, mask, b.shape[1:])
     b = op.project_measurements(torch.from_numpy(b)).numpy()   # inpainting: unobserved are 0
     sigma = noise_levels(op, b, choice)
+    truth = None if ground_truth is None else read_ground_truth(ground_truth, op, len(b), channels)
     mean_abs = np.abs(b.astype(np.float64)).reshape(len(b), -1).sum(1) / op.measured_count
-    percent = (100 * sigma / np.maximum(mean_abs, np.finfo(np.float64).tiny)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        percent = 100 * sigma / mean_abs
+    # a record only (the noise std is what counts): NaN where float32 cannot hold it
+    percent = np.where(np.abs(percent) < np.finfo(np.float32).max, percent, np.nan)
+    percent = percent.astype(np.float32)
     with atomic_h5(out) as handle:
-        writer = MeasurementWriter(handle, op, len(b), with_ground_truth=False,
+        writer = MeasurementWriter(handle, op, len(b), with_ground_truth=truth is not None,
                                    attrs={**(attrs or {}), "source": str(source),
                                           "noise_std_from": choice.how})
-        writer.write(0, measurements=b, noise_std=sigma, noise_percent=percent)
+        writer.write(0, measurements=b, noise_std=sigma, noise_percent=percent,
+                     **({} if truth is None else {"ground_truth": truth}))
     return {"samples": len(b), "operator": op, "noise_std": sigma, "noise_percent": percent}

@@ -96,24 +96,26 @@ class OperatorSpec:
     matrix_file: Path | None = None
 
 
-def read_psf_file(path) -> np.ndarray:
-    """The PSF array of a ``numpy.save`` file (``--psf``), without pickle; :class:`DripError`
-    naming the file for anything else."""
+def read_npy(path, what: str) -> np.ndarray:
+    """The array of real numbers in a ``numpy.save`` file, read without pickle;
+    :class:`DripError` naming the file and ``what`` it should hold for anything else."""
     try:
-        psf = np.load(path, allow_pickle=False)
+        values = np.load(path, allow_pickle=False)
     except OSError as exc:
-        raise DripError(f"cannot read PSF ({exc.strerror or exc})", path) from exc
+        raise DripError(f"cannot read {what} ({exc.strerror or exc})", path) from exc
     except EOFError as exc:   # an empty file
-        raise DripError("cannot read PSF: the file is empty", path) from exc
+        raise DripError(f"cannot read {what}: the file is empty", path) from exc
     except ValueError as exc:   # a text file reads as "pickled data"
-        raise DripError("cannot read PSF: not a .npy array (save it with numpy.save)", path) from exc
-    if not isinstance(psf, np.ndarray):   # an .npz archive
-        psf.close()
-        raise DripError("cannot read PSF: expected one array saved with numpy.save, not an .npz "
-                        "archive", path)
-    if psf.dtype.kind not in "fiu":
-        raise DripError(f"cannot read PSF: expected real numbers, got dtype {psf.dtype}", path)
-    return psf
+        raise DripError(f"cannot read {what}: not a .npy array (save it with numpy.save)",
+                        path) from exc
+    if not isinstance(values, np.ndarray):   # an .npz archive
+        values.close()
+        raise DripError(f"cannot read {what}: expected one array saved with numpy.save, not an "
+                        ".npz archive", path)
+    if values.dtype.kind not in "fiu":
+        raise DripError(f"cannot read {what}: expected real numbers, got dtype {values.dtype}",
+                        path)
+    return values
 
 
 def matrix_operator(path: Path | None, image_shape: tuple[int, ...]) -> SparseMatrixOperator:
@@ -146,7 +148,7 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             return Denoise(image_shape)
         if spec.kind == "blur":
             if spec.psf_file is not None:
-                psf = read_psf_file(spec.psf_file)
+                psf = read_npy(spec.psf_file, "PSF")
                 try:
                     return Blur(image_shape, psf)
                 except ValueError as exc:

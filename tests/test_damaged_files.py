@@ -234,9 +234,10 @@ def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, d
                                                           random_state=0))
     out = tmp_path / "m.h5"
     out.unlink(missing_ok=True)
-    spec = OperatorSpec(kind=kind, blur_sigma=1.0, angles=None, matrix_file=matrix)
+    spec = OperatorSpec(kind=kind, blur_sigma=1.0, angles=None, matrix_file=matrix,
+                        mask_file=mask)
     try:
-        import_measurements(tmp_path / "b.npy", out, spec, None, mask,
+        import_measurements(tmp_path / "b.npy", out, spec, None,
                             NoiseChoice(**{noise[0]: noise[1]}))
         with MeasurementFile(out) as data:   # what it wrote is a valid file
             assert data.n_samples >= 1

@@ -212,7 +212,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([tmp_path / "b.npy", out, "--operator", "inpainting", "--noise-std", 0.1],
          "needs the mask"),
         ([tmp_path / "b.npy", out, "--operator", "inpainting", "--mask", tmp_path / "sino.npy",
-          "--noise-std", 0.1], "a mask is one (H, W) array"),
+          "--noise-std", 0.1], "the mask is shaped (2, 10, 23)"),
         ([tmp_path / "odd.npy", out, "--operator", "tomography", "--noise-std", 0.1],
          "no square image has sinograms of 11 detectors"),
         ([tmp_path / "sino.npy", out, "--operator", "tomography", "--angles", 12, "--noise-std",
@@ -250,3 +250,34 @@ def test_the_imported_file_reconstructs_as_the_simulated_one(tmp_path):
         with h5py.File(out) as f:
             results.append(f["reconstructions"][()])
     np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+
+
+def test_simulate_takes_the_same_mask_for_training_data(tmp_path):
+    """``drip simulate --mask`` makes training data with the mask of a user's measurements
+    (``--keep-fraction`` is then named as ignored), and import of those measurements with the
+    mask gives the same operator."""
+    mask = np.zeros((16, 16), np.uint8)
+    mask[::2, 1::3] = 1
+    Image.fromarray(mask * 255).save(tmp_path / "mask.png")
+    simulated = tmp_path / "train.h5"
+    result = run_cli("simulate", "phantom:ellipses", simulated, "--operator", "inpainting",
+                     "--mask", tmp_path / "mask.png", "--keep-fraction", 0.3, "--image-size", 16,
+                     "--num-images", 4, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert "--keep-fraction: not used with --mask" in result.stderr
+    with MeasurementFile(simulated) as file:
+        op = file.operator
+        b = file.read(0, 4).measurements
+    np.testing.assert_array_equal(op.mask.numpy(), mask)
+    np.save(tmp_path / "b.npy", b)
+    out = tmp_path / "m.h5"
+    assert run_cli("import", tmp_path / "b.npy", out, "--operator", "inpainting", "--mask",
+                   tmp_path / "mask.png", "--noise-std", 0.01, "--quiet").exit_code == 0
+    with MeasurementFile(out) as file:
+        _same_operator(file.operator, op)
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.ones((8, 8)))
+    assert_one_line_error(run_cli("simulate", "phantom:ellipses", tmp_path / "x.h5", "--operator",
+                                  "inpainting", "--mask", wrong, "--image-size", 16, "--quiet"),
+                          "the mask is shaped (8, 8), where the images are 16x16",
+                          tmp_path / "x.h5")

@@ -304,6 +304,9 @@ def simulate(
                                             "(default 2*ceil(3 sigma)+1)."),
     psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
     keep_fraction: float = typer.Option(0.5, "--keep-fraction", help="inpainting: observed share."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
+                                        "of the observed pixels (non-zero) instead of a random "
+                                        "mask."),
     angles: int = typer.Option(32, "--angles", help="tomography: number of projection angles."),
     angle_range: float = typer.Option(180.0, "--angle-range",
                                       help="tomography: angular range in degrees (<180: limited angle)."),
@@ -339,7 +342,7 @@ def simulate(
             raise DripError(f"--noise-percent: {exc}") from exc
         source_file = Path(images) if Path(images).is_file() else None
         check_writable(out, keep={"the images file": source_file, "the --psf file": psf,
-                                  "the --matrix file": matrix})
+                                  "the --matrix file": matrix, "the --mask file": mask})
         rng = np.random.default_rng(seed)
         opened = hdf5_image_dataset(images) if source_file else None
         try:
@@ -358,7 +361,8 @@ def simulate(
                 n, image_shape = len(everything), everything.shape[1:]
                 batches = (everything[i:i + batch_size] for i in range(0, n, batch_size))
             spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma, blur_size=blur_size,
-                                psf_file=psf, keep_fraction=keep_fraction, angles=angles,
+                                psf_file=psf, keep_fraction=keep_fraction, mask_file=mask,
+                                angles=angles,
                                 angle_range=angle_range, angle_start=angle_start, matrix_file=matrix)
             with status(f"building the {operator.value} operator", quiet):
                 op = build_operator(spec, tuple(image_shape), rng)
@@ -456,14 +460,14 @@ def import_measurements(
             if operator.value == "blur" and psf is None and blur_sigma is None:
                 raise DripError("blur needs its PSF: --blur-sigma S (a Gaussian) or --psf FILE.npy")
             spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma or 2.0,
-                                blur_size=blur_size, psf_file=psf, angles=angles,
+                                blur_size=blur_size, psf_file=psf, mask_file=mask, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start,
                                 matrix_file=matrix)
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
             warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
         choice = NoiseChoice(noise_std, noise_percent, estimate_noise)
         with status(f"reading {measured.name or measured}", quiet):
-            summary = write_file(measured, out, spec, like, mask, choice, channels,
+            summary = write_file(measured, out, spec, like, choice, channels,
                                  attrs={"drip_version": __version__}, ground_truth=ground_truth)
         op, sigma = summary["operator"], summary["noise_std"]
         percent = summary["noise_percent"]
@@ -489,7 +493,8 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
 
 
 # simulate's options that only some operators, or only some sources of images, read
-_OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf"), "inpainting": ("keep_fraction",),
+_OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf"),
+                     "inpainting": ("keep_fraction", "mask"),
                      "tomography": ("angles", "angle_range", "angle_start"), "matrix": ("matrix",)}
 _SOURCE_OPTIONS = {"phantoms": ("image_size", "num_images"),
                    "photographs": ("crop_size", "crops_per_image")}
@@ -511,6 +516,8 @@ def _simulate_unused(given: set[str], operator: str, source: str,
     if operator == "blur" and "psf" in given and given & {"blur_sigma", "blur_size"}:
         unused["not used with --psf, which gives the PSF"] = [
             name for name in ("blur_sigma", "blur_size") if name in given]
+    if operator == "inpainting" and {"mask", "keep_fraction"} <= given:
+        unused["not used with --mask, which gives the observed pixels"] = ["keep_fraction"]
     for kind, names in _SOURCE_OPTIONS.items():
         if kind != source and given & set(names):
             unused[f"used only with {_SOURCE_NAMES[kind]}, and these images are {source}"] = [

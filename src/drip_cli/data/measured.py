@@ -36,7 +36,7 @@ import torch
 from ..errors import DripError, require_regular_file
 from ..io import MeasurementFile, MeasurementWriter, atomic_h5
 from ..io.measurements import first_sample_where, overflows_float32
-from ..operators import Blur, Inpainting, LinearOperator
+from ..operators import Blur, LinearOperator
 from ..operators.tomography import radon_geometry
 from .simulate import OperatorSpec, build_operator, matrix_operator, read_npy
 from .sources import IMAGE_SUFFIXES, _as_float32, _read_picture, _to_channels
@@ -149,24 +149,6 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
     return values
 
 
-def read_mask(path: Path, image_size: tuple[int, int]) -> np.ndarray:
-    """An inpainting mask (non-zero = observed) from a picture or a ``.npy`` array, as uint8."""
-    if not path.is_file():
-        raise DripError("no such file" if not path.exists() else "is not a file", path)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        mask = _read_picture(path)
-        mask = mask.any(axis=-1) if mask.ndim == 3 else mask
-    else:
-        mask = _array(path, 2, "mask")
-        if mask.shape[:2] != (1, 1):
-            raise DripError(f"a mask is one (H, W) array, got {mask.shape[:2]} of them", path)
-        mask = mask[0, 0]
-    if mask.shape != tuple(image_size):
-        raise DripError(f"the mask is {mask.shape[0]}x{mask.shape[1]}, the measurements "
-                        f"{image_size[0]}x{image_size[1]}", path)
-    return (np.asarray(mask) != 0).astype(np.uint8)
-
-
 def _tomography_side(detectors: int) -> int:
     """The side of the square images whose sinograms have ``detectors`` detectors."""
     for side in range(max(1, int(detectors / math.sqrt(2)) - 2), detectors + 1):
@@ -178,23 +160,18 @@ def _tomography_side(detectors: int) -> int:
 
 
 def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
-                      mask: Path | None, shape: tuple[int, ...]) -> LinearOperator:
+                      shape: tuple[int, ...]) -> LinearOperator:
     """The operator of measurements of shape ``(C, *S)``: ``like`` (a measurement file's), or
-    built from ``spec`` (and ``mask``) with the image shape the measurements imply. Its
-    measurement shape is checked against theirs."""
+    built from ``spec`` with the image shape the measurements imply (inpainting: from its
+    ``mask_file``). Its measurement shape is checked against theirs."""
     channels, measured = shape[0], tuple(shape[1:])
     if like is not None:
         op = like
     elif spec.kind == "matrix":
         op = matrix_operator(spec.matrix_file, (channels,))
-    elif spec.kind == "inpainting":
-        if mask is None:
-            raise DripError("inpainting needs the mask of observed pixels: --mask FILE (a "
-                            "picture or .npy array, non-zero = observed)")
-        try:
-            op = Inpainting((channels, *measured), read_mask(mask, measured))
-        except ValueError as exc:
-            raise DripError(f"invalid mask: {exc}", mask) from exc
+    elif spec.kind == "inpainting" and spec.mask_file is None:
+        raise DripError("inpainting needs the mask of observed pixels: --mask FILE (a picture "
+                        "or .npy array, non-zero = observed)")
     elif spec.kind == "tomography":
         if spec.angles is None:   # one per row of the sinogram
             spec = dataclasses.replace(spec, angles=measured[0])
@@ -259,7 +236,7 @@ def read_ground_truth(path: Path, op: LinearOperator, n: int,
 
 
 def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like: Path | None,
-                        mask: Path | None, choice: NoiseChoice, channels: int | None = None,
+                        choice: NoiseChoice, channels: int | None = None,
                         attrs: dict | None = None, ground_truth: Path | None = None) -> dict:
     """Write ``out``, the measurement file of the measurements at ``source`` (and the true
     images at ``ground_truth``, where given); return a summary."""
@@ -274,7 +251,7 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     if like_op is not None and like_op.channels != b.shape[1]:
         raise DripError(f"its operator is for images of {like_op.channels} channel(s), the "
                         f"measurements have {b.shape[1]}", like)
-    op = measured_operator(spec, like_op, mask, b.shape[1:])
+    op = measured_operator(spec, like_op, b.shape[1:])
     b = op.project_measurements(torch.from_numpy(b)).numpy()   # inpainting: unobserved are 0
     sigma = noise_levels(op, b, choice)
     truth = None if ground_truth is None else read_ground_truth(ground_truth, op, len(b), channels)

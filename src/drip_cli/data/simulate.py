@@ -90,6 +90,7 @@ class OperatorSpec:
     blur_size: int | None = None
     psf_file: Path | None = None
     keep_fraction: float = 0.5
+    mask_file: Path | None = None
     angles: int = 32
     angle_range: float = 180.0
     angle_start: float = 0.0
@@ -116,6 +117,22 @@ def read_npy(path, what: str) -> np.ndarray:
         raise DripError(f"cannot read {what}: expected real numbers, got dtype {values.dtype}",
                         path)
     return values
+
+
+def read_mask(path, image_size: tuple[int, int]) -> np.ndarray:
+    """An inpainting mask (non-zero = observed) from a picture or a ``.npy`` array of the
+    images' ``(H, W)``, as uint8."""
+    from .sources import IMAGE_SUFFIXES, _read_picture
+
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        mask = _read_picture(Path(path))
+        mask = mask.any(axis=-1) if mask.ndim == 3 else mask
+    else:
+        mask = read_npy(path, "mask")
+    if mask.shape != tuple(image_size):
+        raise DripError(f"the mask is shaped {mask.shape}, where the images are "
+                        f"{image_size[0]}x{image_size[1]}", path)
+    return (np.asarray(mask) != 0).astype(np.uint8)
 
 
 def matrix_operator(path: Path | None, image_shape: tuple[int, ...]) -> SparseMatrixOperator:
@@ -163,7 +180,12 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                                 "choose a smaller --blur-sigma or --blur-size")
             return Blur(image_shape, gaussian_psf(spec.blur_sigma, spec.blur_size))
         if spec.kind == "inpainting":
-            return Inpainting.random(image_shape, spec.keep_fraction, rng)
+            if spec.mask_file is None:
+                return Inpainting.random(image_shape, spec.keep_fraction, rng)
+            try:
+                return Inpainting(image_shape, read_mask(spec.mask_file, image_shape[1:]))
+            except ValueError as exc:
+                raise DripError(f"invalid mask: {exc}", spec.mask_file) from exc
         if spec.kind == "tomography":
             return Tomography(image_shape, limited_angles(spec.angles, spec.angle_range, spec.angle_start))
         if spec.kind == "matrix":

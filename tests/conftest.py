@@ -23,6 +23,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[CUDA, pytest.mark.cuda])]
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 KINDS = ["denoise", "blur", "inpainting", "tomography", "matrix"]
+# the operators the tests build: every kind, and the blur with the valid boundary
+OPERATOR_CASES = [*KINDS, "blur-valid"]
 
 
 def random_csr(rows: int, cols: int, density: float, rng: np.random.Generator):
@@ -39,8 +41,8 @@ def make_operator(kind: str, image_shape=(1, 16, 20), seed: int = 0):
     rng = np.random.default_rng(seed)
     if kind == "denoise":
         return Denoise(image_shape)
-    if kind == "blur":
-        return Blur(image_shape, rng.random((5, 3)))
+    if kind in ("blur", "blur-valid"):
+        return Blur(image_shape, rng.random((5, 3)), "valid" if kind == "blur-valid" else "periodic")
     if kind == "inpainting":
         return Inpainting.random(image_shape, 0.6, rng)
     if kind == "tomography":

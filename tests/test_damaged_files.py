@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import KINDS, make_operator
+from conftest import KINDS, OPERATOR_CASES, make_operator
 from drip_cli.errors import DripError
 from drip_cli.io import MeasurementFile
 from drip_cli.io.models import load_model
@@ -43,7 +43,7 @@ EXTREMES = [np.nan, np.inf, -np.inf, -1.0, 0.0, 1e30, -1e30]
 def valid_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("valid")
     files = {}
-    for kind in KINDS:
+    for kind in OPERATOR_CASES:
         files[kind] = folder / f"{kind}.h5"
         write_small_file(files[kind], make_operator(kind, (1, 12, 14)), n=5)
     return files
@@ -94,7 +94,7 @@ DAMAGE = st.tuples(st.integers(0, 4), st.integers(0, 1000), ODD_VALUES,
 
 
 @SETTINGS
-@given(kind=st.sampled_from(KINDS), damages=st.lists(DAMAGE, min_size=1, max_size=3))
+@given(kind=st.sampled_from(OPERATOR_CASES), damages=st.lists(DAMAGE, min_size=1, max_size=3))
 def test_a_damaged_measurement_file_is_read_or_refused(valid_files, tmp_path, kind, damages):
     path = tmp_path / "damaged.h5"
     shutil.copy(valid_files[kind], path)
@@ -112,7 +112,7 @@ def test_a_damaged_measurement_file_is_read_or_refused(valid_files, tmp_path, ki
 
 
 @settings(SETTINGS, max_examples=100)
-@given(kind=st.sampled_from(KINDS), damages=st.lists(DAMAGE, min_size=1, max_size=3),
+@given(kind=st.sampled_from(OPERATOR_CASES), damages=st.lists(DAMAGE, min_size=1, max_size=3),
        dataset=st.sampled_from(["ground_truth", "measurements"]))
 def test_a_damaged_file_is_exported_or_refused(valid_files, tmp_path, kind, damages, dataset):
     """``drip export`` reads the image datasets itself, not through :class:`MeasurementFile`:
@@ -136,7 +136,7 @@ FIXED_ODD_VALUES = [np.inf, -np.inf, np.nan, 2.5, -1, 0, 10**9, "text", "", np.z
                     np.array([1.0, np.inf, 2.0]), np.arange(7), True]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", OPERATOR_CASES)
 def test_every_attribute_at_every_odd_value_is_read_or_refused(valid_files, tmp_path, kind):
     """Exhaustively: each attribute of the file (root, operator and datasets) at each odd value
     (the random search above meets a given attribute at a given value rarely)."""

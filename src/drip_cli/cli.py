@@ -279,6 +279,18 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cal
     """drip: Deep Regularizers for Inverse Problems."""
 
 
+class BlurBoundary(str, Enum):
+    periodic = "periodic"
+    valid = "valid"
+
+
+BLUR_BOUNDARY = typer.Option(
+    BlurBoundary.periodic, "--blur-boundary", case_sensitive=False,
+    help="blur: periodic (the contract's circular convolution, measurements the image's size) "
+    "or valid (the pixels whose PSF stays inside the image, as a camera sees a scene beyond "
+    "its frame: measurements smaller by the PSF's size less one).")
+
+
 class OperatorKind(str, Enum):
     denoise = "denoise"
     blur = "blur"
@@ -303,6 +315,7 @@ def simulate(
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
                                             "(default 2*ceil(3 sigma)+1)."),
     psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
+    blur_boundary: BlurBoundary = BLUR_BOUNDARY,
     keep_fraction: float = typer.Option(0.5, "--keep-fraction", help="inpainting: observed share."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
                                         "of the observed pixels (non-zero) instead of a random "
@@ -361,7 +374,8 @@ def simulate(
                 n, image_shape = len(everything), everything.shape[1:]
                 batches = (everything[i:i + batch_size] for i in range(0, n, batch_size))
             spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma, blur_size=blur_size,
-                                psf_file=psf, keep_fraction=keep_fraction, mask_file=mask,
+                                psf_file=psf, blur_boundary=blur_boundary.value,
+                                keep_fraction=keep_fraction, mask_file=mask,
                                 angles=angles,
                                 angle_range=angle_range, angle_start=angle_start, matrix_file=matrix)
             with status(f"building the {operator.value} operator", quiet):
@@ -422,6 +436,7 @@ def import_measurements(
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
                                             "(default 2*ceil(3 sigma)+1)."),
     psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
+    blur_boundary: BlurBoundary = BLUR_BOUNDARY,
     mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
                                         "of the observed pixels (non-zero)."),
     angles: Optional[int] = typer.Option(None, "--angles", min=1, help="tomography: number of "
@@ -460,7 +475,8 @@ def import_measurements(
             if operator.value == "blur" and psf is None and blur_sigma is None:
                 raise DripError("blur needs its PSF: --blur-sigma S (a Gaussian) or --psf FILE.npy")
             spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma or 2.0,
-                                blur_size=blur_size, psf_file=psf, mask_file=mask, angles=angles,
+                                blur_size=blur_size, psf_file=psf,
+                                blur_boundary=blur_boundary.value, mask_file=mask, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start,
                                 matrix_file=matrix)
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
@@ -493,7 +509,7 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
 
 
 # simulate's options that only some operators, or only some sources of images, read
-_OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf"),
+_OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf", "blur_boundary"),
                      "inpainting": ("keep_fraction", "mask"),
                      "tomography": ("angles", "angle_range", "angle_start"), "matrix": ("matrix",)}
 _SOURCE_OPTIONS = {"phantoms": ("image_size", "num_images"),

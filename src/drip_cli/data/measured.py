@@ -179,6 +179,10 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
                             np.random.default_rng())
     else:
         op = build_operator(spec, (channels, *measured), np.random.default_rng())
+        if op.kind == "blur" and op.boundary == "valid":   # the scene the pixels saw is larger
+            kh, kw = op.psf.shape
+            op = build_operator(spec, (channels, measured[0] + kh - 1, measured[1] + kw - 1),
+                                np.random.default_rng())
     if tuple(op.measurement_shape) != tuple(shape):
         raise DripError(f"the measurements are shaped {tuple(shape)} (C, *S), where the "
                         f"{op.kind} operator measures {tuple(op.measurement_shape)}")
@@ -187,25 +191,35 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
 
 def estimate_noise_std(op: LinearOperator, b: np.ndarray) -> np.ndarray:
     """Each sample's noise std, from the measurement components that the operator all but
-    removes: for a periodic blur, the Fourier coefficients (orthonormal, so white noise of std
+    removes: for a blur, the Fourier coefficients (orthonormal, so white noise of std
     ``sigma`` has ``E |c|^2 = sigma^2`` in each) at frequencies where its gain is below
     ``ESTIMATE_GAIN`` of its largest. What is left of the image there raises the estimate a
-    little at very low noise (see ``ESTIMATE_GAIN``)."""
+    little at very low noise (see ``ESTIMATE_GAIN``). With the valid boundary the measurements
+    are not periodic, and their edges would spread the image's power over every frequency:
+    each sample is first centred and tapered by a Hann window ``w``, which divides the noise's
+    power by ``mean(w^2)``, and the gain is the PSF's on the measurements' own grid."""
     if not isinstance(op, Blur):
         raise DripError(f"--estimate-noise reads the noise where the operator removes the "
                         f"image, which a blur does and {op.kind} does not: give --noise-std "
                         "or --noise-percent")
-    gain = torch.view_as_complex(op.transfer.contiguous()).abs().numpy()
+    grid = op if op.periodic else Blur((1, *b.shape[-2:]), op.psf.numpy())
+    gain = torch.view_as_complex(grid.transfer.contiguous()).abs().numpy()
     weak = gain < ESTIMATE_GAIN * gain.max()
-    count = int(weak.sum()) * op.channels
+    values, scale, share = b.astype(np.float64), 1.0, 1.0
+    if not op.periodic:
+        window = np.outer(*(np.hanning(n + 2)[1:-1] for n in b.shape[-2:]))
+        values = (values - values.mean(axis=(-2, -1), keepdims=True)) * window
+        scale = float(np.mean(window ** 2))
+        # the taper mixes neighbouring frequencies: as many independent ones as this share
+        share = scale ** 2 / float(np.mean(window ** 4))
+    count = int(int(weak.sum()) * op.channels * share)
     if count < ESTIMATE_MIN_COUNT:
         raise DripError(f"this blur keeps more than {ESTIMATE_GAIN:g} of its peak gain at all "
-                        f"but {count} of the measurements' frequencies (at least "
+                        f"but {count} (independent) frequencies of the measurements (at least "
                         f"{ESTIMATE_MIN_COUNT} are needed to tell the noise from the image): "
                         "give --noise-std or --noise-percent")
-    spectrum = np.fft.rfft2(b.astype(np.float64), norm="ortho")
-    power = np.abs(spectrum[..., weak]) ** 2
-    return np.sqrt(power.reshape(len(b), -1).mean(axis=1)).astype(np.float32)
+    power = np.abs(np.fft.rfft2(values, norm="ortho")[..., weak]) ** 2
+    return np.sqrt(power.reshape(len(b), -1).mean(axis=1) / scale).astype(np.float32)
 
 
 def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice) -> np.ndarray:

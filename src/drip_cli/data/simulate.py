@@ -89,6 +89,7 @@ class OperatorSpec:
     blur_sigma: float = 2.0
     blur_size: int | None = None
     psf_file: Path | None = None
+    blur_boundary: str = "periodic"
     keep_fraction: float = 0.5
     mask_file: Path | None = None
     angles: int = 32
@@ -167,7 +168,7 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             if spec.psf_file is not None:
                 psf = read_npy(spec.psf_file, "PSF")
                 try:
-                    return Blur(image_shape, psf)
+                    return Blur(image_shape, psf, spec.blur_boundary)
                 except ValueError as exc:
                     raise DripError(f"invalid PSF: {exc}", spec.psf_file) from exc
             # a PSF many times the image's size wraps around into a near-constant kernel, and a
@@ -178,7 +179,8 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                 raise DripError(f"the PSF would be {size}x{size} pixels, more than four times the "
                                 f"{image_shape[1]}x{image_shape[2]} images (at most {limit}): "
                                 "choose a smaller --blur-sigma or --blur-size")
-            return Blur(image_shape, gaussian_psf(spec.blur_sigma, spec.blur_size))
+            return Blur(image_shape, gaussian_psf(spec.blur_sigma, spec.blur_size),
+                        spec.blur_boundary)
         if spec.kind == "inpainting":
             if spec.mask_file is None:
                 return Inpainting.random(image_shape, spec.keep_fraction, rng)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import h5py
 import numpy as np
 import torch
 
@@ -30,8 +31,19 @@ def gaussian_psf(sigma: float, size: int | None = None) -> np.ndarray:
     return psf / psf.sum()
 
 
+BOUNDARIES = ("periodic", "valid")
+
+
+def _boundary(value) -> str:
+    """A stored or given boundary as text, checked."""
+    value = value.decode() if isinstance(value, bytes) else value
+    if value not in BOUNDARIES:
+        raise ValueError(f"unsupported blur boundary {value!r} (periodic or valid)")
+    return value
+
+
 class Blur(LinearOperator):
-    """Circular convolution per channel (CONTRACT.md)::
+    """Convolution with a PSF per channel, the image extended periodically (CONTRACT.md)::
 
         b[i, j] = sum_{p,q} psf[p, q] * x[(i - p + kh//2) mod H, (j - q + kw//2) mod W]
 
@@ -39,13 +51,23 @@ class Blur(LinearOperator):
     ``((p - kh//2) mod H, (q - kw//2) mod W)``, so ``A x = ifft(fft(k) fft(x))`` and the adjoint
     multiplies by the complex conjugate of ``fft(k)``. PSF taps that wrap onto the same pixel (a PSF
     larger than the image) add up, which is what the formula above says.
+
+    With ``boundary = "valid"`` (an extension of the contract) only the pixels whose sums stay
+    inside the image are measured: rows ``kh//2 .. H - 1 - kh//2`` and the columns alike, so
+    ``b`` is ``(H - kh + 1) x (W - kw + 1)``. That is how a camera blurs a photograph, whose scene
+    goes on beyond the frame: the image reconstructed is the scene that the measured pixels saw,
+    ``kh - 1`` rows and ``kw - 1`` columns larger than them. The adjoint puts the measurements
+    back in place, zeros around them, and applies the periodic adjoint.
     """
 
     kind = "blur"
-    periodic = True
 
-    def __init__(self, image_shape: tuple[int, int, int], psf: np.ndarray | torch.Tensor):
+    def __init__(self, image_shape: tuple[int, int, int], psf: np.ndarray | torch.Tensor,
+                 boundary: str = "periodic"):
         super().__init__(image_shape)
+        self.boundary = _boundary(boundary)
+        # a circulant only with the periodic boundary (the Fourier projections, the embedding)
+        self.periodic = self.boundary == "periodic"
         psf = torch.as_tensor(np.asarray(psf, dtype=np.float64))
         if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
             raise ValueError(f"PSF must be 2-D with odd sizes, got shape {tuple(psf.shape)}")
@@ -55,6 +77,9 @@ class Blur(LinearOperator):
             raise ValueError("PSF is all zeros")
         _, height, width = self.image_shape
         kh, kw = psf.shape
+        if not self.periodic and (kh > height or kw > width):
+            raise ValueError(f"a {kh}x{kw} PSF measures no pixel of {height}x{width} images "
+                             "with the valid boundary")
         rows = (torch.arange(kh) - kh // 2) % height
         cols = (torch.arange(kw) - kw // 2) % width
         kernel = torch.zeros((height, width), dtype=torch.float64)
@@ -65,9 +90,23 @@ class Blur(LinearOperator):
         # of a complex buffer.
         self.register_buffer("transfer", torch.view_as_real(torch.fft.rfft2(kernel)), persistent=False)
 
+    @staticmethod
+    def _measured_size(image_shape, psf_shape, boundary: str) -> tuple[int, int]:
+        _, height, width = image_shape
+        if boundary == "periodic":
+            return height, width
+        return height - psf_shape[0] + 1, width - psf_shape[1] + 1
+
     @property
     def measurement_shape(self) -> tuple[int, ...]:
-        return self.image_shape
+        return (self.channels, *self._measured_size(self.image_shape, self.psf.shape,
+                                                    self.boundary))
+
+    def _window(self) -> tuple[slice, slice]:
+        """The measured rows and columns of the periodic convolution."""
+        kh, kw = self.psf.shape
+        height, width = self.measurement_shape[1:]
+        return slice(kh // 2, kh // 2 + height), slice(kw // 2, kw // 2 + width)
 
     def _transfer_like(self, x: torch.Tensor) -> torch.Tensor:
         real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -81,23 +120,38 @@ class Blur(LinearOperator):
         return torch.fft.irfft2(spectrum, s=x.shape[-2:])
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-        return self._filter(x, conjugate=False)
+        b = self._filter(x, conjugate=False)
+        return b if self.periodic else b[(..., *self._window())]
 
     def _adjoint_impl(self, y: torch.Tensor) -> torch.Tensor:
+        if not self.periodic:
+            placed = y.new_zeros((*y.shape[:-2], *self.image_shape[1:]))
+            placed[(..., *self._window())] = y
+            y = placed
         return self._filter(y, conjugate=True)
 
     def _write_hdf5(self, group) -> None:
         group.create_dataset("psf", data=self.psf.cpu().numpy())
-        group.attrs["boundary"] = "periodic"
+        group.attrs["boundary"] = self.boundary
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        boundary = group.attrs.get("boundary", "periodic")
-        if isinstance(boundary, bytes):
-            boundary = boundary.decode()
-        if boundary != "periodic":
-            raise ValueError(f"unsupported blur boundary {boundary!r} (only 'periodic')")
-        return cls(image_shape, cls._stored_array(group, "psf"))
+        return cls(image_shape, cls._stored_array(group, "psf"),
+                   _boundary(group.attrs.get("boundary", "periodic")))
+
+    @classmethod
+    def _stored_measurement_size(cls, group, image_shape):
+        boundary = _boundary(group.attrs.get("boundary", "periodic"))
+        if boundary == "periodic":
+            return tuple(image_shape[1:])
+        psf = group.get("psf")
+        if not isinstance(psf, h5py.Dataset) or psf.ndim != 2:
+            raise ValueError("operator group lacks a 2-D dataset 'psf'")
+        size = cls._measured_size(image_shape, psf.shape, boundary)
+        if min(size) < 1:
+            raise ValueError(f"a {psf.shape[0]}x{psf.shape[1]} PSF measures no pixel of "
+                             f"{image_shape[1]}x{image_shape[2]} images with the valid boundary")
+        return size
 
     def describe(self) -> dict:
-        return {**super().describe(), "psf_shape": list(self.psf.shape)}
+        return {**super().describe(), "psf_shape": list(self.psf.shape), "boundary": self.boundary}

@@ -120,7 +120,8 @@ EXAMPLES = {
         "drip evaluate test.h5 --model run --tau 0.95,0.98,1 --out report",
     ],
     "import": [
-        "drip import blurred/ mine.h5 --operator blur --blur-sigma 2 --estimate-noise",
+        "drip import photos/ mine.h5 --operator blur --blur-sigma 2 --blur-boundary valid "
+        "--estimate-noise",
         "drip import photo.png mine.h5 --operator blur --psf psf.npy --noise-std 0.01",
         "drip import holes.npy mine.h5 --operator inpainting --mask mask.png --noise-percent 1",
         "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
@@ -469,7 +470,8 @@ def import_measurements(
                             "FILE.h5 (a measurement file with the same operator)")
         check_writable(out, keep={"the measurements": measured, "the --like file": like,
                                   "the --psf file": psf, "the --mask file": mask,
-                                  "the --matrix file": matrix, "the --ground-truth": ground_truth})
+                                  "the --matrix file": matrix,
+                                  "the --ground-truth file": ground_truth})
         spec = None
         if operator is not None:
             if operator.value == "blur" and psf is None and blur_sigma is None:

@@ -12,10 +12,10 @@ The measurements come as
   n_detectors)`` for a sinogram, ``(m,)`` for a sparse matrix's rows).
 
 The operator is built from the options ``drip simulate`` takes, the image's shape from the
-measurements' (a sinogram's from its detectors, a square matrix's columns from their number),
-or copied with its image shape from a measurement file (``like``): any operator, a
-non-square one included. An inpainting mask is a picture or ``.npy`` array (non-zero =
-observed).
+measurements' (a valid blur's larger by its PSF's size less one, a sinogram's from its
+detectors, a square matrix's columns from their number), or copied with its image shape from a
+measurement file (``like``): any operator, a non-square one included. An inpainting mask is a
+picture or ``.npy`` array (non-zero = observed).
 
 The discrepancy principle needs each sample's noise level ``sigma``: given (``noise_std``),
 a percent of the measurements' mean magnitude (``noise_percent``; the contract's percent is of
@@ -102,8 +102,8 @@ def _array(path: Path, rank: int, what: str = "measurements") -> np.ndarray:
     values = read_npy(path, what)
     shapes = {rank: "S", rank + 1: "(N, *S)", rank + 2: "(N, C, *S)"}
     if values.ndim not in shapes:
-        raise DripError(f"has shape {values.shape}; expected {', '.join(shapes.values())} with S "
-                        f"the operator's measurement shape ({rank} axes)", path)
+        raise DripError(f"has shape {values.shape}; expected {', '.join(shapes.values())}, S "
+                        f"the shape of one channel's {what} ({rank} axes)", path)
     if values.ndim == rank:
         values = values[None, None]
     elif values.ndim == rank + 1:
@@ -117,10 +117,10 @@ def _array(path: Path, rank: int, what: str = "measurements") -> np.ndarray:
 
 
 def read_measured(source: Path, rank: int, channels: int | None = None,
-                  images: bool = True) -> np.ndarray:
-    """The measurements at ``source`` as ``(N, C, *S)`` float32; ``rank = len(S)``; ``images``:
-    whether they are images, which pictures may hold. ``channels`` converts pictures (colour
-    to grayscale or back); arrays keep their own."""
+                  images: bool = True, what: str = "measurements") -> np.ndarray:
+    """The measurements (or ``what`` else) at ``source`` as ``(N, C, *S)`` float32; ``rank =
+    len(S)``; ``images``: whether they are images, which pictures may hold. ``channels``
+    converts pictures (colour to grayscale or back); arrays keep their own."""
     if not source.exists():
         raise DripError("no such file or folder", source)
     require_regular_file(source, "a .npy array, a PNG/JPEG picture or a folder of them")
@@ -134,7 +134,7 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
             raise DripError("folder holds no PNG or JPEG files", source)
         values = _pictures(paths, channels)
     elif source.suffix.lower() == ".npy":
-        values = _array(source, rank)
+        values = _array(source, rank, what)
         if channels is not None and channels != values.shape[1]:
             raise DripError(f"holds {values.shape[1]} channel(s); --channels converts pictures "
                             "only", source)
@@ -142,10 +142,10 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
         raise DripError("expected a .npy array, a PNG/JPEG picture or a folder of them", source)
     bad = ~np.isfinite(values)
     if bad.any():
-        raise DripError(f"measurements contain NaN or Inf ({first_sample_where(bad, 0)})", source)
+        raise DripError(f"{what} contain NaN or Inf ({first_sample_where(bad, 0)})", source)
     if overflows_float32(values):
-        raise DripError("the measurements are too large for float32 arithmetic (scale them to "
-                        "the images' range, [0, 1])", source)
+        raise DripError(f"the {what} are too large for float32 arithmetic (scale them to the "
+                        "images' range, [0, 1])", source)
     return values
 
 
@@ -222,6 +222,11 @@ def estimate_noise_std(op: LinearOperator, b: np.ndarray) -> np.ndarray:
     return np.sqrt(power.reshape(len(b), -1).mean(axis=1) / scale).astype(np.float32)
 
 
+def _mean_magnitude(op: LinearOperator, b: np.ndarray) -> np.ndarray:
+    """Each sample's mean ``|b|`` over its measured entries, in float64."""
+    return np.abs(b.astype(np.float64)).reshape(len(b), -1).sum(1) / op.measured_count
+
+
 def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice) -> np.ndarray:
     """Each sample's noise std as ``choice`` says."""
     if choice.estimate:
@@ -229,8 +234,7 @@ def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice) -> np.n
     elif choice.noise_std is not None:
         sigma = np.full(len(b), choice.noise_std, dtype=np.float32)
     else:
-        mean_abs = np.abs(b.astype(np.float64)).reshape(len(b), -1).sum(1) / op.measured_count
-        sigma = (choice.noise_percent / 100 * mean_abs).astype(np.float32)
+        sigma = (choice.noise_percent / 100 * _mean_magnitude(op, b)).astype(np.float32)
     silent = np.flatnonzero(~(sigma > 0))
     if len(silent):
         raise DripError(f"the noise level of sample {silent[0]} would be 0 (its measurements "
@@ -242,7 +246,7 @@ def read_ground_truth(path: Path, op: LinearOperator, n: int,
                       channels: int | None = None) -> np.ndarray:
     """The true images of ``n`` samples (pictures or a ``.npy`` array, read as measurements
     are), checked against the operator's image shape."""
-    truth = read_measured(path, 2, channels)
+    truth = read_measured(path, 2, channels, what="ground truth images")
     if truth.shape != (n, *op.image_shape):
         raise DripError(f"the ground truth is shaped {truth.shape} (N, C, H, W), where the "
                         f"{n} samples' images are {op.image_shape}", path)
@@ -269,9 +273,8 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     b = op.project_measurements(torch.from_numpy(b)).numpy()   # inpainting: unobserved are 0
     sigma = noise_levels(op, b, choice)
     truth = None if ground_truth is None else read_ground_truth(ground_truth, op, len(b), channels)
-    mean_abs = np.abs(b.astype(np.float64)).reshape(len(b), -1).sum(1) / op.measured_count
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        percent = 100 * sigma / mean_abs
+        percent = 100 * sigma / _mean_magnitude(op, b)
     # a record only (the noise std is what counts): NaN where float32 cannot hold it
     percent = np.where(np.abs(percent) < np.finfo(np.float32).max, percent, np.nan)
     percent = percent.astype(np.float32)

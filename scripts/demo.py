@@ -5,9 +5,10 @@ simulates from two held-out photographs (`drip simulate`; the grayscale blur mod
 with --each-channel), writes the reconstructions and JSON reports to demo_out/, and prints one
 table: PSNR, SSIM and discrepancy ratios per operator and method. Every reconstruction must
 fit its data (fit = 1). `drip export` writes the colour crops and their DRIP reconstructions as
-PNG files (demo_out/pictures/), and the blurred crops too, which `drip import` reads back as a
-user's own measurements would be (with their noise estimated, and the exported crops as the
-ground truth), for DRIP to reconstruct. Then
+PNG files (demo_out/pictures/). Then a user's own photographs: crops of the same photographs
+blurred as a camera blurs a scene that goes on beyond its frame (the valid boundary), written
+as PNG files, which `drip import` reads back with their noise estimated (and the scenes as the
+ground truth) for TV and DRIP to reconstruct. Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
 and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
 robustness.png, previews.png).
@@ -42,6 +43,10 @@ RUNS = [("blur", "Gaussian blur, sigma 2, 2% noise"),
 COLOUR = ["skimage:coffee,astronaut", "--channels", "3", "--operator", "blur", "--blur-sigma",
           "2", "--noise-percent", "2", "--crop-size", "64", "--crops-per-image", "8", "--seed",
           "2"]
+# the same photographs as a camera blurs them: each 76x76 scene seen through a 13x13 PSF,
+# 64x64 pixels measured (the valid boundary)
+CAMERA = [*COLOUR[1:COLOUR.index("--crop-size")], "--blur-boundary", "valid", "--crop-size",
+          "76", "--crops-per-image", "4", "--seed", "3"]
 METHODS = ["cgls", "tv"]
 MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample models, where shipped
           "tomography": SAMPLES / "drip_tomography.safetensors",
@@ -127,14 +132,20 @@ def main() -> None:
     pictures = OUT / "pictures"   # the colour crops and their DRIP reconstructions, to look at
     drip("export", str(files["colour blur"]), str(pictures / "colour_truth"), "--quiet")
     drip("export", str(OUT / "colour_blur_drip.h5"), str(pictures / "colour_drip"), "--quiet")
-    console.rule("your own measurements: blurred pictures -> drip import (noise estimated) -> "
-                 "drip reconstruct")
-    blurred, mine = pictures / "colour_blurred", OUT / "colour_blurred_imported.h5"
-    drip("export", str(files["colour blur"]), str(blurred), "--dataset", "measurements", "--quiet")
+    console.rule("your own measurements: photographs blurred by a camera (the valid boundary) "
+                 "-> pictures -> drip import (noise estimated) -> drip reconstruct")
+    camera = OUT / "camera_blur.h5"   # 76x76 scenes, of which the camera measured 64x64 pixels
+    drip("simulate", COLOUR[0], str(camera), *CAMERA, "--quiet")
+    blurred, scenes = pictures / "camera_blurred", pictures / "camera_scenes"
+    drip("export", str(camera), str(blurred), "--dataset", "measurements", "--quiet")
+    drip("export", str(camera), str(scenes), "--quiet")
+    mine = OUT / "camera_blurred_imported.h5"
     drip("import", str(blurred), str(mine), "--operator", "blur", "--blur-sigma", "2",
-         "--estimate-noise", "--ground-truth", str(pictures / "colour_truth"), "--quiet")
-    drip("reconstruct", str(mine), "--model", str(MODELS["colour blur"]), "--each-channel",
-         "--out", str(OUT / "colour_blurred_imported_drip.h5"), "--device", "cpu", "--quiet")
+         "--blur-boundary", "valid", "--estimate-noise", "--ground-truth", str(scenes), "--quiet")
+    for method, extra in (("tv", []), ("drip", ["--model", str(MODELS["colour blur"]),
+                                                "--any-size", "--each-channel"])):
+        drip("reconstruct", str(mine), "--method", method, *extra, "--out",
+             str(OUT / f"camera_blurred_imported_{method}.h5"), "--device", "cpu", "--quiet")
     console.rule("blur across noise levels: drip evaluate (the unrolled network has no fit guarantee)")
     models = [arg for path in (MODELS["blur"], UNROLLED) if path.exists()
               for arg in ("--model", str(path))]

@@ -14,6 +14,7 @@ from conftest import make_operator
 from helpers import assert_one_line_error, run_cli, write_small_file
 
 from drip_cli.data import SourceOptions, load_images, simulate_batch
+from drip_cli.evaluation.metrics import psnr
 from drip_cli.io import MeasurementFile, write_measurement_file
 from drip_cli.operators import Blur, Tomography, gaussian_psf, limited_angles
 
@@ -304,9 +305,28 @@ def test_simulate_and_reconstruct_with_the_valid_boundary(tmp_path):
         assert file.read(0, 3).measurements.shape == (3, 1, 18, 18)
     recon = tmp_path / "r.h5"
     assert run_cli("reconstruct", out, "--method", "tv", "--out", recon, "--quiet").exit_code == 0
-    with h5py.File(recon) as f:
+    with h5py.File(recon) as f, h5py.File(out) as m:
         assert f["reconstructions"].shape == (3, 1, 24, 24) and f["converged"][()].all()
+        # quality on the measured positions: the 3-pixel margin is seen only in part
+        u, x = f["reconstructions"][()], m["ground_truth"][()]
+        np.testing.assert_allclose(f["psnr"][()], psnr(u[..., 3:21, 3:21], x[..., 3:21, 3:21]),
+                                   rtol=1e-6)
+        assert np.all(f["psnr"][()] > psnr(u, x))
     assert_one_line_error(run_cli("simulate", "phantom:ellipses", tmp_path / "x.h5", "--operator",
                                   "blur", "--blur-sigma", 3, "--blur-boundary", "valid",
                                   "--image-size", 16, "--quiet"),
                           "measures no pixel", tmp_path / "x.h5")
+
+
+def test_training_losses_leave_the_valid_blurs_margin_out():
+    """Training compares images where quality is measured: an error in the margin that the
+    valid blur sees only in part costs nothing in the image term."""
+    from drip_cli.training.trainer import reconstruction_loss
+
+    op = Blur((1, 12, 12), gaussian_psf(1.0), "valid")   # a 7x7 PSF: a 3-pixel margin
+    x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    u = x.clone()
+    u[..., :3, :] += 1.0
+    assert torch.all(reconstruction_loss(op, u, x, 1.0, 0.0) == 0)
+    u[..., 5, 5] += 1.0
+    assert torch.all(reconstruction_loss(op, u, x, 1.0, 0.0) > 0)

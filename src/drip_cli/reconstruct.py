@@ -122,8 +122,9 @@ def reconstruct_batch(method: ReconstructionMethod, op, measurements: np.ndarray
         "seconds": np.full(len(b), seconds),
     }
     if ground_truth is not None:
-        row["psnr"] = psnr(images, ground_truth)
-        row["ssim"] = ssim(images, ground_truth)
+        scored = (..., *op.scored)
+        row["psnr"] = psnr(images[scored], ground_truth[scored])
+        row["ssim"] = ssim(images[scored], ground_truth[scored])
     return row
 
 

@@ -56,6 +56,13 @@ class LinearOperator(torch.nn.Module):
         return self.image_shape[0]
 
     @property
+    def scored(self) -> tuple[slice, slice]:
+        """The rows and columns of the image that quality is measured on (PSNR and SSIM, and
+        training's losses): all of them, but where the operator sees a margin of the image
+        only in part (the valid blur), the pixels at the measured positions."""
+        return slice(None), slice(None)
+
+    @property
     def measurement_shape(self) -> tuple[int, ...]:
         """Shape of one sample's measurements, ``(C, *S)``."""
         raise NotImplementedError

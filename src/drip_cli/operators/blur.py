@@ -102,6 +102,11 @@ class Blur(LinearOperator):
         return (self.channels, *self._measured_size(self.image_shape, self.psf.shape,
                                                     self.boundary))
 
+    @property
+    def scored(self) -> tuple[slice, slice]:
+        """The valid boundary's measured positions (the margin is seen only in part)."""
+        return self._window() if not self.periodic else super().scored
+
     def _window(self) -> tuple[slice, slice]:
         """The measured rows and columns of the periodic convolution."""
         kh, kw = self.psf.shape

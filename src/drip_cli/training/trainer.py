@@ -466,8 +466,10 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 def reconstruction_loss(op, u: torch.Tensor, x: torch.Tensor, w_solution: float,
                         w_data: float) -> torch.Tensor:
     """Per sample: ``w_solution`` times the relative squared error of the image ``u`` against
-    ``x``, plus ``w_data`` times that of the predicted data ``A u`` against ``A x``."""
-    loss = w_solution * relative_error(u, x)
+    ``x`` (on the pixels quality is measured on, ``op.scored``), plus ``w_data`` times that of
+    the predicted data ``A u`` against ``A x``."""
+    scored = (..., *op.scored)
+    loss = w_solution * relative_error(u[scored], x[scored])
     if w_data:
         loss = loss + w_data * relative_error(op(u), op(x))
     return loss
@@ -486,7 +488,9 @@ def upper_loss(model: DripModel, op, z: torch.Tensor, x: torch.Tensor,
     loss = reconstruction_loss(op, embedding(z), x, w_solution, w_data)
     if w_pre:
         step = 1.0 / regularizer.curvature_and_lipschitz_bound()[0].to(z.dtype)
-        loss = loss + w_pre * relative_error(embedding(z - step * regularizer.gradient(z)), x)
+        scored = (..., *op.scored)
+        loss = loss + w_pre * relative_error(
+            embedding(z - step * regularizer.gradient(z))[scored], x[scored])
     return loss.mean()
 
 
@@ -702,8 +706,11 @@ class Trainer:
         radius = discrepancy_radius(self.op, sigma, self.config.tau)
         choose = getattr(self.model, "has_patch_mixture", False)   # (unrolled: no solve)
 
+        scored = (..., *self.op.scored)
+
         def mean_psnr(result):
-            return float(psnr(result.solution.cpu().numpy(), x.cpu().numpy()).mean())
+            return float(psnr(result.solution[scored].cpu().numpy(),
+                              x[scored].cpu().numpy()).mean())
 
         metrics = {}
         with self._overflow_as_divergence("the validation solve failed", self.global_step):

@@ -3,6 +3,8 @@ level, written as a measurement file that ``reconstruct`` takes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from drip_cli.data import SourceOptions, load_images, simulate_batch
 from drip_cli.evaluation.metrics import psnr
 from drip_cli.io import MeasurementFile, write_measurement_file
 from drip_cli.operators import Blur, Tomography, gaussian_psf, limited_angles
+
+SAMPLE_BLUR_MODEL = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
 
 
 def _read(path):
@@ -312,6 +316,10 @@ def test_simulate_and_reconstruct_with_the_valid_boundary(tmp_path):
         np.testing.assert_allclose(f["psnr"][()], psnr(u[..., 3:21, 3:21], x[..., 3:21, 3:21]),
                                    rtol=1e-6)
         assert np.all(f["psnr"][()] > psnr(u, x))
+    # a model of another image size is refused, and the message says why the sizes differ
+    result = run_cli("reconstruct", out, "--model", SAMPLE_BLUR_MODEL, "--out", tmp_path / "d.h5")
+    assert_one_line_error(result, "larger than the measurements by the PSF's size less one",
+                          tmp_path / "d.h5")
     assert_one_line_error(run_cli("simulate", "phantom:ellipses", tmp_path / "x.h5", "--operator",
                                   "blur", "--blur-sigma", 3, "--blur-boundary", "valid",
                                   "--image-size", 16, "--quiet"),
@@ -330,3 +338,20 @@ def test_training_losses_leave_the_valid_blurs_margin_out():
     assert torch.all(reconstruction_loss(op, u, x, 1.0, 0.0) == 0)
     u[..., 5, 5] += 1.0
     assert torch.all(reconstruction_loss(op, u, x, 1.0, 0.0) > 0)
+
+
+def test_a_camera_blur_imported_as_periodic_is_doubted(tmp_path):
+    """Measurements cut out of a larger blurred scene do not wrap around at their edges: import
+    with the periodic blur warns and names --blur-boundary valid; periodic measurements, or
+    the valid boundary, import without a word."""
+    for boundary, doubted in (("valid", True), ("periodic", False)):
+        _, b, _, _ = _blurred_photos(tmp_path, 2.0, n=8, size=64, boundary=boundary)
+        np.save(tmp_path / "b.npy", b)
+        for given in ("periodic", "valid"):
+            out = tmp_path / f"{boundary}_{given}.h5"
+            result = run_cli("import", tmp_path / "b.npy", out, "--operator", "blur",
+                             "--blur-sigma", 2, "--blur-boundary", given, "--noise-std", 0.01,
+                             "--quiet")
+            assert result.exit_code == 0, result.stderr
+            warned = "--blur-boundary valid" in result.stderr and "warning" in result.stderr
+            assert warned == (doubted and given == "periodic"), result.stderr

@@ -98,9 +98,13 @@ class LearnedMethod(ReconstructionMethod):
         if serving != shape[0]:   # (a model already serving these channels is kept as it is)
             self.model = self._model_for_channels(trained[0], shape, data.path)
         if trained[1:] != shape[1:] and not self.any_size:
+            valid = getattr(data.operator, "boundary", None) == "valid"
             raise DripError(f"the model was trained on images of shape {trained}, this file has "
                             f"{shape} (its filters are convolutional: --any-size uses it on "
-                            f"images of another height and width)", data.path)
+                            f"images of another height and width"
+                            + ("; with the valid blur boundary the images are larger than the "
+                               "measurements by the PSF's size less one" if valid else "")
+                            + ")", data.path)
         smallest, needs = self.smallest_side()
         if min(shape[1:]) < smallest:
             raise DripError(f"images of {shape[1]}x{shape[2]} pixels are smaller than the "

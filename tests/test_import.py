@@ -199,6 +199,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     np.save(tmp_path / "sino.npy", rng.random((2, 10, 23)).astype(np.float32))  # 16x16 images
     np.save(tmp_path / "odd.npy", rng.random((2, 10, 11)).astype(np.float32))   # no square
     (tmp_path / "text.npy").write_text("1 2 3")
+    whole = (tmp_path / "b.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(whole[:len(whole) // 2])
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "pic.png")
     like = tmp_path / "like.h5"
     write_small_file(like, make_operator("blur", (3, 16, 16)), n=1)
@@ -222,6 +224,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([tmp_path / "nan.npy", out, *blur, "--noise-std", 0.1], "NaN or Inf (first at sample 1)"),
         ([tmp_path / "rank5.npy", out, *blur, "--noise-std", 0.1], "has shape (1, 1, 1, 16, 16)"),
         ([tmp_path / "text.npy", out, *blur, "--noise-std", 0.1], "not a .npy array"),
+        ([tmp_path / "cut.npy", out, *blur, "--noise-std", 0.1], "or a truncated one"),
         ([tmp_path / "missing.npy", out, *blur, "--noise-std", 0.1], "no such file"),
         ([tmp_path / "b.npy", out, "--operator", "inpainting", "--noise-std", 0.1],
          "needs the mask"),

@@ -107,9 +107,9 @@ def read_npy(path, what: str) -> np.ndarray:
         raise DripError(f"cannot read {what} ({exc.strerror or exc})", path) from exc
     except EOFError as exc:   # an empty file
         raise DripError(f"cannot read {what}: the file is empty", path) from exc
-    except ValueError as exc:   # a text file reads as "pickled data"
-        raise DripError(f"cannot read {what}: not a .npy array (save it with numpy.save)",
-                        path) from exc
+    except ValueError as exc:   # a text file reads as "pickled data", a cut one won't reshape
+        raise DripError(f"cannot read {what}: not a .npy array, or a truncated one (save it "
+                        "with numpy.save)", path) from exc
     if not isinstance(values, np.ndarray):   # an .npz archive
         values.close()
         raise DripError(f"cannot read {what}: expected one array saved with numpy.save, not an "

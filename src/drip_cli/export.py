@@ -22,12 +22,11 @@ from .errors import DripError
 from .info import file_kind
 from .io import atomic_folder
 from .io.measurements import check_dataset, open_h5, reading
+from .operators import IMAGE_MEASUREMENT_KINDS
 
 # each file kind's datasets that hold images, its default first
 IMAGE_DATASETS = {"reconstructions": ("reconstructions",),
                   "measurements": ("ground_truth", "measurements")}
-# operators whose measurements are images of the image's shape
-IMAGE_MEASUREMENTS = ("denoise", "blur", "inpainting")
 BITS = (8, 16)
 
 
@@ -56,9 +55,9 @@ def _image_dataset(handle, kind: str, name: str | None, path: Path):
     if name == "measurements":
         stored = handle["operator"].attrs.get("kind") if "operator" in handle else None
         stored = stored.decode(errors="replace") if isinstance(stored, bytes) else stored
-        if not (isinstance(stored, str) and stored in IMAGE_MEASUREMENTS):
+        if not (isinstance(stored, str) and stored in IMAGE_MEASUREMENT_KINDS):
             raise DripError(f"the measurements of operator kind {stored!r} are not images (only "
-                            f"{', '.join(IMAGE_MEASUREMENTS)}): export ground_truth, or "
+                            f"{', '.join(IMAGE_MEASUREMENT_KINDS)}): export ground_truth, or "
                             "reconstructions of these measurements", path)
     dset = check_dataset(handle, name, (None,) * 4, path, finite=False)   # checked per sample
     if dset.shape[0] < 1 or 0 in dset.shape[2:]:

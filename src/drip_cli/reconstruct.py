@@ -122,9 +122,9 @@ def reconstruct_batch(method: ReconstructionMethod, op, measurements: np.ndarray
         "seconds": np.full(len(b), seconds),
     }
     if ground_truth is not None:
-        scored = (..., *op.scored)
-        row["psnr"] = psnr(images[scored], ground_truth[scored])
-        row["ssim"] = ssim(images[scored], ground_truth[scored])
+        scored, truth = op.scored_part(images), op.scored_part(ground_truth)
+        row["psnr"] = psnr(scored, truth)
+        row["ssim"] = ssim(scored, truth)
     return row
 
 

@@ -37,13 +37,10 @@ import torch
 from ..errors import DripError, DripWarning, require_regular_file
 from ..io import MeasurementFile, MeasurementWriter, atomic_h5
 from ..io.measurements import first_sample_where, overflows_float32
-from ..operators import Blur, LinearOperator
+from ..operators import IMAGE_MEASUREMENT_KINDS, Blur, LinearOperator
 from ..operators.tomography import radon_geometry
 from .simulate import OperatorSpec, build_operator, matrix_operator, read_npy
 from .sources import IMAGE_SUFFIXES, _as_float32, _read_picture, _to_channels
-
-# operators whose measurements are images of the image's own shape
-IMAGE_KINDS = ("denoise", "blur", "inpainting")
 
 # The noise estimate reads the measurement components in which the operator keeps less than
 # this share of the image (relative to its largest gain), and needs at least ESTIMATE_MIN_COUNT
@@ -178,12 +175,15 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
             spec = dataclasses.replace(spec, angles=measured[0])
         op = build_operator(spec, (channels, *(2 * (_tomography_side(measured[-1]),))),
                             np.random.default_rng())
+    elif spec.kind == "blur" and spec.blur_boundary == "valid":
+        # the scene the pixels saw is larger by the PSF's size less one: the PSF first (read
+        # once), from the periodic blur of the measurements' own size
+        psf = build_operator(dataclasses.replace(spec, blur_boundary="periodic"),
+                             (channels, *measured), np.random.default_rng()).psf
+        op = Blur((channels, measured[0] + psf.shape[0] - 1, measured[1] + psf.shape[1] - 1),
+                  psf.numpy(), "valid")
     else:
         op = build_operator(spec, (channels, *measured), np.random.default_rng())
-        if op.kind == "blur" and op.boundary == "valid":   # the scene the pixels saw is larger
-            kh, kw = op.psf.shape
-            op = build_operator(spec, (channels, measured[0] + kh - 1, measured[1] + kw - 1),
-                                np.random.default_rng())
     if tuple(op.measurement_shape) != tuple(shape):
         raise DripError(f"the measurements are shaped {tuple(shape)} (C, *S), where the "
                         f"{op.kind} operator measures {tuple(op.measurement_shape)}")
@@ -262,14 +262,16 @@ def _mean_magnitude(op: LinearOperator, b: np.ndarray) -> np.ndarray:
     return np.abs(b.astype(np.float64)).reshape(len(b), -1).sum(1) / op.measured_count
 
 
-def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice) -> np.ndarray:
-    """Each sample's noise std as ``choice`` says."""
+def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice,
+                 mean_magnitude: np.ndarray) -> np.ndarray:
+    """Each sample's noise std as ``choice`` says (``mean_magnitude``: each sample's mean
+    ``|b|``, :func:`_mean_magnitude`)."""
     if choice.estimate:
         sigma = estimate_noise_std(op, b)
     elif choice.noise_std is not None:
         sigma = np.full(len(b), choice.noise_std, dtype=np.float32)
     else:
-        sigma = (choice.noise_percent / 100 * _mean_magnitude(op, b)).astype(np.float32)
+        sigma = (choice.noise_percent / 100 * mean_magnitude).astype(np.float32)
     silent = np.flatnonzero(~(sigma > 0))
     if len(silent):
         raise DripError(f"the noise level of sample {silent[0]} would be 0 (its measurements "
@@ -300,7 +302,7 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
             like_op = file.operator
     kind = spec.kind if like_op is None else like_op.kind
     rank = 1 if kind == "matrix" else 2
-    b = read_measured(source, rank, channels, images=kind in IMAGE_KINDS)
+    b = read_measured(source, rank, channels, images=kind in IMAGE_MEASUREMENT_KINDS)
     if like_op is not None and like_op.channels != b.shape[1]:
         raise DripError(f"its operator is for images of {like_op.channels} channel(s), the "
                         f"measurements have {b.shape[1]}", like)
@@ -309,10 +311,11 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     doubt = periodic_doubt(op, b)
     if doubt is not None:
         warnings.warn(DripWarning(doubt), stacklevel=2)
-    sigma = noise_levels(op, b, choice)
+    mean_magnitude = _mean_magnitude(op, b)
+    sigma = noise_levels(op, b, choice, mean_magnitude)
     truth = None if ground_truth is None else read_ground_truth(ground_truth, op, len(b), channels)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        percent = 100 * sigma / _mean_magnitude(op, b)
+        percent = 100 * sigma / mean_magnitude
     # a record only (the noise std is what counts): NaN where float32 cannot hold it
     percent = np.where(np.abs(percent) < np.finfo(np.float32).max, percent, np.nan)
     percent = percent.astype(np.float32)

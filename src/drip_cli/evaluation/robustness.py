@@ -214,8 +214,8 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                                       for name, extra in checked.items()
                                       if "model_image_shape" in extra})
     shown = slice(0, min(n_previews, len(truth)))
-    scored = (..., *op.scored)   # the previews show (and score) what the tables score
-    result.previews["ground truth"] = truth[shown][scored]
+    # the previews show (and score) what the tables score: op.scored_part
+    result.previews["ground truth"] = op.scored_part(truth[shown])
     result.previews["naive"] = None   # its place in the figure, filled at its level
     op = op.to(device)
     batch_size = batch_size or default_batch_size(device, truth.shape[1:])
@@ -235,7 +235,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
         # device it was moved to); the noise is fixed by the seed and the level
         measurements, noise_std = simulate_level(op, truth, percent, seed, data)
         if percent == preview_level:
-            result.previews["naive"] = naive_reconstruction(op, measurements[shown])[scored]
+            result.previews["naive"] = op.scored_part(naive_reconstruction(op, measurements[shown]))
         for method, tau in ((m, t) for m in methods for t in taus):
             name = method.name if len(taus) == 1 else f"{method.name}@{tau:g}"
             rows, previews = [], []
@@ -247,7 +247,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                                         truth[part], device, within)
                 images = row.pop("reconstructions")   # only the previews' are kept
                 if percent == preview_level and i < shown.stop:
-                    previews.append(images[:shown.stop - i][scored])
+                    previews.append(op.scored_part(images[:shown.stop - i]))
                 rows.append(row)
                 done += 1
                 if progress is not None:

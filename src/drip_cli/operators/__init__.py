@@ -10,6 +10,9 @@ from .simple import Denoise, Inpainting
 from .sparse import SparseMatrixOperator, load_matrix_file
 from .tomography import Tomography, limited_angles
 
+# the kinds whose measurements are images: pictures can hold them, drip export writes them
+IMAGE_MEASUREMENT_KINDS = ("denoise", "blur", "inpainting")
+
 OPERATORS: dict[str, type[LinearOperator]] = {
     cls.kind: cls for cls in (Denoise, Blur, Inpainting, Tomography, SparseMatrixOperator)
 }
@@ -56,6 +59,6 @@ def operator_from_hdf5(group) -> LinearOperator:
 
 __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
-    "OPERATORS", "operator_from_hdf5", "stored_measurement_shape", "adjointness_error",
+    "OPERATORS", "IMAGE_MEASUREMENT_KINDS", "operator_from_hdf5", "stored_measurement_shape", "adjointness_error",
     "estimate_norm", "gaussian_psf", "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

@@ -62,6 +62,10 @@ class LinearOperator(torch.nn.Module):
         only in part (the valid blur), the pixels at the measured positions."""
         return slice(None), slice(None)
 
+    def scored_part(self, images):
+        """The :attr:`scored` pixels of ``images`` (``(..., H, W)``, an array or a tensor)."""
+        return images[(..., *self.scored)]
+
     @property
     def measurement_shape(self) -> tuple[int, ...]:
         """Shape of one sample's measurements, ``(C, *S)``."""

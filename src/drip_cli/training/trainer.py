@@ -463,13 +463,18 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (estimate - target).flatten(1).pow(2).sum(1) / target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
 
 
+def image_error(op, u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The relative squared error of images ``u`` against ``x`` on the pixels quality is
+    measured on (``op.scored``)."""
+    return relative_error(op.scored_part(u), op.scored_part(x))
+
+
 def reconstruction_loss(op, u: torch.Tensor, x: torch.Tensor, w_solution: float,
                         w_data: float) -> torch.Tensor:
     """Per sample: ``w_solution`` times the relative squared error of the image ``u`` against
-    ``x`` (on the pixels quality is measured on, ``op.scored``), plus ``w_data`` times that of
-    the predicted data ``A u`` against ``A x``."""
-    scored = (..., *op.scored)
-    loss = w_solution * relative_error(u[scored], x[scored])
+    ``x`` (:func:`image_error`), plus ``w_data`` times that of the predicted data ``A u``
+    against ``A x``."""
+    loss = w_solution * image_error(op, u, x)
     if w_data:
         loss = loss + w_data * relative_error(op(u), op(x))
     return loss
@@ -488,9 +493,7 @@ def upper_loss(model: DripModel, op, z: torch.Tensor, x: torch.Tensor,
     loss = reconstruction_loss(op, embedding(z), x, w_solution, w_data)
     if w_pre:
         step = 1.0 / regularizer.curvature_and_lipschitz_bound()[0].to(z.dtype)
-        scored = (..., *op.scored)
-        loss = loss + w_pre * relative_error(
-            embedding(z - step * regularizer.gradient(z))[scored], x[scored])
+        loss = loss + w_pre * image_error(op, embedding(z - step * regularizer.gradient(z)), x)
     return loss.mean()
 
 
@@ -706,11 +709,9 @@ class Trainer:
         radius = discrepancy_radius(self.op, sigma, self.config.tau)
         choose = getattr(self.model, "has_patch_mixture", False)   # (unrolled: no solve)
 
-        scored = (..., *self.op.scored)
-
         def mean_psnr(result):
-            return float(psnr(result.solution[scored].cpu().numpy(),
-                              x[scored].cpu().numpy()).mean())
+            return float(psnr(self.op.scored_part(result.solution).cpu().numpy(),
+                              self.op.scored_part(x).cpu().numpy()).mean())
 
         metrics = {}
         with self._overflow_as_divergence("the validation solve failed", self.global_step):

@@ -124,6 +124,8 @@ EXAMPLES = {
         "--estimate-noise",
         "drip import photo.png mine.h5 --operator blur --psf psf.npy --noise-std 0.01",
         "drip import holes.npy mine.h5 --operator inpainting --mask mask.png --noise-percent 1",
+        "drip import sinograms.npy mine.h5 --operator tomography --angle-range 120 "
+        "--estimate-noise",
         "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
     ],
     "export": [
@@ -430,8 +432,9 @@ def import_measurements(
                                               "deviation (intensities in [0, 1])."),
     noise_percent: Optional[float] = typer.Option(None, "--noise-percent", help="The noise "
                                                   "std as a percent of each sample's mean |b|."),
-    estimate_noise: bool = typer.Option(False, "--estimate-noise", help="blur: estimate each "
-                                        "sample's noise std where the blur removes the image."),
+    estimate_noise: bool = typer.Option(False, "--estimate-noise", help="blur, tomography, "
+                                        "matrix: estimate each sample's noise std from the "
+                                        "measurement components the operator removes."),
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma",
                                                help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "

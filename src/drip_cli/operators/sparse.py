@@ -179,6 +179,15 @@ class SparseMatrixOperator(LinearOperator):
     def measurement_shape(self) -> tuple[int, ...]:
         return (self.channels, *self.measurement_size)
 
+    def scipy_matrix(self) -> scipy.sparse.csr_matrix:
+        """The matrix in float64 as a SciPy CSR matrix (sharing the stored arrays), for the
+        linear algebra that torch's CSR tensors lack (products of two sparse matrices)."""
+        import scipy.sparse
+        return scipy.sparse.csr_matrix((self._matrix.values().numpy(),
+                                        self._matrix.col_indices().numpy(),
+                                        self._matrix.crow_indices().numpy()),
+                                       shape=tuple(self._matrix.shape))
+
     def matrix(self, dtype: torch.dtype, device: torch.device,
                transpose: bool = False) -> torch.Tensor:
         """The CSR matrix, or its transpose, in ``dtype`` on ``device`` (converted once,

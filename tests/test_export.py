@@ -1,6 +1,9 @@
-"""``drip export``: PNG files of a drip file's images, read back by ``drip simulate``."""
+"""``drip export``: PNG files of a drip file's images, read back by ``drip simulate``, or a
+dataset as a ``.npy`` array, read back by ``drip import``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -106,3 +109,48 @@ def test_bad_inputs_leave_nothing(tmp_path):
     assert_one_line_error(run_cli("export", path, out), "no images to write", out)
     result = run_cli("export", path, out, "--bits", "12")
     assert result.exit_code == 2 and not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["tomography", "matrix", "blur"])
+def test_any_measurements_round_trip_through_npy_and_import(tmp_path, kind):
+    """A ``.npy`` path gets the dataset as one array, values as stored (not clipped), of any
+    operator's measurements; ``drip import --like`` reads it back to the same file's data."""
+    path, truth = _measurements(tmp_path, kind=kind, n=4, shape=(1, 12, 12))
+    sinograms, images = tmp_path / "b.npy", tmp_path / "x.npy"
+    result = run_cli("export", path, sinograms, "--dataset", "measurements", "--bits", "16")
+    assert result.exit_code == 0, result.stderr
+    assert "--bits" in result.stderr and "ignored" in result.stderr
+    assert run_cli("export", path, images, "--quiet").exit_code == 0
+    with h5py.File(path) as f:
+        b, sigma = f["measurements"][()], f["noise_std"][()]
+    np.testing.assert_array_equal(np.load(sinograms), b)
+    np.testing.assert_array_equal(np.load(images), truth)
+    out = tmp_path / "back.h5"
+    result = run_cli("import", sinograms, out, "--like", path, "--noise-std", float(sigma[0]),
+                     "--ground-truth", images, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["measurements"][()], b)
+        np.testing.assert_array_equal(f["ground_truth"][()], truth)
+
+
+def test_reconstructions_as_npy_and_bad_arrays_leave_nothing(tmp_path):
+    """A reconstruction file's reconstructions, the first ``--max-samples``, unclipped; a NaN
+    in a later sample, a model or a dataset the file kind lacks give one line and no file."""
+    path, _ = _measurements(tmp_path)
+    recon = tmp_path / "r.h5"
+    assert run_cli("reconstruct", path, "--method", "cgls", "--out", recon, "--quiet").exit_code == 0
+    out = tmp_path / "r.npy"
+    result = run_cli("export", recon, out, "--max-samples", 2)
+    assert result.exit_code == 0, result.stderr
+    assert "(2, 1, 16, 20)" in result.stdout
+    with h5py.File(recon, "r+") as f:
+        np.testing.assert_array_equal(np.load(out), f["reconstructions"][:2])
+        f["reconstructions"][3, 0, 2, 2] = np.nan
+    bad = tmp_path / "bad.npy"
+    assert_one_line_error(run_cli("export", recon, bad), "NaN or Inf at sample 3", bad)
+    assert_one_line_error(run_cli("export", path, bad, "--dataset", "reconstructions"),
+                          "arrays are ground_truth or measurements", bad)
+    model = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
+    assert_one_line_error(run_cli("export", model, bad), "a model holds no samples", bad)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left

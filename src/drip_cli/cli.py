@@ -132,6 +132,7 @@ EXAMPLES = {
         "drip export blur_drip.h5 pictures/",
         "drip export sample_data/blur.h5 truth/ --bits 16",
         "drip export sample_data/blur.h5 blurred/ --dataset measurements --max-samples 4",
+        "drip export sample_data/tomography.h5 sinograms.npy --dataset measurements",
     ],
     "info": [
         "drip info sample_data/blur.h5",
@@ -1057,32 +1058,47 @@ class ImageDataset(str, Enum):
 
 @app.command(epilog=_examples("export"))
 def export(
+    ctx: typer.Context,
     file: Path = typer.Argument(..., help="A reconstruction or measurement file."),
-    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed)."),
+    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed), or a .npy "
+                               "file for the whole dataset as one array."),
     dataset: Optional[ImageDataset] = typer.Option(
-        None, "--dataset", help="The images to write. Default: a reconstruction file's "
-        "reconstructions, a measurement file's ground_truth; measurements where they are "
-        "images (denoise, blur, inpainting)."),
-    bits: int = typer.Option(8, "--bits", help="8, or 16 for grayscale images (drip simulate "
-                             "reads either back)."),
+        None, "--dataset", help="What to write. Default: a reconstruction file's "
+        "reconstructions, a measurement file's ground_truth. Measurements as PNG files where "
+        "they are images (denoise, blur, inpainting), as a .npy array for any operator."),
+    bits: int = typer.Option(8, "--bits", help="PNG: 8, or 16 for grayscale images (drip "
+                             "simulate reads either back)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,
                                               help="Write the first N samples only."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Write the images of a drip file as PNG files, one per sample.
+    """Write the images of a drip file as PNG files, one per sample, or a dataset as a .npy
+    array.
 
-    Intensities are clipped to [0, 1]; the folder gets every file or none.
+    PNG intensities are clipped to [0, 1]; the folder gets every file or none. A .npy array
+    keeps the values as stored, shaped (N, C, ...).
     """
-    from .export import BITS, export_pngs
+    from .export import BITS, export_array, export_pngs
 
     if bits not in BITS:
         raise typer.BadParameter(f"{bits} is not one of {', '.join(map(str, BITS))}",
                                  param_hint="'--bits'")
+    name = None if dataset is None else dataset.value
     with _errors(debug):
+        if out.suffix.lower() == ".npy":
+            if "bits" in _given_parameters(ctx):
+                warning_line("--bits: a .npy array keeps the values as stored (ignored)")
+            with progress_bar(f"writing {out.name}", 0, quiet) as update:
+                summary = export_array(file, out, name, max_samples, progress=update)
+            console.print(key_value_table(f"wrote {out}", {
+                "dataset": summary["dataset"],
+                "shape (N, C, ...)": str(summary["shape"]),
+                "dtype": summary["dtype"],
+            }))
+            return
         with progress_bar(f"writing {out.name or out}", 0, quiet) as update:
-            summary = export_pngs(file, out, None if dataset is None else dataset.value, bits,
-                                  max_samples, progress=update)
+            summary = export_pngs(file, out, name, bits, max_samples, progress=update)
         files = summary["files"]
         console.print(key_value_table(f"wrote {len(files)} PNG files", {
             "folder": summary["folder"],

@@ -9,6 +9,11 @@ half a step of 1/65535 (8 bits: of 1/255). One file per sample, ``NAME_INDEX.png
 dataset's name and the sample's index, zero-padded so the names sort as the samples do. The
 folder gets every file or none: they are written to a staging folder beside it and moved in
 at the end (:func:`~drip_cli.io.atomic.atomic_folder`).
+
+Given a ``.npy`` path instead of a folder, the dataset is written as one array, ``(N, C, *S)``,
+with its values as stored (neither clipped nor rounded), and of a measurement file any
+operator's measurements: a sinogram or a sparse operator's data too. ``drip import`` reads
+such an array back, and NumPy (``np.load``) or any other tool reads it without drip.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from .errors import DripError
 from .info import file_kind
-from .io import atomic_folder
+from .io import atomic_folder, atomic_path
 from .io.measurements import check_dataset, open_h5, reading
-from .operators import IMAGE_MEASUREMENT_KINDS
+from .operators import IMAGE_MEASUREMENT_KINDS, stored_measurement_shape
 
 # each file kind's datasets that hold images, its default first
 IMAGE_DATASETS = {"reconstructions": ("reconstructions",),
@@ -45,23 +51,36 @@ def _write_png(path: Path, levels: np.ndarray) -> None:
     Image.fromarray(levels).save(path, format="PNG")
 
 
-def _image_dataset(handle, kind: str, name: str | None, path: Path):
+def _dataset(handle, kind: str, name: str | None, path: Path, images: bool = True):
     """The dataset to export, checked: ``(N, C, H, W)`` with pixels, floating point (each
-    sample's values are checked as it is written: a file is read once)."""
+    sample's values are checked as it is written: a file is read once). Not ``images``, the
+    measurements may be any operator's, shaped ``(N, C, *S)`` as their operator says."""
     allowed = IMAGE_DATASETS[kind]
     name = allowed[0] if name is None else name
     if name not in allowed:
-        raise DripError(f"a {kind} file's images are {' or '.join(allowed)}, not {name!r}", path)
+        raise DripError(f"a {kind} file's {'images' if images else 'arrays'} are "
+                        f"{' or '.join(allowed)}, not {name!r}", path)
+    shape = (None,) * 4
     if name == "measurements":
-        stored = handle["operator"].attrs.get("kind") if "operator" in handle else None
-        stored = stored.decode(errors="replace") if isinstance(stored, bytes) else stored
-        if not (isinstance(stored, str) and stored in IMAGE_MEASUREMENT_KINDS):
-            raise DripError(f"the measurements of operator kind {stored!r} are not images (only "
-                            f"{', '.join(IMAGE_MEASUREMENT_KINDS)}): export ground_truth, or "
-                            "reconstructions of these measurements", path)
-    dset = check_dataset(handle, name, (None,) * 4, path, finite=False)   # checked per sample
+        if images:
+            stored = handle["operator"].attrs.get("kind") if "operator" in handle else None
+            stored = stored.decode(errors="replace") if isinstance(stored, bytes) else stored
+            if not (isinstance(stored, str) and stored in IMAGE_MEASUREMENT_KINDS):
+                raise DripError(f"the measurements of operator kind {stored!r} are not images "
+                                f"(only {', '.join(IMAGE_MEASUREMENT_KINDS)}): export "
+                                "ground_truth, or reconstructions of these measurements, or "
+                                "the measurements as a .npy array", path)
+        elif not isinstance(handle.get("operator"), h5py.Group):
+            raise DripError("missing group 'operator'", path)
+        else:
+            try:
+                shape = (None, *stored_measurement_shape(handle["operator"]))
+            except ValueError as exc:
+                raise DripError(str(exc), path) from None
+    dset = check_dataset(handle, name, shape, path, finite=False)   # checked per sample
     if dset.shape[0] < 1 or 0 in dset.shape[2:]:
-        raise DripError(f"dataset '{name}' has shape {dset.shape}: no images to write", path)
+        raise DripError(f"dataset '{name}' has shape {dset.shape}: no "
+                        f"{'images' if images else 'samples'} to write", path)
     return name, dset
 
 
@@ -80,7 +99,7 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
         raise DripError("a model holds no images: export a reconstruction or measurement file",
                         path)
     with open_h5(path, kind) as handle, reading(path):
-        name, dset = _image_dataset(handle, kind, dataset, path)
+        name, dset = _dataset(handle, kind, dataset, path)
         n, channels = dset.shape[:2]
         if channels not in (1, 3):
             raise DripError(f"dataset '{name}' has {channels} channels; a PNG holds 1 (grayscale) "
@@ -94,10 +113,7 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
         files, clipped = [], 0
         with atomic_folder(folder) as staging:
             for i in range(count):
-                image = np.asarray(dset[i], dtype=np.float64)
-                if not np.all(np.isfinite(image)):
-                    raise DripError(f"dataset '{name}' holds NaN or Inf at sample {i}: "
-                                    "nothing was written", path)
+                image = _finite(dset, i, name, path).astype(np.float64)
                 levels, outside = _quantised(image, bits)
                 clipped += outside
                 files.append(f"{name}_{i:0{width}d}.png")
@@ -106,3 +122,40 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
                     progress(i + 1, count)
     return {"folder": str(folder), "dataset": name, "files": files, "bits": bits,
             "channels": channels, "clipped": clipped / values}
+
+
+def _finite(dset, i: int, name: str, path: Path) -> np.ndarray:
+    """Sample ``i`` of ``dset``, refused where it holds NaN or Inf."""
+    sample = np.asarray(dset[i])
+    if not np.all(np.isfinite(sample)):
+        raise DripError(f"dataset '{name}' holds NaN or Inf at sample {i}: nothing was "
+                        "written", path)
+    return sample
+
+
+def export_array(path: str | os.PathLike, out: str | os.PathLike, dataset: str | None = None,
+                 max_samples: int | None = None, progress=None) -> dict:
+    """Write ``dataset`` of ``path`` (as :func:`export_pngs` chooses it, but measurements of
+    any operator) to the ``.npy`` file ``out`` as one array with the values as stored, the
+    first ``max_samples`` samples (all by default), atomically. ``progress(done, total)``
+    hears of each sample. Returns a summary: ``file``, ``dataset``, ``shape``, ``dtype``."""
+    path = Path(path)
+    kind = file_kind(path)
+    if kind == "model":
+        raise DripError("a model holds no samples: export a reconstruction or measurement "
+                        "file", path)
+    with open_h5(path, kind) as handle, reading(path):
+        name, dset = _dataset(handle, kind, dataset, path, images=False)
+        count = len(dset) if max_samples is None else min(len(dset), max_samples)
+        shape, dtype = (count, *dset.shape[1:]), np.dtype(dset.dtype)
+        with atomic_path(out) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+            try:
+                for i in range(count):
+                    array[i] = _finite(dset, i, name, path)
+                    if progress is not None:
+                        progress(i + 1, count)
+                array.flush()
+            finally:
+                del array   # the memory map is closed before the file is moved or removed
+    return {"file": str(out), "dataset": name, "shape": shape, "dtype": str(dtype)}

@@ -1091,7 +1091,8 @@ def export(
                 warning_line("--bits: a .npy array keeps the values as stored (ignored)")
             with progress_bar(f"writing {out.name}", 0, quiet) as update:
                 summary = export_array(file, out, name, max_samples, progress=update)
-            console.print(key_value_table(f"wrote {out}", {
+            console.print(key_value_table(f"wrote {summary['shape'][0]} samples as one array", {
+                "file": summary["file"],
                 "dataset": summary["dataset"],
                 "shape (N, C, ...)": str(summary["shape"]),
                 "dtype": summary["dtype"],

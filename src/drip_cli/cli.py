@@ -460,8 +460,10 @@ def import_measurements(
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Make a measurement file of measurements you took: pictures or arrays, an operator and
-    a noise level."""
+    """Make a measurement file of measurements you took (pictures or .npy arrays).
+
+    Give the operator that made them and their noise level (or estimate it).
+    """
     from .data.measured import NoiseChoice, import_measurements as write_file
     from .data import OperatorSpec, format_noise_percent
     from .io import check_writable
@@ -1073,8 +1075,7 @@ def export(
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Write the images of a drip file as PNG files, one per sample, or a dataset as a .npy
-    array.
+    """Write a drip file's images as PNG files, or a dataset as a .npy array.
 
     PNG intensities are clipped to [0, 1]; the folder gets every file or none. A .npy array
     keeps the values as stored, shaped (N, C, ...).

@@ -16,6 +16,7 @@ from conftest import make_operator
 from helpers import assert_one_line_error, run_cli, write_small_file
 
 from drip_cli.data import SourceOptions, load_images, simulate_batch
+from drip_cli.errors import DripError
 from drip_cli.evaluation.metrics import psnr
 from drip_cli.io import MeasurementFile, write_measurement_file
 from drip_cli.operators import Blur, Tomography, gaussian_psf, limited_angles
@@ -171,6 +172,23 @@ def test_large_sparse_matrices_read_their_zero_rows(monkeypatch):
     assert not np.array_equal(spectral, rows_only)
     for ratio in (spectral, rows_only):
         assert np.all(np.abs(ratio - 1) < 0.15), ratio
+    few = Tomography((1, 16, 16), limited_angles(8, 120.0))   # 8 angles: too few zero rows
+    with pytest.raises(DripError, match="too large for its spectrum"):
+        measured.estimate_noise_std(few, np.ones((2, *few.measurement_shape), np.float32))
+
+
+def test_colour_sinograms_count_every_channel():
+    """Each channel is measured by the same matrix: its weak components count once per
+    channel, and a sample's estimate pools them (channels of noise 1, 2 and 3 times sigma give
+    sigma times the root mean square, sqrt(14 / 3))."""
+    from drip_cli.data import measured
+
+    op = Tomography((3, 32, 32), limited_angles(32, 120.0))
+    rng = np.random.default_rng(4)
+    b = op(torch.zeros(4, 3, 32, 32, dtype=torch.float64)).numpy()
+    b += rng.standard_normal(b.shape) * np.array([1.0, 2.0, 3.0])[:, None, None] * 0.01
+    ratio = measured.estimate_noise_std(op, b) / (0.01 * np.sqrt(14 / 3))
+    assert np.all(np.abs(ratio - 1) < 0.06), ratio
 
 
 def test_a_matrix_without_weak_components_is_refused(tmp_path):

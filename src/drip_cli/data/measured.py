@@ -222,6 +222,13 @@ def _too_few(what: str, count: int) -> DripError:
                      "--noise-std or --noise-percent")
 
 
+def _too_few_zero_rows(what: str, count: int, side: int) -> DripError:
+    return DripError(f"this {what} is too large for its spectrum to be computed (its smaller "
+                     f"side {side} is over {SPECTRAL_LIMIT}), and it has {count} zero rows, the "
+                     f"measurements it ignores (at least {ESTIMATE_MIN_COUNT} are needed to tell "
+                     "the noise from the image): give --noise-std or --noise-percent")
+
+
 def _sparse_noise_std(op: SparseMatrixOperator, b: np.ndarray) -> np.ndarray:
     """Each sample's noise std from its components along the left singular vectors of the
     operator's matrix ``A`` whose singular value is below ``ESTIMATE_GAIN`` of the largest, its
@@ -250,7 +257,9 @@ def _sparse_noise_std(op: SparseMatrixOperator, b: np.ndarray) -> np.ndarray:
         power = np.square(values[..., null]).sum(axis=(1, 2))
     count *= values.shape[1]
     if count < ESTIMATE_MIN_COUNT:
-        raise _too_few(op.kind + " operator", count)
+        what = op.kind + " operator"
+        raise (_too_few(what, count) if min(rows, cols) <= SPECTRAL_LIMIT
+               else _too_few_zero_rows(what, count, min(rows, cols)))
     return np.sqrt(np.maximum(power, 0) / count).astype(np.float32)
 
 

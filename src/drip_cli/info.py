@@ -13,7 +13,7 @@ import torch
 
 from .errors import DripError, require_regular_file
 from .io import MeasurementFile, read_reconstruction_file
-from .io.measurements import file_format, open_failure, reading
+from .io.measurements import file_format, not_hdf5, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
                         resolve_model_path, run_in_progress)
 from .operators import adjointness_error, estimate_norm
@@ -217,7 +217,7 @@ def file_kind(path: str | os.PathLike) -> str:
     if path.stat().st_size == 0:
         raise DripError("an empty file", path)
     if not h5py.is_hdf5(path):
-        raise DripError("not a file drip knows (measurements, reconstructions or a model)", path)
+        raise not_hdf5(path, "not a file drip knows (measurements, reconstructions or a model)")
     try:
         with h5py.File(path, "r") as handle:
             fmt = file_format(handle)

@@ -41,6 +41,16 @@ def open_failure(exc: OSError, path) -> DripError:
     return DripError(f"cannot open HDF5 file, truncated or corrupt ({exc})", path)
 
 
+def not_hdf5(path: Path, message: str) -> DripError:
+    """The error for a file that is not HDF5, naming ``drip import`` where it looks like
+    measurements of the user's own (an array or a picture)."""
+    from ..data.sources import IMAGE_SUFFIXES   # data imports io: imported at call time
+
+    if path.suffix.lower() in {".npy", *IMAGE_SUFFIXES}:
+        message += ": drip import makes a measurement file of an array or of pictures"
+    return DripError(message, path)
+
+
 def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
     """Open an HDF5 file for reading and check its ``drip_format`` / ``format_version``."""
     path = Path(path)
@@ -50,7 +60,7 @@ def open_h5(path: str | os.PathLike, expected_format: str) -> h5py.File:
         raise DripError("is a folder, expected an HDF5 file", path)
     require_regular_file(path, "an HDF5 file")
     if not h5py.is_hdf5(path):
-        raise DripError("not an HDF5 file", path)
+        raise not_hdf5(path, "not an HDF5 file")
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:

@@ -53,7 +53,7 @@ def _blurred_photos(tmp_path, percent, n=16, size=32, seed=3, boundary="periodic
 @pytest.mark.parametrize("percent", [1.0, 5.0])
 def test_a_blur_array_is_imported_with_its_noise_estimated(tmp_path, percent, boundary):
     """Each sample's noise std is read from the frequencies the blur removes: on 32x32
-    measurements of photographs (400 such frequencies, a standard error of about 2.5%) within
+    measurements of photographs (396 such frequencies, a standard error of about 2.5%) within
     10% of the truth, and so on 64x64 ones with the valid boundary (whose taper leaves about
     400 independent frequencies of 1551); the measurements and the operator (for the valid
     boundary, of images 12 pixels larger) are those simulated."""
@@ -65,9 +65,11 @@ def test_a_blur_array_is_imported_with_its_noise_estimated(tmp_path, percent, bo
     result = run_cli("import", tmp_path / "b.npy", out, "--operator", "blur", "--blur-sigma", 2,
                      "--blur-boundary", boundary, "--estimate-noise")
     assert result.exit_code == 0, result.stderr
-    assert "noise std (estimated)" in result.stdout
+    assert "noise std (estimated)" in result.stdout and "standard error" in result.stdout
     data, attrs = _read(out)
     assert attrs["noise_std_from"] == "estimated" and attrs["drip_format"] == "measurements"
+    if boundary == "periodic":   # 396 complex coefficients, two degrees of freedom each
+        assert attrs["noise_estimate_dof"] == 792
     np.testing.assert_array_equal(data["measurements"], b)
     ratio = data["noise_std"] / sigma
     assert np.all(np.abs(ratio - 1) < 0.1), ratio
@@ -151,6 +153,7 @@ def test_sinograms_are_imported_with_their_noise_estimated(tmp_path, geometry, p
     assert result.exit_code == 0, result.stderr
     data, attrs = _read(out)
     assert attrs["noise_std_from"] == "estimated"
+    assert attrs["noise_estimate_dof"] == (502 if size == 32 else 1124)
     ratio = data["noise_std"] / sigma
     assert np.all(np.abs(ratio - 1) < 0.1), ratio
     assert abs(np.median(ratio) - 1) < 0.05, ratio
@@ -166,9 +169,9 @@ def test_large_sparse_matrices_read_their_zero_rows(monkeypatch):
     op = Tomography((1, 32, 32), limited_angles(64, 180.0))
     zero_rows = int((np.diff(op.scipy_matrix().indptr) == 0).sum())
     assert zero_rows >= measured.ESTIMATE_MIN_COUNT
-    spectral = measured.estimate_noise_std(op, b) / sigma
+    spectral = measured.estimate_noise_std(op, b).std / sigma
     monkeypatch.setattr(measured, "SPECTRAL_LIMIT", 0)
-    rows_only = measured.estimate_noise_std(op, b) / sigma
+    rows_only = measured.estimate_noise_std(op, b).std / sigma
     assert not np.array_equal(spectral, rows_only)
     for ratio in (spectral, rows_only):
         assert np.all(np.abs(ratio - 1) < 0.15), ratio
@@ -187,7 +190,7 @@ def test_colour_sinograms_count_every_channel():
     rng = np.random.default_rng(4)
     b = op(torch.zeros(4, 3, 32, 32, dtype=torch.float64)).numpy()
     b += rng.standard_normal(b.shape) * np.array([1.0, 2.0, 3.0])[:, None, None] * 0.01
-    ratio = measured.estimate_noise_std(op, b) / (0.01 * np.sqrt(14 / 3))
+    ratio = measured.estimate_noise_std(op, b).std / (0.01 * np.sqrt(14 / 3))
     assert np.all(np.abs(ratio - 1) < 0.06), ratio
 
 

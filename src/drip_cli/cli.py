@@ -503,6 +503,9 @@ def import_measurements(
                                           else f"{sigma.min():.4g} to {sigma.max():.4g}"),
             "noise percent of mean |b|": format_noise_percent(float(percent.min()),
                                                               float(percent.max())),
+            **({} if summary["estimate"] is None else {
+                "estimated from": f"{summary['estimate'].dof} degrees of freedom (standard "
+                                  f"error {100 * summary['estimate'].relative_error:.1f}%)"}),
         }))
 
 

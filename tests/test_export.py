@@ -154,3 +154,35 @@ def test_reconstructions_as_npy_and_bad_arrays_leave_nothing(tmp_path):
     model = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
     assert_one_line_error(run_cli("export", model, bad), "a model holds no samples", bad)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left
+
+
+def test_simulate_reads_image_arrays_back(tmp_path):
+    """``drip simulate`` takes a ``.npy`` image array as it takes an HDF5 image file: the ground
+    truth exported as an array comes back exactly; uint8 is scaled to [0, 1]; one ``(H, W)``
+    image is one sample; a channels-last array, a text file and an array of strings give one
+    line and no file."""
+    path, truth = _measurements(tmp_path, n=3)
+    images = tmp_path / "x.npy"
+    assert run_cli("export", path, images, "--quiet").exit_code == 0
+    out = tmp_path / "again.h5"
+    result = run_cli("simulate", images, out, "--operator", "tomography", "--angles", 6, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["ground_truth"][()], truth)
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    np.save(tmp_path / "u8.npy", levels)
+    result = run_cli("simulate", tmp_path / "u8.npy", out, "--operator", "denoise", "--channels",
+                     3, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        back = f["ground_truth"][()]
+    assert back.shape == (1, 3, 16, 16)
+    np.testing.assert_allclose(back[0, 1], levels / 255.0, rtol=1e-6)
+    np.save(tmp_path / "hwc.npy", np.zeros((2, 16, 16, 3), np.float32))
+    np.save(tmp_path / "words.npy", np.array(["a", "b"]))
+    (tmp_path / "text.npy").write_text("1 2 3")
+    bad = tmp_path / "bad.h5"
+    for name, message in (("hwc.npy", "looks channels-last"), ("words.npy", "real numbers"),
+                          ("text.npy", "not a .npy array")):
+        assert_one_line_error(run_cli("simulate", tmp_path / name, bad, "--operator", "denoise"),
+                              message, bad)

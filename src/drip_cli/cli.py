@@ -306,9 +306,9 @@ class OperatorKind(str, Enum):
 @app.command(epilog=_examples("simulate"))
 def simulate(
     ctx: typer.Context,
-    images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), folder "
-                                 "of PNG/JPEG files, phantom:ellipses, phantom:shepp-logan, or "
-                                 "skimage:NAME[,NAME] / skimage:photos."),
+    images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), "
+                                 ".npy array, folder of PNG/JPEG files, phantom:ellipses, "
+                                 "phantom:shepp-logan, or skimage:NAME[,NAME] / skimage:photos."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind.",
                                           case_sensitive=False),
@@ -333,7 +333,7 @@ def simulate(
         help="matrix: .npz from scipy.sparse.save_npz (CSR, CSC or COO), shape (m, H*W)."),
     channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3,
                                            help="1 (grayscale) or 3 (colour); default: 1, or "
-                                           "the HDF5 file's own."),
+                                           "the image file's own."),
     image_size: int = typer.Option(64, "--image-size", min=4, help="phantoms: image side."),
     num_images: int = typer.Option(64, "--num-images", min=1, help="phantoms: number of images."),
     crop_size: Optional[int] = typer.Option(None, "--crop-size", min=4,
@@ -346,8 +346,8 @@ def simulate(
 ) -> None:
     """Simulate noisy measurements b = A x + sigma e of ground-truth images."""
     from .data import (OperatorSpec, SourceOptions, build_operator, draw_noise_percent,
-                       format_noise_percent, hdf5_image_dataset, is_phantom_source,
-                       iter_hdf5_images, load_images, parse_noise_percent, simulate_batch)
+                       format_noise_percent, image_file_dataset, is_phantom_source,
+                       iter_file_images, load_images, parse_noise_percent, simulate_batch)
     from .io import MeasurementWriter, atomic_h5, check_writable, unit_range_doubt
 
     with _errors(debug):
@@ -361,7 +361,7 @@ def simulate(
         check_writable(out, keep={"the images file": source_file, "the --psf file": psf,
                                   "the --matrix file": matrix, "the --mask file": mask})
         rng = np.random.default_rng(seed)
-        opened = hdf5_image_dataset(images) if source_file else None
+        opened = image_file_dataset(images) if source_file else None
         try:
             if opened is not None:
                 dset = opened[1]
@@ -369,7 +369,7 @@ def simulate(
                 file_channels = 1 if dset.ndim == 3 else dset.shape[1]
                 channels = channels or file_channels
                 image_shape = (channels, *dset.shape[-2:])
-                batches = iter_hdf5_images(dset, channels, batch_size, images)
+                batches = iter_file_images(dset, channels, batch_size, images)
             else:
                 options = SourceOptions(channels=channels or 1, image_size=image_size,
                                         num_images=num_images, crop_size=crop_size,
@@ -385,7 +385,8 @@ def simulate(
             with status(f"building the {operator.value} operator", quiet):
                 op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
-            source = ("from an HDF5 file" if opened is not None else
+            source = (("from a .npy array" if images.lower().endswith(".npy")
+                       else "from an HDF5 file") if opened is not None else
                       "phantoms" if is_phantom_source(images) else "photographs")
             for why, unused in _simulate_unused(_given_parameters(ctx), operator.value,
                                                 source).items():
@@ -532,7 +533,7 @@ _SOURCE_NAMES = {"phantoms": "phantom:NAME sources",
 def _simulate_unused(given: set[str], operator: str, source: str,
                      options: dict | None = None) -> dict[str, list[str]]:
     """simulate's options in ``given`` that ``operator`` or the kind of ``source`` ("from an HDF5
-    file", "phantoms" or "photographs") does not read, by the reason; a user who types
+    file", "from a .npy array", "phantoms" or "photographs") does not read, by the reason; a user who types
     ``--blur-sigma`` with ``--operator tomography`` hears of it. ``options``: each operator's
     own options (default: simulate's)."""
     unused: dict[str, list[str]] = {}

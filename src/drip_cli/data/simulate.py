@@ -99,11 +99,12 @@ class OperatorSpec:
     matrix_file: Path | None = None
 
 
-def read_npy(path, what: str) -> np.ndarray:
-    """The array of real numbers in a ``numpy.save`` file, read without pickle;
-    :class:`DripError` naming the file and ``what`` it should hold for anything else."""
+def read_npy(path, what: str, mmap: bool = False) -> np.ndarray:
+    """The array of real numbers in a ``numpy.save`` file, read without pickle (``mmap``:
+    memory-mapped, read only); :class:`DripError` naming the file and ``what`` it should hold
+    for anything else."""
     try:
-        values = np.load(path, allow_pickle=False)
+        values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except OSError as exc:
         raise DripError(f"cannot read {what} ({exc.strerror or exc})", path) from exc
     except EOFError as exc:   # an empty file

@@ -5,6 +5,9 @@
 - an HDF5 file with a dataset ``images`` or ``ground_truth`` shaped ``(N, H, W)`` or
   ``(N, C, H, W)``, of floats or integers (uint8 and uint16 are scaled to [0, 1]; other values
   are kept, and simulate warns about values outside [0, 1]);
+- a ``.npy`` array (``numpy.save``, read without pickle and memory-mapped) shaped ``(H, W)``,
+  ``(N, H, W)`` or ``(N, C, H, W)``, its values as an HDF5 file's (``drip export OUT.npy``
+  writes such arrays);
 - a folder of PNG/JPEG files (8-bit, or 16-bit grayscale PNG, scaled by 65535);
 - ``phantom:ellipses`` (random ellipses) or ``phantom:shepp-logan``;
 - ``skimage:NAME[,NAME...]`` photographs bundled with scikit-image (``skimage:photos`` = all of
@@ -191,12 +194,44 @@ def load_images(source: str, options: SourceOptions, rng: np.random.Generator) -
             except ValueError as exc:
                 raise DripError(str(exc), f) from exc
         return _crops(pictures, options, rng, source)
-    raise DripError("not a folder, HDF5 file or built-in source", path)
+    raise DripError("not a folder, HDF5 file, .npy array or built-in source", path)
 
 
-def hdf5_image_dataset(path: str | os.PathLike):
-    """Open an HDF5 image file and return ``(handle, dataset)`` after checking it."""
+def _image_stack_problem(shape: tuple, dtype: np.dtype) -> str | None:
+    """What is wrong with an ``(N, H, W)`` or ``(N, C, H, W)`` stack of images of this shape
+    and dtype, or None."""
+    if len(shape) not in (3, 4) or dtype.kind not in "fui" or shape[0] < 1 or 0 in shape:
+        return f"has shape {shape} and dtype {dtype}"
+    if len(shape) == 4 and shape[-1] in (3, 4) and shape[1] not in (1, 3, 4):
+        # (N, H, W, 3) as NumPy and PIL store colour: read as (N, C, H, W) it would pass as
+        # H channels of H x 3 images, and simulate without a word
+        return (f"has shape {shape}, which looks channels-last (N, H, W, C); store it as "
+                "(N, C, H, W), e.g. numpy.moveaxis(images, -1, 1)")
+    return None
+
+
+class _Unopened:
+    """What :func:`image_file_dataset` returns to close for a memory-mapped array: nothing."""
+
+    def close(self) -> None:
+        pass
+
+
+def image_file_dataset(path: str | os.PathLike):
+    """``(handle, dataset)`` of an image file after checking it: a ``.npy`` array (memory-mapped;
+    one ``(H, W)`` image becomes a stack of one) or an HDF5 file's ``images`` or
+    ``ground_truth`` dataset; None for any other file. Close ``handle`` when done."""
     path = Path(path)
+    if path.suffix.lower() == ".npy":
+        from .simulate import read_npy   # simulate reads its sources from here
+
+        values = read_npy(path, "images", mmap=True)
+        values = values[None] if values.ndim == 2 else values
+        problem = _image_stack_problem(values.shape, values.dtype)
+        if problem is None:
+            return _Unopened(), values
+        raise DripError(f"the array must hold images shaped (H, W), (N, H, W) or (N, C, H, W) "
+                        f"(N >= 1); it {problem}", path)
     if not h5py.is_hdf5(path):
         return None
     try:
@@ -208,24 +243,18 @@ def hdf5_image_dataset(path: str | os.PathLike):
         handle.close()
         raise DripError("has neither an 'images' nor a 'ground_truth' dataset", path)
     dset = handle[name]
-    if not isinstance(dset, h5py.Dataset):
-        problem = "is a group"
-    elif dset.ndim not in (3, 4) or dset.dtype.kind not in "fui" or dset.shape[0] < 1:
-        problem = f"has shape {dset.shape} and dtype {dset.dtype}"
-    elif dset.ndim == 4 and dset.shape[-1] in (3, 4) and dset.shape[1] not in (1, 3, 4):
-        # (N, H, W, 3) as NumPy and PIL store colour: read as (N, C, H, W) it would pass as
-        # H channels of H x 3 images, and simulate without a word
-        problem = (f"has shape {dset.shape}, which looks channels-last (N, H, W, C); store it "
-                   f"as (N, C, H, W), e.g. numpy.moveaxis(images, -1, 1)")
-    else:
+    problem = ("is a group" if not isinstance(dset, h5py.Dataset)
+               else _image_stack_problem(dset.shape, dset.dtype))
+    if problem is None:
         return handle, dset
     handle.close()  # after the message is made: a closed file's dataset has no shape
     raise DripError(f"'{name}' must be an (N, H, W) or (N, C, H, W) dataset of floating-point "
                     f"or integer values (N >= 1); it {problem}", path)
 
 
-def iter_hdf5_images(dset, channels: int, batch_size: int, path) -> Iterator[np.ndarray]:
-    """Batches ``(n, channels, H, W)`` float32 from an HDF5 image dataset."""
+def iter_file_images(dset, channels: int, batch_size: int, path) -> Iterator[np.ndarray]:
+    """Batches ``(n, channels, H, W)`` float32 from an image file's dataset
+    (:func:`image_file_dataset`)."""
     for start in range(0, dset.shape[0], batch_size):
         try:
             block = np.asarray(dset[start:start + batch_size])

@@ -310,15 +310,18 @@ def estimate_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
 EDGE_DOUBT = 1.25
 
 
-def periodic_doubt(op: LinearOperator, b: np.ndarray) -> str | None:
+def periodic_doubt(op: LinearOperator, b: np.ndarray,
+                   untapered: np.ndarray | None = None) -> str | None:
     """For a periodic blur, a warning where the measurements look cut out of a larger scene (a
     camera's), whose edges do not wrap around: their power at the frequencies the blur removes
-    is then far above the same power measured with the edges tapered away."""
+    is then far above the same power measured with the edges tapered away. ``untapered``: the
+    estimate without the taper, where :func:`estimate_noise_std` made it already."""
     if not (isinstance(op, Blur) and op.periodic):
         return None
     try:
-        ratio = (_blur_noise_std(op.psf, b, op.channels, tapered=False).std
-                 / _blur_noise_std(op.psf, b, op.channels, tapered=True).std)
+        if untapered is None:
+            untapered = _blur_noise_std(op.psf, b, op.channels, tapered=False).std
+        ratio = untapered / _blur_noise_std(op.psf, b, op.channels, tapered=True).std
     except DripError:   # too few weak frequencies to tell
         return None
     if not np.median(ratio) > EDGE_DOUBT:
@@ -382,11 +385,12 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
                         f"measurements have {b.shape[1]}", like)
     op = measured_operator(spec, like_op, b.shape[1:])
     b = op.project_measurements(torch.from_numpy(b)).numpy()   # inpainting: unobserved are 0
-    doubt = periodic_doubt(op, b)
-    if doubt is not None:
-        warnings.warn(DripWarning(doubt), stacklevel=2)
     mean_magnitude = _mean_magnitude(op, b)
     sigma, estimate = noise_levels(op, b, choice, mean_magnitude)
+    # a periodic blur's estimate is the untapered one
+    doubt = periodic_doubt(op, b, None if estimate is None else estimate.std)
+    if doubt is not None:
+        warnings.warn(DripWarning(doubt), stacklevel=2)
     truth = None if ground_truth is None else read_ground_truth(ground_truth, op, len(b), channels)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         percent = 100 * sigma / mean_magnitude

@@ -533,8 +533,8 @@ _SOURCE_NAMES = {"phantoms": "phantom:NAME sources",
 def _simulate_unused(given: set[str], operator: str, source: str,
                      options: dict | None = None) -> dict[str, list[str]]:
     """simulate's options in ``given`` that ``operator`` or the kind of ``source`` ("from an HDF5
-    file", "from a .npy array", "phantoms" or "photographs") does not read, by the reason; a user who types
-    ``--blur-sigma`` with ``--operator tomography`` hears of it. ``options``: each operator's
+    file", "from a .npy array", "phantoms" or "photographs") does not read, by the reason; a
+    user who types ``--blur-sigma`` with ``--operator tomography`` hears of it. ``options``: each operator's
     own options (default: simulate's)."""
     unused: dict[str, list[str]] = {}
     for kind, names in (options or _OPERATOR_OPTIONS).items():

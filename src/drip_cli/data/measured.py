@@ -46,9 +46,10 @@ from .sources import IMAGE_SUFFIXES, _as_float32, _read_picture, _to_channels
 # this share of the image (relative to its largest gain), and needs at least ESTIMATE_MIN_COUNT
 # of them per sample: the estimate's relative standard error is 1 / sqrt(2 dof), with two real
 # degrees of freedom in each of a blur's complex Fourier coefficients (3.1% at 256) and one in
-# each of a sparse matrix's components (4.4% at 256; NoiseEstimate). Measured on 64 crops of four photographs blurred with sigma 2 (1551 such
-# components): estimate / true sigma 0.97-1.04 at 1-5% noise, 0.97-1.16 at 0.03%; at a
-# threshold of 1e-2 the image's own leftovers raised the estimate up to 3-fold at 0.03%.
+# each of a sparse matrix's components (4.4% at 256; NoiseEstimate). Measured on 64 crops of
+# four photographs blurred with sigma 2 (1551 such components): estimate / true sigma
+# 0.97-1.04 at 1-5% noise, 0.97-1.16 at 0.03%; at a threshold of 1e-2 the image's own
+# leftovers raised the estimate up to 3-fold at 0.03%.
 ESTIMATE_GAIN = 1e-3
 ESTIMATE_MIN_COUNT = 256
 # A sparse matrix's weak components come from the eigenvectors of its smaller Gram matrix up to

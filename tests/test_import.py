@@ -454,3 +454,30 @@ def test_an_array_given_for_a_measurement_file_names_drip_import(tmp_path):
                       "tv"]):
             assert_one_line_error(run_cli(*args), "drip import makes a measurement file",
                                   tmp_path / "r.h5")
+
+
+def test_an_object_beyond_the_image_is_named(tmp_path):
+    """Sinograms of 48x48 crops cut to the 45 detectors of a 32x32 image: the detectors that no
+    ray through the 32x32 image reaches see the object. Imported with a noise level, a warning
+    says so; with --estimate-noise (which would read the object as noise), one error line and
+    no file. The same crops' own 32x32 centres import without a word."""
+    angles = limited_angles(32, 120.0)
+    images = load_images("skimage:camera,coffee", SourceOptions(crop_size=48, crops_per_image=2),
+                         np.random.default_rng(1))
+    wide, op = Tomography(images.shape[1:], angles), Tomography((1, 32, 32), angles)
+    first = wide.n_detectors // 2 - op.n_detectors // 2
+    beyond = wide(torch.from_numpy(images)).numpy()[..., first:first + op.n_detectors]
+    inside = op(torch.from_numpy(images[..., 8:40, 8:40].copy())).numpy()
+    rng = np.random.default_rng(2)
+    for name, clean in (("beyond", beyond), ("inside", inside)):
+        noisy = clean + 0.02 * np.abs(clean).mean() * rng.standard_normal(clean.shape)
+        np.save(tmp_path / f"{name}.npy", noisy.astype(np.float32))
+    options = ["--operator", "tomography", "--angle-range", 120]
+    out = tmp_path / "m.h5"
+    result = run_cli("import", tmp_path / "beyond.npy", out, *options, "--noise-percent", 2, "-q")
+    assert result.exit_code == 0 and "the object extends beyond the image" in result.stderr
+    out.unlink()
+    assert_one_line_error(run_cli("import", tmp_path / "beyond.npy", out, *options,
+                                  "--estimate-noise"), "would take the object for it", out)
+    result = run_cli("import", tmp_path / "inside.npy", out, *options, "--estimate-noise", "-q")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr

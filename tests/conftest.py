@@ -24,7 +24,9 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 KINDS = ["denoise", "blur", "inpainting", "tomography", "matrix"]
 # the operators the tests build: every kind, and the blur with the valid boundary
-OPERATOR_CASES = [*KINDS, "blur-valid"]
+# the kinds, and the contract's extensions: a valid blur, a tomography detector narrower than
+# the image's diagonal
+OPERATOR_CASES = [*KINDS, "blur-valid", "tomography-window"]
 
 
 def random_csr(rows: int, cols: int, density: float, rng: np.random.Generator):
@@ -45,8 +47,9 @@ def make_operator(kind: str, image_shape=(1, 16, 20), seed: int = 0):
         return Blur(image_shape, rng.random((5, 3)), "valid" if kind == "blur-valid" else "periodic")
     if kind == "inpainting":
         return Inpainting.random(image_shape, 0.6, rng)
-    if kind == "tomography":
-        return Tomography(image_shape, limited_angles(12, 120.0, 10.0))
+    if kind in ("tomography", "tomography-window"):
+        detectors = max(image_shape[1:]) if kind == "tomography-window" else None
+        return Tomography(image_shape, limited_angles(12, 120.0, 10.0), detectors)
     if kind == "matrix":
         pixels = image_shape[1] * image_shape[2]
         data, indices, indptr, shape, _ = random_csr(150, pixels, 0.05, rng)

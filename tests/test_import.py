@@ -3,6 +3,7 @@ level, written as a measurement file that ``reconstruct`` takes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -481,3 +482,32 @@ def test_an_object_beyond_the_image_is_named(tmp_path):
                                   "--estimate-noise"), "would take the object for it", out)
     result = run_cli("import", tmp_path / "inside.npy", out, *options, "--estimate-noise", "-q")
     assert result.exit_code == 0 and result.stderr == "", result.stderr
+
+
+def test_a_detector_narrower_than_the_image(tmp_path):
+    """``drip simulate --detectors 46`` measures 48x48 crops with the 46 detectors of a 32x32
+    image's diagonal (a centred window of the 48x48 image's 68); ``drip import --image-size 48``
+    takes such sinograms as they are, without the warning a 32x32 image gives, and TV fits
+    every sample of it, where at 32x32 none fits."""
+    data = tmp_path / "w.h5"
+    result = run_cli("simulate", "skimage:camera,coffee", data, "--operator", "tomography",
+                     "--angles", 16, "--angle-range", 120, "--detectors", 46, "--crop-size", 48,
+                     "--crops-per-image", 2, "--noise-percent", 2, "-q")
+    assert result.exit_code == 0, result.stderr
+    with MeasurementFile(data) as file:
+        assert file.operator.measurement_shape == (1, 16, 46)
+        assert file.operator.describe()["detector window"] == "46 of the image's 68, centred"
+        batch = file.read(0, 4)
+    np.save(tmp_path / "s.npy", batch.measurements)
+    np.save(tmp_path / "x.npy", batch.ground_truth)
+    for size, fits in ((48, 1.0), (None, 0.0)):
+        out = tmp_path / f"m{size}.h5"
+        options = [] if size is None else ["--image-size", size]
+        result = run_cli("import", tmp_path / "s.npy", out, "--operator", "tomography",
+                         "--angle-range", 120, "--noise-percent", 2, *options, "-q")
+        assert result.exit_code == 0, result.stderr
+        assert ("extends beyond the image" in result.stderr) == (size is None), result.stderr
+        report = tmp_path / f"r{size}.json"
+        result = run_cli("reconstruct", out, "--method", "tv", "--out", tmp_path / f"r{size}.h5",
+                         "--report", report, "--max-iterations", 300, "-q")
+        assert json.loads(report.read_text())["fit_fraction"] == fits

@@ -235,6 +235,18 @@ def test_messages_name_what_is_wrong(damage, message, tmp_path):
         MeasurementFile(path)
 
 
+def test_a_damaged_image_shape_with_its_detectors_is_refused(tmp_path):
+    """A tomography file keeps its n_detectors while image_shape is damaged: detector windows
+    are allowed (a contract extension), but only within a factor 4 of the image's own count,
+    so the Radon matrix of a 30000x30000 image is never built for 29 detectors."""
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator("tomography", (1, 16, 20)))
+    with h5py.File(path, "a") as f:
+        f["operator"].attrs["image_shape"] = np.array([1, 30000, 30000])
+    with pytest.raises(DripError, match="a centred window of 10607 to 169708 is allowed"):
+        MeasurementFile(path)
+
+
 @pytest.mark.parametrize("kind", ["blur", "tomography", "matrix"])
 def test_a_damaged_image_shape_is_refused_before_the_operator_is_built(kind, tmp_path):
     """An image_shape that does not match the measurements is refused from the shapes alone: a

@@ -117,6 +117,29 @@ def test_tomography_matches_skimage_radon(size, angles):
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) <= 0.01
 
 
+@pytest.mark.parametrize("detectors", [9, 28, 30, 41])
+def test_a_detector_window_is_the_centred_part_of_the_detector_line(detectors):
+    """A Tomography with ``n_detectors`` other than the image's 29 measures detectors
+    ``29 // 2 - D // 2 + j`` of the contract's line: its central part (9, 28), or the line
+    with detectors beyond it, which measure nothing (30, 41); outside a factor 4 it is
+    refused."""
+    angles = limited_angles(7, 120.0)
+    full = Tomography((1, 16, 20), angles)
+    window = Tomography((1, 16, 20), angles, detectors)
+    assert full.n_detectors == 29 and window.measurement_shape == (1, 7, detectors)
+    x = torch.rand(2, 1, 16, 20, dtype=torch.float64)
+    line, measured = full(x).numpy(), window(x).numpy()
+    expected = np.zeros((2, 1, 7, detectors))
+    for j in range(detectors):
+        t = 29 // 2 - detectors // 2 + j
+        if 0 <= t < 29:
+            expected[..., j] = line[..., t]
+    np.testing.assert_array_equal(measured, expected)
+    for bad in (7, 117):
+        with pytest.raises(ValueError, match="give 8 to 116"):
+            Tomography((1, 16, 20), angles, bad)
+
+
 def test_tomography_non_square_image():
     from skimage.transform import radon
 

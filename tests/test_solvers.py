@@ -27,7 +27,7 @@ def noisy(op, x: torch.Tensor, percent: float, seed: int = 0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tau", [1.0, 1.3])
 @pytest.mark.parametrize("kind", ["denoise", "blur", "inpainting", "tomography", "matrix",
-                                  "blur-valid"])
+                                  "blur-valid", "tomography-window"])
 def test_cgls_fits_every_sample(kind, tau, device):
     op = make_operator(kind, (1, 16, 20)).to(device)
     x = torch.rand(6, 1, 16, 20, dtype=torch.float64, device=device)
@@ -275,7 +275,8 @@ def _dense_projection(op, v, b, radius):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix", "blur-valid"])
+@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix", "blur-valid",
+                                  "tomography-window"])
 def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
     from drip_cli.solvers.projection import project_onto_datafit
 
@@ -296,7 +297,8 @@ def test_projection_is_the_nearest_point_of_the_datafit_set(kind, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix", "blur-valid"])
+@pytest.mark.parametrize("kind", ["blur", "inpainting", "tomography", "matrix", "blur-valid",
+                                  "tomography-window"])
 def test_projection_stopped_by_its_error_bound_stays_within_the_tolerance(kind, device):
     """Given ``||B||``, a Krylov projection also stops where its error bound (the module
     docstring of ``solvers.projection``) is within the tolerance: it stays that close to the

@@ -126,6 +126,7 @@ EXAMPLES = {
         "drip import holes.npy mine.h5 --operator inpainting --mask mask.png --noise-percent 1",
         "drip import sinograms.npy mine.h5 --operator tomography --angle-range 120 "
         "--estimate-noise",
+        "drip import scans.npy mine.h5 --operator tomography --image-size 96 --noise-std 0.1",
         "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
     ],
     "export": [
@@ -328,6 +329,9 @@ def simulate(
     angle_range: float = typer.Option(180.0, "--angle-range",
                                       help="tomography: angular range in degrees (<180: limited angle)."),
     angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
+    detectors: Optional[int] = typer.Option(
+        None, "--detectors", min=1, help="tomography: detectors per angle, centred. Default: "
+        "the image's diagonal (the contract's); fewer measure an object wider than they are."),
     matrix: Optional[Path] = typer.Option(
         None, "--matrix",
         help="matrix: .npz from scipy.sparse.save_npz (CSR, CSC or COO), shape (m, H*W)."),
@@ -380,8 +384,8 @@ def simulate(
             spec = OperatorSpec(kind=operator.value, blur_sigma=blur_sigma, blur_size=blur_size,
                                 psf_file=psf, blur_boundary=blur_boundary.value,
                                 keep_fraction=keep_fraction, mask_file=mask,
-                                angles=angles,
-                                angle_range=angle_range, angle_start=angle_start, matrix_file=matrix)
+                                angles=angles, angle_range=angle_range,
+                                angle_start=angle_start, detectors=detectors, matrix_file=matrix)
             with status(f"building the {operator.value} operator", quiet):
                 op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
@@ -450,6 +454,9 @@ def import_measurements(
     angle_range: float = typer.Option(180.0, "--angle-range",
                                       help="tomography: angular range in degrees (<180: limited angle)."),
     angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
+        "one whose diagonal the detectors span; larger for an object wider than they are."),
     matrix: Optional[Path] = typer.Option(
         None, "--matrix", help="matrix: .npz from scipy.sparse.save_npz, shape (m, H*W) for "
         "square images (other shapes: --like)."),
@@ -487,7 +494,7 @@ def import_measurements(
                                 blur_size=blur_size, psf_file=psf,
                                 blur_boundary=blur_boundary.value, mask_file=mask, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start,
-                                matrix_file=matrix)
+                                image_side=image_size, matrix_file=matrix)
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
             warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
         choice = NoiseChoice(noise_std, noise_percent, estimate_noise)
@@ -513,17 +520,19 @@ def import_measurements(
 def _import_unused(given: set[str], operator: OperatorKind | None,
                    like: Path | None) -> dict[str, list[str]]:
     """import's operator options in ``given`` that the operator does not read, by the reason."""
-    options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",)}
+    options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",),
+               "tomography": ("angles", "angle_range", "angle_start", "image_size")}
     if like is not None:
         names = [name for names in options.values() for name in names if name in given]
         return {"not used with --like, which gives the operator": names} if names else {}
-    return _simulate_unused(given, operator.value, "measurements", options)
+    return _simulate_unused(given, operator.value, "measurements", options, sources=False)
 
 
 # simulate's options that only some operators, or only some sources of images, read
 _OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf", "blur_boundary"),
                      "inpainting": ("keep_fraction", "mask"),
-                     "tomography": ("angles", "angle_range", "angle_start"), "matrix": ("matrix",)}
+                     "tomography": ("angles", "angle_range", "angle_start", "detectors"),
+                     "matrix": ("matrix",)}
 _SOURCE_OPTIONS = {"phantoms": ("image_size", "num_images"),
                    "photographs": ("crop_size", "crops_per_image")}
 _SOURCE_NAMES = {"phantoms": "phantom:NAME sources",
@@ -531,11 +540,12 @@ _SOURCE_NAMES = {"phantoms": "phantom:NAME sources",
 
 
 def _simulate_unused(given: set[str], operator: str, source: str,
-                     options: dict | None = None) -> dict[str, list[str]]:
+                     options: dict | None = None, sources: bool = True) -> dict[str, list[str]]:
     """simulate's options in ``given`` that ``operator`` or the kind of ``source`` ("from an HDF5
     file", "from a .npy array", "phantoms" or "photographs") does not read, by the reason; a
-    user who types ``--blur-sigma`` with ``--operator tomography`` hears of it. ``options``: each operator's
-    own options (default: simulate's)."""
+    user who types ``--blur-sigma`` with ``--operator tomography`` hears of it. ``options``: each
+    operator's own options (default: simulate's); ``sources``: whether the sources' options are
+    checked too (import has none)."""
     unused: dict[str, list[str]] = {}
     for kind, names in (options or _OPERATOR_OPTIONS).items():
         if kind != operator and given & set(names):
@@ -546,7 +556,7 @@ def _simulate_unused(given: set[str], operator: str, source: str,
             name for name in ("blur_sigma", "blur_size") if name in given]
     if operator == "inpainting" and {"mask", "keep_fraction"} <= given:
         unused["not used with --mask, which gives the observed pixels"] = ["keep_fraction"]
-    for kind, names in _SOURCE_OPTIONS.items():
+    for kind, names in (_SOURCE_OPTIONS.items() if sources else ()):
         if kind != source and given & set(names):
             unused[f"used only with {_SOURCE_NAMES[kind]}, and these images are {source}"] = [
                 name for name in names if name in given]

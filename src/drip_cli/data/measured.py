@@ -160,8 +160,9 @@ def _tomography_side(detectors: int) -> int:
         if radon_geometry(side, side)[0] == detectors:
             return side
     raise DripError(f"no square image has sinograms of {detectors} detectors in drip's "
-                    "geometry (scikit-image's radon, circle=False): give the operator with "
-                    "--like FILE.h5")
+                    "geometry (scikit-image's radon, circle=False): give the image's side with "
+                    "--image-size N (the detectors then measure a centred window), or the "
+                    "operator with --like FILE.h5")
 
 
 def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
@@ -180,8 +181,10 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
     elif spec.kind == "tomography":
         if spec.angles is None:   # one per row of the sinogram
             spec = dataclasses.replace(spec, angles=measured[0])
-        op = build_operator(spec, (channels, *(2 * (_tomography_side(measured[-1]),))),
-                            np.random.default_rng())
+        # the detectors are the sinogram's; the image the square they span, or the one given
+        side = spec.image_side or _tomography_side(measured[-1])
+        op = build_operator(dataclasses.replace(spec, detectors=measured[-1]),
+                            (channels, side, side), np.random.default_rng())
     elif spec.kind == "blur" and spec.blur_boundary == "valid":
         # the scene the pixels saw is larger by the PSF's size less one: the PSF first (read
         # once), from the periodic blur of the measurements' own size
@@ -367,7 +370,8 @@ def field_of_view_doubt(op: LinearOperator, b: np.ndarray) -> str | None:
     return (f"the detectors that no ray through the {height}x{width} image reaches measure more "
             f"than noise (neighbouring ones agree: correlation {median:.2f}, the median of the "
             f"samples, where noise gives about 0): the object extends beyond the image, or the "
-            f"data carry an offset, and no {height}x{width} image can fit them")
+            f"data carry an offset, and no {height}x{width} image can fit them (--image-size "
+            f"{op.n_detectors} reconstructs the square the detector spans)")
 
 
 def _mean_magnitude(op: LinearOperator, b: np.ndarray) -> np.ndarray:

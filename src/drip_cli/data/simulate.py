@@ -96,6 +96,8 @@ class OperatorSpec:
     angles: int = 32
     angle_range: float = 180.0
     angle_start: float = 0.0
+    detectors: int | None = None     # tomography: a centred window of the detector line
+    image_side: int | None = None    # tomography (import): the square image's side
     matrix_file: Path | None = None
 
 
@@ -189,7 +191,9 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             except ValueError as exc:
                 raise DripError(f"invalid mask: {exc}", spec.mask_file) from exc
         if spec.kind == "tomography":
-            return Tomography(image_shape, limited_angles(spec.angles, spec.angle_range, spec.angle_start))
+            return Tomography(image_shape,
+                              limited_angles(spec.angles, spec.angle_range, spec.angle_start),
+                              spec.detectors)
         if spec.kind == "matrix":
             return matrix_operator(spec.matrix_file, image_shape)
     except ValueError as exc:

@@ -12,6 +12,13 @@ Here that sum is assembled once into a sparse matrix (rows ``angle * P + t``, co
 pixels), so forward and adjoint are exact sparse products, differentiable and batched, on any
 image size and any set of angles (limited angle by choice of angles). Measurements are
 ``(n_angles, P)``: rows are angles, the transpose of scikit-image's layout.
+
+Extension of the contract: ``n_detectors = D`` other than ``P``, the detectors ``t = P // 2 -
+D // 2 + j`` (``j < D``) of the same line, centred on the rotation centre. Fewer than ``P``
+measure a larger image than the detector covers whole (the object extends beyond the band the
+detector sees at some angles: the image's corners); more than ``P`` add detectors beyond the
+image's shadow, which measure nothing (zero rows). Without the attribute, or with ``D = P``,
+the operator is the contract's.
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ import math
 import numpy as np
 
 from .sparse import SparseMatrixOperator, _csr
+
+
+# a detector window holds between 1 / DETECTOR_FACTOR and DETECTOR_FACTOR times the image's own
+# detectors: a damaged file's image_shape cannot then pass with its n_detectors and build the
+# Radon matrix of a huge image (30000x30000 for 29 detectors) before the shapes disagree
+DETECTOR_FACTOR = 4
+
+
+def detector_range(side: int) -> tuple[int, int]:
+    """The numbers of detectors allowed for an image of ``side`` detectors (``DETECTOR_FACTOR``)."""
+    return max(1, math.ceil(side / DETECTOR_FACTOR)), DETECTOR_FACTOR * side
 
 
 def radon_geometry(height: int, width: int) -> tuple[int, tuple[int, int]]:
@@ -111,17 +129,49 @@ def _checked_angles(angles_deg) -> np.ndarray:
     return angles
 
 
+def detector_window(indptr, indices, data, n_angles: int, side: int, detectors: int):
+    """The CSR arrays ``(indptr, indices, data)`` of a Radon matrix with ``side`` detectors per
+    angle (:func:`radon_matrix`) cut or extended to ``detectors`` per angle, centred (the module
+    docstring): each angle's rows ``t = side // 2 - detectors // 2 + j``, empty where ``t``
+    falls outside ``[0, side)``."""
+    source = side // 2 - detectors // 2 + np.arange(detectors)   # each new row's old detector
+    inside = (source >= 0) & (source < side)
+    old_rows = (np.arange(n_angles)[:, None] * side + source[None, inside]).ravel()
+    lengths = indptr[old_rows + 1] - indptr[old_rows]
+    counts = np.zeros((n_angles, detectors), dtype=np.int64)
+    counts[:, inside] = lengths.reshape(n_angles, -1)
+    new_indptr = np.concatenate([[0], np.cumsum(counts.ravel())])
+    # the old entries of the kept rows, in order: each row's start, then consecutive entries
+    starts = np.repeat(indptr[old_rows] - (np.cumsum(lengths) - lengths), lengths)
+    take = starts + np.arange(int(lengths.sum()))
+    return new_indptr, indices[take], data[take]
+
+
 class Tomography(SparseMatrixOperator):
-    """Parallel-beam Radon transform per channel; measurements ``(C, n_angles, n_detectors)``."""
+    """Parallel-beam Radon transform per channel; measurements ``(C, n_angles, n_detectors)``
+    (``n_detectors``: by default the image's own, ``P``; another count is a centred window of
+    that detector line, the module docstring)."""
 
     kind = "tomography"
 
-    def __init__(self, image_shape: tuple[int, int, int], angles_deg):
+    def __init__(self, image_shape: tuple[int, int, int], angles_deg,
+                 n_detectors: int | None = None):
         angles = _checked_angles(angles_deg)
         _, height, width = (int(v) for v in image_shape)
+        side = radon_geometry(height, width)[0]
+        detectors = side if n_detectors is None else int(n_detectors)
+        low, high = detector_range(side)
+        if not low <= detectors <= high:
+            raise ValueError(f"{detectors} detectors for a {height}x{width} image, whose "
+                             f"diagonal spans {side}: give {low} to {high}")
         indptr, indices, data, shape = radon_matrix(height, width, angles)
+        if detectors != side:
+            indptr, indices, data = detector_window(indptr, indices, data, len(angles), side,
+                                                    detectors)
+            shape = (len(angles) * detectors, shape[1])
         self.angles_deg = angles
-        self.n_detectors = radon_geometry(height, width)[0]
+        self.n_detectors = detectors
+        self.full_detectors = side   # the contract's count for this image, P
         super().__init__(image_shape, _csr(indptr, indices, data, shape),
                          measurement_size=(len(angles), self.n_detectors))
 
@@ -131,15 +181,19 @@ class Tomography(SparseMatrixOperator):
 
     @classmethod
     def _stored_geometry(cls, group, image_shape) -> tuple[np.ndarray, int]:
-        """The stored angles, checked, and the number of detectors of ``image_shape``, which
-        a stored ``n_detectors`` must equal."""
+        """The stored angles, checked, and the number of detectors: the stored ``n_detectors``
+        (within :func:`detector_range` of the image's own), or the image's own without one."""
         angles = _checked_angles(cls._stored_array(group, "angles_deg"))
         detectors = radon_geometry(*image_shape[1:])[0]
         if "n_detectors" in group.attrs:
             stored = cls._stored_integers(group, "n_detectors", 1)[0]
-            if stored != detectors:
-                raise ValueError(f"n_detectors = {stored}, but an image of size {image_shape[1:]} "
-                                 f"has {detectors} detectors in the radon(circle=False) geometry")
+            low, high = detector_range(detectors)
+            if not low <= stored <= high:
+                raise ValueError(f"n_detectors = {stored}, but an image of size "
+                                 f"{image_shape[1:]} has {detectors} detectors in the "
+                                 f"radon(circle=False) geometry (a centred window of {low} to "
+                                 f"{high} is allowed)")
+            detectors = stored
         return angles, detectors
 
     @classmethod
@@ -149,9 +203,12 @@ class Tomography(SparseMatrixOperator):
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        return cls(image_shape, cls._stored_geometry(group, image_shape)[0])
+        return cls(image_shape, *cls._stored_geometry(group, image_shape))
 
     def describe(self) -> dict:
         a = self.angles_deg
+        window = ({} if self.n_detectors == self.full_detectors else
+                  {"detector window": f"{self.n_detectors} of the image's "
+                                      f"{self.full_detectors}, centred"})
         return {**super().describe(), "n_angles": len(a), "n_detectors": self.n_detectors,
-                "angles_deg": f"{a.min():.4g} .. {a.max():.4g}"}
+                **window, "angles_deg": f"{a.min():.4g} .. {a.max():.4g}"}

@@ -487,8 +487,8 @@ def test_an_object_beyond_the_image_is_named(tmp_path):
 def test_a_detector_narrower_than_the_image(tmp_path):
     """``drip simulate --detectors 46`` measures 48x48 crops with the 46 detectors of a 32x32
     image's diagonal (a centred window of the 48x48 image's 68); ``drip import --image-size 48``
-    takes such sinograms as they are, without the warning a 32x32 image gives, and TV fits
-    every sample of it, where at 32x32 none fits."""
+    takes such sinograms as they are, without the warning a 32x32 image gives (at import and at
+    reconstruct), and TV fits every sample of it, where at 32x32 none fits."""
     data = tmp_path / "w.h5"
     result = run_cli("simulate", "skimage:camera,coffee", data, "--operator", "tomography",
                      "--angles", 16, "--angle-range", 120, "--detectors", 46, "--crop-size", 48,
@@ -511,3 +511,5 @@ def test_a_detector_narrower_than_the_image(tmp_path):
         result = run_cli("reconstruct", out, "--method", "tv", "--out", tmp_path / f"r{size}.h5",
                          "--report", report, "--max-iterations", 300, "-q")
         assert json.loads(report.read_text())["fit_fraction"] == fits
+        # reconstruct says so too, before it solves (a file written through the Python API)
+        assert ("extends beyond the image" in result.stderr) == (size is None), result.stderr

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .data.measured import field_of_view_doubt
 from .errors import DripError
 from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
@@ -159,8 +160,12 @@ def reconstruct_file(
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         warn_if_each_channel_unused([method], data.image_shape[0], warn)
-        op = data.operator.to(device)
         n = data.n_samples
+        if data.operator.kind == "tomography":   # an object wider than the image: said first
+            outside = field_of_view_doubt(data.operator, data.read(0, min(n, 64)).measurements)
+            if outside is not None:
+                warn(outside)
+        op = data.operator.to(device)
         attrs = {"method": method.name, "tau": float(tau),
                  "source_file": str(Path(measurements_path).resolve()),
                  "drip_version": __version__, "operator_kind": op.kind, **extra_attrs}

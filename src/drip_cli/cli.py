@@ -289,6 +289,11 @@ class BlurBoundary(str, Enum):
     valid = "valid"
 
 
+# operator options that simulate and import share
+PSF = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes).")
+ANGLE_RANGE = typer.Option(180.0, "--angle-range",
+                           help="tomography: angular range in degrees (<180: limited angle).")
+ANGLE_START = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees).")
 BLUR_BOUNDARY = typer.Option(
     BlurBoundary.periodic, "--blur-boundary", case_sensitive=False,
     help="blur: periodic (the contract's circular convolution, measurements the image's size) "
@@ -319,16 +324,15 @@ def simulate(
     blur_sigma: float = typer.Option(2.0, "--blur-sigma", help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
                                             "(default 2*ceil(3 sigma)+1)."),
-    psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
+    psf: Optional[Path] = PSF,
     blur_boundary: BlurBoundary = BLUR_BOUNDARY,
     keep_fraction: float = typer.Option(0.5, "--keep-fraction", help="inpainting: observed share."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
                                         "of the observed pixels (non-zero) instead of a random "
                                         "mask."),
     angles: int = typer.Option(32, "--angles", help="tomography: number of projection angles."),
-    angle_range: float = typer.Option(180.0, "--angle-range",
-                                      help="tomography: angular range in degrees (<180: limited angle)."),
-    angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
+    angle_range: float = ANGLE_RANGE,
+    angle_start: float = ANGLE_START,
     detectors: Optional[int] = typer.Option(
         None, "--detectors", min=1, help="tomography: detectors per angle, centred. Default: "
         "the image's diagonal (the contract's); fewer measure an object wider than they are."),
@@ -445,15 +449,14 @@ def import_measurements(
                                                help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
                                             "(default 2*ceil(3 sigma)+1)."),
-    psf: Optional[Path] = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes)."),
+    psf: Optional[Path] = PSF,
     blur_boundary: BlurBoundary = BLUR_BOUNDARY,
     mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
                                         "of the observed pixels (non-zero)."),
     angles: Optional[int] = typer.Option(None, "--angles", min=1, help="tomography: number of "
                                          "angles. Default: the sinogram's rows."),
-    angle_range: float = typer.Option(180.0, "--angle-range",
-                                      help="tomography: angular range in degrees (<180: limited angle)."),
-    angle_start: float = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees)."),
+    angle_range: float = ANGLE_RANGE,
+    angle_start: float = ANGLE_START,
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),

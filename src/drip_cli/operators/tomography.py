@@ -171,7 +171,6 @@ class Tomography(SparseMatrixOperator):
             shape = (len(angles) * detectors, shape[1])
         self.angles_deg = angles
         self.n_detectors = detectors
-        self.full_detectors = side   # the contract's count for this image, P
         super().__init__(image_shape, _csr(indptr, indices, data, shape),
                          measurement_size=(len(angles), self.n_detectors))
 
@@ -204,6 +203,11 @@ class Tomography(SparseMatrixOperator):
     @classmethod
     def _read_hdf5(cls, group, image_shape):
         return cls(image_shape, *cls._stored_geometry(group, image_shape))
+
+    @property
+    def full_detectors(self) -> int:
+        """The contract's number of detectors for this image, ``P`` (its diagonal's)."""
+        return radon_geometry(*self.image_shape[1:])[0]
 
     def describe(self) -> dict:
         a = self.angles_deg

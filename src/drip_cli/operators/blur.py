@@ -66,8 +66,6 @@ class Blur(LinearOperator):
                  boundary: str = "periodic"):
         super().__init__(image_shape)
         self.boundary = _boundary(boundary)
-        # a circulant only with the periodic boundary (the Fourier projections, the embedding)
-        self.periodic = self.boundary == "periodic"
         psf = torch.as_tensor(np.asarray(psf, dtype=np.float64))
         if psf.ndim != 2 or psf.shape[0] % 2 == 0 or psf.shape[1] % 2 == 0:
             raise ValueError(f"PSF must be 2-D with odd sizes, got shape {tuple(psf.shape)}")
@@ -89,6 +87,11 @@ class Blur(LinearOperator):
         # Stored as (real, imaginary) pairs: Module.to(torch.float32) would drop the imaginary part
         # of a complex buffer.
         self.register_buffer("transfer", torch.view_as_real(torch.fft.rfft2(kernel)), persistent=False)
+
+    @property
+    def periodic(self) -> bool:
+        """A circulant only with the periodic boundary (the Fourier projections, the embedding)."""
+        return self.boundary == "periodic"
 
     @staticmethod
     def _measured_size(image_shape, psf_shape, boundary: str) -> tuple[int, int]:

@@ -442,9 +442,10 @@ def import_measurements(
                                               "deviation (intensities in [0, 1])."),
     noise_percent: Optional[float] = typer.Option(None, "--noise-percent", help="The noise "
                                                   "std as a percent of each sample's mean |b|."),
-    estimate_noise: bool = typer.Option(False, "--estimate-noise", help="blur, tomography, "
-                                        "matrix: estimate each sample's noise std from the "
-                                        "measurement components the operator removes."),
+    estimate_noise: bool = typer.Option(False, "--estimate-noise", help="Estimate each "
+                                        "sample's noise std: from the measurement components "
+                                        "the operator removes (blur, tomography, matrix), or "
+                                        "from the image's patches (denoise, inpainting)."),
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma",
                                                help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
@@ -514,9 +515,8 @@ def import_measurements(
                                           else f"{sigma.min():.4g} to {sigma.max():.4g}"),
             "noise percent of mean |b|": format_noise_percent(float(percent.min()),
                                                               float(percent.max())),
-            **({} if summary["estimate"] is None else {
-                "estimated from": f"{summary['estimate'].dof} degrees of freedom (standard "
-                                  f"error {100 * summary['estimate'].relative_error:.1f}%)"}),
+            **({} if summary["estimate"] is None else
+               {"estimated from": summary["estimate"].basis()}),
         }))
 
 

@@ -101,10 +101,10 @@ class OperatorSpec:
     matrix_file: Path | None = None
 
 
-def read_npy(path, what: str, mmap: bool = False) -> np.ndarray:
-    """The array of real numbers in a ``numpy.save`` file, read without pickle (``mmap``:
-    memory-mapped, read only); :class:`DripError` naming the file and ``what`` it should hold
-    for anything else."""
+def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.ndarray:
+    """The array of real numbers (or, with ``booleans``, of booleans too) in a ``numpy.save``
+    file, read without pickle (``mmap``: memory-mapped, read only); :class:`DripError` naming
+    the file and ``what`` it should hold for anything else."""
     try:
         values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except OSError as exc:
@@ -118,9 +118,9 @@ def read_npy(path, what: str, mmap: bool = False) -> np.ndarray:
         values.close()
         raise DripError(f"cannot read {what}: expected one array saved with numpy.save, not an "
                         ".npz archive", path)
-    if values.dtype.kind not in "fiu":
-        raise DripError(f"cannot read {what}: expected real numbers, got dtype {values.dtype}",
-                        path)
+    if values.dtype.kind not in "fiu" + "b" * booleans:
+        raise DripError(f"cannot read {what}: expected real numbers"
+                        f"{' or booleans' * booleans}, got dtype {values.dtype}", path)
     return values
 
 
@@ -131,7 +131,7 @@ def read_mask(path, image_size: tuple[int, int]) -> np.ndarray:
         mask = _read_picture(Path(path))
         mask = mask.any(axis=-1) if mask.ndim == 3 else mask
     else:
-        mask = read_npy(path, "mask")
+        mask = read_npy(path, "mask", booleans=True)
     if mask.shape != tuple(image_size):
         raise DripError(f"the mask is shaped {mask.shape}, where the images are "
                         f"{image_size[0]}x{image_size[1]}", path)

@@ -207,8 +207,9 @@ def _noisy_photos(percent, channels=1, n=16, size=64, seed=3):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_a_noisy_picture_is_imported_with_its_noise_estimated(tmp_path, channels):
     """Denoise removes nothing, so its estimate reads the image's statistics: on 64x64 crops of
-    photographs at 5% noise every estimate within 0.9-1.3 times the truth, their median within
-    5%; the file records how many weak-texture patches it rests on."""
+    photographs at 5% noise every estimate within 0.8-1.35 times the truth (on 64 such crops
+    0.84-1.9: texture as strong as the noise reads as noise), their median within 5%; the file
+    records how many weak-texture patches it rests on."""
     b, sigma = _noisy_photos(5.0, channels)
     np.save(tmp_path / "b.npy", b)
     out = tmp_path / "m.h5"
@@ -220,7 +221,7 @@ def test_a_noisy_picture_is_imported_with_its_noise_estimated(tmp_path, channels
     assert attrs["noise_std_from"] == "estimated" and "noise_estimate_dof" not in attrs
     assert attrs["noise_estimate_patches"] >= 4 * 36
     ratio = data["noise_std"] / sigma
-    assert np.all((ratio > 0.9) & (ratio < 1.3)), ratio
+    assert np.all((ratio > 0.8) & (ratio < 1.35)), ratio
     assert abs(np.median(ratio) - 1) < 0.05, ratio
 
 
@@ -242,8 +243,8 @@ def test_noise_alone_is_estimated_within_its_standard_error(channels):
 def test_inpainting_reads_the_noise_from_its_observed_patches(tmp_path):
     """Inpainting's estimate reads the patches all of whose pixels are observed: a mask of
     scratches (lines of unobserved pixels; a boolean array, as ``mask > 0`` saves it) leaves
-    enough of them, and the estimate is within 0.9-1.3 times the truth; a mask of pixels
-    observed at random leaves none, which is one error line."""
+    enough of them, and the estimate is within 0.8-1.35 times the truth, their median within 5%;
+    a mask of pixels observed at random leaves none, which is one error line."""
     b, sigma = _noisy_photos(5.0)
     scratches = np.ones((64, 64), bool)
     scratches[::9] = False
@@ -255,12 +256,13 @@ def test_inpainting_reads_the_noise_from_its_observed_patches(tmp_path):
                      tmp_path / "scratches.npy", "--estimate-noise", "--quiet")
     assert result.exit_code == 0, result.stderr
     ratio = _read(out)[0]["noise_std"] / sigma
-    assert np.all((ratio > 0.9) & (ratio < 1.3)), ratio
+    assert np.all((ratio > 0.8) & (ratio < 1.35)), ratio
+    assert abs(np.median(ratio) - 1) < 0.05, ratio
     np.save(tmp_path / "random.npy", np.random.default_rng(0).random((64, 64)) < 0.5)
     out = tmp_path / "m2.h5"
     assert_one_line_error(run_cli("import", tmp_path / "b.npy", out, "--operator", "inpainting",
                                   "--mask", tmp_path / "random.npy", "--estimate-noise"),
-                          "6x6 patches of observed pixels (at least 720 are needed), and these "
+                          "6x6 patches of observed pixels (at least 576 are needed), and these "
                           "measurements hold 0", out)
 
 
@@ -353,6 +355,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     np.save(tmp_path / "odd.npy", rng.random((2, 10, 11)).astype(np.float32))   # no square
     (tmp_path / "text.npy").write_text("1 2 3")
     np.save(tmp_path / "flat.npy", np.full((2, 32, 32), 0.5, np.float32))
+    np.save(tmp_path / "dark.npy", np.zeros((2, 64, 64), np.float32))
     whole = (tmp_path / "b.npy").read_bytes()
     (tmp_path / "cut.npy").write_bytes(whole[:len(whole) // 2])
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "pic.png")
@@ -366,7 +369,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
          "exactly one way"),
         ([tmp_path / "b.npy", out, *blur, "--noise-std", -1], "must be a positive number"),
         ([tmp_path / "b.npy", out, "--operator", "denoise", "--estimate-noise"],
-         "(at least 720 are needed), and these measurements hold 121"),
+         "(at least 576 are needed), and these measurements hold 121"),
         ([tmp_path / "b.npy", out, *blur, "--estimate-noise"], "at least 256 are needed"),
         ([tmp_path / "b.npy", out, *blur, "--blur-boundary", "valid", "--estimate-noise"],
          "at least 256 are needed"),
@@ -393,7 +396,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([tmp_path / "pic.png", out, "--operator", "denoise", "--noise-percent", 1],
          "would be 0 (its measurements are all zero)"),
         ([tmp_path / "flat.npy", out, "--operator", "denoise", "--estimate-noise"],
-         "would be 0 (nothing in its measurements varies as noise does)"),
+         "sample 0 holds 0 (leaving out the patches of its 1024 pixels at their channel's least "
+         "or greatest value"),
+        ([tmp_path / "dark.npy", out, "--operator", "blur", "--blur-sigma", 2,
+          "--estimate-noise"], "would be 0 (nothing in its measurements varies as noise does)"),
         ([tmp_path / "b.npy", out, "--operator", "denoise", "--noise-std", 0.1,
           "--ground-truth", tmp_path / "pic.png"], "the ground truth is shaped (1, 1, 16, 16)"),
     ]
@@ -585,3 +591,20 @@ def test_a_detector_narrower_than_the_image(tmp_path):
         assert json.loads(report.read_text())["fit_fraction"] == fits
         # reconstruct says so too, before it solves (a file written through the Python API)
         assert ("extends beyond the image" in result.stderr) == (size is None), result.stderr
+
+
+def test_clipped_pixels_do_not_pass_for_noiseless_ones():
+    """Where a picture is clipped (a white sky), its noise is clipped too: the patches that hold
+    a pixel at its channel's least or greatest value are left out, so a photograph brightened
+    until 17% of it is white, with 2% noise, rounded to 8 bits and clipped, still reads within
+    10% of its noise (with those patches: 0.78 times it)."""
+    from drip_cli.data import measured
+
+    rng = np.random.default_rng(0)
+    x = np.clip(load_images("skimage:camera", SourceOptions(), rng)[0, 0] + 0.2, 0, 1)
+    assert (x >= 1).mean() > 0.15
+    sigma = 0.02 * x.mean()
+    b = np.clip(np.round((x + sigma * rng.standard_normal(x.shape)) * 255), 0, 255) / 255
+    ratio = measured.estimate_noise_std(make_operator("denoise", (1, *x.shape)),
+                                        b[None, None].astype(np.float32)).std[0] / sigma
+    assert abs(ratio - 1) < 0.1, ratio

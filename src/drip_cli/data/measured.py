@@ -314,16 +314,17 @@ def _sparse_noise_std(op: SparseMatrixOperator, b: np.ndarray) -> NoiseEstimate:
 # stays white, of the same std), whose patches are pooled: the two colour-difference channels of
 # photographs are smooth, and their patches are mostly noise. Measured (docs/design.md): on 64
 # crops of 64x64 of the four held-out photographs, estimate / true sigma, median [least, 90th
-# percentile]: 1.02 [0.93, 1.16] at 5% noise, 1.11 [0.94, 2.04] at 2%, 1.35 [0.95, 3.70] at 1%,
+# percentile]: 1.01 [0.89, 1.16] at 5% noise, 1.14 [0.95, 2.10] at 2%, 1.36 [0.94, 3.64] at 1%,
 # where the photographs' own grain and texture are as strong as the noise; on the whole
-# photographs 0.99-1.11 at 2%. Patches of 6x6 gave the least spread of 5x5 to 8x8; noise alone
+# photographs 1.00-1.15 at 2%. Patches of 6x6 gave the least spread of 5x5 to 8x8; noise alone
 # of 64x64 reads 0.98 times its std (the quantile's cut and the patches' finite number).
 NOISE_PATCH = 6
 TEXTURE_QUANTILE = 0.99
 TEXTURE_ITERATIONS = 10
 # at least this many patches (of one sample) times their dimension: fewer leave the covariance's
-# weakest directions ill-determined (noise alone of 32x32 read 0.96 times its std with 729)
-PATCHES_PER_DIMENSION = 20
+# weakest directions ill-determined (noise alone of 32x32, 729 patches less those of its least
+# and greatest pixels, read 0.96 times its std)
+PATCHES_PER_DIMENSION = 16
 # and at least this many times their dimension of weak texture for a new estimate
 WEAK_PER_DIMENSION = 4
 # patch positions on a grid coarse enough to keep about this many per channel
@@ -366,29 +367,46 @@ def _weakest_variance(patches: torch.Tensor) -> float:
 def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
     """Each sample's noise std from the statistics of its image's patches (the constants above):
     an estimate from all patches, then from those of weak texture at that level, repeated until
-    they are the same patches. Inpainting's patches are those of observed pixels only."""
+    they are the same patches. Inpainting's patches are those of observed pixels only. Patches
+    that hold a pixel at its channel's least or greatest value in the sample are left out: where
+    a camera clipped the image (a white sky, black shadows), the noise is clipped too, and such
+    patches would pass for the least noisy (camera.png brightened until 17% of its pixels were
+    white read 0.78 times the noise at 2% with them); elsewhere that is one pixel each."""
     size, channels = NOISE_PATCH, op.channels
     height, width = op.image_shape[1:]
-    mask = torch.ones(1, 1, height, width, dtype=torch.float64)
-    if isinstance(op, Inpainting):
-        mask = op.mask.to(torch.float64).cpu()[None, None]
     positions = max(0, height - size + 1) * max(0, width - size + 1)
     stride = max(1, math.ceil(math.sqrt(positions / MAX_PATCHES)))
-    observed = (F.unfold(mask, size, stride=stride)[0].amin(0) == 1) if positions else None
     dimension = size * size
     needed, least = PATCHES_PER_DIMENSION * dimension, WEAK_PER_DIMENSION * dimension
-    count = 0 if observed is None else channels * int(observed.sum())
+    where = "of observed pixels " if isinstance(op, Inpainting) else ""
+    refusal = (f"the noise estimate of {op.kind} reads the image's statistics, from its "
+               f"{size}x{size} patches {where}(at least {needed} are needed), and ")
+    observed = torch.ones(height, width, dtype=torch.bool)
+    if isinstance(op, Inpainting):
+        observed = op.mask.cpu() == 1
+    count = positions and channels * int(
+        (F.unfold(observed[None, None].double(), size, stride=stride).amin(1) == 1).sum())
     if count < needed:
-        where = "of observed pixels " if isinstance(op, Inpainting) else ""
-        raise DripError(f"the noise estimate of {op.kind} reads the image's statistics, from "
-                        f"its {size}x{size} patches {where}(at least {needed} are needed), and "
-                        f"these measurements hold {count}: give --noise-std or --noise-percent")
+        raise DripError(f"{refusal}these measurements hold {count}: give --noise-std or "
+                        "--noise-percent")
+    values = torch.from_numpy(b.astype(np.float64))
+    flat = values.flatten(2)
+    extreme = ((values == flat.amax(2)[..., None, None])
+               | (values == flat.amin(2)[..., None, None])).any(1, keepdim=True)
+    usable = (observed & ~extreme).to(torch.float64)   # (N, 1, H, W)
+    whole = F.unfold(usable, size, stride=stride).amin(1) == 1   # (N, L): every pixel usable
     threshold = _texture_threshold()
-    std, fewest = np.empty(len(b), np.float32), count
-    for i, sample in enumerate(torch.from_numpy(b.astype(np.float64))):
+    std, fewest = np.empty(len(b), np.float32), None
+    for i, sample in enumerate(values):
+        count = channels * int(whole[i].sum())
+        if count < needed:
+            clipped = int((extreme[i] & observed).sum())
+            raise DripError(f"{refusal}sample {i} holds {count} (leaving out the patches of its "
+                            f"{clipped} pixels at their channel's least or greatest value, where "
+                            "the image may be clipped): give --noise-std or --noise-percent")
         if channels == 3:
             sample = torch.einsum("kc,chw->khw", OPPONENT, sample)
-        patches = F.unfold(sample[:, None], size, stride=stride).transpose(1, 2)[:, observed]
+        patches = F.unfold(sample[:, None], size, stride=stride).transpose(1, 2)[:, whole[i]]
         patches = patches.reshape(-1, dimension)   # every channel's, (C L, p^2)
         texture = _texture(patches.view(-1, size, size))
         variance, chosen = _weakest_variance(patches), None
@@ -401,7 +419,8 @@ def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
                 break
             chosen, variance = weak, _weakest_variance(patches[weak])
         std[i] = math.sqrt(variance)
-        fewest = min(fewest, len(patches) if chosen is None else int(chosen.sum()))
+        used = len(patches) if chosen is None else int(chosen.sum())
+        fewest = used if fewest is None else min(fewest, used)
     return NoiseEstimate(std, patches=fewest)
 
 

@@ -8,8 +8,10 @@ fit its data (fit = 1). `drip export` writes the colour crops and their DRIP rec
 PNG files (demo_out/pictures/). Then a user's own photographs: crops of the same photographs
 blurred as a camera blurs a scene that goes on beyond its frame (the valid boundary), written
 as PNG files, which `drip import` reads back with their noise estimated (and the scenes as the
-ground truth) for TV and DRIP to reconstruct; and the tomography sample's sinograms, written
-as a .npy array and imported with their noise estimated, for DRIP. Then
+ground truth) for TV and DRIP to reconstruct; the tomography sample's sinograms, written
+as a .npy array and imported with their noise estimated, for DRIP; and noisy colour photographs
+(a .npy array) imported for denoising with their noise estimated from the images, for TV and
+DRIP (the blur model on each channel: a prior, which warns that it was trained on blur). Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
 and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
 robustness.png, previews.png).
@@ -48,6 +50,9 @@ COLOUR = ["skimage:coffee,astronaut", "--channels", "3", "--operator", "blur", "
 # 64x64 pixels measured (the valid boundary)
 CAMERA = [*COLOUR[1:COLOUR.index("--crop-size")], "--blur-boundary", "valid", "--crop-size",
           "76", "--crops-per-image", "4", "--seed", "3"]
+# noisy colour photographs (crops of the same photographs, 5% noise) for the denoising import
+NOISY = [COLOUR[0], "--channels", "3", "--operator", "denoise", "--noise-percent", "5",
+         "--crop-size", "64", "--crops-per-image", "8", "--seed", "4"]
 METHODS = ["cgls", "tv"]
 MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample models, where shipped
           "tomography": SAMPLES / "drip_tomography.safetensors",
@@ -160,6 +165,20 @@ def main() -> None:
          "--estimate-noise", "--ground-truth", str(truth), "--quiet")
     drip("reconstruct", str(mine), "--model", str(MODELS["tomography"]), "--out",
          str(OUT / "sinograms_imported_drip.h5"), "--device", "cpu", "--quiet")
+    console.rule("your own noisy photographs: a .npy array -> drip import (noise estimated from "
+                 "the images' statistics) -> drip reconstruct")
+    noisy = OUT / "noisy.h5"
+    drip("simulate", *NOISY, str(noisy), "--quiet")
+    photos, clean = arrays / "noisy_photos.npy", arrays / "noisy_truth.npy"
+    drip("export", str(noisy), str(photos), "--dataset", "measurements", "--quiet")
+    drip("export", str(noisy), str(clean), "--quiet")
+    mine = OUT / "noisy_imported.h5"
+    drip("import", str(photos), str(mine), "--operator", "denoise", "--estimate-noise",
+         "--ground-truth", str(clean), "--quiet")
+    for method, extra in (("tv", []), ("drip", ["--model", str(MODELS["colour blur"]),
+                                                "--each-channel"])):
+        drip("reconstruct", str(mine), "--method", method, *extra, "--out",
+             str(OUT / f"noisy_imported_{method}.h5"), "--device", "cpu", "--quiet")
     console.rule("blur across noise levels: drip evaluate (the unrolled network has no fit guarantee)")
     models = [arg for path in (MODELS["blur"], UNROLLED) if path.exists()
               for arg in ("--model", str(path))]

@@ -396,8 +396,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([tmp_path / "pic.png", out, "--operator", "denoise", "--noise-percent", 1],
          "would be 0 (its measurements are all zero)"),
         ([tmp_path / "flat.npy", out, "--operator", "denoise", "--estimate-noise"],
-         "sample 0 holds 0 (leaving out the patches of its 1024 pixels at their channel's least "
-         "or greatest value"),
+         "2 of the 2 samples hold fewer, leaving out the patches of their pixels at their "
+         "channel's least or greatest value, where the image may be clipped (sample 0: 0 "
+         "patches, 1024 such pixels; samples 0, 1)"),
         ([tmp_path / "dark.npy", out, "--operator", "blur", "--blur-sigma", 2,
           "--estimate-noise"], "would be 0 (nothing in its measurements varies as noise does)"),
         ([tmp_path / "b.npy", out, "--operator", "denoise", "--noise-std", 0.1,

@@ -371,7 +371,10 @@ def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
     that hold a pixel at its channel's least or greatest value in the sample are left out: where
     a camera clipped the image (a white sky, black shadows), the noise is clipped too, and such
     patches would pass for the least noisy (camera.png brightened until 17% of its pixels were
-    white read 0.78 times the noise at 2% with them); elsewhere that is one pixel each."""
+    white read 0.78 times the noise at 2% with them); elsewhere that is one pixel each. Samples
+    left with too few patches are refused, all of them named at once (no other sample's level
+    can stand in for theirs: under the contract's noise percent a dark crop's noise is far
+    weaker than a bright one's, and a camera's is not)."""
     size, channels = NOISE_PATCH, op.channels
     height, width = op.image_shape[1:]
     positions = max(0, height - size + 1) * max(0, width - size + 1)
@@ -396,14 +399,10 @@ def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
     usable = (observed & ~extreme).to(torch.float64)   # (N, 1, H, W)
     whole = F.unfold(usable, size, stride=stride).amin(1) == 1   # (N, L): every pixel usable
     threshold = _texture_threshold()
-    std, fewest = np.empty(len(b), np.float32), None
+    std, fewest = np.full(len(b), np.nan, np.float32), None
     for i, sample in enumerate(values):
-        count = channels * int(whole[i].sum())
-        if count < needed:
-            clipped = int((extreme[i] & observed).sum())
-            raise DripError(f"{refusal}sample {i} holds {count} (leaving out the patches of its "
-                            f"{clipped} pixels at their channel's least or greatest value, where "
-                            "the image may be clipped): give --noise-std or --noise-percent")
+        if channels * int(whole[i].sum()) < needed:
+            continue
         if channels == 3:
             sample = torch.einsum("kc,chw->khw", OPPONENT, sample)
         patches = F.unfold(sample[:, None], size, stride=stride).transpose(1, 2)[:, whole[i]]
@@ -421,6 +420,17 @@ def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
         std[i] = math.sqrt(variance)
         used = len(patches) if chosen is None else int(chosen.sum())
         fewest = used if fewest is None else min(fewest, used)
+    short = np.flatnonzero(np.isnan(std))
+    if len(short):
+        i = short[0]
+        raise DripError(
+            f"{refusal}{len(short)} of the {len(b)} samples "
+            f"{'holds' if len(short) == 1 else 'hold'} fewer, leaving out the patches "
+            f"of their pixels at their channel's least or greatest value, where the image may be "
+            f"clipped (sample {i}: {channels * int(whole[i].sum())} patches, "
+            f"{int((extreme[i] & observed).sum())} such pixels; samples "
+            f"{', '.join(map(str, short[:8]))}{', ...' if len(short) > 8 else ''}): give "
+            "--noise-std or --noise-percent")
     return NoiseEstimate(std, patches=fewest)
 
 

@@ -609,3 +609,17 @@ def test_clipped_pixels_do_not_pass_for_noiseless_ones():
     ratio = measured.estimate_noise_std(make_operator("denoise", (1, *x.shape)),
                                         b[None, None].astype(np.float32)).std[0] / sigma
     assert abs(ratio - 1) < 0.1, ratio
+
+
+def test_clipped_pictures_are_named_at_import(tmp_path):
+    """Measured pictures of which many values sit at their channel's extremes (a white sky)
+    get a warning that the linear model does not hold there; unclipped ones none."""
+    rng = np.random.default_rng(0)
+    x = load_images("skimage:camera", SourceOptions(crop_size=128, crops_per_image=2), rng)
+    noisy = x + 0.02 * rng.standard_normal(x.shape)
+    for name, values in (("clipped", np.clip(noisy + 0.3, 0, 1)), ("plain", noisy)):
+        np.save(tmp_path / f"{name}.npy", values.astype(np.float32))
+        result = run_cli("import", tmp_path / f"{name}.npy", tmp_path / f"{name}.h5",
+                         "--operator", "denoise", "--noise-std", 0.02, "--quiet")
+        assert result.exit_code == 0, result.stderr
+        assert ("as where a camera clipped them" in result.stderr) == (name == "clipped"), name

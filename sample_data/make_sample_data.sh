@@ -27,15 +27,17 @@ np.savez("downsample2x_64.npz", data=np.full(rows.size, 0.25), indices=cols,
 PY
 drip simulate "$PHOTOS" matrix.h5 --operator matrix --matrix downsample2x_64.npz --noise-percent 1 $CROPS
 
-# The pretrained sample models (about 44 minutes on 2 CPU cores; only with --with-model): DRIP
-# for blur, limited-angle tomography and inpainting, and the unrolled baseline for blur, each
+# The pretrained sample models (about 55 minutes on 2 CPU cores; only with --with-model): DRIP
+# for blur, limited-angle tomography, inpainting and denoising, and the unrolled baseline for
+# blur, each
 # trained for 10 minutes with drip train's defaults, which depend on the operator (one
 # edge-adaptive reweighting pass for DRIP; on blur a periodic embedding, whose projections are
 # exact in the Fourier basis; on tomography a sharp start, eps 0.001, and tighter training
-# solves); the three DRIP models also with a patch mixture of 80 components (its
+# solves); the four DRIP models also with a patch mixture of 80 components (its
 # pass after the others, its weight chosen on the validation split; drip train's default for
 # these 1000 crops since session 44, given explicitly here as the models were made with it).
-# Training data: 1000 crops of five other photographs, never the four test photographs above.
+# Training data: 1000 crops of five other photographs, never the four test photographs above;
+# noise drawn from 1-5% per sample, for denoising from 2-10%.
 if [[ "${1:-}" == "--with-model" ]]; then
     TRAIN="$(mktemp -d)"
     drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$TRAIN/train_blur.h5" \
@@ -62,5 +64,11 @@ if [[ "${1:-}" == "--with-model" ]]; then
         --patch-components 80 --quiet
     cp "$TRAIN/inp/model.safetensors" drip_inpainting.safetensors
     cp "$TRAIN/inp/history.csv" drip_inpainting_history.csv
+    drip simulate "skimage:motorcycle_left,motorcycle_right,rocket,coins,moon" "$TRAIN/train_den.h5" \
+        --operator denoise --noise-percent 2 --crop-size 64 --crops-per-image 200 --seed 3 --quiet
+    drip train "$TRAIN/train_den.h5" --out "$TRAIN/den" --noise-percent 2:10 --max-minutes 10 \
+        --patch-components 80 --quiet
+    cp "$TRAIN/den/model.safetensors" drip_denoise.safetensors
+    cp "$TRAIN/den/history.csv" drip_denoise_history.csv
     rm -rf "$TRAIN"
 fi

@@ -11,7 +11,7 @@ as PNG files, which `drip import` reads back with their noise estimated (and the
 ground truth) for TV and DRIP to reconstruct; the tomography sample's sinograms, written
 as a .npy array and imported with their noise estimated, for DRIP; and noisy colour photographs
 (a .npy array) imported for denoising with their noise estimated from the images, for TV and
-DRIP (the blur model on each channel: a prior, which warns that it was trained on blur). Then
+DRIP (the grayscale denoising model on each channel). Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
 and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
 robustness.png, previews.png).
@@ -39,6 +39,7 @@ OUT = ROOT / "demo_out"
 RUNS = [("blur", "Gaussian blur, sigma 2, 2% noise"),
         ("inpainting", "50% of pixels observed, 2% noise"),
         ("tomography", "limited angle: 32 angles over 120 deg, 2% noise"),
+        ("denoise", "noise alone, 10%"),
         ("matrix", "user CSR matrix: 2x2 downsampling, 1% noise"),
         ("colour blur", "colour crops, blur sigma 2, 2% noise; the grayscale blur model on "
                         "each channel (--each-channel)")]
@@ -57,6 +58,7 @@ METHODS = ["cgls", "tv"]
 MODELS = {"blur": SAMPLES / "drip_blur.safetensors",   # pretrained sample models, where shipped
           "tomography": SAMPLES / "drip_tomography.safetensors",
           "inpainting": SAMPLES / "drip_inpainting.safetensors",
+          "denoise": SAMPLES / "drip_denoise.safetensors",
           "colour blur": SAMPLES / "drip_blur.safetensors"}
 MODEL_OPTIONS = {"colour blur": ["--each-channel"]}
 UNROLLED = SAMPLES / "unrolled_blur.safetensors"       # the baseline, same data and budget
@@ -175,7 +177,7 @@ def main() -> None:
     mine = OUT / "noisy_imported.h5"
     drip("import", str(photos), str(mine), "--operator", "denoise", "--estimate-noise",
          "--ground-truth", str(clean), "--quiet")
-    for method, extra in (("tv", []), ("drip", ["--model", str(MODELS["colour blur"]),
+    for method, extra in (("tv", []), ("drip", ["--model", str(MODELS["denoise"]),
                                                 "--each-channel"])):
         drip("reconstruct", str(mine), "--method", method, *extra, "--out",
              str(OUT / f"noisy_imported_{method}.h5"), "--device", "cpu", "--quiet")

@@ -28,7 +28,7 @@ from .errors import DripError
 from .info import file_kind
 from .io import atomic_folder, atomic_path
 from .io.measurements import check_dataset, open_h5, reading
-from .operators import IMAGE_MEASUREMENT_KINDS, stored_measurement_shape
+from .operators import IMAGE_MEASUREMENT_KINDS, stored_kind, stored_measurement_shape
 
 # each file kind's datasets that hold images, its default first
 IMAGE_DATASETS = {"reconstructions": ("reconstructions",),
@@ -63,8 +63,7 @@ def _dataset(handle, kind: str, name: str | None, path: Path, images: bool = Tru
     shape = (None,) * 4
     if name == "measurements":
         if images:
-            stored = handle["operator"].attrs.get("kind") if "operator" in handle else None
-            stored = stored.decode(errors="replace") if isinstance(stored, bytes) else stored
+            stored = stored_kind(handle["operator"]) if "operator" in handle else None
             if not (isinstance(stored, str) and stored in IMAGE_MEASUREMENT_KINDS):
                 raise DripError(f"the measurements of operator kind {stored!r} are not images "
                                 f"(only {', '.join(IMAGE_MEASUREMENT_KINDS)}): export "

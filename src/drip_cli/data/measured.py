@@ -293,7 +293,7 @@ def _sparse_noise_std(op: SparseMatrixOperator, b: np.ndarray) -> NoiseEstimate:
         count = rows - int(strong.sum())
         power = np.square(values).sum(axis=(1, 2)) - np.square(along).sum(axis=(1, 2))
     else:
-        null = np.diff(matrix.indptr) == 0
+        null = op.zero_rows()
         count = int(null.sum())
         power = np.square(values[..., null]).sum(axis=(1, 2))
     count *= values.shape[1]
@@ -364,6 +364,14 @@ def _weakest_variance(patches: torch.Tensor) -> float:
     return max(float(eigenvalues[0]), 0.0)
 
 
+def _at_extremes(values: torch.Tensor) -> torch.Tensor:
+    """Which values of ``(N, C, ...)`` sit at their channel's least or greatest value in their
+    sample (where a camera clipped them), the same shape."""
+    flat = values.flatten(2)
+    extreme = (flat == flat.amax(2, keepdim=True)) | (flat == flat.amin(2, keepdim=True))
+    return extreme.view_as(values)
+
+
 def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
     """Each sample's noise std from the statistics of its image's patches (the constants above):
     an estimate from all patches, then from those of weak texture at that level, repeated until
@@ -393,9 +401,7 @@ def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
         raise DripError(f"{refusal}these measurements hold {count}: give --noise-std or "
                         "--noise-percent")
     values = torch.from_numpy(b.astype(np.float64))
-    flat = values.flatten(2)
-    extreme = ((values == flat.amax(2)[..., None, None])
-               | (values == flat.amin(2)[..., None, None])).any(1, keepdim=True)
+    extreme = _at_extremes(values).any(1, keepdim=True)
     usable = (observed & ~extreme).to(torch.float64)   # (N, 1, H, W)
     whole = F.unfold(usable, size, stride=stride).amin(1) == 1   # (N, L): every pixel usable
     threshold = _texture_threshold()
@@ -507,7 +513,7 @@ def field_of_view_doubt(op: LinearOperator, b: np.ndarray) -> str | None:
     correlation, median over the samples, above ``FIELD_DOUBT``)."""
     if not isinstance(op, Tomography):
         return None
-    outside = (np.diff(op.scipy_matrix().indptr) == 0).reshape(op.measurement_size)
+    outside = op.zero_rows().reshape(op.measurement_size)
     pairs = outside[:, :-1] & outside[:, 1:]   # neighbouring detectors, both outside
     if pairs.sum() < 16:   # too few to tell
         return None
@@ -542,10 +548,9 @@ def clipping_doubt(op: LinearOperator, b: np.ndarray) -> str | None:
     clipped there too, which ``b = A x + noise`` does not describe."""
     if op.kind not in IMAGE_MEASUREMENT_KINDS:
         return None
-    values = torch.from_numpy(b).flatten(2)
-    extreme = (values == values.amax(2, keepdim=True)) | (values == values.amin(2, keepdim=True))
+    extreme = _at_extremes(torch.from_numpy(b))
     if isinstance(op, Inpainting):   # the unobserved pixels are zeros, not measurements
-        extreme &= (op.mask.cpu() == 1).flatten()
+        extreme &= op.mask.cpu() == 1
     share = float(extreme.sum()) / (op.measured_count * len(b))
     if not share > CLIPPED_DOUBT:
         return None

@@ -18,12 +18,17 @@ OPERATORS: dict[str, type[LinearOperator]] = {
 }
 
 
+def stored_kind(group):
+    """The ``kind`` attribute of an h5py ``operator`` group as stored (bytes decoded), unchecked:
+    None where it is missing."""
+    kind = group.attrs.get("kind")
+    return kind.decode(errors="replace") if isinstance(kind, bytes) else kind
+
+
 def _stored_kind_and_shape(group) -> tuple[type[LinearOperator], tuple[int, int, int]]:
     """The operator class and ``image_shape`` an h5py ``operator`` group names (``ValueError``,
     with a message fit for users, when they are malformed)."""
-    kind = group.attrs.get("kind")
-    if isinstance(kind, bytes):
-        kind = kind.decode()
+    kind = stored_kind(group)
     if kind is None:
         raise ValueError("operator group lacks attribute 'kind'")
     if not isinstance(kind, str) or kind not in OPERATORS:
@@ -59,6 +64,7 @@ def operator_from_hdf5(group) -> LinearOperator:
 
 __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
-    "OPERATORS", "IMAGE_MEASUREMENT_KINDS", "operator_from_hdf5", "stored_measurement_shape", "adjointness_error",
-    "estimate_norm", "gaussian_psf", "gaussian_psf_size", "limited_angles", "load_matrix_file",
+    "OPERATORS", "IMAGE_MEASUREMENT_KINDS", "operator_from_hdf5", "stored_kind",
+    "stored_measurement_shape", "adjointness_error", "estimate_norm", "gaussian_psf",
+    "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

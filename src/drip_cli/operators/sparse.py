@@ -188,6 +188,11 @@ class SparseMatrixOperator(LinearOperator):
                                         self._matrix.crow_indices().numpy()),
                                        shape=tuple(self._matrix.shape))
 
+    def zero_rows(self) -> np.ndarray:
+        """Which rows of the matrix hold no entry (measurements that see nothing of the image:
+        a sinogram's detectors beyond the image's shadow), a boolean array."""
+        return np.diff(self._matrix.crow_indices().numpy()) == 0
+
     def matrix(self, dtype: torch.dtype, device: torch.device,
                transpose: bool = False) -> torch.Tensor:
         """The CSR matrix, or its transpose, in ``dtype`` on ``device`` (converted once,

@@ -292,6 +292,61 @@ def test_the_spinner_is_silent_when_quiet_or_not_on_a_terminal(capfd):
     assert capfd.readouterr() == ("", "")
 
 
+def test_on_a_terminal_every_command_draws_its_progress_and_writes_the_same(tmp_path,
+                                                                            monkeypatch):
+    """Progress is drawn on a terminal only, so the other tests never run that path: here stderr
+    is taken for one (a rich console into a buffer), and every command that draws a bar or a
+    spinner runs with it, gives the same results as with ``--quiet``, and leaves its error
+    line alone on stderr."""
+    import io
+
+    from rich.console import Console
+
+    import drip_cli.console as console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(console, "err_console", Console(file=screen, force_terminal=True,
+                                                         width=100))
+    data = simulate(tmp_path, "blur")   # --quiet: the reference
+    again = tmp_path / "again.h5"
+    result = run_cli("simulate", "phantom:ellipses", again, "--operator", "blur",
+                     "--num-images", 6, "--image-size", 24)
+    assert result.exit_code == 0, result.stderr
+    drawn = {"simulate": screen.getvalue()}
+    with h5py.File(data) as quiet, h5py.File(again) as shown:
+        assert np.array_equal(quiet["measurements"][()], shown["measurements"][()])
+    runs = {
+        "train": ("train", data, "--out", tmp_path / "run", "--max-steps", 1,
+                  "--solver-iterations", 3),
+        "reconstruct (tv)": ("reconstruct", data, "--method", "tv", "--out", tmp_path / "tv.h5"),
+        "evaluate": ("evaluate", data, "--methods", "cgls", "--noise-percent", "2",
+                     "--out", tmp_path / "report"),
+        "writing": ("export", tmp_path / "tv.h5", tmp_path / "tv.npy"),
+        "measuring": ("info", data),
+    }
+    for label, args in runs.items():
+        screen.seek(0)
+        screen.truncate()
+        result = run_cli(*args)
+        assert result.exit_code == 0, (label, result.stderr)
+        drawn[label] = screen.getvalue()
+        assert "Traceback" not in result.stderr
+    for label, shown in drawn.items():
+        assert label.split()[0] in shown, (label, shown[-300:])
+    # train's bar is the share of its budget (here --max-steps 1), not of 100 epochs' steps
+    assert "train, step 1" in drawn["train"] and "100%" in drawn["train"], drawn["train"][-300:]
+    result = run_cli("reconstruct", data, "--method", "tv", "--out", tmp_path / "tv_quiet.h5",
+                     "--quiet")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(tmp_path / "tv.h5") as shown, h5py.File(tmp_path / "tv_quiet.h5") as quiet:
+        assert np.array_equal(shown["reconstructions"][()], quiet["reconstructions"][()])
+    assert np.array_equal(np.load(tmp_path / "tv.npy"),
+                          h5py.File(tmp_path / "tv.h5")["reconstructions"][()])
+    missing = tmp_path / "missing.h5"
+    result = run_cli("reconstruct", missing, "--method", "tv", "--out", tmp_path / "x.h5")
+    assert_one_line_error(result, "no such file", tmp_path / "x.h5")
+
+
 @pytest.mark.parametrize("damage,message", [
     ("group", "'reconstructions' is not a dataset"),
     ("tau", "attribute tau = 'x' is not a positive number"),

@@ -1092,3 +1092,23 @@ def test_a_run_folder_in_use_is_refused(train_file, tmp_path):
     assert "--resume" in run_cli("info", done).stdout
     assert run_cli("train", train_file, "--out", done, "--epochs", 2, "--resume",
                    *TINY).exit_code == 0
+
+
+def test_the_budget_spent_is_the_furthest_of_the_limits():
+    """The share of a run's budget (its progress bar; the learning-rate schedule without
+    ``--max-steps``) is the furthest of the epochs' steps, ``--max-minutes`` and ``--max-steps``:
+    a 10-minute run of the default 100 epochs is half done after 5 minutes, not 2%."""
+    from types import SimpleNamespace
+
+    from drip_cli.training.trainer import Trainer
+
+    def spent(max_minutes, max_steps, step, seconds, steps_here=None):
+        run = SimpleNamespace(config=SimpleNamespace(max_minutes=max_minutes,
+                                                     max_steps=max_steps), global_step=step)
+        return Trainer._budget_spent(run, seconds, 12100, steps_here)
+
+    assert spent(None, None, 242, 300.0) == pytest.approx(0.02)
+    assert spent(10, None, 242, 300.0) == pytest.approx(0.5)
+    assert spent(10, None, 9075, 300.0) == pytest.approx(0.75)   # the epochs end it first
+    assert spent(10, 40, 242, 60.0, steps_here=30) == pytest.approx(0.75)
+    assert spent(10, 40, 242, 60.0) == pytest.approx(0.1)   # the schedule ignores --max-steps

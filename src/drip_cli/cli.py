@@ -781,8 +781,12 @@ def train(
         if len(trainer.val_index) == 0:
             warning_line(f"{data}: one sample, so no validation split: the model kept is the last, "
                          f"not the best by validation PSNR")
-        with progress_bar("train", config.epochs * trainer.steps_per_epoch, quiet) as update:
-            trainer.progress = lambda step, total, **_: update(step, total)
+        # the bar shows the share of the budget (--epochs, --max-minutes or --max-steps,
+        # whichever ends the run first): the epochs' steps alone put a 10-minute run's end
+        # hours away
+        with progress_bar("train", 1.0, quiet, percent=True) as update:
+            trainer.progress = lambda step, fraction, best, **_: update(
+                fraction, description=_train_status(step, best))
             try:
                 result = trainer.fit()
             except OutputError as exc:   # a full disk: say what the run folder still holds
@@ -792,6 +796,12 @@ def train(
             "best validation PSNR": result["best_val_psnr"], "minutes": result["seconds"] / 60,
             "stopped by time or step limit": result["stopped_early"],
             "model": str(out / "model.safetensors")}))
+
+
+def _train_status(step: int, best: float) -> str:
+    """The train bar's description: the step, and the best validation PSNR so far."""
+    shown = f", best validation {best:.2f} dB" if np.isfinite(best) else ""
+    return f"train, step {step}{shown}"
 
 
 def _print_epoch(row: dict) -> None:

@@ -8,8 +8,8 @@ import shutil
 import sys
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
+                           TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
 from .errors import raise_if_signalled
@@ -28,8 +28,11 @@ def _draws(quiet: bool) -> bool:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, quiet: bool):
-    """Yield ``update(done, total)``; a rich progress bar on stderr unless ``quiet``.
+def progress_bar(description: str, total: float, quiet: bool, percent: bool = False):
+    """Yield ``update(done, total=None, description=None)``; a rich progress bar on stderr
+    unless ``quiet``, counting ``done`` of ``total`` (or, with ``percent``, showing their ratio
+    as a percentage: a share of a budget, as ``drip train``'s steps or minutes, whichever ends
+    it first).
 
     The bar is transient: it disappears when the work ends, so an error message stays the only
     line on stderr and result tables follow a clean screen. It is drawn on a terminal only
@@ -38,16 +41,19 @@ def progress_bar(description: str, total: int, quiet: bool):
     (:func:`~drip_cli.errors.raise_if_signalled`), so that the work stops there.
     """
     if not _draws(quiet):
-        yield lambda done, total=None: raise_if_signalled()
+        yield lambda done, total=None, description=None: raise_if_signalled()
         return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    count = TaskProgressColumn() if percent else MofNCompleteColumn()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), count,
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
                   transient=True) as progress:
         task = progress.add_task(description, total=total)
 
-        def update(done: int, total_now: int | None = None) -> None:
+        def update(done: float, total_now: float | None = None,
+                   description: str | None = None) -> None:
             raise_if_signalled()
-            progress.update(task, completed=done, total=total_now or total)
+            progress.update(task, completed=done, total=total_now or total,
+                            description=description)
 
         yield update
 

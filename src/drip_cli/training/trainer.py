@@ -893,8 +893,11 @@ class Trainer:
                 self.step_in_epoch += 1
                 self.global_step += 1
                 steps_here += 1
+                seconds = time.perf_counter() - started
                 self.progress(step=self.global_step, total=total_steps, loss=losses[-1],
-                              epoch=self.epoch, best=self.best_psnr)
+                              epoch=self.epoch, best=self.best_psnr,
+                              fraction=min(1.0, self._budget_spent(seconds, total_steps,
+                                                                   steps_here)))
             if stopped_early:
                 break
             self.elapsed = time.perf_counter() - started
@@ -928,14 +931,24 @@ class Trainer:
         mixture.fit(images, seed=self.config.seed)
         self.elapsed += time.perf_counter() - started
 
-    def _set_learning_rate(self, seconds: float, total_steps: int) -> None:
-        """Place the run on its schedule: the further of the step and the time budgets."""
+    def _budget_spent(self, seconds: float, total_steps: int, steps_here: int | None = None):
+        """The share of the run's budget spent after ``seconds`` of training: the further of
+        the epochs' steps and ``--max-minutes``, and with ``steps_here`` (the steps of this
+        process) of ``--max-steps`` too, whichever ends the run first."""
         cfg = self.config
-        progress = self.global_step / total_steps
+        spent = self.global_step / total_steps
         if cfg.max_minutes is not None:
-            progress = max(progress, seconds / (60 * cfg.max_minutes))
+            spent = max(spent, seconds / (60 * cfg.max_minutes))
+        if steps_here is not None and cfg.max_steps is not None:
+            spent = max(spent, steps_here / cfg.max_steps)
+        return spent
+
+    def _set_learning_rate(self, seconds: float, total_steps: int) -> None:
+        """Place the run on its schedule: the further of the step and the time budgets
+        (``--max-steps``, a limit for tests and trials, leaves the schedule alone)."""
+        progress = self._budget_spent(seconds, total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg.lr, cfg.lr_schedule, progress)
+            group["lr"] = learning_rate(self.config.lr, self.config.lr_schedule, progress)
 
     def _end_epoch(self, losses: list[float], label: str | None = None) -> None:
         metrics = self.validate()

@@ -315,6 +315,12 @@ def test_on_a_terminal_every_command_draws_its_progress_and_writes_the_same(tmp_
     drawn = {"simulate": screen.getvalue()}
     with h5py.File(data) as quiet, h5py.File(again) as shown:
         assert np.array_equal(quiet["measurements"][()], shown["measurements"][()])
+    import drip_cli.cli as cli
+
+    described = []
+    status = cli._train_status
+    monkeypatch.setattr(cli, "_train_status",
+                        lambda *args: described.append(status(*args)) or described[-1])
     runs = {
         "train": ("train", data, "--out", tmp_path / "run", "--max-steps", 1,
                   "--solver-iterations", 3),
@@ -333,8 +339,12 @@ def test_on_a_terminal_every_command_draws_its_progress_and_writes_the_same(tmp_
         assert "Traceback" not in result.stderr
     for label, shown in drawn.items():
         assert label.split()[0] in shown, (label, shown[-300:])
-    # train's bar is the share of its budget (here --max-steps 1), not of 100 epochs' steps
-    assert "train, step 1" in drawn["train"] and "100%" in drawn["train"], drawn["train"][-300:]
+    # train's bar is the share of its budget (here --max-steps 1), not of 100 epochs' steps,
+    # and says what the run does between steps (the descriptions as set: rich draws only some)
+    assert "100%" in drawn["train"], drawn["train"][-300:]
+    assert described[0] == "train, validating the untrained model", described
+    assert described[1].startswith("train, step 1, best validation "), described
+    assert described[2:] == ["train, validating"], described   # where --max-steps stopped it
     result = run_cli("reconstruct", data, "--method", "tv", "--out", tmp_path / "tv_quiet.h5",
                      "--quiet")
     assert result.exit_code == 0, result.stderr

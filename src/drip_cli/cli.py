@@ -785,8 +785,8 @@ def train(
         # whichever ends the run first): the epochs' steps alone put a 10-minute run's end
         # hours away
         with progress_bar("train", 1.0, quiet, percent=True) as update:
-            trainer.progress = lambda step, fraction, best, **_: update(
-                fraction, description=_train_status(step, best))
+            trainer.progress = lambda step, fraction, best, stage=None, **_: update(
+                fraction, description=_train_status(step, best, stage))
             try:
                 result = trainer.fit()
             except OutputError as exc:   # a full disk: say what the run folder still holds
@@ -798,8 +798,11 @@ def train(
             "model": str(out / "model.safetensors")}))
 
 
-def _train_status(step: int, best: float) -> str:
-    """The train bar's description: the step, and the best validation PSNR so far."""
+def _train_status(step: int, best: float, stage: str | None = None) -> str:
+    """The train bar's description: what the run does between steps (``stage``), or the step
+    and the best validation PSNR so far."""
+    if stage is not None:
+        return f"train, {stage}"
     shown = f", best validation {best:.2f} dB" if np.isfinite(best) else ""
     return f"train, step {step}{shown}"
 

@@ -32,7 +32,7 @@ def progress_bar(description: str, total: float, quiet: bool, percent: bool = Fa
     """Yield ``update(done, total=None, description=None)``; a rich progress bar on stderr
     unless ``quiet``, counting ``done`` of ``total`` (or, with ``percent``, showing their ratio
     as a percentage: a share of a budget, as ``drip train``'s steps or minutes, whichever ends
-    it first).
+    it first). ``done=None`` keeps the count (a new description only).
 
     The bar is transient: it disappears when the work ends, so an error message stays the only
     line on stderr and result tables follow a clean screen. It is drawn on a terminal only
@@ -49,7 +49,7 @@ def progress_bar(description: str, total: float, quiet: bool, percent: bool = Fa
                   transient=True) as progress:
         task = progress.add_task(description, total=total)
 
-        def update(done: float, total_now: float | None = None,
+        def update(done: float | None, total_now: float | None = None,
                    description: str | None = None) -> None:
             raise_if_signalled()
             progress.update(task, completed=done, total=total_now or total,

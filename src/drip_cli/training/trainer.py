@@ -924,6 +924,7 @@ class Trainer:
         if mixture is None:
             return
         images = self.truth[self.train_index]
+        self._stage("fitting the patch mixture")
         shortfall = mixture.fit_shortfall(tuple(images.shape))
         if shortfall is not None:
             warnings.warn(DripWarning(f"--patch-components: {shortfall}"))
@@ -950,7 +951,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.config.lr, self.config.lr_schedule, progress)
 
+    def _stage(self, what: str) -> None:
+        """Tell the progress display what the run is doing between steps (``stage``), where
+        no step advances for a while."""
+        self.progress(step=self.global_step, total=None, loss=None, epoch=self.epoch,
+                      best=self.best_psnr, fraction=None, stage=what)
+
     def _end_epoch(self, losses: list[float], label: str | None = None) -> None:
+        if len(self.val_index):
+            self._stage("validating the untrained model" if label == "start" else "validating")
         metrics = self.validate()
         if len(self.val_index) and math.isnan(metrics["val_psnr"]):
             raise self._diverged("its validation reconstructions are not finite",

@@ -352,13 +352,16 @@ def test_several_models_of_one_kind_are_named_by_their_run_folders_or_files(runs
 
 def test_evaluate_progress_counts_batches_and_moves_within_them(runs):
     """The progress of drip evaluate: from (0, total) to (total, total) in solved batches,
-    never backwards, with fractions while a batch is solved."""
+    never backwards, with fractions while a batch is solved, each naming the method and level
+    at work."""
     from drip_cli.evaluation.robustness import choose_methods, evaluate
 
     calls = []
     evaluate(runs / "blur.h5", choose_methods([runs / "drip_run"], ["tv", "drip"]), [2.0, 5.0],
-             batch_size=4, progress=lambda done, total: calls.append((done, total)))
+             batch_size=4, progress=lambda done, total, what: calls.append((done, total, what)))
     total = 2 * 2 * 2   # levels x methods x batches of 4 of the 6 samples
-    assert calls[0] == (0, total) and calls[-1] == (total, total)
-    done = [d for d, _ in calls]
+    assert calls[0] == (0, total, "simulating") and calls[-1] == (total, total, "drip at 5% noise")
+    done = [d for d, _, _ in calls]
     assert done == sorted(done) and any(d != int(d) for d in done), done
+    order = list(dict.fromkeys(what for _, _, what in calls[1:]))
+    assert order == [f"{name} at {level}% noise" for level in (2, 5) for name in ("tv", "drip")]

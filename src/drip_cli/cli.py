@@ -1013,7 +1013,9 @@ def evaluate(
             evaluation = run_evaluation(data, chosen, levels, tau=taus, seed=seed,
                                         batch_size=batch_size, device=resolve_device(device),
                                         operator_from=operator_from, max_samples=max_samples,
-                                        preview_level=preview_noise, progress=update,
+                                        preview_level=preview_noise,
+                                        progress=lambda done, total, what: update(
+                                            done, total, f"evaluate, {what}"),
                                         warn=warning_line, reference=reference)
         # the tables first: if the report cannot be written (a full disk), its figures were shown
         console.print(console_table(evaluation))

@@ -187,9 +187,10 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
              max_samples: int | None = None, n_previews: int = 4,
              preview_level: float | None = None, progress=None, warn=None,
              reference: str | None = None) -> Evaluation:
-    """Run every method at every level (see the module docstring); ``progress(done, total)``
-    counts solved batches (and fractions of the one being solved), ``warn(message)`` receives
-    the methods' doubts about the data.
+    """Run every method at every level (see the module docstring); ``progress(done, total,
+    what)`` counts solved batches (and fractions of the one being solved), ``what`` naming the
+    method and noise level at work; ``warn(message)`` receives the methods' doubts about the
+    data.
     ``tau``: one discrepancy constant or several (each method at each). ``reference``: the
     method the others are paired with (one of ``methods``' names; by default TV, else CGLS)."""
     if reference is not None and reference not in [method.name for method in methods]:
@@ -228,7 +229,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
     n_batches = -(-len(truth) // batch_size)
     total, done = len(levels) * len(methods) * len(taus) * n_batches, 0
     if progress is not None:
-        progress(done, total)
+        progress(done, total, "simulating")
     for percent in levels:
         # one level's measurements at a time (memory), simulated from CPU arrays in float64,
         # so the same on every device (an operator applies on its input's device, whichever
@@ -238,11 +239,12 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
             result.previews["naive"] = op.scored_part(naive_reconstruction(op, measurements[shown]))
         for method, tau in ((m, t) for m in methods for t in taus):
             name = method.name if len(taus) == 1 else f"{method.name}@{tau:g}"
+            at = f"{name} at {percent:g}% noise"
             rows, previews = [], []
             for i in range(0, len(truth), batch_size):
                 part = slice(i, i + batch_size)
                 within = None if progress is None else \
-                    (lambda f, done=done: progress(done + f, total))
+                    (lambda f, done=done: progress(done + f, total, at))
                 row = reconstruct_batch(method, op, measurements[part], noise_std[part], tau,
                                         truth[part], device, within)
                 images = row.pop("reconstructions")   # only the previews' are kept
@@ -251,7 +253,7 @@ def evaluate(data: str | os.PathLike, methods: list[ReconstructionMethod], level
                 rows.append(row)
                 done += 1
                 if progress is not None:
-                    progress(done, total)
+                    progress(done, total, at)
             merged = concatenate_rows(rows)
             if percent == preview_level and previews:
                 result.previews[name] = np.concatenate(previews)

@@ -40,3 +40,27 @@ def test_the_library_example_fits_every_sample(monkeypatch):
     misfit = torch.linalg.vector_norm((op(names["drip"].solution) - b).flatten(1), dim=1)
     assert bool((misfit <= radius).all())
     assert names["drip"].regularizer_value.shape == (4,)
+
+
+def test_the_shell_examples_name_real_options():
+    """Every ``drip`` command in the shell blocks of the README and of sample_data/README.md
+    parses (its options exist and take the values given; parsed, not run), as the --help
+    examples do, so that the documented commands cannot drift from the CLI."""
+    import shlex
+
+    import typer
+
+    from drip_cli.cli import app
+
+    group = typer.main.get_command(app)
+    commands = []
+    for readme in ("README.md", "sample_data/README.md"):
+        blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", (ROOT / readme).read_text(), re.S)
+        for block in blocks:
+            for line in block.replace("\\\n", " ").splitlines():
+                if line.lstrip().startswith("drip "):
+                    commands.append(shlex.split(line, comments=True))
+    assert len(commands) >= 20, commands
+    for words in commands:
+        assert words[1] in group.commands, words
+        group.commands[words[1]].make_context(words[1], words[2:])   # raises where it drifted

@@ -218,6 +218,28 @@ def test_evaluate_reweight_applies_to_the_drip_models(runs, tmp_path):
     assert iterations["1"] > iterations["0"]   # a second, weighted solve
 
 
+def test_evaluate_caps_every_solver_and_names_those_stopped_short(runs, tmp_path):
+    """``--max-iterations`` caps every method's solver, as reconstruct's does its one (the
+    unrolled network keeps its fixed steps), and a method stopped at its cap on some samples is
+    named in a warning line with where: its figures are not of converged solutions."""
+    out = tmp_path / "capped"
+    result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run", "--model",
+                     runs / "unrolled_run", "--out", out, "--methods", "tv,drip,unrolled",
+                     "--noise-percent", "2,5", "--max-iterations", "3", "-q")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads((out / "robustness.json").read_text())["rows"]
+    tv = [row for row in rows if row["method"] == "tv"]
+    assert len(tv) == 2 and all(row["n_stopped_at_cap"] + row["n_unfit_at_cap"] == 6
+                                for row in tv)
+    warned = [line for line in result.stderr.splitlines() if line.startswith("drip: warning:")]
+    assert "drip: warning: tv stopped short of converging on 6/6 at 2%, 6/6 at 5% noise" in \
+        result.stderr, result.stderr
+    assert not any("unrolled stopped" in line for line in warned), warned
+    result = run_cli("evaluate", runs / "blur.h5", "--out", tmp_path / "free", "--methods", "tv",
+                     "--noise-percent", "2", "-q")
+    assert result.exit_code == 0 and "stopped short" not in result.stderr, result.stderr
+
+
 def test_evaluate_runs_every_method_at_every_tau_and_finds_each_best(runs, tmp_path):
     out = tmp_path / "report"
     result = run_cli("evaluate", runs / "blur.h5", "--model", runs / "drip_run", "--out", out,

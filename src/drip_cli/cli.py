@@ -58,7 +58,10 @@ EDGE_SCALE = typer.Option(
     None, "--edge-scale", min=1e-6,
     help="With reweighting: gradient magnitude at which a pixel's weight halves (intensities "
          "in [0, 1]). Default: the model's (0.05).")
-
+MAX_ITERATIONS = typer.Option(
+    None, "--max-iterations", min=1,
+    help="Iteration cap of the solver (evaluate: of every method's but the unrolled network's "
+         "fixed steps). Default: the model's (1000 for new models), 5000 for tv, 1000 for cgls.")
 PATCH_WEIGHT = typer.Option(
     None, "--patch-weight", min=0.0,
     help="drip: weight of the patch-mixture pass after the others (models trained with "
@@ -842,10 +845,7 @@ def reconstruct(
                               "||A u - b|| <= tau sigma sqrt(M)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = BATCH_SIZE,
-    max_iterations: Optional[int] = typer.Option(
-        None, "--max-iterations", min=1,
-        help="Iteration cap of the solver. Default: the model's (1000 for new models), 5000 "
-             "for tv, 1000 for cgls."),
+    max_iterations: Optional[int] = MAX_ITERATIONS,
     reweight: Optional[int] = REWEIGHT,
     edge_scale: Optional[float] = EDGE_SCALE,
     patch_weight: Optional[float] = PATCH_WEIGHT,
@@ -971,6 +971,7 @@ def evaluate(
         "as named in the tables (default: tv, else cgls)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     batch_size: Optional[int] = BATCH_SIZE,
+    max_iterations: Optional[int] = MAX_ITERATIONS,
     reweight: Optional[int] = REWEIGHT,
     edge_scale: Optional[float] = EDGE_SCALE,
     patch_weight: Optional[float] = PATCH_WEIGHT,
@@ -998,6 +999,10 @@ def evaluate(
         chosen = choose_methods(model or [], None if methods is None else methods.split(","),
                                 warn=warning_line)
         drip_models = [m for m in chosen if getattr(m, "kind", None) == "drip"]
+        if max_iterations is not None:   # every solver (the unrolled network has none)
+            for method in chosen:
+                if getattr(method, "kind", None) != "unrolled":
+                    method.set_max_iterations(max_iterations)
         if reweight is not None or edge_scale is not None:   # for every drip model compared
             if not drip_models:
                 raise DripError("--reweight and --edge-scale apply to drip models (--model)")
@@ -1023,8 +1028,27 @@ def evaluate(
                       regularizer_table(evaluation)):
             if extra is not None:
                 console.print(extra)
+        for note in _stopped_short(evaluation.rows):
+            warning_line(note)
         written = write_report(evaluation, out)
         console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
+
+
+def _stopped_short(rows: list[dict]) -> list[str]:
+    """One line per method of ``drip evaluate``'s rows whose solver stopped at its iteration
+    cap on some samples (``n_stopped_at_cap``: they fit the data, but short of the solver's own
+    criterion; ``n_unfit_at_cap``: not even that), at which levels: a comparison with such a
+    baseline is not with its converged solutions. (A drip model also stops a sample where the
+    noise is too low for its projections to get more accurate.)"""
+    short: dict[str, list[str]] = {}
+    for row in rows:
+        count = row["n_stopped_at_cap"] + row["n_unfit_at_cap"]
+        if count and row.get("base_method") != "unrolled":
+            short.setdefault(row["method"], []).append(
+                f"{count}/{row['n_samples']} at {row['noise_percent']:g}%")
+    return [f"{method} stopped short of converging on {', '.join(where)} noise: its figures "
+            f"there are of unconverged solutions (--max-iterations raises the cap)"
+            for method, where in short.items()]
 
 
 def summary_table(title: str, summaries: list[dict]) -> Table:

@@ -1041,13 +1041,18 @@ def _stopped_short(rows: list[dict]) -> list[str]:
     baseline is not with its converged solutions. (A drip model also stops a sample where the
     noise is too low for its projections to get more accurate.)"""
     short: dict[str, list[str]] = {}
+    learned = set()
     for row in rows:
         count = row["n_stopped_at_cap"] + row["n_unfit_at_cap"]
         if count and row.get("base_method") != "unrolled":
             short.setdefault(row["method"], []).append(
                 f"{count}/{row['n_samples']} at {row['noise_percent']:g}%")
+            if row.get("base_method") == "drip":
+                learned.add(row["method"])
     return [f"{method} stopped short of converging on {', '.join(where)} noise: its figures "
-            f"there are of unconverged solutions (--max-iterations raises the cap)"
+            f"there are of unconverged solutions (--max-iterations raises the cap"
+            + ("; or the noise is too low for its projections to get more accurate)"
+               if method in learned else ")")
             for method, where in short.items()]
 
 

@@ -282,8 +282,7 @@ class DripModel(torch.nn.Module):
             weights = self.pass_weights(result.solution)
             stop = settings if i == passes - 1 else guide
             again = solve_drip(op, self.embedding, self.regularizer, b, radius, z0=result.latent,
-                               pixel_weights=weights, value_floor=result.value_floor,
-                               progress=share(i + 1), **{**stop, **warm})
+                               pixel_weights=weights, progress=share(i + 1), **{**stop, **warm})
             again.iterations = again.iterations + result.iterations
             again.guide_latents = list(guides)
             result = again
@@ -306,8 +305,7 @@ class DripModel(torch.nn.Module):
         result = solve_drip(op, self.embedding, regularizer, b, radius, z0=previous.latent,
                             pixel_weights=previous.pixel_weights,
                             terms={"patch_labels": self.patch_prior.labels(previous.solution)},
-                            value_floor=previous.value_floor, progress=progress,
-                            **{**self._settings(overrides), **self._warm})
+                            progress=progress, **{**self._settings(overrides), **self._warm})
         result.iterations = result.iterations + previous.iterations
         result.guide_latents = [*(previous.guide_latents or []), previous.latent]
         return result

@@ -34,18 +34,6 @@ zero there, its least value: :func:`~drip_cli.solvers.datafit.best_constant` fin
 iteration (the stationarity test, which compares the gradient with what the constraint
 balances, would never pass there).
 
-Nearly flat samples. Where no constant fits but the minimiser is nearly flat (a crop of sky at
-high noise), ``R`` falls by orders of magnitude while the iterate drifts along the set too slowly
-for the stationarity test to pass: on a 64x64 tomography crop at 5% noise (true image within
-0.75-0.80), ``R`` went from 101 at the CGLS start to 0.0021 in 300 iterations, 0.00012 at the
-cap of 1000, and every pass ran to its cap, 3000 iterations where the other 63 crops of its set
-took at most 717, its PSNR 38.99 dB at 300 and 38.92 at 3000. Where ``R >= 0`` (the convex family, with or
-without the patch term: ``least_at_constants``), ``R(z) - min R <= R(z)``, so ``R(z) <=
-NEAR_FLAT_FRACTION R(z_start)`` bounds what is left to gain by that share of the start's value:
-such a sample stops, converged (every ``FLOOR_CHECK_EVERY`` iterations, among the samples whose
-iterate no longer changes). The first pass takes the floor from its CGLS start; the later passes
-(``value_floor``) keep it.
-
 Out of reach. Where the start's CGLS run (``final_projection_iterations`` steps) cannot bring a
 sample into the set, as when the radius lies below what the data allow (``--tau`` far under 1,
 or a noise level given too low), no projected-gradient iterate will fit it either: the sample
@@ -87,11 +75,6 @@ STALL_PATIENCE = 50
 MIN_PROJECTION_TOLERANCE = 1e-3
 # The cap of the CGLS runs that start a solve (and so find the samples out of reach) and end it.
 CGLS_ITERATIONS = 1000
-# Nearly flat samples (module docstring): where R >= 0, a sample whose R has fallen below this
-# share of its value at the CGLS start has converged in R, whatever its stationarity; tested
-# every FLOOR_CHECK_EVERY iterations on the samples whose iterate has stopped changing only.
-NEAR_FLAT_FRACTION = 1e-4
-FLOOR_CHECK_EVERY = 25
 
 
 class _StallWatch:
@@ -142,9 +125,6 @@ class DripSolution(SolverResult):
     # with reweighting: the latent solution of each pass before the last, whose image set the
     # next pass's pixel weights (first pass first)
     guide_latents: list[torch.Tensor] | None = None
-    # where R >= 0: a value below which a sample's R counts as converged (NEAR_FLAT_FRACTION of
-    # R at the first pass's CGLS start), for the passes that follow (module docstring)
-    value_floor: torch.Tensor | None = None
 
 
 def project(forward_op: EmbeddedOperator, b, radius, z, max_iterations: int):
@@ -168,7 +148,6 @@ def solve_drip(
     projection_tolerance: float = 1e-3,
     pixel_weights: torch.Tensor | None = None,
     terms: dict[str, torch.Tensor] | None = None,
-    value_floor: torch.Tensor | None = None,
     progress=None,
 ) -> DripSolution:
     """Solve the lower-level problem for a batch (see the module docstring), from ``z0`` (a
@@ -184,10 +163,7 @@ def solve_drip(
     the regularizer takes as keywords, such as the patch labels of
     :class:`~drip_cli.regularizers.patches.PatchAugmented`, whose ``unweighted_lipschitz(shape)``
     adds to the bound after the pixel weights' scaling. The returned ``regularizer_value`` is
-    the unweighted ``R`` (without ``terms``). ``value_floor`` (per sample; a previous pass's,
-    used where ``R >= 0``): a sample whose ``R`` (weighted, with ``terms``) falls below it stops
-    (nearly flat samples, module docstring); without it, a pass from the CGLS start takes
-    ``NEAR_FLAT_FRACTION`` of ``R`` there, and returns it.
+    the unweighted ``R`` (without ``terms``).
     ``progress(fraction)``, where given, is called with the share of samples finished whenever
     some finish.
     """
@@ -212,7 +188,6 @@ def solve_drip(
     # what the regularizer takes per sample, sliced with the working set
     terms = {**(terms or {}), **({} if pixel_weights is None else {"pixel_weights": pixel_weights})}
     terms_work = {name: value[rows] for name, value in terms.items()}
-    from_cgls = z0 is None
     z0, reachable, start_iterations = _feasible_start(
         forward_op, b_work, radius[rows], None if z0 is None else z0[rows],
         final_projection_iterations)
@@ -226,14 +201,6 @@ def solve_drip(
         terms_work = {name: value[reachable] for name, value in terms_work.items()}
         if progress is not None:
             progress(1 - len(rows) / n)
-    floor_work = None   # nearly flat samples (module docstring): where R >= 0
-    if getattr(regularizer, "least_at_constants", False):
-        if value_floor is None and from_cgls:
-            value_floor = torch.zeros(n, dtype=b.dtype, device=b.device)
-            if len(rows):
-                value_floor[rows] = NEAR_FLAT_FRACTION * regularizer.value(z0, **terms_work)
-        if value_floor is not None:
-            floor_work = value_floor.to(device=b.device, dtype=b.dtype)[rows]
     bounds = regularizer.curvature_and_lipschitz_bound(shape=forward_op.image_shape)
     curvature, lipschitz = (t.to(b.dtype) for t in bounds)
     # a pixel weight m scales R's curvature by at most max(m)
@@ -266,12 +233,6 @@ def solve_drip(
         change = (z_new - z).flatten(1).norm(dim=1) / z_new.flatten(1).norm(dim=1).clamp_min(1e-12)
         z_prev, z = torch.where(per_sample(against, z), z_new, z), z_new
         small = (change <= tolerance) & (stationarity <= stationarity_tolerance)
-        if floor_work is not None and it % FLOOR_CHECK_EVERY == 0:
-            still = ((change <= tolerance) & ~small).nonzero().squeeze(1)
-            if len(still):   # their iterate stopped changing: is R at the floor?
-                value = regularizer.value(z[still], **{name: v[still]
-                                                       for name, v in terms_work.items()})
-                small[still] = value <= floor_work[still]
         done = small | stuck | (it == max_iterations)
         if bool(done.any()):  # retire finished samples; keep iterating on the rest only
             finished = rows[done]
@@ -280,7 +241,6 @@ def solve_drip(
             rows = rows[keep]
             z, z_prev, momentum_t, step = z[keep], z_prev[keep], momentum_t[keep], step[keep]
             b_work, radius_work, safe_step = b_work[keep], radius_work[keep], safe_step[keep]
-            floor_work = None if floor_work is None else floor_work[keep]
             watch.keep(keep)
             terms_work = {name: value[keep] for name, value in terms_work.items()}
             if progress is not None:
@@ -296,7 +256,7 @@ def solve_drip(
     converged[inside] = stopped[inside] & final.converged
     return DripSolution(solution=embedding(latent), iterations=iterations, converged=converged,
                         latent=latent, regularizer_value=regularizer.value(latent),
-                        pixel_weights=pixel_weights, value_floor=value_floor)
+                        pixel_weights=pixel_weights)
 
 
 def _feasible_start(forward_op, b, radius, z0, max_iterations: int):

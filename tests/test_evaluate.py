@@ -236,7 +236,7 @@ def test_evaluate_caps_every_solver_and_names_those_stopped_short(runs, tmp_path
         result.stderr, result.stderr
     assert not any("unrolled stopped" in line for line in warned), warned
     (learned,) = [line for line in warned if "drip stopped short" in line]
-    assert "too low for its projections" in learned, learned
+    assert "where it stalled" in learned, learned
     result = run_cli("evaluate", runs / "blur.h5", "--out", tmp_path / "free", "--methods", "tv",
                      "--noise-percent", "2", "-q")
     assert result.exit_code == 0 and "stopped short" not in result.stderr, result.stderr

@@ -523,8 +523,9 @@ def test_drip_solver_does_not_stop_on_short_steps(photo_crops):
 def test_low_noise_solves_tighten_their_projections_and_stop_when_stuck(monkeypatch):
     """At low noise the inexact projections inside the steps put a floor under the stationarity:
     each stalled sample gets tenfold more accurate projections, and converges where fixed ones
-    run to the cap at a higher R; a sample whose projection is still at its Krylov cap at the
-    accuracy floor, and whose iterate no longer moves, stops early, flagged, and fits the data."""
+    run to the cap at a higher R; a sample stalled at the accuracy floor (here its projection
+    still at its Krylov cap), whose iterate no longer moves, stops early, flagged, and fits the
+    data."""
     import h5py
 
     import drip_cli.solvers.drip as drip_solver

@@ -937,8 +937,7 @@ def _fit_notes(summary: dict, out: Path, tau: float) -> list[str]:
     if summary["n_stopped_at_cap"]:
         notes.append(f"{summary['n_stopped_at_cap']} sample(s) fit the data but the solver stopped "
                      f"before converging (solver_converged = false in {out}): at its iteration "
-                     f"cap (raise it with --max-iterations), or for drip where the noise is too "
-                     f"low for its projections to get more accurate.")
+                     f"cap (raise it with --max-iterations), or for drip {DRIP_STALLED}.")
     return notes
 
 
@@ -1034,12 +1033,17 @@ def evaluate(
         console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
 
 
+# why a drip solve stops a sample short of its own criterion but at its cap (solvers.drip)
+DRIP_STALLED = ("where it stalled, its iterate no longer moving (at very low noise, or on a nearly "
+                "flat image)")
+
+
 def _stopped_short(rows: list[dict]) -> list[str]:
     """One line per method of ``drip evaluate``'s rows whose solver stopped at its iteration
     cap on some samples (``n_stopped_at_cap``: they fit the data, but short of the solver's own
     criterion; ``n_unfit_at_cap``: not even that), at which levels: a comparison with such a
-    baseline is not with its converged solutions. (A drip model also stops a sample where the
-    noise is too low for its projections to get more accurate.)"""
+    baseline is not with its converged solutions. (A drip model also stops a sample
+    ``DRIP_STALLED``.)"""
     short: dict[str, list[str]] = {}
     learned = set()
     for row in rows:
@@ -1051,8 +1055,7 @@ def _stopped_short(rows: list[dict]) -> list[str]:
                 learned.add(row["method"])
     return [f"{method} stopped short of converging on {', '.join(where)} noise: its figures "
             f"there are of unconverged solutions (--max-iterations raises the cap"
-            + ("; or the noise is too low for its projections to get more accurate)"
-               if method in learned else ")")
+            + (f"; or {DRIP_STALLED})" if method in learned else ")")
             for method, where in short.items()]
 
 

@@ -27,6 +27,7 @@ the image's statistics).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -342,9 +343,10 @@ def _texture(patches: torch.Tensor) -> torch.Tensor:
     return across.square().sum((1, 2)) + down.square().sum((1, 2))
 
 
+@functools.cache
 def _texture_threshold() -> float:
     """The ``TEXTURE_QUANTILE`` quantile of the texture of patches of white noise of std 1, by
-    Monte Carlo from a fixed seed (the same in every run)."""
+    Monte Carlo from a fixed seed (the same in every run; computed once per process)."""
     noise = torch.randn(2**16, NOISE_PATCH, NOISE_PATCH, dtype=torch.float64,
                         generator=torch.Generator().manual_seed(0))
     return float(torch.quantile(_texture(noise), TEXTURE_QUANTILE))
@@ -362,6 +364,14 @@ def _weakest_variance(patches: torch.Tensor) -> float:
         if int((tail > mean).sum()) == int((tail < mean).sum()):
             return max(float(mean), 0.0)
     return max(float(eigenvalues[0]), 0.0)
+
+
+def _observed_pixels(op: LinearOperator) -> torch.Tensor:
+    """Which pixels of a picture's measurements are data, ``(H, W)`` booleans: inpainting's
+    observed ones (its unobserved pixels are stored as 0), all for denoise and blur."""
+    if isinstance(op, Inpainting):
+        return op.mask.cpu() == 1
+    return torch.ones(op.measurement_shape[-2:], dtype=torch.bool)
 
 
 def _at_extremes(values: torch.Tensor) -> torch.Tensor:
@@ -392,9 +402,7 @@ def _patch_noise_std(op: LinearOperator, b: np.ndarray) -> NoiseEstimate:
     where = "of observed pixels " if isinstance(op, Inpainting) else ""
     refusal = (f"the noise estimate of {op.kind} reads the image's statistics, from its "
                f"{size}x{size} patches {where}(at least {needed} are needed), and ")
-    observed = torch.ones(height, width, dtype=torch.bool)
-    if isinstance(op, Inpainting):
-        observed = op.mask.cpu() == 1
+    observed = _observed_pixels(op)
     count = positions and channels * int(
         (F.unfold(observed[None, None].double(), size, stride=stride).amin(1) == 1).sum())
     if count < needed:
@@ -548,9 +556,7 @@ def clipping_doubt(op: LinearOperator, b: np.ndarray) -> str | None:
     clipped there too, which ``b = A x + noise`` does not describe."""
     if op.kind not in IMAGE_MEASUREMENT_KINDS:
         return None
-    extreme = _at_extremes(torch.from_numpy(b))
-    if isinstance(op, Inpainting):   # the unobserved pixels are zeros, not measurements
-        extreme &= op.mask.cpu() == 1
+    extreme = _at_extremes(torch.from_numpy(b)) & _observed_pixels(op)
     share = float(extreme.sum()) / (op.measured_count * len(b))
     if not share > CLIPPED_DOUBT:
         return None

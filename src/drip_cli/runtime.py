@@ -14,7 +14,14 @@
   made 12-31 thousand, and the two runs paired with those took 34 CPU seconds in all (converged
   TV, which allocates less: 36-45 against 34). The cost is that a process keeps up to
   ``TRIM_THRESHOLD`` of freed memory until it exits; its peak moved by a few MiB (``make
-  bench``'s memory section: 337-342 and 355 MiB against 333-334 and 357).
+  bench``'s memory section: 337-342 and 355 MiB against 333-334 and 357). The faults also
+  mislead the timing that picks each convolution's CPU kernel
+  (:mod:`drip_cli.operators.convolution`): the depthwise kernel's temporaries are large, and
+  without these settings an AMD EPYC machine timed it at 10-13 ms against
+  ``conv_transpose2d``'s 4-5 ms for the tomography sample model's filters at dilation 2 (32
+  samples), and at 1.9-3.1 ms where the heap kept freed memory (these settings, or larger
+  blocks freed earlier in the process). The model's solve of 64 crops then took 26.2-29.5 s
+  against 18.4-21.4 s (session 67, /tmp scripts).
 """
 
 from __future__ import annotations

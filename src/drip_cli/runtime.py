@@ -21,7 +21,8 @@
   ``conv_transpose2d``'s 4-5 ms for the tomography sample model's filters at dilation 2 (32
   samples), and at 1.9-3.1 ms where the heap kept freed memory (these settings, or larger
   blocks freed earlier in the process). The model's solve of 64 crops then took 26.2-29.5 s
-  against 18.4-21.4 s (session 67, /tmp scripts).
+  against 18.4-21.4 s with the allocator settings (given as glibc's environment variables;
+  session 67, /tmp scripts).
 """
 
 from __future__ import annotations

@@ -910,6 +910,11 @@ def reconstruct(
             console.print(f"[yellow]{note}[/yellow]")
 
 
+# why a drip solve stops a sample short of its own criterion but at its cap (solvers.drip)
+DRIP_STALLED = ("where it stalled, its iterate no longer moving (at very low noise, or on a nearly "
+                "flat image)")
+
+
 def _fit_notes(summary: dict, out: Path, tau: float) -> list[str]:
     """``drip reconstruct``'s notes on the samples that do not fit the data, and on those whose
     solver stopped short of its own criterion, with what each method's user can do about it."""
@@ -1031,11 +1036,6 @@ def evaluate(
             warning_line(note)
         written = write_report(evaluation, out)
         console.print(f"wrote {', '.join(p.name for p in written)} to {out}")
-
-
-# why a drip solve stops a sample short of its own criterion but at its cap (solvers.drip)
-DRIP_STALLED = ("where it stalled, its iterate no longer moving (at very low noise, or on a nearly "
-                "flat image)")
 
 
 def _stopped_short(rows: list[dict]) -> list[str]:

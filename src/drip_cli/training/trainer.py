@@ -885,10 +885,11 @@ class Trainer:
                 if cfg.max_steps is not None and steps_here >= cfg.max_steps:
                     stopped_early = True
                     break
-                if cfg.max_minutes is not None and time.perf_counter() - started >= 60 * cfg.max_minutes:
+                seconds = time.perf_counter() - started
+                if cfg.max_minutes is not None and seconds >= 60 * cfg.max_minutes:
                     stopped_early = True
                     break
-                self._set_learning_rate(time.perf_counter() - started, total_steps)
+                self._set_learning_rate(seconds, total_steps)
                 losses.append(self.train_step())
                 self.step_in_epoch += 1
                 self.global_step += 1

@@ -14,8 +14,11 @@ from helpers import run_cli
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_data"
 
 
-@pytest.mark.parametrize("name", ["blur", "tomography", "inpainting", "denoise"])
-def test_a_sample_model_beats_tv_on_its_sample_file(tmp_path, name):
+# DRIP's least lead over TV on each sample file (measured with `make demo`: +1.27 / +1.08 / +1.84
+# / +1.13 dB)
+@pytest.mark.parametrize("name, margin", [("blur", 0.6), ("tomography", 0.5),
+                                          ("inpainting", 0.5), ("denoise", 0.5)])
+def test_a_sample_model_beats_tv_on_its_sample_file(tmp_path, name, margin):
     reports = {}
     for method, options in (("drip", ["--model", SAMPLES / f"drip_{name}.safetensors"]),
                             ("tv", [])):
@@ -28,4 +31,4 @@ def test_a_sample_model_beats_tv_on_its_sample_file(tmp_path, name):
         reports[method] = json.loads(report.read_text())
     for summary in reports.values():
         assert summary["fit_fraction"] == 1.0 and summary["discrepancy_ratio_max"] <= 1.0
-    assert reports["drip"]["psnr_mean"] > reports["tv"]["psnr_mean"] + 0.5, reports
+    assert reports["drip"]["psnr_mean"] > reports["tv"]["psnr_mean"] + margin, reports

@@ -55,7 +55,8 @@ the 63 other crops of its set took at most 717; ``docs/design.md``). It is retir
 ``converged = False``, instead of running to ``max_iterations``.
 
 The measurements behind these choices, and the alternatives measured and not adopted (a growing
-step, an L-BFGS warm start, a diagonal preconditioner), are in ``docs/design.md``.
+step, an L-BFGS warm start, a diagonal preconditioner, Greedy FISTA's longer steps and momentum
+1), are in ``docs/design.md``.
 """
 
 from __future__ import annotations

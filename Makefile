@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/python scripts/demo.py
 
 # One pytest-xdist worker per core (each with its share of torch's threads, tests/conftest.py):
-# on 2 cores the suite took 3.0-4.3 minutes instead of 6.5 serially, and 6.0 on a slower processor.
+# on 2 cores the suite took 3.0-4.3 minutes instead of 6.5 serially, and 5.1-6.3 on a slower one.
 test: install
 	$(BIN)/python -m pytest -q -n auto --dist worksteal
 

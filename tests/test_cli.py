@@ -1079,6 +1079,9 @@ def _drip_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProcess
     ENOSPC, through the same paths."""
     import resource
 
+    import matplotlib.font_manager  # noqa: F401  matplotlib's font cache, built here on a fresh
+    # machine (or by a new matplotlib), not in the child, where writing it fails under the limit
+
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 

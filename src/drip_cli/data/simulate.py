@@ -8,6 +8,7 @@ that are not data (unobserved pixels) stay 0.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,11 +110,12 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
         values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except OSError as exc:
         raise DripError(f"cannot read {what} ({exc.strerror or exc})", path) from exc
-    except EOFError as exc:   # an empty file
-        raise DripError(f"cannot read {what}: the file is empty", path) from exc
-    except ValueError as exc:   # a text file reads as "pickled data", a cut one won't reshape
-        raise DripError(f"cannot read {what}: not a .npy array, or a truncated one (save it "
-                        "with numpy.save)", path) from exc
+    except (EOFError, ValueError) as exc:
+        # an empty file is an EOFError (NumPy 1.24: a ValueError); a text file reads as
+        # "pickled data", a cut one won't reshape
+        reason = ("the file is empty" if os.path.getsize(path) == 0 else
+                  "not a .npy array, or a truncated one (save it with numpy.save)")
+        raise DripError(f"cannot read {what}: {reason}", path) from exc
     if not isinstance(values, np.ndarray):   # an .npz archive
         values.close()
         raise DripError(f"cannot read {what}: expected one array saved with numpy.save, not an "

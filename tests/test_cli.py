@@ -1071,6 +1071,7 @@ def test_a_file_open_for_writing_elsewhere_is_named_so(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()   # else its pipe is left for the garbage collector (ResourceWarning)
 
 
 def _drip_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ def test_ground_truth_round_trips_through_png_and_simulate(tmp_path, bits, step)
     names = sorted(p.name for p in folder.iterdir())
     assert names == [f"ground_truth_{i:04d}.png" for i in range(12)]
     with Image.open(folder / names[0]) as picture:
-        # older Pillow (9.3, say) opens a 16-bit grayscale PNG as "I" (32-bit integers)
+        # older Pillow (9.2 and 9.3 here) opens a 16-bit grayscale PNG as "I" (32-bit integers)
         assert picture.mode in (("L",) if bits == 8 else ("I;16", "I")) and picture.size == (20, 16)
     back = tmp_path / "back.h5"
     result = run_cli("simulate", folder, back, "--operator", "denoise", "--noise-percent", "1",

@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of PyTorch: a plain `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+PYTEST := -m pytest -q -n auto --dist worksteal
 
 .PHONY: install demo test test-oldest bench clean
 
@@ -23,18 +24,19 @@ demo: install
 # One pytest-xdist worker per core (each with its share of torch's threads, tests/conftest.py):
 # on 2 cores the suite took 3.0-4.3 minutes instead of 6.5 serially, and 5.1-6.3 on a slower one.
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist worksteal
+	$(BIN)/python $(PYTEST)
 
-# The suite at the lowest versions pyproject.toml allows (scripts/oldest-versions.txt), in an
-# environment of its own; not part of `make test`: run it when a lower bound changes.
+# The suite at the lowest versions pyproject.toml allows (scripts/oldest_versions.py reads them
+# from it), in an environment of its own; not part of `make test`: run it when a bound changes.
 OLD_VENV ?= .venv-oldest
 test-oldest:
 	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
 	$(OLD_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLD_VENV)/bin/python scripts/oldest_versions.py > $(OLD_VENV)/oldest.txt
 	$(OLD_VENV)/bin/python -m pip install --quiet --only-binary=:all: "$(TORCH_PIN)" \
-		-r scripts/oldest-versions.txt
+		-r $(OLD_VENV)/oldest.txt
 	$(OLD_VENV)/bin/python -m pip install --quiet --no-deps -e .
-	$(OLD_VENV)/bin/python -m pytest -q -n auto --dist worksteal -p no:cacheprovider
+	$(OLD_VENV)/bin/python $(PYTEST) -p no:cacheprovider
 
 bench: install
 	$(BIN)/python bench/bench.py

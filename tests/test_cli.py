@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import h5py
@@ -1077,18 +1078,19 @@ def test_a_file_open_for_writing_elsewhere_is_named_so(tmp_path):
 def _drip_with_file_size_limit(limit: int, *args) -> subprocess.CompletedProcess:
     """``drip ARGS`` in a child process that may write no file larger than ``limit`` bytes
     (``ulimit -f``): writes beyond it fail with EFBIG, as writes on a full disk fail with
-    ENOSPC, through the same paths."""
+    ENOSPC, through the same paths. The child starts with no matplotlib font cache, as on a
+    fresh machine, so that writing that cache fails under the limit too."""
     import resource
-
-    import matplotlib.font_manager  # noqa: F401  matplotlib's font cache, built here on a fresh
-    # machine (or by a new matplotlib), not in the child, where writing it fails under the limit
 
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-m", "drip_cli", *map(str, args), "-q"],
-                          capture_output=True, text=True, env=env, preexec_fn=limit_file_size)
+    with tempfile.TemporaryDirectory() as matplotlib_config:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+               "MPLCONFIGDIR": matplotlib_config}
+        return subprocess.run([sys.executable, "-m", "drip_cli", *map(str, args), "-q"],
+                              capture_output=True, text=True, env=env,
+                              preexec_fn=limit_file_size)
 
 
 def test_a_refused_write_is_one_line_and_leaves_nothing(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -201,12 +202,22 @@ def _csv(rows: list[dict], fields) -> str:
 
 
 def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
+    """matplotlib's pyplot on the file-only Agg backend (no display needed).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The first import on a machine builds matplotlib's font cache; where that cache cannot be
+    saved (a full disk) matplotlib logs it, and the line came before drip's own one-line error
+    about the same disk. Not saving it costs only its rebuilding next time, so matplotlib's log
+    is held to errors while it loads."""
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        log.setLevel(level)
     return plt
 
 

@@ -664,9 +664,47 @@ def test_simulate_scales_16_bit_and_palette_pictures(tmp_path, monkeypatch):
     np.testing.assert_allclose(truth[0, 0], direct @ np.float32([0.299, 0.587, 0.114]), atol=1e-6)
 
 
+def test_simulate_reads_tiff_stacks_float_tiffs_and_single_pictures(tmp_path):
+    """Scientific images often come as TIFF: every page of a multi-page 16-bit TIFF is an image
+    (scaled by 65535, as a 16-bit PNG), a 32-bit float TIFF keeps its values (with simulate's
+    warning outside [0, 1]), and one picture file is a source as a folder of one is. An
+    inpainting mask is one picture: a stack is refused in one line."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pages = (rng.random((3, 24, 20)) * 65535).astype(np.uint16)
+    stack = tmp_path / "stack.tif"
+    Image.fromarray(pages[0]).save(stack, save_all=True,
+                                   append_images=[Image.fromarray(p) for p in pages[1:]])
+    truth = _simulated_truth(tmp_path, stack)
+    assert truth.shape == (3, 1, 24, 20)
+    np.testing.assert_allclose(truth[:, 0], pages / 65535, atol=1e-7)
+
+    values = (rng.random((24, 20)) * 2).astype(np.float32)
+    Image.fromarray(values).save(tmp_path / "float.tiff")
+    out = tmp_path / "f.h5"
+    result = run_cli("simulate", tmp_path / "float.tiff", out, "--operator", "denoise", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "not [0, 1]" in result.stderr
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["ground_truth"][0, 0], values)
+
+    picture = (rng.random((24, 20, 3)) * 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "photo.png")
+    folder = _folder_of_pictures(tmp_path / "one", picture)
+    np.testing.assert_array_equal(_simulated_truth(tmp_path, tmp_path / "photo.png"),
+                                  _simulated_truth(tmp_path, folder))
+
+    out = tmp_path / "masked.h5"
+    result = run_cli("simulate", tmp_path / "photo.png", out, "--operator", "inpainting",
+                     "--mask", stack)
+    assert_one_line_error(result, "stack.tif: holds 3 images (a multi-page file); one is "
+                          "expected", out)
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such file or folder"),
-    ("empty folder", "folder holds no PNG or JPEG files"),
+    ("empty folder", "folder holds no PNG, JPEG or TIFF files"),
     ("not a picture", "cannot read image"),
     ("sizes differ", "images differ in size; choose --crop-size"),
     ("crop too large", "is smaller than --crop-size 32"),

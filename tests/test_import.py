@@ -128,6 +128,23 @@ def test_colour_pictures_keep_their_channels_unless_converted(tmp_path):
     assert _read(out)[0]["measurements"].shape == (1, 1, 12, 14)
 
 
+def test_a_tiff_stack_is_a_sample_per_page(tmp_path):
+    """A camera's or microscope's series often comes as one multi-page TIFF: each page is a
+    sample, 16-bit pages scaled by 65535 and 32-bit float pages kept, as simulate reads them."""
+    rng = np.random.default_rng(1)
+    pages = (rng.random((4, 12, 14)) * 65535).astype(np.uint16)
+    Image.fromarray(pages[0]).save(tmp_path / "series.tif", save_all=True,
+                                   append_images=[Image.fromarray(p) for p in pages[1:]])
+    floats = rng.random((2, 12, 14)).astype(np.float32)
+    Image.fromarray(floats[0]).save(tmp_path / "floats.tiff", save_all=True,
+                                    append_images=[Image.fromarray(floats[1])])
+    for name, expected in (("series.tif", pages / 65535), ("floats.tiff", floats)):
+        out = tmp_path / f"{name}.h5"
+        assert run_cli("import", tmp_path / name, out, "--operator", "denoise",
+                       "--noise-std", 0.02, "--quiet").exit_code == 0
+        np.testing.assert_allclose(_read(out)[0]["measurements"][:, 0], expected, atol=1e-7)
+
+
 def _photo_sinograms(size, angles, angle_range, percent, n=8, seed=3):
     images = load_images("skimage:camera,coffee", SourceOptions(crop_size=size,
                                                                 crops_per_image=n // 2),

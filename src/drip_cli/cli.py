@@ -316,7 +316,8 @@ class OperatorKind(str, Enum):
 def simulate(
     ctx: typer.Context,
     images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), "
-                                 ".npy array, folder of PNG/JPEG files, phantom:ellipses, "
+                                 ".npy array, PNG/JPEG/TIFF picture or folder of them (every "
+                                 "page of a multi-page TIFF), phantom:ellipses, "
                                  "phantom:shepp-logan, or skimage:NAME[,NAME] / skimage:photos."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind.",
@@ -420,7 +421,7 @@ def simulate(
         finally:
             if opened is not None:
                 opened[0].close()
-        doubt = unit_range_doubt(low_value, high_value)  # PNG/JPEG, uint8/16 are scaled already
+        doubt = unit_range_doubt(low_value, high_value)  # pictures, uint8/16 are scaled already
         if doubt is not None:
             warning_line(f"{images}: {doubt}")
         console.print(key_value_table(f"wrote {out}", {
@@ -434,8 +435,8 @@ def import_measurements(
     ctx: typer.Context,
     measured: Path = typer.Argument(..., help="The measurements: a .npy array shaped S, (N, *S) "
                                     "or (N, C, *S) (S the operator's measurement shape), or a "
-                                    "PNG/JPEG picture or folder of them (denoise, blur, "
-                                    "inpainting)."),
+                                    "PNG/JPEG/TIFF picture or folder of them, a sample per "
+                                    "picture or TIFF page (denoise, blur, inpainting)."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: Optional[OperatorKind] = typer.Option(None, "--operator", case_sensitive=False,
                                                     help="Forward operator kind (or --like)."),

@@ -4,9 +4,10 @@ has them (``reconstruct`` then reports PSNR and SSIM).
 
 The measurements come as
 
-- PNG/JPEG pictures, one file or a folder of them (one sample each, all of one size; 8-bit, or
-  16-bit grayscale, scaled to [0, 1] as ``drip simulate`` reads pictures), for the operators
-  whose measurements are images (denoise, blur, inpainting);
+- PNG, JPEG or TIFF pictures, one file or a folder of them (one sample each, or each page of a
+  multi-page TIFF, all of one size; 8-bit or 16-bit grayscale scaled to [0, 1], 32-bit float
+  TIFFs kept, as ``drip simulate`` reads pictures), for the operators whose measurements are
+  images (denoise, blur, inpainting);
 - a ``.npy`` array (``numpy.save``, read without pickle) for any operator: ``S``, ``(N, *S)`` or
   ``(N, C, *S)`` with ``S`` the operator's measurement shape (``(H, W)`` for images, ``(n_angles,
   n_detectors)`` for a sinogram, ``(m,)`` for a sparse matrix's rows).
@@ -44,7 +45,8 @@ from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, Lin
                          SparseMatrixOperator, Tomography)
 from ..operators.tomography import radon_geometry
 from .simulate import OperatorSpec, build_operator, matrix_operator, read_npy
-from .sources import IMAGE_SUFFIXES, _as_float32, _read_picture, _to_channels
+from .sources import (IMAGE_SUFFIXES, PICTURES, _as_float32, _to_channels, picture_paths,
+                      read_pictures)
 
 # The noise estimate reads the measurement components in which the operator keeps less than
 # this share of the image (relative to its largest gain), and needs at least ESTIMATE_MIN_COUNT
@@ -88,20 +90,21 @@ class NoiseChoice:
 
 
 def _pictures(paths: list[Path], channels: int | None) -> np.ndarray:
+    """One sample per picture, or per frame of a multi-page TIFF."""
     images = []
     for path in paths:
-        picture = _read_picture(path)
-        own = 3 if picture.ndim == 3 else 1
-        try:
-            image = _to_channels(picture, channels or own)
-        except ValueError as exc:
-            raise DripError(str(exc), path) from exc
-        if images and image.shape != images[0].shape:
-            raise DripError(f"is {image.shape[1]}x{image.shape[2]} with {image.shape[0]} "
-                            f"channel(s), where {paths[0].name} is {images[0].shape[1]}x"
-                            f"{images[0].shape[2]} with {images[0].shape[0]}: the measurements "
-                            "of one file must share their shape", path)
-        images.append(image)
+        for picture in read_pictures(path):
+            own = 3 if picture.ndim == 3 else 1
+            try:
+                image = _to_channels(picture, channels or own)
+            except ValueError as exc:
+                raise DripError(str(exc), path) from exc
+            if images and image.shape != images[0].shape:
+                raise DripError(f"is {image.shape[1]}x{image.shape[2]} with {image.shape[0]} "
+                                f"channel(s), where {paths[0].name} is {images[0].shape[1]}x"
+                                f"{images[0].shape[2]} with {images[0].shape[0]}: the "
+                                "measurements of one file must share their shape", path)
+            images.append(image)
     return np.stack(images)
 
 
@@ -131,23 +134,20 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
     converts pictures (colour to grayscale or back); arrays keep their own."""
     if not source.exists():
         raise DripError("no such file or folder", source)
-    require_regular_file(source, "a .npy array, a PNG/JPEG picture or a folder of them")
+    require_regular_file(source, f"a .npy array, a {PICTURES} picture or a folder of them")
     if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
         if not images:
             raise DripError("pictures hold images, and this operator's measurements are not "
                             "images: give them as a .npy array", source)
-        paths = [source] if source.is_file() else sorted(
-            p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not paths:
-            raise DripError("folder holds no PNG or JPEG files", source)
-        values = _pictures(paths, channels)
+        values = _pictures(picture_paths(source), channels)
     elif source.suffix.lower() == ".npy":
         values = _array(source, rank, what)
         if channels is not None and channels != values.shape[1]:
             raise DripError(f"holds {values.shape[1]} channel(s); --channels converts pictures "
                             "only", source)
     else:
-        raise DripError("expected a .npy array, a PNG/JPEG picture or a folder of them", source)
+        raise DripError(f"expected a .npy array, a {PICTURES} picture or a folder of them",
+                        source)
     bad = ~np.isfinite(values)
     if bad.any():
         raise DripError(f"{what} contain NaN or Inf ({first_sample_where(bad, 0)})", source)

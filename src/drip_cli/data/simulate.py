@@ -20,7 +20,7 @@ from ..io.measurements import overflows_float32
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
                          Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
                          load_matrix_file)
-from .sources import IMAGE_SUFFIXES, _read_picture
+from .sources import IMAGE_SUFFIXES, read_picture
 
 
 def parse_noise_percent(text: str) -> tuple[float, float]:
@@ -130,7 +130,7 @@ def read_mask(path, image_size: tuple[int, int]) -> np.ndarray:
     """An inpainting mask (non-zero = observed) from a picture or a ``.npy`` array of the
     images' ``(H, W)``, as uint8."""
     if Path(path).suffix.lower() in IMAGE_SUFFIXES:
-        mask = _read_picture(Path(path))
+        mask = read_picture(Path(path))
         mask = mask.any(axis=-1) if mask.ndim == 3 else mask
     else:
         mask = read_npy(path, "mask", booleans=True)

@@ -8,7 +8,8 @@
 - a ``.npy`` array (``numpy.save``, read without pickle and memory-mapped) shaped ``(H, W)``,
   ``(N, H, W)`` or ``(N, C, H, W)``, its values as an HDF5 file's (``drip export OUT.npy``
   writes such arrays);
-- a folder of PNG/JPEG files (8-bit, or 16-bit grayscale PNG, scaled by 65535);
+- a PNG, JPEG or TIFF picture, or a folder of them (8-bit, or 16-bit grayscale, scaled by
+  65535; 32-bit float TIFFs kept as they are); every frame of a multi-page TIFF is an image;
 - ``phantom:ellipses`` (random ellipses) or ``phantom:shepp-logan``;
 - ``skimage:NAME[,NAME...]`` photographs bundled with scikit-image (``skimage:photos`` = all of
   the natural photographs below), read from the installed package, never downloaded.
@@ -32,7 +33,8 @@ from ..errors import DripError, require_regular_file
 from ..io.measurements import first_sample_where, open_failure
 from .phantoms import random_ellipses, shepp_logan
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+PICTURES = "PNG, JPEG or TIFF"   # the kinds of IMAGE_SUFFIXES, for messages
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left",
                   "motorcycle_right", "page", "retina", "rocket", "text", "microaneurysms")
@@ -115,28 +117,58 @@ def _crops(images: list[np.ndarray], options: SourceOptions, rng: np.random.Gene
     return np.stack(out)
 
 
-# Pillow's modes for 16-bit grayscale (PNG): converting them to "RGB" clips every value above
-# 255, so they are read as they are and scaled by 65535 like uint16 HDF5 images
+# Pillow's modes for 16-bit grayscale (PNG, TIFF): converting them to "RGB" clips every value
+# above 255, so they are read as they are and scaled by 65535 like uint16 HDF5 images
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _read_picture(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def _frame_values(frame, path: Path) -> np.ndarray:
+    """One frame of a picture as an array: uint8 or uint16 (scaled later, ``UNIT_SCALE``), or
+    float32 for a 32-bit float TIFF (mode ``F``), whose values are kept as they are."""
+    if frame.mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(frame).astype(np.uint16)
+    if frame.mode == "F":
+        return np.asarray(frame, dtype=np.float32)
+    if frame.mode == "I":   # 32-bit integers: how some Pillow versions open 16-bit PNGs
+        values = np.asarray(frame)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DripError("32-bit integer image with values outside 0..65535", path)
+        return values.astype(np.uint16)
+    if frame.mode not in ("L", "RGB"):
+        frame = frame.convert("RGB")
+    return np.asarray(frame)
+
+
+def read_pictures(path: Path) -> list[np.ndarray]:
+    """Every frame of a picture file: one for most, a stack's for a multi-page TIFF."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
 
     try:
         with Image.open(path) as picture:
-            if picture.mode in _SIXTEEN_BIT_MODES:
-                return np.asarray(picture).astype(np.uint16)
-            if picture.mode == "I":   # 32-bit integers: how some Pillow versions open 16-bit PNGs
-                values = np.asarray(picture)
-                if values.size and (values.min() < 0 or values.max() > 65535):
-                    raise DripError("32-bit integer image with values outside 0..65535", path)
-                return values.astype(np.uint16)
-            if picture.mode not in ("L", "RGB"):
-                picture = picture.convert("RGB")
-            return np.asarray(picture)
-    except (OSError, UnidentifiedImageError) as exc:
+            return [_frame_values(frame, path) for frame in ImageSequence.Iterator(picture)]
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DripError(f"cannot read image ({exc})", path) from exc
+
+
+def read_picture(path: Path) -> np.ndarray:
+    """A picture file's one image (a mask, a bundled photograph); a stack is refused."""
+    frames = read_pictures(path)
+    if len(frames) != 1:
+        raise DripError(f"holds {len(frames)} images (a multi-page file); one is expected",
+                        path)
+    return frames[0]
+
+
+def picture_paths(path: Path) -> list[Path]:
+    """The picture files at ``path``: the file itself, or a folder's in the order of their
+    names (other files in the folder are left out)."""
+    if not path.is_dir():
+        return [path]
+    paths = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+                   and p.is_file())
+    if not paths:
+        raise DripError(f"folder holds no {PICTURES} files", path)
+    return paths
 
 
 def _skimage_picture(name: str) -> np.ndarray:
@@ -147,7 +179,7 @@ def _skimage_picture(name: str) -> np.ndarray:
     if name not in SKIMAGE_PHOTOS or not path.exists():
         raise DripError(f"unknown scikit-image photograph {name!r} "
                         f"(available: {', '.join(SKIMAGE_PHOTOS)})", f"skimage:{name}")
-    return _read_picture(path)
+    return read_picture(path)
 
 
 def is_phantom_source(source: str) -> bool:
@@ -182,19 +214,17 @@ def load_images(source: str, options: SourceOptions, rng: np.random.Generator) -
     path = Path(source)
     if not path.exists():
         raise DripError("no such file or folder", path)
-    require_regular_file(path, "a folder, HDF5 file or built-in source")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise DripError("folder holds no PNG or JPEG files", path)
+    require_regular_file(path, "a folder, picture, HDF5 file or built-in source")
+    if path.is_dir() or path.suffix.lower() in IMAGE_SUFFIXES:
         pictures = []
-        for f in files:
+        for f in picture_paths(path):
             try:
-                pictures.append(_to_channels(_read_picture(f), options.channels))
+                pictures += [_to_channels(frame, options.channels) for frame in read_pictures(f)]
             except ValueError as exc:
                 raise DripError(str(exc), f) from exc
         return _crops(pictures, options, rng, source)
-    raise DripError("not a folder, HDF5 file, .npy array or built-in source", path)
+    raise DripError(f"not a folder, {PICTURES} picture, HDF5 file, .npy array or built-in "
+                    "source", path)
 
 
 def _image_stack_problem(shape: tuple, dtype: np.dtype) -> str | None:

@@ -113,21 +113,23 @@ def test_a_damaged_measurement_file_is_read_or_refused(valid_files, tmp_path, ki
 
 @settings(SETTINGS, max_examples=100)
 @given(kind=st.sampled_from(OPERATOR_CASES), damages=st.lists(DAMAGE, min_size=1, max_size=3),
-       dataset=st.sampled_from(["ground_truth", "measurements"]))
-def test_a_damaged_file_is_exported_or_refused(valid_files, tmp_path, kind, damages, dataset):
+       dataset=st.sampled_from(["ground_truth", "measurements"]), tiff=st.booleans())
+def test_a_damaged_file_is_exported_or_refused(valid_files, tmp_path, kind, damages, dataset,
+                                               tiff):
     """``drip export`` reads the image datasets itself, not through :class:`MeasurementFile`:
-    whatever the damage, it writes its PNG files or refuses the file with a
-    :class:`DripError`, and leaves no folder then."""
-    from drip_cli.export import export_pngs
+    whatever the damage, it writes its PNG files (or its TIFF) or refuses the file with a
+    :class:`DripError`, and leaves no folder (or file) then."""
+    from drip_cli.export import export_pngs, export_tiff
 
-    path, out = tmp_path / "damaged.h5", tmp_path / "png"
+    path, out = tmp_path / "damaged.h5", tmp_path / ("images.tif" if tiff else "png")
     shutil.copy(valid_files[kind], path)
     shutil.rmtree(out, ignore_errors=True)
+    out.unlink(missing_ok=True)
     with h5py.File(path, "a") as handle:
         for damage in damages:
             _damage(handle, *damage)
     try:
-        export_pngs(path, out, dataset)
+        export_tiff(path, out, dataset) if tiff else export_pngs(path, out, dataset)
     except DripError:
         assert not out.exists()
 

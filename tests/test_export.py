@@ -1,5 +1,6 @@
 """``drip export``: PNG files of a drip file's images, read back by ``drip simulate``, or a
-dataset as a ``.npy`` array, read back by ``drip import``."""
+dataset as a ``.npy`` array, read back by ``drip import``, or grayscale images as a float TIFF
+stack."""
 
 from __future__ import annotations
 
@@ -187,3 +188,37 @@ def test_simulate_reads_image_arrays_back(tmp_path):
                           ("text.npy", "not a .npy array")):
         assert_one_line_error(run_cli("simulate", tmp_path / name, bad, "--operator", "denoise"),
                               message, bad)
+
+
+def test_reconstructions_as_a_float_tiff_stack_and_back(tmp_path):
+    """A TIFF holds a grayscale dataset as 32-bit float pages, unclipped, one per sample, which
+    ImageJ reads as a stack and ``drip simulate`` reads back exactly; colour, a NaN in a later
+    sample and a model give one line and no file."""
+    path, _ = _measurements(tmp_path)
+    recon = tmp_path / "r.h5"
+    assert run_cli("reconstruct", path, "--method", "cgls", "--out", recon, "--quiet").exit_code == 0
+    out = tmp_path / "r.tif"
+    result = run_cli("export", recon, out, "--max-samples", 3, "--bits", 16)
+    assert result.exit_code == 0, result.stderr
+    assert "--bits: a TIFF keeps the values as stored (ignored)" in result.stderr
+    with h5py.File(recon) as f:
+        images = f["reconstructions"][:3]
+    assert ((images < 0) | (images > 1)).any()   # kept, not clipped
+    with Image.open(out) as stack:
+        assert stack.n_frames == 3 and stack.mode == "F" and stack.size == (20, 16)
+    back = tmp_path / "back.h5"
+    result = run_cli("simulate", out, back, "--operator", "denoise", "--noise-percent", 1, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(back) as f:
+        np.testing.assert_array_equal(f["ground_truth"][()], images)
+
+    with h5py.File(recon, "r+") as f:
+        f["reconstructions"][3, 0, 2, 2] = np.nan
+    bad = tmp_path / "bad.tiff"
+    assert_one_line_error(run_cli("export", recon, bad), "NaN or Inf at sample 3", bad)
+    colour, _ = _measurements(tmp_path, shape=(3, 12, 14), n=2, name="c.h5")
+    assert_one_line_error(run_cli("export", colour, bad), "has 3 channels; a TIFF is written "
+                          "for grayscale images", bad)
+    model = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
+    assert_one_line_error(run_cli("export", model, bad), "a model holds no images", bad)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left

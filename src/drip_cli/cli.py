@@ -137,6 +137,7 @@ EXAMPLES = {
         "drip export sample_data/blur.h5 truth/ --bits 16",
         "drip export sample_data/blur.h5 blurred/ --dataset measurements --max-samples 4",
         "drip export sample_data/tomography.h5 sinograms.npy --dataset measurements",
+        "drip export blur_drip.h5 blur_drip.tif",
     ],
     "info": [
         "drip info sample_data/blur.h5",
@@ -1127,8 +1128,9 @@ class ImageDataset(str, Enum):
 def export(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="A reconstruction or measurement file."),
-    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed), or a .npy "
-                               "file for the whole dataset as one array."),
+    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed), a .npy "
+                               "file for the whole dataset as one array, or a .tif file for "
+                               "grayscale images as a stack of float pages."),
     dataset: Optional[ImageDataset] = typer.Option(
         None, "--dataset", help="What to write. Default: a reconstruction file's "
         "reconstructions, a measurement file's ground_truth. Measurements as PNG files where "
@@ -1140,21 +1142,34 @@ def export(
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Write a drip file's images as PNG files, or a dataset as a .npy array.
+    """Write a drip file's images as PNG files, a TIFF stack, or a dataset as a .npy array.
 
     PNG intensities are clipped to [0, 1]; the folder gets every file or none. A .npy array
-    keeps the values as stored, shaped (N, C, ...).
+    keeps the values as stored, shaped (N, C, ...); so does a TIFF (.tif, .tiff), a 32-bit
+    float page per grayscale image, as ImageJ / Fiji reads a stack.
     """
-    from .export import BITS, export_array, export_pngs
+    from .export import BITS, export_array, export_pngs, export_tiff
 
     if bits not in BITS:
         raise typer.BadParameter(f"{bits} is not one of {', '.join(map(str, BITS))}",
                                  param_hint="'--bits'")
     name = None if dataset is None else dataset.value
     with _errors(debug):
+        one_file = {".npy": "a .npy array", ".tif": "a TIFF", ".tiff": "a TIFF"}
+        if out.suffix.lower() in one_file and "bits" in _given_parameters(ctx):
+            warning_line(f"--bits: {one_file[out.suffix.lower()]} keeps the values as stored "
+                         "(ignored)")
+        if out.suffix.lower() in (".tif", ".tiff"):
+            with progress_bar(f"writing {out.name}", 0, quiet) as update:
+                summary = export_tiff(file, out, name, max_samples, progress=update)
+            console.print(key_value_table(f"wrote {summary['pages']} images as one TIFF", {
+                "file": summary["file"],
+                "dataset": summary["dataset"],
+                "page shape (H, W)": str(tuple(summary["page shape"])),
+                "values": "32-bit float, as stored",
+            }))
+            return
         if out.suffix.lower() == ".npy":
-            if "bits" in _given_parameters(ctx):
-                warning_line("--bits: a .npy array keeps the values as stored (ignored)")
             with progress_bar(f"writing {out.name}", 0, quiet) as update:
                 summary = export_array(file, out, name, max_samples, progress=update)
             console.print(key_value_table(f"wrote {summary['shape'][0]} samples as one array", {

@@ -1,4 +1,5 @@
-"""``drip export``: the images of a drip file as PNG files, to look at or to hand to other tools.
+"""``drip export``: the images of a drip file as PNG files, to look at or to hand to other tools
+(or as a ``.npy`` array or a float TIFF stack, below).
 
 A reconstruction file gives its ``reconstructions``; a measurement file its ``ground_truth``,
 or its ``measurements`` where those are images (the identity, blur and inpainting operators;
@@ -14,6 +15,11 @@ Given a ``.npy`` path instead of a folder, the dataset is written as one array, 
 with its values as stored (neither clipped nor rounded), and of a measurement file any
 operator's measurements: a sinogram or a sparse operator's data too. ``drip import`` reads
 such an array back, and NumPy (``np.load``) or any other tool reads it without drip.
+
+Given a ``.tif`` or ``.tiff`` path, grayscale images are written as one multi-page TIFF of
+32-bit floats, a page per sample, with the values as stored: the form ImageJ / Fiji and most
+microscopy and CT software read as a stack, and ``drip simulate`` and ``drip import`` read back
+exactly.
 """
 
 from __future__ import annotations
@@ -49,6 +55,15 @@ def _write_png(path: Path, levels: np.ndarray) -> None:
     from PIL import Image
 
     Image.fromarray(levels).save(path, format="PNG")
+
+
+def _file_kind(path: Path, what: str) -> str:
+    """The kind of drip file at ``path``, refused where it is a model (no ``what`` in it)."""
+    kind = file_kind(path)
+    if kind == "model":
+        raise DripError(f"a model holds no {what}: export a reconstruction or measurement file",
+                        path)
+    return kind
 
 
 def _dataset(handle, kind: str, name: str | None, path: Path, images: bool = True):
@@ -93,10 +108,7 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
     path = Path(path)
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}")
-    kind = file_kind(path)
-    if kind == "model":
-        raise DripError("a model holds no images: export a reconstruction or measurement file",
-                        path)
+    kind = _file_kind(path, "images")
     with open_h5(path, kind) as handle, reading(path):
         name, dset = _dataset(handle, kind, dataset, path)
         n, channels = dset.shape[:2]
@@ -123,6 +135,34 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
             "channels": channels, "clipped": clipped / values}
 
 
+def export_tiff(path: str | os.PathLike, out: str | os.PathLike, dataset: str | None = None,
+                max_samples: int | None = None, progress=None) -> dict:
+    """Write the grayscale images of ``path`` (as :func:`export_pngs` chooses them) to ``out``
+    as a multi-page TIFF of 32-bit floats, one page per sample, the first ``max_samples``
+    (all by default), with the values as stored, atomically, a page at a time.
+    ``progress(done, total)`` hears of each page. Returns a summary: ``file``, ``dataset``,
+    ``pages``, ``page shape``."""
+    from PIL import Image, TiffImagePlugin
+
+    path = Path(path)
+    kind = _file_kind(path, "images")
+    with open_h5(path, kind) as handle, reading(path):
+        name, dset = _dataset(handle, kind, dataset, path)
+        if dset.shape[1] != 1:
+            raise DripError(f"dataset '{name}' has {dset.shape[1]} channels; a TIFF is written "
+                            "for grayscale images (export colour as a .npy array, or as PNG "
+                            "files)", path)
+        count = len(dset) if max_samples is None else min(len(dset), max_samples)
+        with atomic_path(out) as tmp, TiffImagePlugin.AppendingTiffWriter(tmp, new=True) as tiff:
+            for i in range(count):
+                page = _finite(dset, i, name, path)[0].astype(np.float32)
+                Image.fromarray(page).save(tiff, format="TIFF")   # mode F
+                tiff.newFrame()
+                if progress is not None:
+                    progress(i + 1, count)
+    return {"file": str(out), "dataset": name, "pages": count, "page shape": dset.shape[2:]}
+
+
 def _finite(dset, i: int, name: str, path: Path) -> np.ndarray:
     """Sample ``i`` of ``dset``, refused where it holds NaN or Inf."""
     sample = np.asarray(dset[i])
@@ -139,10 +179,7 @@ def export_array(path: str | os.PathLike, out: str | os.PathLike, dataset: str |
     first ``max_samples`` samples (all by default), atomically. ``progress(done, total)``
     hears of each sample. Returns a summary: ``file``, ``dataset``, ``shape``, ``dtype``."""
     path = Path(path)
-    kind = file_kind(path)
-    if kind == "model":
-        raise DripError("a model holds no samples: export a reconstruction or measurement "
-                        "file", path)
+    kind = _file_kind(path, "samples")
     with open_h5(path, kind) as handle, reading(path):
         name, dset = _dataset(handle, kind, dataset, path, images=False)
         count = len(dset) if max_samples is None else min(len(dset), max_samples)

@@ -222,3 +222,24 @@ def test_reconstructions_as_a_float_tiff_stack_and_back(tmp_path):
     model = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
     assert_one_line_error(run_cli("export", model, bad), "a model holds no images", bad)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left
+
+
+def test_sinograms_round_trip_through_a_float_tiff_and_import(tmp_path):
+    """CT software keeps sinograms as float TIFF stacks: a measurement file's sinograms go out
+    as one (rows the angles) and come back through ``drip import --like`` unchanged; a sparse
+    operator's one-axis data has no page to fill."""
+    path, _ = _measurements(tmp_path, kind="tomography", n=3, name="t.h5")
+    out = tmp_path / "sinograms.tiff"
+    result = run_cli("export", path, out, "--dataset", "measurements", "--quiet")
+    assert result.exit_code == 0, result.stderr
+    back = tmp_path / "back.h5"
+    result = run_cli("import", out, back, "--like", path, "--noise-std", 0.01, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(path) as f, h5py.File(back) as g:
+        assert f["measurements"].shape[2:] == (f["operator/angles_deg"].shape[0],
+                                               f["operator"].attrs["n_detectors"])
+        np.testing.assert_array_equal(g["measurements"][()], f["measurements"][()])
+    matrix, _ = _measurements(tmp_path, kind="matrix", name="a.h5")
+    bad = tmp_path / "bad.tif"
+    assert_one_line_error(run_cli("export", matrix, bad, "--dataset", "measurements"),
+                          "holds 1-axis samples; a TIFF page holds two", bad)

@@ -409,8 +409,12 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
          "no square image has sinograms of 11 detectors"),
         ([tmp_path / "sino.npy", out, "--operator", "tomography", "--angles", 12, "--noise-std",
           0.1], "the tomography operator measures (1, 12"),
+        # a sinogram as an 8-bit picture would be read scaled to [0, 1]: only float TIFFs
         ([tmp_path / "pic.png", out, "--operator", "tomography", "--noise-std", 0.1],
-         "give them as a .npy array"),
+         "pic.png: holds 8-bit integers, which drip reads as images scaled to [0, 1]; these "
+         "measurements are not images: give them as a 32-bit float TIFF or a .npy array"),
+        ([tmp_path / "pic.png", out, "--operator", "matrix", "--matrix", tmp_path / "a.npz",
+          "--noise-std", 0.1], "pictures hold images"),
         ([tmp_path / "pic.png", out, "--operator", "denoise", "--noise-percent", 1],
          "would be 0 (its measurements are all zero)"),
         ([tmp_path / "flat.npy", out, "--operator", "denoise", "--estimate-noise"],

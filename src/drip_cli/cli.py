@@ -437,7 +437,8 @@ def import_measurements(
     measured: Path = typer.Argument(..., help="The measurements: a .npy array shaped S, (N, *S) "
                                     "or (N, C, *S) (S the operator's measurement shape), or a "
                                     "PNG/JPEG/TIFF picture or folder of them, a sample per "
-                                    "picture or TIFF page (denoise, blur, inpainting)."),
+                                    "picture or TIFF page (denoise, blur, inpainting; "
+                                    "sinograms as 32-bit float TIFFs)."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: Optional[OperatorKind] = typer.Option(None, "--operator", case_sensitive=False,
                                                     help="Forward operator kind (or --like)."),
@@ -1130,7 +1131,7 @@ def export(
     file: Path = typer.Argument(..., help="A reconstruction or measurement file."),
     out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed), a .npy "
                                "file for the whole dataset as one array, or a .tif file for "
-                               "grayscale images as a stack of float pages."),
+                               "grayscale images or sinograms as a stack of float pages."),
     dataset: Optional[ImageDataset] = typer.Option(
         None, "--dataset", help="What to write. Default: a reconstruction file's "
         "reconstructions, a measurement file's ground_truth. Measurements as PNG files where "
@@ -1146,7 +1147,7 @@ def export(
 
     PNG intensities are clipped to [0, 1]; the folder gets every file or none. A .npy array
     keeps the values as stored, shaped (N, C, ...); so does a TIFF (.tif, .tiff), a 32-bit
-    float page per grayscale image, as ImageJ / Fiji reads a stack.
+    float page per grayscale image or sinogram, as ImageJ / Fiji reads a stack.
     """
     from .export import BITS, export_array, export_pngs, export_tiff
 
@@ -1162,10 +1163,10 @@ def export(
         if out.suffix.lower() in (".tif", ".tiff"):
             with progress_bar(f"writing {out.name}", 0, quiet) as update:
                 summary = export_tiff(file, out, name, max_samples, progress=update)
-            console.print(key_value_table(f"wrote {summary['pages']} images as one TIFF", {
+            console.print(key_value_table(f"wrote {summary['pages']} samples as one TIFF", {
                 "file": summary["file"],
                 "dataset": summary["dataset"],
-                "page shape (H, W)": str(tuple(summary["page shape"])),
+                "page shape (rows, columns)": str(tuple(summary["page shape"])),
                 "values": "32-bit float, as stored",
             }))
             return

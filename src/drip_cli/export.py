@@ -16,10 +16,10 @@ with its values as stored (neither clipped nor rounded), and of a measurement fi
 operator's measurements: a sinogram or a sparse operator's data too. ``drip import`` reads
 such an array back, and NumPy (``np.load``) or any other tool reads it without drip.
 
-Given a ``.tif`` or ``.tiff`` path, grayscale images are written as one multi-page TIFF of
-32-bit floats, a page per sample, with the values as stored: the form ImageJ / Fiji and most
-microscopy and CT software read as a stack, and ``drip simulate`` and ``drip import`` read back
-exactly.
+Given a ``.tif`` or ``.tiff`` path, grayscale images, or measurements of two axes (a sinogram
+too), are written as one multi-page TIFF of 32-bit floats, a page per sample, with the values
+as stored: the form ImageJ / Fiji and most microscopy and CT software read as a stack, and
+``drip simulate`` and ``drip import`` read back exactly.
 """
 
 from __future__ import annotations
@@ -137,9 +137,10 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
 
 def export_tiff(path: str | os.PathLike, out: str | os.PathLike, dataset: str | None = None,
                 max_samples: int | None = None, progress=None) -> dict:
-    """Write the grayscale images of ``path`` (as :func:`export_pngs` chooses them) to ``out``
-    as a multi-page TIFF of 32-bit floats, one page per sample, the first ``max_samples``
-    (all by default), with the values as stored, atomically, a page at a time.
+    """Write the grayscale images of ``path`` (as :func:`export_pngs` chooses them), or its
+    measurements where they have two axes (images, a sinogram), to ``out`` as a multi-page TIFF
+    of 32-bit floats, one page per sample, the first ``max_samples`` (all by default), with the
+    values as stored, atomically, a page at a time.
     ``progress(done, total)`` hears of each page. Returns a summary: ``file``, ``dataset``,
     ``pages``, ``page shape``."""
     from PIL import Image, TiffImagePlugin
@@ -147,7 +148,10 @@ def export_tiff(path: str | os.PathLike, out: str | os.PathLike, dataset: str | 
     path = Path(path)
     kind = _file_kind(path, "images")
     with open_h5(path, kind) as handle, reading(path):
-        name, dset = _dataset(handle, kind, dataset, path)
+        name, dset = _dataset(handle, kind, dataset, path, images=False)
+        if len(dset.shape) != 4:
+            raise DripError(f"dataset '{name}' holds {len(dset.shape) - 2}-axis samples; a TIFF "
+                            "page holds two (export them as a .npy array)", path)
         if dset.shape[1] != 1:
             raise DripError(f"dataset '{name}' has {dset.shape[1]} channels; a TIFF is written "
                             "for grayscale images (export colour as a .npy array, or as PNG "

@@ -7,7 +7,8 @@ The measurements come as
 - PNG, JPEG or TIFF pictures, one file or a folder of them (one sample each, or each page of a
   multi-page TIFF, all of one size; 8-bit or 16-bit grayscale scaled to [0, 1], 32-bit float
   TIFFs kept, as ``drip simulate`` reads pictures), for the operators whose measurements are
-  images (denoise, blur, inpainting);
+  images (denoise, blur, inpainting), and sinograms as 32-bit float TIFFs (an 8- or 16-bit
+  picture would be read as an image scaled to [0, 1], so it is refused for them);
 - a ``.npy`` array (``numpy.save``, read without pickle) for any operator: ``S``, ``(N, *S)`` or
   ``(N, C, *S)`` with ``S`` the operator's measurement shape (``(H, W)`` for images, ``(n_angles,
   n_detectors)`` for a sinogram, ``(m,)`` for a sparse matrix's rows).
@@ -89,11 +90,18 @@ class NoiseChoice:
                 "percent of mean |b|" if self.noise_percent is not None else "estimated")
 
 
-def _pictures(paths: list[Path], channels: int | None) -> np.ndarray:
-    """One sample per picture, or per frame of a multi-page TIFF."""
+def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False) -> np.ndarray:
+    """One sample per picture, or per frame of a multi-page TIFF. ``floats_only``: the
+    measurements are not images (a sinogram), so only 32-bit float pictures, whose values are
+    kept, can hold them; 8- and 16-bit ones are read as images scaled to [0, 1]."""
     images = []
     for path in paths:
         for picture in read_pictures(path):
+            if floats_only and picture.dtype != np.float32:
+                raise DripError(f"holds {8 * picture.dtype.itemsize}-bit integers, which drip "
+                                "reads as images scaled to [0, 1]; these measurements are not "
+                                "images: give them as a 32-bit float TIFF or a .npy array",
+                                path)
             own = 3 if picture.ndim == 3 else 1
             try:
                 image = _to_channels(picture, channels or own)
@@ -130,16 +138,17 @@ def _array(path: Path, rank: int, what: str = "measurements") -> np.ndarray:
 def read_measured(source: Path, rank: int, channels: int | None = None,
                   images: bool = True, what: str = "measurements") -> np.ndarray:
     """The measurements (or ``what`` else) at ``source`` as ``(N, C, *S)`` float32; ``rank =
-    len(S)``; ``images``: whether they are images, which pictures may hold. ``channels``
-    converts pictures (colour to grayscale or back); arrays keep their own."""
+    len(S)``; ``images``: whether they are images, which any picture may hold (other
+    measurements of two axes, a sinogram, only a 32-bit float TIFF). ``channels`` converts
+    pictures (colour to grayscale or back); arrays keep their own."""
     if not source.exists():
         raise DripError("no such file or folder", source)
     require_regular_file(source, f"a .npy array, a {PICTURES} picture or a folder of them")
     if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
-        if not images:
+        if not images and rank != 2:
             raise DripError("pictures hold images, and this operator's measurements are not "
                             "images: give them as a .npy array", source)
-        values = _pictures(picture_paths(source), channels)
+        values = _pictures(picture_paths(source), channels, floats_only=not images)
     elif source.suffix.lower() == ".npy":
         values = _array(source, rank, what)
         if channels is not None and channels != values.shape[1]:

@@ -44,6 +44,7 @@ def seed_option(help: str):
 
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress display (results are still written).")
 DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 BATCH_SIZE = typer.Option(
     None, "--batch-size", min=1,
     help="Samples solved together. Default: on the CPU 64, or as many as hold 8 images of "
@@ -695,7 +696,7 @@ def train(
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant used in training."),
     seed: int = seed_option("Seed of the validation split, the sample order, the noise draws "
                             "and the start's random filters."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE,
     resume: bool = typer.Option(
         False, "--resume",
         help="Continue the run in --out exactly: options left out take the run's values "
@@ -846,7 +847,7 @@ def reconstruct(
         help="Noise std for every sample (overrides the file's; recorded in the output)."),
     tau: float = typer.Option(1.0, "--tau", help="Discrepancy constant: fit means "
                               "||A u - b|| <= tau sigma sqrt(M)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE,
     batch_size: Optional[int] = BATCH_SIZE,
     max_iterations: Optional[int] = MAX_ITERATIONS,
     reweight: Optional[int] = REWEIGHT,
@@ -976,7 +977,7 @@ def evaluate(
     reference: Optional[str] = typer.Option(
         None, "--reference", help="The method every other is paired with, sample by sample, "
         "as named in the tables (default: tv, else cgls)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    device: str = DEVICE,
     batch_size: Optional[int] = BATCH_SIZE,
     max_iterations: Optional[int] = MAX_ITERATIONS,
     reweight: Optional[int] = REWEIGHT,

@@ -269,6 +269,40 @@ def test_info_on_measurements_reports_norm_and_adjointness(tmp_path):
     assert "not stored (reconstruct needs --noise-std)" in result.stdout
 
 
+def test_info_on_the_inputs_of_simulate_and_import(tmp_path):
+    """Before a simulate or an import, ``drip info`` shows what drip will read of an array or
+    of pictures: the pages of a TIFF, the sizes, how the values are scaled and their range as
+    read; a folder without pictures is still taken for a run folder and refused as one."""
+    from PIL import Image
+
+    pages = np.full((2, 6, 5), 65535, np.uint16)
+    pages[1] = 6554   # 0.1 of the scale, shown to 4 digits
+    Image.fromarray(pages[0]).save(tmp_path / "s.tif", save_all=True,
+                                   append_images=[Image.fromarray(pages[1])])
+    result = run_cli("info", tmp_path / "s.tif")
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for shown in ("TIFF picture", "images │ 2 (the pages of multi-page files)", "6x5",
+                  "16-bit integers", "divided by 65535, to [0, 1]", "0.1 .. 1"):
+        assert shown in text, text
+    folder = _folder_of_pictures(tmp_path / "mixed", np.zeros((4, 4), np.uint8),
+                                 np.full((5, 4, 3), 255, np.uint8))
+    text = " ".join(run_cli("info", folder).stdout.split())
+    for shown in ("folder of 2 pictures (PNG)", "4x4, 5x4, of several sizes",
+                  "1 (grayscale) and 3 (colour)", "0 .. 1"):
+        assert shown in text, text
+    array = np.ones((3, 1, 4, 4), np.float32) * 2
+    array[2, 0, 0, 0] = np.nan
+    np.save(tmp_path / "a.npy", array)
+    text = " ".join(run_cli("info", tmp_path / "a.npy").stdout.split())
+    for shown in ("(3, 1, 4, 4)", "float32", "as they are", "values as read │ 2 │",
+                  "NaN or Inf │ 1"):
+        assert shown in text, text
+    (tmp_path / "empty").mkdir()
+    result = run_cli("info", tmp_path / "empty")
+    assert result.exit_code == 1 and "a folder without model.safetensors" in result.stderr
+
+
 def test_info_shows_the_file_before_measuring_its_operator_and_says_so(tmp_path, monkeypatch):
     """The operator's norm and adjointness take tens of seconds for a large Radon matrix:
     ``drip info`` prints the file's section first and tells the spinner what it measures."""

@@ -546,16 +546,18 @@ def test_a_camera_blur_imported_as_periodic_is_doubted(tmp_path):
 
 
 def test_an_array_given_for_a_measurement_file_names_drip_import(tmp_path):
-    """``drip info`` and ``drip reconstruct`` given an array or a picture instead of a
-    measurement file say how to make one, in their one line."""
+    """``drip reconstruct`` given an array or a picture instead of a measurement file says how
+    to make one, in its one line; ``drip info`` summarises the array or picture, and says it
+    too."""
     np.save(tmp_path / "b.npy", np.zeros((2, 8, 8), np.float32))
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "b.png")
     for name in ("b.npy", "b.png"):
-        for args in (["info", tmp_path / name],
-                     ["reconstruct", tmp_path / name, "--out", tmp_path / "r.h5", "--method",
-                      "tv"]):
-            assert_one_line_error(run_cli(*args), "drip import makes a measurement file",
-                                  tmp_path / "r.h5")
+        assert_one_line_error(run_cli("reconstruct", tmp_path / name, "--out", tmp_path / "r.h5",
+                                      "--method", "tv"),
+                              "drip import makes a measurement file", tmp_path / "r.h5")
+        result = run_cli("info", tmp_path / name)
+        assert result.exit_code == 0, result.stderr
+        assert "drip import makes a measurement file" in " ".join(result.stdout.split())
 
 
 def test_an_object_beyond_the_image_is_named(tmp_path):

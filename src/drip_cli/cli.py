@@ -144,6 +144,7 @@ EXAMPLES = {
         "drip info sample_data/blur.h5",
         "drip info run",
         "drip info blur_drip.h5 --samples 20",
+        "drip info scans/",
     ],
 }
 
@@ -1081,7 +1082,8 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
 @app.command(epilog=_examples("info"))
 def info(
     file: Path = typer.Argument(..., help="A measurement file, reconstruction file, model file "
-                                "or training run folder."),
+                                "or training run folder; or an input of simulate and import "
+                                "(a .npy array, a picture or a folder of pictures)."),
     samples: int = typer.Option(10, "--samples", min=0,
                                 help="Reconstruction files: rows of the per-sample table."),
     quiet: bool = QUIET,
@@ -1089,11 +1091,19 @@ def info(
 ) -> None:
     """Summarize a drip file: measurements, reconstructions or a model.
 
-    Datasets, operator (||A||, adjointness), data fit and PSNR, or a model's metadata.
+    Datasets, operator (||A||, adjointness), data fit and PSNR, or a model's metadata. Of an
+    array or pictures: shapes, and how drip scales their values when it reads them.
     """
-    from .info import file_kind, measurement_info, model_info, reconstruction_info
+    from .info import (file_kind, input_info, is_input_file, measurement_info, model_info,
+                       reconstruction_info)
 
     with _errors(debug):
+        if is_input_file(file):
+            with status(f"reading {file.name}", quiet):
+                sections = input_info(file)
+            for title, rows in sections:
+                console.print(key_value_table(title, rows))
+            return
         kind = file_kind(file)
         if kind == "measurements":
             with status(f"reading {file.name} (building its operator)", quiet) as say:

@@ -27,8 +27,14 @@ def _range(values: np.ndarray) -> str:
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return "-"
-    low, high = f"{values.min():.4g}", f"{values.max():.4g}"
-    return low if low == high else f"{low} .. {high} (mean {values.mean():.4g})"
+    span = _span(values.min(), values.max())
+    return span if ".." not in span else f"{span} (mean {values.mean():.4g})"
+
+
+def _span(low: float, high: float) -> str:
+    """``"low .. high"``, or one value where the two agree to the digits shown."""
+    low, high = f"{low:.4g}", f"{high:.4g}"
+    return low if low == high else f"{low} .. {high}"
 
 
 def operator_section(op) -> dict:
@@ -229,3 +235,88 @@ def file_kind(path: str | os.PathLike) -> str:
     if fmt not in ("measurements", "reconstructions"):
         raise DripError(f"unknown drip_format {fmt!r} (expected measurements or reconstructions)", path)
     return fmt
+
+
+
+# how drip reads stored values (``data.sources.UNIT_SCALE``), in words
+_READ_AS = {"uint8": "divided by 255, to [0, 1]", "uint16": "divided by 65535, to [0, 1]"}
+_STORED_AS = {"uint8": "8-bit integers", "uint16": "16-bit integers", "float32": "32-bit floats"}
+_INPUT_USE = ("drip import makes a measurement file of measurements you took; drip simulate "
+              "measures true images")
+
+
+def is_input_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an input that ``drip simulate`` or ``drip import`` reads rather than
+    a drip file: a ``.npy`` array, a picture, or a folder of pictures (not a run folder)."""
+    from .data.sources import IMAGE_SUFFIXES
+    from .io.models import MODEL_FILE
+
+    path = Path(path)
+    if path.is_dir():
+        return (not any((path / name).exists() for name in (MODEL_FILE, CONFIG, HISTORY))
+                and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))
+    return path.suffix.lower() in (".npy", *IMAGE_SUFFIXES)
+
+
+def _value_range(blocks) -> tuple[str, int]:
+    """``"low .. high"`` (one value where they agree to the digits shown, ``"-"`` where there
+    are none) of the finite values of the arrays ``blocks`` as drip reads them
+    (uint8 and uint16 scaled), and how many values are not finite; one block at a time, so
+    that a memory-mapped array is never copied whole."""
+    from .data.sources import UNIT_SCALE
+
+    low, high, bad = np.inf, -np.inf, 0
+    for block in blocks:
+        block = np.asarray(block)
+        finite = np.isfinite(block)
+        bad += int(block.size - np.count_nonzero(finite))
+        if finite.any():
+            scale = UNIT_SCALE.get(block.dtype, 1.0)
+            low = min(low, float(block[finite].min()) / scale)
+            high = max(high, float(block[finite].max()) / scale)
+    return ("-" if low > high else _span(low, high)), bad
+
+
+def input_info(path: Path) -> list[tuple[str, dict]]:
+    """What ``drip simulate`` and ``drip import`` read from ``path`` (a ``.npy`` array, a
+    picture or a folder of pictures): shapes, how the stored values are scaled, and their range
+    as read."""
+    from .data.simulate import read_npy
+    from .data.sources import PICTURES, picture_paths, read_pictures
+
+    path = Path(path)
+    if not path.exists():
+        raise DripError("no such file or folder", path)
+    require_regular_file(path, f"a .npy array, a {PICTURES} picture or a folder of them")
+    if path.suffix.lower() == ".npy":
+        values = read_npy(path, "an array", mmap=True)
+        blocks = (values[i:i + 64] for i in range(0, len(values), 64)) if values.ndim else [values]
+        value_range, bad = _value_range(blocks)
+        return [(path.name, {"format": ".npy array (read without pickle)",
+                             "shape": str(values.shape), "dtype": str(values.dtype),
+                             "values read": _READ_AS.get(str(values.dtype), "as they are"),
+                             "values as read": value_range, "NaN or Inf": str(bad),
+                             "drip": _INPUT_USE})]
+    files = picture_paths(path)
+    frames = [frame for f in files for frame in read_pictures(f)]
+    sizes = sorted({frame.shape[:2] for frame in frames})
+    dtypes = sorted({str(frame.dtype) for frame in frames})
+    kinds = sorted({{".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(
+        f.suffix.lower(), "PNG") for f in files})
+    shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
+    return [(path.name, {
+        "format": (f"folder of {len(files)} pictures ({', '.join(kinds)})" if path.is_dir()
+                   else f"{kinds[0]} picture"),
+        "images": str(len(frames)) + (" (the pages of multi-page files)"
+                                      if len(frames) > len(files) else ""),
+        "size (H x W)": shown + (", of several sizes: drip simulate takes crops (--crop-size)"
+                                 if len(sizes) > 1 else ""),
+        "channels": " and ".join(sorted({"3 (colour)" if frame.ndim == 3 else "1 (grayscale)"
+                                         for frame in frames})),
+        "stored as": ", ".join(_STORED_AS[d] for d in dtypes),
+        "values read": "; ".join(f"{_STORED_AS[d]} {_READ_AS.get(d, 'as they are')}"
+                                 if len(dtypes) > 1 else _READ_AS.get(d, "as they are")
+                                 for d in dtypes),
+        "values as read": _value_range(frames)[0],
+        "drip": _INPUT_USE,
+    })]

@@ -736,6 +736,29 @@ def test_simulate_reads_tiff_stacks_float_tiffs_and_single_pictures(tmp_path):
                           "expected", out)
 
 
+def test_a_picture_beyond_pillows_pixel_limit(tmp_path, monkeypatch):
+    """Pillow warns of a picture over ``MAX_IMAGE_PIXELS`` as of a possible attack, and refuses
+    one over twice that ("unexpected DecompressionBombError" before): the user's own large
+    picture is read without that warning, and one too large for Pillow is refused in one line
+    (here with the limit lowered to 100 pixels)."""
+    from PIL import Image
+
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    folder = _folder_of_pictures(tmp_path / "large", np.full((12, 12), 128, np.uint8))
+    out = tmp_path / "m.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("simulate", folder, out, "--operator", "denoise", "--noise-percent", 1)
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    folder = _folder_of_pictures(tmp_path / "huge", np.full((15, 14), 128, np.uint8))
+    result = run_cli("simulate", folder, tmp_path / "n.h5", "--operator", "denoise")
+    assert_one_line_error(result, "p0.png: cannot read image: it has more pixels than Pillow "
+                          "reads (twice 100); cut it into smaller pictures", tmp_path / "n.h5")
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing", "no such file or folder"),
     ("empty folder", "folder holds no PNG, JPEG or TIFF files"),

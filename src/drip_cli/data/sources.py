@@ -22,6 +22,7 @@ Images that are not all of one size need ``crop_size``: random crops are then ta
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -144,8 +145,15 @@ def read_pictures(path: Path) -> list[np.ndarray]:
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
     try:
-        with Image.open(path) as picture:
-            return [_frame_values(frame, path) for frame in ImageSequence.Iterator(picture)]
+        with warnings.catch_warnings():
+            # Pillow warns of pictures over MAX_IMAGE_PIXELS as of a possible attack; these are
+            # the user's own, and their size is no news to them
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                return [_frame_values(frame, path) for frame in ImageSequence.Iterator(picture)]
+    except Image.DecompressionBombError as exc:   # refused over twice that: too large to read
+        raise DripError("cannot read image: it has more pixels than Pillow reads (twice "
+                        f"{Image.MAX_IMAGE_PIXELS}); cut it into smaller pictures", path) from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DripError(f"cannot read image ({exc})", path) from exc
 

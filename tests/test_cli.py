@@ -735,6 +735,18 @@ def test_simulate_reads_tiff_stacks_float_tiffs_and_single_pictures(tmp_path):
     assert_one_line_error(result, "stack.tif: holds 3 images (a multi-page file); one is "
                           "expected", out)
 
+    # a float page with a NaN was reported as images too large for float32
+    values[5, 5] = np.nan
+    Image.fromarray(values[:, :10]).save(tmp_path / "nan.tif", save_all=True,
+                                         append_images=[Image.fromarray(values[:, 10:])])
+    for command in (("simulate",), ("import", "--noise-std", 0.1)):
+        out = tmp_path / "nan.h5"
+        result = run_cli(command[0], tmp_path / "nan.tif", out, "--operator", "denoise",
+                         *command[1:])
+        assert_one_line_error(result, "nan.tif: holds NaN or Inf (page 1)", out)
+    result = run_cli("info", tmp_path / "nan.tif")
+    assert result.exit_code == 0 and "NaN or Inf │ 1 │" in " ".join(result.stdout.split())
+
 
 def test_a_picture_beyond_pillows_pixel_limit(tmp_path, monkeypatch):
     """Pillow warns of a picture over ``MAX_IMAGE_PIXELS`` as of a possible attack, and refuses

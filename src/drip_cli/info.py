@@ -298,12 +298,13 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
                              "values as read": value_range, "NaN or Inf": str(bad),
                              "drip": _INPUT_USE})]
     files = picture_paths(path)
-    frames = [frame for f in files for frame in read_pictures(f)]
+    frames = [frame for f in files for frame in read_pictures(f, finite=False)]
     sizes = sorted({frame.shape[:2] for frame in frames})
     dtypes = sorted({str(frame.dtype) for frame in frames})
     kinds = sorted({{".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(
         f.suffix.lower(), "PNG") for f in files})
     shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
+    value_range, bad = _value_range(frames)
     return [(path.name, {
         "format": (f"folder of {len(files)} pictures ({', '.join(kinds)})" if path.is_dir()
                    else f"{kinds[0]} picture"),
@@ -317,6 +318,7 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
         "values read": "; ".join(f"{_STORED_AS[d]} {_READ_AS.get(d, 'as they are')}"
                                  if len(dtypes) > 1 else _READ_AS.get(d, "as they are")
                                  for d in dtypes),
-        "values as read": _value_range(frames)[0],
+        "values as read": value_range,
+        "NaN or Inf": str(bad),
         "drip": _INPUT_USE,
     })]

@@ -140,8 +140,9 @@ def _frame_values(frame, path: Path) -> np.ndarray:
     return np.asarray(frame)
 
 
-def read_pictures(path: Path) -> list[np.ndarray]:
-    """Every frame of a picture file: one for most, a stack's for a multi-page TIFF."""
+def read_pictures(path: Path, finite: bool = True) -> list[np.ndarray]:
+    """Every frame of a picture file: one for most, a stack's for a multi-page TIFF; with
+    ``finite``, a float frame holding NaN or Inf is refused."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
     try:
@@ -150,12 +151,16 @@ def read_pictures(path: Path) -> list[np.ndarray]:
             # the user's own, and their size is no news to them
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as picture:
-                return [_frame_values(frame, path) for frame in ImageSequence.Iterator(picture)]
+                frames = [_frame_values(frame, path) for frame in ImageSequence.Iterator(picture)]
     except Image.DecompressionBombError as exc:   # refused over twice that: too large to read
         raise DripError("cannot read image: it has more pixels than Pillow reads (twice "
                         f"{Image.MAX_IMAGE_PIXELS}); cut it into smaller pictures", path) from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DripError(f"cannot read image ({exc})", path) from exc
+    for page, frame in enumerate(frames, 1):   # a float TIFF can hold them
+        if finite and frame.dtype.kind == "f" and not np.all(np.isfinite(frame)):
+            raise DripError("holds NaN or Inf" + f" (page {page})" * (len(frames) > 1), path)
+    return frames
 
 
 def read_picture(path: Path) -> np.ndarray:

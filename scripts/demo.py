@@ -9,7 +9,8 @@ PNG files (demo_out/pictures/). Then a user's own photographs: crops of the same
 blurred as a camera blurs a scene that goes on beyond its frame (the valid boundary), written
 as PNG files, which `drip import` reads back with their noise estimated (and the scenes as the
 ground truth) for TV and DRIP to reconstruct; the tomography sample's sinograms, written
-as a .npy array and imported with their noise estimated, for DRIP; and noisy colour photographs
+as a float TIFF stack (as CT software keeps them) and imported with their noise estimated, for
+DRIP; and noisy colour photographs
 (a .npy array) imported for denoising with their noise estimated from the images, for TV and
 DRIP (the grayscale denoising model on each channel). Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
@@ -154,11 +155,11 @@ def main() -> None:
                                                 "--any-size", "--each-channel"])):
         drip("reconstruct", str(mine), "--method", method, *extra, "--out",
              str(OUT / f"camera_blurred_imported_{method}.h5"), "--device", "cpu", "--quiet")
-    console.rule("your own sinograms: a .npy array -> drip import (noise estimated) -> "
+    console.rule("your own sinograms: a float TIFF stack -> drip import (noise estimated) -> "
                  "drip reconstruct")
     arrays = OUT / "arrays"
     arrays.mkdir(exist_ok=True)
-    sinograms, truth = arrays / "sinograms.npy", arrays / "truth.npy"
+    sinograms, truth = arrays / "sinograms.tif", arrays / "truth.tif"
     drip("export", str(SAMPLES / "tomography.h5"), str(sinograms), "--dataset", "measurements",
          "--quiet")
     drip("export", str(SAMPLES / "tomography.h5"), str(truth), "--quiet")

@@ -1146,7 +1146,8 @@ def export(
     dataset: Optional[ImageDataset] = typer.Option(
         None, "--dataset", help="What to write. Default: a reconstruction file's "
         "reconstructions, a measurement file's ground_truth. Measurements as PNG files where "
-        "they are images (denoise, blur, inpainting), as a .npy array for any operator."),
+        "they are images (denoise, blur, inpainting), as a TIFF where they have two axes "
+        "(sinograms too), as a .npy array for any operator."),
     bits: int = typer.Option(8, "--bits", help="PNG: 8, or 16 for grayscale images (drip "
                              "simulate reads either back)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1,

@@ -753,9 +753,9 @@ def test_a_picture_beyond_pillows_pixel_limit(tmp_path, monkeypatch):
     one over twice that ("unexpected DecompressionBombError" before): the user's own large
     picture is read without that warning, and one too large for Pillow is refused in one line
     (here with the limit lowered to 100 pixels)."""
-    from PIL import Image
-
     import warnings
+
+    from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     folder = _folder_of_pictures(tmp_path / "large", np.full((12, 12), 128, np.uint8))

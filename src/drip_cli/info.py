@@ -237,7 +237,6 @@ def file_kind(path: str | os.PathLike) -> str:
     return fmt
 
 
-
 # how drip reads stored values (``data.sources.UNIT_SCALE``), in words
 _READ_AS = {"uint8": "divided by 255, to [0, 1]", "uint16": "divided by 65535, to [0, 1]"}
 _STORED_AS = {"uint8": "8-bit integers", "uint16": "16-bit integers", "float32": "32-bit floats"}
@@ -253,8 +252,11 @@ def is_input_file(path: str | os.PathLike) -> bool:
 
     path = Path(path)
     if path.is_dir():
-        return (not any((path / name).exists() for name in (MODEL_FILE, CONFIG, HISTORY))
-                and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))
+        try:
+            return (not any((path / name).exists() for name in (MODEL_FILE, CONFIG, HISTORY))
+                    and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))
+        except OSError:   # not readable: file_kind says what is wrong with it
+            return False
     return path.suffix.lower() in (".npy", *IMAGE_SUFFIXES)
 
 

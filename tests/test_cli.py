@@ -303,6 +303,23 @@ def test_info_on_the_inputs_of_simulate_and_import(tmp_path):
     assert result.exit_code == 1 and "a folder without model.safetensors" in result.stderr
 
 
+def test_info_on_a_folder_it_cannot_list(tmp_path, monkeypatch):
+    """A folder that cannot be listed (no read permission; root reads any, so listing is made
+    to fail) is taken for a run folder and refused as one, not 'unexpected PermissionError'."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    listing = Path.iterdir
+
+    def refuse(self):
+        if self == folder:
+            raise PermissionError(13, "Permission denied")
+        return listing(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    assert_one_line_error(run_cli("info", folder), "a folder without model.safetensors",
+                          tmp_path / "none")
+
+
 def test_info_shows_the_file_before_measuring_its_operator_and_says_so(tmp_path, monkeypatch):
     """The operator's norm and adjointness take tens of seconds for a large Radon matrix:
     ``drip info`` prints the file's section first and tells the spinner what it measures."""

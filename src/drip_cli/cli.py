@@ -1168,11 +1168,11 @@ def export(
                                  param_hint="'--bits'")
     name = None if dataset is None else dataset.value
     with _errors(debug):
+        suffix = out.suffix.lower()
         one_file = {".npy": "a .npy array", ".tif": "a TIFF", ".tiff": "a TIFF"}
-        if out.suffix.lower() in one_file and "bits" in _given_parameters(ctx):
-            warning_line(f"--bits: {one_file[out.suffix.lower()]} keeps the values as stored "
-                         "(ignored)")
-        if out.suffix.lower() in (".tif", ".tiff"):
+        if suffix in one_file and "bits" in _given_parameters(ctx):
+            warning_line(f"--bits: {one_file[suffix]} keeps the values as stored (ignored)")
+        if suffix in (".tif", ".tiff"):
             with progress_bar(f"writing {out.name}", 0, quiet) as update:
                 summary = export_tiff(file, out, name, max_samples, progress=update)
             console.print(key_value_table(f"wrote {summary['pages']} samples as one TIFF", {
@@ -1182,7 +1182,7 @@ def export(
                 "values": "32-bit float, as stored",
             }))
             return
-        if out.suffix.lower() == ".npy":
+        if suffix == ".npy":
             with progress_bar(f"writing {out.name}", 0, quiet) as update:
                 summary = export_array(file, out, name, max_samples, progress=update)
             console.print(key_value_table(f"wrote {summary['shape'][0]} samples as one array", {

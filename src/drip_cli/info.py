@@ -237,8 +237,6 @@ def file_kind(path: str | os.PathLike) -> str:
     return fmt
 
 
-# how drip reads stored values (``data.sources.UNIT_SCALE``), in words
-_READ_AS = {"uint8": "divided by 255, to [0, 1]", "uint16": "divided by 65535, to [0, 1]"}
 _STORED_AS = {"uint8": "8-bit integers", "uint16": "16-bit integers", "float32": "32-bit floats"}
 _INPUT_USE = ("drip import makes a measurement file of measurements you took; drip simulate "
               "measures true images")
@@ -258,6 +256,14 @@ def is_input_file(path: str | os.PathLike) -> bool:
         except OSError:   # not readable: file_kind says what is wrong with it
             return False
     return path.suffix.lower() in (".npy", *IMAGE_SUFFIXES)
+
+
+def _read_as(dtype) -> str:
+    """How drip reads stored values of ``dtype`` (``data.sources.UNIT_SCALE``), in words."""
+    from .data.sources import UNIT_SCALE
+
+    scale = UNIT_SCALE.get(np.dtype(dtype))
+    return "as they are" if scale is None else f"divided by {scale:g}, to [0, 1]"
 
 
 def _value_range(blocks) -> tuple[str, int]:
@@ -284,7 +290,7 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
     picture or a folder of pictures): shapes, how the stored values are scaled, and their range
     as read."""
     from .data.simulate import read_npy
-    from .data.sources import PICTURES, picture_paths, read_pictures
+    from .data.sources import PICTURE_KINDS, PICTURES, picture_paths, read_pictures
 
     path = Path(path)
     if not path.exists():
@@ -296,15 +302,14 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
         value_range, bad = _value_range(blocks)
         return [(path.name, {"format": ".npy array (read without pickle)",
                              "shape": str(values.shape), "dtype": str(values.dtype),
-                             "values read": _READ_AS.get(str(values.dtype), "as they are"),
+                             "values read": _read_as(values.dtype),
                              "values as read": value_range, "NaN or Inf": str(bad),
                              "drip": _INPUT_USE})]
     files = picture_paths(path)
     frames = [frame for f in files for frame in read_pictures(f, finite=False)]
     sizes = sorted({frame.shape[:2] for frame in frames})
     dtypes = sorted({str(frame.dtype) for frame in frames})
-    kinds = sorted({{".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(
-        f.suffix.lower(), "PNG") for f in files})
+    kinds = sorted({PICTURE_KINDS[f.suffix.lower()] for f in files})
     shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
     value_range, bad = _value_range(frames)
     return [(path.name, {
@@ -317,9 +322,8 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
         "channels": " and ".join(sorted({"3 (colour)" if frame.ndim == 3 else "1 (grayscale)"
                                          for frame in frames})),
         "stored as": ", ".join(_STORED_AS[d] for d in dtypes),
-        "values read": "; ".join(f"{_STORED_AS[d]} {_READ_AS.get(d, 'as they are')}"
-                                 if len(dtypes) > 1 else _READ_AS.get(d, "as they are")
-                                 for d in dtypes),
+        "values read": (_read_as(dtypes[0]) if len(dtypes) == 1 else
+                        "; ".join(f"{_STORED_AS[d]} {_read_as(d)}" for d in dtypes)),
         "values as read": value_range,
         "NaN or Inf": str(bad),
         "drip": _INPUT_USE,

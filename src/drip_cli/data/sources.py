@@ -34,8 +34,11 @@ from ..errors import DripError, require_regular_file
 from ..io.measurements import first_sample_where, open_failure
 from .phantoms import random_ellipses, shepp_logan
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-PICTURES = "PNG, JPEG or TIFF"   # the kinds of IMAGE_SUFFIXES, for messages
+# the pictures drip reads, by suffix; IMAGE_SUFFIXES and the messages' PICTURES come from it
+PICTURE_KINDS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}
+IMAGE_SUFFIXES = set(PICTURE_KINDS)
+_KINDS = list(dict.fromkeys(PICTURE_KINDS.values()))
+PICTURES = f"{', '.join(_KINDS[:-1])} or {_KINDS[-1]}"   # "PNG, JPEG or TIFF"
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left",
                   "motorcycle_right", "page", "retina", "rocket", "text", "microaneurysms")

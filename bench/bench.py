@@ -203,7 +203,7 @@ def bench_reconstruction(op, what: str, truth: np.ndarray, methods, device: torc
                 "images/s", "x TV", "PSNR", "max ratio", "iters", "solved")
     labels = [getattr(method, "label", method.name) for method in methods]
     for method in methods:
-        method.solve(op, b[:2], radius[:2])   # warm-up (kernels, allocator)
+        method.solve(op, b[:1], radius[:1])   # warm-up (kernels, allocator)
     seconds = {label: [] for label in labels}
     figures = {}
     pairs = list(zip(labels, methods))

@@ -298,6 +298,14 @@ def test_info_on_the_inputs_of_simulate_and_import(tmp_path):
     for shown in ("(3, 1, 4, 4)", "float32", "as they are", "values as read │ 2 │",
                   "NaN or Inf │ 1"):
         assert shown in text, text
+    # an HDF5 file of images (no drip_format), the first dataset simulate would read
+    with h5py.File(tmp_path / "images.h5", "w") as f:
+        f["ground_truth"] = np.full((2, 3, 4, 4), 4, np.uint16)
+        f["images"] = np.full((5, 4, 4), 51, np.uint8)
+    text = " ".join(run_cli("info", tmp_path / "images.h5").stdout.split())
+    for shown in ("dataset 'images'", "(5, 4, 4)", "uint8", "divided by 255, to [0, 1]",
+                  "values as read │ 0.2 │", "drip simulate measures them"):
+        assert shown in text, text
     (tmp_path / "empty").mkdir()
     result = run_cli("info", tmp_path / "empty")
     assert result.exit_code == 1 and "a folder without model.safetensors" in result.stderr
@@ -543,9 +551,16 @@ def test_an_images_file_or_a_reconstruction_given_for_measurements_is_named_as_s
     result = run_cli("train", images, "--out", tmp_path / "run")
     assert_one_line_error(result, "not a drip measurement file (it has no drip_format attribute): "
                           "drip simulate makes one from images", tmp_path / "run")
+    # drip info shows what simulate reads of it; of an HDF5 file with neither, what it lacks
     result = run_cli("info", images)
-    assert_one_line_error(result, "not a drip file (it has no drip_format attribute): drip "
-                          "simulate makes measurements from images", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    assert "HDF5 images (dataset 'images'; no drip_format)" in result.stdout
+    with h5py.File(images, "a") as f:
+        f.move("images", "frames")
+    result = run_cli("info", images)
+    assert_one_line_error(result, "not a drip file (it has no drip_format attribute), nor images "
+                          "that drip simulate reads (it has no 'images' or 'ground_truth' "
+                          "dataset)", tmp_path / "run")
     data = simulate(tmp_path, "denoise")
     assert run_cli("reconstruct", data, "--out", tmp_path / "r.h5", "--method", "cgls",
                    "-q").exit_code == 0

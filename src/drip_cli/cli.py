@@ -1083,7 +1083,8 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
 def info(
     file: Path = typer.Argument(..., help="A measurement file, reconstruction file, model file "
                                 "or training run folder; or an input of simulate and import "
-                                "(a .npy array, a picture or a folder of pictures)."),
+                                "(a .npy array, a picture, a folder of pictures or an "
+                                "HDF5 file of images)."),
     samples: int = typer.Option(10, "--samples", min=0,
                                 help="Reconstruction files: rows of the per-sample table."),
     quiet: bool = QUIET,
@@ -1092,7 +1093,8 @@ def info(
     """Summarize a drip file: measurements, reconstructions or a model.
 
     Datasets, operator (||A||, adjointness), data fit and PSNR, or a model's metadata. Of an
-    array or pictures: shapes, and how drip scales their values when it reads them.
+    array, pictures or an HDF5 file of images: shapes, and how drip scales their values when
+    it reads them.
     """
     from .info import (file_kind, input_info, is_input_file, measurement_info, model_info,
                        reconstruction_info)

@@ -230,8 +230,8 @@ def file_kind(path: str | os.PathLike) -> str:
     except OSError as exc:
         raise open_failure(exc, path) from exc
     if fmt is None:
-        raise DripError("not a drip file (it has no drip_format attribute): drip simulate makes "
-                        "measurements from images", path)
+        raise DripError("not a drip file (it has no drip_format attribute), nor images that drip "
+                        "simulate reads (it has no 'images' or 'ground_truth' dataset)", path)
     if fmt not in ("measurements", "reconstructions"):
         raise DripError(f"unknown drip_format {fmt!r} (expected measurements or reconstructions)", path)
     return fmt
@@ -242,9 +242,24 @@ _INPUT_USE = ("drip import makes a measurement file of measurements you took; dr
               "measures true images")
 
 
+def _is_image_stack(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file of images for ``drip simulate``: no ``drip_format``,
+    and an ``images`` or ``ground_truth`` entry."""
+    from .data.sources import IMAGE_STACKS
+
+    try:
+        if not (path.is_file() and h5py.is_hdf5(path)):
+            return False
+        with h5py.File(path, "r") as handle:
+            return file_format(handle) is None and any(name in handle for name in IMAGE_STACKS)
+    except OSError:   # unreadable or damaged: file_kind says what is wrong with it
+        return False
+
+
 def is_input_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an input that ``drip simulate`` or ``drip import`` reads rather than
-    a drip file: a ``.npy`` array, a picture, or a folder of pictures (not a run folder)."""
+    a drip file: a ``.npy`` array, a picture, a folder of pictures (not a run folder), or an
+    HDF5 file of images."""
     from .data.sources import IMAGE_SUFFIXES
     from .io.models import MODEL_FILE
 
@@ -255,7 +270,7 @@ def is_input_file(path: str | os.PathLike) -> bool:
                     and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))
         except OSError:   # not readable: file_kind says what is wrong with it
             return False
-    return path.suffix.lower() in (".npy", *IMAGE_SUFFIXES)
+    return path.suffix.lower() in (".npy", *IMAGE_SUFFIXES) or _is_image_stack(path)
 
 
 def _read_as(dtype) -> str:
@@ -285,12 +300,23 @@ def _value_range(blocks) -> tuple[str, int]:
     return ("-" if low > high else _span(low, high)), bad
 
 
+def _array_info(values, what: str, use: str) -> dict:
+    """The rows of an array (a memory-mapped ``.npy`` or an HDF5 dataset), read 64 samples at a
+    time."""
+    blocks = (values[i:i + 64] for i in range(0, len(values), 64)) if values.ndim else [values]
+    value_range, bad = _value_range(blocks)
+    return {"format": what, "shape": str(values.shape), "dtype": str(values.dtype),
+            "values read": _read_as(values.dtype), "values as read": value_range,
+            "NaN or Inf": str(bad), "drip": use}
+
+
 def input_info(path: Path) -> list[tuple[str, dict]]:
     """What ``drip simulate`` and ``drip import`` read from ``path`` (a ``.npy`` array, a
-    picture or a folder of pictures): shapes, how the stored values are scaled, and their range
-    as read."""
+    picture, a folder of pictures, or an HDF5 file of images): shapes, how the stored values
+    are scaled, and their range as read."""
     from .data.simulate import read_npy
-    from .data.sources import PICTURE_KINDS, PICTURES, picture_paths, read_pictures
+    from .data.sources import (PICTURE_KINDS, PICTURES, image_file_dataset, picture_paths,
+                               read_pictures)
 
     path = Path(path)
     if not path.exists():
@@ -298,13 +324,16 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
     require_regular_file(path, f"a .npy array, a {PICTURES} picture or a folder of them")
     if path.suffix.lower() == ".npy":
         values = read_npy(path, "an array", mmap=True)
-        blocks = (values[i:i + 64] for i in range(0, len(values), 64)) if values.ndim else [values]
-        value_range, bad = _value_range(blocks)
-        return [(path.name, {"format": ".npy array (read without pickle)",
-                             "shape": str(values.shape), "dtype": str(values.dtype),
-                             "values read": _read_as(values.dtype),
-                             "values as read": value_range, "NaN or Inf": str(bad),
-                             "drip": _INPUT_USE})]
+        return [(path.name, _array_info(values, ".npy array (read without pickle)", _INPUT_USE))]
+    if h5py.is_hdf5(path):
+        handle, images = image_file_dataset(path)   # refuses what simulate would refuse
+        try:
+            with reading(path):
+                return [(path.name, _array_info(
+                    images, f"HDF5 images (dataset '{images.name.lstrip('/')}'; no drip_format)",
+                    "drip simulate measures them"))]
+        finally:
+            handle.close()
     files = picture_paths(path)
     frames = [frame for f in files for frame in read_pictures(f, finite=False)]
     sizes = sorted({frame.shape[:2] for frame in frames})

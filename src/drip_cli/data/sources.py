@@ -55,6 +55,8 @@ class SourceOptions:
     crops_per_image: int = 8
 
 
+# the datasets of an HDF5 file of images that drip simulate reads, the first found
+IMAGE_STACKS = ("images", "ground_truth")
 # the unsigned integer images that are scaled to [0, 1] (pictures and HDF5 images alike);
 # other values are kept as they are
 UNIT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -284,7 +286,7 @@ def image_file_dataset(path: str | os.PathLike):
         handle = h5py.File(path, "r")
     except OSError as exc:
         raise open_failure(exc, path) from exc
-    name = next((n for n in ("images", "ground_truth") if n in handle), None)
+    name = next((n for n in IMAGE_STACKS if n in handle), None)
     if name is None:
         handle.close()
         raise DripError("has neither an 'images' nor a 'ground_truth' dataset", path)

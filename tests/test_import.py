@@ -322,6 +322,73 @@ def test_sinograms_take_their_image_size_and_angles_from_the_data(tmp_path, rout
         _same_operator(file.operator, op)
 
 
+def test_an_hdf5_dataset_is_imported_as_its_array(tmp_path):
+    """``FILE.h5::DATASET`` reads a dataset of any HDF5 file (groups searched) as a ``.npy``
+    array is read, for the measurements and the ground truth alike; a file of one dataset needs
+    no name. Where the name is missing or wrong, the message lists the file's datasets."""
+    op = Tomography((1, 18, 18), limited_angles(10, 120.0))
+    like = tmp_path / "like.h5"
+    write_small_file(like, op, n=3)
+    with h5py.File(like) as f:
+        b, truth = f["measurements"][()], f["ground_truth"][()]
+    scan = tmp_path / "scan.h5"
+    with h5py.File(scan, "w") as f:
+        f["exchange/data"] = b[:, 0].astype(np.float64)   # (N, n_angles, n_detectors)
+        f["exchange/theta"] = limited_angles(10, 120.0)
+        f["truth"] = truth
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f["sinograms"] = b
+    tomography = ["--operator", "tomography", "--angle-range", 120, "--noise-std", 0.01, "-q"]
+    out = tmp_path / "m.h5"
+    result = run_cli("import", f"{scan}::/exchange/data", out, *tomography,
+                     "--ground-truth", f"{scan}::truth")
+    assert result.exit_code == 0, result.stderr
+    data, attrs = _read(out)
+    np.testing.assert_array_equal(data["measurements"], b)
+    assert attrs["source"] == f"{scan}::/exchange/data"
+    with MeasurementFile(out) as file:
+        _same_operator(file.operator, op)
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["ground_truth"][()], truth)
+    assert run_cli("import", tmp_path / "one.h5", out, *tomography).exit_code == 0
+    np.testing.assert_array_equal(_read(out)[0]["measurements"], b)
+    listing = "exchange/data (3, 10, 26), exchange/theta (10,), truth (3, 1, 18, 18)"
+    for source, message in (
+            (scan, f"holds 3 datasets ({listing}): name the one of the measurements as "
+                   f"{scan}::DATASET"),
+            (f"{scan}::exchange", f"'exchange' is a group (its datasets: {listing})"),
+            (f"{scan}::nothing", f"has no dataset 'nothing' (its datasets: {listing})"),
+            (f"{scan}::exchange/theta", "has shape (10,); expected S, (N, *S), (N, C, *S)"),
+            (f"{tmp_path / 'missing.h5'}::data", "missing.h5: no such file"),
+            (f"{tmp_path / 'one.h5'}::sinograms::x", "has no dataset 'sinograms::x'"),
+            (like, "is a drip measurement file, which drip reads as it is: name a dataset of "
+                   f"it to import ({like}::DATASET)")):
+        assert_one_line_error(run_cli("import", source, tmp_path / "x.h5", *tomography),
+                              message, tmp_path / "x.h5")
+    # the output may not replace the file the dataset is read from
+    assert_one_line_error(run_cli("import", f"{scan}::exchange/data", scan, *tomography),
+                          "this is the measurements", tmp_path / "x.h5")
+    assert h5py.is_hdf5(scan)
+    # drip info on such a file names its datasets and how import reads one, and shows one
+    result = run_cli("info", scan)
+    assert_one_line_error(result, f"its datasets: {listing} (drip import reads one as "
+                                  "scan.h5::DATASET)", tmp_path / "x.h5")
+    text = " ".join(run_cli("info", f"{scan}::exchange/data").stdout.split())
+    for shown in ("scan.h5::exchange/data", "HDF5 dataset (3 axes)", "(3, 10, 26)", "float64"):
+        assert shown in text, text
+    # drip simulate reads images from a named dataset too, where 'images' and 'ground_truth'
+    # are its default names
+    result = run_cli("simulate", f"{scan}::truth", out, "--operator", "denoise",
+                     "--noise-percent", 1, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["ground_truth"][()], truth)
+    assert_one_line_error(
+        run_cli("simulate", scan, tmp_path / "x.h5", "--operator", "denoise", "--noise-percent", 1),
+        f"has no 'images' or 'ground_truth' dataset (its datasets: {listing}; name one as "
+        f"{scan}::DATASET)", tmp_path / "x.h5")
+
+
 def test_inpainting_takes_its_mask_and_zeroes_what_it_does_not_observe(tmp_path):
     rng = np.random.default_rng(1)
     mask = (rng.random((16, 20)) < 0.5).astype(np.uint8)
@@ -412,7 +479,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         # a sinogram as an 8-bit picture would be read scaled to [0, 1]: only float TIFFs
         ([tmp_path / "pic.png", out, "--operator", "tomography", "--noise-std", 0.1],
          "pic.png: holds 8-bit integers, which drip reads as images scaled to [0, 1]; these "
-         "measurements are not images: give them as a 32-bit float TIFF or a .npy array"),
+         "measurements are not images: give them as a 32-bit float TIFF, a .npy array or an "
+         "HDF5 dataset"),
         ([tmp_path / "pic.png", out, "--operator", "matrix", "--matrix", tmp_path / "a.npz",
           "--noise-std", 0.1], "pictures hold images"),
         ([tmp_path / "pic.png", out, "--operator", "denoise", "--noise-percent", 1],

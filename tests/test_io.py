@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -260,3 +262,17 @@ def test_a_damaged_image_shape_is_refused_before_the_operator_is_built(kind, tmp
     expected = "matrix has 320 columns" if kind == "matrix" else "dataset .measurements. has shape"
     with pytest.raises(DripError, match=expected):
         MeasurementFile(path)
+
+
+def test_a_dataset_of_an_hdf5_file_is_named_after_two_colons(tmp_path):
+    """``FILE.h5::DATASET`` names a dataset (leading and trailing slashes dropped); a path
+    without the separator, or one that exists whatever its name, is a path."""
+    from drip_cli.io.datasets import split_dataset
+
+    assert split_dataset("scan.h5::/exchange/data/") == (Path("scan.h5"), "exchange/data")
+    assert split_dataset("scan.h5::") == (Path("scan.h5"), None)
+    assert split_dataset("scan.h5") == (Path("scan.h5"), None)
+    odd = tmp_path / "a::b.h5"
+    odd.write_bytes(b"")
+    assert split_dataset(odd) == (odd, None)
+    assert split_dataset(f"{odd}::x") == (odd, "x")

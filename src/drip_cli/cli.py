@@ -318,8 +318,9 @@ class OperatorKind(str, Enum):
 @app.command(epilog=_examples("simulate"))
 def simulate(
     ctx: typer.Context,
-    images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth'), "
-                                 ".npy array, PNG/JPEG/TIFF picture or folder of them (every "
+    images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth', "
+                                 "or FILE.h5::DATASET for another), .npy array, PNG/JPEG/TIFF "
+                                 "picture or folder of them (every "
                                  "page of a multi-page TIFF), phantom:ellipses, "
                                  "phantom:shepp-logan, or skimage:NAME[,NAME] / skimage:photos."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
@@ -364,6 +365,7 @@ def simulate(
                        format_noise_percent, image_file_dataset, is_phantom_source,
                        iter_file_images, load_images, parse_noise_percent, simulate_batch)
     from .io import MeasurementWriter, atomic_h5, check_writable, unit_range_doubt
+    from .io.datasets import names_dataset, split_dataset
 
     with _errors(debug):
         if channels == 2:
@@ -372,7 +374,8 @@ def simulate(
             low, high = parse_noise_percent(noise_percent)
         except ValueError as exc:
             raise DripError(f"--noise-percent: {exc}") from exc
-        source_file = Path(images) if Path(images).is_file() else None
+        named = names_dataset(images)   # FILE.h5::DATASET
+        source_file = split_dataset(images)[0] if named or Path(images).is_file() else None
         check_writable(out, keep={"the images file": source_file, "the --psf file": psf,
                                   "the --matrix file": matrix, "the --mask file": mask})
         rng = np.random.default_rng(seed)
@@ -400,7 +403,7 @@ def simulate(
             with status(f"building the {operator.value} operator", quiet):
                 op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
-            source = (("from a .npy array" if images.lower().endswith(".npy")
+            source = (("from a .npy array" if images.lower().endswith(".npy") and not named
                        else "from an HDF5 file") if opened is not None else
                       "phantoms" if is_phantom_source(images) else "photographs")
             for why, unused in _simulate_unused(_given_parameters(ctx), operator.value,
@@ -436,11 +439,13 @@ def simulate(
 @app.command("import", epilog=_examples("import"))
 def import_measurements(
     ctx: typer.Context,
-    measured: Path = typer.Argument(..., help="The measurements: a .npy array shaped S, (N, *S) "
-                                    "or (N, C, *S) (S the operator's measurement shape), or a "
-                                    "PNG/JPEG/TIFF picture or folder of them, a sample per "
-                                    "picture or TIFF page (denoise, blur, inpainting; "
-                                    "sinograms as 32-bit float TIFFs)."),
+    measured: Path = typer.Argument(..., help="The measurements: a .npy array or an HDF5 "
+                                    "dataset (FILE.h5::DATASET; FILE.h5 where it is the file's "
+                                    "only one) shaped S, (N, *S) or (N, C, *S) (S the "
+                                    "operator's measurement shape), or a PNG/JPEG/TIFF picture "
+                                    "or folder of them, a sample per picture or TIFF page "
+                                    "(denoise, blur, inpainting; sinograms as 32-bit float "
+                                    "TIFFs)."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: Optional[OperatorKind] = typer.Option(None, "--operator", case_sensitive=False,
                                                     help="Forward operator kind (or --like)."),
@@ -475,16 +480,18 @@ def import_measurements(
     channels: Optional[int] = typer.Option(None, "--channels", min=1, max=3, help="pictures: 1 "
                                            "(grayscale) or 3 (colour); default: their own."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="The true images, "
-                                                "where you have them (pictures or .npy, as the "
-                                                "measurements): reconstruct then gives PSNR, SSIM."),
+                                                "where you have them (pictures, .npy or an HDF5 "
+                                                "dataset, as the measurements): reconstruct then "
+                                                "gives PSNR, SSIM."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
 ) -> None:
-    """Make a measurement file of measurements you took (pictures or .npy arrays).
+    """Make a measurement file of measurements you took (pictures, .npy arrays or HDF5 datasets).
 
     Give the operator that made them and their noise level (or estimate it).
     """
     from .data.measured import NoiseChoice, import_measurements as write_file
+    from .io.datasets import split_dataset
     from .data import OperatorSpec, format_noise_percent
     from .io import check_writable
 
@@ -494,10 +501,11 @@ def import_measurements(
         if (operator is None) == (like is None):
             raise DripError("give the operator: --operator KIND with its options, or --like "
                             "FILE.h5 (a measurement file with the same operator)")
-        check_writable(out, keep={"the measurements": measured, "the --like file": like,
-                                  "the --psf file": psf, "the --mask file": mask,
-                                  "the --matrix file": matrix,
-                                  "the --ground-truth file": ground_truth})
+        check_writable(out, keep={"the measurements": split_dataset(measured)[0],
+                                  "the --like file": like, "the --psf file": psf,
+                                  "the --mask file": mask, "the --matrix file": matrix,
+                                  "the --ground-truth file": ground_truth and
+                                  split_dataset(ground_truth)[0]})
         spec = None
         if operator is not None:
             if operator.value == "blur" and psf is None and blur_sigma is None:
@@ -510,7 +518,7 @@ def import_measurements(
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
             warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
         choice = NoiseChoice(noise_std, noise_percent, estimate_noise)
-        with status(f"reading {measured.name or measured}", quiet):
+        with status(f"reading {split_dataset(measured)[0].name or measured}", quiet):
             summary = write_file(measured, out, spec, like, choice, channels,
                                  attrs={"drip_version": __version__}, ground_truth=ground_truth)
         op, sigma = summary["operator"], summary["noise_std"]
@@ -1083,8 +1091,8 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
 def info(
     file: Path = typer.Argument(..., help="A measurement file, reconstruction file, model file "
                                 "or training run folder; or an input of simulate and import "
-                                "(a .npy array, a picture, a folder of pictures or an "
-                                "HDF5 file of images)."),
+                                "(a .npy array, a picture, a folder of pictures, an HDF5 "
+                                "file of images, or FILE.h5::DATASET)."),
     samples: int = typer.Option(10, "--samples", min=0,
                                 help="Reconstruction files: rows of the per-sample table."),
     quiet: bool = QUIET,

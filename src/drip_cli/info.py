@@ -13,6 +13,8 @@ import torch
 
 from .errors import DripError, require_regular_file
 from .io import MeasurementFile, read_reconstruction_file
+from .io.datasets import (DATASET_SEPARATOR, listed_datasets, names_dataset, open_dataset,
+                          split_dataset)
 from .io.measurements import file_format, not_hdf5, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
                         resolve_model_path, run_in_progress)
@@ -225,13 +227,16 @@ def file_kind(path: str | os.PathLike) -> str:
     if not h5py.is_hdf5(path):
         raise not_hdf5(path, "not a file drip knows (measurements, reconstructions or a model)")
     try:
-        with h5py.File(path, "r") as handle:
+        with h5py.File(path, "r") as handle, reading(path):
             fmt = file_format(handle)
+            datasets = listed_datasets(handle) if fmt is None else ""
     except OSError as exc:
         raise open_failure(exc, path) from exc
     if fmt is None:
         raise DripError("not a drip file (it has no drip_format attribute), nor images that drip "
-                        "simulate reads (it has no 'images' or 'ground_truth' dataset)", path)
+                        "simulate reads (it has no 'images' or 'ground_truth' dataset)"
+                        + (f"; its datasets: {datasets} (drip import reads one as "
+                           f"{path.name}{DATASET_SEPARATOR}DATASET)" if datasets else ""), path)
     if fmt not in ("measurements", "reconstructions"):
         raise DripError(f"unknown drip_format {fmt!r} (expected measurements or reconstructions)", path)
     return fmt
@@ -258,8 +263,8 @@ def _is_image_stack(path: Path) -> bool:
 
 def is_input_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an input that ``drip simulate`` or ``drip import`` reads rather than
-    a drip file: a ``.npy`` array, a picture, a folder of pictures (not a run folder), or an
-    HDF5 file of images."""
+    a drip file: a ``.npy`` array, a picture, a folder of pictures (not a run folder), an HDF5
+    file of images, or a dataset of any HDF5 file (``FILE::DATASET``)."""
     from .data.sources import IMAGE_SUFFIXES
     from .io.models import MODEL_FILE
 
@@ -270,7 +275,8 @@ def is_input_file(path: str | os.PathLike) -> bool:
                     and any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.iterdir()))
         except OSError:   # not readable: file_kind says what is wrong with it
             return False
-    return path.suffix.lower() in (".npy", *IMAGE_SUFFIXES) or _is_image_stack(path)
+    return (path.suffix.lower() in (".npy", *IMAGE_SUFFIXES) or names_dataset(path)
+            or _is_image_stack(path))
 
 
 def _read_as(dtype) -> str:
@@ -312,13 +318,22 @@ def _array_info(values, what: str, use: str) -> dict:
 
 def input_info(path: Path) -> list[tuple[str, dict]]:
     """What ``drip simulate`` and ``drip import`` read from ``path`` (a ``.npy`` array, a
-    picture, a folder of pictures, or an HDF5 file of images): shapes, how the stored values
-    are scaled, and their range as read."""
+    picture, a folder of pictures, an HDF5 file of images, or ``FILE::DATASET``): shapes, how
+    the stored values are scaled, and their range as read."""
     from .data.simulate import read_npy
     from .data.sources import (PICTURE_KINDS, PICTURES, image_file_dataset, picture_paths,
                                read_pictures)
 
     path = Path(path)
+    if names_dataset(path):
+        handle, values = open_dataset(path, "values")
+        file, name = split_dataset(path)
+        with handle, reading(file):
+            if values.dtype.kind not in "fiu":
+                raise DripError(f"dataset {name!r} holds dtype {values.dtype}, not the real "
+                                "numbers drip reads", file)
+            return [(f"{file.name}{DATASET_SEPARATOR}{name}",
+                     _array_info(values, f"HDF5 dataset ({values.ndim} axes)", _INPUT_USE))]
     if not path.exists():
         raise DripError("no such file or folder", path)
     require_regular_file(path, f"a .npy array, a {PICTURES} picture or a folder of them")

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 from ..errors import DripError, DripWarning, require_regular_file
 from ..io import MeasurementFile, MeasurementWriter, atomic_h5
-from ..io.measurements import first_sample_where, overflows_float32
+from ..io.datasets import (DATASET_SEPARATOR, is_hdf5_file, names_dataset, open_dataset,
+                           split_dataset)
+from ..io.measurements import first_sample_where, overflows_float32, reading
 from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, LinearOperator,
                          SparseMatrixOperator, Tomography)
 from ..operators.tomography import radon_geometry
@@ -100,8 +102,8 @@ def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False
             if floats_only and picture.dtype != np.float32:
                 raise DripError(f"holds {8 * picture.dtype.itemsize}-bit integers, which drip "
                                 "reads as images scaled to [0, 1]; these measurements are not "
-                                "images: give them as a 32-bit float TIFF or a .npy array",
-                                path)
+                                "images: give them as a 32-bit float TIFF, a .npy array or "
+                                "an HDF5 dataset", path)
             own = 3 if picture.ndim == 3 else 1
             try:
                 image = _to_channels(picture, channels or own)
@@ -116,22 +118,45 @@ def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False
     return np.stack(images)
 
 
-def _array(path: Path, rank: int, what: str = "measurements") -> np.ndarray:
-    """A ``.npy`` file as ``(N, C, *S)`` float32, ``rank = len(S)``."""
-    values = read_npy(path, what)
+def read_hdf5_array(source: Path, what: str) -> np.ndarray:
+    """The dataset of an HDF5 file that ``source`` names (``FILE::DATASET``, or the file's only
+    dataset), as stored."""
+    handle, dataset = open_dataset(source, what)
+    file = split_dataset(source)[0]
+    with handle, reading(file):
+        if dataset.dtype.kind not in "fiu":
+            raise DripError(f"cannot read {what}: dataset {dataset.name.lstrip('/')!r} holds "
+                            f"dtype {dataset.dtype}, expected real numbers", file)
+        return dataset[()]
+
+
+def _is_hdf5_dataset(source: Path) -> bool:
+    """Whether ``source`` names an HDF5 dataset: ``FILE::DATASET``, or an HDF5 file."""
+    return names_dataset(source) or is_hdf5_file(source)
+
+
+def _is_array(source: Path) -> bool:
+    return _is_hdf5_dataset(source) or source.suffix.lower() == ".npy"
+
+
+def _array(source: Path, rank: int, what: str = "measurements") -> np.ndarray:
+    """A ``.npy`` file or an HDF5 dataset (``FILE::DATASET``) as ``(N, C, *S)`` float32,
+    ``rank = len(S)``."""
+    values = (np.asarray(read_hdf5_array(source, what)) if _is_hdf5_dataset(source)
+              else read_npy(source, what))
     shapes = {rank: "S", rank + 1: "(N, *S)", rank + 2: "(N, C, *S)"}
     if values.ndim not in shapes:
         raise DripError(f"has shape {values.shape}; expected {', '.join(shapes.values())}, S "
-                        f"the shape of one channel's {what} ({rank} axes)", path)
+                        f"the shape of one channel's {what} ({rank} axes)", source)
     if values.ndim == rank:
         values = values[None, None]
     elif values.ndim == rank + 1:
         values = values[:, None]
     elif values.shape[1] not in (1, 3):
         raise DripError(f"has shape {values.shape}: read as (N, C, *S), its C = "
-                        f"{values.shape[1]} channels is neither 1 nor 3", path)
+                        f"{values.shape[1]} channels is neither 1 nor 3", source)
     if 0 in values.shape:
-        raise DripError(f"has shape {values.shape}, which holds no values", path)
+        raise DripError(f"has shape {values.shape}, which holds no values", source)
     return _as_float32(values)
 
 
@@ -141,22 +166,23 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
     len(S)``; ``images``: whether they are images, which any picture may hold (other
     measurements of two axes, a sinogram, only a 32-bit float TIFF). ``channels`` converts
     pictures (colour to grayscale or back); arrays keep their own."""
-    if not source.exists():
+    expected = (f"a .npy array, an HDF5 dataset (FILE{DATASET_SEPARATOR}DATASET), a "
+                f"{PICTURES} picture or a folder of them")
+    if not (names_dataset(source) or source.exists()):   # (FILE::DATASET: the reader's)
         raise DripError("no such file or folder", source)
-    require_regular_file(source, f"a .npy array, a {PICTURES} picture or a folder of them")
-    if source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
-        if not images and rank != 2:
-            raise DripError("pictures hold images, and this operator's measurements are not "
-                            "images: give them as a .npy array", source)
-        values = _pictures(picture_paths(source), channels, floats_only=not images)
-    elif source.suffix.lower() == ".npy":
+    require_regular_file(split_dataset(source)[0], expected)
+    if _is_array(source):
         values = _array(source, rank, what)
         if channels is not None and channels != values.shape[1]:
             raise DripError(f"holds {values.shape[1]} channel(s); --channels converts pictures "
                             "only", source)
+    elif source.is_dir() or source.suffix.lower() in IMAGE_SUFFIXES:
+        if not images and rank != 2:
+            raise DripError("pictures hold images, and this operator's measurements are not "
+                            "images: give them as a .npy array or an HDF5 dataset", source)
+        values = _pictures(picture_paths(source), channels, floats_only=not images)
     else:
-        raise DripError(f"expected a .npy array, a {PICTURES} picture or a folder of them",
-                        source)
+        raise DripError(f"expected {expected}", source)
     bad = ~np.isfinite(values)
     if bad.any():
         raise DripError(f"{what} contain NaN or Inf ({first_sample_where(bad, 0)})", source)

@@ -2,9 +2,10 @@
 
 ``IMAGES`` may be
 
-- an HDF5 file with a dataset ``images`` or ``ground_truth`` shaped ``(N, H, W)`` or
-  ``(N, C, H, W)``, of floats or integers (uint8 and uint16 are scaled to [0, 1]; other values
-  are kept, and simulate warns about values outside [0, 1]);
+- an HDF5 file with a dataset ``images`` or ``ground_truth`` (or the dataset that
+  ``FILE.h5::DATASET`` names) shaped ``(N, H, W)`` or ``(N, C, H, W)``, of floats or integers
+  (uint8 and uint16 are scaled to [0, 1]; other values are kept, and simulate warns about
+  values outside [0, 1]);
 - a ``.npy`` array (``numpy.save``, read without pickle and memory-mapped) shaped ``(H, W)``,
   ``(N, H, W)`` or ``(N, C, H, W)``, its values as an HDF5 file's (``drip export OUT.npy``
   writes such arrays);
@@ -27,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import h5py
 import numpy as np
 
 from ..errors import DripError, require_regular_file
-from ..io.measurements import first_sample_where, open_failure
+from ..io.datasets import is_hdf5_file, names_dataset, open_dataset, split_dataset
+from ..io.measurements import first_sample_where
 from .phantoms import random_ellipses, shepp_logan
 
 # the pictures drip reads, by suffix; IMAGE_SUFFIXES and the messages' PICTURES come from it
@@ -265,12 +266,13 @@ class _Unopened:
         pass
 
 
-def image_file_dataset(path: str | os.PathLike):
+def image_file_dataset(source: str | os.PathLike):
     """``(handle, dataset)`` of an image file after checking it: a ``.npy`` array (memory-mapped;
-    one ``(H, W)`` image becomes a stack of one) or an HDF5 file's ``images`` or
-    ``ground_truth`` dataset; None for any other file. Close ``handle`` when done."""
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
+    one ``(H, W)`` image becomes a stack of one), an HDF5 file's ``images`` or ``ground_truth``
+    dataset, or the dataset ``FILE::DATASET`` names; None for any other file. Close ``handle``
+    when done."""
+    path = split_dataset(source)[0]
+    if path.suffix.lower() == ".npy" and not names_dataset(source):
         from .simulate import read_npy   # simulate reads its sources from here
 
         values = read_npy(path, "images", mmap=True)
@@ -280,24 +282,16 @@ def image_file_dataset(path: str | os.PathLike):
             return _Unopened(), values
         raise DripError(f"the array must hold images shaped (H, W), (N, H, W) or (N, C, H, W) "
                         f"(N >= 1); it {problem}", path)
-    if not h5py.is_hdf5(path):
+    if not (names_dataset(source) or is_hdf5_file(path)):
         return None
-    try:
-        handle = h5py.File(path, "r")
-    except OSError as exc:
-        raise open_failure(exc, path) from exc
-    name = next((n for n in IMAGE_STACKS if n in handle), None)
-    if name is None:
-        handle.close()
-        raise DripError("has neither an 'images' nor a 'ground_truth' dataset", path)
-    dset = handle[name]
-    problem = ("is a group" if not isinstance(dset, h5py.Dataset)
-               else _image_stack_problem(dset.shape, dset.dtype))
+    handle, dset = open_dataset(source, "images", defaults=IMAGE_STACKS)
+    problem = _image_stack_problem(dset.shape, dset.dtype)
     if problem is None:
         return handle, dset
+    message = (f"'{dset.name.lstrip('/')}' must be an (N, H, W) or (N, C, H, W) dataset of "
+               f"floating-point or integer values (N >= 1); it {problem}")
     handle.close()  # after the message is made: a closed file's dataset has no shape
-    raise DripError(f"'{name}' must be an (N, H, W) or (N, C, H, W) dataset of floating-point "
-                    f"or integer values (N >= 1); it {problem}", path)
+    raise DripError(message, path)
 
 
 def iter_file_images(dset, channels: int, batch_size: int, path) -> Iterator[np.ndarray]:

@@ -1,0 +1,109 @@
+"""A dataset of any HDF5 file, named ``FILE.h5::DATASET`` (the separator silx and other
+synchrotron tools use), as ``drip simulate`` reads images and ``drip import`` measurements."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+
+from ..errors import DripError, require_regular_file
+from .measurements import file_format, open_failure
+
+DATASET_SEPARATOR = "::"
+
+
+def split_dataset(source: str | Path) -> tuple[Path, str | None]:
+    """``(file, dataset)`` of ``FILE::DATASET``; ``(source, None)`` for any other path (one
+    that exists is a path, whatever its name). Where a name holds the separator more than once,
+    the file is the shortest leading part that exists (the first part where none does)."""
+    parts = str(source).split(DATASET_SEPARATOR)
+    if len(parts) == 1 or os.path.lexists(source):
+        return Path(source), None
+    cut = next((i for i in range(1, len(parts))
+                if os.path.lexists(DATASET_SEPARATOR.join(parts[:i]))), 1)
+    dataset = DATASET_SEPARATOR.join(parts[cut:]).strip("/")
+    return Path(DATASET_SEPARATOR.join(parts[:cut])), dataset or None
+
+
+def names_dataset(source: str | Path) -> bool:
+    """Whether ``source`` is ``FILE::DATASET``."""
+    return split_dataset(source)[1] is not None
+
+
+def is_hdf5_file(path: Path) -> bool:
+    try:
+        return path.is_file() and h5py.is_hdf5(path)
+    except OSError:   # unreadable: the reader says what is wrong with it
+        return False
+
+
+def dataset_names(handle: h5py.File) -> list[str]:
+    """The names of every dataset in ``handle``, groups searched."""
+    names = []
+    handle.visititems(lambda name, item: names.append(name)
+                      if isinstance(item, h5py.Dataset) else None)
+    return names
+
+
+def listed_datasets(handle: h5py.File, names: list[str] | None = None) -> str:
+    """The datasets of ``handle`` (``names``, or all; the first six) with their shapes."""
+    names = dataset_names(handle) if names is None else names
+    shown = ", ".join(f"{name} {handle[name].shape}" for name in names[:6])
+    return shown + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+
+
+def open_dataset(source: str | Path, what: str, defaults: tuple[str, ...] = ()):
+    """``(handle, dataset)``: the dataset that ``source`` names (``FILE::DATASET``), or else
+    the first of ``defaults`` in the file, or (without ``defaults``) the file's only dataset,
+    unless the file is a drip file. :class:`DripError` naming the file (and listing its
+    datasets where the name is missing or wrong) for anything else. Close ``handle`` when
+    done."""
+    path, name = split_dataset(source)
+    if not path.exists():
+        raise DripError("no such file", path)
+    require_regular_file(path, f"an HDF5 file of {what}")
+    if not is_hdf5_file(path):
+        raise DripError(f"not an HDF5 file ({DATASET_SEPARATOR}DATASET names a dataset of one)",
+                        path)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise open_failure(exc, path) from exc
+    try:
+        return handle, _dataset(handle, path, name, what, defaults)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _dataset(handle: h5py.File, path: Path, name: str | None, what: str,
+             defaults: tuple[str, ...]) -> h5py.Dataset:
+    names = dataset_names(handle)
+    if name is None and defaults:
+        name = next((n for n in defaults if n in handle), None)
+        if name is None:
+            raise DripError(f"has no {' or '.join(map(repr, defaults))} dataset"
+                            + (f" (its datasets: {listed_datasets(handle, names)}; name one "
+                               f"as {path}{DATASET_SEPARATOR}DATASET)" if names else ""), path)
+    elif name is None:
+        if file_format(handle) is not None:
+            raise DripError(f"is a drip {file_format(handle).removesuffix('s')} file, which "
+                            "drip reads as it is: name a dataset of it to import "
+                            f"({path}{DATASET_SEPARATOR}DATASET)", path)
+        if not names:
+            raise DripError("holds no dataset", path)
+        if len(names) > 1:
+            raise DripError(f"holds {len(names)} datasets ({listed_datasets(handle, names)}): "
+                            f"name the one of the {what} as {path}{DATASET_SEPARATOR}DATASET",
+                            path)
+        name = names[0]
+    if not isinstance(handle.get(name), h5py.Dataset):
+        found = f"{name!r} is a group" if name in handle else f"has no dataset {name!r}"
+        raise DripError(found + (f" (its datasets: {listed_datasets(handle, names)})" if names
+                                 else " (nor any other)"), path)
+    dataset = handle[name]
+    if dataset.shape is None:
+        raise DripError(f"dataset {name!r} is empty (it has no shape)", path)
+    return dataset

@@ -389,6 +389,28 @@ def test_an_hdf5_dataset_is_imported_as_its_array(tmp_path):
         f"{scan}::DATASET)", tmp_path / "x.h5")
 
 
+def test_a_psf_and_a_mask_are_read_from_hdf5_datasets(tmp_path):
+    """``--psf`` and ``--mask`` take ``FILE.h5::DATASET`` as well, such as a measurement file's
+    own operator: the operators built agree with the file's."""
+    truth = tmp_path / "truth.npy"
+    np.save(truth, np.random.default_rng(0).random((2, 16, 16)).astype(np.float32))
+    for kind, options, stored in (("blur", ["--blur-sigma", 1.5], "psf"),
+                                  ("inpainting", ["--keep-fraction", 0.5], "mask")):
+        first, second = tmp_path / f"{kind}1.h5", tmp_path / f"{kind}2.h5"
+        from_file = [f"--{stored}", f"{first}::operator/{stored}"]
+        for out, extra in ((first, options), (second, from_file)):
+            result = run_cli("simulate", truth, out, "--operator", kind, "--noise-percent", 1,
+                             "-q", *extra)
+            assert result.exit_code == 0, result.stderr
+        with MeasurementFile(first) as a, MeasurementFile(second) as b:
+            _same_operator(a.operator, b.operator)
+        result = run_cli("import", f"{second}::measurements", tmp_path / f"{kind}3.h5",
+                         "--operator", kind, "--noise-std", 0.01, "-q", *from_file)
+        assert result.exit_code == 0, result.stderr
+        with MeasurementFile(first) as a, MeasurementFile(tmp_path / f"{kind}3.h5") as b:
+            _same_operator(a.operator, b.operator)
+
+
 def test_inpainting_takes_its_mask_and_zeroes_what_it_does_not_observe(tmp_path):
     rng = np.random.default_rng(1)
     mask = (rng.random((16, 20)) < 0.5).astype(np.uint8)

@@ -296,7 +296,8 @@ class BlurBoundary(str, Enum):
 
 
 # operator options that simulate and import share
-PSF = typer.Option(None, "--psf", help="blur: PSF from a .npy file (odd sizes).")
+PSF = typer.Option(None, "--psf", help="blur: PSF from a .npy file or an HDF5 dataset "
+                   "(FILE.h5::DATASET), odd sizes.")
 ANGLE_RANGE = typer.Option(180.0, "--angle-range",
                            help="tomography: angular range in degrees (<180: limited angle).")
 ANGLE_START = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees).")
@@ -335,9 +336,9 @@ def simulate(
     psf: Optional[Path] = PSF,
     blur_boundary: BlurBoundary = BLUR_BOUNDARY,
     keep_fraction: float = typer.Option(0.5, "--keep-fraction", help="inpainting: observed share."),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
-                                        "of the observed pixels (non-zero) instead of a random "
-                                        "mask."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture, .npy array "
+                                        "or HDF5 dataset of the observed pixels (non-zero) "
+                                        "instead of a random mask."),
     angles: int = typer.Option(32, "--angles", help="tomography: number of projection angles."),
     angle_range: float = ANGLE_RANGE,
     angle_start: float = ANGLE_START,
@@ -465,8 +466,8 @@ def import_measurements(
                                             "(default 2*ceil(3 sigma)+1)."),
     psf: Optional[Path] = PSF,
     blur_boundary: BlurBoundary = BLUR_BOUNDARY,
-    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture or .npy array "
-                                        "of the observed pixels (non-zero)."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="inpainting: picture, .npy array "
+                                        "or HDF5 dataset of the observed pixels (non-zero)."),
     angles: Optional[int] = typer.Option(None, "--angles", min=1, help="tomography: number of "
                                          "angles. Default: the sinogram's rows."),
     angle_range: float = ANGLE_RANGE,
@@ -501,11 +502,10 @@ def import_measurements(
         if (operator is None) == (like is None):
             raise DripError("give the operator: --operator KIND with its options, or --like "
                             "FILE.h5 (a measurement file with the same operator)")
-        check_writable(out, keep={"the measurements": split_dataset(measured)[0],
-                                  "the --like file": like, "the --psf file": psf,
-                                  "the --mask file": mask, "the --matrix file": matrix,
-                                  "the --ground-truth file": ground_truth and
-                                  split_dataset(ground_truth)[0]})
+        check_writable(out, keep={"the measurements": measured, "the --like file": like,
+                                  "the --psf file": psf, "the --mask file": mask,
+                                  "the --matrix file": matrix,
+                                  "the --ground-truth file": ground_truth})
         spec = None
         if operator is not None:
             if operator.value == "blur" and psf is None and blur_sigma is None:

@@ -41,13 +41,12 @@ import torch.nn.functional as F
 
 from ..errors import DripError, DripWarning, require_regular_file
 from ..io import MeasurementFile, MeasurementWriter, atomic_h5
-from ..io.datasets import (DATASET_SEPARATOR, is_hdf5_file, names_dataset, open_dataset,
-                           split_dataset)
-from ..io.measurements import first_sample_where, overflows_float32, reading
+from ..io.datasets import DATASET_SEPARATOR, is_dataset_source, names_dataset, split_dataset
+from ..io.measurements import first_sample_where, overflows_float32
 from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, LinearOperator,
                          SparseMatrixOperator, Tomography)
 from ..operators.tomography import radon_geometry
-from .simulate import OperatorSpec, build_operator, matrix_operator, read_npy
+from .simulate import OperatorSpec, build_operator, matrix_operator, read_array
 from .sources import (IMAGE_SUFFIXES, PICTURES, _as_float32, _to_channels, picture_paths,
                       read_pictures)
 
@@ -118,32 +117,14 @@ def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False
     return np.stack(images)
 
 
-def read_hdf5_array(source: Path, what: str) -> np.ndarray:
-    """The dataset of an HDF5 file that ``source`` names (``FILE::DATASET``, or the file's only
-    dataset), as stored."""
-    handle, dataset = open_dataset(source, what)
-    file = split_dataset(source)[0]
-    with handle, reading(file):
-        if dataset.dtype.kind not in "fiu":
-            raise DripError(f"cannot read {what}: dataset {dataset.name.lstrip('/')!r} holds "
-                            f"dtype {dataset.dtype}, expected real numbers", file)
-        return dataset[()]
-
-
-def _is_hdf5_dataset(source: Path) -> bool:
-    """Whether ``source`` names an HDF5 dataset: ``FILE::DATASET``, or an HDF5 file."""
-    return names_dataset(source) or is_hdf5_file(source)
-
-
 def _is_array(source: Path) -> bool:
-    return _is_hdf5_dataset(source) or source.suffix.lower() == ".npy"
+    return is_dataset_source(source) or source.suffix.lower() == ".npy"
 
 
 def _array(source: Path, rank: int, what: str = "measurements") -> np.ndarray:
     """A ``.npy`` file or an HDF5 dataset (``FILE::DATASET``) as ``(N, C, *S)`` float32,
     ``rank = len(S)``."""
-    values = (np.asarray(read_hdf5_array(source, what)) if _is_hdf5_dataset(source)
-              else read_npy(source, what))
+    values = read_array(source, what)
     shapes = {rank: "S", rank + 1: "(N, *S)", rank + 2: "(N, C, *S)"}
     if values.ndim not in shapes:
         raise DripError(f"has shape {values.shape}; expected {', '.join(shapes.values())}, S "

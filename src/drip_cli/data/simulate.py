@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DripError
+from ..io.datasets import is_dataset_source, read_dataset
 from ..io.measurements import overflows_float32
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
                          Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
@@ -126,14 +127,22 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
     return values
 
 
+def read_array(source, what: str, booleans: bool = False) -> np.ndarray:
+    """A ``.npy`` array or an HDF5 dataset (``FILE.h5::DATASET``, or an HDF5 file of one
+    dataset), as stored (:func:`read_npy`, :func:`~drip_cli.io.datasets.read_dataset`)."""
+    if is_dataset_source(source):
+        return read_dataset(source, what, booleans)
+    return read_npy(source, what, booleans=booleans)
+
+
 def read_mask(path, image_size: tuple[int, int]) -> np.ndarray:
-    """An inpainting mask (non-zero = observed) from a picture or a ``.npy`` array of the
-    images' ``(H, W)``, as uint8."""
-    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+    """An inpainting mask (non-zero = observed) from a picture, a ``.npy`` array or an HDF5
+    dataset of the images' ``(H, W)``, as uint8."""
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES and not is_dataset_source(path):
         mask = read_picture(Path(path))
         mask = mask.any(axis=-1) if mask.ndim == 3 else mask
     else:
-        mask = read_npy(path, "mask", booleans=True)
+        mask = read_array(path, "mask", booleans=True)
     if mask.shape != tuple(image_size):
         raise DripError(f"the mask is shaped {mask.shape}, where the images are "
                         f"{image_size[0]}x{image_size[1]}", path)
@@ -170,7 +179,7 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             return Denoise(image_shape)
         if spec.kind == "blur":
             if spec.psf_file is not None:
-                psf = read_npy(spec.psf_file, "PSF")
+                psf = read_array(spec.psf_file, "PSF")
                 try:
                     return Blur(image_shape, psf, spec.blur_boundary)
                 except ValueError as exc:

@@ -37,8 +37,11 @@ def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
         # the finished output is renamed onto the name: that would replace the device itself
         raise DripError("is not a regular file (a device or a pipe), which the output would "
                         "replace; give a file name", path)
+    from .datasets import split_dataset   # (datasets reads measurement files, which use this)
+
     for role, other in (keep or {}).items():
-        if other is not None and _same_file(path, Path(other)):
+        # an input FILE.h5::DATASET is FILE.h5
+        if other is not None and _same_file(path, split_dataset(other)[0]):
             raise DripError(f"cannot write output: this is {role}; choose another name", path)
     if not folder.is_dir():
         raise DripError(f"cannot write output: folder {folder} does not exist", path)

@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from ..errors import DripError, require_regular_file
-from .measurements import file_format, open_failure
+from .measurements import file_format, open_failure, reading
 
 DATASET_SEPARATOR = "::"
 
@@ -32,11 +33,17 @@ def names_dataset(source: str | Path) -> bool:
     return split_dataset(source)[1] is not None
 
 
-def is_hdf5_file(path: Path) -> bool:
+def is_hdf5_file(path: str | Path) -> bool:
     try:
-        return path.is_file() and h5py.is_hdf5(path)
+        return os.path.isfile(path) and h5py.is_hdf5(path)
     except OSError:   # unreadable: the reader says what is wrong with it
         return False
+
+
+def is_dataset_source(source: str | Path) -> bool:
+    """Whether ``source`` names an HDF5 dataset: ``FILE::DATASET``, or an HDF5 file (of one
+    dataset)."""
+    return names_dataset(source) or is_hdf5_file(source)
 
 
 def dataset_names(handle: h5py.File) -> list[str]:
@@ -107,3 +114,16 @@ def _dataset(handle: h5py.File, path: Path, name: str | None, what: str,
     if dataset.shape is None:
         raise DripError(f"dataset {name!r} is empty (it has no shape)", path)
     return dataset
+
+
+def read_dataset(source: str | Path, what: str, booleans: bool = False) -> np.ndarray:
+    """The values of the dataset ``source`` names (``FILE::DATASET``, or the file's only
+    dataset), as stored: real numbers (or, with ``booleans``, booleans too)."""
+    handle, dataset = open_dataset(source, what)
+    file = split_dataset(source)[0]
+    with handle, reading(file):
+        if dataset.dtype.kind not in "fiu" + "b" * booleans:
+            raise DripError(f"cannot read {what}: dataset {dataset.name.lstrip('/')!r} holds "
+                            f"dtype {dataset.dtype}, expected real numbers"
+                            f"{' or booleans' * booleans}", file)
+        return np.asarray(dataset[()])

@@ -737,3 +737,54 @@ def test_clipped_pictures_are_named_at_import(tmp_path):
                          "--operator", "denoise", "--noise-std", 0.02, "--quiet")
         assert result.exit_code == 0, result.stderr
         assert ("as where a camera clipped them" in result.stderr) == (name == "clipped"), name
+
+
+def test_tomography_takes_any_angles_from_a_file(tmp_path):
+    """``--angle-file`` gives the angles themselves (a text file, a .npy array or an HDF5
+    dataset), for scans whose angles are not equispaced: simulate and import build the same
+    operator from it; radians are named, and bad lists refused in one line."""
+    angles = np.sort(np.random.default_rng(1).uniform(0.0, 150.0, 12))
+    text = tmp_path / "angles.txt"
+    text.write_text("# degrees\n" + ",".join(f"{a:.17g}" for a in angles[:6]) + "\n"
+                    + "\n".join(f"{a:.17g}" for a in angles[6:]) + "\n")
+    np.save(tmp_path / "angles.npy", angles[:, None])   # a column
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["exchange/theta"] = angles
+    np.save(tmp_path / "truth.npy", np.random.default_rng(0).random((2, 18, 18)))
+    simulated = tmp_path / "s.h5"
+    result = run_cli("simulate", tmp_path / "truth.npy", simulated, "--operator", "tomography",
+                     "--angle-file", text, "--angles", 5, "--noise-percent", 1, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "--angles: not used with --angle-file, which gives the angles (ignored)" in result.stderr
+    with MeasurementFile(simulated) as file:
+        np.testing.assert_allclose(file.operator.angles_deg, angles, rtol=0, atol=1e-12)
+        op = file.operator
+    with h5py.File(simulated) as f:
+        np.save(tmp_path / "b.npy", f["measurements"][()])
+    for source in (tmp_path / "angles.npy", f"{tmp_path / 'scan.h5'}::exchange/theta"):
+        out = tmp_path / "i.h5"
+        result = run_cli("import", tmp_path / "b.npy", out, "--operator", "tomography",
+                         "--angle-file", source, "--noise-percent", 1, "-q")
+        assert result.exit_code == 0, result.stderr
+        with MeasurementFile(out) as file:
+            _same_operator(file.operator, op)
+    np.save(tmp_path / "radians.npy", np.radians(angles))
+    result = run_cli("simulate", tmp_path / "truth.npy", tmp_path / "r.h5", "--operator",
+                     "tomography", "--angle-file", tmp_path / "radians.npy", "--noise-percent", 1,
+                     "-q")
+    assert result.exit_code == 0 and "if these are radians, convert them" in result.stderr
+    (tmp_path / "words.txt").write_text("0 10 twenty\n")
+    np.save(tmp_path / "square.npy", np.zeros((3, 4)))
+    np.save(tmp_path / "nan.npy", np.array([0.0, np.nan]))
+    np.save(tmp_path / "few.npy", angles[:10])
+    for source, message in ((tmp_path / "words.txt", "cannot read the angles: 'twenty' is not a "
+                                                     "number"),
+                            (tmp_path / "square.npy", "must be a list of numbers (degrees), got "
+                                                      "shape (3, 4)"),
+                            (tmp_path / "nan.npy", "the angles contain NaN or Inf"),
+                            (tmp_path / "missing.txt", "cannot read the angles as text"),
+                            (tmp_path / "few.npy", "where the tomography operator measures (1, "
+                                                   "10, 26)")):
+        result = run_cli("import", tmp_path / "b.npy", tmp_path / "x.h5", "--operator",
+                         "tomography", "--angle-file", source, "--noise-percent", 1)
+        assert_one_line_error(result, message, tmp_path / "x.h5")

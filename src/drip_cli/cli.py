@@ -131,6 +131,8 @@ EXAMPLES = {
         "drip import sinograms.npy mine.h5 --operator tomography --angle-range 120 "
         "--estimate-noise",
         "drip import scans.npy mine.h5 --operator tomography --image-size 96 --noise-std 0.1",
+        "drip import scan.h5::exchange/data mine.h5 --operator tomography "
+        "--angle-file scan.h5::exchange/theta --estimate-noise",
         "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
     ],
     "export": [
@@ -301,6 +303,10 @@ PSF = typer.Option(None, "--psf", help="blur: PSF from a .npy file or an HDF5 da
 ANGLE_RANGE = typer.Option(180.0, "--angle-range",
                            help="tomography: angular range in degrees (<180: limited angle).")
 ANGLE_START = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees).")
+ANGLE_FILE = typer.Option(None, "--angle-file", help="tomography: the angles themselves, in "
+                          "degrees, one per sinogram row, in place of --angles, --angle-range "
+                          "and --angle-start: a .npy array, an HDF5 dataset (FILE.h5::DATASET) "
+                          "or a text file of numbers.")
 BLUR_BOUNDARY = typer.Option(
     BlurBoundary.periodic, "--blur-boundary", case_sensitive=False,
     help="blur: periodic (the contract's circular convolution, measurements the image's size) "
@@ -342,6 +348,7 @@ def simulate(
     angles: int = typer.Option(32, "--angles", help="tomography: number of projection angles."),
     angle_range: float = ANGLE_RANGE,
     angle_start: float = ANGLE_START,
+    angle_file: Optional[Path] = ANGLE_FILE,
     detectors: Optional[int] = typer.Option(
         None, "--detectors", min=1, help="tomography: detectors per angle, centred. Default: "
         "the image's diagonal (the contract's); fewer measure an object wider than they are."),
@@ -378,7 +385,8 @@ def simulate(
         named = names_dataset(images)   # FILE.h5::DATASET
         source_file = split_dataset(images)[0] if named or Path(images).is_file() else None
         check_writable(out, keep={"the images file": source_file, "the --psf file": psf,
-                                  "the --matrix file": matrix, "the --mask file": mask})
+                                  "the --matrix file": matrix, "the --mask file": mask,
+                                  "the --angle-file file": angle_file})
         rng = np.random.default_rng(seed)
         opened = image_file_dataset(images) if source_file else None
         try:
@@ -400,7 +408,8 @@ def simulate(
                                 psf_file=psf, blur_boundary=blur_boundary.value,
                                 keep_fraction=keep_fraction, mask_file=mask,
                                 angles=angles, angle_range=angle_range,
-                                angle_start=angle_start, detectors=detectors, matrix_file=matrix)
+                                angle_start=angle_start, angle_file=angle_file,
+                                detectors=detectors, matrix_file=matrix)
             with status(f"building the {operator.value} operator", quiet):
                 op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
@@ -472,6 +481,7 @@ def import_measurements(
                                          "angles. Default: the sinogram's rows."),
     angle_range: float = ANGLE_RANGE,
     angle_start: float = ANGLE_START,
+    angle_file: Optional[Path] = ANGLE_FILE,
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),
@@ -505,6 +515,7 @@ def import_measurements(
         check_writable(out, keep={"the measurements": measured, "the --like file": like,
                                   "the --psf file": psf, "the --mask file": mask,
                                   "the --matrix file": matrix,
+                                  "the --angle-file file": angle_file,
                                   "the --ground-truth file": ground_truth})
         spec = None
         if operator is not None:
@@ -514,6 +525,7 @@ def import_measurements(
                                 blur_size=blur_size, psf_file=psf,
                                 blur_boundary=blur_boundary.value, mask_file=mask, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start,
+                                angle_file=angle_file,
                                 image_side=image_size, matrix_file=matrix)
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
             warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
@@ -540,7 +552,8 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
                    like: Path | None) -> dict[str, list[str]]:
     """import's operator options in ``given`` that the operator does not read, by the reason."""
     options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",),
-               "tomography": ("angles", "angle_range", "angle_start", "image_size")}
+               "tomography": ("angles", "angle_range", "angle_start", "angle_file",
+                              "image_size")}
     if like is not None:
         names = [name for names in options.values() for name in names if name in given]
         return {"not used with --like, which gives the operator": names} if names else {}
@@ -550,7 +563,8 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
 # simulate's options that only some operators, or only some sources of images, read
 _OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf", "blur_boundary"),
                      "inpainting": ("keep_fraction", "mask"),
-                     "tomography": ("angles", "angle_range", "angle_start", "detectors"),
+                     "tomography": ("angles", "angle_range", "angle_start", "angle_file",
+                                    "detectors"),
                      "matrix": ("matrix",)}
 _SOURCE_OPTIONS = {"phantoms": ("image_size", "num_images"),
                    "photographs": ("crop_size", "crops_per_image")}
@@ -573,6 +587,10 @@ def _simulate_unused(given: set[str], operator: str, source: str,
     if operator == "blur" and "psf" in given and given & {"blur_sigma", "blur_size"}:
         unused["not used with --psf, which gives the PSF"] = [
             name for name in ("blur_sigma", "blur_size") if name in given]
+    if operator == "tomography" and "angle_file" in given:
+        spaced = [name for name in ("angles", "angle_range", "angle_start") if name in given]
+        if spaced:
+            unused["not used with --angle-file, which gives the angles"] = spaced
     if operator == "inpainting" and {"mask", "keep_fraction"} <= given:
         unused["not used with --mask, which gives the observed pixels"] = ["keep_fraction"]
     for kind, names in (_SOURCE_OPTIONS.items() if sources else ()):

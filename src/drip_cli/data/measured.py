@@ -198,7 +198,7 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
         raise DripError("inpainting needs the mask of observed pixels: --mask FILE (a picture "
                         "or .npy array, non-zero = observed)")
     elif spec.kind == "tomography":
-        if spec.angles is None:   # one per row of the sinogram
+        if spec.angles is None and spec.angle_file is None:   # one per row of the sinogram
             spec = dataclasses.replace(spec, angles=measured[0])
         # the detectors are the sinogram's; the image the square they span, or the one given
         side = spec.image_side or _tomography_side(measured[-1])

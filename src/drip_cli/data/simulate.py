@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import DripError
+from ..errors import DripError, DripWarning
 from ..io.datasets import is_dataset_source, read_dataset
 from ..io.measurements import overflows_float32
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
@@ -98,6 +99,7 @@ class OperatorSpec:
     angles: int = 32
     angle_range: float = 180.0
     angle_start: float = 0.0
+    angle_file: Path | None = None   # tomography: the angles themselves, in place of the three
     detectors: int | None = None     # tomography: a centred window of the detector line
     image_side: int | None = None    # tomography (import): the square image's side
     matrix_file: Path | None = None
@@ -133,6 +135,47 @@ def read_array(source, what: str, booleans: bool = False) -> np.ndarray:
     if is_dataset_source(source):
         return read_dataset(source, what, booleans)
     return read_npy(source, what, booleans=booleans)
+
+
+def _text_numbers(path, what: str) -> np.ndarray:
+    """The numbers of a text file, separated by white space or commas (``#`` starts a
+    comment)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DripError(f"cannot read {what} as text (a .npy array, an HDF5 dataset or a text "
+                        f"file of numbers): {getattr(exc, 'strerror', None) or exc}", path) from exc
+    tokens = " ".join(line.split("#")[0] for line in text.splitlines()).replace(",", " ").split()
+    values = []
+    for token in tokens:
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise DripError(f"cannot read {what}: {token[:20]!r} is not a number", path) from None
+    return np.array(values)
+
+
+def read_angles(path) -> np.ndarray:
+    """Projection angles in degrees, one per row of a sinogram, from a ``.npy`` array, an HDF5
+    dataset (``FILE.h5::DATASET``) or a text file of numbers; a warning where they look like
+    radians."""
+    what = "the angles"
+    values = (read_array(path, what) if is_dataset_source(path) or str(path).endswith(".npy")
+              else _text_numbers(path, what))
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim > 1 and sorted(values.shape)[:-1] == [1] * (values.ndim - 1):
+        values = values.ravel()   # a row or a column
+    if values.ndim != 1 or len(values) == 0:
+        raise DripError(f"{what} must be a list of numbers (degrees), got shape {values.shape}",
+                        path)
+    if not np.all(np.isfinite(values)):
+        raise DripError(f"{what} contain NaN or Inf", path)
+    span = float(values.max() - values.min())
+    if len(values) >= 4 and 0 < span <= 2 * math.pi * (1 + 1e-6):
+        warnings.warn(DripWarning(f"{path}: the {len(values)} angles span only {span:.4g} "
+                                  "degrees; drip reads degrees: if these are radians, convert "
+                                  "them (numpy.degrees)"), stacklevel=2)
+    return values
 
 
 def read_mask(path, image_size: tuple[int, int]) -> np.ndarray:
@@ -202,9 +245,9 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             except ValueError as exc:
                 raise DripError(f"invalid mask: {exc}", spec.mask_file) from exc
         if spec.kind == "tomography":
-            return Tomography(image_shape,
-                              limited_angles(spec.angles, spec.angle_range, spec.angle_start),
-                              spec.detectors)
+            angles = (read_angles(spec.angle_file) if spec.angle_file is not None else
+                      limited_angles(spec.angles, spec.angle_range, spec.angle_start))
+            return Tomography(image_shape, angles, spec.detectors)
         if spec.kind == "matrix":
             return matrix_operator(spec.matrix_file, image_shape)
     except ValueError as exc:

@@ -48,8 +48,12 @@ def make_operator(kind: str, image_shape=(1, 16, 20), seed: int = 0):
     if kind == "inpainting":
         return Inpainting.random(image_shape, 0.6, rng)
     if kind in ("tomography", "tomography-window"):
-        detectors = max(image_shape[1:]) if kind == "tomography-window" else None
-        return Tomography(image_shape, limited_angles(12, 120.0, 10.0), detectors)
+        # the window: the extensions of the contract's geometry, a detector window and the
+        # rotation axis off the detector's centre
+        if kind == "tomography":
+            return Tomography(image_shape, limited_angles(12, 120.0, 10.0))
+        return Tomography(image_shape, limited_angles(12, 120.0, 10.0), max(image_shape[1:]),
+                          center_offset=1.5)
     if kind == "matrix":
         pixels = image_shape[1] * image_shape[2]
         data, indices, indptr, shape, _ = random_csr(150, pixels, 0.05, rng)

@@ -788,3 +788,24 @@ def test_tomography_takes_any_angles_from_a_file(tmp_path):
         result = run_cli("import", tmp_path / "b.npy", tmp_path / "x.h5", "--operator",
                          "tomography", "--angle-file", source, "--noise-percent", 1)
         assert_one_line_error(result, message, tmp_path / "x.h5")
+
+
+def test_an_axis_off_centre_is_simulated_imported_and_shown(tmp_path):
+    """``--center-offset`` puts the rotation axis off the detector's centre in simulate and
+    import alike (the same operator from both), and ``drip info`` shows it."""
+    np.save(tmp_path / "truth.npy", np.random.default_rng(0).random((2, 18, 18)))
+    simulated = tmp_path / "s.h5"
+    result = run_cli("simulate", tmp_path / "truth.npy", simulated, "--operator", "tomography",
+                     "--angles", 10, "--center-offset", -1.25, "--noise-percent", 1, "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(simulated) as f:
+        np.save(tmp_path / "b.npy", f["measurements"][()])
+    imported = tmp_path / "i.h5"
+    result = run_cli("import", tmp_path / "b.npy", imported, "--operator", "tomography",
+                     "--center-offset", -1.25, "--noise-percent", 1, "-q")
+    assert result.exit_code == 0, result.stderr
+    with MeasurementFile(simulated) as a, MeasurementFile(imported) as b:
+        assert a.operator.center_offset == b.operator.center_offset == -1.25
+        _same_operator(a.operator, b.operator)
+    shown = [word for word in run_cli("info", imported).stdout.split() if word != "│"]
+    assert "-1.25 detectors (the rotation axis on detector 11.75)" in " ".join(shown)

@@ -303,6 +303,9 @@ PSF = typer.Option(None, "--psf", help="blur: PSF from a .npy file or an HDF5 da
 ANGLE_RANGE = typer.Option(180.0, "--angle-range",
                            help="tomography: angular range in degrees (<180: limited angle).")
 ANGLE_START = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees).")
+CENTER_OFFSET = typer.Option(0.0, "--center-offset", help="tomography: where the rotation "
+                             "axis meets the detector line, in detectors from its centre "
+                             "(fractions allowed), for a scanner whose axis is off centre.")
 ANGLE_FILE = typer.Option(None, "--angle-file", help="tomography: the angles themselves, in "
                           "degrees, one per sinogram row, in place of --angles, --angle-range "
                           "and --angle-start: a .npy array, an HDF5 dataset (FILE.h5::DATASET) "
@@ -349,6 +352,7 @@ def simulate(
     angle_range: float = ANGLE_RANGE,
     angle_start: float = ANGLE_START,
     angle_file: Optional[Path] = ANGLE_FILE,
+    center_offset: float = CENTER_OFFSET,
     detectors: Optional[int] = typer.Option(
         None, "--detectors", min=1, help="tomography: detectors per angle, centred. Default: "
         "the image's diagonal (the contract's); fewer measure an object wider than they are."),
@@ -409,7 +413,8 @@ def simulate(
                                 keep_fraction=keep_fraction, mask_file=mask,
                                 angles=angles, angle_range=angle_range,
                                 angle_start=angle_start, angle_file=angle_file,
-                                detectors=detectors, matrix_file=matrix)
+                                detectors=detectors, center_offset=center_offset,
+                                matrix_file=matrix)
             with status(f"building the {operator.value} operator", quiet):
                 op = build_operator(spec, tuple(image_shape), rng)
             # once the images and the operator are known to be good (a bad input is one line)
@@ -482,6 +487,7 @@ def import_measurements(
     angle_range: float = ANGLE_RANGE,
     angle_start: float = ANGLE_START,
     angle_file: Optional[Path] = ANGLE_FILE,
+    center_offset: float = CENTER_OFFSET,
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),
@@ -525,7 +531,7 @@ def import_measurements(
                                 blur_size=blur_size, psf_file=psf,
                                 blur_boundary=blur_boundary.value, mask_file=mask, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start,
-                                angle_file=angle_file,
+                                angle_file=angle_file, center_offset=center_offset,
                                 image_side=image_size, matrix_file=matrix)
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
             warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
@@ -553,7 +559,7 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
     """import's operator options in ``given`` that the operator does not read, by the reason."""
     options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",),
                "tomography": ("angles", "angle_range", "angle_start", "angle_file",
-                              "image_size")}
+                              "center_offset", "image_size")}
     if like is not None:
         names = [name for names in options.values() for name in names if name in given]
         return {"not used with --like, which gives the operator": names} if names else {}
@@ -564,7 +570,7 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
 _OPERATOR_OPTIONS = {"blur": ("blur_sigma", "blur_size", "psf", "blur_boundary"),
                      "inpainting": ("keep_fraction", "mask"),
                      "tomography": ("angles", "angle_range", "angle_start", "angle_file",
-                                    "detectors"),
+                                    "center_offset", "detectors"),
                      "matrix": ("matrix",)}
 _SOURCE_OPTIONS = {"phantoms": ("image_size", "num_images"),
                    "photographs": ("crop_size", "crops_per_image")}

@@ -101,6 +101,7 @@ class OperatorSpec:
     angle_start: float = 0.0
     angle_file: Path | None = None   # tomography: the angles themselves, in place of the three
     detectors: int | None = None     # tomography: a centred window of the detector line
+    center_offset: float = 0.0       # tomography: the rotation axis's detector, from the centre
     image_side: int | None = None    # tomography (import): the square image's side
     matrix_file: Path | None = None
 
@@ -247,7 +248,7 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
         if spec.kind == "tomography":
             angles = (read_angles(spec.angle_file) if spec.angle_file is not None else
                       limited_angles(spec.angles, spec.angle_range, spec.angle_start))
-            return Tomography(image_shape, angles, spec.detectors)
+            return Tomography(image_shape, angles, spec.detectors, spec.center_offset)
         if spec.kind == "matrix":
             return matrix_operator(spec.matrix_file, image_shape)
     except ValueError as exc:

@@ -19,6 +19,13 @@ measure a larger image than the detector covers whole (the object extends beyond
 detector sees at some angles: the image's corners); more than ``P`` add detectors beyond the
 image's shadow, which measure nothing (zero rows). Without the attribute, or with ``D = P``,
 the operator is the contract's.
+
+Extension of the contract: ``center_offset = d`` (detector pixels, any real number below ``P /
+2`` in size), the rotation axis projected onto detector ``P // 2 + d`` instead of ``P // 2``, as
+when a scanner's axis is off the detector's centre: detector ``t`` then sums the ray that
+detector ``t - d`` sums without it (in the formula above, ``t - d`` for ``t``), interpolated for
+a fractional ``d`` (with a window of ``D`` detectors, the axis falls on its detector ``D // 2 +
+d``). Only written where ``d`` is not 0, so files without it are the contract's.
 """
 
 from __future__ import annotations
@@ -64,8 +71,9 @@ def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
     return ordered[first], np.bincount(np.cumsum(first) - 1, weights=weights[order])
 
 
-def radon_matrix(height: int, width: int, angles_deg: np.ndarray):
-    """CSR arrays ``(indptr, indices, data, shape)`` of the Radon transform of an ``H x W`` image."""
+def radon_matrix(height: int, width: int, angles_deg: np.ndarray, center_offset: float = 0.0):
+    """CSR arrays ``(indptr, indices, data, shape)`` of the Radon transform of an ``H x W`` image
+    (the rotation axis on detector ``P // 2 + center_offset``, the module docstring)."""
     side, (pad_r, pad_c) = radon_geometry(height, width)
     pixels = height * width
     centre = side // 2
@@ -74,7 +82,7 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray):
     # 5.2-6.1 s to build the matrix, against 12.9 s with the samples ray-position-major and
     # np.unique). Within a detector, the samples that touch one pixel appear in the same order
     # either way (by corner, then along the ray), so the sums are the same, bit for bit.
-    grid_t, grid_r = np.meshgrid(np.arange(side, dtype=np.float64),
+    grid_t, grid_r = np.meshgrid(np.arange(side, dtype=np.float64) - center_offset,
                                  np.arange(side, dtype=np.float64), indexing="ij")
     detectors = np.broadcast_to(np.arange(side)[:, None], grid_t.shape)
     indptr_parts, index_parts, data_parts = [np.zeros(1, dtype=np.int64)], [], []
@@ -155,7 +163,7 @@ class Tomography(SparseMatrixOperator):
     kind = "tomography"
 
     def __init__(self, image_shape: tuple[int, int, int], angles_deg,
-                 n_detectors: int | None = None):
+                 n_detectors: int | None = None, center_offset: float = 0.0):
         angles = _checked_angles(angles_deg)
         _, height, width = (int(v) for v in image_shape)
         side = radon_geometry(height, width)[0]
@@ -164,19 +172,39 @@ class Tomography(SparseMatrixOperator):
         if not low <= detectors <= high:
             raise ValueError(f"{detectors} detectors for a {height}x{width} image, whose "
                              f"diagonal spans {side}: give {low} to {high}")
-        indptr, indices, data, shape = radon_matrix(height, width, angles)
+        center_offset = float(center_offset)
+        if not abs(center_offset) < side / 2:   # NaN too
+            raise ValueError(f"the centre offset must be below {side / 2:g} detectors in size "
+                             f"(half the {side} of a {height}x{width} image), got "
+                             f"{center_offset:g}")
+        indptr, indices, data, shape = radon_matrix(height, width, angles, center_offset)
         if detectors != side:
             indptr, indices, data = detector_window(indptr, indices, data, len(angles), side,
                                                     detectors)
             shape = (len(angles) * detectors, shape[1])
         self.angles_deg = angles
         self.n_detectors = detectors
+        self.center_offset = center_offset
         super().__init__(image_shape, _csr(indptr, indices, data, shape),
                          measurement_size=(len(angles), self.n_detectors))
 
     def _write_hdf5(self, group) -> None:
         group.create_dataset("angles_deg", data=self.angles_deg)
         group.attrs["n_detectors"] = self.n_detectors
+        if self.center_offset != 0:
+            group.attrs["center_offset"] = self.center_offset
+
+    @staticmethod
+    def _stored_offset(group) -> float:
+        """The stored ``center_offset`` (0 without one); ``ValueError`` unless one finite number
+        (its size is checked where the operator is built)."""
+        if "center_offset" not in group.attrs:
+            return 0.0
+        values = np.asarray(group.attrs["center_offset"]).ravel()
+        if len(values) != 1 or values.dtype.kind not in "iuf" or not np.isfinite(values[0]):
+            raise ValueError("operator attribute 'center_offset' must be one finite number, got "
+                             f"{str(group.attrs['center_offset'])[:40]}")
+        return float(values[0])
 
     @classmethod
     def _stored_geometry(cls, group, image_shape) -> tuple[np.ndarray, int]:
@@ -202,7 +230,8 @@ class Tomography(SparseMatrixOperator):
 
     @classmethod
     def _read_hdf5(cls, group, image_shape):
-        return cls(image_shape, *cls._stored_geometry(group, image_shape))
+        return cls(image_shape, *cls._stored_geometry(group, image_shape),
+                   center_offset=cls._stored_offset(group))
 
     @property
     def full_detectors(self) -> int:
@@ -214,5 +243,9 @@ class Tomography(SparseMatrixOperator):
         window = ({} if self.n_detectors == self.full_detectors else
                   {"detector window": f"{self.n_detectors} of the image's "
                                       f"{self.full_detectors}, centred"})
+        offset = ({} if self.center_offset == 0 else
+                  {"center_offset": f"{self.center_offset:g} detectors (the rotation axis on "
+                                    f"detector {self.n_detectors // 2 + self.center_offset:g}"
+                                    ")"})
         return {**super().describe(), "n_angles": len(a), "n_detectors": self.n_detectors,
-                **window, "angles_deg": f"{a.min():.4g} .. {a.max():.4g}"}
+                **window, **offset, "angles_deg": f"{a.min():.4g} .. {a.max():.4g}"}

@@ -361,8 +361,8 @@ def test_an_hdf5_dataset_is_imported_as_its_array(tmp_path):
             (f"{scan}::exchange/theta", "has shape (10,); expected S, (N, *S), (N, C, *S)"),
             (f"{tmp_path / 'missing.h5'}::data", "missing.h5: no such file"),
             (f"{tmp_path / 'one.h5'}::sinograms::x", "has no dataset 'sinograms::x'"),
-            (like, "is a drip measurement file, which drip reads as it is: name a dataset of "
-                   f"it to import ({like}::DATASET)")):
+            (like, f"is a drip measurement file: name the dataset to read in it, as "
+                   f"{like}::DATASET")):
         assert_one_line_error(run_cli("import", source, tmp_path / "x.h5", *tomography),
                               message, tmp_path / "x.h5")
     # the output may not replace the file the dataset is read from

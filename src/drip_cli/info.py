@@ -13,8 +13,8 @@ import torch
 
 from .errors import DripError, require_regular_file
 from .io import MeasurementFile, read_reconstruction_file
-from .io.datasets import (DATASET_SEPARATOR, listed_datasets, names_dataset, open_dataset,
-                          split_dataset)
+from .io.datasets import (DATASET_SEPARATOR, is_hdf5_file, listed_datasets, names_dataset,
+                          open_dataset, split_dataset)
 from .io.measurements import file_format, not_hdf5, open_failure, reading
 from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
                         resolve_model_path, run_in_progress)
@@ -252,9 +252,9 @@ def _is_image_stack(path: Path) -> bool:
     and an ``images`` or ``ground_truth`` entry."""
     from .data.sources import IMAGE_STACKS
 
+    if not is_hdf5_file(path):
+        return False
     try:
-        if not (path.is_file() and h5py.is_hdf5(path)):
-            return False
         with h5py.File(path, "r") as handle:
             return file_format(handle) is None and any(name in handle for name in IMAGE_STACKS)
     except OSError:   # unreadable or damaged: file_kind says what is wrong with it
@@ -340,7 +340,7 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
     if path.suffix.lower() == ".npy":
         values = read_npy(path, "an array", mmap=True)
         return [(path.name, _array_info(values, ".npy array (read without pickle)", _INPUT_USE))]
-    if h5py.is_hdf5(path):
+    if is_hdf5_file(path):
         handle, images = image_file_dataset(path)   # refuses what simulate would refuse
         try:
             with reading(path):

@@ -161,7 +161,8 @@ def read_angles(path) -> np.ndarray:
     dataset (``FILE.h5::DATASET``) or a text file of numbers; a warning where they look like
     radians."""
     what = "the angles"
-    values = (read_array(path, what) if is_dataset_source(path) or str(path).endswith(".npy")
+    values = (read_array(path, what)
+              if is_dataset_source(path) or str(path).lower().endswith(".npy")
               else _text_numbers(path, what))
     values = np.asarray(values, dtype=np.float64)
     if values.ndim > 1 and sorted(values.shape)[:-1] == [1] * (values.ndim - 1):

@@ -87,26 +87,27 @@ def open_dataset(source: str | Path, what: str, defaults: tuple[str, ...] = ()):
 
 def _dataset(handle: h5py.File, path: Path, name: str | None, what: str,
              defaults: tuple[str, ...]) -> h5py.Dataset:
-    names = dataset_names(handle)
+    named = f"{path}{DATASET_SEPARATOR}DATASET"
     if name is None and defaults:
         name = next((n for n in defaults if n in handle), None)
         if name is None:
+            names = dataset_names(handle)
             raise DripError(f"has no {' or '.join(map(repr, defaults))} dataset"
                             + (f" (its datasets: {listed_datasets(handle, names)}; name one "
-                               f"as {path}{DATASET_SEPARATOR}DATASET)" if names else ""), path)
+                               f"as {named})" if names else ""), path)
     elif name is None:
         if file_format(handle) is not None:
-            raise DripError(f"is a drip {file_format(handle).removesuffix('s')} file, which "
-                            "drip reads as it is: name a dataset of it to import "
-                            f"({path}{DATASET_SEPARATOR}DATASET)", path)
+            raise DripError(f"is a drip {file_format(handle).removesuffix('s')} file: name "
+                            f"the dataset to read in it, as {named}", path)
+        names = dataset_names(handle)
         if not names:
             raise DripError("holds no dataset", path)
         if len(names) > 1:
             raise DripError(f"holds {len(names)} datasets ({listed_datasets(handle, names)}): "
-                            f"name the one of the {what} as {path}{DATASET_SEPARATOR}DATASET",
-                            path)
+                            f"name the one of the {what} as {named}", path)
         name = names[0]
-    if not isinstance(handle.get(name), h5py.Dataset):
+    if not isinstance(handle.get(name), h5py.Dataset):   # the file listed only here
+        names = dataset_names(handle)
         found = f"{name!r} is a group" if name in handle else f"has no dataset {name!r}"
         raise DripError(found + (f" (its datasets: {listed_datasets(handle, names)})" if names
                                  else " (nor any other)"), path)

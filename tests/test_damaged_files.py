@@ -10,6 +10,7 @@ import itertools
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -212,12 +213,14 @@ _IMPORT_SHAPES = {"denoise": [16, 20], "blur": [16, 20], "inpainting": [16, 20],
        own_shape=st.booleans(),
        dtype=st.sampled_from(["float32", "float64", "uint8", "int16", "bool", "complex64"]),
        extreme=st.sampled_from([None, *EXTREMES]),
-       noise=st.sampled_from([("noise_std", 0.01), ("noise_percent", 2.0), ("estimate", True)]))
+       noise=st.sampled_from([("noise_std", 0.01), ("noise_percent", 2.0), ("estimate", True)]),
+       hdf5=st.booleans())
 def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, dtype, extreme,
-                                              noise):
-    """``drip import`` of a ``.npy`` array of any shape (or of the kind's measurement shape
-    after up to two axes of any length), dtype and values, for every operator kind: a
-    measurement file, or a :class:`DripError` and no file."""
+                                              noise, hdf5):
+    """``drip import`` of a ``.npy`` array or an HDF5 dataset (``FILE.h5::DATASET``, the mask
+    too) of any shape (or of the kind's measurement shape after up to two axes of any length),
+    dtype and values, for every operator kind: a measurement file, or a :class:`DripError` and
+    no file."""
     from drip_cli.data import OperatorSpec
     from drip_cli.data.measured import NoiseChoice, import_measurements
 
@@ -228,9 +231,15 @@ def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, d
     values = np.random.default_rng(0).random(shape).astype(dtype)
     if extreme is not None and values.size and values.dtype.kind == "f":
         values.flat[values.size // 2] = extreme
-    np.save(tmp_path / "b.npy", values)
-    mask = tmp_path / "mask.npy"
-    np.save(mask, np.random.default_rng(1).random(tuple(shape[-2:])) < 0.5)
+    mask_values = np.random.default_rng(1).random(tuple(shape[-2:])) < 0.5
+    if hdf5:
+        with h5py.File(tmp_path / "b.h5", "w") as f:
+            f["scan/data"], f["scan/mask"] = values, mask_values
+        source, mask = f"{tmp_path / 'b.h5'}::scan/data", f"{tmp_path / 'b.h5'}::scan/mask"
+    else:
+        np.save(tmp_path / "b.npy", values)
+        np.save(tmp_path / "mask.npy", mask_values)
+        source, mask = tmp_path / "b.npy", tmp_path / "mask.npy"
     matrix = tmp_path / "A.npz"
     if not matrix.exists():
         import scipy.sparse
@@ -241,8 +250,7 @@ def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, d
     spec = OperatorSpec(kind=kind, blur_sigma=1.0, angles=None, matrix_file=matrix,
                         mask_file=mask)
     try:
-        import_measurements(tmp_path / "b.npy", out, spec, None,
-                            NoiseChoice(**{noise[0]: noise[1]}))
+        import_measurements(Path(source), out, spec, None, NoiseChoice(**{noise[0]: noise[1]}))
         with MeasurementFile(out) as data:   # what it wrote is a valid file
             assert data.n_samples >= 1
     except DripError:

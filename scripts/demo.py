@@ -10,7 +10,8 @@ blurred as a camera blurs a scene that goes on beyond its frame (the valid bound
 as PNG files, which `drip import` reads back with their noise estimated (and the scenes as the
 ground truth) for TV and DRIP to reconstruct; the tomography sample's sinograms, written
 as a float TIFF stack (as CT software keeps them) and imported with their noise estimated, for
-DRIP; and noisy colour photographs
+DRIP, and the same sinograms with their angles as datasets of an HDF5 file of another layout
+(`scan.h5::exchange/data`, `--angle-file scan.h5::exchange/theta`); and noisy colour photographs
 (a .npy array) imported for denoising with their noise estimated from the images, for TV and
 DRIP (the grayscale denoising model on each channel). Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
@@ -97,6 +98,16 @@ def drip(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "drip_cli", *args], check=True)
 
 
+def write_scan(sample: Path, scan: Path) -> None:
+    """The sample's sinograms and angles as a scanner's software might store them: an HDF5
+    file in the layout of Data Exchange (``exchange/data``, ``exchange/theta``), not drip's."""
+    import h5py
+
+    with h5py.File(sample, "r") as f, h5py.File(scan, "w") as out:
+        out["exchange/data"] = f["measurements"][:, 0]   # (N, angles, detectors)
+        out["exchange/theta"] = f["operator/angles_deg"][()]
+
+
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     start = time.perf_counter()
@@ -168,6 +179,16 @@ def main() -> None:
          "--estimate-noise", "--ground-truth", str(truth), "--quiet")
     drip("reconstruct", str(mine), "--model", str(MODELS["tomography"]), "--out",
          str(OUT / "sinograms_imported_drip.h5"), "--device", "cpu", "--quiet")
+    console.rule("your own scan in HDF5: its sinograms and angles as datasets of any layout "
+                 "(FILE.h5::DATASET) -> drip import --angle-file -> drip reconstruct")
+    scan = arrays / "scan.h5"
+    write_scan(SAMPLES / "tomography.h5", scan)
+    mine = OUT / "scan_imported.h5"
+    drip("import", f"{scan}::exchange/data", str(mine), "--operator", "tomography",
+         "--angle-file", f"{scan}::exchange/theta", "--estimate-noise", "--ground-truth",
+         str(truth), "--quiet")
+    drip("reconstruct", str(mine), "--model", str(MODELS["tomography"]), "--out",
+         str(OUT / "scan_imported_drip.h5"), "--device", "cpu", "--quiet")
     console.rule("your own noisy photographs: a .npy array -> drip import (noise estimated from "
                  "the images' statistics) -> drip reconstruct")
     noisy = OUT / "noisy.h5"

@@ -329,9 +329,6 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
         handle, values = open_dataset(path, "values")
         file, name = split_dataset(path)
         with handle, reading(file):
-            if values.dtype.kind not in "fiu":
-                raise DripError(f"dataset {name!r} holds dtype {values.dtype}, not the real "
-                                "numbers drip reads", file)
             return [(f"{file.name}{DATASET_SEPARATOR}{name}",
                      _array_info(values, f"HDF5 dataset ({values.ndim} axes)", _INPUT_USE))]
     if not path.exists():

@@ -284,7 +284,8 @@ def image_file_dataset(source: str | os.PathLike):
                         f"(N >= 1); it {problem}", path)
     if not (names_dataset(source) or is_hdf5_file(path)):
         return None
-    handle, dset = open_dataset(source, "images", defaults=IMAGE_STACKS)
+    # (the dtype is checked with the shape, below)
+    handle, dset = open_dataset(source, "images", defaults=IMAGE_STACKS, kinds=None)
     problem = _image_stack_problem(dset.shape, dset.dtype)
     if problem is None:
         return handle, dset

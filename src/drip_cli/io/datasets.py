@@ -61,10 +61,12 @@ def listed_datasets(handle: h5py.File, names: list[str] | None = None) -> str:
     return shown + (f" and {len(names) - 6} more" if len(names) > 6 else "")
 
 
-def open_dataset(source: str | Path, what: str, defaults: tuple[str, ...] = ()):
+def open_dataset(source: str | Path, what: str, defaults: tuple[str, ...] = (),
+                 kinds: str | None = "fiu"):
     """``(handle, dataset)``: the dataset that ``source`` names (``FILE::DATASET``), or else
     the first of ``defaults`` in the file, or (without ``defaults``) the file's only dataset,
-    unless the file is a drip file. :class:`DripError` naming the file (and listing its
+    unless the file is a drip file; its dtype one of NumPy's ``kinds`` (None: any, for a
+    caller with checks of its own). :class:`DripError` naming the file (and listing its
     datasets where the name is missing or wrong) for anything else. Close ``handle`` when
     done."""
     path, name = split_dataset(source)
@@ -79,7 +81,12 @@ def open_dataset(source: str | Path, what: str, defaults: tuple[str, ...] = ()):
     except OSError as exc:
         raise open_failure(exc, path) from exc
     try:
-        return handle, _dataset(handle, path, name, what, defaults)
+        dataset = _dataset(handle, path, name, what, defaults)
+        if kinds is not None and dataset.dtype.kind not in kinds:
+            raise DripError(f"cannot read {what}: dataset {dataset.name.lstrip('/')!r} holds "
+                            f"dtype {dataset.dtype}, expected real numbers"
+                            f"{' or booleans' * ('b' in kinds)}", path)
+        return handle, dataset
     except BaseException:
         handle.close()
         raise
@@ -120,11 +127,6 @@ def _dataset(handle: h5py.File, path: Path, name: str | None, what: str,
 def read_dataset(source: str | Path, what: str, booleans: bool = False) -> np.ndarray:
     """The values of the dataset ``source`` names (``FILE::DATASET``, or the file's only
     dataset), as stored: real numbers (or, with ``booleans``, booleans too)."""
-    handle, dataset = open_dataset(source, what)
-    file = split_dataset(source)[0]
-    with handle, reading(file):
-        if dataset.dtype.kind not in "fiu" + "b" * booleans:
-            raise DripError(f"cannot read {what}: dataset {dataset.name.lstrip('/')!r} holds "
-                            f"dtype {dataset.dtype}, expected real numbers"
-                            f"{' or booleans' * booleans}", file)
+    handle, dataset = open_dataset(source, what, kinds="fiu" + "b" * booleans)
+    with handle, reading(split_dataset(source)[0]):
         return np.asarray(dataset[()])

@@ -160,6 +160,11 @@ def test_an_axis_off_centre_shifts_the_detectors_rays(tmp_path):
     sums, between = half(blob)[..., 1:], Tomography((1, 16, 20), angles)(blob)
     between = (between[..., 1:] + between[..., :-1]) / 2
     assert float((sums - between).norm() / between.norm()) < 0.02
+    # a window wider than the line measures the rays the offset moves beyond its end
+    wide = Tomography((1, 16, 20), angles, 35)(x)   # detectors 14 - 17 + j: rays j - 3
+    moved = Tomography((1, 16, 20), angles, 35, center_offset=3)(x)
+    assert torch.equal(moved[..., 3:], wide[..., :-3]) and not moved[..., :3].any()
+    assert moved[..., 32:].abs().sum() > 0   # the line's detectors 26-28, beyond it once moved
     for offset in (0.0, 2.25):
         op = Tomography((1, 16, 20), angles, 24, center_offset=offset)
         with h5py.File(tmp_path / "op.h5", "w") as f:

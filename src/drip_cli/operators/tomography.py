@@ -17,8 +17,9 @@ Extension of the contract: ``n_detectors = D`` other than ``P``, the detectors `
 D // 2 + j`` (``j < D``) of the same line, centred on the rotation centre. Fewer than ``P``
 measure a larger image than the detector covers whole (the object extends beyond the band the
 detector sees at some angles: the image's corners); more than ``P`` add detectors beyond the
-image's shadow, which measure nothing (zero rows). Without the attribute, or with ``D = P``,
-the operator is the contract's.
+line, which measure nothing with the axis centred (zero rows: the image's shadow ends within
+the line) and the rays an axis off centre moves beyond it. Without the attribute, or with ``D =
+P``, the operator is the contract's.
 
 Extension of the contract: ``center_offset = d`` (detector pixels, any real number below ``P /
 2`` in size), the rotation axis projected onto detector ``P // 2 + d`` instead of ``P // 2``, as
@@ -71,10 +72,13 @@ def _sum_by_key(keys: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.n
     return ordered[first], np.bincount(np.cumsum(first) - 1, weights=weights[order])
 
 
-def radon_matrix(height: int, width: int, angles_deg: np.ndarray, center_offset: float = 0.0):
+def radon_matrix(height: int, width: int, angles_deg: np.ndarray, center_offset: float = 0.0,
+                 detectors: int | None = None):
     """CSR arrays ``(indptr, indices, data, shape)`` of the Radon transform of an ``H x W`` image
-    (the rotation axis on detector ``P // 2 + center_offset``, the module docstring)."""
+    on ``detectors`` detectors (default ``P``; the module docstring), the rotation axis on
+    detector ``detectors // 2 + center_offset``."""
     side, (pad_r, pad_c) = radon_geometry(height, width)
+    detectors = side if detectors is None else detectors
     pixels = height * width
     centre = side // 2
     # detector-major: each angle's keys (detector * pixels + pixel) come in runs that are
@@ -82,9 +86,13 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray, center_offset:
     # 5.2-6.1 s to build the matrix, against 12.9 s with the samples ray-position-major and
     # np.unique). Within a detector, the samples that touch one pixel appear in the same order
     # either way (by corner, then along the ray), so the sums are the same, bit for bit.
-    grid_t, grid_r = np.meshgrid(np.arange(side, dtype=np.float64) - center_offset,
-                                 np.arange(side, dtype=np.float64), indexing="ij")
-    detectors = np.broadcast_to(np.arange(side)[:, None], grid_t.shape)
+    # each detector's position on the contract's line (a window's, centred), and the position
+    # of the ray it sums there (a whole offset: another detector's ray); a window wider than the
+    # line measures the rays beyond it too, which an off-centre axis brings into the image
+    positions = side // 2 - detectors // 2 + np.arange(detectors, dtype=np.float64)
+    grid_t, grid_r = np.meshgrid(positions - center_offset, np.arange(side, dtype=np.float64),
+                                 indexing="ij")
+    rows = np.broadcast_to(np.arange(detectors)[:, None], grid_t.shape)
     indptr_parts, index_parts, data_parts = [np.zeros(1, dtype=np.int64)], [], []
     offset = 0
     for angle in np.deg2rad(np.asarray(angles_deg, dtype=np.float64)):
@@ -99,13 +107,13 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray, center_offset:
             row = (y0 + dy).astype(np.int64) - pad_r
             col = (x0 + dx).astype(np.int64) - pad_c
             inside = (row >= 0) & (row < height) & (col >= 0) & (col < width) & (w > 0)
-            keys.append(detectors[inside] * pixels + row[inside] * width + col[inside])
+            keys.append(rows[inside] * pixels + row[inside] * width + col[inside])
             weights.append(w[inside])
         # the entries of this angle's rows, duplicates summed, in (detector, pixel) order; a
         # bincount over every possible key allocated side x pixels floats per angle (190 MB
         # for 256 x 256 images, 1.5 GB for 512 x 512), where the entries number about 4 side^2
         nonzero, summed = _sum_by_key(np.concatenate(keys), np.concatenate(weights))
-        counts = np.bincount(nonzero // pixels, minlength=side)
+        counts = np.bincount(nonzero // pixels, minlength=detectors)
         indptr_parts.append(offset + np.cumsum(counts))
         offset += len(nonzero)
         index_parts.append((nonzero % pixels).astype(np.int32 if pixels < 2**31 else np.int64))
@@ -113,7 +121,7 @@ def radon_matrix(height: int, width: int, angles_deg: np.ndarray, center_offset:
     indptr = np.concatenate(indptr_parts)
     indices = np.concatenate(index_parts) if index_parts else np.zeros(0, dtype=np.int64)
     data = np.concatenate(data_parts) if data_parts else np.zeros(0)
-    return indptr, indices, data, (len(angles_deg) * side, pixels)
+    return indptr, indices, data, (len(angles_deg) * detectors, pixels)
 
 
 def limited_angles(n_angles: int, angle_range: float = 180.0, start: float = 0.0) -> np.ndarray:
@@ -135,24 +143,6 @@ def _checked_angles(angles_deg) -> np.ndarray:
     if angles.ndim != 1 or len(angles) == 0 or not np.all(np.isfinite(angles)):
         raise ValueError("angles_deg must be a non-empty 1-D array of finite angles")
     return angles
-
-
-def detector_window(indptr, indices, data, n_angles: int, side: int, detectors: int):
-    """The CSR arrays ``(indptr, indices, data)`` of a Radon matrix with ``side`` detectors per
-    angle (:func:`radon_matrix`) cut or extended to ``detectors`` per angle, centred (the module
-    docstring): each angle's rows ``t = side // 2 - detectors // 2 + j``, empty where ``t``
-    falls outside ``[0, side)``."""
-    source = side // 2 - detectors // 2 + np.arange(detectors)   # each new row's old detector
-    inside = (source >= 0) & (source < side)
-    old_rows = (np.arange(n_angles)[:, None] * side + source[None, inside]).ravel()
-    lengths = indptr[old_rows + 1] - indptr[old_rows]
-    counts = np.zeros((n_angles, detectors), dtype=np.int64)
-    counts[:, inside] = lengths.reshape(n_angles, -1)
-    new_indptr = np.concatenate([[0], np.cumsum(counts.ravel())])
-    # the old entries of the kept rows, in order: each row's start, then consecutive entries
-    starts = np.repeat(indptr[old_rows] - (np.cumsum(lengths) - lengths), lengths)
-    take = starts + np.arange(int(lengths.sum()))
-    return new_indptr, indices[take], data[take]
 
 
 class Tomography(SparseMatrixOperator):
@@ -177,11 +167,8 @@ class Tomography(SparseMatrixOperator):
             raise ValueError(f"the centre offset must be below {side / 2:g} detectors in size "
                              f"(half the {side} of a {height}x{width} image), got "
                              f"{center_offset:g}")
-        indptr, indices, data, shape = radon_matrix(height, width, angles, center_offset)
-        if detectors != side:
-            indptr, indices, data = detector_window(indptr, indices, data, len(angles), side,
+        indptr, indices, data, shape = radon_matrix(height, width, angles, center_offset,
                                                     detectors)
-            shape = (len(angles) * detectors, shape[1])
         self.angles_deg = angles
         self.n_detectors = detectors
         self.center_offset = center_offset

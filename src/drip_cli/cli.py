@@ -132,7 +132,7 @@ EXAMPLES = {
         "--estimate-noise",
         "drip import scans.npy mine.h5 --operator tomography --image-size 96 --noise-std 0.1",
         "drip import scan.h5::exchange/data mine.h5 --operator tomography "
-        "--angle-file scan.h5::exchange/theta --estimate-noise",
+        "--angle-file scan.h5::exchange/theta --center-offset auto --estimate-noise",
         "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
     ],
     "export": [
@@ -303,9 +303,10 @@ PSF = typer.Option(None, "--psf", help="blur: PSF from a .npy file or an HDF5 da
 ANGLE_RANGE = typer.Option(180.0, "--angle-range",
                            help="tomography: angular range in degrees (<180: limited angle).")
 ANGLE_START = typer.Option(0.0, "--angle-start", help="tomography: first angle (degrees).")
-CENTER_OFFSET = typer.Option(0.0, "--center-offset", help="tomography: where the rotation "
-                             "axis meets the detector line, in detectors from its centre "
-                             "(fractions allowed), for a scanner whose axis is off centre.")
+_CENTER_OFFSET_HELP = ("tomography: where the rotation axis meets the detector line, in "
+                       "detectors from its centre (fractions allowed), for a scanner whose "
+                       "axis is off centre.")
+CENTER_OFFSET = typer.Option(0.0, "--center-offset", help=_CENTER_OFFSET_HELP)
 ANGLE_FILE = typer.Option(None, "--angle-file", help="tomography: the angles themselves, in "
                           "degrees, one per sinogram row, in place of --angles, --angle-range "
                           "and --angle-start: a .npy array, an HDF5 dataset (FILE.h5::DATASET) "
@@ -487,7 +488,10 @@ def import_measurements(
     angle_range: float = ANGLE_RANGE,
     angle_start: float = ANGLE_START,
     angle_file: Optional[Path] = ANGLE_FILE,
-    center_offset: float = CENTER_OFFSET,
+    center_offset: str = typer.Option(
+        "0", "--center-offset", metavar="D|auto", help=_CENTER_OFFSET_HELP[:-1] + ", or auto: "
+        "estimated from the sinograms' centres of mass (each projection must see the whole "
+        "object)."),
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),
@@ -531,7 +535,8 @@ def import_measurements(
                                 blur_size=blur_size, psf_file=psf,
                                 blur_boundary=blur_boundary.value, mask_file=mask, angles=angles,
                                 angle_range=angle_range, angle_start=angle_start,
-                                angle_file=angle_file, center_offset=center_offset,
+                                angle_file=angle_file,
+                                center_offset=_center_offset(center_offset),
                                 image_side=image_size, matrix_file=matrix)
         for why, unused in _import_unused(_given_parameters(ctx), operator, like).items():
             warning_line(f"{', '.join(map(_option_name, unused))}: {why} (ignored)")
@@ -551,7 +556,20 @@ def import_measurements(
                                                               float(percent.max())),
             **({} if summary["estimate"] is None else
                {"estimated from": summary["estimate"].basis()}),
+            **({} if summary["axis"] is None else
+               {"center offset (estimated)": summary["axis"].describe()}),
         }))
+
+
+def _center_offset(text: str) -> float | None:
+    """import's ``--center-offset``: a number of detectors, or None for ``auto``."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise DripError(f"--center-offset must be a number of detectors or auto, got "
+                        f"{text[:40]!r}") from None
 
 
 def _import_unused(given: set[str], operator: OperatorKind | None,

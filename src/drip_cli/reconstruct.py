@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .data.axis import axis_doubt
 from .data.measured import field_of_view_doubt
 from .errors import DripError
 from .evaluation import psnr, ssim
@@ -161,10 +162,12 @@ def reconstruct_file(
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         warn_if_each_channel_unused([method], data.image_shape[0], warn)
         n = data.n_samples
-        if data.operator.kind == "tomography":   # an object wider than the image: said first
-            outside = field_of_view_doubt(data.operator, data.read(0, min(n, 64)).measurements)
-            if outside is not None:
-                warn(outside)
+        if data.operator.kind == "tomography":   # an object wider than the image, or an axis
+            first = data.read(0, min(n, 64)).measurements   # elsewhere: said first
+            for doubt in (field_of_view_doubt(data.operator, first),
+                          axis_doubt(data.operator, first)):
+                if doubt is not None:
+                    warn(doubt)
         op = data.operator.to(device)
         attrs = {"method": method.name, "tau": float(tau),
                  "source_file": str(Path(measurements_path).resolve()),

@@ -101,7 +101,8 @@ class OperatorSpec:
     angle_start: float = 0.0
     angle_file: Path | None = None   # tomography: the angles themselves, in place of the three
     detectors: int | None = None     # tomography: a centred window of the detector line
-    center_offset: float = 0.0       # tomography: the rotation axis's detector, from the centre
+    center_offset: float | None = 0.0   # tomography: the rotation axis's detector, from the
+    #                                     centre; None (import): estimated from the sinograms
     image_side: int | None = None    # tomography (import): the square image's side
     matrix_file: Path | None = None
 
@@ -216,6 +217,14 @@ def matrix_operator(path: Path | None, image_shape: tuple[int, ...]) -> SparseMa
         raise DripError(f"invalid sparse matrix ({exc})", path) from exc
 
 
+def tomography_angles(spec: OperatorSpec) -> np.ndarray:
+    """The angles (degrees) of a tomography ``spec``: its ``angle_file``'s, or ``angles`` spaced
+    evenly over ``angle_range`` from ``angle_start``."""
+    if spec.angle_file is not None:
+        return read_angles(spec.angle_file)
+    return limited_angles(spec.angles, spec.angle_range, spec.angle_start)
+
+
 def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
                    rng: np.random.Generator) -> LinearOperator:
     """The operator a user asked for; option errors raise :class:`DripError`."""
@@ -247,9 +256,8 @@ def build_operator(spec: OperatorSpec, image_shape: tuple[int, int, int],
             except ValueError as exc:
                 raise DripError(f"invalid mask: {exc}", spec.mask_file) from exc
         if spec.kind == "tomography":
-            angles = (read_angles(spec.angle_file) if spec.angle_file is not None else
-                      limited_angles(spec.angles, spec.angle_range, spec.angle_start))
-            return Tomography(image_shape, angles, spec.detectors, spec.center_offset)
+            return Tomography(image_shape, tomography_angles(spec), spec.detectors,
+                              spec.center_offset)
         if spec.kind == "matrix":
             return matrix_operator(spec.matrix_file, image_shape)
     except ValueError as exc:

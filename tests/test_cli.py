@@ -339,7 +339,9 @@ def test_info_shows_the_file_before_measuring_its_operator_and_says_so(tmp_path,
     title, general = next(sections)
     assert title == data.name and general["samples"] == 6 and said == []
     monkeypatch.setattr(info, "operator_section", lambda op: {"kind": op.kind})
-    assert next(sections) == ("operator", {"kind": "tomography"})
+    title, section = next(sections)
+    assert title == "operator" and section.pop("kind") == "tomography"
+    assert list(section) == ["center offset, from the sinograms"]   # the sinograms' own axis
     assert said == ["measuring the tomography operator's norm and adjointness"]
 
 

@@ -889,6 +889,9 @@ def test_import_finds_the_axis_and_doubts_a_wrong_one(tmp_path):
                          "--max-iterations", 3, "-q")
         assert result.exit_code == 0, result.stderr
         assert ("the sinograms turn about" in result.stderr) == warned, result.stderr
+        shown = " ".join(word for word in run_cli("info", source).stdout.split() if word != "│")
+        assert re.search(r"center offset, from the sinograms 1\.[45]\d ± 0\.\d+ detectors, "
+                         "from the centres of mass of 6 of 6 sinograms", shown), shown
     narrow, op = _sinograms_about(1.5, 40, detectors=22)
     np.save(tmp_path / "narrow.npy", narrow)
     result = run_cli("import", tmp_path / "narrow.npy", tmp_path / "x.h5", *common,

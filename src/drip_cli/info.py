@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import torch
 
+from .data.axis import estimate_axis
 from .errors import DripError, require_regular_file
 from .io import MeasurementFile, read_reconstruction_file
 from .io.datasets import (DATASET_SEPARATOR, is_hdf5_file, listed_datasets, names_dataset,
@@ -70,7 +71,14 @@ def measurement_info(path: Path, say=lambda message: None):
                 general[key] = str(_attribute(value))
         yield f"{path.name}", general
         say(f"measuring the {data.operator.kind} operator's norm and adjointness")
-        yield "operator", operator_section(data.operator)
+        section = operator_section(data.operator)
+        if data.operator.kind == "tomography":   # where the data put the axis: a check
+            estimate = estimate_axis(data.read(0, min(data.n_samples, 64)).measurements,
+                                     data.operator.angles_deg)
+            section["center offset, from the sinograms"] = (
+                f"not estimated: {estimate}" if isinstance(estimate, str) else
+                estimate.describe())
+        yield "operator", section
 
 
 def _attribute(value):

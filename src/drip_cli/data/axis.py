@@ -60,11 +60,11 @@ def _rows_mass_steady(mass: np.ndarray) -> np.ndarray:
     """Whether each sinogram's row masses (``(K, A)``, rows in angle order) keep to one value
     within noise: their spread beyond the noise that second differences show, as a fraction of
     their mean, at most ``MASS_SPREAD``."""
-    mean = mass.mean(axis=1)
-    second = mass[:, 2:] - 2 * mass[:, 1:-1] + mass[:, :-2]
-    noise = np.median(np.abs(second), axis=1) / 0.6745 / np.sqrt(6)
-    excess = np.sqrt(np.maximum(mass.var(axis=1) - noise ** 2, 0))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):   # huge values: not finite, so not steady
+        mean = mass.mean(axis=1)
+        second = mass[:, 2:] - 2 * mass[:, 1:-1] + mass[:, :-2]
+        noise = np.median(np.abs(second), axis=1) / 0.6745 / np.sqrt(6)
+        excess = np.sqrt(np.maximum(mass.var(axis=1) - noise ** 2, 0))
         return (mass.min(axis=1) > 0) & (excess <= MASS_SPREAD * mean)
 
 
@@ -79,25 +79,30 @@ def estimate_axis(sinograms: np.ndarray, angles_deg: np.ndarray) -> AxisEstimate
     theta = np.deg2rad(angles[order])
     detectors = values.shape[-1]
     finite = np.isfinite(values).all(axis=(1, 2))
-    mass = np.where(finite[:, None], values.sum(axis=2), 0)
+    with np.errstate(all="ignore"):
+        mass = np.where(finite[:, None], values.sum(axis=2), 0)
     used = np.flatnonzero(finite & _rows_mass_steady(mass))
     if len(used) == 0:
         return ("no sinogram keeps its mass from angle to angle (an object wider than the "
                 "detector sees, a background, or data that are not line integrals)")
-    centre = (values[used] @ np.arange(detectors, dtype=np.float64)) / mass[used]   # (K, A)
     design = np.stack([np.ones_like(theta), np.cos(theta), np.sin(theta)], axis=1)
-    fit, *_ = np.linalg.lstsq(design, centre.T, rcond=None)                      # (3, K)
-    misfit = ((centre.T - design @ fit) ** 2).sum(axis=0) / (len(theta) - 3)
     variance_factor = np.linalg.pinv(design.T @ design)[0, 0]
-    offsets = fit[0] - detectors // 2
-    errors = np.sqrt(misfit * variance_factor)
-    # the median's standard error: the fits' own, or the sinograms' spread where there are
-    # enough of them to measure it, whichever is larger
-    uncertainty = float(np.median(errors)) / np.sqrt(len(used))
-    if len(used) >= 4:
-        spread = 1.4826 * np.median(np.abs(offsets - np.median(offsets)))
-        uncertainty = max(uncertainty, 1.2533 * float(spread) / np.sqrt(len(used)))
-    return AxisEstimate(float(np.median(offsets)), uncertainty, len(used), len(values))
+    with np.errstate(all="ignore"):   # extreme values: caught as not finite below
+        centre = (values[used] @ np.arange(detectors, dtype=np.float64)) / mass[used]  # (K, A)
+        fit = np.linalg.pinv(design) @ centre.T                                       # (3, K)
+        misfit = ((centre.T - design @ fit) ** 2).sum(axis=0) / (len(theta) - 3)
+        offsets = fit[0] - detectors // 2
+        errors = np.sqrt(misfit * variance_factor)
+        # the median's standard error: the fits' own, or the sinograms' spread where there
+        # are enough of them to measure it, whichever is larger
+        uncertainty = float(np.median(errors) / np.sqrt(len(used)))
+        if len(used) >= 4:
+            spread = 1.4826 * np.median(np.abs(offsets - np.median(offsets)))
+            uncertainty = max(uncertainty, 1.2533 * float(spread) / np.sqrt(len(used)))
+        offset = float(np.median(offsets))
+    if not (np.isfinite(offset) and np.isfinite(uncertainty)):   # masses below float's reach
+        return "its centres of mass are not finite numbers"
+    return AxisEstimate(offset, uncertainty, len(used), len(values))
 
 
 # a given axis is doubted when the estimate lies more than this many detectors from it (and

@@ -68,6 +68,26 @@ def _rows_mass_steady(mass: np.ndarray) -> np.ndarray:
         return (mass.min(axis=1) > 0) & (excess <= MASS_SPREAD * mean)
 
 
+def _row_moments(sinograms: np.ndarray, chunk: int = 64):
+    """Each row's mass and first moment (``sum_t p(t)``, ``sum_t t p(t)``; ``(K, A)`` for the
+    ``K`` sinograms, 0 where one holds a value that is not finite), in float64, and which
+    sinograms are finite; ``chunk`` sinograms at a time, so that a large scan is not copied
+    whole."""
+    flat = sinograms.reshape(-1, *sinograms.shape[-2:])
+    positions = np.arange(flat.shape[-1], dtype=np.float64)
+    mass = np.zeros(flat.shape[:2])
+    moment = np.zeros(flat.shape[:2])
+    finite = np.zeros(len(flat), dtype=bool)
+    with np.errstate(all="ignore"):   # huge values: not finite, so not steady
+        for start in range(0, len(flat), chunk):
+            block = np.asarray(flat[start:start + chunk], dtype=np.float64)
+            ok = np.isfinite(block).all(axis=(1, 2))
+            finite[start:start + chunk] = ok
+            mass[start:start + chunk][ok] = block[ok].sum(axis=2)
+            moment[start:start + chunk][ok] = block[ok] @ positions
+    return mass, moment, finite
+
+
 def estimate_axis(sinograms: np.ndarray, angles_deg: np.ndarray) -> AxisEstimate | str:
     """The axis of ``sinograms`` (``(..., A, D)``, row ``a`` at ``angles_deg[a]``), or why it
     cannot be estimated from them (a sentence)."""
@@ -75,12 +95,9 @@ def estimate_axis(sinograms: np.ndarray, angles_deg: np.ndarray) -> AxisEstimate
     if len(np.unique(np.mod(angles, 360))) < MIN_ANGLES:
         return f"it needs at least {MIN_ANGLES} different angles"
     order = np.argsort(angles, kind="stable")
-    values = np.asarray(sinograms, dtype=np.float64).reshape(-1, *sinograms.shape[-2:])[:, order]
     theta = np.deg2rad(angles[order])
-    detectors = values.shape[-1]
-    finite = np.isfinite(values).all(axis=(1, 2))
-    with np.errstate(all="ignore"):
-        mass = np.where(finite[:, None], values.sum(axis=2), 0)
+    mass, moment, finite = _row_moments(sinograms)
+    mass, moment = mass[:, order], moment[:, order]
     used = np.flatnonzero(finite & _rows_mass_steady(mass))
     if len(used) == 0:
         return ("no sinogram keeps its mass from angle to angle (an object wider than the "
@@ -88,10 +105,10 @@ def estimate_axis(sinograms: np.ndarray, angles_deg: np.ndarray) -> AxisEstimate
     design = np.stack([np.ones_like(theta), np.cos(theta), np.sin(theta)], axis=1)
     variance_factor = np.linalg.pinv(design.T @ design)[0, 0]
     with np.errstate(all="ignore"):   # extreme values: caught as not finite below
-        centre = (values[used] @ np.arange(detectors, dtype=np.float64)) / mass[used]  # (K, A)
+        centre = moment[used] / mass[used]                                            # (K, A)
         fit = np.linalg.pinv(design) @ centre.T                                       # (3, K)
         misfit = ((centre.T - design @ fit) ** 2).sum(axis=0) / (len(theta) - 3)
-        offsets = fit[0] - detectors // 2
+        offsets = fit[0] - sinograms.shape[-1] // 2
         errors = np.sqrt(misfit * variance_factor)
         # the median's standard error: the fits' own, or the sinograms' spread where there
         # are enough of them to measure it, whichever is larger
@@ -102,7 +119,7 @@ def estimate_axis(sinograms: np.ndarray, angles_deg: np.ndarray) -> AxisEstimate
         offset = float(np.median(offsets))
     if not (np.isfinite(offset) and np.isfinite(uncertainty)):   # masses below float's reach
         return "its centres of mass are not finite numbers"
-    return AxisEstimate(offset, uncertainty, len(used), len(values))
+    return AxisEstimate(offset, uncertainty, len(used), len(mass))
 
 
 # a given axis is doubted when the estimate lies more than this many detectors from it (and

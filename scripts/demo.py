@@ -10,11 +10,10 @@ blurred as a camera blurs a scene that goes on beyond its frame (the valid bound
 as PNG files, which `drip import` reads back with their noise estimated (and the scenes as the
 ground truth) for TV and DRIP to reconstruct; the tomography sample's sinograms, written
 as a float TIFF stack (as CT software keeps them) and imported with their noise estimated, for
-DRIP, and sinograms of the same images from a scanner whose rotation axis is off the detector's
-middle, with their angles, as datasets of an HDF5 file of another layout (`scan.h5::exchange/data`,
-`--angle-file scan.h5::exchange/theta`, the axis found with `--center-offset auto`); and noisy
-colour photographs
-(a .npy array) imported for denoising with their noise estimated from the images, for TV and
+DRIP, and projections of the same images from a scanner whose rotation axis is off the
+detector's middle, with their angles, as datasets of an HDF5 file in the Data Exchange layout
+(`scan.h5::exchange/data --projections`, `--angle-file scan.h5::exchange/theta`, the axis found
+with `--center-offset auto`); and noisy colour photographs (a .npy array) imported for denoising with their noise estimated from the images, for TV and
 DRIP (the grayscale denoising model on each channel). Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
 and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
@@ -101,8 +100,9 @@ def drip(*args: str) -> None:
 
 
 def write_scan(sample: Path, scan: Path) -> None:
-    """Sinograms of the sample's images as a scanner's software might store them: an HDF5
-    file in the layout of Data Exchange (``exchange/data``, ``exchange/theta``), not drip's,
+    """Projections of the sample's images as a scanner's software might store them: an HDF5
+    file in the layout of Data Exchange (``exchange/data`` of (angles, slices, detectors),
+    ``exchange/theta``), not drip's,
     from a detector of 97 whose middle is not where the rotation axis projects (3 detectors
     off, simulated at 2% noise)."""
     import h5py
@@ -112,7 +112,8 @@ def write_scan(sample: Path, scan: Path) -> None:
          "--angles", "32", "--angle-range", "120", "--detectors", "97", "--center-offset", "3",
          "--noise-percent", "2", "--seed", "1", "--quiet")
     with h5py.File(simulated, "r") as f, h5py.File(scan, "w") as out:
-        out["exchange/data"] = f["measurements"][:, 0]   # (N, angles, detectors)
+        # Data Exchange keeps projections: (angles, slices, detectors)
+        out["exchange/data"] = f["measurements"][:, 0].transpose(1, 0, 2)
         out["exchange/theta"] = f["operator/angles_deg"][()]
     simulated.unlink()
 
@@ -188,14 +189,14 @@ def main() -> None:
          "--estimate-noise", "--ground-truth", str(truth), "--quiet")
     drip("reconstruct", str(mine), "--model", str(MODELS["tomography"]), "--out",
          str(OUT / "sinograms_imported_drip.h5"), "--device", "cpu", "--quiet")
-    console.rule("your own scan in HDF5, its axis off the detector's middle: sinograms and "
-                 "angles as datasets of any layout (FILE.h5::DATASET) -> drip import "
-                 "--angle-file --center-offset auto -> drip reconstruct")
+    console.rule("your own scan in HDF5, its axis off the detector's middle: projections "
+                 "and angles as datasets of any layout (FILE.h5::DATASET) -> drip import "
+                 "--projections --angle-file --center-offset auto -> drip reconstruct")
     scan = arrays / "scan.h5"
     write_scan(SAMPLES / "tomography.h5", scan)
     mine = OUT / "scan_imported.h5"
     drip("import", f"{scan}::exchange/data", str(mine), "--operator", "tomography",
-         "--angle-file", f"{scan}::exchange/theta", "--image-size", "64", "--center-offset",
+         "--projections", "--angle-file", f"{scan}::exchange/theta", "--image-size", "64", "--center-offset",
          "auto", "--estimate-noise", "--ground-truth", str(truth), "--quiet")
     drip("reconstruct", str(mine), "--model", str(MODELS["tomography"]), "--out",
          str(OUT / "scan_imported_drip.h5"), "--device", "cpu", "--quiet")

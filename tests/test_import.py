@@ -902,3 +902,39 @@ def test_import_finds_the_axis_and_doubts_a_wrong_one(tmp_path):
                      "--center-offset", "left")
     assert_one_line_error(result, "--center-offset must be a number of detectors or auto, "
                           "got 'left'", tmp_path / "x.h5")
+
+
+def test_projections_are_read_as_the_sinograms_of_their_slices(tmp_path):
+    """``--projections`` reads a scanner's projections, ``(angles, slices, detectors)`` as
+    Data Exchange stores them (an HDF5 dataset or a ``.npy`` array), as the sinograms of the
+    slices: the same file as the sinograms give; colour projections, and the option with
+    another operator, are refused in one line."""
+    b, op = _sinograms_about(0.0, 12, n=5, percent=1.0)   # (slices, 1, angles, detectors)
+    np.save(tmp_path / "sinograms.npy", b.astype(np.float32))
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["exchange/data"] = b[:, 0].transpose(1, 0, 2).astype(np.float32)
+    np.save(tmp_path / "projections.npy", b[:, 0].transpose(1, 0, 2).astype(np.float32))
+    common = ("--operator", "tomography", "--noise-std", 0.01, "-q")
+    result = run_cli("import", tmp_path / "sinograms.npy", tmp_path / "s.h5", *common)
+    assert result.exit_code == 0, result.stderr
+    expected = _read(tmp_path / "s.h5")[0]["measurements"]
+    for source in (f"{tmp_path / 'scan.h5'}::exchange/data", tmp_path / "projections.npy"):
+        result = run_cli("import", source, tmp_path / "p.h5", *common, "--projections")
+        assert result.exit_code == 0, result.stderr
+        data, attrs = _read(tmp_path / "p.h5")
+        np.testing.assert_array_equal(data["measurements"], expected)
+        assert attrs["source_layout"] == "projections (angles, slices, detectors)"
+        with MeasurementFile(tmp_path / "p.h5") as imported:
+            _same_operator(imported.operator, op)
+        (tmp_path / "p.h5").unlink()
+    np.save(tmp_path / "colour.npy", np.repeat(b.transpose(2, 1, 0, 3), 3, axis=1))
+    result = run_cli("import", tmp_path / "colour.npy", tmp_path / "p.h5", *common,
+                     "--projections")
+    assert_one_line_error(result, "it has 3 channels: projections have one", tmp_path / "p.h5")
+    result = run_cli("import", tmp_path / "sinograms.npy", tmp_path / "p.h5", "--like",
+                     tmp_path / "s.h5", "--noise-std", 0.01, "--projections")
+    assert result.exit_code == 1 and "shaped" in result.stderr   # 5 angles of 12 slices
+    result = run_cli("import", tmp_path / "projections.npy", tmp_path / "p.h5", "--operator",
+                     "denoise", "--noise-std", 0.01, "--projections", "-q")
+    assert result.exit_code == 0 and "--projections: not used by --operator denoise" in \
+        result.stderr, result.stderr

@@ -131,7 +131,7 @@ EXAMPLES = {
         "drip import sinograms.npy mine.h5 --operator tomography --angle-range 120 "
         "--estimate-noise",
         "drip import scans.npy mine.h5 --operator tomography --image-size 96 --noise-std 0.1",
-        "drip import scan.h5::exchange/data mine.h5 --operator tomography "
+        "drip import scan.h5::exchange/data mine.h5 --operator tomography --projections "
         "--angle-file scan.h5::exchange/theta --center-offset auto --estimate-noise",
         "drip import sinograms.npy mine.h5 --like sample_data/tomography.h5 --noise-std 0.05",
     ],
@@ -492,6 +492,11 @@ def import_measurements(
         "0", "--center-offset", metavar="D|auto", help=_CENTER_OFFSET_HELP[:-1] + ", or auto: "
         "estimated from the sinograms' centres of mass (each projection must see the whole "
         "object)."),
+    projections: bool = typer.Option(
+        False, "--projections", help="tomography: the measurements are a scanner's "
+        "projections, one (slices, detectors) image per angle (an array (angles, slices, "
+        "detectors), as Data Exchange's exchange/data, or a 32-bit float TIFF per angle or "
+        "page), not sinograms: each slice's sinogram becomes a sample."),
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),
@@ -543,7 +548,10 @@ def import_measurements(
         choice = NoiseChoice(noise_std, noise_percent, estimate_noise)
         with status(f"reading {split_dataset(measured)[0].name or measured}", quiet):
             summary = write_file(measured, out, spec, like, choice, channels,
-                                 attrs={"drip_version": __version__}, ground_truth=ground_truth)
+                                 attrs={"drip_version": __version__}, ground_truth=ground_truth,
+                                 # a layout of tomography's (elsewhere warned of, ignored)
+                                 projections=projections and (operator is None or
+                                                              operator.value == "tomography"))
         op, sigma = summary["operator"], summary["noise_std"]
         percent = summary["noise_percent"]
         console.print(key_value_table(f"wrote {out}", {
@@ -577,9 +585,10 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
     """import's operator options in ``given`` that the operator does not read, by the reason."""
     options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",),
                "tomography": ("angles", "angle_range", "angle_start", "angle_file",
-                              "center_offset", "image_size")}
-    if like is not None:
-        names = [name for names in options.values() for name in names if name in given]
+                              "center_offset", "image_size", "projections")}
+    if like is not None:   # a layout, not an operator: --projections reads them still
+        names = [name for names in options.values() for name in names
+                 if name in given and name != "projections"]
         return {"not used with --like, which gives the operator": names} if names else {}
     return _simulate_unused(given, operator.value, "measurements", options, sources=False)
 

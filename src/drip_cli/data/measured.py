@@ -644,11 +644,25 @@ def read_ground_truth(path: Path, op: LinearOperator, n: int,
     return truth
 
 
+def sinograms_of_projections(b: np.ndarray, source) -> np.ndarray:
+    """A scanner's projections read as ``(A, 1, S, D)`` (one ``S x D`` projection per angle:
+    the first axis of an array ``(angles, slices, detectors)``, as Data Exchange stores
+    ``exchange/data``, or a picture or TIFF page per angle) as the sinograms of its ``S``
+    slices, ``(S, 1, A, D)``."""
+    if b.shape[1] != 1:
+        raise DripError(f"read as projections (angles, slices, detectors), it has "
+                        f"{b.shape[1]} channels: projections have one", source)
+    return np.ascontiguousarray(b[:, 0].transpose(1, 0, 2)[:, None])
+
+
 def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like: Path | None,
                         choice: NoiseChoice, channels: int | None = None,
-                        attrs: dict | None = None, ground_truth: Path | None = None) -> dict:
+                        attrs: dict | None = None, ground_truth: Path | None = None,
+                        projections: bool = False) -> dict:
     """Write ``out``, the measurement file of the measurements at ``source`` (and the true
-    images at ``ground_truth``, where given); return a summary."""
+    images at ``ground_truth``, where given); return a summary. ``projections``: tomography
+    measurements given as a scanner's projections, one per angle
+    (:func:`sinograms_of_projections`), not as sinograms."""
     choice.check()
     like_op = None
     if like is not None:
@@ -657,6 +671,11 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     kind = spec.kind if like_op is None else like_op.kind
     rank = 1 if kind == "matrix" else 2
     b = read_measured(source, rank, channels, images=kind in IMAGE_MEASUREMENT_KINDS)
+    if projections:
+        if kind != "tomography":
+            raise DripError(f"--projections reads a scanner's projections for tomography; "
+                            f"the {kind} operator's measurements are read as they are")
+        b = sinograms_of_projections(b, source)
     if like_op is not None and like_op.channels != b.shape[1]:
         raise DripError(f"its operator is for images of {like_op.channels} channel(s), the "
                         f"measurements have {b.shape[1]}", like)
@@ -690,6 +709,9 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     with atomic_h5(out) as handle:
         writer = MeasurementWriter(handle, op, len(b), with_ground_truth=truth is not None,
                                    attrs={**(attrs or {}), "source": str(source),
+                                          **({"source_layout": "projections (angles, slices, "
+                                                               "detectors)"}
+                                             if projections else {}),
                                           "noise_std_from": choice.how,
                                           **({} if estimate is None else estimate.attrs()),
                                           **({} if axis is None else axis.attrs())})

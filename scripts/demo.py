@@ -13,8 +13,9 @@ as a float TIFF stack (as CT software keeps them) and imported with their noise 
 DRIP, and projections of the same images from a scanner whose rotation axis is off the
 detector's middle, with their angles, as datasets of an HDF5 file in the Data Exchange layout
 (`scan.h5::exchange/data --projections`, `--angle-file scan.h5::exchange/theta`, the axis found
-with `--center-offset auto`); and noisy colour photographs (a .npy array) imported for denoising with their noise estimated from the images, for TV and
-DRIP (the grayscale denoising model on each channel). Then
+with `--center-offset auto`); and noisy colour photographs (a .npy array) imported for
+denoising with their noise estimated from the images, for TV and DRIP (the grayscale denoising
+model on each channel). Then
 `drip evaluate` on the blur sample compares CGLS, TV, DRIP
 and the unrolled baseline network across noise levels (demo_out/evaluate_blur/: tables,
 robustness.png, previews.png).
@@ -102,9 +103,8 @@ def drip(*args: str) -> None:
 def write_scan(sample: Path, scan: Path) -> None:
     """Projections of the sample's images as a scanner's software might store them: an HDF5
     file in the layout of Data Exchange (``exchange/data`` of (angles, slices, detectors),
-    ``exchange/theta``), not drip's,
-    from a detector of 97 whose middle is not where the rotation axis projects (3 detectors
-    off, simulated at 2% noise)."""
+    ``exchange/theta``), not drip's, from a detector of 97 whose middle is not where the
+    rotation axis projects (3 detectors off, simulated at 2% noise)."""
     import h5py
 
     simulated = scan.with_name("scan_simulated.h5")
@@ -196,8 +196,8 @@ def main() -> None:
     write_scan(SAMPLES / "tomography.h5", scan)
     mine = OUT / "scan_imported.h5"
     drip("import", f"{scan}::exchange/data", str(mine), "--operator", "tomography",
-         "--projections", "--angle-file", f"{scan}::exchange/theta", "--image-size", "64", "--center-offset",
-         "auto", "--estimate-noise", "--ground-truth", str(truth), "--quiet")
+         "--projections", "--angle-file", f"{scan}::exchange/theta", "--image-size", "64",
+         "--center-offset", "auto", "--estimate-noise", "--ground-truth", str(truth), "--quiet")
     drip("reconstruct", str(mine), "--model", str(MODELS["tomography"]), "--out",
          str(OUT / "scan_imported_drip.h5"), "--device", "cpu", "--quiet")
     console.rule("your own noisy photographs: a .npy array -> drip import (noise estimated from "

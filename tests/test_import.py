@@ -938,3 +938,52 @@ def test_projections_are_read_as_the_sinograms_of_their_slices(tmp_path):
                      "denoise", "--noise-std", 0.01, "--projections", "-q")
     assert result.exit_code == 0 and "--projections: not used by --operator denoise" in \
         result.stderr, result.stderr
+
+
+def test_a_detectors_counts_are_turned_into_line_integrals(tmp_path):
+    """``--flat`` (and ``--dark``) read a scanner's raw counts, 16-bit integers kept as they
+    are, and write their line integrals ``-log((I - dark) / (flat - dark))``: within the
+    counts' rounding of the true ones, with a stack of flat fields averaged. A count at the
+    dark field is warned of and taken as the least transmission; a flat field no brighter than
+    the dark at a detector, a field of another shape and ``--dark`` alone are refused in one
+    line."""
+    b, op = _sinograms_about(0.0, 12, n=5)
+    b = 0.05 * b                                    # line integrals up to about 1
+    rng = np.random.default_rng(2)
+    dark = rng.uniform(90, 110, (5, op.n_detectors))
+    flats = rng.uniform(20000, 40000, (3, 5, op.n_detectors))
+    counts = dark[:, None, None] + (flats.mean(0) - dark)[:, None, None] * np.exp(-b)
+    projections = np.round(counts[:, 0].transpose(1, 0, 2)).astype(np.uint16)
+    np.save(tmp_path / "counts.npy", projections)
+    np.save(tmp_path / "flat.npy", flats.astype(np.float32))
+    np.save(tmp_path / "dark.npy", dark.astype(np.float32))
+    common = ("--operator", "tomography", "--projections", "--noise-std", 0.01)
+    out = tmp_path / "m.h5"
+    result = run_cli("import", tmp_path / "counts.npy", out, *common, "--flat",
+                     tmp_path / "flat.npy", "--dark", tmp_path / "dark.npy", "-q")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+    data, attrs = _read(out)
+    np.testing.assert_allclose(data["measurements"], b, atol=2e-4)
+    assert attrs["line_integrals_from"] == "-log((counts - dark) / (flat - dark))"
+    out.unlink()
+    projections[3, 2, 10] = 0                       # no light at all
+    np.save(tmp_path / "counts.npy", projections)
+    result = run_cli("import", tmp_path / "counts.npy", out, *common, "--flat",
+                     tmp_path / "flat.npy", "--dark", tmp_path / "dark.npy", "-q")
+    assert result.exit_code == 0 and "1 of the 2040 counts are at or below the dark field" in \
+        result.stderr, result.stderr
+    assert np.isfinite(_read(out)[0]["measurements"]).all()
+    flats[:, 1, 4] = dark[1, 4]
+    np.save(tmp_path / "flat.npy", flats)
+    result = run_cli("import", tmp_path / "counts.npy", tmp_path / "x.h5", *common, "--flat",
+                     tmp_path / "flat.npy", "--dark", tmp_path / "dark.npy")
+    assert_one_line_error(result, "the flat field is not brighter than the dark field at 1 of "
+                          "its 170 detectors (the first: slice 1, detector 4)", tmp_path / "x.h5")
+    np.save(tmp_path / "flat.npy", flats[:, :4])
+    result = run_cli("import", tmp_path / "counts.npy", tmp_path / "x.h5", *common, "--flat",
+                     tmp_path / "flat.npy")
+    assert_one_line_error(result, "the flat field is shaped (4, 34) with 1 channel(s)",
+                          tmp_path / "x.h5")
+    result = run_cli("import", tmp_path / "counts.npy", tmp_path / "x.h5", *common, "--dark",
+                     tmp_path / "dark.npy")
+    assert_one_line_error(result, "--dark needs --flat", tmp_path / "x.h5")

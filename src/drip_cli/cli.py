@@ -497,6 +497,14 @@ def import_measurements(
         "projections, one (slices, detectors) image per angle (an array (angles, slices, "
         "detectors), as Data Exchange's exchange/data, or a 32-bit float TIFF per angle or "
         "page), not sinograms: each slice's sinogram becomes a sample."),
+    flat: Optional[Path] = typer.Option(
+        None, "--flat", help="tomography: the measurements are a detector's counts, and this "
+        "its flat field (the open beam; a (slices, detectors) image or a stack of them, "
+        "averaged, as the measurements are stored): they are turned into line integrals, "
+        "-log((counts - dark) / (flat - dark))."),
+    dark: Optional[Path] = typer.Option(
+        None, "--dark", help="tomography, with --flat: the dark field (no beam), as --flat; "
+        "default 0."),
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),
@@ -531,6 +539,7 @@ def import_measurements(
                                   "the --psf file": psf, "the --mask file": mask,
                                   "the --matrix file": matrix,
                                   "the --angle-file file": angle_file,
+                                  "the --flat file": flat, "the --dark file": dark,
                                   "the --ground-truth file": ground_truth})
         spec = None
         if operator is not None:
@@ -549,9 +558,8 @@ def import_measurements(
         with status(f"reading {split_dataset(measured)[0].name or measured}", quiet):
             summary = write_file(measured, out, spec, like, choice, channels,
                                  attrs={"drip_version": __version__}, ground_truth=ground_truth,
-                                 # a layout of tomography's (elsewhere warned of, ignored)
-                                 projections=projections and (operator is None or
-                                                              operator.value == "tomography"))
+                                 **_scan_layout(operator, projections=projections,
+                                                flat=flat, dark=dark))
         op, sigma = summary["operator"], summary["noise_std"]
         percent = summary["noise_percent"]
         console.print(key_value_table(f"wrote {out}", {
@@ -567,6 +575,19 @@ def import_measurements(
             **({} if summary["axis"] is None else
                {"center offset (estimated)": summary["axis"].describe()}),
         }))
+
+
+# import's options that say how a scan's measurements are stored, not which operator made them
+_SCAN_LAYOUT = ("projections", "flat", "dark")
+
+
+def _scan_layout(operator: OperatorKind | None, **given) -> dict:
+    """import's ``_SCAN_LAYOUT`` options as given, for tomography or a --like file (which
+    refuses them unless it is tomography's); with another --operator they are warned of as
+    unused and left out."""
+    if operator is not None and operator.value != "tomography":
+        return {}
+    return given
 
 
 def _center_offset(text: str) -> float | None:
@@ -585,10 +606,10 @@ def _import_unused(given: set[str], operator: OperatorKind | None,
     """import's operator options in ``given`` that the operator does not read, by the reason."""
     options = {**_OPERATOR_OPTIONS, "inpainting": ("mask",),
                "tomography": ("angles", "angle_range", "angle_start", "angle_file",
-                              "center_offset", "image_size", "projections")}
-    if like is not None:   # a layout, not an operator: --projections reads them still
+                              "center_offset", "image_size", *_SCAN_LAYOUT)}
+    if like is not None:   # a layout, not an operator: it reads them still
         names = [name for names in options.values() for name in names
-                 if name in given and name != "projections"]
+                 if name in given and name not in _SCAN_LAYOUT]
         return {"not used with --like, which gives the operator": names} if names else {}
     return _simulate_unused(given, operator.value, "measurements", options, sources=False)
 

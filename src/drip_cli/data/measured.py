@@ -93,10 +93,12 @@ class NoiseChoice:
                 "percent of mean |b|" if self.noise_percent is not None else "estimated")
 
 
-def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False) -> np.ndarray:
+def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False,
+              scaled: bool = True) -> np.ndarray:
     """One sample per picture, or per frame of a multi-page TIFF. ``floats_only``: the
     measurements are not images (a sinogram), so only 32-bit float pictures, whose values are
-    kept, can hold them; 8- and 16-bit ones are read as images scaled to [0, 1]."""
+    kept, can hold them; 8- and 16-bit ones are read as images scaled to [0, 1], unless not
+    ``scaled`` (a detector's counts, kept as they are)."""
     images = []
     for path in paths:
         for picture in read_pictures(path):
@@ -107,7 +109,7 @@ def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False
                                 "an HDF5 dataset", path)
             own = 3 if picture.ndim == 3 else 1
             try:
-                image = _to_channels(picture, channels or own)
+                image = _to_channels(picture, channels or own, scaled)
             except ValueError as exc:
                 raise DripError(str(exc), path) from exc
             if images and image.shape != images[0].shape:
@@ -123,9 +125,10 @@ def _is_array(source: Path) -> bool:
     return is_dataset_source(source) or source.suffix.lower() == ".npy"
 
 
-def _array(source: Path, rank: int, what: str = "measurements") -> np.ndarray:
+def _array(source: Path, rank: int, what: str = "measurements",
+           scaled: bool = True) -> np.ndarray:
     """A ``.npy`` file or an HDF5 dataset (``FILE::DATASET``) as ``(N, C, *S)`` float32,
-    ``rank = len(S)``."""
+    ``rank = len(S)`` (8- and 16-bit integers scaled to [0, 1] where ``scaled``)."""
     values = read_array(source, what)
     shapes = {rank: "S", rank + 1: "(N, *S)", rank + 2: "(N, C, *S)"}
     if values.ndim not in shapes:
@@ -140,22 +143,24 @@ def _array(source: Path, rank: int, what: str = "measurements") -> np.ndarray:
                         f"{values.shape[1]} channels is neither 1 nor 3", source)
     if 0 in values.shape:
         raise DripError(f"has shape {values.shape}, which holds no values", source)
-    return _as_float32(values)
+    return _as_float32(values, scaled)
 
 
 def read_measured(source: Path, rank: int, channels: int | None = None,
-                  images: bool = True, what: str = "measurements") -> np.ndarray:
+                  images: bool = True, what: str = "measurements",
+                  counts: bool = False) -> np.ndarray:
     """The measurements (or ``what`` else) at ``source`` as ``(N, C, *S)`` float32; ``rank =
     len(S)``; ``images``: whether they are images, which any picture may hold (other
     measurements of two axes, a sinogram, only a 32-bit float TIFF). ``channels`` converts
-    pictures (colour to grayscale or back); arrays keep their own."""
+    pictures (colour to grayscale or back); arrays keep their own. ``counts``: a detector's
+    counts, which pictures and arrays of any type hold, their values kept as they are."""
     expected = (f"a .npy array, an HDF5 dataset (FILE{DATASET_SEPARATOR}DATASET), a "
                 f"{PICTURES} picture or a folder of them")
     if not (names_dataset(source) or source.exists()):   # (FILE::DATASET: the reader's)
         raise DripError("no such file or folder", source)
     require_regular_file(split_dataset(source)[0], expected)
     if _is_array(source):
-        values = _array(source, rank, what)
+        values = _array(source, rank, what, scaled=not counts)
         if channels is not None and channels != values.shape[1]:
             raise DripError(f"holds {values.shape[1]} channel(s); --channels converts pictures "
                             "only", source)
@@ -163,7 +168,8 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
         if not images and rank != 2:
             raise DripError("pictures hold images, and this operator's measurements are not "
                             "images: give them as a .npy array or an HDF5 dataset", source)
-        values = _pictures(picture_paths(source), channels, floats_only=not images)
+        values = _pictures(picture_paths(source), channels, floats_only=not (images or counts),
+                           scaled=not counts)
     else:
         raise DripError(f"expected {expected}", source)
     bad = ~np.isfinite(values)
@@ -655,14 +661,66 @@ def sinograms_of_projections(b: np.ndarray, source) -> np.ndarray:
     return np.ascontiguousarray(b[:, 0].transpose(1, 0, 2)[:, None])
 
 
+def _field(path: Path, what: str, shape: tuple[int, int]) -> np.ndarray:
+    """A flat or dark field, ``(slices, detectors)`` or a stack of them, averaged: the counts
+    as they are, in float64, checked against the projections' ``shape``."""
+    values = read_measured(path, 2, what=what, counts=True)    # (k, C, slices, detectors)
+    if values.shape[1] != 1 or values.shape[2:] != shape:
+        raise DripError(f"the {what} is shaped {values.shape[2:]} with {values.shape[1]} "
+                        f"channel(s) (a stack of (slices, detectors) images, averaged), where "
+                        f"the projections have {shape[0]} slices of {shape[1]} detectors", path)
+    return values[:, 0].astype(np.float64).mean(axis=0)
+
+
+def line_integrals(counts: np.ndarray, flat: Path, dark: Path | None) -> tuple[np.ndarray, dict]:
+    """The line integrals ``-log((I - dark) / (flat - dark))`` of a detector's counts ``I``,
+    ``(slices, 1, angles, detectors)`` (the sinograms of a scan's slices), with the flat field
+    (the open beam) and the dark field (no beam; 0 without one), each ``(slices, detectors)``
+    or a stack of them; and the record of it. Counts at or below the dark field (no light
+    measured) take the least transmission measured, with a warning."""
+    shape = (counts.shape[0], counts.shape[-1])
+    flat_counts = _field(flat, "flat field", shape)
+    dark_counts = np.zeros(shape) if dark is None else _field(dark, "dark field", shape)
+    light = flat_counts - dark_counts
+    dead = ~(light > 0)
+    if dead.any():
+        slice_, detector = np.argwhere(dead)[0]
+        raise DripError(f"the flat field is not brighter than the dark field at {dead.sum()} "
+                        f"of its {dead.size} detectors (the first: slice {slice_}, detector "
+                        f"{detector}): their counts cannot be turned into line integrals; "
+                        "leave those detectors out", flat)
+    ratio = (counts.astype(np.float64) - dark_counts[:, None, None]) / light[:, None, None]
+    dim = ~(ratio > 0)
+    if dim.all():
+        raise DripError("every count is at or below the dark field: no light was measured")
+    if dim.any():
+        least = float(ratio[~dim].min())
+        ratio[dim] = least
+        warnings.warn(DripWarning(
+            f"{dim.sum()} of the {dim.size} counts are at or below the dark field (no light "
+            f"measured): taken as the least transmission measured, {least:.3g} (line "
+            f"integral {-math.log(least):.3g})"), stacklevel=2)
+    median = float(np.median(ratio))
+    if median > 1.1:
+        warnings.warn(DripWarning(
+            f"the projections are brighter than the flat field (median transmission "
+            f"{median:.3g}, where an object only absorbs): are they counts, and is the flat "
+            "field the open beam's?"), stacklevel=2)
+    record = {"line_integrals_from": "-log((counts - dark) / (flat - dark))",
+              "flat_field": str(flat), "dark_field": "none (0)" if dark is None else str(dark)}
+    return (-np.log(ratio)).astype(np.float32), record
+
+
 def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like: Path | None,
                         choice: NoiseChoice, channels: int | None = None,
                         attrs: dict | None = None, ground_truth: Path | None = None,
-                        projections: bool = False) -> dict:
+                        projections: bool = False, flat: Path | None = None,
+                        dark: Path | None = None) -> dict:
     """Write ``out``, the measurement file of the measurements at ``source`` (and the true
     images at ``ground_truth``, where given); return a summary. ``projections``: tomography
     measurements given as a scanner's projections, one per angle
-    (:func:`sinograms_of_projections`), not as sinograms."""
+    (:func:`sinograms_of_projections`), not as sinograms; ``flat`` (and ``dark``): they are
+    a detector's counts, turned into line integrals (:func:`line_integrals`)."""
     choice.check()
     like_op = None
     if like is not None:
@@ -670,12 +728,19 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
             like_op = file.operator
     kind = spec.kind if like_op is None else like_op.kind
     rank = 1 if kind == "matrix" else 2
-    b = read_measured(source, rank, channels, images=kind in IMAGE_MEASUREMENT_KINDS)
+    if (projections or flat is not None) and kind != "tomography":
+        raise DripError(f"--projections, --flat and --dark read a scanner's projections for "
+                        f"tomography; the {kind} operator's measurements are read as they are")
+    if dark is not None and flat is None:
+        raise DripError("--dark needs --flat: the line integrals are -log((counts - dark) / "
+                        "(flat - dark))")
+    b = read_measured(source, rank, channels, images=kind in IMAGE_MEASUREMENT_KINDS,
+                      counts=flat is not None)
     if projections:
-        if kind != "tomography":
-            raise DripError(f"--projections reads a scanner's projections for tomography; "
-                            f"the {kind} operator's measurements are read as they are")
         b = sinograms_of_projections(b, source)
+    counted = {}
+    if flat is not None:
+        b, counted = line_integrals(b, flat, dark)
     if like_op is not None and like_op.channels != b.shape[1]:
         raise DripError(f"its operator is for images of {like_op.channels} channel(s), the "
                         f"measurements have {b.shape[1]}", like)
@@ -711,7 +776,7 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
                                    attrs={**(attrs or {}), "source": str(source),
                                           **({"source_layout": "projections (angles, slices, "
                                                                "detectors)"}
-                                             if projections else {}),
+                                             if projections else {}), **counted,
                                           "noise_std_from": choice.how,
                                           **({} if estimate is None else estimate.attrs()),
                                           **({} if axis is None else axis.attrs())})

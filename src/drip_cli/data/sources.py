@@ -63,16 +63,18 @@ IMAGE_STACKS = ("images", "ground_truth")
 UNIT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
-def _as_float32(values: np.ndarray) -> np.ndarray:
-    """Image values as float32: uint8 and uint16 scaled to [0, 1] (``UNIT_SCALE``), others kept."""
-    scale = UNIT_SCALE.get(values.dtype)
+def _as_float32(values: np.ndarray, scaled: bool = True) -> np.ndarray:
+    """Image values as float32: uint8 and uint16 scaled to [0, 1] (``UNIT_SCALE``) unless not
+    ``scaled`` (a detector's counts), others kept."""
+    scale = UNIT_SCALE.get(values.dtype) if scaled else None
     values = values.astype(np.float32)
     return values if scale is None else values / np.float32(scale)
 
 
-def _to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """``(H, W)``, ``(H, W, 3|4)`` or ``(C, H, W)`` -> ``(channels, H, W)`` float32 in [0, 1]."""
-    image = _as_float32(np.asarray(image))
+def _to_channels(image: np.ndarray, channels: int, scaled: bool = True) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 3|4)`` or ``(C, H, W)`` -> ``(channels, H, W)`` float32 in [0, 1]
+    (its values as they are, not ``scaled``: :func:`_as_float32`)."""
+    image = _as_float32(np.asarray(image), scaled)
     if image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] not in (1, 3):
         image = np.moveaxis(image[..., :3], -1, 0)
     if image.ndim == 2:

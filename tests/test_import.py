@@ -987,3 +987,44 @@ def test_a_detectors_counts_are_turned_into_line_integrals(tmp_path):
     result = run_cli("import", tmp_path / "counts.npy", tmp_path / "x.h5", *common, "--dark",
                      tmp_path / "dark.npy")
     assert_one_line_error(result, "--dark needs --flat", tmp_path / "x.h5")
+
+
+def test_slices_of_a_scan_are_read_alone(tmp_path):
+    """``--slices START:STOP`` keeps those slices of a stack, reading only them: the samples
+    of sinograms (a ``.npy`` array), the slices of projections (an HDF5 dataset) with their
+    flat field's and ground truth's, the same values as the whole file's; a selection that
+    keeps nothing, one that is not START:STOP, and a lone sinogram are refused in one line."""
+    b, op = _sinograms_about(0.0, 12, n=5)
+    truth = np.random.default_rng(0).random((5, 1, 24, 24)).astype(np.float32)
+    np.save(tmp_path / "sinograms.npy", b.astype(np.float32))
+    np.save(tmp_path / "truth.npy", truth)
+    flat = np.full((2, 5, op.n_detectors), 1000.0)
+    counts = (flat[0][:, None, None] * np.exp(-0.05 * b)).astype(np.float32)
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["exchange/data"] = counts[:, 0].transpose(1, 0, 2)
+        f["exchange/data_white"] = flat
+    common = ("--operator", "tomography", "--noise-std", 0.01, "-q")
+    result = run_cli("import", tmp_path / "sinograms.npy", tmp_path / "s.h5", *common,
+                     "--slices", "1:3", "--ground-truth", tmp_path / "truth.npy")
+    assert result.exit_code == 0, result.stderr
+    data, attrs = _read(tmp_path / "s.h5")
+    np.testing.assert_array_equal(data["measurements"], b[1:3].astype(np.float32))
+    with MeasurementFile(tmp_path / "s.h5") as imported:
+        np.testing.assert_array_equal(imported.read(0, 2).ground_truth, truth[1:3])
+    assert attrs["source_slices"] == "1:3"
+    scan = tmp_path / "scan.h5"
+    result = run_cli("import", f"{scan}::exchange/data", tmp_path / "p.h5", *common,
+                     "--projections", "--flat", f"{scan}::exchange/data_white", "--slices", "4")
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_allclose(_read(tmp_path / "p.h5")[0]["measurements"], 0.05 * b[4:5],
+                               atol=1e-5)
+    for given, message in (("7:9", "--slices 7:9 keeps none of its 5 slices"),
+                           ("3:2", "--slices must be START:STOP"),
+                           ("a:b", "--slices must be START:STOP")):
+        result = run_cli("import", tmp_path / "sinograms.npy", tmp_path / "x.h5", *common,
+                         "--slices", given)
+        assert_one_line_error(result, message, tmp_path / "x.h5")
+    np.save(tmp_path / "one.npy", b[0, 0].astype(np.float32))
+    result = run_cli("import", tmp_path / "one.npy", tmp_path / "x.h5", *common, "--slices", "0")
+    assert_one_line_error(result, "which holds no stack of slices for --slices to pick from",
+                          tmp_path / "x.h5")

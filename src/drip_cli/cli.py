@@ -505,6 +505,11 @@ def import_measurements(
     dark: Optional[Path] = typer.Option(
         None, "--dark", help="tomography, with --flat: the dark field (no beam), as --flat; "
         "default 0."),
+    slices: Optional[str] = typer.Option(
+        None, "--slices", metavar="START:STOP", help="tomography: only these slices of a "
+        "stack (the samples, or the projections' slices; counted from 0, STOP excluded), and "
+        "of --flat, --dark and --ground-truth; from a .npy array or an HDF5 dataset only "
+        "they are read, as of a scan too large to read whole."),
     image_size: Optional[int] = typer.Option(
         None, "--image-size", min=1, help="tomography: the square image's side. Default: the "
         "one whose diagonal the detectors span; larger for an object wider than they are."),
@@ -559,7 +564,8 @@ def import_measurements(
             summary = write_file(measured, out, spec, like, choice, channels,
                                  attrs={"drip_version": __version__}, ground_truth=ground_truth,
                                  **_scan_layout(operator, projections=projections,
-                                                flat=flat, dark=dark))
+                                                flat=flat, dark=dark,
+                                                slices=_slices(slices)))
         op, sigma = summary["operator"], summary["noise_std"]
         percent = summary["noise_percent"]
         console.print(key_value_table(f"wrote {out}", {
@@ -578,7 +584,7 @@ def import_measurements(
 
 
 # import's options that say how a scan's measurements are stored, not which operator made them
-_SCAN_LAYOUT = ("projections", "flat", "dark")
+_SCAN_LAYOUT = ("projections", "flat", "dark", "slices")
 
 
 def _scan_layout(operator: OperatorKind | None, **given) -> dict:
@@ -588,6 +594,22 @@ def _scan_layout(operator: OperatorKind | None, **given) -> dict:
     if operator is not None and operator.value != "tomography":
         return {}
     return given
+
+
+def _slices(text: str | None) -> slice | None:
+    """import's ``--slices START:STOP`` (or one slice, ``START``) as a slice."""
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        start, stop = ((int(parts[0]), int(parts[0]) + 1) if len(parts) == 1 else
+                       (int(parts[0] or 0), int(parts[1])) if len(parts) == 2 else (-1, -1))
+    except ValueError:
+        start, stop = -1, -1
+    if not 0 <= start < stop:
+        raise DripError(f"--slices must be START:STOP (counted from 0, STOP excluded and "
+                        f"larger than START) or one slice, got {text[:40]!r}")
+    return slice(start, stop)
 
 
 def _center_offset(text: str) -> float | None:

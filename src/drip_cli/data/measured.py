@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from ..errors import DripError, DripWarning, require_regular_file
 from ..io import MeasurementFile, MeasurementWriter, atomic_h5
-from ..io.datasets import DATASET_SEPARATOR, is_dataset_source, names_dataset, split_dataset
+from ..io.datasets import (DATASET_SEPARATOR, is_dataset_source, names_dataset, split_dataset,
+                          subset_index)
 from ..io.measurements import first_sample_where, overflows_float32
 from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, LinearOperator,
                          SparseMatrixOperator, Tomography)
@@ -125,11 +126,12 @@ def _is_array(source: Path) -> bool:
     return is_dataset_source(source) or source.suffix.lower() == ".npy"
 
 
-def _array(source: Path, rank: int, what: str = "measurements",
-           scaled: bool = True) -> np.ndarray:
+def _array(source: Path, rank: int, what: str = "measurements", scaled: bool = True,
+           subset: tuple[int, slice] | None = None) -> np.ndarray:
     """A ``.npy`` file or an HDF5 dataset (``FILE::DATASET``) as ``(N, C, *S)`` float32,
-    ``rank = len(S)`` (8- and 16-bit integers scaled to [0, 1] where ``scaled``)."""
-    values = read_array(source, what)
+    ``rank = len(S)`` (8- and 16-bit integers scaled to [0, 1] where ``scaled``; of the
+    stored array, only the slices ``subset`` keeps: :func:`read_array`)."""
+    values = read_array(source, what, subset=subset)
     shapes = {rank: "S", rank + 1: "(N, *S)", rank + 2: "(N, C, *S)"}
     if values.ndim not in shapes:
         raise DripError(f"has shape {values.shape}; expected {', '.join(shapes.values())}, S "
@@ -148,19 +150,21 @@ def _array(source: Path, rank: int, what: str = "measurements",
 
 def read_measured(source: Path, rank: int, channels: int | None = None,
                   images: bool = True, what: str = "measurements",
-                  counts: bool = False) -> np.ndarray:
+                  counts: bool = False, subset: tuple[int, slice] | None = None) -> np.ndarray:
     """The measurements (or ``what`` else) at ``source`` as ``(N, C, *S)`` float32; ``rank =
     len(S)``; ``images``: whether they are images, which any picture may hold (other
     measurements of two axes, a sinogram, only a 32-bit float TIFF). ``channels`` converts
     pictures (colour to grayscale or back); arrays keep their own. ``counts``: a detector's
-    counts, which pictures and arrays of any type hold, their values kept as they are."""
+    counts, which pictures and arrays of any type hold, their values kept as they are.
+    ``subset``: only those slices (``(axis, slice)``, of the array as stored, or of the
+    pictures read as ``(N, C, H, W)``; ``--slices``)."""
     expected = (f"a .npy array, an HDF5 dataset (FILE{DATASET_SEPARATOR}DATASET), a "
                 f"{PICTURES} picture or a folder of them")
     if not (names_dataset(source) or source.exists()):   # (FILE::DATASET: the reader's)
         raise DripError("no such file or folder", source)
     require_regular_file(split_dataset(source)[0], expected)
     if _is_array(source):
-        values = _array(source, rank, what, scaled=not counts)
+        values = _array(source, rank, what, scaled=not counts, subset=subset)
         if channels is not None and channels != values.shape[1]:
             raise DripError(f"holds {values.shape[1]} channel(s); --channels converts pictures "
                             "only", source)
@@ -170,6 +174,7 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
                             "images: give them as a .npy array or an HDF5 dataset", source)
         values = _pictures(picture_paths(source), channels, floats_only=not (images or counts),
                            scaled=not counts)
+        values = np.ascontiguousarray(values[subset_index(values.shape, subset, source)])
     else:
         raise DripError(f"expected {expected}", source)
     bad = ~np.isfinite(values)
@@ -640,10 +645,11 @@ def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice,
 
 
 def read_ground_truth(path: Path, op: LinearOperator, n: int,
-                      channels: int | None = None) -> np.ndarray:
+                      channels: int | None = None, slices: slice | None = None) -> np.ndarray:
     """The true images of ``n`` samples (pictures or a ``.npy`` array, read as measurements
-    are), checked against the operator's image shape."""
-    truth = read_measured(path, 2, channels, what="ground truth images")
+    are; only ``slices`` of them where given), checked against the operator's image shape."""
+    truth = read_measured(path, 2, channels, what="ground truth images",
+                          subset=None if slices is None else (0, slices))
     if truth.shape != (n, *op.image_shape):
         raise DripError(f"the ground truth is shaped {truth.shape} (N, C, H, W), where the "
                         f"{n} samples' images are {op.image_shape}", path)
@@ -661,10 +667,12 @@ def sinograms_of_projections(b: np.ndarray, source) -> np.ndarray:
     return np.ascontiguousarray(b[:, 0].transpose(1, 0, 2)[:, None])
 
 
-def _field(path: Path, what: str, shape: tuple[int, int]) -> np.ndarray:
+def _field(path: Path, what: str, shape: tuple[int, int], slices: slice | None) -> np.ndarray:
     """A flat or dark field, ``(slices, detectors)`` or a stack of them, averaged: the counts
-    as they are, in float64, checked against the projections' ``shape``."""
-    values = read_measured(path, 2, what=what, counts=True)    # (k, C, slices, detectors)
+    as they are (only ``slices`` of them where given), in float64, checked against the
+    projections' ``shape``."""
+    values = read_measured(path, 2, what=what, counts=True,    # (k, C, slices, detectors)
+                           subset=None if slices is None else (-2, slices))
     if values.shape[1] != 1 or values.shape[2:] != shape:
         raise DripError(f"the {what} is shaped {values.shape[2:]} with {values.shape[1]} "
                         f"channel(s) (a stack of (slices, detectors) images, averaged), where "
@@ -672,15 +680,17 @@ def _field(path: Path, what: str, shape: tuple[int, int]) -> np.ndarray:
     return values[:, 0].astype(np.float64).mean(axis=0)
 
 
-def line_integrals(counts: np.ndarray, flat: Path, dark: Path | None) -> tuple[np.ndarray, dict]:
+def line_integrals(counts: np.ndarray, flat: Path, dark: Path | None,
+                   slices: slice | None = None) -> tuple[np.ndarray, dict]:
     """The line integrals ``-log((I - dark) / (flat - dark))`` of a detector's counts ``I``,
     ``(slices, 1, angles, detectors)`` (the sinograms of a scan's slices), with the flat field
     (the open beam) and the dark field (no beam; 0 without one), each ``(slices, detectors)``
-    or a stack of them; and the record of it. Counts at or below the dark field (no light
-    measured) take the least transmission measured, with a warning."""
+    or a stack of them (only ``slices`` of them, as of the counts, where given); and the
+    record of it. Counts at or below the dark field (no light measured) take the least
+    transmission measured, with a warning."""
     shape = (counts.shape[0], counts.shape[-1])
-    flat_counts = _field(flat, "flat field", shape)
-    dark_counts = np.zeros(shape) if dark is None else _field(dark, "dark field", shape)
+    flat_counts = _field(flat, "flat field", shape, slices)
+    dark_counts = np.zeros(shape) if dark is None else _field(dark, "dark field", shape, slices)
     light = flat_counts - dark_counts
     dead = ~(light > 0)
     if dead.any():
@@ -715,12 +725,13 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
                         choice: NoiseChoice, channels: int | None = None,
                         attrs: dict | None = None, ground_truth: Path | None = None,
                         projections: bool = False, flat: Path | None = None,
-                        dark: Path | None = None) -> dict:
+                        dark: Path | None = None, slices: slice | None = None) -> dict:
     """Write ``out``, the measurement file of the measurements at ``source`` (and the true
     images at ``ground_truth``, where given); return a summary. ``projections``: tomography
     measurements given as a scanner's projections, one per angle
     (:func:`sinograms_of_projections`), not as sinograms; ``flat`` (and ``dark``): they are
-    a detector's counts, turned into line integrals (:func:`line_integrals`)."""
+    a detector's counts, turned into line integrals (:func:`line_integrals`); ``slices``:
+    only those of a stack (the samples, or the projections' slices), read alone."""
     choice.check()
     like_op = None
     if like is not None:
@@ -728,19 +739,21 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
             like_op = file.operator
     kind = spec.kind if like_op is None else like_op.kind
     rank = 1 if kind == "matrix" else 2
-    if (projections or flat is not None) and kind != "tomography":
-        raise DripError(f"--projections, --flat and --dark read a scanner's projections for "
-                        f"tomography; the {kind} operator's measurements are read as they are")
+    if (projections or flat is not None or slices is not None) and kind != "tomography":
+        raise DripError(f"--projections, --flat, --dark and --slices read a scanner's "
+                        f"projections for tomography; the {kind} operator's measurements are "
+                        "read as they are")
     if dark is not None and flat is None:
         raise DripError("--dark needs --flat: the line integrals are -log((counts - dark) / "
                         "(flat - dark))")
     b = read_measured(source, rank, channels, images=kind in IMAGE_MEASUREMENT_KINDS,
-                      counts=flat is not None)
+                      counts=flat is not None,
+                      subset=None if slices is None else (-2 if projections else 0, slices))
     if projections:
         b = sinograms_of_projections(b, source)
     counted = {}
     if flat is not None:
-        b, counted = line_integrals(b, flat, dark)
+        b, counted = line_integrals(b, flat, dark, slices)
     if like_op is not None and like_op.channels != b.shape[1]:
         raise DripError(f"its operator is for images of {like_op.channels} channel(s), the "
                         f"measurements have {b.shape[1]}", like)
@@ -765,7 +778,8 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
                   clipping_doubt(op, b), None if axis is not None else axis_doubt(op, b)):
         if doubt is not None:
             warnings.warn(DripWarning(doubt), stacklevel=2)
-    truth = None if ground_truth is None else read_ground_truth(ground_truth, op, len(b), channels)
+    truth = (None if ground_truth is None else
+             read_ground_truth(ground_truth, op, len(b), channels, slices))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         percent = 100 * sigma / mean_magnitude
     # a record only (the noise std is what counts): NaN where float32 cannot hold it
@@ -777,6 +791,8 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
                                           **({"source_layout": "projections (angles, slices, "
                                                                "detectors)"}
                                              if projections else {}), **counted,
+                                          **({} if slices is None else
+                                             {"source_slices": f"{slices.start}:{slices.stop}"}),
                                           "noise_std_from": choice.how,
                                           **({} if estimate is None else estimate.attrs()),
                                           **({} if axis is None else axis.attrs())})

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DripError, DripWarning
-from ..io.datasets import is_dataset_source, read_dataset
+from ..io.datasets import is_dataset_source, read_dataset, subset_index
 from ..io.measurements import overflows_float32
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
                          Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
@@ -131,12 +131,18 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
     return values
 
 
-def read_array(source, what: str, booleans: bool = False) -> np.ndarray:
+def read_array(source, what: str, booleans: bool = False,
+               subset: tuple[int, slice] | None = None) -> np.ndarray:
     """A ``.npy`` array or an HDF5 dataset (``FILE.h5::DATASET``, or an HDF5 file of one
-    dataset), as stored (:func:`read_npy`, :func:`~drip_cli.io.datasets.read_dataset`)."""
+    dataset), as stored (:func:`read_npy`, :func:`~drip_cli.io.datasets.read_dataset`); of a
+    stack, only the slices ``subset`` keeps, read alone (:func:`~drip_cli.io.datasets.
+    subset_index`)."""
     if is_dataset_source(source):
-        return read_dataset(source, what, booleans)
-    return read_npy(source, what, booleans=booleans)
+        return read_dataset(source, what, booleans, subset)
+    if subset is None:
+        return read_npy(source, what, booleans=booleans)
+    values = read_npy(source, what, mmap=True, booleans=booleans)
+    return np.array(values[subset_index(values.shape, subset, source)])
 
 
 def _text_numbers(path, what: str) -> np.ndarray:

@@ -124,9 +124,31 @@ def _dataset(handle: h5py.File, path: Path, name: str | None, what: str,
     return dataset
 
 
-def read_dataset(source: str | Path, what: str, booleans: bool = False) -> np.ndarray:
+def subset_index(shape: tuple[int, ...], subset: tuple[int, slice] | None, source) -> tuple:
+    """The index of an array of ``shape`` that keeps the slices ``subset = (axis, slice)``
+    (``--slices``; every value without one), so that only they are read; ``DripError`` where
+    the array has no such axis (axis 0: a stack of at least 3 axes, as one sinogram or image
+    has no slices to pick), or the slice keeps none of it."""
+    if subset is None:
+        return ()
+    axis, kept = subset
+    if not -len(shape) <= axis < len(shape) or (axis == 0 and len(shape) < 3):
+        raise DripError(f"has shape {tuple(shape)}, which holds no stack of slices for "
+                        "--slices to pick from", source)
+    count = shape[axis]
+    if len(range(count)[kept]) == 0 or kept.start >= count:
+        raise DripError(f"--slices {kept.start}:{kept.stop} keeps none of its {count} slices "
+                        f"(counted from 0, the stop excluded)", source)
+    index = [slice(None)] * len(shape)
+    index[axis] = kept
+    return tuple(index)
+
+
+def read_dataset(source: str | Path, what: str, booleans: bool = False,
+                 subset: tuple[int, slice] | None = None) -> np.ndarray:
     """The values of the dataset ``source`` names (``FILE::DATASET``, or the file's only
-    dataset), as stored: real numbers (or, with ``booleans``, booleans too)."""
+    dataset), as stored: real numbers (or, with ``booleans``, booleans too); only the slices
+    ``subset`` keeps (:func:`subset_index`)."""
     handle, dataset = open_dataset(source, what, kinds="fiu" + "b" * booleans)
     with handle, reading(split_dataset(source)[0]):
-        return np.asarray(dataset[()])
+        return np.asarray(dataset[subset_index(dataset.shape, subset, source)])

@@ -695,6 +695,7 @@ def line_integrals(counts: np.ndarray, flat: Path, dark: Path | None,
     dead = ~(light > 0)
     if dead.any():
         slice_, detector = np.argwhere(dead)[0]
+        slice_ += 0 if slices is None else slices.start   # the scan's own count
         raise DripError(f"the flat field is not brighter than the dark field at {dead.sum()} "
                         f"of its {dead.size} detectors (the first: slice {slice_}, detector "
                         f"{detector}): their counts cannot be turned into line integrals; "

@@ -214,13 +214,16 @@ _IMPORT_SHAPES = {"denoise": [16, 20], "blur": [16, 20], "inpainting": [16, 20],
        dtype=st.sampled_from(["float32", "float64", "uint8", "int16", "bool", "complex64"]),
        extreme=st.sampled_from([None, *EXTREMES]),
        noise=st.sampled_from([("noise_std", 0.01), ("noise_percent", 2.0), ("estimate", True)]),
-       hdf5=st.booleans(), axis=st.sampled_from([0.0, None]))
+       hdf5=st.booleans(), axis=st.sampled_from([0.0, None]),
+       layout=st.sampled_from([{}, {"projections": True}, {"slices": slice(1, 3)},
+                               {"projections": True, "slices": slice(0, 1)}]))
 def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, dtype, extreme,
-                                              noise, hdf5, axis):
+                                              noise, hdf5, axis, layout):
     """``drip import`` of a ``.npy`` array or an HDF5 dataset (``FILE.h5::DATASET``, the mask
     too) of any shape (or of the kind's measurement shape after up to two axes of any length),
-    dtype and values, for every operator kind (tomography's axis given, or estimated: ``auto``):
-    a measurement file, or a :class:`DripError` and no file."""
+    dtype and values, for every operator kind (tomography's axis given, or estimated: ``auto``;
+    its measurements as sinograms or projections, whole or some of their slices): a
+    measurement file, or a :class:`DripError` and no file."""
     from drip_cli.data import OperatorSpec
     from drip_cli.data.measured import NoiseChoice, import_measurements
 
@@ -250,7 +253,8 @@ def test_an_odd_array_is_imported_or_refused(tmp_path, kind, shape, own_shape, d
     spec = OperatorSpec(kind=kind, blur_sigma=1.0, angles=None, matrix_file=matrix,
                         mask_file=mask, center_offset=axis)
     try:
-        import_measurements(Path(source), out, spec, None, NoiseChoice(**{noise[0]: noise[1]}))
+        import_measurements(Path(source), out, spec, None, NoiseChoice(**{noise[0]: noise[1]}),
+                            **layout)
         with MeasurementFile(out) as data:   # what it wrote is a valid file
             assert data.n_samples >= 1
     except DripError:

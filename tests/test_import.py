@@ -906,19 +906,22 @@ def test_import_finds_the_axis_and_doubts_a_wrong_one(tmp_path):
 
 def test_projections_are_read_as_the_sinograms_of_their_slices(tmp_path):
     """``--projections`` reads a scanner's projections, ``(angles, slices, detectors)`` as
-    Data Exchange stores them (an HDF5 dataset or a ``.npy`` array), as the sinograms of the
-    slices: the same file as the sinograms give; colour projections, and the option with
+    Data Exchange stores them (an HDF5 dataset, a ``.npy`` array, or a float TIFF page per
+    angle), as the sinograms of the slices: the same file as the sinograms give; colour projections, and the option with
     another operator, are refused in one line."""
     b, op = _sinograms_about(0.0, 12, n=5, percent=1.0)   # (slices, 1, angles, detectors)
     np.save(tmp_path / "sinograms.npy", b.astype(np.float32))
     with h5py.File(tmp_path / "scan.h5", "w") as f:
         f["exchange/data"] = b[:, 0].transpose(1, 0, 2).astype(np.float32)
     np.save(tmp_path / "projections.npy", b[:, 0].transpose(1, 0, 2).astype(np.float32))
+    pages = [Image.fromarray(page) for page in b[:, 0].transpose(1, 0, 2).astype(np.float32)]
+    pages[0].save(tmp_path / "projections.tif", save_all=True, append_images=pages[1:])
     common = ("--operator", "tomography", "--noise-std", 0.01, "-q")
     result = run_cli("import", tmp_path / "sinograms.npy", tmp_path / "s.h5", *common)
     assert result.exit_code == 0, result.stderr
     expected = _read(tmp_path / "s.h5")[0]["measurements"]
-    for source in (f"{tmp_path / 'scan.h5'}::exchange/data", tmp_path / "projections.npy"):
+    for source in (f"{tmp_path / 'scan.h5'}::exchange/data", tmp_path / "projections.npy",
+                   tmp_path / "projections.tif"):   # a float page per angle
         result = run_cli("import", source, tmp_path / "p.h5", *common, "--projections")
         assert result.exit_code == 0, result.stderr
         data, attrs = _read(tmp_path / "p.h5")

@@ -370,10 +370,16 @@ def test_an_hdf5_dataset_is_imported_as_its_array(tmp_path):
     assert_one_line_error(run_cli("import", f"{scan}::exchange/data", scan, *tomography),
                           "this is the measurements", tmp_path / "x.h5")
     assert h5py.is_hdf5(scan)
-    # drip info on such a file names its datasets and how import reads one, and shows one
+    # drip info on such a file names its datasets and how import reads one, and shows one;
+    # on a file in the Data Exchange layout, it gives the import command
+    result = run_cli("info", tmp_path / "one.h5")
+    assert_one_line_error(result, "its datasets: sinograms (3, 1, 10, 26) (drip import reads "
+                                  "one as one.h5::DATASET)", tmp_path / "x.h5")
     result = run_cli("info", scan)
-    assert_one_line_error(result, f"its datasets: {listing} (drip import reads one as "
-                                  "scan.h5::DATASET)", tmp_path / "x.h5")
+    assert_one_line_error(result, "a scan in the Data Exchange layout, which drip import reads: "
+                          "drip import scan.h5::exchange/data OUT.h5 --operator tomography "
+                          "--projections --angle-file scan.h5::exchange/theta --center-offset "
+                          "auto --estimate-noise", tmp_path / "x.h5")
     text = " ".join(run_cli("info", f"{scan}::exchange/data").stdout.split())
     for shown in ("scan.h5::exchange/data", "HDF5 dataset (3 axes)", "(3, 10, 26)", "float64"):
         assert shown in text, text
@@ -1021,6 +1027,8 @@ def test_slices_of_a_scan_are_read_alone(tmp_path):
     assert result.exit_code == 0, result.stderr
     np.testing.assert_allclose(_read(tmp_path / "p.h5")[0]["measurements"], 0.05 * b[4:5],
                                atol=1e-5)
+    assert ("--projections --flat scan.h5::exchange/data_white --center-offset auto"
+            in run_cli("info", scan).stderr)   # the import command drip info gives
     for given, message in (("7:9", "--slices 7:9 keeps none of its 5 slices"),
                            ("3:2", "--slices must be START:STOP"),
                            ("a:b", "--slices must be START:STOP")):

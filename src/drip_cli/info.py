@@ -238,16 +238,39 @@ def file_kind(path: str | os.PathLike) -> str:
         with h5py.File(path, "r") as handle, reading(path):
             fmt = file_format(handle)
             datasets = listed_datasets(handle) if fmt is None else ""
+            scan = _data_exchange_import(handle, path.name) if fmt is None else None
     except OSError as exc:
         raise open_failure(exc, path) from exc
     if fmt is None:
+        hint = (f"; a scan in the Data Exchange layout, which drip import reads: {scan}" if scan
+                else f"; its datasets: {datasets} (drip import reads one as "
+                     f"{path.name}{DATASET_SEPARATOR}DATASET)" if datasets else "")
         raise DripError("not a drip file (it has no drip_format attribute), nor images that drip "
-                        "simulate reads (it has no 'images' or 'ground_truth' dataset)"
-                        + (f"; its datasets: {datasets} (drip import reads one as "
-                           f"{path.name}{DATASET_SEPARATOR}DATASET)" if datasets else ""), path)
+                        "simulate reads (it has no 'images' or 'ground_truth' dataset)" + hint,
+                        path)
     if fmt not in ("measurements", "reconstructions"):
         raise DripError(f"unknown drip_format {fmt!r} (expected measurements or reconstructions)", path)
     return fmt
+
+
+def _data_exchange_import(handle: h5py.File, name: str) -> str | None:
+    """The ``drip import`` command of a scan stored in the Data Exchange layout (projections
+    ``exchange/data``, with its angles ``exchange/theta`` and flat and dark fields where it
+    has them), or None for another file."""
+    def has(dataset: str) -> bool:
+        return isinstance(handle.get(f"exchange/{dataset}"), h5py.Dataset)
+
+    if not has("data"):
+        return None
+    sep = DATASET_SEPARATOR
+    parts = [f"drip import {name}{sep}exchange/data OUT.h5 --operator tomography --projections"]
+    if has("theta"):
+        parts.append(f"--angle-file {name}{sep}exchange/theta")
+    if has("data_white"):
+        parts.append(f"--flat {name}{sep}exchange/data_white")
+        if has("data_dark"):
+            parts.append(f"--dark {name}{sep}exchange/data_dark")
+    return " ".join(parts) + " --center-offset auto --estimate-noise"
 
 
 _STORED_AS = {"uint8": "8-bit integers", "uint16": "16-bit integers", "float32": "32-bit floats"}

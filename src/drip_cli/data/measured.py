@@ -233,9 +233,7 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
     elif spec.kind == "inpainting" and spec.mask_file is None:
         raise DripError("inpainting needs the mask of observed pixels: --mask FILE (a picture "
                         "or .npy array, non-zero = observed)")
-    elif spec.kind == "tomography":
-        if spec.angles is None and spec.angle_file is None:   # one per row of the sinogram
-            spec = dataclasses.replace(spec, angles=measured[0])
+    elif spec.kind == "tomography":   # (its angles given, or one per row: import's)
         # the detectors are the sinogram's; the image the square they span, or the one given
         side = spec.image_side or _tomography_side(measured[-1])
         op = build_operator(dataclasses.replace(spec, detectors=measured[-1]),
@@ -759,11 +757,12 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
         raise DripError(f"its operator is for images of {like_op.channels} channel(s), the "
                         f"measurements have {b.shape[1]}", like)
     axis = None
-    if spec is not None and spec.kind == "tomography" and spec.center_offset is None:
-        if spec.angles is None and spec.angle_file is None:   # one per row, as below
+    if spec is not None and spec.kind == "tomography":
+        if spec.angles is None and spec.angle_file is None:   # one per row of the sinogram
             spec = dataclasses.replace(spec, angles=b.shape[-2])
-        axis = _estimated_axis(spec, b, source)
-        spec = dataclasses.replace(spec, center_offset=0.0 if axis is None else axis.offset)
+        if spec.center_offset is None:   # --center-offset auto
+            axis = _estimated_axis(spec, b, source)
+            spec = dataclasses.replace(spec, center_offset=0.0 if axis is None else axis.offset)
     op = measured_operator(spec, like_op, b.shape[1:])
     b = op.project_measurements(torch.from_numpy(b)).numpy()   # inpainting: unobserved are 0
     outside = field_of_view_doubt(op, b)

@@ -136,7 +136,7 @@ def subset_index(shape: tuple[int, ...], subset: tuple[int, slice] | None, sourc
         raise DripError(f"has shape {tuple(shape)}, which holds no stack of slices for "
                         "--slices to pick from", source)
     count = shape[axis]
-    if len(range(count)[kept]) == 0 or kept.start >= count:
+    if not range(count)[kept]:
         raise DripError(f"--slices {kept.start}:{kept.stop} keeps none of its {count} slices "
                         f"(counted from 0, the stop excluded)", source)
     index = [slice(None)] * len(shape)

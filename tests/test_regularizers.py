@@ -264,6 +264,23 @@ def test_pixel_weights_weigh_each_pixels_terms(device):
     assert torch.allclose(reg.hessian_at(z.detach(), a)[0](h), second, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("variant", CONVEX_VARIANTS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_solvers_gradient_is_the_recorded_ones_to_the_last_bit(device, variant, dtype):
+    """Without autograd recording (the solver) the pairs' derivative is formed in place: the
+    gradient must be the recorded path's, bit for bit, weighted or not, per dilation level."""
+    options = {**CONVEX_VARIANTS[variant], "dilation_levels": 2}
+    reg = trained_looking(latent=1, **options).to(device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(3, 1, 16, 18, dtype=dtype, generator=gen).to(device)
+    m = torch.rand(3, 1, 16, 18, dtype=dtype, generator=gen).to(device) + 0.5
+    for weights in (None, m):
+        recorded = reg.gradient(z.clone().requires_grad_(), weights).detach()
+        with torch.no_grad():
+            assert torch.equal(reg.gradient(z, weights), recorded)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_chunked_evaluation_equals_the_whole_batch(weighted, monkeypatch):
     """On the CPU R is evaluated in chunks of samples (cache-sized): values, gradients and the

@@ -268,8 +268,8 @@ def test_pixel_weights_weigh_each_pixels_terms(device):
 @pytest.mark.parametrize("variant", CONVEX_VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_solvers_gradient_is_the_recorded_ones_to_the_last_bit(device, variant, dtype):
-    """Without autograd recording (the solver) the pairs' derivative is formed in place: the
-    gradient must be the recorded path's, bit for bit, weighted or not, per dilation level."""
+    """Without autograd recording (the solver) the potentials' derivative is formed in place:
+    the gradient must be the recorded path's, bit for bit, weighted or not, per dilation level."""
     options = {**CONVEX_VARIANTS[variant], "dilation_levels": 2}
     reg = trained_looking(latent=1, **options).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(5)

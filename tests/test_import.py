@@ -1039,3 +1039,41 @@ def test_slices_of_a_scan_are_read_alone(tmp_path):
     result = run_cli("import", tmp_path / "one.npy", tmp_path / "x.h5", *common, "--slices", "0")
     assert_one_line_error(result, "which holds no stack of slices for --slices to pick from",
                           tmp_path / "x.h5")
+
+
+def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
+    """``--slices`` on pictures reads only what it keeps, as it does on arrays: of a
+    multi-page TIFF of sinograms only the kept pages are decoded, and of a folder of float
+    TIFF projections (one per angle) only the kept rows are kept; values the slices leave out
+    (here NaN, which a page read whole refuses) do not matter. The same values as the array's
+    slices; projections of different sizes, and a slice past the end, are refused in one
+    line."""
+    b, _ = _sinograms_about(0.0, 12, n=5)
+    b = b.astype(np.float32)
+    sinograms = b[:, 0].copy()
+    sinograms[0, 2, 3] = np.nan   # a page the slices leave out
+    pages = [Image.fromarray(page) for page in sinograms]
+    pages[0].save(tmp_path / "sinograms.tif", save_all=True, append_images=pages[1:])
+    common = ("--operator", "tomography", "--noise-std", 0.01, "-q")
+    result = run_cli("import", tmp_path / "sinograms.tif", tmp_path / "s.h5", *common,
+                     "--slices", "2:5")
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_array_equal(_read(tmp_path / "s.h5")[0]["measurements"], b[2:5])
+    projections = b[:, 0].transpose(1, 0, 2).copy()   # (angles, slices, detectors)
+    projections[:, 0, 5] = np.nan   # a slice the slices leave out
+    folder = tmp_path / "projections"
+    folder.mkdir()
+    for angle, projection in enumerate(projections):
+        Image.fromarray(projection).save(folder / f"p{angle:03d}.tif")
+    result = run_cli("import", folder, tmp_path / "p.h5", *common, "--projections",
+                     "--slices", "1:4")
+    assert result.exit_code == 0, result.stderr
+    np.testing.assert_array_equal(_read(tmp_path / "p.h5")[0]["measurements"], b[1:4])
+    result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
+                     "--slices", "5:9")
+    assert_one_line_error(result, "--slices 5:9 keeps none of its 5 slices", tmp_path / "x.h5")
+    Image.fromarray(projections[3, :4]).save(folder / "p003.tif")
+    result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
+                     "--slices", "1:4")
+    assert_one_line_error(result, "is 4x", tmp_path / "x.h5")
+    assert "the measurements of one file must share their shape" in result.stderr

@@ -51,7 +51,7 @@ from .axis import AXIS_TOLERANCE, AxisEstimate, axis_doubt, estimate_axis
 from .simulate import (OperatorSpec, build_operator, matrix_operator, read_array,
                        tomography_angles)
 from .sources import (IMAGE_SUFFIXES, PICTURES, _as_float32, _to_channels, picture_paths,
-                      read_pictures)
+                      picture_sizes, read_pictures)
 
 # The noise estimate reads the measurement components in which the operator keeps less than
 # this share of the image (relative to its largest gain), and needs at least ESTIMATE_MIN_COUNT
@@ -94,15 +94,50 @@ class NoiseChoice:
                 "percent of mean |b|" if self.noise_percent is not None else "estimated")
 
 
+def _picture_subset(paths: list[Path], subset: tuple[int, slice] | None,
+                    source: Path) -> tuple[list[range | None], slice | None]:
+    """Which frames of each picture file, and which rows of each frame, the slices
+    ``subset`` of the pictures read as ``(N, C, H, W)`` keep (``--slices``: axis 0, the
+    samples, or -2, the rows), so that only they are decoded and kept."""
+    frames: list[range | None] = [None] * len(paths)
+    if subset is None:
+        return frames, None
+    axis, kept = subset
+    if axis % 4 not in (0, 2):
+        raise ValueError(f"--slices of pictures pick samples or rows, not axis {axis}")
+    sizes = [picture_sizes(path) for path in paths]
+    if axis % 4 == 2:   # the rows of every frame, which must then be the same rows of each
+        first = sizes[0][0]
+        for path, size in ((path, size) for path, own in zip(paths, sizes) for size in own):
+            if size != first:
+                raise DripError(f"is {size[0]}x{size[1]}, where {paths[0].name} is "
+                                f"{first[0]}x{first[1]}: the measurements of one file must "
+                                "share their shape", path)
+        subset_index((1, 1, *first), subset, source)   # refuses a slice that keeps none
+        return frames, kept
+    subset_index((sum(map(len, sizes)), 1, 1, 1), subset, source)
+    start = 0
+    for i, own in enumerate(sizes):
+        local = range(start, start + len(own))[kept]   # this file's share, counted in it
+        frames[i] = range(local.start - start, local.stop - start) if local else range(0)
+        start += len(own)
+    return frames, None
+
+
 def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False,
-              scaled: bool = True) -> np.ndarray:
+              scaled: bool = True, subset: tuple[int, slice] | None = None,
+              source: Path | None = None) -> np.ndarray:
     """One sample per picture, or per frame of a multi-page TIFF. ``floats_only``: the
     measurements are not images (a sinogram), so only 32-bit float pictures, whose values are
     kept, can hold them; 8- and 16-bit ones are read as images scaled to [0, 1], unless not
-    ``scaled`` (a detector's counts, kept as they are)."""
-    images = []
-    for path in paths:
-        for picture in read_pictures(path):
+    ``scaled`` (a detector's counts, kept as they are). ``subset``: only those slices
+    (:func:`_picture_subset`), the only frames decoded."""
+    frames, rows = _picture_subset(paths, subset, source)
+    images, first = [], None   # (the file of the first image read)
+    for path, kept in zip(paths, frames):
+        if kept is not None and not kept:
+            continue
+        for picture in read_pictures(path, frames=kept, rows=rows):
             if floats_only and picture.dtype != np.float32:
                 raise DripError(f"holds {8 * picture.dtype.itemsize}-bit integers, which drip "
                                 "reads as images scaled to [0, 1]; these measurements are not "
@@ -115,10 +150,11 @@ def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False
                 raise DripError(str(exc), path) from exc
             if images and image.shape != images[0].shape:
                 raise DripError(f"is {image.shape[1]}x{image.shape[2]} with {image.shape[0]} "
-                                f"channel(s), where {paths[0].name} is {images[0].shape[1]}x"
+                                f"channel(s), where {first.name} is {images[0].shape[1]}x"
                                 f"{images[0].shape[2]} with {images[0].shape[0]}: the "
                                 "measurements of one file must share their shape", path)
             images.append(image)
+            first = first or path
     return np.stack(images)
 
 
@@ -173,8 +209,7 @@ def read_measured(source: Path, rank: int, channels: int | None = None,
             raise DripError("pictures hold images, and this operator's measurements are not "
                             "images: give them as a .npy array or an HDF5 dataset", source)
         values = _pictures(picture_paths(source), channels, floats_only=not (images or counts),
-                           scaled=not counts)
-        values = np.ascontiguousarray(values[subset_index(values.shape, subset, source)])
+                           scaled=not counts, subset=subset, source=source)
     else:
         raise DripError(f"expected {expected}", source)
     bad = ~np.isfinite(values)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -148,10 +149,10 @@ def _frame_values(frame, path: Path) -> np.ndarray:
     return np.asarray(frame)
 
 
-def read_pictures(path: Path, finite: bool = True) -> list[np.ndarray]:
-    """Every frame of a picture file: one for most, a stack's for a multi-page TIFF; with
-    ``finite``, a float frame holding NaN or Inf is refused."""
-    from PIL import Image, ImageSequence, UnidentifiedImageError
+@contextmanager
+def _opened_picture(path: Path) -> Iterator:
+    """``path`` opened by Pillow, its errors as :class:`DripError`."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -159,16 +160,43 @@ def read_pictures(path: Path, finite: bool = True) -> list[np.ndarray]:
             # the user's own, and their size is no news to them
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as picture:
-                frames = [_frame_values(frame, path) for frame in ImageSequence.Iterator(picture)]
+                yield picture
     except Image.DecompressionBombError as exc:   # refused over twice that: too large to read
         raise DripError("cannot read image: it has more pixels than Pillow reads (twice "
                         f"{Image.MAX_IMAGE_PIXELS}); cut it into smaller pictures", path) from exc
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DripError(f"cannot read image ({exc})", path) from exc
-    for page, frame in enumerate(frames, 1):   # a float TIFF can hold them
+
+
+def picture_sizes(path: Path) -> list[tuple[int, int]]:
+    """Each frame's ``(H, W)`` in a picture file (one for most, a multi-page TIFF's pages),
+    read from its headers, no frame decoded."""
+    sizes = []
+    with _opened_picture(path) as picture:
+        for number in range(getattr(picture, "n_frames", 1)):
+            picture.seek(number)
+            sizes.append(picture.size[::-1])
+    return sizes
+
+
+def read_pictures(path: Path, finite: bool = True, frames: range | None = None,
+                  rows: slice | None = None) -> list[np.ndarray]:
+    """Every frame of a picture file: one for most, a stack's for a multi-page TIFF; with
+    ``finite``, a float frame holding NaN or Inf is refused. ``frames``: only those
+    (counted from 0) are decoded; ``rows``: of each, only those rows are kept, so that a few
+    slices of a large stack take their own memory, not the stack's."""
+    values = []
+    with _opened_picture(path) as picture:
+        numbers = range(getattr(picture, "n_frames", 1)) if frames is None else frames
+        for number in numbers:
+            picture.seek(number)
+            frame = _frame_values(picture, path)
+            values.append(frame if rows is None else np.ascontiguousarray(frame[rows]))
+    for number, frame in zip(numbers, values):   # a float TIFF can hold them
         if finite and frame.dtype.kind == "f" and not np.all(np.isfinite(frame)):
-            raise DripError("holds NaN or Inf" + f" (page {page})" * (len(frames) > 1), path)
-    return frames
+            raise DripError("holds NaN or Inf" + f" (page {number + 1})" * (len(numbers) > 1
+                                                                          or number > 0), path)
+    return values
 
 
 def read_picture(path: Path) -> np.ndarray:

@@ -910,6 +910,29 @@ def test_import_finds_the_axis_and_doubts_a_wrong_one(tmp_path):
                           "got 'left'", tmp_path / "x.h5")
 
 
+def test_info_checks_the_axis_on_every_sinogram_as_import_does(tmp_path):
+    """``drip info`` estimates the axis from every sinogram of a measurement file, read 64
+    samples at a time from the file, so that it shows what ``--center-offset auto`` found: the
+    same offset to the digits shown, from the same 70 sinograms."""
+    from drip_cli.data.axis import estimate_axis
+
+    b, op = _sinograms_about(-0.7, 24, n=70, percent=1.0)
+    np.save(tmp_path / "b.npy", b.astype(np.float32))
+    out = tmp_path / "found.h5"
+    result = run_cli("import", tmp_path / "b.npy", out, "--operator", "tomography",
+                     "--noise-percent", 1, "--center-offset", "auto", "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out) as f:
+        assert f.attrs["center_offset_sinograms"] == "70 of 70"
+        from_file = estimate_axis(f["measurements"], op.angles_deg)   # read in two blocks
+        whole = estimate_axis(f["measurements"][()], op.angles_deg)
+    assert (from_file.offset, from_file.uncertainty) == (whole.offset, whole.uncertainty)
+    with MeasurementFile(out) as data:
+        assert data.operator.center_offset == pytest.approx(whole.offset, abs=1e-6)
+    shown = " ".join(word for word in run_cli("info", out).stdout.split() if word != "│")
+    assert f"center offset, from the sinograms {whole.describe()}" in shown, shown
+
+
 def test_projections_are_read_as_the_sinograms_of_their_slices(tmp_path):
     """``--projections`` reads a scanner's projections, ``(angles, slices, detectors)`` as
     Data Exchange stores them (an HDF5 dataset, a ``.npy`` array, or a float TIFF page per

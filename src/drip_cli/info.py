@@ -73,8 +73,8 @@ def measurement_info(path: Path, say=lambda message: None):
         say(f"measuring the {data.operator.kind} operator's norm and adjointness")
         section = operator_section(data.operator)
         if data.operator.kind == "tomography":   # where the data put the axis: a check
-            estimate = estimate_axis(data.read(0, min(data.n_samples, 64)).measurements,
-                                     data.operator.angles_deg)
+            with reading(path):   # every sinogram, as import estimates it, a block at a time
+                estimate = estimate_axis(handle["measurements"], data.operator.angles_deg)
             section["center offset, from the sinograms"] = (
                 f"not estimated: {estimate}" if isinstance(estimate, str) else
                 estimate.describe())

@@ -69,29 +69,34 @@ def _rows_mass_steady(mass: np.ndarray) -> np.ndarray:
         return (mass.min(axis=1) > 0) & (excess <= MASS_SPREAD * mean)
 
 
-def _row_moments(sinograms: np.ndarray, chunk: int = 64):
+def _row_moments(sinograms, chunk: int = 64):
     """Each row's mass and first moment (``sum_t p(t)``, ``sum_t t p(t)``; ``(K, A)`` for the
     ``K`` sinograms, 0 where one holds a value that is not finite), in float64, and which
-    sinograms are finite; ``chunk`` sinograms at a time, so that a large scan is not copied
-    whole."""
-    flat = sinograms.reshape(-1, *sinograms.shape[-2:])
-    positions = np.arange(flat.shape[-1], dtype=np.float64)
-    mass = np.zeros(flat.shape[:2])
-    moment = np.zeros(flat.shape[:2])
-    finite = np.zeros(len(flat), dtype=bool)
+    sinograms are finite; ``chunk`` samples (entries of the first axis) at a time, so that a
+    large scan is not copied whole, nor read whole where ``sinograms`` is an HDF5 dataset."""
+    rows, detectors = sinograms.shape[-2:]
+    stack = sinograms if len(sinograms.shape) > 2 else np.asarray(sinograms)[None]
+    per_sample = int(np.prod(stack.shape[1:-2], dtype=np.int64))   # sinograms per sample
+    positions = np.arange(detectors, dtype=np.float64)
+    mass = np.zeros((len(stack) * per_sample, rows))
+    moment = np.zeros_like(mass)
+    finite = np.zeros(len(mass), dtype=bool)
     with np.errstate(all="ignore"):   # huge values: not finite, so not steady
-        for start in range(0, len(flat), chunk):
-            block = np.asarray(flat[start:start + chunk], dtype=np.float64)
+        for start in range(0, len(stack), chunk):
+            block = np.asarray(stack[start:start + chunk], dtype=np.float64)
+            block = block.reshape(-1, rows, detectors)
+            kept = slice(start * per_sample, start * per_sample + len(block))
             ok = np.isfinite(block).all(axis=(1, 2))
-            finite[start:start + chunk] = ok
-            mass[start:start + chunk][ok] = block[ok].sum(axis=2)
-            moment[start:start + chunk][ok] = block[ok] @ positions
+            finite[kept] = ok
+            mass[kept][ok] = block[ok].sum(axis=2)
+            moment[kept][ok] = block[ok] @ positions
     return mass, moment, finite
 
 
 def estimate_axis(sinograms: np.ndarray, angles_deg: np.ndarray) -> AxisEstimate | str:
-    """The axis of ``sinograms`` (``(..., A, D)``, row ``a`` at ``angles_deg[a]``), or why it
-    cannot be estimated from them (a sentence)."""
+    """The axis of ``sinograms`` (``(..., A, D)``, row ``a`` at ``angles_deg[a]``; an array,
+    or an HDF5 dataset read a block at a time), or why it cannot be estimated from them (a
+    sentence)."""
     angles = np.asarray(angles_deg, dtype=np.float64)
     if len(np.unique(np.mod(angles, 360))) < MIN_ANGLES:
         return f"it needs at least {MIN_ANGLES} different angles"

@@ -352,8 +352,8 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
     picture, a folder of pictures, an HDF5 file of images, or ``FILE::DATASET``): shapes, how
     the stored values are scaled, and their range as read."""
     from .data.simulate import read_npy
-    from .data.sources import (PICTURE_KINDS, PICTURES, image_file_dataset, picture_paths,
-                               read_pictures)
+    from .data.sources import (PICTURE_KINDS, PICTURES, image_file_dataset, iter_pictures,
+                               picture_paths)
 
     path = Path(path)
     if names_dataset(path):
@@ -378,21 +378,28 @@ def input_info(path: Path) -> list[tuple[str, dict]]:
         finally:
             handle.close()
     files = picture_paths(path)
-    frames = [frame for f in files for frame in read_pictures(f, finite=False)]
-    sizes = sorted({frame.shape[:2] for frame in frames})
-    dtypes = sorted({str(frame.dtype) for frame in frames})
+    seen = []   # each frame's (shape, dtype), noted as the frames pass one at a time
+
+    def frames():
+        for f in files:
+            for frame in iter_pictures(f, finite=False):
+                seen.append((frame.shape, frame.dtype))
+                yield frame
+
+    value_range, bad = _value_range(frames())
+    sizes = sorted({shape[:2] for shape, _ in seen})
+    dtypes = sorted({str(dtype) for _, dtype in seen})
     kinds = sorted({PICTURE_KINDS[f.suffix.lower()] for f in files})
     shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
-    value_range, bad = _value_range(frames)
     return [(path.name, {
         "format": (f"folder of {len(files)} pictures ({', '.join(kinds)})" if path.is_dir()
                    else f"{kinds[0]} picture"),
-        "images": str(len(frames)) + (" (the pages of multi-page files)"
-                                      if len(frames) > len(files) else ""),
+        "images": str(len(seen)) + (" (the pages of multi-page files)"
+                                    if len(seen) > len(files) else ""),
         "size (H x W)": shown + (", of several sizes: drip simulate takes crops (--crop-size)"
                                  if len(sizes) > 1 else ""),
-        "channels": " and ".join(sorted({"3 (colour)" if frame.ndim == 3 else "1 (grayscale)"
-                                         for frame in frames})),
+        "channels": " and ".join(sorted({"3 (colour)" if len(shape) == 3 else "1 (grayscale)"
+                                         for shape, _ in seen})),
         "stored as": ", ".join(_STORED_AS[d] for d in dtypes),
         "values read": (_read_as(dtypes[0]) if len(dtypes) == 1 else
                         "; ".join(f"{_STORED_AS[d]} {_read_as(d)}" for d in dtypes)),

@@ -51,7 +51,7 @@ from .axis import AXIS_TOLERANCE, AxisEstimate, axis_doubt, estimate_axis
 from .simulate import (OperatorSpec, build_operator, matrix_operator, read_array,
                        tomography_angles)
 from .sources import (IMAGE_SUFFIXES, PICTURES, _as_float32, _to_channels, picture_paths,
-                      picture_sizes, read_pictures)
+                      iter_pictures, picture_sizes)
 
 # The noise estimate reads the measurement components in which the operator keeps less than
 # this share of the image (relative to its largest gain), and needs at least ESTIMATE_MIN_COUNT
@@ -137,7 +137,7 @@ def _pictures(paths: list[Path], channels: int | None, floats_only: bool = False
     for path, kept in zip(paths, frames):
         if kept is not None and not kept:
             continue
-        for picture in read_pictures(path, frames=kept, rows=rows):
+        for picture in iter_pictures(path, frames=kept, rows=rows):
             if floats_only and picture.dtype != np.float32:
                 raise DripError(f"holds {8 * picture.dtype.itemsize}-bit integers, which drip "
                                 "reads as images scaled to [0, 1]; these measurements are not "

@@ -179,24 +179,27 @@ def picture_sizes(path: Path) -> list[tuple[int, int]]:
     return sizes
 
 
-def read_pictures(path: Path, finite: bool = True, frames: range | None = None,
-                  rows: slice | None = None) -> list[np.ndarray]:
-    """Every frame of a picture file: one for most, a stack's for a multi-page TIFF; with
-    ``finite``, a float frame holding NaN or Inf is refused. ``frames``: only those
+def iter_pictures(path: Path, finite: bool = True, frames: range | None = None,
+                  rows: slice | None = None) -> Iterator[np.ndarray]:
+    """Every frame of a picture file, one at a time: one for most, a stack's for a multi-page
+    TIFF; with ``finite``, a float frame holding NaN or Inf is refused. ``frames``: only those
     (counted from 0) are decoded; ``rows``: of each, only those rows are kept, so that a few
     slices of a large stack take their own memory, not the stack's."""
-    values = []
     with _opened_picture(path) as picture:
         numbers = range(getattr(picture, "n_frames", 1)) if frames is None else frames
         for number in numbers:
             picture.seek(number)
             frame = _frame_values(picture, path)
-            values.append(frame if rows is None else np.ascontiguousarray(frame[rows]))
-    for number, frame in zip(numbers, values):   # a float TIFF can hold them
-        if finite and frame.dtype.kind == "f" and not np.all(np.isfinite(frame)):
-            raise DripError("holds NaN or Inf" + f" (page {number + 1})" * (len(numbers) > 1
-                                                                          or number > 0), path)
-    return values
+            frame = frame if rows is None else np.ascontiguousarray(frame[rows])
+            if finite and frame.dtype.kind == "f" and not np.all(np.isfinite(frame)):
+                raise DripError("holds NaN or Inf" + f" (page {number + 1})" * (
+                    len(numbers) > 1 or number > 0), path)   # (a float TIFF can hold them)
+            yield frame
+
+
+def read_pictures(path: Path, finite: bool = True) -> list[np.ndarray]:
+    """Every frame of a picture file (:func:`iter_pictures`), as a list."""
+    return list(iter_pictures(path, finite))
 
 
 def read_picture(path: Path) -> np.ndarray:

@@ -4,7 +4,10 @@ level, written as a measurement file that ``reconstruct`` takes."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -1100,3 +1103,34 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
                      "--slices", "1:4")
     assert_one_line_error(result, "is 4x", tmp_path / "x.h5")
     assert "the measurements of one file must share their shape" in result.stderr
+
+
+@pytest.mark.parametrize("share", [0.3, 0.5, 0.8, 0.99])
+def test_a_cut_tiff_stack_is_refused_in_one_line(share, tmp_path):
+    """A multi-page TIFF cut short (a copy that stopped) is refused as an unreadable picture
+    by every command that reads pictures, whole or a few pages of it: Pillow's error where it
+    counts or seeks the pages of a cut file is a TypeError ('Missing dimensions'), which was
+    reported as an unexpected error, after a Python warning of Pillow's."""
+    b, _ = _sinograms_about(0.0, 12, n=6)
+    pages = [Image.fromarray(page) for page in b[:, 0].astype(np.float32)]
+    pages[0].save(tmp_path / "whole.tif", save_all=True, append_images=pages[1:])
+    data = (tmp_path / "whole.tif").read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[:int(share * len(data))])
+    out = tmp_path / "m.h5"
+    common = ("--operator", "tomography", "--noise-std", 0.01, "-q")
+    for args in (("import", cut, out, *common), ("import", cut, out, *common, "--slices", "0:2"),
+                 ("import", cut, out, *common, "--projections", "--slices", "1:3"),
+                 ("simulate", cut, out, "--operator", "denoise"), ("info", cut)):
+        result = run_cli(*args)
+        assert result.exit_code in (0, 1), result.stderr
+        assert "unexpected" not in result.stderr, (args, result.stderr)
+        if result.exit_code == 1:
+            assert_one_line_error(result, "cut.tif: ", out)
+        out.unlink(missing_ok=True)
+    # in a process of its own, where Python shows warnings (pytest records them): one line
+    done = subprocess.run([sys.executable, "-m", "drip_cli", "info", str(cut)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 1 and done.stderr.startswith(f"drip: error: {cut}: "), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr   # no "Corrupt EXIF data"

@@ -23,6 +23,7 @@ Images that are not all of one size need ``crop_size``: random crops are then ta
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,13 +160,18 @@ def _opened_picture(path: Path) -> Iterator:
             # Pillow warns of pictures over MAX_IMAGE_PIXELS as of a possible attack; these are
             # the user's own, and their size is no news to them
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # nor its notes on metadata drip does not read ("Corrupt EXIF data", a cut TIFF's):
+            # where the pixels cannot be read either, the error says so in one line
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             with Image.open(path) as picture:
                 yield picture
     except Image.DecompressionBombError as exc:   # refused over twice that: too large to read
         raise DripError("cannot read image: it has more pixels than Pillow reads (twice "
                         f"{Image.MAX_IMAGE_PIXELS}); cut it into smaller pictures", path) from exc
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DripError(f"cannot read image ({exc})", path) from exc
+    except (OSError, UnidentifiedImageError, ValueError, TypeError, EOFError, KeyError,
+            SyntaxError, struct.error) as exc:   # what Pillow raises on a damaged file: a cut
+        # TIFF's missing tags are a TypeError where its pages are counted or sought
+        raise DripError(f"cannot read image ({exc or type(exc).__name__})", path) from exc
 
 
 def picture_sizes(path: Path) -> list[tuple[int, int]]:

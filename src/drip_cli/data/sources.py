@@ -151,8 +151,10 @@ def _frame_values(frame, path: Path) -> np.ndarray:
 
 
 @contextmanager
-def _opened_picture(path: Path) -> Iterator:
-    """``path`` opened by Pillow, its errors as :class:`DripError`."""
+def _pillow(path: Path) -> Iterator[None]:
+    """Pillow's work on the picture ``path``: its errors as :class:`DripError`, and its warnings
+    silenced. (Only around Pillow's calls, never across a ``yield`` of frames: the warning
+    filters are the process's, and a generator left suspended would restore them late.)"""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -163,8 +165,7 @@ def _opened_picture(path: Path) -> Iterator:
             # nor its notes on metadata drip does not read ("Corrupt EXIF data", a cut TIFF's):
             # where the pixels cannot be read either, the error says so in one line
             warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            with Image.open(path) as picture:
-                yield picture
+            yield
     except Image.DecompressionBombError as exc:   # refused over twice that: too large to read
         raise DripError("cannot read image: it has more pixels than Pillow reads (twice "
                         f"{Image.MAX_IMAGE_PIXELS}); cut it into smaller pictures", path) from exc
@@ -174,12 +175,27 @@ def _opened_picture(path: Path) -> Iterator:
         raise DripError(f"cannot read image ({exc or type(exc).__name__})", path) from exc
 
 
+def _opened_picture(path: Path):
+    """The picture file ``path`` opened by Pillow (a context manager that closes it), and how
+    many frames it holds (a multi-page TIFF's pages), none decoded."""
+    from PIL import Image
+
+    with _pillow(path):
+        picture = Image.open(path)
+        try:
+            return picture, getattr(picture, "n_frames", 1)
+        except BaseException:
+            picture.close()
+            raise
+
+
 def picture_sizes(path: Path) -> list[tuple[int, int]]:
     """Each frame's ``(H, W)`` in a picture file (one for most, a multi-page TIFF's pages),
     read from its headers, no frame decoded."""
-    sizes = []
-    with _opened_picture(path) as picture:
-        for number in range(getattr(picture, "n_frames", 1)):
+    picture, total = _opened_picture(path)
+    with picture, _pillow(path):
+        sizes = []
+        for number in range(total):
             picture.seek(number)
             sizes.append(picture.size[::-1])
     return sizes
@@ -191,15 +207,16 @@ def iter_pictures(path: Path, finite: bool = True, frames: range | None = None,
     TIFF; with ``finite``, a float frame holding NaN or Inf is refused. ``frames``: only those
     (counted from 0) are decoded; ``rows``: of each, only those rows are kept, so that a few
     slices of a large stack take their own memory, not the stack's."""
-    with _opened_picture(path) as picture:
-        numbers = range(getattr(picture, "n_frames", 1)) if frames is None else frames
-        for number in numbers:
-            picture.seek(number)
-            frame = _frame_values(picture, path)
+    picture, total = _opened_picture(path)
+    with picture:
+        for number in range(total) if frames is None else frames:
+            with _pillow(path):
+                picture.seek(number)
+                frame = _frame_values(picture, path)
             frame = frame if rows is None else np.ascontiguousarray(frame[rows])
             if finite and frame.dtype.kind == "f" and not np.all(np.isfinite(frame)):
-                raise DripError("holds NaN or Inf" + f" (page {number + 1})" * (
-                    len(numbers) > 1 or number > 0), path)   # (a float TIFF can hold them)
+                raise DripError("holds NaN or Inf" + f" (page {number + 1})" * (total > 1),
+                                path)   # (a float TIFF can hold them)
             yield frame
 
 

@@ -1069,11 +1069,11 @@ def test_slices_of_a_scan_are_read_alone(tmp_path):
 
 def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
     """``--slices`` on pictures reads only what it keeps, as it does on arrays: of a
-    multi-page TIFF of sinograms only the kept pages are decoded, and of a folder of float
-    TIFF projections (one per angle) only the kept rows are kept; values the slices leave out
-    (here NaN, which a page read whole refuses) do not matter. The same values as the array's
-    slices; projections of different sizes, and a slice past the end, are refused in one
-    line."""
+    multi-page TIFF of sinograms (or a folder of them, the samples counted across the files)
+    only the kept pages are decoded, and of a folder of float TIFF projections (one per angle)
+    only the kept rows are kept; values the slices leave out (here NaN, which a page read whole
+    refuses) do not matter. The same values as the array's slices; projections of different
+    sizes, and a slice past the end, are refused in one line."""
     b, _ = _sinograms_about(0.0, 12, n=5)
     b = b.astype(np.float32)
     sinograms = b[:, 0].copy()
@@ -1085,6 +1085,15 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
                      "--slices", "2:5")
     assert result.exit_code == 0, result.stderr
     np.testing.assert_array_equal(_read(tmp_path / "s.h5")[0]["measurements"], b[2:5])
+    stacks = tmp_path / "stacks"   # a folder of stacks: the samples counted across its files
+    stacks.mkdir()
+    pages[0].save(stacks / "a.tif", save_all=True, append_images=pages[1:3])
+    pages[3].save(stacks / "b.tif", save_all=True, append_images=pages[4:])
+    for given, kept in (("2:4", b[2:4]), ("3", b[3:4]), ("1:5", b[1:5])):
+        result = run_cli("import", stacks, tmp_path / "f.h5", *common, "--slices", given)
+        assert result.exit_code == 0, result.stderr
+        np.testing.assert_array_equal(_read(tmp_path / "f.h5")[0]["measurements"], kept)
+        (tmp_path / "f.h5").unlink()
     projections = b[:, 0].transpose(1, 0, 2).copy()   # (angles, slices, detectors)
     projections[:, 0, 5] = np.nan   # a slice the slices leave out
     folder = tmp_path / "projections"

@@ -115,11 +115,12 @@ def _picture_subset(paths: list[Path], subset: tuple[int, slice] | None,
                                 "share their shape", path)
         subset_index((1, 1, *first), subset, source)   # refuses a slice that keeps none
         return frames, kept
-    subset_index((sum(map(len, sizes)), 1, 1, 1), subset, source)
-    start = 0
-    for i, own in enumerate(sizes):
-        local = range(start, start + len(own))[kept]   # this file's share, counted in it
-        frames[i] = range(local.start - start, local.stop - start) if local else range(0)
+    total = sum(map(len, sizes))
+    subset_index((total, 1, 1, 1), subset, source)   # refuses a slice that keeps none
+    wanted, start = range(total)[kept], 0   # (START:STOP: a step of 1)
+    for i, own in enumerate(sizes):   # each file's share, counted in the file
+        low, high = max(wanted.start, start), min(wanted.stop, start + len(own))
+        frames[i] = range(low - start, max(low, high) - start)
         start += len(own)
     return frames, None
 

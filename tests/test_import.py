@@ -752,7 +752,8 @@ def test_clipped_pictures_are_named_at_import(tmp_path):
 def test_tomography_takes_any_angles_from_a_file(tmp_path):
     """``--angle-file`` gives the angles themselves (a text file, a .npy array or an HDF5
     dataset), for scans whose angles are not equispaced: simulate and import build the same
-    operator from it; radians are named, and bad lists refused in one line."""
+    operator from it; radians are named (once, though import reads the angles for its axis
+    estimate and for the operator), and bad lists refused in one line."""
     angles = np.sort(np.random.default_rng(1).uniform(0.0, 150.0, 12))
     text = tmp_path / "angles.txt"
     text.write_text("# degrees\n" + ",".join(f"{a:.17g}" for a in angles[:6]) + "\n"
@@ -783,6 +784,13 @@ def test_tomography_takes_any_angles_from_a_file(tmp_path):
                      "tomography", "--angle-file", tmp_path / "radians.npy", "--noise-percent", 1,
                      "-q")
     assert result.exit_code == 0 and "if these are radians, convert them" in result.stderr
+    # import reads the file once, for the axis estimate and the operator: one warning
+    np.save(tmp_path / "narrow.npy", np.linspace(0.0, 5.0, 10))
+    result = run_cli("import", tmp_path / "b.npy", tmp_path / "x.h5", "--operator", "tomography",
+                     "--angle-file", tmp_path / "narrow.npy", "--center-offset", "auto",
+                     "--noise-percent", 1)
+    assert result.exit_code == 1 and result.stderr.count("if these are radians") == 1, \
+        result.stderr
     (tmp_path / "words.txt").write_text("0 10 twenty\n")
     np.save(tmp_path / "square.npy", np.zeros((3, 4)))
     np.save(tmp_path / "nan.npy", np.array([0.0, np.nan]))

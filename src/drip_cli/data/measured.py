@@ -796,6 +796,9 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
     if spec is not None and spec.kind == "tomography":
         if spec.angles is None and spec.angle_file is None:   # one per row of the sinogram
             spec = dataclasses.replace(spec, angles=b.shape[-2])
+        if spec.angle_file is not None:   # read once, for the axis and the operator (and warned
+            spec = dataclasses.replace(   # of once, where they look like radians)
+                spec, angle_values=tuple(tomography_angles(spec).tolist()))
         if spec.center_offset is None:   # --center-offset auto
             axis = _estimated_axis(spec, b, source)
             spec = dataclasses.replace(spec, center_offset=0.0 if axis is None else axis.offset)

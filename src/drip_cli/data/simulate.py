@@ -100,6 +100,7 @@ class OperatorSpec:
     angle_range: float = 180.0
     angle_start: float = 0.0
     angle_file: Path | None = None   # tomography: the angles themselves, in place of the three
+    angle_values: tuple[float, ...] | None = None   # tomography: angle_file's, once read
     detectors: int | None = None     # tomography: a centred window of the detector line
     center_offset: float | None = 0.0   # tomography: the rotation axis's detector, from the
     #                                     centre; None (import): estimated from the sinograms
@@ -226,6 +227,8 @@ def matrix_operator(path: Path | None, image_shape: tuple[int, ...]) -> SparseMa
 def tomography_angles(spec: OperatorSpec) -> np.ndarray:
     """The angles (degrees) of a tomography ``spec``: its ``angle_file``'s, or ``angles`` spaced
     evenly over ``angle_range`` from ``angle_start``."""
+    if spec.angle_values is not None:
+        return np.array(spec.angle_values)
     if spec.angle_file is not None:
         return read_angles(spec.angle_file)
     return limited_angles(spec.angles, spec.angle_range, spec.angle_start)

@@ -507,7 +507,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([tmp_path / "odd.npy", out, "--operator", "tomography", "--noise-std", 0.1],
          "no square image has sinograms of 11 detectors"),
         ([tmp_path / "sino.npy", out, "--operator", "tomography", "--angles", 12, "--noise-std",
-          0.1], "the tomography operator measures (1, 12"),
+          0.1], "--angles 12, where the sinograms have 10 rows, one per angle: leave --angles "
+                "out to take one angle per row"),
         # a sinogram as an 8-bit picture would be read scaled to [0, 1]: only float TIFFs
         ([tmp_path / "pic.png", out, "--operator", "tomography", "--noise-std", 0.1],
          "pic.png: holds 8-bit integers, which drip reads as images scaled to [0, 1]; these "
@@ -801,8 +802,8 @@ def test_tomography_takes_any_angles_from_a_file(tmp_path):
                                                       "shape (3, 4)"),
                             (tmp_path / "nan.npy", "the angles contain NaN or Inf"),
                             (tmp_path / "missing.txt", "cannot read the angles as text"),
-                            (tmp_path / "few.npy", "where the tomography operator measures (1, "
-                                                   "10, 26)")):
+                            (tmp_path / "few.npy", "holds 10 angles, where the sinograms have "
+                                                   "12 rows, one per angle")):
         result = run_cli("import", tmp_path / "b.npy", tmp_path / "x.h5", "--operator",
                          "tomography", "--angle-file", source, "--noise-percent", 1)
         assert_one_line_error(result, message, tmp_path / "x.h5")

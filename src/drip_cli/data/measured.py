@@ -270,6 +270,13 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
         raise DripError("inpainting needs the mask of observed pixels: --mask FILE (a picture "
                         "or .npy array, non-zero = observed)")
     elif spec.kind == "tomography":   # (its angles given, or one per row: import's)
+        angles = len(tomography_angles(spec))
+        if angles != measured[-2]:   # before the operator is built (seconds for a large one)
+            rows = f"where the sinograms have {measured[-2]} rows, one per angle"
+            if spec.angle_file is not None:
+                raise DripError(f"holds {angles} angles, {rows}", spec.angle_file)
+            raise DripError(f"--angles {angles}, {rows}: leave --angles out to take one angle "
+                            "per row")
         # the detectors are the sinogram's; the image the square they span, or the one given
         side = spec.image_side or _tomography_side(measured[-1])
         op = build_operator(dataclasses.replace(spec, detectors=measured[-1]),

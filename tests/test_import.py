@@ -509,6 +509,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         ([tmp_path / "sino.npy", out, "--operator", "tomography", "--angles", 12, "--noise-std",
           0.1], "--angles 12, where the sinograms have 10 rows, one per angle: leave --angles "
                 "out to take one angle per row"),
+        ([tmp_path / "sino.npy", out, "--operator", "tomography", "--angle-range", 0,
+          "--noise-std", 0.1], "invalid tomography operator options: the angle range must be"),
         # a sinogram as an 8-bit picture would be read scaled to [0, 1]: only float TIFFs
         ([tmp_path / "pic.png", out, "--operator", "tomography", "--noise-std", 0.1],
          "pic.png: holds 8-bit integers, which drip reads as images scaled to [0, 1]; these "

@@ -270,7 +270,10 @@ def measured_operator(spec: OperatorSpec | None, like: LinearOperator | None,
         raise DripError("inpainting needs the mask of observed pixels: --mask FILE (a picture "
                         "or .npy array, non-zero = observed)")
     elif spec.kind == "tomography":   # (its angles given, or one per row: import's)
-        angles = len(tomography_angles(spec))
+        try:
+            angles = len(tomography_angles(spec))
+        except ValueError:   # wrong options: building the operator below says which
+            angles = measured[-2]
         if angles != measured[-2]:   # before the operator is built (seconds for a large one)
             rows = f"where the sinograms have {measured[-2]} rows, one per angle"
             if spec.angle_file is not None:

@@ -344,13 +344,15 @@ class ConvexFilterRegularizer(torch.nn.Module):
             parts_v, parts_g = [], []
             for zs, ms, rows, keep in self._strips(zc, mc):
                 v = g = None
+                both = value and gradient and rows is None   # one pass for both
+                # a strip's R counts its own rows only; its gradient needs them all
+                counted = ms if rows is None else rows if ms is None else ms * rows
                 for level in self.levels:
                     t = self._level_responses(zs, kernels, level)
                     groups = self._level_groups(level)
-                    if value and gradient and rows is None:   # one pass for both
+                    if both:
                         vl, dpsi = self.potential_and_derivative(t, ms, groups)
-                    else:   # a strip's R counts its own rows only; its gradient needs them all
-                        counted = ms if rows is None else rows if ms is None else ms * rows
+                    else:
                         vl = self.potential(t, counted, groups) if value else None
                         dpsi = self.derivative(t, ms, groups) if gradient else None
                     if value:

@@ -221,6 +221,8 @@ def test_reconstructions_as_a_float_tiff_stack_and_back(tmp_path):
                           "for grayscale images", bad)
     model = Path(__file__).resolve().parent.parent / "sample_data" / "drip_blur.safetensors"
     assert_one_line_error(run_cli("export", model, bad), "a model holds no images", bad)
+    assert_one_line_error(run_cli("export", tmp_path, bad), "is a folder: export takes a "
+                          "reconstruction or measurement file", bad)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())   # no temporary left
 
 

@@ -58,7 +58,11 @@ def _write_png(path: Path, levels: np.ndarray) -> None:
 
 
 def _file_kind(path: Path, what: str) -> str:
-    """The kind of drip file at ``path``, refused where it is a model (no ``what`` in it)."""
+    """The kind of drip file at ``path``, refused where it is a model (no ``what`` in it) or
+    a folder (which ``file_kind`` takes for a run folder, and would name a missing model)."""
+    if path.is_dir():
+        raise DripError("is a folder: export takes a reconstruction or measurement file (HDF5)",
+                        path)
     kind = file_kind(path)
     if kind == "model":
         raise DripError(f"a model holds no {what}: export a reconstruction or measurement file",

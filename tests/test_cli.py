@@ -1313,6 +1313,18 @@ def test_an_output_named_by_a_pipe_or_device_is_refused(tmp_path):
                     ("info", pipe)):
         assert_one_line_error(run_cli(*command, "-q"), "pipe: is not a regular file (a device "
                               "or a pipe), expected", tmp_path / "r.h5")
+    # the operators' own files too: --psf, --mask and --angle-file (a .npy array, a picture,
+    # a text file) waited on the pipe until killed
+    picture = tmp_path / "pipe.png"
+    os.mkfifo(picture)
+    phantoms = ("simulate", "phantom:ellipses", tmp_path / "r.h5", "--num-images", 1,
+                "--image-size", 16, "--noise-percent", 1)
+    for options, name in ((("--operator", "blur", "--psf", pipe), "pipe"),
+                          (("--operator", "inpainting", "--mask", pipe), "pipe"),
+                          (("--operator", "inpainting", "--mask", picture), "pipe.png"),
+                          (("--operator", "tomography", "--angle-file", pipe), "pipe")):
+        assert_one_line_error(run_cli(*phantoms, *options, "-q"), f"{name}: is not a regular "
+                              "file (a device or a pipe), expected", tmp_path / "r.h5")
 
 
 def test_broken_symbolic_links_are_named(tmp_path):

@@ -803,7 +803,8 @@ def test_tomography_takes_any_angles_from_a_file(tmp_path):
                             (tmp_path / "square.npy", "must be a list of numbers (degrees), got "
                                                       "shape (3, 4)"),
                             (tmp_path / "nan.npy", "the angles contain NaN or Inf"),
-                            (tmp_path / "missing.txt", "cannot read the angles as text"),
+                            (tmp_path / "missing.txt", "missing.txt: no such file"),
+                            (tmp_path, "cannot read the angles as text"),   # a folder
                             (tmp_path / "few.npy", "holds 10 angles, where the sinograms have "
                                                    "12 rows, one per angle")):
         result = run_cli("import", tmp_path / "b.npy", tmp_path / "x.h5", "--operator",

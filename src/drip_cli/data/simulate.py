@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DripError, DripWarning
+from ..errors import DripError, DripWarning, require_regular_file
 from ..io.datasets import is_dataset_source, read_dataset, subset_index
 from ..io.measurements import overflows_float32
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
@@ -112,6 +112,7 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
     """The array of real numbers (or, with ``booleans``, of booleans too) in a ``numpy.save``
     file, read without pickle (``mmap``: memory-mapped, read only); :class:`DripError` naming
     the file and ``what`` it should hold for anything else."""
+    require_regular_file(path, f"a .npy file ({what})")
     try:
         values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except OSError as exc:
@@ -149,6 +150,9 @@ def read_array(source, what: str, booleans: bool = False,
 def _text_numbers(path, what: str) -> np.ndarray:
     """The numbers of a text file, separated by white space or commas (``#`` starts a
     comment)."""
+    if not os.path.exists(path):
+        raise DripError("no such file", path)
+    require_regular_file(path, f"a text file ({what})")
     try:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:

@@ -180,6 +180,7 @@ def _opened_picture(path: Path):
     many frames it holds (a multi-page TIFF's pages), none decoded."""
     from PIL import Image
 
+    require_regular_file(path, f"a {PICTURES} picture")
     with _pillow(path):
         picture = Image.open(path)
         try:

@@ -506,17 +506,53 @@ def test_simulate_bad_options(args, needle, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["array.npy", "text.txt", "missing.npz"])
-def test_simulate_refuses_a_matrix_file_that_is_not_an_npz_archive(tmp_path, name):
+def _npy_claiming(shape) -> bytes:
+    """The start of a .npy file whose header claims ``shape`` (float32), cut after 64 bytes of
+    data: as a damaged file looks to NumPy, which allocates what the header claims."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("array.npy", "not an .npz archive"),   # np.load returned the array: a TypeError
+    ("text.txt", "not an .npz archive"),    # np.load called it pickled data
+    ("missing.npz", "no such file"),
+    ("damaged.npz", "the archive's array 'indices' is damaged"),   # "unexpected error: Error -3"
+    ("claims.npz", "the archive's array 'data' is cut short"),    # "out of memory"
+])
+def test_simulate_refuses_a_matrix_file_that_is_not_an_npz_archive(tmp_path, name, message):
+    import zipfile
+
+    import scipy.sparse
+
     matrices = tmp_path / "in"
     matrices.mkdir()
     if name == "array.npy":
-        np.save(matrices / name, np.eye(256))   # np.load returned the array: a TypeError
+        np.save(matrices / name, np.eye(256))
     elif name == "text.txt":
-        (matrices / name).write_text("1 0\n0 1\n")   # np.load called it pickled data
+        (matrices / name).write_text("1 0\n0 1\n")
+    elif name == "damaged.npz":   # bytes of the compressed arrays flipped
+        scipy.sparse.save_npz(matrices / name, scipy.sparse.random(
+            100, 256, density=0.2, format="csr", random_state=0), compressed=True)
+        damaged = bytearray((matrices / name).read_bytes())
+        for k in range(200, 2000, 37):
+            damaged[k] ^= 0x5A
+        (matrices / name).write_bytes(bytes(damaged))
+    elif name == "claims.npz":
+        matrix = scipy.sparse.random(10, 256, density=0.2, format="csr", random_state=0)
+        scipy.sparse.save_npz(matrices / name, matrix, compressed=False)
+        with zipfile.ZipFile(matrices / name) as archive:
+            members = {info.filename: archive.read(info) for info in archive.infolist()}
+        members["data.npy"] = _npy_claiming((40_000_000_000,))
+        with zipfile.ZipFile(matrices / name, "w") as archive:
+            for member, content in members.items():
+                archive.writestr(member, content)
     result = run_cli("simulate", "phantom:ellipses", tmp_path / "m.h5", "--operator", "matrix",
                      "--matrix", matrices / name, "--num-images", 2, "--image-size", 16)
-    message = "no such file" if name == "missing.npz" else "not an .npz archive"
     assert result.exit_code == 1 and message in result.stderr and name in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.h5").exists()
 
@@ -528,12 +564,15 @@ def test_simulate_refuses_a_matrix_file_that_is_not_an_npz_archive(tmp_path, nam
     ("complex.npy", np.ones((3, 3), complex), "expected real numbers"),
     ("missing.npy", None, "No such file"),
     ("empty.npy", None, "the file is empty"),                   # was "unexpected EOFError"
+    ("claims.npy", None, "or a truncated one"),   # a header claiming 160 GB: "out of memory"
 ])
 def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
     inputs = tmp_path / "in"
     inputs.mkdir()
     if name == "empty.npy":
         (inputs / name).write_bytes(b"")
+    elif name == "claims.npy":
+        (inputs / name).write_bytes(_npy_claiming((200_000, 200_000)))
     elif name == "psf.npz":
         np.savez(inputs / name, psf=np.ones((3, 3)))
     elif name == "psf.txt":

@@ -114,7 +114,10 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
     the file and ``what`` it should hold for anything else."""
     require_regular_file(path, f"a .npy file ({what})")
     try:
-        values = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        # memory-mapped first, also where it is copied below: mapping checks the file's length
+        # against the shape its header claims, where reading allocated that much first (a cut
+        # file claiming 200000x200000 gave "out of memory ... a smaller --batch-size")
+        values = np.load(path, allow_pickle=False, mmap_mode="r")
     except OSError as exc:
         raise DripError(f"cannot read {what} ({exc.strerror or exc})", path) from exc
     except (EOFError, ValueError) as exc:
@@ -130,7 +133,7 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
     if values.dtype.kind not in "fiu" + "b" * booleans:
         raise DripError(f"cannot read {what}: expected real numbers"
                         f"{' or booleans' * booleans}, got dtype {values.dtype}", path)
-    return values
+    return values if mmap else np.array(values)
 
 
 def read_array(source, what: str, booleans: bool = False,

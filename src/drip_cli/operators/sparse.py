@@ -10,8 +10,10 @@ whose backward is the other direction, so gradients (and gradients of gradients)
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +279,22 @@ class SparseMatrixOperator(LinearOperator):
         return {**super().describe(), "matrix_shape": list(self._matrix.shape), "nnz": self.nnz}
 
 
+def _check_member_length(archive: zipfile.ZipFile, name: str) -> None:
+    """Refuse an array of an ``.npz`` archive whose header claims more bytes than the archive
+    holds for it (a damaged file): NumPy allocates what the header claims before reading, so a
+    cut archive claiming 40 billion entries ended as "out of memory"."""
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)   # 3.0 differs in encoding only
+        shape, _, dtype = read_header(handle)
+    claimed = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and claimed > info.file_size:
+        raise ValueError(f"the archive's array '{name}' is cut short: its header claims shape "
+                         f"{shape} ({claimed} bytes) where the archive holds {info.file_size}")
+
+
 def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     """Read a sparse matrix from a ``scipy.sparse.save_npz`` file, without pickle, as CSR
     arrays ``(data, indices, indptr, shape)``: a CSR matrix as it is, a CSC or COO one (as a
@@ -295,7 +313,13 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
             if name not in archive:
                 raise ValueError(f"the archive has no array '{name}'; save the matrix with "
                                  "scipy.sparse.save_npz")
-            return archive[name]
+            try:
+                _check_member_length(archive.zip, name)
+                return archive[name]
+            except (zlib.error, zipfile.BadZipFile, EOFError) as exc:
+                # a damaged compressed archive ("unexpected error: Error -3 while
+                # decompressing data" before)
+                raise ValueError(f"the archive's array '{name}' is damaged ({exc})") from exc
 
         fmt = npz("format").item() if "format" in archive else b"csr"
         fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)

@@ -1446,3 +1446,33 @@ def test_choices_are_read_whatever_their_case(tmp_path):
     assert result.exit_code == 0, result.stderr
     rows = json.loads((tmp_path / "ev" / "robustness.json").read_text())["rows"]
     assert sorted(r["method"] for r in rows) == ["cgls", "tv"]
+
+
+def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
+    """Noise stds whose squares underflow float32 (sample files scaled down: every method lost
+    the fit at 1.2e-19, and a DRIP solve failed inside an SVD, blaming the model's weights) are
+    refused where they enter: a file's, --noise-std, simulate's and import's; 1e-14 still fits."""
+    data = simulate(tmp_path, "blur")
+    with h5py.File(data, "r+") as f:
+        f["measurements"][...] = f["measurements"][()] * 1e-12
+        f["noise_std"][...] = f["noise_std"][()] * 1e-12
+    result = run_cli("reconstruct", data, "--method", "cgls", "--out", tmp_path / "r.h5", "-q")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert np.all(f["discrepancy_ratio"][()] <= 1) and np.all(f["converged"][()])
+    assert_one_line_error(
+        run_cli("reconstruct", data, "--method", "cgls", "--noise-std", "1e-20", "--out",
+                tmp_path / "s.h5", "-q"), "--noise-std 1e-20 is below 1e-18", tmp_path / "s.h5")
+    with h5py.File(data, "r+") as f:
+        f["noise_std"][-1] = 1e-25
+    assert_one_line_error(
+        run_cli("reconstruct", data, "--method", "cgls", "--out", tmp_path / "s.h5", "-q"),
+        "noise std 1e-25 (sample", tmp_path / "s.h5")
+    assert_one_line_error(
+        run_cli("simulate", "phantom:ellipses", tmp_path / "s.h5", "--operator", "denoise",
+                "--num-images", 2, "--image-size", 16, "--noise-percent", "1e-17", "-q"),
+        "is below 1e-18, too small for float32 arithmetic", tmp_path / "s.h5")
+    np.save(tmp_path / "b.npy", np.full((2, 16, 16), 1e-25, np.float32))
+    assert_one_line_error(
+        run_cli("import", tmp_path / "b.npy", tmp_path / "s.h5", "--operator", "denoise",
+                "--noise-percent", 1, "-q"), "is below 1e-18", tmp_path / "s.h5")

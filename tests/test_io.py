@@ -93,6 +93,8 @@ def corrupt(path, how: str) -> None:
             f["operator/psf"][...] = 0.0
         elif how == "float32-overflow":   # finite, but its squared norm is Inf in float32
             f["measurements"][0] = 1e30
+        elif how == "tiny-noise":   # positive, but its square underflows float32
+            f["noise_std"][1] = 1e-30
         else:
             raise ValueError(how)
 
@@ -100,7 +102,7 @@ def corrupt(path, how: str) -> None:
 BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
              "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
              "text-version", "kind-array", "missing-operator", "noise-shape",
-             "measurements-group", "nan-psf", "zero-psf", "float32-overflow"]
+             "measurements-group", "nan-psf", "zero-psf", "float32-overflow", "tiny-noise"]
 
 
 @pytest.mark.parametrize("how", BAD_FILES)
@@ -115,6 +117,8 @@ def test_bad_files_raise_drip_error(how, tmp_path):
     first = {"nan": 1, "inf-truth": 2, "negative-noise": 0, "float32-overflow": 0}
     if how in first:
         assert f"first at sample {first[how]}" in str(info.value)
+    if how == "tiny-noise":
+        assert "noise std 1e-30 (sample 1) is below 1e-18" in str(info.value)
 
 
 @pytest.mark.parametrize("kind,name", [("blur", "psf"), ("inpainting", "mask"),

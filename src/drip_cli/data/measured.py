@@ -43,7 +43,8 @@ from ..errors import DripError, DripWarning, require_regular_file
 from ..io import MeasurementFile, MeasurementWriter, atomic_h5
 from ..io.datasets import (DATASET_SEPARATOR, is_dataset_source, names_dataset, split_dataset,
                           subset_index)
-from ..io.measurements import first_sample_where, overflows_float32
+from ..io.measurements import (first_sample_where, overflows_float32,
+                               require_resolvable_noise)
 from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, LinearOperator,
                          SparseMatrixOperator, Tomography)
 from ..operators.tomography import radon_geometry
@@ -685,6 +686,7 @@ def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice,
                else "its measurements are all zero")
         raise DripError(f"the noise level of sample {silent[0]} would be 0 ({why}): leave such "
                         "samples out, or give --noise-std")
+    require_resolvable_noise(sigma, "the noise std", "rescale the measurements")
     return sigma, estimate
 
 

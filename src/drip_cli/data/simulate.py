@@ -18,7 +18,7 @@ import torch
 
 from ..errors import DripError, DripWarning, require_regular_file
 from ..io.datasets import is_dataset_source, read_dataset, subset_index
-from ..io.measurements import overflows_float32
+from ..io.measurements import overflows_float32, require_resolvable_noise
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
                          Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
                          load_matrix_file)
@@ -293,6 +293,8 @@ def simulate_batch(op: LinearOperator, images: np.ndarray, percent: np.ndarray,
     clean = op(x)
     sigma = noise_std_for(op, clean, torch.from_numpy(percent))
     require_measurable(sigma.numpy(), source, offset, op)
+    require_resolvable_noise(sigma.numpy(), "the noise std", "scale the images to [0, 1], or "
+                             "raise --noise-percent", source, offset)
     e = torch.from_numpy(rng.standard_normal(clean.shape))
     b = add_noise(op, clean, sigma, e).numpy()
     if overflows_float32(b):

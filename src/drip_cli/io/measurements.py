@@ -110,6 +110,23 @@ def samples_overflowing_float32(block: np.ndarray) -> np.ndarray:
     return ~(squared_norms <= FLOAT32_MAX)   # NaN compares False
 
 
+# The smallest noise std the float32 solvers resolve: its square, a residual entry's size, stays
+# 100 times above float32's smallest normal number (1.2e-38). On the sample blur and tomography
+# files scaled down, CGLS, TV and DRIP fitted every sample with noise stds down to 9.9e-19 and
+# none at 1.2e-19 or below (zeros, "not converged", or a DRIP solve failing inside an SVD).
+NOISE_STD_FLOOR = 1e-18
+
+
+def require_resolvable_noise(noise_std, what: str, hint: str, path=None, offset: int = 0) -> None:
+    """Refuse noise levels below :data:`NOISE_STD_FLOOR` (``noise_std``: one per sample, the
+    first being sample ``offset``), naming the first as ``what`` and ending with ``hint``."""
+    low = np.flatnonzero(np.asarray(noise_std, dtype=np.float64) < NOISE_STD_FLOOR)
+    if len(low):
+        value = float(np.asarray(noise_std).reshape(-1)[low[0]])
+        raise DripError(f"{what} {value:.3g} (sample {offset + int(low[0])}) is below "
+                        f"{NOISE_STD_FLOOR:g}, too small for float32 arithmetic: {hint}", path)
+
+
 def overflows_float32(block: np.ndarray) -> bool:
     """Whether any sample of ``block`` overflows (:func:`samples_overflowing_float32`)."""
     return bool(samples_overflowing_float32(block).any())
@@ -243,12 +260,17 @@ class MeasurementFile:
         if noise_std is not None:
             if not np.isfinite(noise_std) or noise_std <= 0:
                 raise DripError(f"--noise-std must be a positive number, got {noise_std}", path)
+            if noise_std < NOISE_STD_FLOOR:
+                raise DripError(f"--noise-std {noise_std:g} is below {NOISE_STD_FLOOR:g}, too "
+                                "small for float32 arithmetic: rescale the measurements", path)
             self.noise_std = np.full(n, noise_std, dtype=np.float32)
         elif noise_levels == "ignored":
             pass
         elif "noise_std" in h:
             self.noise_std = np.asarray(
                 check_dataset(h, "noise_std", (n,), path, positive=True)[()], dtype=np.float32)
+            require_resolvable_noise(self.noise_std, "its noise std", "rescale the measurements "
+                                     "and their noise levels alike", path)
         elif noise_levels == "required":
             raise DripError("has no dataset 'noise_std'; give the noise level with --noise-std", path)
         self.n_samples = n

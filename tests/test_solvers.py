@@ -57,6 +57,29 @@ def test_cgls_stops_per_sample():
         assert torch.allclose(alone.solution[0], batch.solution[i], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["blur", "tomography"])
+def test_cgls_does_not_depend_on_the_data_scale(kind):
+    """In float32, tomography data scaled by 1e10 overflowed the landing step's quadratic (the
+    step jumped past the target: discrepancy ratio 0.84), by 1e13 overflowed ||A p||^2 (zeros,
+    not converged) and by 1e-15 underflowed it. CGLS now works on the data scaled per sample by
+    a power of two, exactly: a power-of-two scale of the data scales its result bit for bit,
+    and data of 1e13 or 1e-15 lands on the target as data of 1 does."""
+    op = make_operator(kind, (1, 16, 20)).to(torch.float32)
+    x = torch.rand(3, 1, 16, 20)
+    b, sigma = noisy(op, x, 2.0)
+    radius = discrepancy_radius(op, sigma, 1.0)
+    reference = cgls(op, b, radius)
+    for power in (-60, 40):
+        scaled = cgls(op, b * 2.0**power, radius * 2.0**power)
+        assert torch.equal(scaled.solution, reference.solution * 2.0**power)
+        assert torch.equal(scaled.iterations, reference.iterations)
+    for factor in (1.0, 1e13, 1e-15):
+        result = cgls(op, b * factor, radius * factor)
+        ratio = discrepancy_ratio(op, result.solution, b * factor, sigma * factor)
+        assert bool(result.converged.all()) and bool(((ratio > 0.99) & (ratio <= 1)).all()), \
+            (factor, ratio)
+
+
 def test_cgls_flags_an_unreachable_target():
     op = Tomography((1, 12, 12), limited_angles(4, 90.0))
     x = torch.rand(2, 1, 12, 12, dtype=torch.float64)

@@ -63,7 +63,8 @@ def test_cgls_does_not_depend_on_the_data_scale(kind):
     step jumped past the target: discrepancy ratio 0.84), by 1e13 overflowed ||A p||^2 (zeros,
     not converged) and by 1e-15 underflowed it. CGLS now works on the data scaled per sample by
     a power of two, exactly: a power-of-two scale of the data scales its result bit for bit,
-    and data of 1e13 or 1e-15 lands on the target as data of 1 does."""
+    and data of 1e13, 1e-15 or 1e-25 lands on the target as data of 1 does (1e-25 took the zero
+    image for a fit while the power came from ||b||, whose squares flush to zero)."""
     op = make_operator(kind, (1, 16, 20)).to(torch.float32)
     x = torch.rand(3, 1, 16, 20)
     b, sigma = noisy(op, x, 2.0)
@@ -73,7 +74,7 @@ def test_cgls_does_not_depend_on_the_data_scale(kind):
         scaled = cgls(op, b * 2.0**power, radius * 2.0**power)
         assert torch.equal(scaled.solution, reference.solution * 2.0**power)
         assert torch.equal(scaled.iterations, reference.iterations)
-    for factor in (1.0, 1e13, 1e-15):
+    for factor in (1.0, 1e13, 1e-15, 1e-25):
         result = cgls(op, b * factor, radius * factor)
         ratio = discrepancy_ratio(op, result.solution, b * factor, sigma * factor)
         assert bool(result.converged.all()) and bool(((ratio > 0.99) & (ratio <= 1)).all()), \

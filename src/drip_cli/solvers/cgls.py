@@ -41,14 +41,15 @@ def cgls(
             search direction vanishes first) is reported with ``converged = False``.
         margin: relative safety margin below ``radius``.
     """
-    # Work on the data scaled per sample by a power of two that brings ||b|| near 1: exact, so
-    # the iterates are bit for bit the unscaled ones times that power wherever nothing over- or
-    # underflows, and the data's own scale no longer can (the landing quadratic's coefficients
-    # scale as its fourth power: tomography data of 1e10 overflowed them in float32 and jumped
-    # past the target, to a discrepancy ratio of 0.84; data of 1e13 overflowed ||A p||^2 and
-    # returned zero; 1e-15 underflowed them)
+    # Work on the data scaled per sample by the power of two that brings max |b| into [0.5, 1):
+    # exact, so the iterates are bit for bit the unscaled ones times that power wherever nothing
+    # over- or underflows, and the data's own scale no longer can (the landing quadratic's
+    # coefficients scale as its fourth power: tomography data of 1e10 overflowed them in float32
+    # and jumped past the target, to a discrepancy ratio of 0.84; data of 1e13 overflowed
+    # ||A p||^2 and returned zero; 1e-15 underflowed them). The largest entry, not the norm:
+    # squares of entries of 1e-20 flush to zero on the CPU, and so did ||b||.
     unit = torch.ldexp(torch.ones_like(radius, dtype=b.dtype, device=b.device),
-                       -torch.frexp(b.detach().flatten(1).norm(dim=1)).exponent)
+                       -torch.frexp(b.detach().flatten(1).abs().amax(dim=1)).exponent)
     b = per_sample(unit, b) * b
     target = (1.0 - margin) * radius.to(device=b.device, dtype=b.dtype) * unit
     u = (torch.zeros((b.shape[0], *op.image_shape), dtype=b.dtype, device=b.device)

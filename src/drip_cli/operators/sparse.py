@@ -283,7 +283,8 @@ def _check_member_length(archive: zipfile.ZipFile, name: str) -> None:
     """Refuse an array of an ``.npz`` archive whose header claims more bytes than the archive
     holds for it (a damaged file): NumPy allocates what the header claims before reading, so a
     cut archive claiming 40 billion entries ended as "out of memory"."""
-    info = archive.getinfo(f"{name}.npy")
+    names = archive.namelist()   # NumPy's keys drop a member's .npy suffix where it has one
+    info = archive.getinfo(f"{name}.npy" if f"{name}.npy" in names else name)
     with archive.open(info) as handle:
         version = np.lib.format.read_magic(handle)
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)

@@ -524,7 +524,7 @@ def _npy_claiming(shape) -> bytes:
     ("damaged.npz", "the archive's array 'indices' is damaged"),   # "unexpected error: Error -3"
     ("claims.npz", "the archive's array 'data' is cut short"),    # "out of memory"
 ])
-def test_simulate_refuses_a_matrix_file_that_is_not_an_npz_archive(tmp_path, name, message):
+def test_simulate_refuses_a_bad_matrix_file(tmp_path, name, message):
     import zipfile
 
     import scipy.sparse

@@ -1450,8 +1450,9 @@ def test_choices_are_read_whatever_their_case(tmp_path):
 
 def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
     """Noise stds whose squares near float32's bottom (the sample tomography file scaled down:
-    DRIP's solve failed inside an SVD at 5.2e-20, blaming the model's weights) are refused
-    where they enter: a file's, --noise-std, simulate's and import's; 1e-14 still fits."""
+    DRIP's solve failed inside an SVD at 5.2e-20 and 9.9e-21, blaming the model's weights) are
+    refused where they enter: a file's, --noise-std, simulate's and import's; 1e-14 still
+    fits."""
     data = simulate(tmp_path, "blur")
     with h5py.File(data, "r+") as f:
         f["measurements"][...] = f["measurements"][()] * 1e-12

@@ -113,9 +113,10 @@ def samples_overflowing_float32(block: np.ndarray) -> np.ndarray:
 # The smallest noise std the float32 solvers resolve: its square, a residual entry's size, stays
 # 100 times above float32's smallest normal number (1.2e-38). On the sample tomography file
 # scaled down, DRIP's Krylov projections fitted every sample down to noise stds of 9.9e-20 and
-# failed inside an SVD at 5.2e-20 ("the model's weights are out of range"); CGLS and TV, which
-# work on the data scaled by a power of two (solvers.cgls), fitted down to 2.2e-28 on blur and
-# tomography alike, and so did DRIP on blur, whose projections are exact in the Fourier basis.
+# failed inside an SVD on two of 5.2e-20 and 9.9e-21 ("the model's weights are out of range");
+# CGLS and TV, which work on the data scaled by a power of two (solvers.cgls), fitted down to
+# 2.2e-28 on blur and tomography alike, and so did DRIP on blur, whose projections are exact in
+# the Fourier basis.
 NOISE_STD_FLOOR = 1e-18
 
 

@@ -122,11 +122,13 @@ NOISE_STD_FLOOR = 1e-18
 
 def require_resolvable_noise(noise_std, what: str, hint: str, path=None, offset: int = 0) -> None:
     """Refuse noise levels below :data:`NOISE_STD_FLOOR` (``noise_std``: one per sample, the
-    first being sample ``offset``), naming the first as ``what`` and ending with ``hint``."""
-    low = np.flatnonzero(np.asarray(noise_std, dtype=np.float64) < NOISE_STD_FLOOR)
+    first being sample ``offset``, or one number for all, as ``--noise-std``), naming the first
+    as ``what`` and ending with ``hint``."""
+    values = np.asarray(noise_std, dtype=np.float64)
+    low = np.flatnonzero(values.reshape(-1) < NOISE_STD_FLOOR)
     if len(low):
-        value = float(np.asarray(noise_std).reshape(-1)[low[0]])
-        raise DripError(f"{what} {value:.3g} (sample {offset + int(low[0])}) is below "
+        sample = f" (sample {offset + int(low[0])})" if values.ndim else ""
+        raise DripError(f"{what} {values.reshape(-1)[low[0]]:.3g}{sample} is below "
                         f"{NOISE_STD_FLOOR:g}, too small for float32 arithmetic: {hint}", path)
 
 
@@ -263,9 +265,7 @@ class MeasurementFile:
         if noise_std is not None:
             if not np.isfinite(noise_std) or noise_std <= 0:
                 raise DripError(f"--noise-std must be a positive number, got {noise_std}", path)
-            if noise_std < NOISE_STD_FLOOR:
-                raise DripError(f"--noise-std {noise_std:g} is below {NOISE_STD_FLOOR:g}, too "
-                                "small for float32 arithmetic: rescale the measurements", path)
+            require_resolvable_noise(noise_std, "--noise-std", "rescale the measurements", path)
             self.noise_std = np.full(n, noise_std, dtype=np.float32)
         elif noise_levels == "ignored":
             pass

@@ -1477,3 +1477,8 @@ def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
     assert_one_line_error(
         run_cli("import", tmp_path / "b.npy", tmp_path / "s.h5", "--operator", "denoise",
                 "--noise-percent", 1, "-q"), "is below 1e-18", tmp_path / "s.h5")
+    # drip train's fresh noise: its lowest level (here 2.7e-20 on these phantoms) is refused
+    # before a run folder is made (it trained before, with a validation fit of 0.00)
+    assert_one_line_error(
+        run_cli("train", data, "--out", tmp_path / "run", "--noise-percent", "1e-17:1", "-q"),
+        "the noise std at --noise-percent's low end", tmp_path / "run")

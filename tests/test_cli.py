@@ -796,6 +796,12 @@ def test_simulate_reads_tiff_stacks_float_tiffs_and_single_pictures(tmp_path):
     assert "not [0, 1]" in result.stderr
     with h5py.File(out) as f:
         np.testing.assert_array_equal(f["ground_truth"][0, 0], values)
+    # so does one far below 1, whose PSNRs would read near 200 dB
+    Image.fromarray(values * np.float32(1e-10)).save(tmp_path / "faint.tiff")
+    result = run_cli("simulate", tmp_path / "faint.tiff", tmp_path / "faint.h5", "--operator",
+                     "denoise", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "within 1% of 0: PSNR and SSIM use a data range of 1" in result.stderr
 
     picture = (rng.random((24, 20, 3)) * 255).astype(np.uint8)
     Image.fromarray(picture).save(tmp_path / "photo.png")

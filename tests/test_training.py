@@ -132,6 +132,21 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
     assert_one_line_error(damaged, "history.csv: is not this run's history", split / "nothing")
     assert (split / "history.csv").read_text() == "x\n"
+    # a state that lacks an entry or is no dict, a cut file and one that needs pickle (were a
+    # KeyError's "('optimizer')", a paragraph on miniz, and a page of PyTorch's advice)
+    from fractions import Fraction
+    for content, message in (({k: v for k, v in state.items() if k != "optimizer"},
+                               "damaged checkpoint: it has no optimizer"),
+                             ([1, 2], "damaged checkpoint: it holds no checkpoint state"),
+                             (None, "cannot read checkpoint: not one drip wrote, or a truncated one"),
+                             ({**state, "epoch": Fraction(1, 3)},
+                              "cannot read checkpoint: it holds objects other than tensors")):
+        torch.save(content, state_path)
+        if content is None:
+            torch.save(state, state_path)
+            state_path.write_bytes(state_path.read_bytes()[:500])
+        damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+        assert_one_line_error(damaged, f"{state_path}: {message}", split / "nothing")
 
 
 def test_a_resumed_run_convolves_with_the_checkpoints_kernels(train_file, tmp_path, monkeypatch):

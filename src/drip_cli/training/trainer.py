@@ -35,6 +35,7 @@ import csv
 import io
 import json
 import math
+import pickle
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -280,6 +281,9 @@ BUDGET_FIELDS = ("epochs", "max_minutes")
 RUN_FIELDS = ("batch_size", "lr", "lr_schedule", "loss_weights", "noise_percent", "tau",
               "val_fraction", "val_max_samples", "seed", "cg_iterations",
               "train_solver_iterations", "train_solver_tolerance", "guide_gradient")
+# what a checkpoint's state must hold (besides its optional "kernel_choices")
+CHECKPOINT_STATE_KEYS = ("optimizer", "epoch", "step_in_epoch", "global_step", "permutation",
+                         "generator", "best_psnr", "elapsed", "torch_rng")
 
 
 def _plain(value):
@@ -801,6 +805,14 @@ class Trainer:
                             "Inf", weights_path)
         try:
             state = torch.load(state_path, weights_only=True)
+        except pickle.UnpicklingError as exc:   # (PyTorch's message is a page long)
+            raise DripError("cannot read checkpoint: it holds objects other than tensors and "
+                            "numbers, and drip loads checkpoints without pickle", state_path) from exc
+        except Exception as exc:  # noqa: BLE001
+            reason = str(exc).split(". ")[0]   # (a truncated zip: a paragraph on miniz)
+            raise DripError(f"cannot read checkpoint: not one drip wrote, or a truncated one "
+                            f"({reason})", state_path) from exc
+        try:
             problem = self._checkpoint_state_problem(state)
             if problem is None:
                 self.optimizer.load_state_dict(state["optimizer"])
@@ -830,6 +842,11 @@ class Trainer:
     def _checkpoint_state_problem(self, state: dict) -> str | None:
         """Why a checkpoint's counters, best PSNR, time or sample order cannot be this run's
         (they would fail later, as an unexpected error); None when they can."""
+        if not isinstance(state, dict):
+            return "it holds no checkpoint state"
+        missing = [key for key in CHECKPOINT_STATE_KEYS if key not in state]
+        if missing:
+            return f"it has no {', '.join(missing)}"
         for key in ("epoch", "step_in_epoch", "global_step"):
             value = state[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

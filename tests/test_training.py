@@ -79,6 +79,11 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     save_file(nan_weights, checkpoint)
     damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
     assert_one_line_error(damaged, f"{checkpoint}: damaged checkpoint: weights", split / "nothing")
+    save_file({name: w.to(torch.int64) for name, w in load_file(str(split / "model.safetensors")).items()},
+              checkpoint)
+    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+    assert_one_line_error(damaged, "damaged checkpoint: weights embedding.weight, ", split / "nothing")
+    assert "are not floating-point" in damaged.stderr
     checkpoint.write_bytes(intact)
     history = split / "history.csv"
     history_text = history.read_text()
@@ -127,11 +132,6 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
         damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
         assert_one_line_error(damaged, f"{state_path}: damaged checkpoint: ", split / "nothing")
         assert message in damaged.stderr
-    torch.save(state, state_path)   # a history.csv that is not the run's: not appended to
-    (split / "history.csv").write_text("x\n")
-    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
-    assert_one_line_error(damaged, "history.csv: is not this run's history", split / "nothing")
-    assert (split / "history.csv").read_text() == "x\n"
     # a state that lacks an entry or is no dict, a cut file and one that needs pickle (were a
     # KeyError's "('optimizer')", a paragraph on miniz, and a page of PyTorch's advice)
     from fractions import Fraction
@@ -147,6 +147,11 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
             state_path.write_bytes(state_path.read_bytes()[:500])
         damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
         assert_one_line_error(damaged, f"{state_path}: {message}", split / "nothing")
+    torch.save(state, state_path)   # a history.csv that is not the run's: not appended to
+    (split / "history.csv").write_text("x\n")
+    damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
+    assert_one_line_error(damaged, "history.csv: is not this run's history", split / "nothing")
+    assert (split / "history.csv").read_text() == "x\n"
 
 
 def test_a_resumed_run_convolves_with_the_checkpoints_kernels(train_file, tmp_path, monkeypatch):
@@ -512,7 +517,9 @@ def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     ({"extra": "[]"}, "extra is not a JSON object"),
     # filters wider than the images: was a RuntimeError from the padding (found by fuzzing)
     ({"config": '{"dilation_levels": 7}'}, "filters reach 128 pixels, more than its 64x64"),
-    ("nan", "weights contain NaN or Inf"),
+    ("nan", "weights embedding.weight contain NaN or Inf"),
+    # integers were copied into the float parameters: an all-zero embedding fitting no data
+    ("int", "weights embedding.weight are not floating-point"),
     # finite but overflowing: an eigensolver and an SVD that did not converge, found by fuzzing
     ("huge-embedding", "weights are out of range for this data"),
     ("huge-regularizer", "weights are out of range for this data"),
@@ -532,6 +539,8 @@ def test_damaged_model_files_are_refused_by_name(damage, message, tmp_path):
     weights = load_file(shipped)
     if damage == "nan":
         weights["embedding.weight"] = weights["embedding.weight"] * float("nan")
+    elif damage == "int":
+        weights["embedding.weight"] = weights["embedding.weight"].to(torch.int32)
     elif damage == "huge-embedding":
         weights["embedding.weight"][0, 0, 1, 1] = 1e30
     elif damage == "huge-regularizer":

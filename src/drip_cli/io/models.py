@@ -153,6 +153,17 @@ def _try_lock(folder: Path):
         return None
 
 
+def weights_problem(weights: dict[str, torch.Tensor]) -> str | None:
+    """Why these tensors cannot be a model's weights (integers would be copied into its float
+    parameters as they are: an all-zero embedding that fits no data), or None."""
+    for test, what in ((torch.Tensor.is_floating_point, "are not floating-point"),
+                       (lambda w: bool(torch.isfinite(w).all()), "contain NaN or Inf")):
+        failing = sorted(name for name, w in weights.items() if not test(w))
+        if failing:
+            return f"weights {', '.join(failing)} {what}"
+    return None
+
+
 def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str]:
     """Load a model (DRIP or unrolled) without pickle; returns ``(model, info, sha256 of the file)``."""
     path = resolve_model_path(path)
@@ -175,9 +186,11 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, ModelInfo, str
         if model.reach > min(height, width):   # as drip train refuses to make
             raise DripError(f"the model's filters reach {model.reach} pixels, more than its "
                             f"{height}x{width} images hold (kernel_size, dilation_levels)", path)
-        model.load_state_dict(load_file(str(path)))
-        if not all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()):
-            raise DripError("the model's weights contain NaN or Inf", path)
+        weights = load_file(str(path))
+        problem = weights_problem(weights)
+        if problem is not None:
+            raise DripError(f"the model's {problem}", path)
+        model.load_state_dict(weights)
     except DripError:
         raise
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:

@@ -54,7 +54,7 @@ from ..io import MeasurementFile, append_text, write_bytes, write_json, write_te
 from ..io.measurements import require_resolvable_noise
 from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
                          ModelInfo, file_sha256, load_model, resolve_model_path, run_folder_lock,
-                         save_model)
+                         save_model, weights_problem)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import (ARCHITECTURES, DripModel, ModelConfig, build_model,
                                   widened_model)
@@ -799,10 +799,10 @@ class Trainer:
             self.model.load_state_dict(weights)
         except Exception as exc:  # noqa: BLE001
             raise DripError(f"cannot read checkpoint ({exc})", weights_path) from exc
-        not_finite = sorted(name for name, w in weights.items() if not bool(torch.isfinite(w).all()))
-        if not_finite:   # (its run went on to "diverge" at the first step: say what it is)
-            raise DripError(f"damaged checkpoint: weights {', '.join(not_finite)} contain NaN or "
-                            "Inf", weights_path)
+        # (NaN weights had the run "diverge" at its first step; integers were copied in as such)
+        problem = weights_problem(weights)
+        if problem is not None:
+            raise DripError(f"damaged checkpoint: {problem}", weights_path)
         try:
             state = torch.load(state_path, weights_only=True)
         except pickle.UnpicklingError as exc:   # (PyTorch's message is a page long)

@@ -565,6 +565,7 @@ def test_simulate_refuses_a_bad_matrix_file(tmp_path, name, message):
     ("missing.npy", None, "No such file"),
     ("empty.npy", None, "the file is empty"),                   # was "unexpected EOFError"
     ("claims.npy", None, "or a truncated one"),   # a header claiming 160 GB: "out of memory"
+    ("object.npy", None, "it holds Python objects, which drip does not unpickle"),  # "truncated"
 ])
 def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
     inputs = tmp_path / "in"
@@ -573,6 +574,8 @@ def test_simulate_refuses_a_bad_psf_file(tmp_path, name, psf, message):
         (inputs / name).write_bytes(b"")
     elif name == "claims.npy":
         (inputs / name).write_bytes(_npy_claiming((200_000, 200_000)))
+    elif name == "object.npy":
+        np.save(inputs / name, np.array([{"psf": 1}], dtype=object), allow_pickle=True)
     elif name == "psf.npz":
         np.savez(inputs / name, psf=np.ones((3, 3)))
     elif name == "psf.txt":

@@ -124,6 +124,8 @@ def read_npy(path, what: str, mmap: bool = False, booleans: bool = False) -> np.
         # an empty file is an EOFError (NumPy 1.24: a ValueError); a text file reads as
         # "pickled data", a cut one won't reshape
         reason = ("the file is empty" if os.path.getsize(path) == 0 else
+                  "it holds Python objects, which drip does not unpickle (save an array of "
+                  "numbers)" if "Python objects" in str(exc) else
                   "not a .npy array, or a truncated one (save it with numpy.save)")
         raise DripError(f"cannot read {what}: {reason}", path) from exc
     if not isinstance(values, np.ndarray):   # an .npz archive

@@ -311,7 +311,9 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
         raise ValueError("not an .npz archive; save the matrix with scipy.sparse.save_npz")
     with np.load(path, allow_pickle=False) as archive:
         def npz(name: str) -> np.ndarray:
-            if name not in archive:
+            # (``archive.files``: under NumPy 1.24 ``name in archive`` read the array, before
+            # the checks below, as the Mapping's default)
+            if name not in archive.files:
                 raise ValueError(f"the archive has no array '{name}'; save the matrix with "
                                  "scipy.sparse.save_npz")
             try:
@@ -322,7 +324,7 @@ def load_matrix_file(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[in
                 # decompressing data" before)
                 raise ValueError(f"the archive's array '{name}' is damaged ({exc})") from exc
 
-        fmt = npz("format").item() if "format" in archive else b"csr"
+        fmt = npz("format").item() if "format" in archive.files else b"csr"
         fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
         if fmt not in ("csr", "csc", "coo"):
             raise ValueError(f"expected a CSR, CSC or COO matrix (scipy.sparse.save_npz), got "

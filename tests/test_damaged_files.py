@@ -75,10 +75,13 @@ def _damage(handle, choice: int, which: int, value, extreme: float, shape_change
         del handle[name]
     elif choice == 2 and dataset:
         values = np.asarray(obj[()])
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            retyped = values.astype([np.float16, np.float64, np.int32, np.bool_, np.complex64,
-                                     "S4"][which % 6])
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                retyped = values.astype([np.float16, np.float64, np.int32, np.bool_, np.complex64,
+                                         "S4"][which % 6])
+        except ValueError:   # strings an earlier damage made, such as b'2.0', as integers
+            return
         _rewrite(handle, name, retyped)
     elif choice == 3 and dataset:
         values = np.asarray(obj[()])

@@ -137,6 +137,22 @@ def test_missing_operator_dataset_is_named(kind, name, as_group, tmp_path):
         MeasurementFile(path)
 
 
+@pytest.mark.parametrize("kind,name", [("blur", "psf"), ("inpainting", "mask"),
+                                       ("tomography", "angles_deg")])
+@pytest.mark.parametrize("dtype", ["complex128", "S8"])
+def test_an_operator_dataset_of_other_than_real_numbers_is_refused(kind, name, dtype, tmp_path):
+    """Complex angles, PSFs or masks were cast to their real part (with NumPy's warning, found by
+    randomised fuzzing), strings read as the numbers they spell."""
+    path = tmp_path / "bad.h5"
+    write_small_file(path, make_operator(kind, (1, 16, 20)))
+    with h5py.File(path, "a") as f:
+        values = f["operator"][name][()]
+        del f["operator"][name]
+        f["operator"][name] = values.astype(dtype)
+    with pytest.raises(DripError, match=f"operator dataset '{name}' has dtype .*, expected real"):
+        MeasurementFile(path)
+
+
 def test_atomic_h5_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out.h5"
     with pytest.raises(RuntimeError):

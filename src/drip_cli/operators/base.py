@@ -159,11 +159,17 @@ class LinearOperator(torch.nn.Module):
 
     @staticmethod
     def _stored_array(group, name: str) -> np.ndarray:
-        """The array in the operator group's dataset ``name``; a missing one (or a group of
-        that name) is a ``ValueError`` that names it."""
+        """The array of real numbers (or booleans) in the operator group's dataset ``name``; a
+        missing one (or a group of that name) or one of another dtype is a ``ValueError`` that
+        names it (complex angles or PSFs were cast to their real part with NumPy's warning,
+        strings read as the numbers they spell)."""
         if not isinstance(group.get(name), h5py.Dataset):
             raise ValueError(f"operator group lacks dataset '{name}'")
-        return group[name][()]
+        dataset = group[name]
+        if dataset.dtype.kind not in "biuf":
+            raise ValueError(f"operator dataset '{name}' has dtype {dataset.dtype}, expected "
+                             "real numbers")
+        return dataset[()]
 
     def describe(self) -> dict:
         """Human-readable parameters, for ``drip info`` and reports."""

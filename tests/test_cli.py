@@ -1130,6 +1130,25 @@ def test_reweight_options_are_refused_where_they_do_not_apply(tmp_path):
         assert_one_line_error(result, message, tmp_path / "r.h5")
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--edge-scale", "inf", "--edge-scale must be a finite number, got inf"),
+    ("--edge-scale", "1e300", "--edge-scale must be at most 1e30, got 1e+300"),
+    ("--patch-weight", "inf", "--patch-weight must be a finite number, got inf"),
+])
+def test_a_models_settings_given_on_the_command_line_are_checked_as_its_file_is(
+        option, value, message, tmp_path):
+    """(They were used as given: the reweighting weights became NaN, and the error blamed the
+    model's weights as out of range for the data.)"""
+    samples = Path(__file__).resolve().parent.parent / "sample_data"
+    model = samples / "drip_blur.safetensors"
+    result = run_cli("reconstruct", samples / "blur.h5", "--model", model, "--out",
+                     tmp_path / "r.h5", option, value)
+    assert_one_line_error(result, message, tmp_path / "r.h5")
+    result = run_cli("evaluate", samples / "blur.h5", "--model", model, "--out", tmp_path / "ev",
+                     "--methods", "drip", "--noise-percent", 2, option, value)
+    assert_one_line_error(result, message, tmp_path / "ev")
+
+
 def test_default_batch_size_follows_the_device_and_the_image_size():
     """64 samples on the CPU, fewer where they would hold more than 8 images of 256x256 (the
     memory grows with the batch); on a GPU, where an iteration costs about the same for any

@@ -511,6 +511,7 @@ def test_model_file_metadata_and_pickle_free_loading(train_file, tmp_path):
     ({"config": '{"n_filters": "16"}'}, "n_filters = '16' is not an integer"),
     ({"config": '{"max_iterations": 0}'}, "max_iterations = 0 must be at least 1"),
     ({"config": '{"edge_scale": -1}'}, "edge_scale = -1 must be positive"),
+    ({"config": '{"edge_scale": 1e300}'}, "edge_scale = 1e+300 must be at most 1e30"),
     ({"config": "[1, 2]"}, "not a JSON object"),
     ({"image_shape": "5"}, "is not [C, H, W]"),
     ({"noise_percent": '["a", 2]'}, "is not [low, high]"),

@@ -3,6 +3,7 @@ solver) or the unrolled baseline network, both built from one :class:`ModelConfi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -21,6 +22,9 @@ from .unrolled import UnrolledNetwork
 # module); unrolled: the paper's baseline network, no regularizer and no data-fit guarantee
 ARCHITECTURES = ("convex", "leapfrog", "unrolled")
 DEFAULT_LAYERS = {"convex": 3, "leapfrog": 3, "unrolled": 6}
+# the largest value of a real-valued setting: above it float32 arithmetic overflows (an edge
+# scale of 1e300 made every reweighting weight NaN, reported as weights out of range)
+SETTING_MAX = 1e30
 
 
 @dataclass
@@ -114,12 +118,25 @@ class ModelConfig:
                                   "patch_components") else 1
             if isinstance(default, int) and value < least:
                 raise ValueError(f"model setting {name} = {value} must be at least {least}")
-            if isinstance(default, float) and name == "patch_weight":
-                if value < 0:
-                    raise ValueError(f"model setting {name} = {value} must not be negative")
-            elif isinstance(default, float) and value <= 0:
-                raise ValueError(f"model setting {name} = {value} must be positive")
+            problem = cls.number_problem(name, value) if isinstance(default, float) else None
+            if problem:
+                raise ValueError(f"model setting {name} = {value} {problem}")
         return cls(**values)
+
+    @staticmethod
+    def number_problem(name: str, value: float) -> str | None:
+        """Why ``value`` cannot be the real-valued setting ``name`` (a model file's, or a
+        command-line override such as ``--edge-scale``), or None: each is positive (the patch
+        weight may be 0), finite, and at most :data:`SETTING_MAX`."""
+        if not math.isfinite(value):
+            return "must be a finite number"
+        if name == "patch_weight" and value < 0:
+            return "must not be negative"
+        if name != "patch_weight" and value <= 0:
+            return "must be positive"
+        if value > SETTING_MAX:
+            return f"must be at most {SETTING_MAX:.0e}".replace("e+", "e")
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -974,6 +974,7 @@ def test_cosine_schedule_decays_from_lr_to_its_floor():
     (["--max-minutes", "-1"], "--max-minutes must be a positive number"),
     (["--max-minutes", "inf"], "--max-minutes must be a positive number"),
     (["--eps", "inf"], "--eps must be a positive number"),
+    (["--eps", "1e300"], "--eps must be at most 1e30"),   # was "weights out of range"
     (["--solver-tolerance", "inf"], "--solver-tolerance must be a positive number"),
     (["--loss-weights", "nan,1,1"], "--loss-weights"),
     (["--loss-weights", "1,inf,1"], "--loss-weights"),

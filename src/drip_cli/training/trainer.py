@@ -126,6 +126,9 @@ class TrainConfig:
                               ("--eps", m.eps), ("--solver-tolerance", self.train_solver_tolerance)):
             if value is not None:
                 require_positive(option, value)
+        problem = ModelConfig.number_problem("eps", m.eps)   # as a model file's eps is checked
+        if problem:
+            raise DripError(f"--eps {problem}, got {m.eps:g}")
         for option, value, least in (("--epochs", self.epochs, 1),
                                      ("--batch-size", self.batch_size, 1),
                                      ("--cg-iterations", self.cg_iterations, 1),

@@ -1394,6 +1394,18 @@ def test_an_output_named_by_a_pipe_or_device_is_refused(tmp_path):
                               "file (a device or a pipe), expected", tmp_path / "r.h5")
 
 
+def test_a_dash_as_an_output_is_refused(tmp_path, monkeypatch):
+    """'-', standard output to many tools, became a file or a folder named '-'."""
+    data = simulate(tmp_path, "denoise")
+    monkeypatch.chdir(tmp_path)
+    for command in (("reconstruct", data, "--method", "cgls", "--out", "-"),
+                    ("reconstruct", data, "--method", "cgls", "--out", "r.h5", "--report", "-"),
+                    ("export", data, "-"), ("evaluate", data, "--methods", "cgls", "--out", "-")):
+        assert_one_line_error(run_cli(*command, "-q"), "-: is not a name drip can write to",
+                              tmp_path / "-")
+        assert not (tmp_path / "r.h5").exists()
+
+
 def test_broken_symbolic_links_are_named(tmp_path):
     """A loop of symbolic links as input ended in 'unexpected RuntimeError: Symlink loop', and
     a link to a missing folder as the report or run folder in 'unexpected FileExistsError'."""

@@ -25,11 +25,20 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def _refuse_standard_output(path: Path) -> None:
+    """``-``, the common name for standard output, would have become a file (or folder) of
+    that name: drip's outputs are HDF5 files and folders, which need a name."""
+    if str(path) == "-":
+        raise DripError("is not a name drip can write to: its outputs are files and folders, "
+                        "not standard output; give a name", path)
+
+
 def check_writable(path: str | os.PathLike, keep: dict | None = None) -> Path:
     """Fail early, naming ``path``, when its folder is missing or not writable, or when it is
     one of the files in ``keep`` (``{what it is: path or None}``: the command's inputs and
     other outputs, which writing ``path`` would replace)."""
     path = Path(path)
+    _refuse_standard_output(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise DripError("is a folder, expected a file name", path)
@@ -55,6 +64,7 @@ def check_folder_writable(folder: str | os.PathLike) -> Path:
     be made, the nearest folder above it that exists) cannot be written: a read-only disk, no
     permission."""
     folder = Path(folder)
+    _refuse_standard_output(folder)
     if folder.exists() and not folder.is_dir():
         raise DripError("exists and is not a folder", folder)
     if folder.is_symlink() and not folder.exists():

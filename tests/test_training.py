@@ -79,8 +79,8 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
     save_file(nan_weights, checkpoint)
     damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
     assert_one_line_error(damaged, f"{checkpoint}: damaged checkpoint: weights", split / "nothing")
-    save_file({name: w.to(torch.int64) for name, w in load_file(str(split / "model.safetensors")).items()},
-              checkpoint)
+    integers = load_file(str(split / "model.safetensors"))
+    save_file({name: w.to(torch.int64) for name, w in integers.items()}, checkpoint)
     damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
     assert_one_line_error(damaged, "damaged checkpoint: weights embedding.weight, ", split / "nothing")
     assert "are not floating-point" in damaged.stderr
@@ -141,10 +141,11 @@ def test_resumed_run_ends_with_the_same_weights(train_file, tmp_path):
                              (None, "cannot read checkpoint: not one drip wrote, or a truncated one"),
                              ({**state, "epoch": Fraction(1, 3)},
                               "cannot read checkpoint: it holds objects other than tensors")):
-        torch.save(content, state_path)
-        if content is None:
+        if content is None:   # the state cut short
             torch.save(state, state_path)
             state_path.write_bytes(state_path.read_bytes()[:500])
+        else:
+            torch.save(content, state_path)
         damaged = run_cli("train", train_file, "--out", split, "--epochs", 3, "--resume", "-q")
         assert_one_line_error(damaged, f"{state_path}: {message}", split / "nothing")
     torch.save(state, state_path)   # a history.csv that is not the run's: not appended to

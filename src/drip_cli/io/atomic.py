@@ -27,7 +27,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _refuse_standard_output(path: Path) -> None:
     """``-``, the common name for standard output, would have become a file (or folder) of
-    that name: drip's outputs are HDF5 files and folders, which need a name."""
+    that name: drip's outputs (HDF5 and JSON files, report and picture folders) need a name."""
     if str(path) == "-":
         raise DripError("is not a name drip can write to: its outputs are files and folders, "
                         "not standard output; give a name", path)

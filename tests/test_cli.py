@@ -182,6 +182,7 @@ def test_reconstruct_writes_the_contract_file(method, tmp_path):
     assert "PSNR" in result.stdout
     info = run_cli("info", out)
     assert info.exit_code == 0 and "fit fraction" in info.stdout
+    assert "seconds per image" in info.stdout   # (each sample's share of its batch's time)
     # a cap too small for the constraint: the samples are flagged, not passed
     capped = run_cli("reconstruct", data, "--out", out, "--method", method, "--max-iterations", 1,
                      "--report", report, "-q")

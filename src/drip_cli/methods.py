@@ -11,6 +11,7 @@ import torch
 
 from .errors import DripError
 from .operators import LinearOperator, estimate_norm
+from .regularizers.model import per_channel_model, require_setting_value
 from .solvers import LINALG_FAILURES, SolverResult, cgls, constrained_tv, total_variation
 
 
@@ -143,8 +144,6 @@ class LearnedMethod(ReconstructionMethod):
                     "regularizer)" if self.each_channel else "")
             raise DripError(f"the model was trained on {trained}-channel images, this file has "
                             f"{shape[0]} channels (shape {shape}){hint}", path)
-        from .regularizers.model import per_channel_model
-
         return per_channel_model(self._loaded, shape[0])
 
     def smallest_side(self) -> tuple[int, str]:
@@ -179,7 +178,7 @@ class LearnedMethod(ReconstructionMethod):
             if not config.reweight:
                 raise DripError("--edge-scale applies with reweighting (--reweight K; this "
                                 "model does not reweight by default)")
-            config.edge_scale = _checked_setting("--edge-scale", "edge_scale", edge_scale)
+            config.edge_scale = require_setting_value("--edge-scale", "edge_scale", edge_scale)
 
     def set_patch_weight(self, weight: float) -> None:
         """The weight of the patch-mixture pass (``--patch-weight``; 0 skips the pass)."""
@@ -188,8 +187,8 @@ class LearnedMethod(ReconstructionMethod):
             raise DripError("--patch-weight needs a drip model with a patch mixture (train one "
                             "with drip train --patch-components K)", self.path)
         if has_mixture:
-            self.model.config.patch_weight = _checked_setting("--patch-weight", "patch_weight",
-                                                              weight)
+            self.model.config.patch_weight = require_setting_value("--patch-weight",
+                                                                   "patch_weight", weight)
 
     def solve(self, op, b, radius, progress=None):
         self.model.to(b.device)
@@ -207,17 +206,6 @@ class LearnedMethod(ReconstructionMethod):
         """Finite weights can still overflow the arithmetic (a damaged file's 1e30): refused."""
         return DripError(f"the model's weights are out of range for this data: {what}",
                          self.path)
-
-
-def _checked_setting(option: str, name: str, value: float) -> float:
-    """``value`` for the model setting ``name``, given as ``option``, where the model's config
-    could hold it (:meth:`~drip_cli.regularizers.model.ModelConfig.number_problem`)."""
-    from .regularizers.model import ModelConfig
-
-    problem = ModelConfig.number_problem(name, value)
-    if problem:
-        raise DripError(f"{option} {problem}, got {value:g}")
-    return value
 
 
 def warn_if_each_channel_unused(methods, channels: int, warn) -> None:

@@ -141,9 +141,10 @@ def unit_range_doubt(low: float, high: float) -> str | None:
     """What is doubtful about images whose values span ``[low, high]``: ``None`` when that is
     [0, 1] (up to rounding), as the contract's images are nominally, and reaches beyond 1% of
     it (ground truth scaled to 1e-10 would score PSNRs near 200 dB without a word)."""
-    if low >= -0.01 and high <= 1.01 and max(-low, high) >= 0.01:
+    faint = max(-low, high) < 0.01
+    if low >= -0.01 and high <= 1.01 and not faint:
         return None
-    where = "within 1% of 0" if max(-low, high) < 0.01 else "not [0, 1]"
+    where = "within 1% of 0" if faint else "not [0, 1]"
     return (f"the images take values in [{low:.4g}, {high:.4g}], {where}: PSNR and SSIM "
             "use a data range of 1 (scale the images to [0, 1]; drip scales uint8 and uint16 only)")
 

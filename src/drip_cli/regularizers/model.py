@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from ..errors import setting_type_problem
+from ..errors import DripError, setting_type_problem
 from ..operators import LinearOperator
 from ..operators.convolution import PADDINGS
 from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
@@ -148,6 +148,16 @@ class ModelConfig:
             return tuple(f.name for f in fields(self)
                          if f.name not in ("image_channels", "architecture", "layers", "width"))
         return ("width",) if self.architecture == "leapfrog" else ("layers", "width")
+
+
+def require_setting_value(option: str, name: str, value: float) -> float:
+    """``value``, given as ``option`` for the model setting ``name``, where a model file could
+    hold it (:meth:`ModelConfig.number_problem`); :class:`DripError` naming the option
+    otherwise."""
+    problem = ModelConfig.number_problem(name, value)
+    if problem:
+        raise DripError(f"{option} {problem}, got {value:g}")
+    return value
 
 
 def build_model(config: ModelConfig) -> torch.nn.Module:

@@ -57,7 +57,7 @@ from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, 
                          save_model, weights_problem)
 from ..operators.convolution import adopt_cpu_kernel_choices, cpu_kernel_choices
 from ..regularizers.model import (ARCHITECTURES, DripModel, ModelConfig, build_model,
-                                  widened_model)
+                                  require_setting_value, widened_model)
 from ..regularizers.patches import PATCH_SIZE, supported_components
 from ..solvers import LINALG_FAILURES, discrepancy_radius, discrepancy_ratio
 from .implicit import implicit_surrogate, surrogate_through_passes
@@ -126,9 +126,7 @@ class TrainConfig:
                               ("--eps", m.eps), ("--solver-tolerance", self.train_solver_tolerance)):
             if value is not None:
                 require_positive(option, value)
-        problem = ModelConfig.number_problem("eps", m.eps)   # as a model file's eps is checked
-        if problem:
-            raise DripError(f"--eps {problem}, got {m.eps:g}")
+        require_setting_value("--eps", "eps", m.eps)   # as a model file's eps is checked
         for option, value, least in (("--epochs", self.epochs, 1),
                                      ("--batch-size", self.batch_size, 1),
                                      ("--cg-iterations", self.cg_iterations, 1),
@@ -799,11 +797,13 @@ class Trainer:
         # any failure here means a damaged checkpoint: name the file that is
         try:
             weights = load_file(str(weights_path))
-            self.model.load_state_dict(weights)
+            # checked before they are loaded, as load_model checks a model file's (NaN weights
+            # had the run "diverge" at its first step; integers were copied in as they are)
+            problem = weights_problem(weights)
+            if problem is None:
+                self.model.load_state_dict(weights)
         except Exception as exc:  # noqa: BLE001
             raise DripError(f"cannot read checkpoint ({exc})", weights_path) from exc
-        # (NaN weights had the run "diverge" at its first step; integers were copied in as such)
-        problem = weights_problem(weights)
         if problem is not None:
             raise DripError(f"damaged checkpoint: {problem}", weights_path)
         try:

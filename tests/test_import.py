@@ -1040,7 +1040,8 @@ def test_slices_of_a_scan_are_read_alone(tmp_path):
     """``--slices START:STOP`` keeps those slices of a stack, reading only them: the samples
     of sinograms (a ``.npy`` array), the slices of projections (an HDF5 dataset) with their
     flat field's and ground truth's, the same values as the whole file's; a selection that
-    keeps nothing, one that is not START:STOP, and a lone sinogram are refused in one line."""
+    keeps nothing, one past the end (not cut short in silence), one that is not START:STOP,
+    and a lone sinogram are refused in one line."""
     b, op = _sinograms_about(0.0, 12, n=5)
     truth = np.random.default_rng(0).random((5, 1, 24, 24)).astype(np.float32)
     np.save(tmp_path / "sinograms.npy", b.astype(np.float32))
@@ -1068,6 +1069,8 @@ def test_slices_of_a_scan_are_read_alone(tmp_path):
     assert ("--projections --flat scan.h5::exchange/data_white --center-offset auto"
             in run_cli("info", scan).stderr)   # the import command drip info gives
     for given, message in (("7:9", "--slices 7:9 keeps none of its 5 slices"),
+                           ("3:9", "--slices 3:9 goes past the end of its 5 slices (0 to 4; "
+                                   "the stop excluded, so at most 3:5)"),
                            ("3:2", "--slices must be START:STOP"),
                            ("a:b", "--slices must be START:STOP")):
         result = run_cli("import", tmp_path / "sinograms.npy", tmp_path / "x.h5", *common,
@@ -1085,7 +1088,7 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
     only the kept pages are decoded, and of a folder of float TIFF projections (one per angle)
     only the kept rows are kept; values the slices leave out (here NaN, which a page read whole
     refuses) do not matter. The same values as the array's slices; projections of different
-    sizes, and a slice past the end, are refused in one line."""
+    sizes, and slices past the end, are refused in one line."""
     b, _ = _sinograms_about(0.0, 12, n=5)
     b = b.astype(np.float32)
     sinograms = b[:, 0].copy()
@@ -1106,6 +1109,8 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
         assert result.exit_code == 0, result.stderr
         np.testing.assert_array_equal(_read(tmp_path / "f.h5")[0]["measurements"], kept)
         (tmp_path / "f.h5").unlink()
+    result = run_cli("import", stacks, tmp_path / "x.h5", *common, "--slices", "2:6")
+    assert_one_line_error(result, "--slices 2:6 goes past the end of its 5 slices", tmp_path / "x.h5")
     projections = b[:, 0].transpose(1, 0, 2).copy()   # (angles, slices, detectors)
     projections[:, 0, 5] = np.nan   # a slice the slices leave out
     folder = tmp_path / "projections"
@@ -1119,6 +1124,9 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
     result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
                      "--slices", "5:9")
     assert_one_line_error(result, "--slices 5:9 keeps none of its 5 slices", tmp_path / "x.h5")
+    result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
+                     "--slices", "1:9")   # the rows of each projection
+    assert_one_line_error(result, "--slices 1:9 goes past the end of its 5 slices", tmp_path / "x.h5")
     Image.fromarray(projections[3, :4]).save(folder / "p003.tif")
     result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
                      "--slices", "1:4")

@@ -128,7 +128,7 @@ def subset_index(shape: tuple[int, ...], subset: tuple[int, slice] | None, sourc
     """The index of an array of ``shape`` that keeps the slices ``subset = (axis, slice)``
     (``--slices``; every value without one), so that only they are read; ``DripError`` where
     the array has no such axis (axis 0: a stack of at least 3 axes, as one sinogram or image
-    has no slices to pick), or the slice keeps none of it."""
+    has no slices to pick), or the slice keeps none of it or goes past its end."""
     if subset is None:
         return ()
     axis, kept = subset
@@ -139,6 +139,10 @@ def subset_index(shape: tuple[int, ...], subset: tuple[int, slice] | None, sourc
     if not range(count)[kept]:
         raise DripError(f"--slices {kept.start}:{kept.stop} keeps none of its {count} slices "
                         f"(counted from 0, the stop excluded)", source)
+    if kept.stop > count:   # not cut short in silence: a range past the end names another stack
+        raise DripError(f"--slices {kept.start}:{kept.stop} goes past the end of its {count} "
+                        f"slices (0 to {count - 1}; the stop excluded, so at most "
+                        f"{kept.start}:{count})", source)
     index = [slice(None)] * len(shape)
     index[axis] = kept
     return tuple(index)

@@ -1493,7 +1493,7 @@ def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
     """Noise stds whose squares near float32's bottom (the sample tomography file scaled down:
     DRIP's solve failed inside an SVD at 5.2e-20 and 9.9e-21, blaming the model's weights) are
     refused where they enter: a file's, --noise-std, simulate's and import's; 1e-14 still
-    fits."""
+    fits. So are noise levels whose discrepancy radius overflows float32."""
     data = simulate(tmp_path, "blur")
     with h5py.File(data, "r+") as f:
         f["measurements"][...] = f["measurements"][()] * 1e-12
@@ -1505,6 +1505,11 @@ def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
     assert_one_line_error(
         run_cli("reconstruct", data, "--method", "cgls", "--noise-std", "1e-20", "--out",
                 tmp_path / "s.h5", "-q"), "--noise-std 1e-20 is below 1e-18", tmp_path / "s.h5")
+    # the other end: a radius sigma sqrt(M) beyond float32 (it was Inf, and every image fitted)
+    assert_one_line_error(
+        run_cli("reconstruct", data, "--method", "cgls", "--noise-std", "1e40", "--out",
+                tmp_path / "s.h5", "-q"), "--noise-std 1e+40 gives a discrepancy radius",
+        tmp_path / "s.h5")
     with h5py.File(data, "r+") as f:
         f["noise_std"][-1] = 1e-25
     assert_one_line_error(
@@ -1523,3 +1528,19 @@ def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
     assert_one_line_error(
         run_cli("train", data, "--out", tmp_path / "run", "--noise-percent", "1e-17:1", "-q"),
         "the noise std at --noise-percent's low end", tmp_path / "run")
+    # and the other end, where each enters: the radius's square was Inf, or the simulated
+    # measurements overflowed and "the images are too large"
+    assert_one_line_error(
+        run_cli("train", data, "--out", tmp_path / "run", "--noise-percent", "1:1e40", "-q"),
+        "the noise std at --noise-percent's high end", tmp_path / "run")
+    assert_one_line_error(
+        run_cli("simulate", "phantom:ellipses", tmp_path / "s.h5", "--operator", "denoise",
+                "--num-images", 2, "--image-size", 16, "--noise-percent", "1e40", "-q"),
+        "gives a discrepancy radius sigma * sqrt(256) too large for float32 arithmetic: lower "
+        "--noise-percent", tmp_path / "s.h5")
+    np.save(tmp_path / "b.npy", np.full((2, 16, 16), 0.5, np.float32))
+    for option in ("--noise-std", "--noise-percent"):
+        assert_one_line_error(
+            run_cli("import", tmp_path / "b.npy", tmp_path / "s.h5", "--operator", "denoise",
+                    option, "1e40", "-q"), "gives a discrepancy radius", tmp_path / "s.h5")
+

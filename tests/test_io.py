@@ -95,6 +95,8 @@ def corrupt(path, how: str) -> None:
             f["measurements"][0] = 1e30
         elif how == "tiny-noise":   # positive, but its square underflows float32
             f["noise_std"][1] = 1e-30
+        elif how == "huge-noise":   # finite in float32, but its radius sigma sqrt(M) is not
+            f["noise_std"][1] = 2e18
         else:
             raise ValueError(how)
 
@@ -102,7 +104,8 @@ def corrupt(path, how: str) -> None:
 BAD_FILES = ["truncated", "not-hdf5", "missing-measurements", "wrong-shape", "wrong-dtype", "nan",
              "inf-truth", "unknown-kind", "negative-noise", "wrong-format", "wrong-version",
              "text-version", "kind-array", "missing-operator", "noise-shape",
-             "measurements-group", "nan-psf", "zero-psf", "float32-overflow", "tiny-noise"]
+             "measurements-group", "nan-psf", "zero-psf", "float32-overflow", "tiny-noise",
+             "huge-noise"]
 
 
 @pytest.mark.parametrize("how", BAD_FILES)
@@ -119,6 +122,9 @@ def test_bad_files_raise_drip_error(how, tmp_path):
         assert f"first at sample {first[how]}" in str(info.value)
     if how == "tiny-noise":
         assert "noise std 1e-30 (sample 1) is below 1e-18" in str(info.value)
+    if how == "huge-noise":
+        assert ("noise std 2e+18 (sample 1) gives a discrepancy radius sigma * sqrt(320) too "
+                "large for float32" in str(info.value))
 
 
 @pytest.mark.parametrize("kind,name", [("blur", "psf"), ("inpainting", "mask"),

@@ -44,7 +44,7 @@ from ..io import MeasurementFile, MeasurementWriter, atomic_h5
 from ..io.datasets import (DATASET_SEPARATOR, is_dataset_source, names_dataset, split_dataset,
                           subset_index)
 from ..io.measurements import (first_sample_where, overflows_float32,
-                               require_resolvable_noise)
+                               require_representable_radius, require_resolvable_noise)
 from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, LinearOperator,
                          SparseMatrixOperator, Tomography)
 from ..operators.tomography import radon_geometry
@@ -677,9 +677,9 @@ def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice,
         estimate = estimate_noise_std(op, b)
         sigma = estimate.std
     elif choice.noise_std is not None:
-        sigma = np.full(len(b), choice.noise_std, dtype=np.float32)
+        sigma = np.full(len(b), choice.noise_std)
     else:
-        sigma = (choice.noise_percent / 100 * mean_magnitude).astype(np.float32)
+        sigma = choice.noise_percent / 100 * mean_magnitude
     silent = np.flatnonzero(~(sigma > 0))
     if len(silent):
         why = ("nothing in its measurements varies as noise does" if choice.estimate
@@ -687,7 +687,9 @@ def noise_levels(op: LinearOperator, b: np.ndarray, choice: NoiseChoice,
         raise DripError(f"the noise level of sample {silent[0]} would be 0 ({why}): leave such "
                         "samples out, or give --noise-std")
     require_resolvable_noise(sigma, "the noise std", "rescale the measurements")
-    return sigma, estimate
+    require_representable_radius(sigma, op.measured_count, "the noise std", "lower --noise-std "
+                                 "or --noise-percent (is it in the measurements' units?)")
+    return sigma.astype(np.float32), estimate
 
 
 def read_ground_truth(path: Path, op: LinearOperator, n: int,

@@ -18,7 +18,8 @@ import torch
 
 from ..errors import DripError, DripWarning, require_regular_file
 from ..io.datasets import is_dataset_source, read_dataset, subset_index
-from ..io.measurements import overflows_float32, require_resolvable_noise
+from ..io.measurements import (overflows_float32, require_representable_radius,
+                               require_resolvable_noise)
 from ..operators import (Blur, Denoise, Inpainting, LinearOperator, SparseMatrixOperator,
                          Tomography, gaussian_psf, gaussian_psf_size, limited_angles,
                          load_matrix_file)
@@ -295,11 +296,16 @@ def simulate_batch(op: LinearOperator, images: np.ndarray, percent: np.ndarray,
     clean = op(x)
     sigma = noise_std_for(op, clean, torch.from_numpy(percent))
     require_measurable(sigma.numpy(), source, offset, op)
-    require_resolvable_noise(sigma.numpy(), "the noise std", "scale the images to [0, 1], or "
-                             "raise --noise-percent", source, offset)
-    e = torch.from_numpy(rng.standard_normal(clean.shape))
-    b = add_noise(op, clean, sigma, e).numpy()
-    if overflows_float32(b):
+    if overflows_float32(clean.numpy()):
         raise DripError("the images are too large: their measurements overflow float32 "
                         "arithmetic (scale them to [0, 1])", source)
+    require_resolvable_noise(sigma.numpy(), "the noise std", "scale the images to [0, 1], or "
+                             "raise --noise-percent", source, offset)
+    require_representable_radius(sigma.numpy(), op.measured_count, "the noise std",
+                                 "lower --noise-percent", source, offset)
+    e = torch.from_numpy(rng.standard_normal(clean.shape))
+    b = add_noise(op, clean, sigma, e).numpy()
+    if overflows_float32(b):   # the noise, within float32 alone, added to the measurements
+        raise DripError("the measurements with their noise overflow float32 arithmetic "
+                        "(lower --noise-percent)", source)
     return b.astype(np.float32), sigma.numpy().astype(np.float32)

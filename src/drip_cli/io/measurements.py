@@ -120,16 +120,34 @@ def samples_overflowing_float32(block: np.ndarray) -> np.ndarray:
 NOISE_STD_FLOOR = 1e-18
 
 
+def _refuse_first(values: np.ndarray, where: np.ndarray, what: str, why: str, hint: str,
+                  path, offset: int) -> None:
+    """Raise :class:`DripError` for the first noise level of ``values`` that ``where`` marks."""
+    if where.any():
+        first = int(np.flatnonzero(where)[0])
+        sample = f" (sample {offset + first})" if values.ndim else ""
+        raise DripError(f"{what} {values.reshape(-1)[first]:.3g}{sample} {why} for float32 "
+                        f"arithmetic: {hint}", path)
+
+
 def require_resolvable_noise(noise_std, what: str, hint: str, path=None, offset: int = 0) -> None:
     """Refuse noise levels below :data:`NOISE_STD_FLOOR` (``noise_std``: one per sample, the
     first being sample ``offset``, or one number for all, as ``--noise-std``), naming the first
     as ``what`` and ending with ``hint``."""
     values = np.asarray(noise_std, dtype=np.float64)
-    low = np.flatnonzero(values.reshape(-1) < NOISE_STD_FLOOR)
-    if len(low):
-        sample = f" (sample {offset + int(low[0])})" if values.ndim else ""
-        raise DripError(f"{what} {values.reshape(-1)[low[0]]:.3g}{sample} is below "
-                        f"{NOISE_STD_FLOOR:g}, too small for float32 arithmetic: {hint}", path)
+    _refuse_first(values, values.reshape(-1) < NOISE_STD_FLOOR, what,
+                  f"is below {NOISE_STD_FLOOR:g}, too small", hint, path, offset)
+
+
+def require_representable_radius(noise_std, measured: int, what: str, hint: str, path=None,
+                                 offset: int = 0) -> None:
+    """Refuse noise levels whose discrepancy radius ``sigma sqrt(M)`` (``measured``: ``M``) has
+    a square beyond float32's range, as a measurement's norm may not: it would be Inf, and
+    every image would fit. Arguments as :func:`require_resolvable_noise`'s."""
+    values = np.asarray(noise_std, dtype=np.float64)
+    _refuse_first(values, ~(np.square(values.reshape(-1)) * measured <= FLOAT32_MAX), what,
+                  f"gives a discrepancy radius sigma * sqrt({measured}) too large", hint, path,
+                  offset)
 
 
 def overflows_float32(block: np.ndarray) -> bool:
@@ -269,14 +287,18 @@ class MeasurementFile:
             if not np.isfinite(noise_std) or noise_std <= 0:
                 raise DripError(f"--noise-std must be a positive number, got {noise_std}", path)
             require_resolvable_noise(noise_std, "--noise-std", "rescale the measurements", path)
+            require_representable_radius(noise_std, op.measured_count, "--noise-std",
+                                         "is it in the measurements' units?", path)
             self.noise_std = np.full(n, noise_std, dtype=np.float32)
         elif noise_levels == "ignored":
             pass
         elif "noise_std" in h:
             self.noise_std = np.asarray(
                 check_dataset(h, "noise_std", (n,), path, positive=True)[()], dtype=np.float32)
-            require_resolvable_noise(self.noise_std, "its noise std", "rescale the measurements "
-                                     "and their noise levels alike", path)
+            hint = "rescale the measurements and their noise levels alike"
+            require_resolvable_noise(self.noise_std, "its noise std", hint, path)
+            require_representable_radius(self.noise_std, op.measured_count, "its noise std",
+                                         hint, path)
         elif noise_levels == "required":
             raise DripError("has no dataset 'noise_std'; give the noise level with --noise-std", path)
         self.n_samples = n

@@ -51,7 +51,7 @@ from ..errors import (SEED_MAX, DripError, DripWarning, is_finite_number, requir
                       setting_type_problem)
 from ..evaluation import psnr
 from ..io import MeasurementFile, append_text, write_bytes, write_json, write_text
-from ..io.measurements import require_resolvable_noise
+from ..io.measurements import require_representable_radius, require_resolvable_noise
 from ..io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
                          ModelInfo, file_sha256, load_model, resolve_model_path, run_folder_lock,
                          save_model, weights_problem)
@@ -551,12 +551,16 @@ class Trainer:
         self.truth = torch.from_numpy(truth)
         if fresh:   # fresh noise is a percent of mean |A x|: it needs A x != 0, and its
             # lowest level must stay within float32's reach, as a file's noise levels must
-            one_percent = self._one_percent_noise(self.truth).cpu().numpy()
+            one_percent = self._one_percent_noise(self.truth).cpu().double().numpy()
             require_measurable(one_percent, config.data)
             require_resolvable_noise(config.noise_percent[0] * one_percent,
                                      "the noise std at --noise-percent's low end",
                                      "raise --noise-percent, or scale the images to [0, 1]",
                                      config.data)
+            require_representable_radius(config.noise_percent[1] * one_percent,
+                                         self.op.measured_count,
+                                         "the noise std at --noise-percent's high end",
+                                         "lower --noise-percent", config.data)
         n = len(truth)
         n_val = min(config.val_max_samples, max(1, int(round(config.val_fraction * n)))) if n > 1 else 0
         order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))

@@ -1544,3 +1544,26 @@ def test_noise_levels_below_what_float32_resolves_are_refused(tmp_path):
             run_cli("import", tmp_path / "b.npy", tmp_path / "s.h5", "--operator", "denoise",
                     option, "1e40", "-q"), "gives a discrepancy radius", tmp_path / "s.h5")
 
+
+def test_a_noise_level_as_large_as_the_measurements_is_named(tmp_path):
+    """Where the discrepancy radius tau sigma sqrt(M) is at least ||b|| (of the measured
+    entries), the zero image fits the data and the constraint says nothing: such samples are
+    counted in one warning (a noise level in the wrong units gave a table of flat images that
+    all 'fit'); the file's own noise levels give none, and the reconstruction is still made."""
+    data = simulate(tmp_path, "inpainting")
+    result = run_cli("reconstruct", data, "--method", "cgls", "--out", tmp_path / "r.h5", "-q")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
+    with h5py.File(data, "r+") as f:
+        measured = np.linalg.norm(f["measurements"][2])
+        f["noise_std"][2] = measured / np.sqrt(f["operator/mask"][()].sum()) * 1.01
+    result = run_cli("reconstruct", data, "--method", "cgls", "--out", tmp_path / "r.h5", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.startswith("drip: warning: 1 of 6 samples have measurements no larger "
+                                    "than their discrepancy radius")
+    assert "Is the noise level (--noise-std, or the file's noise_std)" in result.stderr
+    result = run_cli("reconstruct", data, "--method", "cgls", "--noise-std", 1e3, "--tau", 1.5,
+                     "--out", tmp_path / "r.h5", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: 6 of 6 samples" in result.stderr and "--tau 1.5 meant?" in result.stderr
+    with h5py.File(tmp_path / "r.h5") as f:
+        assert np.all(f["reconstructions"][()] == 0) and np.all(f["converged"][()])

@@ -20,7 +20,7 @@ from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
 from .methods import ReconstructionMethod, warn_if_each_channel_unused
 from .runtime import configure_cpu
-from .solvers import discrepancy_radius, discrepancy_ratio, relative_residual
+from .solvers import discrepancy_radius, discrepancy_ratio, relative_residual, zero_fits
 
 
 # Samples solved together when the caller does not say. On the CPU a solve's cost per sample
@@ -179,7 +179,11 @@ def reconstruct_file(
             if progress is not None:   # the total, before the first batch takes its time
                 progress(0, n)
             batch_size = batch_size or default_batch_size(device, data.image_shape)
+            unconstrained = 0   # samples whose data fit the zero image fits
             for batch in data.batches(batch_size):
+                unconstrained += int(zero_fits(data.operator, torch.from_numpy(batch.measurements),
+                                               discrepancy_radius(data.operator, torch.from_numpy(
+                                                   batch.noise_std), tau)).sum())
                 within = None if progress is None else \
                     (lambda f, b=batch: progress(b.start + f * (b.stop - b.start), n))
                 row = reconstruct_batch(method, op, batch.measurements, batch.noise_std, tau,
@@ -191,6 +195,12 @@ def reconstruct_file(
             # batches' large temporaries fragment the heap, and memory grew with the file
             # (by 30 MB per 1000 images of 64x64)
             columns = writer.columns()
+        if unconstrained:
+            warn(f"{unconstrained} of {n} samples have measurements no larger than their "
+                 f"discrepancy radius (||b|| <= tau * sigma * sqrt(M)): the zero image fits their "
+                 f"data, so the data fit says nothing about their reconstructions. Is the noise "
+                 f"level (--noise-std, or the file's noise_std) in the measurements' units, and "
+                 f"--tau {tau:g} meant?")
     summary = {"file": str(measurements_path), "output": str(out_path), "method": method.name,
                "tau": float(tau), "operator_kind": op.kind,
                **({} if noise_std is None else {"noise_std": float(noise_std)}),

@@ -25,6 +25,14 @@ def discrepancy_radius(op: LinearOperator, noise_std: torch.Tensor, tau: float) 
     return tau * noise_std * math.sqrt(op.measured_count)
 
 
+def zero_fits(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per sample, whether the zero image already fits ``b`` (its measured entries' norm is at
+    most ``radius``): the noise level is then as large as the measurements themselves, and the
+    data-fit constraint says nothing about the image (a noise level in the wrong units)."""
+    size = op.project_measurements(b).flatten(1).double().norm(dim=1)
+    return size <= radius.to(size)
+
+
 def best_constant(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor):
     """``(fits, u)``: per sample, the input constant in each channel that fits ``b`` best in the
     least-squares sense, ``u`` (shape ``(N, *op.image_shape)``), and whether its residual is

@@ -219,7 +219,9 @@ def test_a_diverging_run_stops_and_keeps_its_best_model(architecture, train_file
 
 def test_a_start_that_overflows_is_named(tmp_path):
     """--init with a model whose finite weights overflow the arithmetic fails at the start's
-    validation, before any step: the starting model is named, not the learning rate."""
+    validation, before any step: the starting model is named, not the learning rate, and the
+    run leaves no folder it made, nor a config.json in one it did not (a run folder holding
+    only its config.json was left behind)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -234,7 +236,14 @@ def test_a_start_that_overflows_is_named(tmp_path):
     write_small_file(data, make_operator("blur", (1, 64, 64)), n=4)
     result = run_cli("train", data, "--out", tmp_path / "run", "--init", bad, "--epochs", 1, "-q")
     assert_one_line_error(result, f"{bad}: the starting model's weights are out of range",
-                          tmp_path / "run" / "model.safetensors")
+                          tmp_path / "run")   # no folder holding only a config.json
+    kept = tmp_path / "kept"   # a folder that was there stays, without the failed run's files
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = run_cli("train", data, "--out", kept, "--init", bad, "--epochs", 1, "-q")
+    assert_one_line_error(result, "the starting model's weights are out of range",
+                          kept / "config.json")
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
 
 
 def test_resume_refuses_other_data(train_file, tmp_path):

@@ -890,12 +890,18 @@ class Trainer:
     def fit(self) -> dict:
         """Train, holding the run folder: a second ``drip train`` on it, started while this one
         runs, is refused, where it deleted this run's history and checkpoints and wrote its
-        own among them."""
+        own among them. A run that fails before its first model leaves no folder it made."""
+        made = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
-        with run_folder_lock(self.out):
-            if not self.resume:   # again, now that no other run can be writing here
-                self._refuse_to_overwrite()
-            return self._fit()
+        try:
+            with run_folder_lock(self.out):
+                if not self.resume:   # again, now that no other run can be writing here
+                    self._refuse_to_overwrite()
+                return self._fit()
+        except BaseException:
+            if made and not any(self.out.iterdir()):
+                self.out.rmdir()
+            raise
 
     def _fit(self) -> dict:
         cfg = self.config
@@ -904,10 +910,18 @@ class Trainer:
         else:
             for name in (HISTORY, CHECKPOINT_WEIGHTS, CHECKPOINT_STATE):
                 (self.out / name).unlink(missing_ok=True)
-            write_json(self.out / CONFIG, {**cfg.to_dict(), "data_sha256": self.data_sha256,
-                                           "drip_version": __version__})
-            self._fit_patch_prior()
-            self._end_epoch([], label="start")  # the untrained model (smoothed TV) as a reference
+            try:
+                write_json(self.out / CONFIG, {**cfg.to_dict(), "data_sha256": self.data_sha256,
+                                               "drip_version": __version__})
+                self._fit_patch_prior()
+                # the untrained model (smoothed TV) validated, as a reference
+                self._end_epoch([], label="start")
+            except BaseException:
+                # a start that overflows, or is interrupted, leaves no run to resume or use,
+                # so no config.json of one
+                for name in (CONFIG, HISTORY):
+                    (self.out / name).unlink(missing_ok=True)
+                raise
         started = time.perf_counter() - self.elapsed
         steps_here, stopped_early, losses = 0, False, []
         total_steps = cfg.epochs * self.steps_per_epoch

@@ -1263,6 +1263,28 @@ def test_every_option_has_help():
     assert not missing, missing
 
 
+
+def test_switches_are_not_labelled_as_taking_a_value():
+    """Newer typer labels a switch ``<bool>`` in --help (``--quiet -q <bool>``), which reads as
+    if it took a value: drip's switches carry no label, whatever typer's version."""
+    import typer
+
+    from drip_cli.cli import app
+
+    group = typer.main.get_command(app)
+    switches = {"": [p.name for p in group.params if getattr(p, "is_flag", False)]}
+    switches.update({name: [p.name for p in command.params if getattr(p, "is_flag", False)]
+                     for name, command in group.commands.items()})
+    assert "quiet" in switches["reconstruct"] and "version" in switches[""]
+    for name, names in switches.items():
+        lines = run_cli(*[name] * bool(name), "--help").stdout.splitlines()
+        for switch in names:
+            option = "--" + switch.replace("_", "-")
+            # (found by its start: 80 columns cut --guide-gradient short)
+            line = next(line for line in lines if f" {option[:14]}" in line)
+            assert "bool" not in line and "BOOLEAN" not in line, line
+
+
 def test_a_file_open_for_writing_elsewhere_is_named_so(tmp_path):
     """HDF5 locks a file that a process has open for writing; every command that reads it
     says so, where the message was 'truncated or corrupt'."""

@@ -38,12 +38,18 @@ app = typer.Typer(
 )
 
 
+def flag(*names: str, **settings):
+    """A switch (off unless given). Its metavar is empty: typer 0.2x labels a switch
+    ``<bool>`` in ``--help``, which reads as if it took a value (``--quiet true``)."""
+    return typer.Option(False, *names, metavar="", **settings)
+
+
 def seed_option(help: str):
     return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help)
 
 
-QUIET = typer.Option(False, "--quiet", "-q", help="No progress display (results are still written).")
-DEBUG = typer.Option(False, "--debug", help="Show Python tracebacks on errors.")
+QUIET = flag("--quiet", "-q", help="No progress display (results are still written).")
+DEBUG = flag("--debug", help="Show Python tracebacks on errors.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 BATCH_SIZE = typer.Option(
     None, "--batch-size", min=1,
@@ -67,12 +73,12 @@ PATCH_WEIGHT = typer.Option(
     None, "--patch-weight", min=0.0,
     help="drip: weight of the patch-mixture pass after the others (models trained with "
          "--patch-components; 0 skips it). Default: the model's, chosen in training.")
-ANY_SIZE = typer.Option(
-    False, "--any-size",
+ANY_SIZE = flag(
+    "--any-size",
     help="Use the model on images of another height and width than it was trained on (its "
          "filters are convolutional). Without it such data is refused.")
-EACH_CHANNEL = typer.Option(
-    False, "--each-channel",
+EACH_CHANNEL = flag(
+    "--each-channel",
     help="Use a single-channel (grayscale) drip model on images of several channels (colour): "
          "its regularizer acts on each channel, the data fit on the whole sample. Without it "
          "such data is refused.")
@@ -287,8 +293,8 @@ def _version_callback(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version_callback,
-                                       is_eager=True, help="Print the version and exit.")) -> None:
+def _main(version: bool = flag("--version", callback=_version_callback, is_eager=True,
+                               help="Print the version and exit.")) -> None:
     """drip: Deep Regularizers for Inverse Problems."""
 
 
@@ -471,10 +477,10 @@ def import_measurements(
                                               "deviation (intensities in [0, 1])."),
     noise_percent: Optional[float] = typer.Option(None, "--noise-percent", help="The noise "
                                                   "std as a percent of each sample's mean |b|."),
-    estimate_noise: bool = typer.Option(False, "--estimate-noise", help="Estimate each "
-                                        "sample's noise std: from the measurement components "
-                                        "the operator removes (blur, tomography, matrix), or "
-                                        "from the image's patches (denoise, inpainting)."),
+    estimate_noise: bool = flag("--estimate-noise", help="Estimate each sample's noise std: "
+                                "from the measurement components the operator removes (blur, "
+                                "tomography, matrix), or from the image's patches (denoise, "
+                                "inpainting)."),
     blur_sigma: Optional[float] = typer.Option(None, "--blur-sigma",
                                                help="blur: Gaussian PSF std (pixels)."),
     blur_size: Optional[int] = typer.Option(None, "--blur-size", help="blur: odd PSF size "
@@ -492,8 +498,8 @@ def import_measurements(
         "0", "--center-offset", metavar="D|auto", help=_CENTER_OFFSET_HELP[:-1] + ", or auto: "
         "estimated from the sinograms' centres of mass (each projection must see the whole "
         "object)."),
-    projections: bool = typer.Option(
-        False, "--projections", help="tomography: the measurements are a scanner's "
+    projections: bool = flag(
+        "--projections", help="tomography: the measurements are a scanner's "
         "projections, one (slices, detectors) image per angle (an array (angles, slices, "
         "detectors), as Data Exchange's exchange/data, or a 32-bit float TIFF per angle or "
         "page), not sinograms: each slice's sinogram becomes a sample."),
@@ -791,8 +797,8 @@ def train(
              "230 crops of 64x64), fewer where they give fewer, none below 20. On held-out "
              "photographs 0.10-0.95 dB more (most for inpainting), at 1.5-2.8 times the "
              "reconstruction time (drip reconstruct --patch-weight 0 skips it)."),
-    guide_gradient: bool = typer.Option(
-        False, "--guide-gradient/--no-guide-gradient",
+    guide_gradient: bool = flag(
+        "--guide-gradient/--no-guide-gradient",
         help="With reweighting: differentiate through each pass's pixel weights back into the "
              "pass before it (exact where the passes have converged; the earlier ones stop at the "
              "model's looser guide tolerance; default: the weights held constant)."),
@@ -800,8 +806,8 @@ def train(
     seed: int = seed_option("Seed of the validation split, the sample order, the noise draws "
                             "and the start's random filters."),
     device: str = DEVICE,
-    resume: bool = typer.Option(
-        False, "--resume",
+    resume: bool = flag(
+        "--resume",
         help="Continue the run in --out exactly: options left out take the run's values "
              "(config.json), given ones must equal them, but for --epochs and --max-minutes, "
              "which may change the run's budget."),

@@ -1264,6 +1264,21 @@ def test_every_option_has_help():
 
 
 
+def test_command_descriptions_are_whole_paragraphs():
+    """Each command's description reaches typer as paragraphs of one line each: typer 0.2x
+    keeps the line breaks of the paragraphs after the first, and the terminal wrapped those
+    lines again ('... A\n.npy array\nkeeps the values ...' in drip export --help)."""
+    import typer
+
+    from drip_cli.cli import app
+
+    for name, command in typer.main.get_command(app).commands.items():
+        paragraphs = command.help.split("\n\n")
+        assert len(paragraphs) >= 1 and all(text and "\n" not in text for text in paragraphs), name
+    lines = [line.strip(" │") for line in run_cli("export", "--help").stdout.splitlines()]
+    assert any(line.startswith(".npy array keeps the values as stored") for line in lines), lines
+
+
 def test_switches_are_not_labelled_as_taking_a_value():
     """Newer typer labels a switch ``<bool>`` in --help (``--quiet -q <bool>``), which reads as
     if it took a value: drip's switches carry no label, whatever typer's version."""

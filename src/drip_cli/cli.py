@@ -7,6 +7,7 @@ Bad input ends with exit status 1 and one line on stderr naming the file and the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import sys
@@ -159,6 +160,17 @@ EXAMPLES = {
 
 def _examples(command: str) -> str:
     return "Examples:\n\n" + "\n\n".join(EXAMPLES[command])
+
+
+def command(name: str | None = None):
+    """Register a command of ``app`` with its examples, its docstring's paragraphs each made
+    one line: typer 0.2x keeps the line breaks of every paragraph after the first, which the
+    terminal then wraps again into ragged lines."""
+    def register(function):
+        paragraphs = inspect.cleandoc(function.__doc__).split("\n\n")
+        return app.command(name, help="\n\n".join(" ".join(text.split()) for text in paragraphs),
+                           epilog=_examples(name or function.__name__))(function)
+    return register
 
 
 @contextlib.contextmanager
@@ -332,7 +344,7 @@ class OperatorKind(str, Enum):
     matrix = "matrix"
 
 
-@app.command(epilog=_examples("simulate"))
+@command()
 def simulate(
     ctx: typer.Context,
     images: str = typer.Argument(..., help="HDF5 file (dataset 'images' or 'ground_truth', "
@@ -458,7 +470,7 @@ def simulate(
             "noise percent": format_noise_percent(low, high)}))
 
 
-@app.command("import", epilog=_examples("import"))
+@command("import")
 def import_measurements(
     ctx: typer.Context,
     measured: Path = typer.Argument(..., help="The measurements: a .npy array or an HDF5 "
@@ -721,7 +733,7 @@ def _given_values(**options) -> dict:
 # The defaults of `train` repeat those of TrainConfig and ModelConfig, so that `--help` does not
 # import torch; tests/test_cli.py checks that the two agree. The options that default to None
 # take their values from the operator (training.trainer.operator_defaults), as their help says.
-@app.command(epilog=_examples("train"))
+@command()
 def train(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
@@ -940,7 +952,7 @@ class Method(str, Enum):
     unrolled = "unrolled"
 
 
-@app.command(epilog=_examples("reconstruct"))
+@command()
 def reconstruct(
     measurements: Path = typer.Argument(..., help="Measurement file (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Reconstruction file to write (HDF5)."),
@@ -1059,7 +1071,7 @@ def _fit_notes(summary: dict, out: Path, tau: float) -> list[str]:
     return notes
 
 
-@app.command(epilog=_examples("evaluate"))
+@command()
 def evaluate(
     data: Path = typer.Argument(..., help="Measurement file with ground_truth (HDF5)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report folder (created if needed)."),
@@ -1187,7 +1199,7 @@ def summary_table(title: str, summaries: list[dict]) -> Table:
     return table
 
 
-@app.command(epilog=_examples("info"))
+@command()
 def info(
     file: Path = typer.Argument(..., help="A measurement file, reconstruction file, model file "
                                 "or training run folder; or an input of simulate and import "
@@ -1246,7 +1258,7 @@ class ImageDataset(str, Enum):
     measurements = "measurements"
 
 
-@app.command(epilog=_examples("export"))
+@command()
 def export(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="A reconstruction or measurement file."),

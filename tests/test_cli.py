@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -1604,3 +1605,25 @@ def test_a_noise_level_as_large_as_the_measurements_is_named(tmp_path):
     assert "warning: 6 of 6 samples" in result.stderr and "--tau 1.5 meant?" in result.stderr
     with h5py.File(tmp_path / "r.h5") as f:
         assert np.all(f["reconstructions"][()] == 0) and np.all(f["converged"][()])
+
+
+def test_a_narrow_table_keeps_its_title_and_caption_on_one_line():
+    """rich wraps a table's title and caption to the table's width: a one-method robustness
+    table printed "robustness: test.h5, blur," over "tau 1" and its caption over three lines.
+    titled_table is at least as wide as they are, up to the console's width."""
+    from rich.console import Console
+
+    from drip_cli.console import titled_table
+
+    title, caption = "robustness: test.h5, blur, tau 1", "PSNR dB (fit fraction); * inside"
+    table = titled_table(title, caption=caption)
+    table.add_column("noise %")
+    table.add_row("1")
+    out = Console(width=80, record=True, file=io.StringIO())
+    out.print(table)
+    lines = out.export_text().splitlines()
+    assert lines[0].rstrip() == title and lines[-1].rstrip() == caption
+    long = titled_table("x" * 200)   # never wider than the console
+    long.add_column("a")
+    out.print(long)
+    assert max(map(len, out.export_text().splitlines())) <= 80

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from . import __version__
 from .console import (console, error_line, fmt, key_value_table, progress_bar, status,
-                      warning_line)
+                      titled_table, warning_line)
 from .errors import (SEED_MAX, SIGNALS_RECEIVED, DripError, DripWarning, OutputError,
                      Terminated, require_positive, with_article)
 
@@ -1186,7 +1186,7 @@ def _stopped_short(rows: list[dict]) -> list[str]:
 
 def summary_table(title: str, summaries: list[dict]) -> Table:
     """One row per summary: quality, data fit, iterations and time."""
-    table = Table(title=title, title_justify="left")
+    table = titled_table(title)
     columns = [("method", "method"), ("samples", "n_samples"), ("PSNR", "psnr_mean"),
                ("SSIM", "ssim_mean"), ("fit", "fit_fraction"),
                ("max ratio", "discrepancy_ratio_max"), ("mean ratio", "discrepancy_ratio_mean"),
@@ -1243,7 +1243,7 @@ def info(
                              "regularizer_value", "iterations", "converged") if c in columns]
         n = len(next(iter(columns.values()))) if columns else 0
         if samples and n:
-            table = Table(title=f"first {min(samples, n)} of {n} samples", title_justify="left")
+            table = titled_table(f"first {min(samples, n)} of {n} samples")
             table.add_column("sample", justify="right")
             for name in shown:
                 table.add_column(name.replace("_", " "), justify="right")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from ..console import fmt
+from ..console import fmt, titled_table
 from ..io import atomic_folder, json_text
 from .metrics import psnr
 from .comparison import CONFIDENCE
@@ -78,7 +78,7 @@ def best_tau_table(evaluation: Evaluation) -> Table | None:
     """With several discrepancy constants: each method's best per level (None with one)."""
     if len(evaluation.taus) < 2:
         return None
-    table = Table(title=f"each method at its {BEST_TAU}", title_justify="left")
+    table = titled_table(f"each method at its {BEST_TAU}")
     for header in BEST_TAU_HEADERS:
         table.add_column(header, justify="left" if header == "method" else "right")
     for cells in _best_tau_cells(evaluation):
@@ -97,9 +97,9 @@ def console_table(evaluation: Evaluation) -> Table:
     """PSNR (fit fraction) per level and method; ``*`` marks levels inside a training range."""
     get = _lookup(evaluation)
     names = method_names(evaluation)
-    table = Table(title=f"robustness: {_title(evaluation)}", title_justify="left",
-                  caption=f"PSNR dB (fit fraction); * inside the training noise range "
-                          f"({_ranges_text(evaluation)})", caption_justify="left")
+    table = titled_table(f"robustness: {_title(evaluation)}",
+                         caption=f"PSNR dB (fit fraction); * inside the training noise range "
+                                 f"({_ranges_text(evaluation)})")
     table.add_column("noise %", justify="right")
     for name in names:
         table.add_column(name, justify="right")
@@ -131,7 +131,7 @@ def paired_table(evaluation: Evaluation) -> Table | None:
     """Each method against the reference on the same samples (None without one)."""
     if not evaluation.paired:
         return None
-    table = Table(title=_paired_title(evaluation), title_justify="left")
+    table = titled_table(_paired_title(evaluation))
     for header in PAIRED_HEADERS:
         table.add_column(header, justify="left" if header == "method" else "right")
     for cells in _paired_cells(evaluation):
@@ -144,8 +144,7 @@ def regularizer_table(evaluation: Evaluation) -> Table | None:
     rows = [r for r in evaluation.rows if r.get("regularizer_value_truth_mean") is not None]
     if not rows:
         return None
-    table = Table(title="learned regularizer: mean R at the reconstructions and at the truth",
-                  title_justify="left")
+    table = titled_table("learned regularizer: mean R at the reconstructions and at the truth")
     for header in ("model", "noise %", "R reconstructions", "R truth", "truth ranked more regular"):
         table.add_column(header, justify="left" if header == "model" else "right")
     for r in rows:

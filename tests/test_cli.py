@@ -1587,7 +1587,8 @@ def test_a_noise_level_as_large_as_the_measurements_is_named(tmp_path):
     """Where the discrepancy radius tau sigma sqrt(M) is at least ||b|| (of the measured
     entries), the zero image fits the data and the constraint says nothing: such samples are
     counted in one warning (a noise level in the wrong units gave a table of flat images that
-    all 'fit'); the file's own noise levels give none, and the reconstruction is still made."""
+    all 'fit'); the file's own noise levels give none, and the reconstruction is still made.
+    drip import warns the same where it sets the noise level."""
     data = simulate(tmp_path, "inpainting")
     result = run_cli("reconstruct", data, "--method", "cgls", "--out", tmp_path / "r.h5", "-q")
     assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
@@ -1598,13 +1599,23 @@ def test_a_noise_level_as_large_as_the_measurements_is_named(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.stderr.startswith("drip: warning: 1 of 6 samples have measurements no larger "
                                     "than their discrepancy radius")
-    assert "Is the noise level (--noise-std, or the file's noise_std)" in result.stderr
+    assert "Is the noise level in the measurements' units?" in result.stderr
     result = run_cli("reconstruct", data, "--method", "cgls", "--noise-std", 1e3, "--tau", 1.5,
                      "--out", tmp_path / "r.h5", "-q")
     assert result.exit_code == 0, result.stderr
-    assert "warning: 6 of 6 samples" in result.stderr and "--tau 1.5 meant?" in result.stderr
+    assert "warning: 6 of 6 samples" in result.stderr and "tau = 1.5)" in result.stderr
     with h5py.File(tmp_path / "r.h5") as f:
         assert np.all(f["reconstructions"][()] == 0) and np.all(f["converged"][()])
+    # drip import says so where the noise level is set (at the contract's tau = 1)
+    with h5py.File(data) as f:
+        np.save(tmp_path / "b.npy", f["measurements"][:, 0])
+    result = run_cli("import", tmp_path / "b.npy", tmp_path / "i.h5", "--operator", "denoise",
+                     "--noise-std", 10, "-q")
+    assert result.exit_code == 0 and (tmp_path / "i.h5").exists(), result.stderr
+    assert result.stderr.startswith("drip: warning: 6 of 6 samples have measurements no larger")
+    result = run_cli("import", tmp_path / "b.npy", tmp_path / "j.h5", "--operator", "denoise",
+                     "--noise-std", 0.01, "-q")
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
 
 
 def test_a_narrow_table_keeps_its_title_and_caption_on_one_line():

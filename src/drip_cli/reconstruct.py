@@ -20,7 +20,8 @@ from .evaluation import psnr, ssim
 from .io import MeasurementFile, ReconstructionWriter, atomic_h5, check_writable
 from .methods import ReconstructionMethod, warn_if_each_channel_unused
 from .runtime import configure_cpu
-from .solvers import discrepancy_radius, discrepancy_ratio, relative_residual, zero_fits
+from .solvers import (discrepancy_radius, discrepancy_ratio, relative_residual, zero_fits,
+                      zero_fits_warning)
 
 
 # Samples solved together when the caller does not say. On the CPU a solve's cost per sample
@@ -196,11 +197,7 @@ def reconstruct_file(
             # (by 30 MB per 1000 images of 64x64)
             columns = writer.columns()
         if unconstrained:
-            warn(f"{unconstrained} of {n} samples have measurements no larger than their "
-                 f"discrepancy radius (||b|| <= tau * sigma * sqrt(M)): the zero image fits their "
-                 f"data, so the data fit says nothing about their reconstructions. Is the noise "
-                 f"level (--noise-std, or the file's noise_std) in the measurements' units, and "
-                 f"--tau {tau:g} meant?")
+            warn(zero_fits_warning(unconstrained, n, tau))
     summary = {"file": str(measurements_path), "output": str(out_path), "method": method.name,
                "tau": float(tau), "operator_kind": op.kind,
                **({} if noise_std is None else {"noise_std": float(noise_std)}),

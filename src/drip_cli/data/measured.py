@@ -48,6 +48,7 @@ from ..io.measurements import (first_sample_where, overflows_float32,
 from ..operators import (IMAGE_MEASUREMENT_KINDS, Blur, Denoise, Inpainting, LinearOperator,
                          SparseMatrixOperator, Tomography)
 from ..operators.tomography import radon_geometry
+from ..solvers import discrepancy_radius, zero_fits, zero_fits_warning
 from .axis import AXIS_TOLERANCE, AxisEstimate, axis_doubt, estimate_axis
 from .simulate import (OperatorSpec, build_operator, matrix_operator, read_array,
                        tomography_angles)
@@ -826,6 +827,10 @@ def import_measurements(source: Path, out: Path, spec: OperatorSpec | None, like
         warnings.warn(DripWarning(outside), stacklevel=2)
     mean_magnitude = _mean_magnitude(op, b)
     sigma, estimate = noise_levels(op, b, choice, mean_magnitude)
+    unconstrained = int(zero_fits(op, torch.from_numpy(b), discrepancy_radius(
+        op, torch.from_numpy(sigma).double(), 1.0)).sum())
+    if unconstrained:   # at the contract's tau = 1
+        warnings.warn(DripWarning(zero_fits_warning(unconstrained, len(b), 1.0)), stacklevel=2)
     # a periodic blur's estimate is the untapered one
     for doubt in (periodic_doubt(op, b, None if estimate is None else estimate.std),
                   clipping_doubt(op, b), None if axis is not None else axis_doubt(op, b)):

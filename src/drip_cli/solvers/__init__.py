@@ -4,7 +4,7 @@ import torch
 
 from .cgls import cgls
 from .datafit import (SolverResult, discrepancy_radius, discrepancy_ratio, relative_residual,
-                      residual_norm, zero_fits)
+                      residual_norm, zero_fits, zero_fits_warning)
 from .drip import Overflow
 from .tv import constrained_tv, total_variation
 
@@ -15,4 +15,5 @@ from .tv import constrained_tv, total_variation
 LINALG_FAILURES = (torch.linalg.LinAlgError, Overflow)
 
 __all__ = ["LINALG_FAILURES", "Overflow", "cgls", "constrained_tv", "total_variation", "SolverResult", "discrepancy_radius",
-           "discrepancy_ratio", "relative_residual", "residual_norm", "zero_fits"]
+           "discrepancy_ratio", "relative_residual", "residual_norm", "zero_fits",
+           "zero_fits_warning"]

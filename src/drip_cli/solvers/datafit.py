@@ -33,6 +33,15 @@ def zero_fits(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> torc
     return size <= radius.to(size)
 
 
+def zero_fits_warning(count: int, n: int, tau: float) -> str:
+    """The warning where :func:`zero_fits` holds for ``count`` samples of ``n``: a noise level
+    as large as the measurements is usually one in the wrong units."""
+    return (f"{count} of {n} samples have measurements no larger than their discrepancy "
+            f"radius (||b|| <= tau * sigma * sqrt(M), tau = {tau:g}): the zero image fits "
+            f"their data, so the data fit says nothing about their reconstructions. Is the "
+            f"noise level in the measurements' units?")
+
+
 def best_constant(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor):
     """``(fits, u)``: per sample, the input constant in each channel that fits ``b`` best in the
     least-squares sense, ``u`` (shape ``(N, *op.image_shape)``), and whether its residual is

@@ -1280,9 +1280,14 @@ def test_command_descriptions_are_whole_paragraphs():
     assert any(line.startswith(".npy array keeps the values as stored") for line in lines), lines
 
 
-def test_switches_are_not_labelled_as_taking_a_value():
+def test_help_shows_switches_and_option_names_plainly():
     """Newer typer labels a switch ``<bool>`` in --help (``--quiet -q <bool>``), which reads as
-    if it took a value: drip's switches carry no label, whatever typer's version."""
+    if it took a value: drip's switches carry no label, whatever typer's version. And at 80
+    columns every option's name shows whole: the column of negative switches that
+    ``--guide-gradient/--no-guide-gradient`` added cut nine of drip train's names short
+    (``--latent-chann…``)."""
+    import re
+
     import typer
 
     from drip_cli.cli import app
@@ -1294,10 +1299,10 @@ def test_switches_are_not_labelled_as_taking_a_value():
     assert "quiet" in switches["reconstruct"] and "version" in switches[""]
     for name, names in switches.items():
         lines = run_cli(*[name] * bool(name), "--help").stdout.splitlines()
+        assert not [line for line in lines if re.search(r"--[\w-]*…", line)], name
         for switch in names:
             option = "--" + switch.replace("_", "-")
-            # (found by its start: 80 columns cut --guide-gradient short)
-            line = next(line for line in lines if f" {option[:14]}" in line)
+            line = next(line for line in lines if f" {option} " in line)
             assert "bool" not in line and "BOOLEAN" not in line, line
 
 

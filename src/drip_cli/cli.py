@@ -810,7 +810,7 @@ def train(
              "photographs 0.10-0.95 dB more (most for inpainting), at 1.5-2.8 times the "
              "reconstruction time (drip reconstruct --patch-weight 0 skips it)."),
     guide_gradient: bool = flag(
-        "--guide-gradient/--no-guide-gradient",
+        "--guide-gradient",
         help="With reweighting: differentiate through each pass's pixel weights back into the "
              "pass before it (exact where the passes have converged; the earlier ones stop at the "
              "model's looser guide tolerance; default: the weights held constant)."),

@@ -67,6 +67,33 @@ def test_reconstructions_are_clipped_and_counted(tmp_path):
         assert np.array_equal(levels, expected.astype(np.uint8))
 
 
+def test_one_image_as_a_png_file_and_file_names_that_are_not_folders(tmp_path):
+    """``OUT.png`` takes one image (a file of one sample, or --max-samples 1) as that file,
+    and is refused for more; other file names are refused, where they all became folders of
+    PNG files (``drip export r.h5 x.png`` made a folder x.png). A folder so named is used."""
+    path, truth = _measurements(tmp_path, n=3)
+    result = run_cli("export", path, tmp_path / "first.png", "--max-samples", 1)
+    assert result.exit_code == 0, result.stderr
+    assert "wrote 1 PNG file " in result.stdout
+    with Image.open(tmp_path / "first.png") as picture:
+        levels = np.asarray(picture)
+    assert np.array_equal(levels, np.rint(np.clip(truth[0, 0], 0, 1) * 255))
+    assert_one_line_error(run_cli("export", path, tmp_path / "all.png"),
+                          "is one PNG file, but dataset 'ground_truth' holds 3 images: give "
+                          "--max-samples 1", tmp_path / "all.png")
+    for name in ("x.jpg", "x.h5", "x.JSON"):
+        assert_one_line_error(run_cli("export", path, tmp_path / name),
+                              f"is named as a .{name[2:]} file, but drip export writes PNG "
+                              "files", tmp_path / name)
+    (tmp_path / "made.png").mkdir()
+    result = run_cli("export", path, tmp_path / "made.png", "-q")
+    assert result.exit_code == 0 and len(list((tmp_path / "made.png").iterdir())) == 3
+    single, _ = _measurements(tmp_path, n=1, name="one.h5")
+    result = run_cli("export", single, tmp_path / "one.png", "-q")
+    assert result.exit_code == 0 and (tmp_path / "one.png").is_file(), result.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_colour_and_image_measurements(tmp_path):
     """Colour images become RGB files (8 bits only); measurements that are images export,
     a sinogram does not."""

@@ -1262,7 +1262,8 @@ class ImageDataset(str, Enum):
 def export(
     ctx: typer.Context,
     file: Path = typer.Argument(..., help="A reconstruction or measurement file."),
-    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed), a .npy "
+    out: Path = typer.Argument(..., help="Folder for the PNG files (made if needed), NAME.png "
+                               "for a single image (one sample, or --max-samples 1), a .npy "
                                "file for the whole dataset as one array, or a .tif file for "
                                "grayscale images or sinograms as a stack of float pages."),
     dataset: Optional[ImageDataset] = typer.Option(
@@ -1279,7 +1280,8 @@ def export(
 ) -> None:
     """Write a drip file's images as PNG files, a TIFF stack, or a dataset as a .npy array.
 
-    PNG intensities are clipped to [0, 1]; the folder gets every file or none. A .npy array
+    PNG intensities are clipped to [0, 1]; the folder gets every file or none, and a name
+    ending in .png one image. A .npy array
     keeps the values as stored, shaped (N, C, ...); so does a TIFF (.tif, .tiff), a 32-bit
     float page per grayscale image or sinogram, as ImageJ / Fiji reads a stack.
     """
@@ -1317,7 +1319,7 @@ def export(
         with progress_bar(f"writing {out.name or out}", 0, quiet) as update:
             summary = export_pngs(file, out, name, bits, max_samples, progress=update)
         files = summary["files"]
-        console.print(key_value_table(f"wrote {len(files)} PNG files", {
+        console.print(key_value_table(f"wrote {len(files)} PNG file{'s' * (len(files) > 1)}", {
             "folder": summary["folder"],
             "dataset": summary["dataset"],
             "files": files[0] if len(files) == 1 else f"{files[0]} ... {files[-1]}",

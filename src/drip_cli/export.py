@@ -9,7 +9,8 @@ in 8 bits, or in 16 for grayscale images, which ``drip simulate FOLDER`` reads b
 half a step of 1/65535 (8 bits: of 1/255). One file per sample, ``NAME_INDEX.png`` with the
 dataset's name and the sample's index, zero-padded so the names sort as the samples do. The
 folder gets every file or none: they are written to a staging folder beside it and moved in
-at the end (:func:`~drip_cli.io.atomic.atomic_folder`).
+at the end (:func:`~drip_cli.io.atomic.atomic_folder`). Given a ``NAME.png`` path instead, the
+one image (of a file of one sample, or the first with ``max_samples = 1``) is written there.
 
 Given a ``.npy`` path instead of a folder, the dataset is written as one array, ``(N, C, *S)``,
 with its values as stored (neither clipped nor rounded), and of a measurement file any
@@ -102,16 +103,30 @@ def _dataset(handle, kind: str, name: str | None, path: Path, images: bool = Tru
     return name, dset
 
 
-def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str | None = None,
+# an output named like one of these (and not a folder already) is a file the user meant, not
+# the folder of PNG files that any other name makes: ``drip export r.h5 x.png`` made a folder
+# x.png of 16 files. A ``.png`` name takes one image, the others are refused.
+FILE_LIKE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".h5", ".hdf5",
+                      ".npz", ".csv", ".txt", ".json")
+
+
+def export_pngs(path: str | os.PathLike, out: str | os.PathLike, dataset: str | None = None,
                 bits: int = 8, max_samples: int | None = None, progress=None) -> dict:
     """Write the images of ``path`` (its ``dataset``, by default the file's own: see the module
-    docstring) to ``folder`` as PNG files of ``bits`` bits, the first ``max_samples`` of them
-    (all by default). ``progress(done, total)`` hears of each file. Returns a summary:
-    ``folder``, ``dataset``, ``files`` (their names), ``bits``, ``channels``, ``clipped``
-    (the share of pixel values outside [0, 1])."""
-    path = Path(path)
+    docstring) into the folder ``out`` as PNG files of ``bits`` bits, the first
+    ``max_samples`` of them (all by default); or, where ``out`` is named ``*.png`` (and is no
+    folder), the one image it then must be as that file. ``progress(done, total)`` hears of
+    each file. Returns a summary: ``folder``, ``dataset``, ``files`` (their names), ``bits``,
+    ``channels``, ``clipped`` (the share of pixel values outside [0, 1])."""
+    path, out = Path(path), Path(out)
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}")
+    suffix = out.suffix.lower()
+    one_file = suffix == ".png" and not out.is_dir()
+    if suffix in FILE_LIKE_SUFFIXES and not one_file and not out.is_dir():
+        raise DripError(f"is named as a {out.suffix} file, but drip export writes PNG files "
+                        "(into a folder, or one image as NAME.png), a .npy array or a .tif "
+                        "stack", out)
     kind = _file_kind(path, "images")
     with open_h5(path, kind) as handle, reading(path):
         name, dset = _dataset(handle, kind, dataset, path)
@@ -123,20 +138,23 @@ def export_pngs(path: str | os.PathLike, folder: str | os.PathLike, dataset: str
             raise DripError("16-bit PNG files are written for grayscale images only; export "
                             "colour with --bits 8", path)
         count = n if max_samples is None else min(n, max_samples)
+        if one_file and count != 1:
+            raise DripError(f"is one PNG file, but dataset '{name}' holds {count} images: "
+                            "give --max-samples 1 for the first, or a folder for all", out)
         width = max(4, len(str(n - 1)))   # the names of a part are those of the whole
         values = count * int(np.prod(dset.shape[1:]))
-        files, clipped = [], 0
-        with atomic_folder(folder) as staging:
+        clipped = 0
+        files = [out.name] if one_file else [f"{name}_{i:0{width}d}.png" for i in range(count)]
+        with (atomic_path(out) if one_file else atomic_folder(out)) as staging:
             for i in range(count):
                 image = _finite(dset, i, name, path).astype(np.float64)
                 levels, outside = _quantised(image, bits)
                 clipped += outside
-                files.append(f"{name}_{i:0{width}d}.png")
-                _write_png(staging / files[-1], levels)
+                _write_png(Path(staging) if one_file else Path(staging) / files[i], levels)
                 if progress is not None:
                     progress(i + 1, count)
-    return {"folder": str(folder), "dataset": name, "files": files, "bits": bits,
-            "channels": channels, "clipped": clipped / values}
+    return {"folder": str(out.parent if one_file else out), "dataset": name, "files": files,
+            "bits": bits, "channels": channels, "clipped": clipped / values}
 
 
 def export_tiff(path: str | os.PathLike, out: str | os.PathLike, dataset: str | None = None,

@@ -1281,9 +1281,9 @@ def export(
     """Write a drip file's images as PNG files, a TIFF stack, or a dataset as a .npy array.
 
     PNG intensities are clipped to [0, 1]; the folder gets every file or none, and a name
-    ending in .png one image. A .npy array
-    keeps the values as stored, shaped (N, C, ...); so does a TIFF (.tif, .tiff), a 32-bit
-    float page per grayscale image or sinogram, as ImageJ / Fiji reads a stack.
+    ending in .png one image. A .npy array keeps the values as stored, shaped (N, C, ...); so
+    does a TIFF (.tif, .tiff), a 32-bit float page per grayscale image or sinogram, as ImageJ /
+    Fiji reads a stack.
     """
     from .export import BITS, export_array, export_pngs, export_tiff
 

@@ -1288,7 +1288,7 @@ def test_help_shows_switches_and_option_names_plainly():
     if it took a value: drip's switches carry no label, whatever typer's version. And at 80
     columns every option's name shows whole: the column of negative switches that
     ``--guide-gradient/--no-guide-gradient`` added cut nine of drip train's names short
-    (``--latent-chann…``)."""
+    (``--latent-chann…``); nor does --seed show its range's top, 9223372036854775807."""
     import re
 
     import typer
@@ -1303,6 +1303,7 @@ def test_help_shows_switches_and_option_names_plainly():
     for name, names in switches.items():
         lines = run_cli(*[name] * bool(name), "--help").stdout.splitlines()
         assert not [line for line in lines if re.search(r"--[\w-]*…", line)], name
+        assert "922337" not in "".join(lines)   # --seed's top, 2^63 - 1, wrapped in two
         for switch in names:
             option = "--" + switch.replace("_", "-")
             line = next(line for line in lines if f" {option} " in line)

@@ -45,8 +45,16 @@ def flag(*names: str, **settings):
     return typer.Option(False, *names, metavar="", **settings)
 
 
+def _seed_in_range(value: int) -> int:
+    if value > SEED_MAX:
+        raise typer.BadParameter(f"{value} is above 2^63 - 1, the largest seed")
+    return value
+
+
 def seed_option(help: str):
-    return typer.Option(0, "--seed", min=0, max=SEED_MAX, help=help)
+    """``--seed``: 0 to 2^63 - 1, the top checked by a callback, since a ``max`` shows in
+    ``--help`` as ``[0<=x<=9223372036854775807]``, wrapped over two lines."""
+    return typer.Option(0, "--seed", min=0, callback=_seed_in_range, help=help)
 
 
 QUIET = flag("--quiet", "-q", help="No progress display (results are still written).")

@@ -1647,3 +1647,19 @@ def test_a_narrow_table_keeps_its_title_and_caption_on_one_line():
     long.add_column("a")
     out.print(long)
     assert max(map(len, out.export_text().splitlines())) <= 80
+
+
+def test_reconstruct_max_samples_takes_the_first_ones(tmp_path):
+    """--max-samples N reconstructs the first N samples only, the same as a whole run does
+    them, and the output records which (``source_samples``); N past the end takes all."""
+    data = simulate(tmp_path, "blur")
+    whole, part, over = tmp_path / "whole.h5", tmp_path / "part.h5", tmp_path / "over.h5"
+    for out, extra in ((whole, ()), (part, ("--max-samples", 2)), (over, ("--max-samples", 99))):
+        result = run_cli("reconstruct", data, "--method", "cgls", "--out", out, "-q", *extra)
+        assert result.exit_code == 0, result.stderr
+    with h5py.File(whole) as a, h5py.File(part) as b, h5py.File(over) as c:
+        assert b["reconstructions"].shape[0] == 2 and b.attrs["source_samples"] == "0:2"
+        np.testing.assert_allclose(b["reconstructions"][()], a["reconstructions"][:2], atol=1e-5)
+        np.testing.assert_array_equal(b["iterations"][()], a["iterations"][:2])
+        assert c["reconstructions"].shape[0] == 6 and "source_samples" not in c.attrs
+        assert "source_samples" not in a.attrs

@@ -984,6 +984,9 @@ def reconstruct(
     patch_weight: Optional[float] = PATCH_WEIGHT,
     any_size: bool = ANY_SIZE,
     each_channel: bool = EACH_CHANNEL,
+    max_samples: Optional[int] = typer.Option(
+        None, "--max-samples", min=1, help="Reconstruct the first N samples only (to try a "
+        "method or a model on part of a large file)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the summary as JSON."),
     quiet: bool = QUIET,
     debug: bool = DEBUG,
@@ -1034,7 +1037,7 @@ def reconstruct(
             summary = reconstruct_file(measurements, out, chosen, tau=tau, noise_std=noise_std,
                                        batch_size=batch_size, device=resolve_device(device),
                                        progress=update, warn=warning_line,
-                                       keep={"the model": model})
+                                       keep={"the model": model}, max_samples=max_samples)
         summary["seconds_total"] = time.perf_counter() - start
         if report is not None:
             write_json(report, summary)

@@ -148,6 +148,7 @@ def reconstruct_file(
     extra_attrs: dict | None = None,
     warn=warnings.warn,
     keep: dict | None = None,
+    max_samples: int | None = None,
 ) -> dict:
     """Reconstruct every sample of ``measurements_path`` into ``out_path``; return the summary.
 
@@ -156,13 +157,14 @@ def reconstruct_file(
     doubts about the data (a model used on another operator). The output appears only when every
     batch succeeded, and never replaces the measurements or the other files in ``keep``
     (``{what it is: path}``, e.g. the model; see :func:`drip_cli.io.check_writable`).
+    ``max_samples``: only the first so many samples (the output records ``source_samples``).
     """
     device = torch.device(device)
     check_writable(out_path, keep={"the measurement file": measurements_path, **(keep or {})})
     with MeasurementFile(measurements_path, noise_std=noise_std) as data:
         extra_attrs = {**(extra_attrs or {}), **method.check(data, warn)}
         warn_if_each_channel_unused([method], data.image_shape[0], warn)
-        n = data.n_samples
+        n = data.n_samples if max_samples is None else min(data.n_samples, max_samples)
         if data.operator.kind == "tomography":   # an object wider than the image, or an axis
             first = data.read(0, min(n, 64)).measurements   # elsewhere: said first
             for doubt in (field_of_view_doubt(data.operator, first),
@@ -175,13 +177,15 @@ def reconstruct_file(
                  "drip_version": __version__, "operator_kind": op.kind, **extra_attrs}
         if noise_std is not None:   # the ratios are against it, not the file's noise levels
             attrs["noise_std"] = float(noise_std)
+        if n < data.n_samples:   # which of the source's samples these are
+            attrs["source_samples"] = f"0:{n}"
         with atomic_h5(out_path) as handle:
             writer = ReconstructionWriter(handle, n, data.image_shape, data.has_ground_truth, attrs)
             if progress is not None:   # the total, before the first batch takes its time
                 progress(0, n)
             batch_size = batch_size or default_batch_size(device, data.image_shape)
             unconstrained = 0   # samples whose data fit the zero image fits
-            for batch in data.batches(batch_size):
+            for batch in data.batches(batch_size, n):
                 unconstrained += int(zero_fits(data.operator, torch.from_numpy(batch.measurements),
                                                discrepancy_radius(data.operator, torch.from_numpy(
                                                    batch.noise_std), tau)).sum())

@@ -311,9 +311,11 @@ class MeasurementFile:
     def has_ground_truth(self) -> bool:
         return self._ground_truth is not None
 
-    def batches(self, batch_size: int) -> Iterator[MeasurementBatch]:
-        for start in range(0, self.n_samples, batch_size):
-            yield self.read(start, min(start + batch_size, self.n_samples))
+    def batches(self, batch_size: int, stop: int | None = None) -> Iterator[MeasurementBatch]:
+        """Samples ``0:stop`` (all by default) in batches of ``batch_size``."""
+        stop = self.n_samples if stop is None else min(stop, self.n_samples)
+        for start in range(0, stop, batch_size):
+            yield self.read(start, min(start + batch_size, stop))
 
     def read(self, start: int, stop: int) -> MeasurementBatch:
         with reading(self.path):

@@ -1264,7 +1264,6 @@ def test_every_option_has_help():
     assert not missing, missing
 
 
-
 def test_command_descriptions_are_whole_paragraphs():
     """Each command's description reaches typer as paragraphs of one line each: typer 0.2x
     keeps the line breaks of the paragraphs after the first, and the terminal wrapped those

@@ -1110,7 +1110,8 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
         np.testing.assert_array_equal(_read(tmp_path / "f.h5")[0]["measurements"], kept)
         (tmp_path / "f.h5").unlink()
     result = run_cli("import", stacks, tmp_path / "x.h5", *common, "--slices", "2:6")
-    assert_one_line_error(result, "--slices 2:6 goes past the end of its 5 slices", tmp_path / "x.h5")
+    assert_one_line_error(result, "--slices 2:6 goes past the end of its 5 slices",
+                          tmp_path / "x.h5")
     projections = b[:, 0].transpose(1, 0, 2).copy()   # (angles, slices, detectors)
     projections[:, 0, 5] = np.nan   # a slice the slices leave out
     folder = tmp_path / "projections"
@@ -1126,7 +1127,8 @@ def test_slices_of_pictures_decode_only_their_frames_and_rows(tmp_path):
     assert_one_line_error(result, "--slices 5:9 keeps none of its 5 slices", tmp_path / "x.h5")
     result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
                      "--slices", "1:9")   # the rows of each projection
-    assert_one_line_error(result, "--slices 1:9 goes past the end of its 5 slices", tmp_path / "x.h5")
+    assert_one_line_error(result, "--slices 1:9 goes past the end of its 5 slices",
+                          tmp_path / "x.h5")
     Image.fromarray(projections[3, :4]).save(folder / "p003.tif")
     result = run_cli("import", folder, tmp_path / "x.h5", *common, "--projections",
                      "--slices", "1:4")

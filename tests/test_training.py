@@ -238,7 +238,7 @@ def test_a_start_that_overflows_is_named(tmp_path):
     assert_one_line_error(result, f"{bad}: the starting model's weights are out of range",
                           tmp_path / "run")   # no folder holding only a config.json
     kept = tmp_path / "kept"   # a folder that was there stays, without the failed run's files
-    (kept / "notes.txt").parent.mkdir()
+    kept.mkdir()
     (kept / "notes.txt").write_text("mine")
     result = run_cli("train", data, "--out", kept, "--init", bad, "--epochs", 1, "-q")
     assert_one_line_error(result, "the starting model's weights are out of range",

@@ -121,9 +121,9 @@ def export_pngs(path: str | os.PathLike, out: str | os.PathLike, dataset: str | 
     path, out = Path(path), Path(out)
     if bits not in BITS:
         raise ValueError(f"bits must be one of {BITS}")
-    suffix = out.suffix.lower()
-    one_file = suffix == ".png" and not out.is_dir()
-    if suffix in FILE_LIKE_SUFFIXES and not one_file and not out.is_dir():
+    file_like = out.suffix.lower() in FILE_LIKE_SUFFIXES and not out.is_dir()
+    one_file = file_like and out.suffix.lower() == ".png"
+    if file_like and not one_file:
         raise DripError(f"is named as a {out.suffix} file, but drip export writes PNG files "
                         "(into a folder, or one image as NAME.png), a .npy array or a .tif "
                         "stack", out)

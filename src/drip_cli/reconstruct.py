@@ -186,9 +186,9 @@ def reconstruct_file(
             batch_size = batch_size or default_batch_size(device, data.image_shape)
             unconstrained = 0   # samples whose data fit the zero image fits
             for batch in data.batches(batch_size, n):
-                unconstrained += int(zero_fits(data.operator, torch.from_numpy(batch.measurements),
-                                               discrepancy_radius(data.operator, torch.from_numpy(
-                                                   batch.noise_std), tau)).sum())
+                radius = discrepancy_radius(data.operator, torch.from_numpy(batch.noise_std), tau)
+                measured = torch.from_numpy(batch.measurements)
+                unconstrained += int(zero_fits(data.operator, measured, radius).sum())
                 within = None if progress is None else \
                     (lambda f, b=batch: progress(b.start + f * (b.stop - b.start), n))
                 row = reconstruct_batch(method, op, batch.measurements, batch.noise_std, tau,

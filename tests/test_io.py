@@ -208,6 +208,33 @@ def test_write_refuses_missing_folder(tmp_path):
                                np.zeros((1, 1, 16, 20), np.float32), np.ones(1, np.float32))
 
 
+def test_write_takes_one_noise_level_for_all_and_refuses_what_drip_would_not_read(tmp_path):
+    """The library's writer (README, "Your own measurements"): one noise std for every sample
+    is spread over them; arrays of the wrong shape, and data the reader refuses, leave no file
+    (a noise std array one short once wrote a file whose last sample had noise std 0)."""
+    op, path = make_operator("denoise"), tmp_path / "m.h5"
+    b = np.full((4, 1, 16, 20), 0.5, np.float32)
+    write_measurement_file(path, op, b, 0.01)
+    with MeasurementFile(path) as data:
+        np.testing.assert_array_equal(data.noise_std, np.full(4, 0.01, np.float32))
+    write_measurement_file(path, op, b)   # no noise levels: --noise-std is asked for
+    with pytest.raises(DripError, match="give the noise level with --noise-std"):
+        MeasurementFile(path)
+    with MeasurementFile(path, noise_std=0.02) as data:
+        np.testing.assert_array_equal(data.noise_std, np.full(4, 0.02, np.float32))
+    path.unlink()
+    nan = b.copy()
+    nan[2, 0, 3, 3] = np.nan
+    for args, kw, error, words in [
+            ((b, np.full(3, 0.01)), {}, ValueError, r"noise_std: expected one number or 4"),
+            ((b[0], 0.01), {}, ValueError, r"measurements: expected shape \(1, 1, 16, 20\)"),
+            ((b, 0.01), {"ground_truth": b[:3]}, ValueError, r"ground_truth: expected shape"),
+            ((b, 0.0), {}, DripError, r"m\.h5: dataset 'noise_std' must be > 0"),
+            ((nan, 0.01), {}, DripError, r"m\.h5: dataset 'measurements' contains NaN")]:
+        with pytest.raises(error, match=words):
+            write_measurement_file(path, op, *args, **kw)
+        assert list(tmp_path.iterdir()) == []
+
 @pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.9, 0.99])
 def test_truncation_anywhere_raises_drip_error(fraction, tmp_path):
     """A file cut at any point fails with the project's error, never an h5py/OS exception."""

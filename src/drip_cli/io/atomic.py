@@ -164,8 +164,9 @@ def atomic_path(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike):
-    """An ``h5py.File`` opened for writing that becomes ``path`` only if the block succeeds."""
+def atomic_h5(path: str | os.PathLike, check=None):
+    """An ``h5py.File`` opened for writing that becomes ``path`` only if the block succeeds
+    and, where ``check`` is given, ``check(tmp)`` returns for the closed temporary file."""
     with atomic_path(path) as tmp:
         handle = _create_h5(tmp)
         try:
@@ -175,6 +176,8 @@ def atomic_h5(path: str | os.PathLike):
         except BaseException:
             _abandon(handle)
             raise
+        if check is not None:
+            check(tmp)
 
 
 def _create_h5(tmp: str) -> h5py.File:

@@ -340,7 +340,8 @@ class MeasurementWriter:
     """Create a measurement file sample batch by sample batch; use inside :func:`atomic_h5`."""
 
     def __init__(self, handle: h5py.File, operator: LinearOperator, n_samples: int,
-                 with_ground_truth: bool = True, attrs: dict | None = None):
+                 with_ground_truth: bool = True, attrs: dict | None = None,
+                 with_noise_std: bool = True):
         handle.attrs["drip_format"] = "measurements"
         handle.attrs["format_version"] = FORMAT_VERSION
         for key, value in (attrs or {}).items():
@@ -351,28 +352,65 @@ class MeasurementWriter:
             "measurements": handle.create_dataset(
                 "measurements", (n_samples, *operator.measurement_shape), "float32",
                 chunks=(rows, *operator.measurement_shape), compression="gzip", compression_opts=4),
-            "noise_std": handle.create_dataset("noise_std", (n_samples,), "float32"),
             "noise_percent": handle.create_dataset("noise_percent", (n_samples,), "float32"),
         }
+        if with_noise_std:
+            self._datasets["noise_std"] = handle.create_dataset("noise_std", (n_samples,),
+                                                                "float32")
         if with_ground_truth:
             self._datasets["ground_truth"] = handle.create_dataset(
                 "ground_truth", (n_samples, *operator.image_shape), "float32",
                 chunks=(rows, *operator.image_shape), compression="gzip", compression_opts=4)
 
     def write(self, start: int, **arrays: np.ndarray) -> None:
+        """Write samples ``start:start + n`` of each dataset named; ``ValueError`` unless every
+        array holds the same ``n`` samples of its dataset's shape, within the file's samples."""
+        rows = None
         for name, values in arrays.items():
-            self._datasets[name][start:start + len(values)] = values
+            dset, values = self._datasets[name], np.asarray(values)
+            if rows is None:
+                rows = len(values) if values.ndim else 0
+            expected = (rows, *dset.shape[1:])
+            if values.shape != expected or start + rows > dset.shape[0]:
+                raise ValueError(f"{name}: expected shape {expected} at samples {start}:"
+                                 f"{start + rows} of {dset.shape[0]}, got {values.shape}")
+            dset[start:start + rows] = values
 
 
 def write_measurement_file(path, operator: LinearOperator, measurements: np.ndarray,
-                           noise_std: np.ndarray, ground_truth: np.ndarray | None = None,
-                           noise_percent: np.ndarray | None = None) -> None:
-    """Write a whole (small) measurement file at once; a convenience for tests and scripts."""
+                           noise_std=None, ground_truth: np.ndarray | None = None,
+                           noise_percent=None) -> None:
+    """Write a whole (small) measurement file at once, for scripts and tests.
+    ``measurements`` is ``(N, *operator.measurement_shape)``, ``ground_truth`` ``(N,
+    *operator.image_shape)``; ``noise_std`` and ``noise_percent`` hold one number per sample,
+    or one for all (without ``noise_std``, drip asks for ``--noise-std``). The file is checked
+    as drip reads it before it appears, so nothing is written where it would be refused
+    (:class:`DripError`, as :class:`MeasurementFile`'s, or ``ValueError`` for arrays of the
+    wrong shape)."""
     n = len(measurements)
-    with atomic_h5(path) as handle:
-        writer = MeasurementWriter(handle, operator, n, with_ground_truth=ground_truth is not None)
-        arrays = {"measurements": measurements, "noise_std": noise_std,
-                  "noise_percent": np.full(n, np.nan) if noise_percent is None else noise_percent}
+
+    def per_sample(values, name):
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape not in ((), (n,)):
+            raise ValueError(f"{name}: expected one number or {n}, got shape {values.shape}")
+        return np.broadcast_to(values, (n,))
+
+    def check(tmp):
+        try:
+            with warnings.catch_warnings():   # a doubt is for the reader to voice, as ever
+                warnings.simplefilter("ignore", DripWarning)
+                MeasurementFile(tmp, noise_levels="optional").close()
+        except DripError as exc:
+            raise DripError(exc.message, path) from None
+
+    with atomic_h5(path, check) as handle:
+        writer = MeasurementWriter(handle, operator, n, with_ground_truth=ground_truth is not None,
+                                   with_noise_std=noise_std is not None)
+        arrays = {"measurements": measurements,
+                  "noise_percent": per_sample(np.nan if noise_percent is None else noise_percent,
+                                              "noise_percent")}
+        if noise_std is not None:
+            arrays["noise_std"] = per_sample(noise_std, "noise_std")
         if ground_truth is not None:
             arrays["ground_truth"] = ground_truth
         writer.write(0, **arrays)

@@ -188,6 +188,40 @@ def test_samples_out_of_reach_are_flagged_at_once_and_leave_the_others_alone():
     assert torch.equal(result.iterations[[0, 2]], alone.iterations)
 
 
+def test_solvers_take_one_radius_for_all_and_refuse_inputs_of_the_wrong_shape():
+    """The solvers of the library (README): one radius is every sample's; measurements of
+    another shape than the operator's, a radius per sample of another count, and an array
+    instead of a tensor are refused before any work, where they once failed deep inside a solve
+    (a matrix product's shapes; ``'float' object has no attribute 'to'``), or, for one image's
+    measurements without the batch axis, were solved as a batch of the wrong shape."""
+    from drip_cli.regularizers.model import ModelConfig, build_model
+
+    op = Blur((1, 16, 16), gaussian_psf(1.5))
+    x = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    b, sigma = noisy(op, x, 2.0)
+    sigma = torch.full_like(sigma, float(sigma.mean()))
+    radius = discrepancy_radius(op, sigma, 1.0)
+    assert torch.equal(discrepancy_radius(op, sigma.numpy(), 1.0), radius)
+    unrolled = build_model(ModelConfig(architecture="unrolled", layers=2, width=4)).double()
+    solvers = {"cgls": cgls, "tv": lambda *a: constrained_tv(*a, max_iterations=50),
+               "drip": lambda *a: _perturbed_model().solve(*a, max_iterations=20),
+               "unrolled": unrolled.solve}
+    for name, solve in solvers.items():
+        one, each = solve(op, b, float(radius[0])), solve(op, b, radius)
+        assert torch.equal(one.solution, each.solution), name
+        assert torch.equal(one.converged, each.converged), name
+        for args, error, words in [
+                ((op, b[0], radius[:1]), ValueError, r"b has shape \(1, 16, 16\), expected "
+                                                     r"\(N, 1, 16, 16\)"),
+                ((Blur((1, 8, 8), gaussian_psf(1.5)), b, radius), ValueError,
+                 r"expected \(N, 1, 8, 8\)"),
+                ((op, b, radius[:2]), ValueError, r"radius has shape \(2,\), expected one "
+                                                  r"number or \(3,\)"),
+                ((op, b.numpy(), radius), TypeError, "b must be a torch.Tensor")]:
+            with pytest.raises(error, match=words):
+                solve(*args)
+
+
 @pytest.mark.parametrize("architecture", ["convex", "leapfrog"])
 def test_drip_solver_lowers_the_regularizer_from_the_cgls_start(architecture):
     op = Blur((1, 16, 16), gaussian_psf(1.5))

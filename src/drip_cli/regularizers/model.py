@@ -11,6 +11,7 @@ import torch
 from ..errors import DripError, setting_type_problem
 from ..operators import LinearOperator
 from ..operators.convolution import PADDINGS
+from ..solvers.datafit import checked_problem
 from .adaptive import DEFAULT_EDGE_SCALE, edge_weights
 from .convex import ConvexFilterRegularizer, PerChannelRegularizer
 from .embedding import Embedding
@@ -288,6 +289,7 @@ class DripModel(torch.nn.Module):
         ``regularizer_value`` is the unweighted ``R`` at the final solution."""
         from ..solvers.drip import solve_drip
 
+        radius = checked_problem(op, b, radius)
         settings = self._settings(overrides)
         if self.config.reweight and not self.regularizer.convex:
             raise ValueError("reweighting needs a convex regularizer")

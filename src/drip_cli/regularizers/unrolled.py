@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..batching import batch_dot, per_sample
-from ..solvers.datafit import SolverResult, residual_norm
+from ..solvers.datafit import SolverResult, checked_problem, residual_norm
 
 
 def steepest_descent_step(op, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,6 +76,8 @@ class UnrolledNetwork(torch.nn.Module):
         (``converged`` says whether it happened to fit, when ``radius`` is given). Its fixed
         number of steps takes milliseconds: ``progress`` is accepted, as by every solve, and
         never called."""
+        if radius is not None:
+            radius = checked_problem(op, b, radius)
         with torch.no_grad():
             x = self.forward(op, b)
         n = b.shape[0]

@@ -17,7 +17,7 @@ import torch
 
 from ..batching import batch_dot, per_sample
 from ..operators import LinearOperator
-from .datafit import SolverResult
+from .datafit import SolverResult, checked_problem
 
 MARGIN = 1e-3  # relative safety margin below the radius, so fits survive float32 rounding
 
@@ -41,6 +41,7 @@ def cgls(
             search direction vanishes first) is reported with ``converged = False``.
         margin: relative safety margin below ``radius``.
     """
+    radius = checked_problem(op, b, radius)
     # Work on the data scaled per sample by the power of two that brings max |b| into [0.5, 1):
     # exact, so the iterates are bit for bit the unscaled ones times that power wherever nothing
     # over- or underflows, and the data's own scale no longer can (the landing quadratic's

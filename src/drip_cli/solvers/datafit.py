@@ -21,8 +21,31 @@ def residual_norm(op: LinearOperator, u: torch.Tensor, b: torch.Tensor) -> torch
 
 
 def discrepancy_radius(op: LinearOperator, noise_std: torch.Tensor, tau: float) -> torch.Tensor:
-    """``tau * sigma * sqrt(M)`` per sample."""
-    return tau * noise_std * math.sqrt(op.measured_count)
+    """``tau * sigma * sqrt(M)`` per sample (``noise_std``: a tensor, an array or a number)."""
+    return tau * torch.as_tensor(noise_std) * math.sqrt(op.measured_count)
+
+
+def checked_problem(op: LinearOperator, b: torch.Tensor, radius) -> torch.Tensor:
+    """``radius`` as a tensor on ``b``'s device with one entry per sample (one number is
+    spread over every sample), once ``b`` is checked to be a tensor of ``op``'s measurements,
+    ``(N, *op.measurement_shape)``. The solvers call this first: a script's mistake there
+    surfaced deep inside a solve (a matrix product's shapes, ``'float' object has no attribute
+    'to'``) or not at all (one image's channels taken for a batch)."""
+    if not isinstance(b, torch.Tensor):
+        raise TypeError(f"b must be a torch.Tensor (torch.from_numpy for an array), "
+                        f"got {type(b).__name__}")
+    expected = tuple(op.measurement_shape)
+    if b.ndim != len(expected) + 1 or tuple(b.shape[1:]) != expected:
+        raise ValueError(f"b has shape {tuple(b.shape)}, expected (N, "
+                         f"{', '.join(map(str, expected))}) for this operator")
+    radius = torch.as_tensor(radius, device=b.device,   # a number or an array: b's dtype
+                             dtype=None if isinstance(radius, torch.Tensor) else b.dtype)
+    if radius.ndim == 0:
+        radius = radius.expand(len(b))
+    if tuple(radius.shape) != (len(b),):
+        raise ValueError(f"radius has shape {tuple(radius.shape)}, expected one number or "
+                         f"({len(b)},), one per sample")
+    return radius
 
 
 def zero_fits(op: LinearOperator, b: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:

@@ -69,7 +69,7 @@ from ..batching import batch_dot, per_sample
 from ..operators import LinearOperator
 from ..operators.composed import EmbeddedOperator
 from .cgls import MARGIN, cgls
-from .datafit import SolverResult, best_constant, residual_norm
+from .datafit import SolverResult, best_constant, checked_problem, residual_norm
 from .projection import project_onto_datafit
 
 
@@ -171,8 +171,8 @@ def solve_drip(
     ``progress(fraction)``, where given, is called with the share of samples finished whenever
     some finish.
     """
+    radius = checked_problem(op, b, radius).to(dtype=b.dtype)
     forward_op = EmbeddedOperator(op, embedding)
-    radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
     solution = torch.zeros(n, *forward_op.image_shape, dtype=b.dtype, device=b.device)
     iterations = torch.full((n,), max_iterations, dtype=torch.int64, device=b.device)

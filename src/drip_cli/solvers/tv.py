@@ -27,7 +27,7 @@ from ..batching import per_sample
 from ..operators import LinearOperator, estimate_norm
 from ..operators.finite_differences import GRADIENT_NORM_SQUARED_BOUND, gradient, gradient_adjoint
 from .cgls import MARGIN, cgls
-from .datafit import SolverResult, best_constant
+from .datafit import SolverResult, best_constant, checked_problem
 
 
 def total_variation(u: torch.Tensor) -> torch.Tensor:
@@ -72,10 +72,10 @@ def constrained_tv(
 
     ``progress``, if given, is called as ``progress(iteration, n_active)`` now and then.
     """
+    radius = checked_problem(op, b, radius).to(dtype=b.dtype)
     if op_norm is None:
         op_norm = estimate_norm(op, device=b.device)
     scale = DATA_WEIGHT / op_norm
-    radius = radius.to(device=b.device, dtype=b.dtype)
     n = b.shape[0]
 
     def apply_k(u):

@@ -244,6 +244,29 @@ def test_matrix_operator_is_the_sparse_product():
         SparseMatrixOperator.from_csr((1, 12, 10), data * np.nan, indices, indptr, shape)
 
 
+def test_matrix_operator_takes_scipy_numpy_and_torch_matrices():
+    """The library's operator (README) from a SciPy sparse matrix of any format or a NumPy
+    array, as from CSR arrays (each was "'csr_matrix' object has no attribute 'to'"), checked
+    as a file's matrix is."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(1)
+    data, indices, indptr, shape, dense = random_csr(30, 8 * 6, 0.2, rng)
+    expected = SparseMatrixOperator.from_csr((1, 8, 6), data, indices, indptr, shape)
+    x = torch.tensor(rng.standard_normal((2, 1, 8, 6)))
+    csr = scipy.sparse.csr_matrix((data, indices, indptr), shape=shape)
+    for matrix in (csr, csr.tocoo(), csr.tocsc(), scipy.sparse.csr_array(csr), dense,
+                   torch.tensor(dense), torch.tensor(dense).to_sparse()):
+        op = SparseMatrixOperator((1, 8, 6), matrix)
+        torch.testing.assert_close(op(x), expected(x), rtol=0, atol=1e-12)
+    for matrix, needle in [(dense[:, :-1], "47 columns, the image has 48 pixels"),
+                           (dense * np.nan, "NaN or Inf"), (0 * dense, "no nonzero entry")]:
+        with pytest.raises(ValueError, match=needle):
+            SparseMatrixOperator((1, 8, 6), matrix)
+    with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\), got \(8, 6\)"):
+        SparseMatrixOperator((8, 6), csr)
+
+
 def test_a_norm_estimate_keeps_no_copies_of_a_matrix_unless_asked():
     """TV estimates ||A|| in float64 before a float32 solve: the float64 matrix and transpose
     it makes are dropped afterwards (they doubled the matrices' memory for the whole solve),

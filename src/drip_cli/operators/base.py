@@ -45,6 +45,8 @@ class LinearOperator(torch.nn.Module):
 
     def __init__(self, image_shape: tuple[int, int, int]):
         super().__init__()
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}")
         channels, height, width = (int(v) for v in image_shape)
         if min(channels, height, width) < 1:
             raise ValueError(f"image_shape must be positive, got {image_shape}")

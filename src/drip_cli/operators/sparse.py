@@ -148,17 +148,34 @@ def canonical_csr(indptr, indices, data, shape):
     return matrix.indptr, matrix.indices, matrix.data
 
 
+def _checked_csr(indptr, indices, data, shape) -> torch.Tensor:
+    """The float64 CPU CSR tensor of CSR arrays, once :func:`validate_csr` passes them, with
+    each row's columns sorted and distinct (:func:`canonical_csr`)."""
+    validate_csr(indptr, indices, data, shape)
+    return _csr(*canonical_csr(indptr, indices, data, shape), shape)
+
+
 class SparseMatrixOperator(LinearOperator):
-    """``b_c = A x_c`` for each channel ``c``, with ``A`` an ``m x (H*W)`` CSR matrix."""
+    """``b_c = A x_c`` for each channel ``c``, with ``A`` an ``m x (H*W)`` matrix: a torch
+    tensor (CSR, COO or dense), a SciPy sparse matrix of any format, or a NumPy array; stored
+    as a float64 CSR tensor. SciPy's and NumPy's are checked as a file's are (finite entries,
+    valid indices, some nonzero), ``ValueError`` otherwise."""
 
     kind = "matrix"
 
-    def __init__(self, image_shape: tuple[int, int, int], matrix: torch.Tensor,
+    def __init__(self, image_shape: tuple[int, int, int], matrix,
                  measurement_size: tuple[int, ...] | None = None):
         super().__init__(image_shape)
+        if not isinstance(matrix, torch.Tensor):
+            import scipy.sparse
+
+            csr = scipy.sparse.csr_matrix(matrix)   # no copy of a SciPy CSR matrix
+            matrix = _checked_csr(csr.indptr, csr.indices, csr.data, csr.shape)
         matrix = matrix.to(torch.float64)
         if matrix.layout != torch.sparse_csr:
-            matrix = matrix.to_sparse_csr()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                matrix = matrix.to_sparse_csr()
         pixels = self.image_shape[1] * self.image_shape[2]
         if matrix.shape[1] != pixels:
             raise ValueError(f"matrix has {matrix.shape[1]} columns, the image has {pixels} pixels")
@@ -170,8 +187,7 @@ class SparseMatrixOperator(LinearOperator):
 
     @classmethod
     def from_csr(cls, image_shape, data, indices, indptr, shape) -> SparseMatrixOperator:
-        validate_csr(indptr, indices, data, shape)
-        return cls(image_shape, _csr(*canonical_csr(indptr, indices, data, shape), shape))
+        return cls(image_shape, _checked_csr(indptr, indices, data, shape))
 
     @property
     def nnz(self) -> int:

@@ -1287,7 +1287,8 @@ def test_help_shows_switches_and_option_names_plainly():
     if it took a value: drip's switches carry no label, whatever typer's version. And at 80
     columns every option's name shows whole: the column of negative switches that
     ``--guide-gradient/--no-guide-gradient`` added cut nine of drip train's names short
-    (``--latent-chann…``); nor does --seed show its range's top, 9223372036854775807."""
+    (``--latent-chann…``), nor a choice of values cut inside a word; nor does --seed show
+    its range's top, 9223372036854775807."""
     import re
 
     import typer
@@ -1303,6 +1304,9 @@ def test_help_shows_switches_and_option_names_plainly():
         lines = run_cli(*[name] * bool(name), "--help").stdout.splitlines()
         assert not [line for line in lines if re.search(r"--[\w-]*…", line)], name
         assert "922337" not in "".join(lines)   # --seed's top, 2^63 - 1, wrapped in two
+        # choices with spaces between, which wrap between words (was <denoise|blur|inpaint
+        # over ing|tomography|matrix>)
+        assert not [line for line in lines if re.search(r"\w\|\w+\|\w", line)], name
         for switch in names:
             option = "--" + switch.replace("_", "-")
             line = next(line for line in lines if f" {option} " in line)

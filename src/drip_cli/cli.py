@@ -57,6 +57,13 @@ def seed_option(help: str):
     return typer.Option(0, "--seed", min=0, callback=_seed_in_range, help=help)
 
 
+def choices(kinds: type[Enum]) -> str:
+    """The metavar of an option taking one of ``kinds``: their values with spaces between, so
+    that ``--help`` wraps its column between them (typer 0.2x writes ``<a|b|c>``, which at 80
+    columns broke inside a word: ``<denoise|blur|inpaint`` over ``ing|tomography|matrix>``)."""
+    return " | ".join(kind.value for kind in kinds)
+
+
 QUIET = flag("--quiet", "-q", help="No progress display (results are still written).")
 DEBUG = flag("--debug", help="Show Python tracebacks on errors.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
@@ -339,6 +346,7 @@ ANGLE_FILE = typer.Option(None, "--angle-file", help="tomography: the angles the
                           "or a text file of numbers.")
 BLUR_BOUNDARY = typer.Option(
     BlurBoundary.periodic, "--blur-boundary", case_sensitive=False,
+    metavar=choices(BlurBoundary),
     help="blur: periodic (the contract's circular convolution, measurements the image's size) "
     "or valid (the pixels whose PSF stays inside the image, as a camera sees a scene beyond "
     "its frame: measurements smaller by the PSF's size less one).")
@@ -362,7 +370,7 @@ def simulate(
                                  "phantom:shepp-logan, or skimage:NAME[,NAME] / skimage:photos."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: OperatorKind = typer.Option(..., "--operator", help="Forward operator kind.",
-                                          case_sensitive=False),
+                                          case_sensitive=False, metavar=choices(OperatorKind)),
     noise_percent: str = typer.Option("2", "--noise-percent",
                                       help="Noise percent P, or a range A:B drawn per sample."),
     seed: int = seed_option("Seed for images, mask and noise (reproducible)."),
@@ -490,6 +498,7 @@ def import_measurements(
                                     "TIFFs)."),
     out: Path = typer.Argument(..., help="Measurement file to write (HDF5)."),
     operator: Optional[OperatorKind] = typer.Option(None, "--operator", case_sensitive=False,
+                                                    metavar=choices(OperatorKind),
                                                     help="Forward operator kind (or --like)."),
     like: Optional[Path] = typer.Option(None, "--like", help="Take the operator, image shape "
                                         "included, from this measurement file (any kind)."),
@@ -967,6 +976,7 @@ def reconstruct(
     model: Optional[Path] = typer.Option(None, "--model", "-m",
                                          help="Run folder or model file (a drip or unrolled model)."),
     method: Optional[Method] = typer.Option(None, "--method", case_sensitive=False,
+                                            metavar=choices(Method),
                                             help="drip (learned; needs --model), cgls "
                                             "(discrepancy-stopped CGLS), tv (constrained total "
                                             "variation) or unrolled (the baseline network; needs "
@@ -1278,7 +1288,7 @@ def export(
                                "file for the whole dataset as one array, or a .tif file for "
                                "grayscale images or sinograms as a stack of float pages."),
     dataset: Optional[ImageDataset] = typer.Option(
-        None, "--dataset", help="What to write. Default: a reconstruction file's "
+        None, "--dataset", metavar=choices(ImageDataset), help="What to write. Default: a reconstruction file's "
         "reconstructions, a measurement file's ground_truth. Measurements as PNG files where "
         "they are images (denoise, blur, inpainting), as a TIFF where they have two axes "
         "(sinograms too), as a .npy array for any operator."),

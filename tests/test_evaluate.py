@@ -165,6 +165,29 @@ def test_evaluate_writes_every_file_with_the_contract_keys(runs, tmp_path):
     assert "paired with tv" in markdown and "paired with tv" in result.stdout
 
 
+def test_psnr_and_ssim_per_sample_of_arrays_or_tensors_of_one_shape():
+    """The metrics of the library: per sample, of NumPy arrays or tensors alike (ssim failed on
+    tensors: "'Tensor' object has no attribute 'astype'"), and refused for shapes that differ,
+    which psnr broadcast in silence (a batch of 1 against 2 scored the one twice)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from drip_cli.evaluation import psnr, ssim
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    u = (x + 0.05 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    for metric, one in [(psnr, lambda a, b: peak_signal_noise_ratio(b, a, data_range=1.0)),
+                        (ssim, lambda a, b: np.mean([structural_similarity(
+                            b[c], a[c], data_range=1.0) for c in range(3)]))]:
+        expected = [one(u[i].numpy(), x[i].numpy()) for i in range(2)]
+        np.testing.assert_allclose(metric(u, x), expected, rtol=1e-12)
+        np.testing.assert_allclose(metric(u.numpy(), x.float().numpy()), expected, rtol=1e-6)
+        for a, b in [(u[:1], x), (u[0], x[0])]:
+            with pytest.raises(ValueError, match="expected two .N, C, H, W. arrays of one shape"):
+                metric(a, b)
+    assert np.isnan(ssim(u[..., :6, :6], x[..., :6, :6])).all()   # smaller than its window
+
+
 def test_paired_differences_are_the_t_interval_of_the_per_sample_differences():
     from drip_cli.evaluation.comparison import paired_differences
 

@@ -10,7 +10,7 @@ import torch
 from conftest import DEVICES, DTYPES, OPERATOR_CASES, make_operator, random_csr
 from drip_cli.operators import (Blur, Inpainting, SparseMatrixOperator, Tomography,
                                 adjointness_error, estimate_norm, gaussian_psf, limited_angles,
-                                operator_from_hdf5)
+                                norm_bound, operator_from_hdf5)
 from drip_cli.operators.base import LANCZOS_SLACK, largest_eigenvalue_bound, lanczos_steps
 from drip_cli.operators.finite_differences import gradient, gradient_adjoint
 from drip_cli.operators.sparse import transposed_csr
@@ -268,9 +268,9 @@ def test_matrix_operator_takes_scipy_numpy_and_torch_matrices():
 
 
 def test_a_norm_estimate_keeps_no_copies_of_a_matrix_unless_asked():
-    """TV estimates ||A|| in float64 before a float32 solve: the float64 matrix and transpose
-    it makes are dropped afterwards (they doubled the matrices' memory for the whole solve),
-    and the estimate is the same either way; info's adjointness test keeps them."""
+    """TV bounds ||A|| in float64 before a float32 solve: the float64 matrix and transpose it
+    makes are dropped afterwards (they doubled the matrices' memory for the whole solve), and
+    the estimate is the same either way; info's adjointness test keeps them."""
     rng = np.random.default_rng(1)
     data, indices, indptr, shape, dense = random_csr(40, 8 * 8, 0.2, rng)
     op = SparseMatrixOperator.from_csr((1, 8, 8), data, indices, indptr, shape)
@@ -280,6 +280,7 @@ def test_a_norm_estimate_keeps_no_copies_of_a_matrix_unless_asked():
     assert set(op._cache) == before
     exact = np.linalg.norm(dense, 2)   # power iteration: a lower bound that converges
     assert exact * 0.97 < norm <= exact * (1 + 1e-12)
+    assert norm_bound(op) >= exact and set(op._cache) == before
     assert estimate_norm(op, dtype=torch.float64, keep_conversions=True) == norm
     assert {key[1] for key in set(op._cache) - before} == {torch.float64}
 
@@ -359,6 +360,16 @@ def test_gradients_flow_through_forward_and_adjoint(kind):
 def test_estimate_norm():
     assert abs(estimate_norm(make_operator("denoise")) - 1.0) < 1e-9
     assert abs(estimate_norm(Blur((1, 16, 16), gaussian_psf(1.0))) - 1.0) < 1e-2  # sum(psf) = 1
+
+
+@pytest.mark.parametrize("kind", OPERATOR_CASES)
+def test_norm_bound_lies_above_the_norm_by_at_most_its_slack(kind):
+    """TV's step sizes need ||A|| from above (``tau sigma ||K||^2 <= 1``): power iteration's
+    estimate lies below it, the Lanczos bound above, within 1% (``1 / sqrt(1 - slack)``)."""
+    op = make_operator(kind, (1, 12, 10))
+    exact = estimate_norm(op, iterations=3000)
+    assert exact * (1 - 1e-9) <= norm_bound(op) <= exact / (1 - LANCZOS_SLACK) ** 0.5 * (1 + 1e-9)
+    assert estimate_norm(op) <= exact * (1 + 1e-9)
 
 
 def test_largest_eigenvalue_bound():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .errors import DripError
-from .operators import LinearOperator, estimate_norm
+from .operators import LinearOperator, norm_bound
 from .regularizers.model import per_channel_model, require_setting_value
 from .solvers import LINALG_FAILURES, SolverResult, cgls, constrained_tv, total_variation
 
@@ -59,8 +59,8 @@ class TVMethod(ReconstructionMethod):
 
     def solve(self, op, b, radius, progress=None):
         key = id(op)
-        if key not in self._norms:  # one power iteration per operator, not per batch
-            self._norms[key] = estimate_norm(op, device=b.device)
+        if key not in self._norms:  # one norm bound per operator, not per batch
+            self._norms[key] = norm_bound(op, device=b.device)
         finished = None if progress is None else \
             (lambda iteration, active: progress(1 - active / len(b)))
         result = constrained_tv(op, b, radius, op_norm=self._norms[key],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import LinearOperator, adjointness_error, estimate_norm
+from .base import LinearOperator, adjointness_error, estimate_norm, norm_bound
 from .blur import Blur, gaussian_psf, gaussian_psf_size
 from .simple import Denoise, Inpainting
 from .sparse import SparseMatrixOperator, load_matrix_file
@@ -65,6 +65,7 @@ def operator_from_hdf5(group) -> LinearOperator:
 __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
     "OPERATORS", "IMAGE_MEASUREMENT_KINDS", "operator_from_hdf5", "stored_kind",
-    "stored_measurement_shape", "adjointness_error", "estimate_norm", "gaussian_psf",
+    "stored_measurement_shape", "adjointness_error", "estimate_norm", "norm_bound",
+    "gaussian_psf",
     "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

@@ -1248,8 +1248,8 @@ def test_the_help_examples_name_real_options():
             assert words[:2] == ["drip", name], example
             command = group.commands[name]
             command.make_context(name, words[2:])   # raises on an unknown option or bad value
-        assert examples[0] in " ".join(run_cli(name, "--help").stdout.split()).replace(
-            " │", "")
+        shown = " ".join(run_cli(name, "--help").stdout.split()).replace(" │", "")
+        assert examples[0] in shown.replace(" \\ ", " ")   # lines continued with a backslash
 
 
 def test_every_option_has_help():
@@ -1280,6 +1280,27 @@ def test_command_descriptions_are_whole_paragraphs():
     for paragraph in description:   # wrapped to 80 columns: only a paragraph's last line short
         lines = [line.rstrip() for line in paragraph.splitlines()]
         assert all(len(line) > 60 for line in lines[:-1]), lines
+
+
+def test_help_examples_fit_80_columns_and_run_as_one_command_each():
+    """Typer wrapped an example longer than the terminal into lines that a shell runs as two
+    commands (``... --report`` over ``blur_tv.json``). Each example now shows as lines of at
+    most 76 characters continued with a backslash (where typer keeps an epilog's lines), which
+    bash reads back as the example's words."""
+    from drip_cli.cli import _EPILOG_KEEPS_LINES, EXAMPLES, example_lines
+
+    for name, examples in EXAMPLES.items():
+        for example in examples:
+            lines = example_lines(example)
+            assert all(len(line) <= 76 for line in lines), lines
+            assert len(lines) == 1 or len(example) > 76, lines
+            words = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + "\n".join(lines)],
+                                   capture_output=True, text=True, check=True).stdout
+            assert words.splitlines() == example.split()
+        if _EPILOG_KEEPS_LINES:
+            shown = run_cli(name, "--help").stdout.split("Examples:")[1].splitlines()
+            assert [line.strip() for line in shown if line.strip()] == \
+                [line.strip() for example in examples for line in example_lines(example)]
 
 
 def test_help_shows_switches_and_option_names_plainly():

@@ -7,6 +7,7 @@ Bad input ends with exit status 1 and one line on stderr naming the file and the
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import os
 import signal
@@ -173,8 +174,41 @@ EXAMPLES = {
 }
 
 
+# An example's lines in --help: an 80-column terminal less the help's margins. Typer from 0.19
+# on keeps an epilog's line breaks (its rich_utils._fix_linebreaks); older releases join the
+# lines of a paragraph, so there an example stays one line, which the terminal wraps.
+EXAMPLE_WIDTH = 76
+_EPILOG_KEEPS_LINES = hasattr(importlib.import_module("typer.rich_utils"), "_fix_linebreaks")
+
+
+def example_lines(example: str, width: int = EXAMPLE_WIDTH) -> list[str]:
+    """``example`` as shell lines of at most ``width`` characters where it can be, continued
+    with `` \\`` and indented: broken before an option, which keeps its value, so that a
+    command copied from ``--help`` at 80 columns runs as one (typer wrapped it into lines that
+    a shell reads as two commands)."""
+    units: list[str] = []
+    for word in example.split():
+        if units and not word.startswith("-") and units[-1].startswith("-") \
+                and " " not in units[-1]:
+            units[-1] += " " + word   # an option and its value stay together
+        elif units and not word.startswith("-") and not units[-1].startswith("-"):
+            units[-1] += " " + word   # the command and its arguments
+        else:
+            units.append(word)
+    lines = [units[0]]
+    for i, unit in enumerate(units[1:], 2):
+        room = width - 2 * (i < len(units))   # the last line needs no " \\"
+        if len(lines[-1]) + 1 + len(unit) <= room:
+            lines[-1] += " " + unit
+        else:
+            lines.append("    " + unit)
+    return [line + " \\" for line in lines[:-1]] + lines[-1:]
+
+
 def _examples(command: str) -> str:
-    return "Examples:\n\n" + "\n\n".join(EXAMPLES[command])
+    shown = ["\n".join(example_lines(e)) if _EPILOG_KEEPS_LINES else e
+             for e in EXAMPLES[command]]
+    return "Examples:\n\n" + "\n\n".join(shown)
 
 
 def command(name: str | None = None):

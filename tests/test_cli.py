@@ -1639,6 +1639,11 @@ def test_a_noise_level_as_large_as_the_measurements_is_named(tmp_path):
     assert "warning: 6 of 6 samples" in result.stderr and "tau = 1.5)" in result.stderr
     with h5py.File(tmp_path / "r.h5") as f:
         assert np.all(f["reconstructions"][()] == 0) and np.all(f["converged"][()])
+    for method in ("cgls", "tv"):   # a radius beyond float32, infinite: any image fits
+        result = run_cli("reconstruct", data, "--method", method, "--tau", 1e40,
+                         "--out", tmp_path / "r.h5", "-q")
+        assert result.exit_code == 0 and "warning: 6 of 6 samples" in result.stderr, \
+            result.stderr
     # drip import says so where the noise level is set (at the contract's tau = 1)
     with h5py.File(data) as f:
         np.save(tmp_path / "b.npy", f["measurements"][:, 0])

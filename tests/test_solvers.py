@@ -217,7 +217,10 @@ def test_solvers_take_one_radius_for_all_and_refuse_inputs_of_the_wrong_shape():
                  r"expected \(N, 1, 8, 8\)"),
                 ((op, b, radius[:2]), ValueError, r"radius has shape \(2,\), expected one "
                                                   r"number or \(3,\)"),
-                ((op, b.numpy(), radius), TypeError, "b must be a torch.Tensor")]:
+                ((op, b.numpy(), radius), TypeError, "b must be a torch.Tensor"),
+                ((op, b * torch.nan, radius), ValueError, "b holds NaN or Inf"),
+                ((op, b, -radius), ValueError, "radius must be >= 0"),
+                ((op, b, radius * torch.nan), ValueError, "radius must be >= 0")]:
             with pytest.raises(error, match=words):
                 solve(*args)
 

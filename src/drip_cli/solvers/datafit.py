@@ -28,8 +28,8 @@ def discrepancy_radius(op: LinearOperator, noise_std: torch.Tensor, tau: float) 
 def checked_problem(op: LinearOperator, b: torch.Tensor, radius) -> torch.Tensor:
     """``radius`` as a tensor on ``b``'s device with one entry per sample (one number is
     spread over every sample), once ``b`` is checked to be a tensor of ``op``'s measurements,
-    ``(N, *op.measurement_shape)``. The solvers call this first: a script's mistake there
-    surfaced deep inside a solve (a matrix product's shapes, ``'float' object has no attribute
+    ``(N, *op.measurement_shape)`` of finite numbers, and the radius ``>= 0``. The solvers
+    call this first: a script's mistake there surfaced deep inside a solve (a matrix product's shapes, ``'float' object has no attribute
     'to'``) or not at all (one image's channels taken for a batch)."""
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"b must be a torch.Tensor (torch.from_numpy for an array), "
@@ -45,6 +45,11 @@ def checked_problem(op: LinearOperator, b: torch.Tensor, radius) -> torch.Tensor
     if tuple(radius.shape) != (len(b),):
         raise ValueError(f"radius has shape {tuple(radius.shape)}, expected one number or "
                          f"({len(b)},), one per sample")
+    if not bool(torch.isfinite(b).all()):
+        raise ValueError("b holds NaN or Inf")
+    # NaN fails this; an infinite radius, which any image fits (--tau 1e40), passes
+    if not bool((radius >= 0).all()):
+        raise ValueError("radius must be >= 0 for every sample, not NaN")
     return radius
 
 

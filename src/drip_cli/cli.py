@@ -174,9 +174,10 @@ EXAMPLES = {
 }
 
 
-# An example's lines in --help: an 80-column terminal less the help's margins. Typer from 0.19
-# on keeps an epilog's line breaks (its rich_utils._fix_linebreaks); older releases join the
-# lines of a paragraph, so there an example stays one line, which the terminal wraps.
+# An example's lines in --help: an 80-column terminal less the help's margins. Newer typer
+# (0.29 here) keeps an epilog's line breaks (its rich_utils._fix_linebreaks); older releases
+# (0.18, the oldest drip allows) join the lines of a paragraph, so there an example stays one
+# line, which the terminal wraps.
 EXAMPLE_WIDTH = 76
 _EPILOG_KEEPS_LINES = hasattr(importlib.import_module("typer.rich_utils"), "_fix_linebreaks")
 
@@ -1322,7 +1323,8 @@ def export(
                                "file for the whole dataset as one array, or a .tif file for "
                                "grayscale images or sinograms as a stack of float pages."),
     dataset: Optional[ImageDataset] = typer.Option(
-        None, "--dataset", metavar=choices(ImageDataset), help="What to write. Default: a reconstruction file's "
+        None, "--dataset", metavar=choices(ImageDataset),
+        help="What to write. Default: a reconstruction file's "
         "reconstructions, a measurement file's ground_truth. Measurements as PNG files where "
         "they are images (denoise, blur, inpainting), as a TIFF where they have two axes "
         "(sinograms too), as a .npy array for any operator."),

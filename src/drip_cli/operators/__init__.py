@@ -66,6 +66,5 @@ __all__ = [
     "LinearOperator", "Denoise", "Blur", "Inpainting", "Tomography", "SparseMatrixOperator",
     "OPERATORS", "IMAGE_MEASUREMENT_KINDS", "operator_from_hdf5", "stored_kind",
     "stored_measurement_shape", "adjointness_error", "estimate_norm", "norm_bound",
-    "gaussian_psf",
-    "gaussian_psf_size", "limited_angles", "load_matrix_file",
+    "gaussian_psf", "gaussian_psf_size", "limited_angles", "load_matrix_file",
 ]

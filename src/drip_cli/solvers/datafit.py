@@ -29,8 +29,9 @@ def checked_problem(op: LinearOperator, b: torch.Tensor, radius) -> torch.Tensor
     """``radius`` as a tensor on ``b``'s device with one entry per sample (one number is
     spread over every sample), once ``b`` is checked to be a tensor of ``op``'s measurements,
     ``(N, *op.measurement_shape)`` of finite numbers, and the radius ``>= 0``. The solvers
-    call this first: a script's mistake there surfaced deep inside a solve (a matrix product's shapes, ``'float' object has no attribute
-    'to'``) or not at all (one image's channels taken for a batch)."""
+    call this first: a script's mistake there surfaced deep inside a solve (a matrix
+    product's shapes, ``'float' object has no attribute 'to'``), as NaN images, or not at all
+    (one image's channels taken for a batch)."""
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"b must be a torch.Tensor (torch.from_numpy for an array), "
                         f"got {type(b).__name__}")

@@ -12,9 +12,9 @@ with ``tau * sigma * ||K||^2 <= 1``, ``||K||^2 <= 8 + w^2``, for which ``||A||``
 under-estimated: it is bounded from above by Lanczos (:func:`~drip_cli.operators.norm_bound`),
 not estimated by power iteration, whose figure is a lower bound. (With ``||A||`` taken 30% low,
 PDHG diverged to NaN on the sample files' blur and tomography; 10% low, it still converged.)
-The data block weight ``w``
-(``DATA_WEIGHT``) balances the two dual variables; the steps are adapted per sample to balance
-the primal and dual residuals (Goldstein, Li & Yuan, 2015), keeping ``tau * sigma`` fixed.
+The data block weight ``w`` (``DATA_WEIGHT``) balances the two dual variables; the steps are
+adapted per sample to balance the primal and dual residuals (Goldstein, Li & Yuan, 2015),
+keeping ``tau * sigma`` fixed.
 A sample stops when both residuals are below ``tolerance`` relative to the terms they compare and
 it fits the data to within ``feasibility_slack``; stopped samples leave the batch. PDHG is only
 feasible in the limit, so a last CGLS pass started at the PDHG point enforces the constraint

@@ -235,6 +235,7 @@ def test_write_takes_one_noise_level_for_all_and_refuses_what_drip_would_not_rea
             write_measurement_file(path, op, *args, **kw)
         assert list(tmp_path.iterdir()) == []
 
+
 @pytest.mark.parametrize("fraction", [0.0, 0.05, 0.3, 0.6, 0.9, 0.99])
 def test_truncation_anywhere_raises_drip_error(fraction, tmp_path):
     """A file cut at any point fails with the project's error, never an h5py/OS exception."""

@@ -188,12 +188,13 @@ def test_samples_out_of_reach_are_flagged_at_once_and_leave_the_others_alone():
     assert torch.equal(result.iterations[[0, 2]], alone.iterations)
 
 
-def test_solvers_take_one_radius_for_all_and_refuse_inputs_of_the_wrong_shape():
+def test_solvers_take_one_radius_for_all_and_refuse_inputs_they_cannot_solve():
     """The solvers of the library (README): one radius is every sample's; measurements of
     another shape than the operator's, a radius per sample of another count, and an array
     instead of a tensor are refused before any work, where they once failed deep inside a solve
     (a matrix product's shapes; ``'float' object has no attribute 'to'``), or, for one image's
-    measurements without the batch axis, were solved as a batch of the wrong shape."""
+    measurements without the batch axis, were solved as a batch of the wrong shape; and so are
+    measurements holding NaN and a negative or NaN radius, which gave NaN images."""
     from drip_cli.regularizers.model import ModelConfig, build_model
 
     op = Blur((1, 16, 16), gaussian_psf(1.5))

@@ -1678,6 +1678,37 @@ def test_a_narrow_table_keeps_its_title_and_caption_on_one_line():
     assert max(map(len, out.export_text().splitlines())) <= 80
 
 
+def test_a_wide_table_drops_its_rules_before_cutting_a_cell():
+    """On an 80-column terminal rich cut drip reconstruct's result table to ``meth…``,
+    ``samp…``, an SSIM of ``0.82…`` and ``s/im…``. A table whose cells would be cut drops its
+    vertical rules and outer padding first, and a table that fits keeps its box; a key-value
+    table folds a value too long for the line (a sha256) instead of cutting it."""
+    import re
+
+    from rich.console import Console
+
+    from drip_cli.cli import summary_table
+    from drip_cli.console import key_value_table
+
+    summary = {"method": "cgls", "n_samples": 16, "psnr_mean": 29.6512, "ssim_mean": 0.822513,
+               "fit_fraction": 1.0, "discrepancy_ratio_max": 0.999, "discrepancy_ratio_mean":
+               0.999, "regularizer_value_mean": None, "iterations_mean": 7.1875,
+               "seconds_per_image": 0.0014663}
+    for width, boxed in ((80, False), (120, True)):
+        out = Console(width=width, record=True, file=io.StringIO())
+        out.print(summary_table("cgls on blur.h5", [summary]))
+        text = out.export_text()
+        assert "…" not in text and max(map(len, text.splitlines())) <= width, text
+        for cell in ("samples", "s/image", "0.8225", "0.001466", "7.188"):
+            assert cell in text, text
+        assert ("┃" in text) == boxed, text
+    digest = "391c21ab7f34410028301bc08b22e97b29529dcfcf5b3e4a135ddac53f8a3e05"
+    out = Console(width=80, record=True, file=io.StringIO())
+    out.print(key_value_table("model", {"sha256": digest, "training data sha256": digest}))
+    text = out.export_text()
+    assert "…" not in text and re.sub(r"[\s│┌┐└┘─┬┴]", "", text).count(digest) == 2, text
+
+
 def test_reconstruct_max_samples_takes_the_first_ones(tmp_path):
     """--max-samples N reconstructs the first N samples only, the same as a whole run does
     them, and the output records which (``source_samples``); N past the end takes all."""

@@ -95,7 +95,7 @@ class _FittingTable(Table):
     outer padding and one space between columns (rich's ``SIMPLE_HEAD`` box, padding
     collapsed), and only then lets rich narrow its columns: on an 80-column terminal rich cut
     the result table of ``drip reconstruct`` to ``meth…``, ``samp…``, an SSIM of ``0.82…`` and
-    ``s/im…``, where its ten columns need 72 characters at the least so and 85 with the rules.
+    ``s/im…``: its ten columns need at least 72 characters so, and 85 with the rules.
     A table with a folding column (:func:`key_value_table`'s values) cuts nothing: it wraps a
     long value (a path, a sha256) onto the next line, and keeps its box."""
 

@@ -263,7 +263,7 @@ def norm_bound(op: LinearOperator, dtype: torch.dtype = torch.float64,
                device: torch.device | str = "cpu", seed: int = 0) -> float:
     """An upper bound on ``||A||`` (:func:`largest_eigenvalue_bound` of ``A^T A``), what a
     step size must come from; :func:`estimate_norm`'s power iteration is a lower bound. On the
-    sample files it is 1.010-1.012 times the converged norm. The copies of the operator's data
+    sample files it is 1.010 times the converged norm. The copies of the operator's data
     made for ``dtype`` are dropped afterwards."""
     with op.conversions_dropped():
         return math.sqrt(largest_eigenvalue_bound(op.normal, (1, *op.image_shape), dtype=dtype,

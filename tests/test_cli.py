@@ -311,6 +311,17 @@ def test_info_on_the_inputs_of_simulate_and_import(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("info", tmp_path / "empty")
     assert result.exit_code == 1 and "a folder without model.safetensors" in result.stderr
+    # a folder of drip files (drip info sample_data/): the files it holds are named
+    files = tmp_path / "files"
+    files.mkdir()
+    for name in ("m.h5", "notes.txt", "a.safetensors", *(f"r{i}.h5" for i in range(4))):
+        (files / name).touch()
+    result = run_cli("info", files)
+    assert result.exit_code == 1 and result.stderr.rstrip().endswith(
+        "it holds a.safetensors, m.h5, r0.h5, r1.h5 and 2 more (give one of them)"), result.stderr
+    result = run_cli("reconstruct", files / "m.h5", "--model", files, "--out", files / "o.h5")
+    assert result.exit_code == 1 and result.stderr.rstrip().endswith(
+        "it holds a.safetensors (give one of them)"), result.stderr
 
 
 def test_info_on_a_folder_it_cannot_list(tmp_path, monkeypatch):

@@ -17,8 +17,8 @@ from .io import MeasurementFile, read_reconstruction_file
 from .io.datasets import (DATASET_SEPARATOR, is_hdf5_file, listed_datasets, names_dataset,
                           open_dataset, split_dataset)
 from .io.measurements import file_format, not_hdf5, open_failure, reading
-from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY,
-                        resolve_model_path, run_in_progress)
+from .io.models import (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, CONFIG, HISTORY, MODEL_FILE,
+                        folder_holds, resolve_model_path, run_in_progress)
 from .operators import adjointness_error, estimate_norm
 from .solvers import LINALG_FAILURES
 
@@ -230,8 +230,12 @@ def file_kind(path: str | os.PathLike) -> str:
     if not path.exists():
         raise DripError("no such file", path)
     require_regular_file(path, "a drip file or a run folder")
+    if path.is_dir() and not (path / MODEL_FILE).exists():   # a folder of drip files, say
+        raise DripError(f"a folder without {MODEL_FILE} (expected a drip file, a drip train run "
+                        "folder or a folder of pictures)"
+                        + folder_holds(path, (".h5", ".hdf5", ".safetensors")), path)
     if path.is_dir() or path.suffix == ".safetensors" or path.name == CHECKPOINT_STATE:
-        resolve_model_path(path)   # refuses folders without a model, and checkpoints
+        resolve_model_path(path)   # refuses checkpoints
         return "model"
     if path.stat().st_size == 0:
         raise DripError("an empty file", path)

@@ -88,14 +88,30 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo)
     write_bytes({path: save(tensors, metadata=info.to_metadata())})
 
 
+def folder_holds(folder: Path, suffixes: tuple[str, ...]) -> str:
+    """``: it holds a.h5, b.h5, ... (give one of them)``, naming the first few files of
+    ``folder`` with one of ``suffixes``, or nothing where it holds none: the hint where a
+    folder was given for a file (``--model sample_data/``)."""
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix in suffixes and p.is_file())
+    except OSError:   # a folder that cannot be listed: no hint
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f": it holds {shown} (give one of them)"
+
+
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """The model file that ``path`` names: itself, or a run folder's ``model.safetensors``.
-    A folder without one, and the checkpoint files beside it, are refused by name."""
+    A folder without one (its model files named, if it has others), and the checkpoint files
+    beside it, are refused by name."""
     path = Path(path)
     if path.is_dir():
         if not (path / MODEL_FILE).exists():
             raise DripError(f"a folder without {MODEL_FILE} (expected a drip train run folder "
-                            "or a .safetensors model file)", path)
+                            "or a .safetensors model file)"
+                            + folder_holds(path, (".safetensors",)), path)
         path = path / MODEL_FILE
     if not path.exists():
         raise DripError("no such model file (expected a run folder or a .safetensors file)", path)

@@ -54,6 +54,18 @@ def _blurred_photos(tmp_path, percent, n=16, size=32, seed=3, boundary="periodic
     return op, b, sigma, images
 
 
+def test_source_options_refuse_settings_no_image_has():
+    """The library's SourceOptions, as the CLI's options are bounded: crop_size=0 said its
+    crops "were all black"; a NumPy integer is an integer."""
+    assert SourceOptions(crop_size=np.int64(16)).crop_size == 16
+    for settings, words in [({"crop_size": 0}, "crop_size must be a positive integer, got 0"),
+                            ({"crops_per_image": 2.0}, "crops_per_image must be a positive"),
+                            ({"num_images": True}, "num_images must be a positive"),
+                            ({"channels": 2}, "channels must be 1 or 3, got 2")]:
+        with pytest.raises(ValueError, match=words):
+            SourceOptions(**settings)
+
+
 @pytest.mark.parametrize("boundary", ["periodic", "valid"])
 @pytest.mark.parametrize("percent", [1.0, 5.0])
 def test_a_blur_array_is_imported_with_its_noise_estimated(tmp_path, percent, boundary):

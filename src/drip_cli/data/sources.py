@@ -22,6 +22,7 @@ Images that are not all of one size need ``crop_size``: random crops are then ta
 
 from __future__ import annotations
 
+import numbers
 import os
 import struct
 import warnings
@@ -56,6 +57,17 @@ class SourceOptions:
     num_images: int = 64            # phantoms: how many
     crop_size: int | None = None    # photographs: crop side (None: use whole images)
     crops_per_image: int = 8
+
+    def __post_init__(self):
+        """``ValueError`` for settings no image has (the CLI's options are bounded already):
+        ``crop_size=0`` from Python said its crops "were all black"."""
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("image_size", "num_images", "crop_size", "crops_per_image"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, numbers.Integral) and value >= 1
+                                          and not isinstance(value, bool)):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # the datasets of an HDF5 file of images that drip simulate reads, the first found

@@ -314,7 +314,8 @@ def test_info_on_the_inputs_of_simulate_and_import(tmp_path):
     # a folder of drip files (drip info sample_data/): the files it holds are named
     files = tmp_path / "files"
     files.mkdir()
-    for name in ("m.h5", "notes.txt", "a.safetensors", *(f"r{i}.h5" for i in range(4))):
+    for name in ("m.h5", "notes.txt", "a.safetensors", "checkpoint.safetensors",
+                 *(f"r{i}.h5" for i in range(4))):
         (files / name).touch()
     result = run_cli("info", files)
     assert result.exit_code == 1 and result.stderr.rstrip().endswith(

@@ -90,10 +90,12 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, info: ModelInfo)
 
 def folder_holds(folder: Path, suffixes: tuple[str, ...]) -> str:
     """``: it holds a.h5, b.h5, ... (give one of them)``, naming the first few files of
-    ``folder`` with one of ``suffixes``, or nothing where it holds none: the hint where a
-    folder was given for a file (``--model sample_data/``)."""
+    ``folder`` with one of ``suffixes`` (a run's checkpoints left out: they are not models),
+    or nothing where it holds none: the hint where a folder was given for a file (``--model
+    sample_data/``)."""
     try:
-        names = sorted(p.name for p in folder.iterdir() if p.suffix in suffixes and p.is_file())
+        names = sorted(p.name for p in folder.iterdir() if p.suffix in suffixes and p.is_file()
+                       and p.name not in (CHECKPOINT_WEIGHTS, CHECKPOINT_STATE))
     except OSError:   # a folder that cannot be listed: no hint
         return ""
     if not names:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..cache import cached_for_parameters
-from .base import LinearOperator, largest_eigenvalue_bound
+from . import base
+from .base import LinearOperator
 from .sparse import SparseMatrixOperator
 
 
@@ -58,13 +59,10 @@ class EmbeddedOperator(LinearOperator):
         return self._kept("_embedded_spectrum", dtype, device, compute)
 
     def norm_bound(self, dtype: torch.dtype, device: torch.device) -> float:
-        """An upper bound on ``||A E||`` (Lanczos on ``E^T A^T A E`` in ``dtype``, see
-        :func:`~drip_cli.operators.base.largest_eigenvalue_bound`). Kept (:meth:`_kept`)."""
-        def compute():
-            return largest_eigenvalue_bound(self.normal, (1, *self.image_shape), dtype=dtype,
-                                            device=device) ** 0.5
-
-        return self._kept("_embedded_norm", dtype, device, compute)
+        """An upper bound on ``||A E||`` (:func:`~drip_cli.operators.base.norm_bound`, Lanczos
+        on ``E^T A^T A E`` in ``dtype``). Kept (:meth:`_kept`)."""
+        return self._kept("_embedded_norm", dtype, device,
+                          lambda: base.norm_bound(self, dtype=dtype, device=device))
 
     def _kept(self, name: str, dtype: torch.dtype, device: torch.device, compute):
         """``compute()``, kept on ``A`` as ``name`` for this latent shape, ``E``'s boundary,
